@@ -1,0 +1,81 @@
+"""Re-ranking methods, registered by name.
+
+Each method lives in its own module of this package and registers itself with `@register`;
+the modules are discovered automatically, so adding a method is adding one file.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from typing import Any
+
+from engine.errors import InvalidInputError, UnknownNameError
+from engine.rerank.base import (
+    GalleryContext,
+    KnnGraph,
+    Reranker,
+    RerankParams,
+    RerankResult,
+    param,
+)
+
+_REGISTRY: dict[str, type[Reranker]] = {}
+_INFRASTRUCTURE = {"base", "ops"}
+_discovered = False
+
+
+def register(cls: type[Reranker]) -> type[Reranker]:
+    """Class decorator: add a Reranker subclass to the registry under `cls.name`."""
+    if not cls.name:
+        raise InvalidInputError(f"{cls.__name__} must set a non-empty `name` to be registered")
+    existing = _REGISTRY.get(cls.name)
+    if existing is not None and existing is not cls:
+        raise InvalidInputError(
+            f"re-ranker name {cls.name!r} is already registered by {existing.__module__}")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def _discover() -> None:
+    global _discovered
+    if _discovered:
+        return
+    for module in pkgutil.iter_modules(__path__):
+        if module.name not in _INFRASTRUCTURE and not module.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{module.name}")
+    _discovered = True
+
+
+def list_rerankers() -> list[str]:
+    """Names of every registered method, in registration order."""
+    _discover()
+    return list(_REGISTRY)
+
+
+def get_reranker_class(name: str) -> type[Reranker]:
+    _discover()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UnknownNameError(
+            f"no re-ranker named {name!r}; registered: {', '.join(_REGISTRY)}") from None
+
+
+def create_reranker(name: str, **params: Any) -> Reranker:
+    """Build a registered method with the given parameter overrides (paper defaults otherwise)."""
+    return get_reranker_class(name)(**params)
+
+
+__all__ = [
+    "GalleryContext",
+    "KnnGraph",
+    "RerankParams",
+    "RerankResult",
+    "Reranker",
+    "create_reranker",
+    "get_reranker_class",
+    "list_rerankers",
+    "param",
+    "register",
+]

@@ -1,0 +1,294 @@
+"""The re-ranker contract: parameters, the result type and the base class every method extends.
+
+Conventions (one for the whole project):
+- Features are float32, L2-normalised rows; similarity is the inner product.
+- A ranking is `(indices, distances)` of shape (n_queries, k), best first, and a smaller distance
+  is closer. Per-method extras for the UI ride in `RerankResult.details`.
+- Indices refer to gallery rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+
+from engine.errors import InvalidInputError, NotFittedError
+
+logger = logging.getLogger(__name__)
+
+Mode = Literal["batch", "online"]
+
+
+def param(default: Any, *, minimum: float | None = None, maximum: float | None = None,
+          step: float | None = None, help: str = "") -> Any:
+    """A parameter field with the metadata the UI turns into a control and `validate` checks."""
+    return field(default=default, metadata={"min": minimum, "max": maximum, "step": step,
+                                            "help": help})
+
+
+@dataclass(frozen=True)
+class RerankParams:
+    """Base of every method's frozen parameter dataclass; fields are declared with `param`."""
+
+    def __post_init__(self) -> None:
+        for spec in dataclasses.fields(self):
+            value = getattr(self, spec.name)
+            low, high = spec.metadata.get("min"), spec.metadata.get("max")
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            if spec.type in ("int", int) and not float(value).is_integer():
+                raise InvalidInputError(f"{type(self).__name__}.{spec.name} must be an integer, "
+                                        f"got {value!r}")
+            if not np.isfinite(value):
+                raise InvalidInputError(f"{type(self).__name__}.{spec.name} must be finite")
+            if low is not None and value < low:
+                raise InvalidInputError(
+                    f"{type(self).__name__}.{spec.name}={value} is below its minimum {low}")
+            if high is not None and value > high:
+                raise InvalidInputError(
+                    f"{type(self).__name__}.{spec.name}={value} is above its maximum {high}")
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def describe(cls) -> list[dict[str, Any]]:
+        """One dict per field: name, type, default, min, max, step, help (for building controls)."""
+        return [{"name": spec.name, "type": spec.type if isinstance(spec.type, str)
+                 else spec.type.__name__, "default": spec.default, **spec.metadata}
+                for spec in dataclasses.fields(cls)]
+
+
+@dataclass(frozen=True)
+class KnnGraph:
+    """Top-K neighbours of every gallery item (itself included, normally at column 0).
+
+    indices: (G, K) int64 gallery rows, most similar first.
+    similarities: (G, K) float32 inner products, descending.
+    """
+
+    indices: np.ndarray
+    similarities: np.ndarray
+
+    @property
+    def depth(self) -> int:
+        return int(self.indices.shape[1])
+
+
+@dataclass
+class GalleryContext:
+    """What `Reranker.fit` receives: the gallery features and the structures shared by methods.
+
+    features: (G, d) float32 L2-normalised rows.
+    knn: the gallery kNN graph from the index (computed once and cached), or None.
+    fingerprint: identifies how the features were made and which images they are; learned state
+        is keyed on it.
+    state_dir: folder beside the gallery cache where learned methods keep their state.
+    labels: optional (G,) int labels (only some learned methods may use them).
+    """
+
+    features: np.ndarray
+    knn: KnnGraph | None = None
+    fingerprint: str = ""
+    state_dir: Path | None = None
+    labels: np.ndarray | None = None
+
+    @property
+    def size(self) -> int:
+        return int(self.features.shape[0])
+
+
+@dataclass(frozen=True)
+class RerankResult:
+    """The one ranking type: (n_queries, k) gallery indices and distances, best first.
+
+    indices: int64, unique per row. distances: float32, finite, ascending (smaller is closer).
+    details: method extras for the UI (clamped parameters, intermediate scores, ...).
+    """
+
+    indices: np.ndarray
+    distances: np.ndarray
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+
+def check_features(features: Any, name: str, dim: int | None = None) -> np.ndarray:
+    """Validate a (n, d) feature matrix and return it as contiguous float32."""
+    array = np.asarray(features)
+    if array.ndim == 1:
+        array = array[None, :]
+    if array.ndim != 2:
+        raise InvalidInputError(f"{name} must be a 2-D (n, d) array, got shape {array.shape}")
+    if array.shape[0] == 0:
+        raise InvalidInputError(f"{name} is empty (0 rows)")
+    if not np.issubdtype(array.dtype, np.number):
+        raise InvalidInputError(f"{name} must be numeric, got dtype {array.dtype}")
+    if dim is not None and array.shape[1] != dim:
+        raise InvalidInputError(
+            f"{name} has {array.shape[1]} dimensions but the gallery has {dim}: were they made "
+            "with another backbone?")
+    array = np.ascontiguousarray(array, dtype=np.float32)
+    if not np.isfinite(array).all():
+        bad = np.flatnonzero(~np.isfinite(array).all(axis=1))
+        raise InvalidInputError(
+            f"{name} contains NaN or infinite values in rows {bad[:10].tolist()}"
+            f"{' ...' if bad.size > 10 else ''}; re-extract those features")
+    return array
+
+
+class Reranker(ABC):
+    """Base class of every re-ranking method.
+
+    A subclass sets `name`, `Params` (a frozen `RerankParams` dataclass with the paper's defaults)
+    and writes only the math, in three hooks:
+
+    - `_fit(context)`: precompute gallery-side structures (and train, for methods that learn).
+    - `_rerank_batch(query_features, k)`: the method's transductive algorithm as its authors define
+      it, queries (Q, d) against the gallery, or, when `query_features` is None, every gallery item
+      as a query against the rest (leave-one-out; the item itself must not be returned).
+    - `_rerank_online(query_feature, k)`: one new query (d,) against the fitted gallery, using only
+      precomputed gallery structures and the query's own neighbours.
+
+    Each hook returns `(indices, distances, details)`: indices (n, k) int, distances (n, k) float
+    ascending (smaller is closer), details a dict. The public `rerank` validates the input, calls
+    the hook and validates the output, so every method honours the same contract.
+    """
+
+    name: ClassVar[str] = ""
+    title: ClassVar[str] = ""
+    Params: ClassVar[type[RerankParams]] = RerankParams
+    learns: ClassVar[bool] = False
+
+    def __init__(self, params: RerankParams | None = None, **overrides: Any) -> None:
+        if params is not None and overrides:
+            raise InvalidInputError("pass either a Params object or keyword overrides, not both")
+        if params is None:
+            known = {spec.name for spec in dataclasses.fields(self.Params)}
+            unknown = set(overrides) - known
+            if unknown:
+                raise InvalidInputError(
+                    f"{self.name} has no parameter(s) {sorted(unknown)}; it takes {sorted(known)}")
+            params = self.Params(**overrides)
+        elif not isinstance(params, self.Params):
+            raise InvalidInputError(f"{self.name} expects {self.Params.__name__}, "
+                                    f"got {type(params).__name__}")
+        self.params = params
+        self._context: GalleryContext | None = None
+
+    # -- public API -----------------------------------------------------------------------------
+    @property
+    def is_fitted(self) -> bool:
+        return self._context is not None
+
+    @property
+    def gallery(self) -> GalleryContext:
+        if self._context is None:
+            raise NotFittedError(f"{self.name} is not fitted: call fit(gallery) first")
+        return self._context
+
+    def fit(self, gallery: GalleryContext | np.ndarray) -> Reranker:
+        """Give the method its gallery (features or a full context) and precompute what it needs."""
+        context = gallery if isinstance(gallery, GalleryContext) else GalleryContext(gallery)
+        context.features = check_features(context.features, "gallery features")
+        if context.size < 2:
+            raise InvalidInputError(
+                f"{self.name} needs a gallery of at least 2 items, got {context.size}")
+        self._fit(context)
+        self._context = context
+        return self
+
+    def rerank(self, query_features: np.ndarray | None, k: int | None = None, *,
+               mode: Mode = "batch") -> RerankResult:
+        """Re-rank the gallery for each query.
+
+        Args:
+            query_features: (Q, d) float L2-normalised queries, or None for every gallery item as
+                a query against the rest (batch mode only).
+            k: length of each returned ranking; None means the whole gallery (G, or G - 1 for
+                leave-one-out).
+            mode: "batch" (transductive, all queries at once) or "online" (one query at a time
+                against the fixed gallery).
+        Returns:
+            RerankResult with (Q, k) indices and ascending distances.
+        """
+        context = self.gallery
+        leave_one_out = query_features is None
+        available = context.size - 1 if leave_one_out else context.size
+        if k is None:
+            k = available
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise InvalidInputError(f"k must be a positive integer, got {k!r}")
+        if k > available:
+            raise InvalidInputError(
+                f"k={k} is larger than the {available} gallery items that can be returned; "
+                f"use k <= {available}")
+        if mode not in ("batch", "online"):
+            raise InvalidInputError(f"mode must be 'batch' or 'online', got {mode!r}")
+        if leave_one_out:
+            if mode != "batch":
+                raise InvalidInputError("leave-one-out (query_features=None) is a batch mode")
+            indices, distances, details = self._rerank_batch(None, int(k))
+            n_queries = context.size
+        else:
+            queries = check_features(query_features, "query features", context.features.shape[1])
+            n_queries = queries.shape[0]
+            if mode == "batch":
+                indices, distances, details = self._rerank_batch(queries, int(k))
+            else:
+                rows = [self._rerank_online(query, int(k)) for query in queries]
+                indices = np.stack([row[0] for row in rows])
+                distances = np.stack([row[1] for row in rows])
+                details = rows[0][2] if n_queries == 1 else {"per_query": [r[2] for r in rows]}
+        result = RerankResult(np.asarray(indices, dtype=np.int64),
+                              np.asarray(distances, dtype=np.float32), dict(details))
+        self._check_result(result, n_queries, int(k), leave_one_out)
+        return result
+
+    def rerank_online(self, query_feature: np.ndarray, k: int | None = None) -> RerankResult:
+        """Shorthand for `rerank(query_feature, k, mode="online")`."""
+        return self.rerank(query_feature, k, mode="online")
+
+    # -- hooks ----------------------------------------------------------------------------------
+    def _fit(self, context: GalleryContext) -> None:  # noqa: B027 - optional hook
+        """Precompute gallery-side structures; the default needs none."""
+
+    @abstractmethod
+    def _rerank_batch(self, query_features: np.ndarray | None, k: int
+                      ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+        """Transductive re-ranking; see the class docstring."""
+
+    @abstractmethod
+    def _rerank_online(self, query_feature: np.ndarray, k: int
+                       ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+        """One query (d,) against the fitted gallery; returns (k,) indices and distances."""
+
+    # -- output check ---------------------------------------------------------------------------
+    def _check_result(self, result: RerankResult, n_queries: int, k: int,
+                      leave_one_out: bool) -> None:
+        expected = (n_queries, k)
+        problem = None
+        if result.indices.shape != expected or result.distances.shape != expected:
+            problem = (f"shapes {result.indices.shape}/{result.distances.shape}, "
+                       f"expected {expected}")
+        elif result.indices.size and (result.indices.min() < 0
+                                      or result.indices.max() >= self.gallery.size):
+            problem = "indices outside the gallery"
+        elif not np.isfinite(result.distances).all():
+            problem = "non-finite distances"
+        elif k > 1 and (np.diff(result.distances, axis=1) < -1e-6).any():
+            problem = "distances not ascending"
+        elif k > 1 and (np.diff(np.sort(result.indices, axis=1), axis=1) == 0).any():
+            problem = "repeated indices in a ranking"
+        elif leave_one_out and (result.indices == np.arange(n_queries)[:, None]).any():
+            problem = "a leave-one-out ranking returned the query itself"
+        if problem:
+            raise RuntimeError(f"re-ranker {self.name!r} broke the result contract: {problem}")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.params})"

@@ -1,0 +1,145 @@
+"""k-reciprocal encoding re-ranking (Zhong, Zheng, Cao, Li, CVPR 2017).
+
+Final distance d*(q, g) = (1 - lambda) d_J(q, g) + lambda d'(q, g), where d' is the squared
+Euclidean distance normalised by each row's maximum, and d_J is the Jaccard distance between the
+locally expanded k-reciprocal encodings of q and g. All queries and gallery items are nodes of
+one graph (the method is transductive). Sparse throughout: only the k-neighbourhoods are stored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from engine.rerank import register
+from engine.rerank.base import GalleryContext, Reranker, RerankParams, param
+from engine.rerank.ops import (
+    NeighbourLists,
+    jaccard_distance,
+    jaccard_overlap,
+    k_reciprocal_encoding,
+    k_reciprocal_expansion,
+    local_query_expansion,
+    neighbour_lists,
+    pair_squared_distances,
+    top_k_smallest,
+)
+
+
+@dataclass(frozen=True)
+class KReciprocalParams(RerankParams):
+    k1: int = param(20, minimum=1, maximum=500, step=1,
+                    help="k-reciprocal neighbourhood size (the paper's k1)")
+    k2: int = param(6, minimum=1, maximum=100, step=1,
+                    help="local query expansion size (1 disables the expansion)")
+    lambda_value: float = param(0.3, minimum=0.0, maximum=1.0, step=0.05,
+                                help="weight of the original distance in the final distance")
+
+
+def _encode(features: np.ndarray, lists: NeighbourLists, k1: int, k2: int,
+            rows_needed: np.ndarray) -> tuple[Any, Any]:
+    """V_qe rows for `rows_needed` (CSR) given neighbour lists over all nodes of `features`."""
+    n = features.shape[0]
+    row_ids, member_ids = k_reciprocal_expansion(lists.indices, k1)
+    squared = pair_squared_distances(features, row_ids, member_ids, lists)
+    encoding = k_reciprocal_encoding(row_ids, member_ids, squared, lists.row_max, n, n)
+    return local_query_expansion(encoding, lists.indices, k2, rows_needed)
+
+
+@register
+class KReciprocalReranker(Reranker):
+    """k-reciprocal re-ranking with the reference code's exact arithmetic (squared distances)."""
+
+    name = "k_reciprocal"
+    title = "k-reciprocal (Zhong et al. 2017)"
+    Params = KReciprocalParams
+
+    def _effective(self, n_nodes: int) -> tuple[int, int, dict[str, Any]]:
+        k1 = min(self.params.k1, n_nodes - 1)
+        k2 = min(self.params.k2, k1 + 1)
+        details: dict[str, Any] = {"k1": k1, "k2": k2, "lambda_value": self.params.lambda_value}
+        if (k1, k2) != (self.params.k1, self.params.k2):
+            details["clamped"] = (f"k1={self.params.k1}, k2={self.params.k2} clamped to "
+                                  f"k1={k1}, k2={k2} for a graph of {n_nodes} nodes")
+        return k1, k2, details
+
+    def _fit(self, context: GalleryContext) -> None:
+        k1, k2, _ = self._effective(context.size + 1)
+        self._gallery_lists = neighbour_lists(context.features, max(k1 + 1, k2))
+
+    def _final(self, overlap: np.ndarray, squared: np.ndarray, row_max: np.ndarray
+               ) -> np.ndarray:
+        lam = self.params.lambda_value
+        return ((1.0 - lam) * jaccard_distance(overlap)
+                + lam * squared / row_max[:, None]).astype(np.float32)
+
+    def _rerank_batch(self, query_features: np.ndarray | None, k: int):
+        gallery = self.gallery.features
+        leave_one_out = query_features is None
+        features = gallery if leave_one_out else np.vstack([query_features, gallery])
+        n_queries = gallery.shape[0] if leave_one_out else query_features.shape[0]
+        offset = 0 if leave_one_out else n_queries
+        k1, k2, details = self._effective(features.shape[0])
+        lists = neighbour_lists(features, max(k1 + 1, k2))
+        expanded = _encode(features, lists, k1, k2, np.arange(features.shape[0]))
+        query_qe = expanded[:n_queries]
+        gallery_qe = expanded[offset:].tocsc()
+        indices = np.empty((n_queries, k), np.int64)
+        distances = np.empty((n_queries, k), np.float32)
+        chunk = 512
+        for start in range(0, n_queries, chunk):
+            rows = slice(start, min(start + chunk, n_queries))
+            overlap = jaccard_overlap(query_qe[rows], gallery_qe)
+            squared = np.maximum(2.0 - 2.0 * features[rows] @ gallery.T, 0.0)
+            final = self._final(overlap, squared, lists.row_max[rows])
+            if leave_one_out:
+                final[np.arange(final.shape[0]), np.arange(rows.start, rows.stop)] = np.inf
+            indices[rows], distances[rows] = top_k_smallest(final, k)
+        return indices, distances, details
+
+    def _rerank_online(self, query_feature: np.ndarray, k: int):
+        """Batch with this single query, reusing the gallery's precomputed neighbour lists.
+
+        The query is node 0 and gallery item j is node j + 1. Each gallery list gets the query
+        inserted where it is closer than the list's last entry, and each row maximum is updated
+        with the distance to the query: exactly the lists a batch run over (query + gallery)
+        would compute, without recomputing gallery-to-gallery distances.
+        """
+        gallery = self.gallery.features
+        size = gallery.shape[0]
+        k1, k2, details = self._effective(size + 1)
+        depth = max(k1 + 1, k2)
+        stored = self._gallery_lists
+        if stored.indices.shape[1] < depth:  # every gallery item is listed: pad one free slot
+            stored = NeighbourLists(np.pad(stored.indices, ((0, 0), (0, 1)), constant_values=-1),
+                                    np.pad(stored.distances, ((0, 0), (0, 1)),
+                                           constant_values=np.inf), stored.row_max)
+        to_query = np.maximum(2.0 - 2.0 * (gallery @ query_feature), 0.0).astype(np.float32)
+        query_order, query_distances = top_k_smallest(to_query[None, :], depth - 1)
+        # Insert the query into each gallery list at its sorted position (ties: query first,
+        # as node 0 sorts before every gallery node).
+        position = (stored.distances[:, :depth] < to_query[:, None]).sum(axis=1)
+        columns = np.arange(depth)[None, :]
+        shifted = np.where(columns > position[:, None], np.roll(stored.indices[:, :depth], 1, 1),
+                           stored.indices[:, :depth]) + 1
+        shifted_distances = np.where(columns > position[:, None],
+                                     np.roll(stored.distances[:, :depth], 1, 1),
+                                     stored.distances[:, :depth])
+        inserted = columns == position[:, None]
+        gallery_lists = np.where(inserted, 0, shifted)
+        gallery_distances = np.where(inserted, to_query[:, None], shifted_distances)
+        lists = NeighbourLists(
+            indices=np.vstack([np.concatenate([[0], query_order[0] + 1])[None, :],
+                               gallery_lists]),
+            distances=np.vstack([np.concatenate([[0.0], query_distances[0]])[None, :],
+                                 gallery_distances]).astype(np.float32),
+            row_max=np.concatenate([[to_query.max()], np.maximum(stored.row_max, to_query)]
+                                   ).astype(np.float32))
+        features = np.vstack([query_feature[None, :], gallery])
+        expanded = _encode(features, lists, k1, k2, np.arange(size + 1))
+        overlap = jaccard_overlap(expanded[:1], expanded[1:].tocsc())
+        final = self._final(overlap, to_query[None, :], lists.row_max[:1])
+        indices, distances = top_k_smallest(final, k)
+        return indices[0], distances[0], details

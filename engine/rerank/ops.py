@@ -1,0 +1,271 @@
+"""Pure functions shared by the re-rankers: kNN lists, k-reciprocal sets, Jaccard, top-k.
+
+Everything here is vectorised over rows and bounded by the neighbourhood sizes (never an N x N
+dense matrix): neighbour lists are (n, K) arrays and encodings are scipy CSR matrices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+ROW_CHUNK = 1024
+
+
+def top_k_smallest(values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the k smallest entries, ascending, ties broken by the smaller column index.
+
+    Deterministic even with exact ties at the k-th value (duplicate images give those), so two
+    code paths that see the same numbers pick the same neighbours.
+
+    Args:
+        values: (n, m) float.
+    Returns:
+        indices (n, k) int64 and the values (n, k) at them.
+    """
+    n, m = values.shape
+    if k >= m:
+        indices = np.argsort(values, axis=1, kind="stable")[:, :k]
+    else:
+        threshold = np.partition(values, k - 1, axis=1)[:, k - 1]
+        rows, columns = np.nonzero(values <= threshold[:, None])  # >= k per row, col-sorted
+        order = np.lexsort((columns, values[rows, columns], rows))
+        rows, columns = rows[order], columns[order]
+        starts = np.searchsorted(rows, np.arange(n))
+        rank_in_row = np.arange(rows.size) - starts[rows]
+        keep = rank_in_row < k
+        indices = columns[keep].reshape(n, k)
+    return indices.astype(np.int64), np.take_along_axis(values, indices, axis=1)
+
+
+def squared_distances_to(features: np.ndarray, rows: np.ndarray | slice) -> np.ndarray:
+    """Squared Euclidean distances of features[rows] to all rows, for unit vectors: 2 - 2 cos.
+
+    Returns (len(rows), n) float32, clipped at 0, with each row's distance to itself set to 0.
+    """
+    block = features[rows] @ features.T
+    distances = np.maximum(2.0 - 2.0 * block, 0.0).astype(np.float32)
+    row_ids = np.arange(features.shape[0])[rows]
+    distances[np.arange(len(row_ids)), row_ids] = 0.0
+    return distances
+
+
+@dataclass(frozen=True)
+class NeighbourLists:
+    """Ascending neighbour lists of every node (self first) and each row's largest distance.
+
+    indices: (n, depth) int64; distances: (n, depth) float32 squared distances;
+    row_max: (n,) float32 maximum squared distance of each row over all n nodes.
+    """
+
+    indices: np.ndarray
+    distances: np.ndarray
+    row_max: np.ndarray
+
+
+def neighbour_lists(features: np.ndarray, depth: int) -> NeighbourLists:
+    """Exact ascending squared-distance neighbour lists over all rows, computed in row chunks."""
+    n = features.shape[0]
+    depth = min(depth, n)
+    indices = np.empty((n, depth), np.int64)
+    distances = np.empty((n, depth), np.float32)
+    row_max = np.empty(n, np.float32)
+    for start in range(0, n, ROW_CHUNK):
+        rows = slice(start, min(start + ROW_CHUNK, n))
+        block = squared_distances_to(features, rows)
+        indices[rows], distances[rows] = top_k_smallest(block, depth)
+        row_max[rows] = block.max(axis=1)
+    return NeighbourLists(indices, distances, row_max)
+
+
+def half_neighbourhood(k1: int) -> int:
+    """round(k1 / 2) with numpy's half-to-even rounding, as the reference code computes it."""
+    return int(np.around(k1 / 2.0))
+
+
+def reciprocal_mask(lists: np.ndarray, width: int, rows: np.ndarray | None = None) -> np.ndarray:
+    """mask[r, a] = True when node lists[r, a] has node r among its first `width` entries.
+
+    lists: (n, >= width) neighbour lists; rows: which rows to evaluate (default all).
+    Returns (len(rows), width) bool.
+    """
+    rows = np.arange(lists.shape[0]) if rows is None else rows
+    head = lists[:, :width]
+    candidates = head[rows]                                  # (r, width)
+    return (head[candidates] == rows[:, None, None]).any(axis=2)
+
+
+def k_reciprocal_expansion(lists: np.ndarray, k1: int, rows: np.ndarray | None = None
+                           ) -> tuple[np.ndarray, np.ndarray]:
+    """The expanded k-reciprocal set R*(i) of each row (Zhong et al. 2017, eqs. 3-6).
+
+    R(i, k) = {j in N(i, k) : i in N(j, k)} with N(i, k) the first k + 1 list entries (self
+    included). For each c in R(i, k1), R(c, h) with h = round(k1 / 2) is added when
+    |R(c, h) & R(i, k1)| > 2/3 |R(c, h)|.
+
+    Args:
+        lists: (n, >= k1 + 1) ascending neighbour lists over all n nodes.
+        rows: the rows to expand (default all).
+    Returns:
+        (row_ids, member_ids): parallel int64 arrays listing each (row, member) pair once,
+        sorted by row then member.
+    """
+    n = lists.shape[0]
+    rows = np.arange(n) if rows is None else np.asarray(rows, dtype=np.int64)
+    width, half_width = k1 + 1, half_neighbourhood(k1) + 1
+    row_parts, member_parts = [], []
+    for start in range(0, len(rows), ROW_CHUNK):
+        chunk = rows[start:start + ROW_CHUNK]
+        forward = lists[chunk, :width]                                   # (r, W)
+        reciprocal = reciprocal_mask(lists, width, chunk)                # (r, W)
+        candidate_half = lists[forward, :half_width]                     # (r, W, H)
+        candidate_half_mask = reciprocal_mask(lists, half_width, forward.ravel()
+                                              ).reshape(candidate_half.shape)
+        members = np.where(reciprocal, forward, -1)                      # R(i, k1), -1 padded
+        in_set = (candidate_half[..., None] == members[:, None, None, :]).any(axis=3)
+        overlap = (in_set & candidate_half_mask).sum(axis=2)             # (r, W)
+        half_size = candidate_half_mask.sum(axis=2)
+        selected = reciprocal & (overlap > (2.0 / 3.0) * half_size)
+        expansion_mask = selected[..., None] & candidate_half_mask
+        chunk_rows = np.broadcast_to(chunk[:, None], forward.shape)
+        row_parts += [chunk_rows[reciprocal],
+                      np.broadcast_to(chunk[:, None, None], candidate_half.shape)[expansion_mask]]
+        member_parts += [forward[reciprocal], candidate_half[expansion_mask]]
+    keys = np.unique(np.concatenate(row_parts) * n + np.concatenate(member_parts))
+    return keys // n, keys % n
+
+
+def k_reciprocal_encoding(row_ids: np.ndarray, member_ids: np.ndarray,
+                          squared_distance: np.ndarray, row_max: np.ndarray, n_rows: int,
+                          n_columns: int) -> sp.csr_matrix:
+    """V[i, j] = exp(-d'(i, j)) / sum_{m in R*(i)} exp(-d'(i, m)) for j in R*(i), else 0.
+
+    d'(i, j) = d(i, j)^2 / max_m d(i, m)^2 (the reference's row normalisation).
+
+    Args:
+        row_ids, member_ids: (row, member) pairs of R*, as from `k_reciprocal_expansion`.
+        squared_distance: (len(row_ids),) squared distance of each pair.
+        row_max: per-row maximum squared distance, indexed by row id.
+    Returns:
+        (n_rows, n_columns) CSR float32 whose rows sum to 1 (rows without pairs are empty).
+    """
+    weights = np.exp(-(squared_distance / row_max[row_ids]).astype(np.float32))
+    totals = np.bincount(row_ids, weights=weights, minlength=n_rows)
+    values = (weights / totals[row_ids]).astype(np.float32)
+    return sp.csr_matrix((values, (row_ids, member_ids)), shape=(n_rows, n_columns))
+
+
+def local_query_expansion(encoding: sp.csr_matrix, lists: np.ndarray, k2: int,
+                          rows: np.ndarray | None = None) -> sp.csr_matrix:
+    """V_qe[i] = mean of V[m] over the first k2 entries m of i's list (self included).
+
+    Returns a CSR with one row per entry of `rows` (default all rows of `lists`).
+    """
+    rows = np.arange(lists.shape[0]) if rows is None else rows
+    if k2 <= 1:
+        return encoding[rows]
+    averaging = sp.csr_matrix(
+        (np.full(len(rows) * k2, 1.0 / k2, np.float32),
+         (np.repeat(np.arange(len(rows)), k2), lists[rows, :k2].ravel())),
+        shape=(len(rows), encoding.shape[0]))
+    return (averaging @ encoding).tocsr()
+
+
+def jaccard_overlap(query_rows: sp.csr_matrix, target_columns: sp.csc_matrix,
+                    chunk: int = 256) -> np.ndarray:
+    """sum_l min(Q[i, l], T[j, l]) for every query row i and target row j.
+
+    Uses the inverted index of T (its CSC form): the cost is the number of (query entry,
+    posting) pairs, not n_queries x n_targets x n_columns.
+
+    Args:
+        query_rows: (nq, n) CSR; target_columns: (nt, n) CSC.
+    Returns:
+        (nq, nt) float32 overlap (dense: each row is one query's full ranking input).
+    """
+    n_queries, n_targets = query_rows.shape[0], target_columns.shape[0]
+    overlap = np.zeros((n_queries, n_targets), np.float32)
+    column_starts, column_ends = target_columns.indptr[:-1], target_columns.indptr[1:]
+    for start in range(0, n_queries, chunk):
+        block = query_rows[start:start + chunk].tocoo()
+        lengths = column_ends[block.col] - column_starts[block.col]
+        total = int(lengths.sum())
+        if total == 0:
+            continue
+        entry = np.repeat(np.arange(block.nnz), lengths)
+        offsets = np.arange(total) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        positions = column_starts[block.col][entry] + offsets
+        minima = np.minimum(block.data[entry], target_columns.data[positions])
+        keys = block.row[entry].astype(np.int64) * n_targets + target_columns.indices[positions]
+        sums = np.bincount(keys, weights=minima, minlength=min(chunk, n_queries - start)
+                           * n_targets)
+        overlap[start:start + chunk] = sums.reshape(-1, n_targets)
+    return overlap
+
+
+def jaccard_distance(overlap: np.ndarray) -> np.ndarray:
+    """d_J = 1 - m / (2 - m) for rows of V that each sum to 1 (so sum max = 2 - sum min)."""
+    return 1.0 - overlap / (2.0 - overlap)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch helpers for graph propagation (GNN re-ranking)
+
+
+def torch_topk_similar(features: torch.Tensor, k: int, chunk: int = 4096
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k inner products of every row against all rows (self included), in row chunks.
+
+    Returns (similarities (n, k) descending, indices (n, k) int64) on the features' device.
+    """
+    similarities, indices = [], []
+    for start in range(0, features.shape[0], chunk):
+        block = features[start:start + chunk] @ features.T
+        values, order = block.topk(k, dim=1, largest=True, sorted=True)
+        similarities.append(values)
+        indices.append(order)
+    return torch.cat(similarities), torch.cat(indices)
+
+
+def sparse_rows(row_ids: torch.Tensor, column_ids: torch.Tensor, values: torch.Tensor,
+                shape: tuple[int, int]) -> torch.Tensor:
+    """A coalesced COO sparse tensor from (row, column, value) triplets (duplicates summed)."""
+    return torch.sparse_coo_tensor(torch.stack([row_ids, column_ids]), values, shape
+                                   ).coalesce()
+
+
+def normalise_sparse_rows(matrix: torch.Tensor) -> torch.Tensor:
+    """Divide every row of a coalesced COO matrix by its L2 norm (empty rows stay empty)."""
+    rows = matrix.indices()[0]
+    values = matrix.values()
+    norms = torch.zeros(matrix.shape[0], dtype=values.dtype, device=values.device)
+    norms.index_add_(0, rows, values * values)
+    norms = norms.sqrt()
+    return torch.sparse_coo_tensor(matrix.indices(), values / norms[rows], matrix.shape
+                                   ).coalesce()
+
+
+def pair_squared_distances(features: np.ndarray, row_ids: np.ndarray, member_ids: np.ndarray,
+                           lists: NeighbourLists | None = None) -> np.ndarray:
+    """Squared distance (2 - 2 cos) of each (row, member) pair, self pairs exactly 0.
+
+    Pairs whose member is in the row's neighbour list take the listed distance; only the rest
+    are computed from the features.
+    """
+    result = np.empty(len(row_ids), np.float32)
+    missing = np.ones(len(row_ids), bool)
+    if lists is not None:
+        hits = lists.indices[row_ids] == member_ids[:, None]
+        found = hits.any(axis=1)
+        result[found] = lists.distances[row_ids[found], hits[found].argmax(axis=1)]
+        missing = ~found
+    rows, members = row_ids[missing], member_ids[missing]
+    for start in range(0, len(rows), 65536):
+        part = slice(start, start + 65536)
+        dots = np.einsum("ij,ij->i", features[rows[part]], features[members[part]])
+        result[np.flatnonzero(missing)[part]] = np.maximum(2.0 - 2.0 * dots, 0.0)
+    result[row_ids == member_ids] = 0.0
+    return result

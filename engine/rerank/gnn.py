@@ -19,7 +19,12 @@ import torch
 from engine.device import resolve_device
 from engine.rerank import register
 from engine.rerank.base import GalleryContext, Reranker, RerankParams, param
-from engine.rerank.ops import normalise_sparse_rows, sparse_rows, torch_topk_similar
+from engine.rerank.ops import (
+    normalise_sparse_rows,
+    sparse_rows,
+    torch_topk_largest,
+    torch_topk_similar,
+)
 
 SCORE_CHUNK = 2048
 
@@ -100,7 +105,7 @@ def gnn_scores(features: torch.Tensor, n_queries: int, k1: int, k2: int, lambda_
             score = score + lambda_value * (features[start:stop] @ gallery_features.t())
         if exclude_self:
             score[torch.arange(stop - start), torch.arange(start, stop)] = -torch.inf
-        values, order = score.topk(k, dim=1, largest=True, sorted=True)
+        values, order = torch_topk_largest(score, k)
         top_scores.append(values)
         top_indices.append(order)
     return torch.cat(top_scores), torch.cat(top_indices)
@@ -110,8 +115,8 @@ def _sparse_row_slice(matrix: torch.Tensor, start: int, stop: int) -> torch.Tens
     indices, values = matrix.indices(), matrix.values()
     keep = (indices[0] >= start) & (indices[0] < stop)
     shifted = torch.stack([indices[0, keep] - start, indices[1, keep]])
-    return torch.sparse_coo_tensor(shifted, values[keep], (stop - start, matrix.shape[1])
-                                   ).coalesce()
+    return torch.sparse_coo_tensor(shifted, values[keep], (stop - start, matrix.shape[1]),
+                                   check_invariants=False, is_coalesced=True)
 
 
 @register
@@ -169,7 +174,8 @@ class GNNReranker(Reranker):
         with torch.inference_mode():
             query = torch.from_numpy(query_feature).to(self.device)
             to_query = gallery @ query
-            query_similarities, query_order = to_query.topk(k1 - 1)
+            query_similarities, query_order = torch_topk_largest(to_query[None, :], k1 - 1)
+            query_similarities, query_order = query_similarities[0], query_order[0]
             stored_similarities = self._gallery_similarities[:, :k1]
             stored_neighbours = self._gallery_neighbours[:, :k1] + 1
             if stored_neighbours.shape[1] < k1:  # the whole gallery is listed: one free slot

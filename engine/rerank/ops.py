@@ -215,6 +215,31 @@ def jaccard_distance(overlap: np.ndarray) -> np.ndarray:
 # torch helpers for graph propagation (GNN re-ranking)
 
 
+def torch_topk_largest(scores: torch.Tensor, k: int, margin: int = 8
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the k largest entries, descending, ties broken by the smaller column index.
+
+    torch.topk orders ties arbitrarily; duplicate images make exact ties, and two code paths
+    must pick the same neighbours. Takes k + margin candidates, orders them by (value desc,
+    index asc), and falls back to a full stable sort for rows whose ties reach past them.
+    """
+    n, m = scores.shape
+    width = min(k + margin, m)
+    values, order = scores.topk(width, dim=1, largest=True, sorted=True)
+    by_index = order.sort(dim=1, stable=True)
+    values = values.gather(1, by_index.indices)
+    order = by_index.values
+    resorted = values.sort(dim=1, descending=True, stable=True)
+    values, order = resorted.values, order.gather(1, resorted.indices)
+    if width < m:
+        unsafe = values[:, width - 1] >= values[:, k - 1]  # a tie may continue past width
+        if unsafe.any():
+            rows = torch.nonzero(unsafe).flatten()
+            full = scores[rows].sort(dim=1, descending=True, stable=True)
+            values[rows], order[rows] = full.values[:, :width], full.indices[:, :width]
+    return values[:, :k], order[:, :k]
+
+
 def torch_topk_similar(features: torch.Tensor, k: int, chunk: int = 4096
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k inner products of every row against all rows (self included), in row chunks.
@@ -223,8 +248,7 @@ def torch_topk_similar(features: torch.Tensor, k: int, chunk: int = 4096
     """
     similarities, indices = [], []
     for start in range(0, features.shape[0], chunk):
-        block = features[start:start + chunk] @ features.T
-        values, order = block.topk(k, dim=1, largest=True, sorted=True)
+        values, order = torch_topk_largest(features[start:start + chunk] @ features.T, k)
         similarities.append(values)
         indices.append(order)
     return torch.cat(similarities), torch.cat(indices)
@@ -233,8 +257,8 @@ def torch_topk_similar(features: torch.Tensor, k: int, chunk: int = 4096
 def sparse_rows(row_ids: torch.Tensor, column_ids: torch.Tensor, values: torch.Tensor,
                 shape: tuple[int, int]) -> torch.Tensor:
     """A coalesced COO sparse tensor from (row, column, value) triplets (duplicates summed)."""
-    return torch.sparse_coo_tensor(torch.stack([row_ids, column_ids]), values, shape
-                                   ).coalesce()
+    return torch.sparse_coo_tensor(torch.stack([row_ids, column_ids]), values, shape,
+                                   check_invariants=False).coalesce()
 
 
 def normalise_sparse_rows(matrix: torch.Tensor) -> torch.Tensor:
@@ -244,8 +268,8 @@ def normalise_sparse_rows(matrix: torch.Tensor) -> torch.Tensor:
     norms = torch.zeros(matrix.shape[0], dtype=values.dtype, device=values.device)
     norms.index_add_(0, rows, values * values)
     norms = norms.sqrt()
-    return torch.sparse_coo_tensor(matrix.indices(), values / norms[rows], matrix.shape
-                                   ).coalesce()
+    return torch.sparse_coo_tensor(matrix.indices(), values / norms[rows], matrix.shape,
+                                   check_invariants=False, is_coalesced=True)
 
 
 def pair_squared_distances(features: np.ndarray, row_ids: np.ndarray, member_ids: np.ndarray,

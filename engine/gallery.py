@@ -264,7 +264,7 @@ def _index_and_graph(cache_dir: Path, gallery_fingerprint: str, features: np.nda
     index_path, knn_path = cache_dir / "index.faiss", cache_dir / "knn.npz"
     depth = min(knn_depth, features.shape[0])
     try:
-        manifest = load_json(cache_dir / "manifest.json")
+        manifest = load_json(cache_dir / "manifest.json") if index_path.is_file() else {}
         if (manifest.get("fingerprint") == gallery_fingerprint
                 and manifest.get("index_kind") == index_kind and index_path.is_file()
                 and knn_path.is_file() and manifest.get("knn_depth", 0) >= depth):

@@ -27,6 +27,7 @@ from engine.rerank.ops import (
 )
 
 SCORE_CHUNK = 2048
+DENSE_NODE_LIMIT = 4096
 
 
 @dataclass(frozen=True)
@@ -40,28 +41,41 @@ class GNNParams(RerankParams):
 
 
 def propagate(neighbours: torch.Tensor, similarities: torch.Tensor, k2: int,
-              layers: int = 2) -> torch.Tensor:
-    """The two message-passing layers on a kNN graph, as a sparse (n, n) COO matrix.
+              layers: int = 2, dense_limit: int = DENSE_NODE_LIMIT) -> torch.Tensor:
+    """The two message-passing layers on a kNN graph.
 
     Args:
         neighbours: (n, k1) int64 top-k1 node ids per node, most similar first (self first).
         similarities: (n, k1) cosine similarities matching `neighbours`.
+        dense_limit: up to this many nodes the adjacency is held dense (after two layers it is
+            nearly full on small graphs, where dense arithmetic is several times faster);
+            above it, sparse COO, so memory follows the edges.
     Returns:
-        The propagated adjacency: unit-norm rows (binary A itself when k2 == 1).
+        The propagated (n, n) adjacency with unit-norm rows (binary A itself when k2 == 1),
+        dense or sparse COO as above.
     """
     n, k1 = neighbours.shape
-    device = neighbours.device
+    device, dtype = neighbours.device, similarities.dtype
+    dense = n <= dense_limit
     rows = torch.arange(n, device=device).repeat_interleave(k1)
-    adjacency = sparse_rows(rows, neighbours.reshape(-1),
-                            torch.ones(n * k1, device=device, dtype=similarities.dtype), (n, n))
+    if dense:
+        adjacency = torch.zeros((n, n), dtype=dtype, device=device)
+        adjacency[rows, neighbours.reshape(-1)] = 1.0
+    else:
+        adjacency = sparse_rows(rows, neighbours.reshape(-1),
+                                torch.ones(n * k1, device=device, dtype=dtype), (n, n))
     if k2 == 1:
         return adjacency
     weight_rows = torch.arange(n, device=device).repeat_interleave(k2)
     weights = sparse_rows(weight_rows, neighbours[:, :k2].reshape(-1),
                           (similarities[:, :k2] ** 2).reshape(-1), (n, n))
     for _ in range(layers):
-        symmetric = (adjacency + adjacency.t()).coalesce()
-        adjacency = normalise_sparse_rows(torch.sparse.mm(weights, symmetric).coalesce())
+        if dense:
+            adjacency = torch.sparse.mm(weights, adjacency + adjacency.t())
+            adjacency = adjacency / adjacency.norm(dim=1, keepdim=True)
+        else:
+            symmetric = (adjacency + adjacency.t()).coalesce()
+            adjacency = normalise_sparse_rows(torch.sparse.mm(weights, symmetric).coalesce())
     return adjacency
 
 
@@ -92,14 +106,20 @@ def gnn_scores(features: torch.Tensor, n_queries: int, k1: int, k2: int, lambda_
         similarities, neighbours = torch_topk_similar(features, k1)
     adjacency = propagate(neighbours, similarities, k2)
     offset = 0 if exclude_self else n_queries
-    gallery_adjacency = (adjacency if offset == 0 else
-                         _sparse_row_slice(adjacency, offset, features.shape[0]))
     gallery_features = features[offset:]
+    if adjacency.is_sparse:
+        gallery_adjacency = (adjacency if offset == 0 else
+                             _sparse_row_slice(adjacency, offset, features.shape[0]))
+    else:
+        gallery_adjacency = adjacency[offset:]
     top_scores, top_indices = [], []
     for start in range(0, n_queries, SCORE_CHUNK):
         stop = min(start + SCORE_CHUNK, n_queries)
-        query_rows = _dense_rows(adjacency, start, stop)
-        graph_score = torch.sparse.mm(gallery_adjacency, query_rows.t()).t()
+        if adjacency.is_sparse:
+            query_rows = _dense_rows(adjacency, start, stop)
+            graph_score = torch.sparse.mm(gallery_adjacency, query_rows.t()).t()
+        else:
+            graph_score = adjacency[start:stop] @ gallery_adjacency.t()
         score = (1.0 - lambda_value) * graph_score
         if lambda_value:
             score = score + lambda_value * (features[start:stop] @ gallery_features.t())

@@ -12,11 +12,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 
 from engine.rerank import register
 from engine.rerank.base import GalleryContext, Reranker, RerankParams, param
 from engine.rerank.ops import (
     NeighbourLists,
+    half_neighbourhood,
     jaccard_distance,
     jaccard_overlap,
     k_reciprocal_encoding,
@@ -24,6 +26,7 @@ from engine.rerank.ops import (
     local_query_expansion,
     neighbour_lists,
     pair_squared_distances,
+    reciprocal_mask,
     top_k_smallest,
 )
 
@@ -66,8 +69,31 @@ class KReciprocalReranker(Reranker):
         return k1, k2, details
 
     def _fit(self, context: GalleryContext) -> None:
-        k1, k2, _ = self._effective(context.size + 1)
-        self._gallery_lists = neighbour_lists(context.features, max(k1 + 1, k2))
+        """Precompute the gallery-only graph: lists, reciprocal sets, V and V_qe.
+
+        Everything is stored in the node numbering of an online query (query = node 0, gallery
+        item j = node j + 1), so a query only recomputes the rows its presence changes.
+        """
+        size = context.size
+        k1, k2, _ = self._effective(size + 1)
+        lists = neighbour_lists(context.features, max(k1 + 1, k2))
+        self._gallery_lists = lists
+        width, half = k1 + 1, half_neighbourhood(k1) + 1
+        node_lists = lists.indices + 1
+        self._reciprocal_sets = _member_sets(node_lists, reciprocal_mask(lists.indices, width),
+                                             width)
+        self._half_sets = _member_sets(node_lists, reciprocal_mask(lists.indices, half), half)
+        row_ids, member_ids = k_reciprocal_expansion(lists.indices, k1)
+        squared = pair_squared_distances(context.features, row_ids, member_ids, lists)
+        encoding = k_reciprocal_encoding(row_ids + 1, member_ids + 1, squared,
+                                         np.concatenate([[1.0], lists.row_max]), size + 1,
+                                         size + 1)
+        padded_lists = np.vstack([np.zeros((1, node_lists.shape[1]), np.int64), node_lists])
+        self._encoding = encoding
+        gallery_rows = local_query_expansion(encoding, padded_lists, k2, np.arange(1, size + 1))
+        # node 0 (the query) has no stored row
+        self._expanded_columns = sp.vstack([sp.csr_matrix((1, size + 1), dtype=np.float32),
+                                            gallery_rows]).tocsc()
 
     def _final(self, overlap: np.ndarray, squared: np.ndarray, row_max: np.ndarray
                ) -> np.ndarray:
@@ -100,17 +126,56 @@ class KReciprocalReranker(Reranker):
         return indices, distances, details
 
     def _rerank_online(self, query_feature: np.ndarray, k: int):
-        """Batch with this single query, reusing the gallery's precomputed neighbour lists.
+        """Exactly the batch result for this single query, recomputing only what it changes.
 
-        The query is node 0 and gallery item j is node j + 1. Each gallery list gets the query
-        inserted where it is closer than the list's last entry, and each row maximum is updated
-        with the distance to the query: exactly the lists a batch run over (query + gallery)
-        would compute, without recomputing gallery-to-gallery distances.
+        The query is node 0 and gallery item j node j + 1. The query enters each gallery list
+        where it is closer than the list's last entry and raises row maxima it exceeds: the
+        lists a batch run over (query + gallery) builds. Rows whose reciprocal sets, candidate
+        half-sets and row maximum are all unchanged keep their precomputed encoding, so only
+        the query's neighbourhood is re-encoded.
         """
         gallery = self.gallery.features
         size = gallery.shape[0]
         k1, k2, details = self._effective(size + 1)
-        depth = max(k1 + 1, k2)
+        width, half = k1 + 1, half_neighbourhood(k1) + 1
+        lists, to_query = self._lists_with_query(query_feature, max(width, k2))
+        stored_max = np.concatenate([[np.inf], self._gallery_lists.row_max])
+        max_changed = lists.row_max > stored_max
+        reciprocal = reciprocal_mask(lists.indices, width)
+        set_changed = (_member_sets(lists.indices, reciprocal, width)[1:]
+                       != self._reciprocal_sets).any(axis=1)
+        half_changed = (_member_sets(lists.indices, reciprocal_mask(lists.indices, half), half
+                                     )[1:] != self._half_sets).any(axis=1)
+        half_changed = np.concatenate([[True], half_changed])
+        candidates_changed = (half_changed[lists.indices[:, :width]] & reciprocal).any(axis=1)
+        dirty = max_changed | candidates_changed
+        dirty[1:] |= set_changed
+        dirty[0] = True
+        dirty_rows = np.flatnonzero(dirty)
+        features = np.vstack([query_feature[None, :], gallery])
+        row_ids, member_ids = k_reciprocal_expansion(lists.indices, k1, dirty_rows)
+        squared = pair_squared_distances(features, row_ids, member_ids, lists)
+        fresh = k_reciprocal_encoding(row_ids, member_ids, squared, lists.row_max, size + 1,
+                                      size + 1)
+        encoding = sp.diags((~dirty).astype(np.float32)) @ self._encoding + fresh
+        stored_heads = np.vstack([np.full((1, k2), -1), self._gallery_lists.indices[:, :k2] + 1])
+        qe_changed = ((lists.indices[:, :k2] != stored_heads).any(axis=1)
+                      | dirty[lists.indices[:, :k2]].any(axis=1))
+        qe_changed[0] = True
+        changed_rows = np.flatnonzero(qe_changed)
+        expanded = local_query_expansion(encoding.tocsr(), lists.indices, k2, changed_rows)
+        query_row = expanded[:1]
+        overlap = jaccard_overlap(query_row, self._expanded_columns)[0]
+        overlap[changed_rows] = jaccard_overlap(query_row, expanded.tocsc())[0]
+        final = self._final(overlap[None, 1:], to_query[None, :], lists.row_max[:1])
+        indices, distances = top_k_smallest(final, k)
+        details = {**details, "rows_reencoded": int(dirty_rows.size)}
+        return indices[0], distances[0], details
+
+    def _lists_with_query(self, query_feature: np.ndarray, depth: int
+                          ) -> tuple[NeighbourLists, np.ndarray]:
+        """Neighbour lists and row maxima over (query + gallery), from the stored gallery lists."""
+        gallery = self.gallery.features
         stored = self._gallery_lists
         if stored.indices.shape[1] < depth:  # every gallery item is listed: pad one free slot
             stored = NeighbourLists(np.pad(stored.indices, ((0, 0), (0, 1)), constant_values=-1),
@@ -118,28 +183,27 @@ class KReciprocalReranker(Reranker):
                                            constant_values=np.inf), stored.row_max)
         to_query = np.maximum(2.0 - 2.0 * (gallery @ query_feature), 0.0).astype(np.float32)
         query_order, query_distances = top_k_smallest(to_query[None, :], depth - 1)
-        # Insert the query into each gallery list at its sorted position (ties: query first,
-        # as node 0 sorts before every gallery node).
+        # Insert the query where it sorts in each gallery list (on a tie the query, node 0,
+        # comes first, as in a batch run where it has the smallest node id).
         position = (stored.distances[:, :depth] < to_query[:, None]).sum(axis=1)
         columns = np.arange(depth)[None, :]
-        shifted = np.where(columns > position[:, None], np.roll(stored.indices[:, :depth], 1, 1),
-                           stored.indices[:, :depth]) + 1
-        shifted_distances = np.where(columns > position[:, None],
-                                     np.roll(stored.distances[:, :depth], 1, 1),
-                                     stored.distances[:, :depth])
+        after = columns > position[:, None]
         inserted = columns == position[:, None]
-        gallery_lists = np.where(inserted, 0, shifted)
-        gallery_distances = np.where(inserted, to_query[:, None], shifted_distances)
+        indices = np.where(after, np.roll(stored.indices[:, :depth], 1, 1),
+                           stored.indices[:, :depth]) + 1
+        distances = np.where(after, np.roll(stored.distances[:, :depth], 1, 1),
+                             stored.distances[:, :depth])
         lists = NeighbourLists(
             indices=np.vstack([np.concatenate([[0], query_order[0] + 1])[None, :],
-                               gallery_lists]),
+                               np.where(inserted, 0, indices)]),
             distances=np.vstack([np.concatenate([[0.0], query_distances[0]])[None, :],
-                                 gallery_distances]).astype(np.float32),
+                                 np.where(inserted, to_query[:, None], distances)]
+                                ).astype(np.float32),
             row_max=np.concatenate([[to_query.max()], np.maximum(stored.row_max, to_query)]
                                    ).astype(np.float32))
-        features = np.vstack([query_feature[None, :], gallery])
-        expanded = _encode(features, lists, k1, k2, np.arange(size + 1))
-        overlap = jaccard_overlap(expanded[:1], expanded[1:].tocsc())
-        final = self._final(overlap, to_query[None, :], lists.row_max[:1])
-        indices, distances = top_k_smallest(final, k)
-        return indices[0], distances[0], details
+        return lists, to_query
+
+
+def _member_sets(lists: np.ndarray, mask: np.ndarray, width: int) -> np.ndarray:
+    """Each row's set {lists[r, a] : mask[r, a]} as a sorted, -1 padded (n, width) array."""
+    return np.sort(np.where(mask, lists[:, :width], -1), axis=1)

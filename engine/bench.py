@@ -1,0 +1,250 @@
+"""Benchmark: accuracy, batch time, online latency and peak memory of every re-ranker.
+
+    python -m engine.bench                                  # demo gallery, leave-one-out
+    python -m engine.bench --gallery ../shared/datasets/oxford17 --protocol oxford17-split
+    python -m engine.bench --synthetic 20000 --methods gnn  # scale run on clustered features
+
+Prints one table. Batch seconds are for all gallery images as queries against the rest
+(leave-one-out, transductive); online ms/query is the median over single queries against the
+fitted gallery; peak memory is the largest resident-set growth (CPU) or CUDA allocation during
+that method's batch run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from engine.metrics import evaluate
+from engine.protocols import PROTOCOLS, Split, make_split
+from engine.rerank import create_reranker, list_rerankers
+
+logger = logging.getLogger("engine.bench")
+
+ONLINE_QUERIES = 50
+
+
+@dataclass
+class Row:
+    method: str
+    map: float
+    p1: float
+    p5: float
+    batch_seconds: float | None
+    online_ms: float | None
+    peak_mib: float | None
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field):
+                return int(line.split()[1])
+    return 0
+
+
+@contextlib.contextmanager
+def peak_memory(device: str) -> Iterator[dict[str, float]]:
+    """Measure the peak memory growth (MiB) of the block: CUDA allocations, or the process RSS.
+
+    On Linux the RSS high-water mark is reset through /proc/self/clear_refs; a sampling thread
+    is the fallback where that is not allowed.
+    """
+    result: dict[str, float] = {}
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        yield result
+        torch.cuda.synchronize()
+        result["mib"] = (torch.cuda.max_memory_allocated() - start) / 2**20
+        return
+    start = _rss_kib("VmRSS:")
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        yield result
+        result["mib"] = max(0, _rss_kib("VmHWM:") - start) / 1024
+    except OSError:
+        peak = [start]
+        stop = threading.Event()
+
+        def sample() -> None:
+            while not stop.wait(0.01):
+                peak[0] = max(peak[0], _rss_kib("VmRSS:"))
+
+        thread = threading.Thread(target=sample, daemon=True)
+        thread.start()
+        yield result
+        stop.set()
+        thread.join()
+        result["mib"] = max(0, peak[0] - start) / 1024
+
+
+def synthetic_collection(n: int, dim: int, n_classes: int | None = None, spread: float = 0.6,
+                         seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Clustered random unit features: class centres plus Gaussian noise (labels = class)."""
+    rng = np.random.default_rng(seed)
+    n_classes = n_classes or max(2, n // 20)
+    centres = rng.standard_normal((n_classes, dim)).astype(np.float32)
+    labels = rng.integers(0, n_classes, n)
+    features = centres[labels] + spread * rng.standard_normal((n, dim)).astype(np.float32)
+    features /= np.linalg.norm(features, axis=1, keepdims=True)
+    return features.astype(np.float32), labels.astype(np.int64)
+
+
+def _scores(indices: np.ndarray, split: Split, labels: np.ndarray) -> tuple[float, float, float]:
+    gallery_labels = labels[split.gallery_rows]
+    scores = evaluate(indices, split.query_labels(labels), gallery_labels, ks=(1, 5),
+                      n_positives=split.n_positives)
+    return scores.map, scores.precision_at[1], scores.precision_at[5]
+
+
+def _baseline(features: np.ndarray, split: Split, k: int) -> np.ndarray:
+    from engine.index import exact_knn
+
+    gallery = features[split.gallery_rows]
+    if split.leave_one_out:
+        _, indices = exact_knn(gallery, k + 1)
+        # drop the query itself wherever it landed (duplicates may outrank it)
+        keep = indices != np.arange(len(gallery))[:, None]
+        first = np.argsort(~keep, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(indices, first, axis=1)
+    _, indices = exact_knn(gallery, k, queries=features[split.query_rows])
+    return indices
+
+
+def run(features: np.ndarray, labels: np.ndarray, protocol: str, methods: Sequence[str],
+        top: int | None, device: str, online_queries: int = ONLINE_QUERIES) -> list[Row]:
+    """Evaluate the baseline and each method on one collection; return the table rows."""
+    split = make_split(protocol, labels)
+    gallery = features[split.gallery_rows]
+    available = len(gallery) - 1 if split.leave_one_out else len(gallery)
+    k = available if top is None else min(top, available)
+    rows = [Row("baseline (cosine)", *_scores(_baseline(features, split, k), split, labels),
+                None, None, None)]
+    queries = None if split.leave_one_out else features[split.query_rows]
+    online_set = (gallery if queries is None else queries)[:online_queries]
+    for name in methods:
+        kwargs = {"device": device} if "device" in _init_parameters(name) else {}
+        reranker = create_reranker(name, **kwargs).fit(gallery)
+        result = reranker.rerank(queries, k)
+        row = Row(name, *_scores(result.indices, split, labels), None, None, None)
+        with peak_memory(device) as memory:
+            started = time.perf_counter()
+            reranker.rerank(None, min(k, len(gallery) - 1))
+            row.batch_seconds = time.perf_counter() - started
+        row.peak_mib = memory.get("mib")
+        reranker.rerank(online_set[:1], k, mode="online")  # warm-up
+        timings = []
+        for query in online_set:
+            started = time.perf_counter()
+            reranker.rerank(query[None, :], k, mode="online")
+            timings.append(time.perf_counter() - started)
+        row.online_ms = 1000 * statistics.median(timings)
+        rows.append(row)
+    return rows
+
+
+def _init_parameters(name: str) -> set[str]:
+    import inspect
+
+    from engine.rerank import get_reranker_class
+
+    return set(inspect.signature(get_reranker_class(name).__init__).parameters)
+
+
+def format_table(rows: Sequence[Row], title: str) -> str:
+    """A Markdown table (readable in a terminal and pasteable into the README)."""
+    def number(value: float | None, pattern: str) -> str:
+        return "-" if value is None else format(value, pattern)
+
+    lines = [title, "",
+             "| method | mAP | P@1 | P@5 | batch s | online ms/query | peak MiB |",
+             "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row.method} | {row.map:.4f} | {row.p1:.4f} | {row.p5:.4f} | "
+                     f"{number(row.batch_seconds, '.3f')} | {number(row.online_ms, '.2f')} | "
+                     f"{number(row.peak_mib, '.0f')} |")
+    return "\n".join(lines)
+
+
+def extraction_speed(folder: Path, count: int, device: str) -> tuple[float, int]:
+    """Images per second of FeatureExtractor.embed on `count` files of `folder` (decode included),
+    after one warm-up batch."""
+    from engine.backbone import get_extractor
+    from engine.images import list_image_files
+
+    files = list_image_files(folder)[:count]
+    extractor = get_extractor(device=device)
+    extractor.embed(files[: extractor.batch_size])
+    started = time.perf_counter()
+    extractor.embed(files)
+    return len(files) / (time.perf_counter() - started), len(files)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m engine.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--gallery", type=Path, help="image folder (default: the demo gallery)")
+    source.add_argument("--synthetic", type=int, metavar="N",
+                        help="N clustered random features instead of images")
+    parser.add_argument("--dim", type=int, default=1280, help="feature size for --synthetic")
+    parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default="leave-one-out")
+    parser.add_argument("--methods", nargs="+", default=None,
+                        help=f"re-rankers to run (default all: {', '.join(list_rerankers())})")
+    parser.add_argument("--top", type=int, default=None,
+                        help="ranking length (default: full ranking; 100 for --synthetic)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--extraction", type=int, default=0, metavar="N",
+                        help="also time feature extraction on N images of the gallery")
+    parser.add_argument("--cache-dir", type=Path, default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    from engine.device import resolve_device
+
+    device = str(resolve_device(args.device))
+    methods = args.methods or list_rerankers()
+    if args.synthetic:
+        features, labels = synthetic_collection(args.synthetic, args.dim)
+        title = (f"synthetic N={args.synthetic}, d={args.dim}, protocol {args.protocol}, "
+                 f"device {device}")
+        top = args.top or 100
+    else:
+        from engine.gallery import DEMO_GALLERY, Gallery
+
+        folder = args.gallery or DEMO_GALLERY
+        gallery = Gallery.open(folder, cache_root=args.cache_dir, device=args.device,
+                               progress=lambda fraction, message: logger.info(message)
+                               if int(fraction * 100) % 10 == 0 else None)
+        if gallery.labels is None:
+            parser.error(f"{folder} has no labels (labels.csv or class sub-folders)")
+        features, labels = gallery.features, gallery.labels
+        title = (f"{Path(folder).name} ({gallery.size} images, {gallery.meta.backbone}), "
+                 f"protocol {args.protocol}, device {device}")
+        top = args.top
+        if args.extraction:
+            speed, count = extraction_speed(Path(folder), args.extraction, args.device)
+            print(f"feature extraction: {speed:.1f} images/s over {count} images "
+                  f"(JPEG decode + resize + {gallery.meta.backbone}, {device})")
+    rows = run(features, labels, args.protocol, methods, top, device)
+    print(format_table(rows, title))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""Evaluation protocols: which items are queries, which are the gallery, how many positives.
+
+Kept in code so that the benchmark, the tests and the page all measure the same thing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine.errors import InvalidInputError, UnknownNameError
+
+
+@dataclass(frozen=True)
+class Split:
+    """Queries and gallery of one protocol over a labelled collection.
+
+    query_rows / gallery_rows: rows of the collection, or query_rows = None for leave-one-out
+    (every gallery item a query against the rest). n_positives: relevant items per query.
+    """
+
+    name: str
+    query_rows: np.ndarray | None
+    gallery_rows: np.ndarray
+    n_positives: np.ndarray
+
+    @property
+    def leave_one_out(self) -> bool:
+        return self.query_rows is None
+
+    @property
+    def n_queries(self) -> int:
+        return len(self.gallery_rows) if self.query_rows is None else len(self.query_rows)
+
+    def query_labels(self, labels: np.ndarray) -> np.ndarray:
+        return labels[self.gallery_rows if self.query_rows is None else self.query_rows]
+
+
+def _require_labels(labels: np.ndarray | None, name: str) -> np.ndarray:
+    if labels is None or (np.asarray(labels) < 0).all():
+        raise InvalidInputError(f"protocol {name!r} needs a labelled collection")
+    return np.asarray(labels)
+
+
+def leave_one_out(labels: np.ndarray) -> Split:
+    """Every item a query against the other items; positives = its class minus itself."""
+    labels = _require_labels(labels, "leave-one-out")
+    counts = np.bincount(labels[labels >= 0], minlength=labels.max() + 1)
+    positives = np.where(labels >= 0, counts[np.maximum(labels, 0)] - 1, 0)
+    return Split("leave-one-out", None, np.arange(len(labels)), positives)
+
+
+def every_tenth_split(labels: np.ndarray) -> Split:
+    """oxford17-split: queries are rows 0, 10, 20, ... (image_0001, image_0011, ...), the gallery
+    is every other row; positives = gallery items of the query's class (72 for Oxford-17)."""
+    labels = _require_labels(labels, "oxford17-split")
+    rows = np.arange(len(labels))
+    queries, gallery = rows[::10], np.setdiff1d(rows, rows[::10])
+    positives = (labels[gallery][None, :] == labels[queries][:, None]).sum(axis=1)
+    return Split("oxford17-split", queries, gallery, positives)
+
+
+PROTOCOLS: dict[str, Callable[[np.ndarray], Split]] = {
+    "leave-one-out": leave_one_out,
+    "oxford17-split": every_tenth_split,
+}
+
+
+def make_split(name: str, labels: np.ndarray) -> Split:
+    """The split of a registered protocol for a collection's labels (in file order)."""
+    try:
+        return PROTOCOLS[name](labels)
+    except KeyError:
+        raise UnknownNameError(
+            f"no protocol {name!r}; available: {', '.join(PROTOCOLS)}") from None

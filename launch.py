@@ -1,0 +1,89 @@
+"""Start the Retrieval Explorer: index the gallery (cached), fit every re-ranker, serve the page.
+
+    python launch.py                         # the demo gallery on http://127.0.0.1:7860
+    python launch.py --gallery ~/photos --port 8000 --device cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+logger = logging.getLogger("launch")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Query-by-image retrieval explorer: baseline search and re-rankers side by "
+                    "side.")
+    parser.add_argument("--gallery", metavar="PATH", default=None,
+                        help="folder of images (labels from labels.csv or sub-folders); "
+                             "default: the bundled demo gallery")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
+    parser.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    parser.add_argument("--share", action="store_true",
+                        help="also open a public Gradio share link")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="where the backbone, index and re-rankers run (default auto)")
+    parser.add_argument("--cache-dir", metavar="PATH", default=None,
+                        help="cache root for gallery features and state (default "
+                             "$RETRIEVAL_EXPLORER_CACHE or ~/.cache/retrieval-explorer)")
+    parser.add_argument("--concurrency", type=int, default=2,
+                        help="queries served at once (default 2)")
+    parser.add_argument("--verbose", action="store_true", help="debug logging")
+    return parser.parse_args(argv)
+
+
+class TqdmProgress:
+    """Maps the engine's (fraction, message) progress callback onto a terminal progress bar."""
+
+    def __init__(self) -> None:
+        self._bar = None
+
+    def __call__(self, fraction: float, message: str) -> None:
+        from tqdm import tqdm
+
+        if self._bar is None:
+            self._bar = tqdm(total=100, unit="%", bar_format="{desc}: {percentage:3.0f}%|{bar}|"
+                                                             " [{elapsed}<{remaining}]")
+        self._bar.set_description(message, refresh=False)
+        self._bar.update(round(fraction * 100) - self._bar.n)
+        if fraction >= 1:
+            self.close()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Heavy imports here, so that `--help` answers at once.
+    from app.page import build_app, launch_options
+    from app.session import ExplorerSession
+    from engine.errors import EngineError
+    from engine.gallery import DEMO_GALLERY
+
+    progress = TqdmProgress()
+    try:
+        session = ExplorerSession.load(args.gallery or DEMO_GALLERY, device=args.device,
+                                       cache_root=args.cache_dir, progress=progress)
+    except EngineError as error:
+        logger.error("cannot start: %s", error)
+        return 2
+    finally:
+        progress.close()
+    demo = build_app(session, concurrency_limit=args.concurrency)
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share,
+                **launch_options(session))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

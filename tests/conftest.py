@@ -1,0 +1,85 @@
+"""Shared fixtures: the backbone (loaded once) and real demo-gallery features (embedded once).
+
+The plain-loop oracles of tests/engine/rerank/oracles.py are importable as `oracles` (their
+folder is put on sys.path here, since pytest runs with --import-mode=importlib).
+"""
+
+from __future__ import annotations
+
+import csv
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEMO_DIR = REPO_ROOT / "assets" / "demo_gallery"
+DEMO_IMAGES = DEMO_DIR / "images"
+ORACLE_DIR = Path(__file__).resolve().parent / "engine" / "rerank"
+
+if str(ORACLE_DIR) not in sys.path:
+    sys.path.insert(0, str(ORACLE_DIR))
+
+PER_CLASS = 17  # 17 classes x 17 images = 289 real images, embedded once per session
+
+
+@dataclass(frozen=True)
+class DemoFeatures:
+    """Real lite0 features of a class-balanced subset of the demo gallery.
+
+    paths: image files, row-aligned with `features` (n, 1280) float32 unit rows and
+    `labels` (n,) int64 (Oxford-17 class, 0..16).
+    """
+
+    paths: list[Path]
+    features: np.ndarray
+    labels: np.ndarray
+
+
+def demo_labels() -> dict[str, int]:
+    """file name -> label from the demo gallery's labels.csv."""
+    with open(DEMO_DIR / "labels.csv", newline="") as handle:
+        return {row["file"]: int(row["label"]) for row in csv.DictReader(handle)}
+
+
+def demo_image(number: int) -> Path:
+    """Path of demo thumbnail image_NNNN.jpg (1..1360; label = (number - 1) // 80)."""
+    return DEMO_IMAGES / f"image_{number:04d}.jpg"
+
+
+@pytest.fixture(scope="session")
+def extractor():
+    """The default lite0 extractor on the CPU, shared by the whole session."""
+    from engine.backbone import get_extractor
+
+    return get_extractor(device="cpu")
+
+
+@pytest.fixture(scope="session")
+def demo_features(extractor, tmp_path_factory) -> DemoFeatures:
+    """Embed PER_CLASS images of each class once; cached as .npz in a session temp folder."""
+    if not DEMO_IMAGES.is_dir():
+        pytest.skip(f"demo gallery missing at {DEMO_IMAGES}")
+    labels = demo_labels()
+    numbers = [c * 80 + i + 1 for c in range(17) for i in range(PER_CLASS)]
+    paths = [demo_image(n) for n in numbers]
+    cache = tmp_path_factory.getbasetemp() / "demo_features.npz"
+    if cache.is_file():
+        with np.load(cache) as stored:
+            features = stored["features"]
+    else:
+        features = extractor.embed(paths)
+        np.savez(cache, features=features)
+    label_array = np.array([labels[p.name] for p in paths], np.int64)
+    return DemoFeatures(paths=paths, features=features, labels=label_array)
+
+
+@pytest.fixture(scope="session")
+def split_features(demo_features) -> tuple[np.ndarray, np.ndarray]:
+    """~200 real features spread over all classes: every 10th a query, the rest the gallery."""
+    rows = np.unique(np.linspace(0, len(demo_features.paths) - 1, 200).astype(int))
+    chosen = demo_features.features[rows]
+    is_query = np.arange(len(rows)) % 10 == 0
+    return chosen[is_query], chosen[~is_query]

@@ -47,8 +47,8 @@ class TqdmProgress:
         from tqdm import tqdm
 
         if self._bar is None:
-            self._bar = tqdm(total=100, unit="%", bar_format="{desc}: {percentage:3.0f}%|{bar}|"
-                                                             " [{elapsed}<{remaining}]")
+            self._bar = tqdm(total=100, unit="%", desc=message,
+                             bar_format="{desc}{percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]")
         self._bar.set_description(message, refresh=False)
         self._bar.update(round(fraction * 100) - self._bar.n)
         if fraction >= 1:

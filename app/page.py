@@ -6,6 +6,7 @@ Search button, an upload, a gallery pick, an example) writes that JSON, and the 
 drawn from it by one `render` function, so the page shows exactly what the API returns.
 """
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,6 +17,8 @@ import gradio as gr
 from app.session import DEFAULT_K, ExplorerSession
 from engine.errors import EngineError
 from engine.images import MAX_FILE_BYTES, load_image
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_CONCURRENCY = 2
 """Queries run at once; the backbone serialises its forward pass, the rest is light."""
@@ -29,20 +32,23 @@ CSS = """
 def launch_options(session: ExplorerSession) -> dict[str, Any]:
     """Keyword arguments for `Blocks.launch` (Gradio 6 takes theme and css there).
 
-    The gallery folder is allowed so that its images can be served to the browser.
+    The gallery folder is allowed so that its images can be served to the browser. show_error:
+    an upload that is not an image at all fails in Gradio's own decoding, before the engine sees
+    it; this lets its message reach the user instead of a bare "Error".
     """
     return {"theme": gr.themes.Soft(), "css": CSS,
             "allowed_paths": [str(session.gallery.root)],
-            "max_file_size": MAX_FILE_BYTES}
+            "max_file_size": MAX_FILE_BYTES, "show_error": True}
 
 
 @contextmanager
 def engine_errors_as_gradio() -> Iterator[None]:
-    """Turn the engine's typed errors into messages shown to the user."""
+    """Turn the engine's typed errors into messages shown to the user (logged, no traceback)."""
     try:
         yield
     except EngineError as error:
-        raise gr.Error(str(error)) from error
+        logger.info("query refused: %s", error)
+        raise gr.Error(str(error), print_exception=False) from error
 
 
 class PageHandlers:
@@ -75,7 +81,8 @@ class PageHandlers:
                 picture = load_image(image, name=Path(image).name)
                 result = self.session.query(picture, leave_out_source=bool(leave_out))
             else:
-                raise gr.Error("Upload an image or pick one of the gallery first.")
+                raise gr.Error("Upload an image or pick one of the gallery first.",
+                               print_exception=False)
             return result.as_dict(self.session.gallery)
 
     # -- UI events -----------------------------------------------------------------------------
@@ -127,8 +134,8 @@ class PageHandlers:
                ) -> tuple[list[tuple[str, str]], int | None]:
         """(image path, "rank · class · distance [✓/✗]") per result, and the same-class count."""
         items, hits = [], 0
-        for rank, (file, label, distance) in enumerate(
-                zip(ranking["files"], ranking["classes"], ranking["distances"]), start=1):
+        rows = zip(ranking["files"], ranking["classes"], ranking["distances"], strict=True)
+        for rank, (file, label, distance) in enumerate(rows, start=1):
             path = self.session.gallery.path_of(self.session.position_of(file))
             caption = f"{rank} · {label or Path(file).stem} · {distance:.3f}"
             if query_class is not None and label is not None:
@@ -201,6 +208,7 @@ def build_app(session: ExplorerSession, concurrency_limit: int = DEFAULT_CONCURR
                             api_visibility="private")
         query_image.upload(handlers.upload, [query_image, leave_out], [gallery_file, summary],
                            api_visibility="private")
+        query_image.clear(lambda: None, None, gallery_file, api_visibility="private")
         leave_out.input(handlers.refresh, [query_image, gallery_file, leave_out], summary,
                         api_visibility="private")
         examples.select(handlers.example, None, gallery_file, api_visibility="private")

@@ -137,11 +137,13 @@ def run(features: np.ndarray, labels: np.ndarray, protocol: str, methods: Sequen
                 None, None, None)]
     queries = None if split.leave_one_out else features[split.query_rows]
     online_set = (gallery if queries is None else queries)[:online_queries]
-    for name in methods:
-        kwargs = {"device": device} if "device" in _init_parameters(name) else {}
-        reranker = create_reranker(name, **kwargs).fit(gallery)
+    for spec in methods:
+        name, params = parse_method(spec)
+        if "device" in _init_parameters(name):
+            params["device"] = device
+        reranker = create_reranker(name, **params).fit(gallery)
         result = reranker.rerank(queries, k)
-        row = Row(name, *_scores(result.indices, split, labels), None, None, None)
+        row = Row(spec, *_scores(result.indices, split, labels), None, None, None)
         with peak_memory(device) as memory:
             started = time.perf_counter()
             reranker.rerank(None, min(k, len(gallery) - 1))
@@ -156,6 +158,17 @@ def run(features: np.ndarray, labels: np.ndarray, protocol: str, methods: Sequen
         row.online_ms = 1000 * statistics.median(timings)
         rows.append(row)
     return rows
+
+
+def parse_method(spec: str) -> tuple[str, dict[str, float]]:
+    """'gnn' or 'gnn:lambda_value=0,k1=20' -> (name, parameter overrides)."""
+    name, _, overrides = spec.partition(":")
+    params: dict[str, float] = {}
+    for item in filter(None, overrides.split(",")):
+        key, _, value = item.partition("=")
+        number = float(value)
+        params[key.strip()] = int(number) if number.is_integer() and "." not in value else number
+    return name, params
 
 
 def _init_parameters(name: str) -> set[str]:
@@ -205,7 +218,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dim", type=int, default=1280, help="feature size for --synthetic")
     parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default="leave-one-out")
     parser.add_argument("--methods", nargs="+", default=None,
-                        help=f"re-rankers to run (default all: {', '.join(list_rerankers())})")
+                        help="re-rankers to run, optionally with parameters, e.g. gnn:lambda_value=0 "
+                        f"(default all: {', '.join(list_rerankers())})")
     parser.add_argument("--top", type=int, default=None,
                         help="ranking length (default: full ranking; 100 for --synthetic)")
     parser.add_argument("--device", default="auto")

@@ -19,8 +19,10 @@ DEMO_DIR = REPO_ROOT / "assets" / "demo_gallery"
 DEMO_IMAGES = DEMO_DIR / "images"
 ORACLE_DIR = Path(__file__).resolve().parent / "engine" / "rerank"
 
-if str(ORACLE_DIR) not in sys.path:
-    sys.path.insert(0, str(ORACLE_DIR))
+# `python -m pytest` puts the checkout on sys.path, a bare `pytest` does not: add it for `engine`.
+for folder in (REPO_ROOT, ORACLE_DIR):
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
 
 PER_CLASS = 17  # 17 classes x 17 images = 289 real images, embedded once per session
 

@@ -1,0 +1,364 @@
+"""The shared re-ranker contract, run against every registered method on real features."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import ClassVar
+
+import numpy as np
+import pytest
+
+import engine.rerank as rerank_package
+from engine.errors import InvalidInputError, NotFittedError, UnknownNameError
+from engine.rerank import (
+    GalleryContext,
+    Reranker,
+    RerankParams,
+    RerankResult,
+    create_reranker,
+    get_reranker_class,
+    list_rerankers,
+    register,
+)
+
+METHODS = list_rerankers()
+N_GALLERY, N_QUERIES = 120, 6
+
+
+def make(name: str, **params) -> Reranker:
+    cls = get_reranker_class(name)
+    # methods with a device argument run on the CPU here (a GPU test would be marked `gpu`)
+    if "device" in inspect.signature(cls).parameters:
+        return cls(device="cpu", **params)
+    return cls(**params)
+
+
+@pytest.fixture(scope="module")
+def features(demo_features) -> tuple[np.ndarray, np.ndarray]:
+    """(queries, gallery): real features, every class in both."""
+    rows = np.arange(len(demo_features.paths))
+    query_rows = rows[::48][:N_QUERIES]
+    gallery_rows = np.setdiff1d(rows, query_rows)[:: 2][:N_GALLERY]
+    return demo_features.features[query_rows], demo_features.features[gallery_rows]
+
+
+@pytest.fixture(scope="module", params=METHODS)
+def fitted(request, features) -> Reranker:
+    return make(request.param).fit(features[1])
+
+
+def assert_contract(result: RerankResult, n_queries: int, k: int, gallery_size: int,
+                    leave_one_out: bool = False) -> None:
+    assert isinstance(result, RerankResult)
+    assert result.indices.shape == result.distances.shape == (n_queries, k)
+    assert result.indices.dtype == np.int64 and result.distances.dtype == np.float32
+    assert ((result.indices >= 0) & (result.indices < gallery_size)).all()
+    for row in result.indices:
+        assert len(set(row.tolist())) == k
+    assert np.isfinite(result.distances).all()
+    assert (np.diff(result.distances, axis=1) >= -1e-6).all()
+    if leave_one_out:
+        assert not (result.indices == np.arange(n_queries)[:, None]).any()
+    assert isinstance(result.details, dict)
+
+
+def assert_same_ranking(a: RerankResult, b: RerankResult, atol: float = 1e-5) -> None:
+    """Same full ranking up to swaps of items whose distances differ by less than `atol`."""
+    assert a.indices.shape == b.indices.shape
+    np.testing.assert_allclose(a.distances, b.distances, atol=atol)
+    for ia, da, ib, db in zip(a.indices, a.distances, b.indices, b.distances, strict=True):
+        if np.array_equal(ia, ib):
+            continue
+        assert set(ia.tolist()) == set(ib.tolist())
+        distance_in_b = dict(zip(ib.tolist(), db.tolist(), strict=True))
+        for position in np.flatnonzero(ia != ib):
+            # a's item at this position has (nearly) the distance b gives it: a tie swap
+            assert abs(distance_in_b[int(ia[position])] - da[position]) < atol, position
+
+
+# -- registry ------------------------------------------------------------------------------------
+def test_registry_lists_the_known_methods():
+    assert {"k_reciprocal", "gnn"} <= set(METHODS)
+    for name in METHODS:
+        cls = get_reranker_class(name)
+        assert cls.name == name and issubclass(cls, Reranker)
+        assert cls.title
+
+
+def test_unknown_name():
+    with pytest.raises(UnknownNameError, match="no re-ranker named 'nope'"):
+        create_reranker("nope")
+    with pytest.raises(KeyError):  # UnknownNameError is also a KeyError
+        get_reranker_class("nope")
+
+
+def test_duplicate_registration_is_refused(monkeypatch):
+    monkeypatch.setattr(rerank_package, "_REGISTRY", dict(rerank_package._REGISTRY))
+    taken = METHODS[0]
+
+    class Impostor(Reranker):
+        name = taken
+
+        def _rerank_batch(self, query_features, k):
+            raise NotImplementedError
+
+        def _rerank_online(self, query_feature, k):
+            raise NotImplementedError
+
+    with pytest.raises(InvalidInputError, match="already registered"):
+        register(Impostor)
+    assert get_reranker_class(taken) is not Impostor
+    # registering the same class again is harmless
+    original = get_reranker_class(taken)
+    assert register(original) is original
+
+    class Nameless(Impostor):
+        name: ClassVar[str] = ""
+
+    with pytest.raises(InvalidInputError, match="non-empty"):
+        register(Nameless)
+
+
+# -- parameters ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", METHODS)
+def test_default_params(name):
+    reranker = create_reranker(name)
+    assert isinstance(reranker.params, reranker.Params)
+    assert reranker.params == reranker.Params()
+    assert not reranker.is_fitted
+    described = reranker.Params.describe()
+    assert [d["name"] for d in described] == [f.name for f in dataclasses.fields(reranker.Params)]
+    for entry in described:
+        assert {"name", "type", "default", "min", "max", "step", "help"} <= set(entry)
+        assert entry["help"]
+        value = getattr(reranker.params, entry["name"])
+        if entry["min"] is not None:
+            assert value >= entry["min"]
+        if entry["max"] is not None:
+            assert value <= entry["max"]
+    assert reranker.params.as_dict() == {d["name"]: d["default"] for d in described}
+    assert name in repr(reranker) or type(reranker).__name__ in repr(reranker)
+
+
+def bound_cases() -> list[tuple[str, str, object]]:
+    cases = []
+    for name in METHODS:
+        for spec in dataclasses.fields(get_reranker_class(name).Params):
+            low, high = spec.metadata.get("min"), spec.metadata.get("max")
+            step = spec.metadata.get("step") or 1
+            if low is not None:
+                cases.append((name, spec.name, low - step))
+            if high is not None:
+                cases.append((name, spec.name, high + step))
+    return cases
+
+
+@pytest.mark.parametrize(("name", "field", "value"), bound_cases())
+def test_params_outside_bounds(name, field, value):
+    with pytest.raises(InvalidInputError, match=field):
+        create_reranker(name, **{field: value})
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_params_at_bounds_and_non_finite(name):
+    cls = get_reranker_class(name)
+    for spec in dataclasses.fields(cls.Params):
+        for bound in ("min", "max"):
+            if spec.metadata.get(bound) is not None:
+                value = spec.metadata[bound]
+                if spec.type in ("int", int):
+                    value = int(value)
+                cls.Params(**{spec.name: value})  # inclusive bounds
+        if spec.type in ("float", float):
+            with pytest.raises(InvalidInputError, match="finite"):
+                cls.Params(**{spec.name: float("nan")})
+        if spec.type in ("int", int):
+            with pytest.raises(InvalidInputError, match="integer"):
+                cls.Params(**{spec.name: spec.default + 0.5})
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_unknown_param(name):
+    with pytest.raises(InvalidInputError, match="no parameter"):
+        create_reranker(name, not_a_parameter=1)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_params_object_or_overrides(name):
+    cls = get_reranker_class(name)
+    params = cls.Params()
+    assert cls(params).params is params
+    first = dataclasses.fields(cls.Params)[0].name
+    with pytest.raises(InvalidInputError, match="either"):
+        cls(params, **{first: getattr(params, first)})
+    with pytest.raises(InvalidInputError, match="expects"):
+        cls(RerankParams())
+
+
+def test_params_are_frozen():
+    params = create_reranker(METHODS[0]).params
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        params.__setattr__(dataclasses.fields(params)[0].name, 3)
+
+
+# -- fitting and input checks --------------------------------------------------------------------
+@pytest.mark.parametrize("name", METHODS)
+def test_rerank_before_fit(name, features):
+    reranker = make(name)
+    with pytest.raises(NotFittedError, match="fit"):
+        reranker.rerank(features[0], 5)
+    with pytest.raises(NotFittedError):
+        reranker.rerank(None, 5)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_gallery_of_one(name, features):
+    with pytest.raises(InvalidInputError, match="at least 2"):
+        make(name).fit(features[1][:1])
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_bad_gallery(name, features):
+    gallery = features[1][:10].copy()
+    gallery[3, 0] = np.nan
+    with pytest.raises(InvalidInputError, match="NaN"):
+        make(name).fit(gallery)
+    with pytest.raises(InvalidInputError, match="empty"):
+        make(name).fit(np.zeros((0, 4), np.float32))
+
+
+def test_k_out_of_range(fitted, features):
+    queries = features[0][:2]
+    with pytest.raises(InvalidInputError, match="larger than"):
+        fitted.rerank(queries, N_GALLERY + 1)
+    with pytest.raises(InvalidInputError, match="larger than"):
+        fitted.rerank(queries, N_GALLERY + 1, mode="online")
+    with pytest.raises(InvalidInputError, match="larger than"):
+        fitted.rerank(None, N_GALLERY)  # leave-one-out can return G - 1 items
+    for k in (0, -1, True, 2.5):
+        with pytest.raises(InvalidInputError, match="positive integer"):
+            fitted.rerank(queries, k)
+
+
+def test_nan_query(fitted, features):
+    queries = features[0][:3].copy()
+    queries[1, 5] = np.nan
+    for mode in ("batch", "online"):
+        with pytest.raises(InvalidInputError, match="NaN"):
+            fitted.rerank(queries, 5, mode=mode)
+
+
+def test_wrong_dimension(fitted, features):
+    with pytest.raises(InvalidInputError, match="dimensions"):
+        fitted.rerank(features[0][:2, :100], 5)
+    with pytest.raises(InvalidInputError, match="dimensions"):
+        fitted.rerank_online(features[0][0, :100], 5)
+
+
+def test_bad_mode(fitted, features):
+    with pytest.raises(InvalidInputError, match="mode"):
+        fitted.rerank(features[0][:1], 5, mode="streaming")
+    with pytest.raises(InvalidInputError, match="leave-one-out"):
+        fitted.rerank(None, 5, mode="online")
+
+
+# -- results -------------------------------------------------------------------------------------
+def test_batch_results(fitted, features):
+    queries = features[0]
+    for k in (1, 10, None):
+        result = fitted.rerank(queries, k)
+        assert_contract(result, N_QUERIES, k or N_GALLERY, N_GALLERY)
+
+
+def test_online_results(fitted, features):
+    queries = features[0][:3]
+    result = fitted.rerank(queries, 10, mode="online")
+    assert_contract(result, 3, 10, N_GALLERY)
+    assert len(result.details["per_query"]) == 3
+    single = fitted.rerank_online(queries[0], 10)  # a (d,) vector is one query
+    assert_contract(single, 1, 10, N_GALLERY)
+    assert "per_query" not in single.details
+
+
+def test_leave_one_out_results(fitted):
+    for k in (5, None):
+        result = fitted.rerank(None, k)
+        assert_contract(result, N_GALLERY, k or N_GALLERY - 1, N_GALLERY, leave_one_out=True)
+
+
+def test_online_equals_batch_with_that_query(fitted, features):
+    for query in features[0]:
+        online = fitted.rerank_online(query)
+        batch = fitted.rerank(query[None, :])
+        assert_contract(online, 1, N_GALLERY, N_GALLERY)
+        assert_same_ranking(online, batch)
+        # and the top-k cut agrees with the full ranking
+        top = fitted.rerank_online(query, 7)
+        np.testing.assert_allclose(top.distances[0], online.distances[0, :7], atol=1e-5)
+
+
+def test_reranking_keeps_near_duplicates_first(fitted, features):
+    """A query that is a gallery item (tiny noise) ranks that item first, in every mode."""
+    gallery = fitted.gallery.features
+    rng = np.random.default_rng(3)
+    rows = np.array([4, 50, 99])
+    queries = gallery[rows] + 1e-4 * rng.standard_normal((3, gallery.shape[1])).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    for mode in ("batch", "online"):
+        np.testing.assert_array_equal(fitted.rerank(queries, 3, mode=mode).indices[:, 0], rows)
+
+
+def test_results_are_deterministic(fitted, features):
+    a, b = fitted.rerank(features[0], 20), fitted.rerank(features[0], 20)
+    np.testing.assert_array_equal(a.indices, b.indices)
+    np.testing.assert_array_equal(a.distances, b.distances)
+
+
+def test_fit_accepts_a_context(features):
+    for name in METHODS:
+        gallery = features[1][:30]
+        from_array = make(name).fit(gallery).rerank(features[0], 10)
+        from_context = make(name).fit(GalleryContext(gallery, fingerprint="abc")).rerank(
+            features[0], 10)
+        np.testing.assert_array_equal(from_array.indices, from_context.indices)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_small_gallery_clamps_parameters(name, features):
+    reranker = make(name)
+    gallery = features[1][:8]
+    reranker.fit(gallery)
+    k1 = getattr(reranker.params, "k1", None)
+    batch = reranker.rerank(features[0][:2])
+    online = reranker.rerank_online(features[0][0])
+    loo = reranker.rerank(None)
+    assert_contract(batch, 2, 8, 8)
+    assert_contract(online, 1, 8, 8)
+    assert_contract(loo, 8, 7, 8, leave_one_out=True)
+    if k1 is not None and k1 > 10:
+        for result in (batch, online, loo):
+            assert "clamped" in result.details, result.details
+            assert result.details["k1"] < k1
+    assert_same_ranking(online, reranker.rerank(features[0][:1]))
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_two_item_gallery(name, features):
+    reranker = make(name).fit(features[1][:2])
+    assert_contract(reranker.rerank(features[0], 2), N_QUERIES, 2, 2)
+    assert_contract(reranker.rerank_online(features[0][0], 2), 1, 2, 2)
+    assert_contract(reranker.rerank(None), 2, 1, 2, leave_one_out=True)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_duplicate_gallery_items(name, features):
+    """Exact duplicates make exact ties: the contract still holds, online still equals batch."""
+    base = features[1][:20]
+    gallery = np.vstack([base, base[:5]])
+    reranker = make(name).fit(gallery)
+    queries = np.vstack([base[:2], features[0][:2]])
+    assert_contract(reranker.rerank(queries), 4, 25, 25)
+    assert_contract(reranker.rerank(None), 25, 24, 25, leave_one_out=True)
+    for query in queries:
+        assert_same_ranking(reranker.rerank_online(query), reranker.rerank(query[None, :]))

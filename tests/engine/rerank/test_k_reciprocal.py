@@ -1,0 +1,327 @@
+"""k-reciprocal re-ranking against the plain-loop reference, a hand-worked case and invariants."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from oracles import euclidean, k_reciprocal_reference
+
+from engine.rerank import create_reranker
+from engine.rerank.ops import (
+    half_neighbourhood,
+    jaccard_distance,
+    jaccard_overlap,
+    k_reciprocal_encoding,
+    k_reciprocal_expansion,
+    local_query_expansion,
+    neighbour_lists,
+    pair_squared_distances,
+    reciprocal_mask,
+    squared_distances_to,
+    top_k_smallest,
+)
+
+ATOL = 1e-5
+
+
+def reference(queries: np.ndarray, gallery: np.ndarray, k1: int, k2: int,
+              lambda_value: float) -> np.ndarray:
+    return k_reciprocal_reference(euclidean(queries, gallery), euclidean(queries, queries),
+                                  euclidean(gallery, gallery), k1, k2, lambda_value)
+
+
+def assert_matches_reference(result, ref: np.ndarray) -> None:
+    """Distances equal the reference at the returned indices; order equal up to float ties."""
+    assert result.indices.shape == ref.shape  # full ranking
+    np.testing.assert_allclose(np.take_along_axis(ref, result.indices, 1), result.distances,
+                               atol=ATOL)
+    np.testing.assert_allclose(result.distances, np.sort(ref, axis=1), atol=ATOL)
+    expected = np.argsort(ref, axis=1, kind="stable")
+    sorted_ref = np.sort(ref, axis=1)
+    gaps = np.diff(sorted_ref, axis=1)
+    # a position is unambiguous when its reference value is > ATOL from both neighbours
+    clear = np.ones_like(ref, dtype=bool)
+    clear[:, 1:] &= gaps > ATOL
+    clear[:, :-1] &= gaps > ATOL
+    np.testing.assert_array_equal(result.indices[clear], expected[clear])
+    assert clear.any()  # the comparison is not vacuous
+    # exact ties (lambda = 0 gives many d_J = 1) come in ascending gallery index
+    same = np.diff(result.distances, axis=1) == 0
+    assert (np.diff(result.indices, axis=1)[same] > 0).all()
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+# -- the reference on real features --------------------------------------------------------------
+@pytest.mark.parametrize(("k1", "k2", "lambda_value"),
+                         [(20, 6, 0.3), (10, 1, 0.0), (7, 4, 1.0), (25, 3, 0.5)])
+def test_batch_matches_reference_on_real_features(split_features, k1, k2, lambda_value):
+    queries, gallery = split_features
+    reranker = create_reranker("k_reciprocal", k1=k1, k2=k2, lambda_value=lambda_value)
+    result = reranker.fit(gallery).rerank(queries)
+    assert result.details["k1"] == k1 and result.details["k2"] == k2
+    assert "clamped" not in result.details
+    assert_matches_reference(result, reference(queries, gallery, k1, k2, lambda_value))
+
+
+def test_online_matches_reference_with_one_query(split_features):
+    queries, gallery = split_features
+    reranker = create_reranker("k_reciprocal").fit(gallery)
+    for query in queries[:3]:
+        result = reranker.rerank_online(query)
+        assert_matches_reference(result, reference(query[None, :], gallery, 20, 6, 0.3))
+
+
+def test_small_graph_matches_reference_with_clamped_k1(split_features):
+    queries, gallery = split_features
+    gallery = gallery[:12]
+    result = create_reranker("k_reciprocal", k1=20, k2=6).fit(gallery).rerank(queries[:3])
+    # 15 nodes: k1 is clamped to 14 (every other node), k2 stays 6
+    assert (result.details["k1"], result.details["k2"]) == (14, 6)
+    assert "clamped" in result.details
+    assert_matches_reference(result, reference(queries[:3], gallery, 14, 6, 0.3))
+
+
+@pytest.mark.parametrize(("k1", "k2"), [(8, 3), (12, 6), (20, 6)])
+@pytest.mark.parametrize("mode", ["batch", "online"])
+def test_duplicates_match_reference(split_features, k1, k2, mode):
+    """Exact duplicates (exact distance ties), queries that are gallery items included.
+
+    Querying with a gallery image is the explorer's most common query; the query then has
+    distance exactly 0 to its copies, and the reference orders such ties by node id.
+    """
+    queries, gallery = split_features
+    base = gallery[:30]
+    gallery = np.vstack([base, base[:6]])  # rows 30..35 duplicate rows 0..5
+    queries = np.vstack([base[:3], queries[:2]])
+    reranker = create_reranker("k_reciprocal", k1=k1, k2=k2).fit(gallery)
+    if mode == "batch":
+        assert_matches_reference(reranker.rerank(queries),
+                                 reference(queries, gallery, k1, k2, 0.3))
+    else:
+        for query in queries:
+            assert_matches_reference(reranker.rerank_online(query),
+                                     reference(query[None, :], gallery, k1, k2, 0.3))
+
+
+# -- a hand-worked tiny case ---------------------------------------------------------------------
+def tiny_case() -> np.ndarray:
+    """Six unit vectors in two orthogonal clusters with chosen cosines.
+
+    Nodes: q (the query), then the gallery a1, a2 | b0, b1, b2.
+    Cluster A = {q, a1, a2}: cos(q, a1) = 0.9, cos(q, a2) = 0.8, cos(a1, a2) = 0.85.
+    Cluster B = {b0, b1, b2}: cos(b0, b1) = 0.95, cos(b0, b2) = 0.7, cos(b1, b2) = 0.75.
+    Across the clusters cos = 0, so every row's largest squared distance is 2 - 2*0 = 2 and the
+    normalised squared distance is d'(i, j) = (2 - 2 cos) / 2 = 1 - cos.
+    """
+    gram = np.zeros((6, 6))
+    gram[:3, :3] = [[1, 0.9, 0.8], [0.9, 1, 0.85], [0.8, 0.85, 1]]
+    gram[3:, 3:] = [[1, 0.95, 0.7], [0.95, 1, 0.75], [0.7, 0.75, 1]]
+    vectors = np.linalg.cholesky(gram)  # rows have exactly these inner products
+    return unit(vectors)
+
+
+# Worked by hand for k1 = 2 (N(i, 2) = self + 2 nearest), k2 = 1 (no query expansion):
+#   d'(q, .) = [0, .1, .2, 1, 1, 1]; N(q,2) = {q, a1, a2}; N(a1,2) = {a1, q (.1), a2 (.15)};
+#   N(a2,2) = {a2, a1 (.15), q (.2)}: all reciprocal, so R(q,2) = {q, a1, a2}, and the
+#   half-sets R(c,1) (h = round(1) = 1) are subsets of it, so R*(q) = R*(a1) = R*(a2) = A.
+#   V[q]  = exp(-[0, .1, .2])  / 2.723568 = [.367165, .332225, .300610]
+#   V[a1] = exp(-[.1, 0, .15]) / 2.765545 = [.327182, .361592, .311225]
+#   V[a2] = exp(-[.2, .15, 0]) / 2.679439 = [.305561, .321227, .373212]
+#   m(q, a1) = .327182 + .332225 + .300610 = .960017  -> d_J = 1 - .960017 / 1.039983 = .076892
+#   m(q, a2) = .305561 + .321227 + .300610 = .927397  -> d_J = 1 - .927397 / 1.072603 = .135377
+#   V of b0, b1, b2 lives on cluster B only, so m(q, b) = 0 and d_J(q, b) = 1 (three-way tie,
+#   broken by gallery index).
+HAND_JACCARD = np.array([0.076892, 0.135377, 1.0, 1.0, 1.0])
+HAND_ORIGINAL = np.array([0.1, 0.2, 1.0, 1.0, 1.0])
+
+
+@pytest.mark.parametrize("lambda_value", [0.0, 1.0, 0.3])
+@pytest.mark.parametrize("mode", ["batch", "online"])
+def test_hand_worked_case(lambda_value, mode):
+    nodes = tiny_case()
+    query, gallery = nodes[:1], nodes[1:]
+    reranker = create_reranker("k_reciprocal", k1=2, k2=1, lambda_value=lambda_value)
+    result = reranker.fit(gallery).rerank(query, mode=mode)
+    expected = (1 - lambda_value) * HAND_JACCARD + lambda_value * HAND_ORIGINAL
+    np.testing.assert_allclose(result.distances[0], expected, atol=1e-5)
+    np.testing.assert_array_equal(result.indices[0], [0, 1, 2, 3, 4])
+    # and the reference agrees
+    np.testing.assert_allclose(reference(query, gallery, 2, 1, lambda_value)[0], expected,
+                               atol=1e-5)
+
+
+def test_lambda_one_is_the_normalised_squared_distance_ranking(split_features):
+    queries, gallery = split_features
+    result = create_reranker("k_reciprocal", lambda_value=1.0).fit(gallery).rerank(queries)
+    nodes = np.vstack([queries, gallery])
+    squared = squared_distances_to(nodes, slice(0, len(queries)))
+    expected = squared[:, len(queries):] / squared.max(axis=1, keepdims=True)
+    np.testing.assert_allclose(result.distances, np.sort(expected, axis=1), atol=1e-6)
+    np.testing.assert_allclose(np.take_along_axis(expected, result.indices, 1),
+                               result.distances, atol=1e-6)
+
+
+# -- invariants of the ops -----------------------------------------------------------------------
+def loop_reciprocal(lists: np.ndarray, i: int, k: int) -> set[int]:
+    return {int(j) for j in lists[i, :k + 1] if i in lists[j, :k + 1]}
+
+
+def loop_expansion(lists: np.ndarray, i: int, k1: int) -> set[int]:
+    members = loop_reciprocal(lists, i, k1)
+    expanded = set(members)
+    for candidate in members:
+        half = loop_reciprocal(lists, candidate, half_neighbourhood(k1))
+        if len(half & members) > 2.0 / 3.0 * len(half):
+            expanded |= half
+    return expanded
+
+
+def random_lists(rng: np.random.Generator, n: int, self_first: bool) -> np.ndarray:
+    lists = np.empty((n, n), np.int64)
+    for i in range(n):
+        others = rng.permutation([j for j in range(n) if j != i])
+        lists[i] = np.concatenate([[i], others]) if self_first else rng.permutation(n)
+    return lists
+
+
+@pytest.mark.parametrize("k1", [1, 2, 3, 4, 5, 8])
+@pytest.mark.parametrize("source", ["features", "permutations", "unordered"])
+def test_expansion_matches_plain_sets(k1, source):
+    rng = np.random.default_rng(k1)
+    n = 14
+    if source == "features":
+        clustered = np.repeat(rng.standard_normal((3, 6)), 5, axis=0)[:n]
+        lists = neighbour_lists(unit(clustered + 0.4 * rng.standard_normal((n, 6))), n).indices
+    else:
+        lists = random_lists(rng, n, self_first=source == "permutations")
+    rows, members = k_reciprocal_expansion(lists, k1)
+    assert (np.diff(rows) >= 0).all()
+    for i in range(n):
+        got = members[rows == i]
+        assert list(got) == sorted(set(got.tolist()))  # sorted, each pair once
+        assert set(got.tolist()) == loop_expansion(lists, i, k1), i
+    # a subset of rows gives those rows' sets
+    subset = np.array([3, 0, 11])
+    sub_rows, sub_members = k_reciprocal_expansion(lists, k1, subset)
+    for i in subset:
+        assert set(sub_members[sub_rows == i].tolist()) == loop_expansion(lists, i, k1)
+
+
+def test_reciprocal_mask_matches_a_loop():
+    rng = np.random.default_rng(0)
+    lists = random_lists(rng, 12, self_first=True)
+    for width in (1, 3, 6):
+        mask = reciprocal_mask(lists, width)
+        for r in range(12):
+            for a in range(width):
+                assert mask[r, a] == (r in lists[lists[r, a], :width])
+
+
+@pytest.mark.parametrize(("k1", "expected"), [(1, 0), (2, 1), (3, 2), (5, 2), (20, 10),
+                                              (25, 12), (26, 13), (27, 14)])
+def test_half_neighbourhood_rounds_half_to_even(k1, expected):
+    assert half_neighbourhood(k1) == expected
+
+
+def test_encoding_rows_sum_to_one():
+    rng = np.random.default_rng(5)
+    features = unit(rng.standard_normal((60, 10)))
+    for k1 in (3, 10):
+        lists = neighbour_lists(features, k1 + 1)
+        rows, members = k_reciprocal_expansion(lists.indices, k1)
+        squared = pair_squared_distances(features, rows, members, lists)
+        encoding = k_reciprocal_encoding(rows, members, squared, lists.row_max, 60, 60)
+        assert encoding.dtype == np.float32
+        np.testing.assert_allclose(np.asarray(encoding.sum(axis=1)).ravel(), 1.0, atol=1e-6)
+        dense = encoding.toarray()
+        for i in (0, 17, 59):
+            support = members[rows == i]
+            assert set(np.flatnonzero(dense[i]).tolist()) == set(support.tolist())
+            full = squared_distances_to(features, np.array([i]))[0]
+            weights = np.exp(-full[support] / full.max())
+            np.testing.assert_allclose(dense[i, support], weights / weights.sum(), atol=1e-6)
+        # query expansion averages rows: still sums to 1, and equals the dense mean
+        expanded = local_query_expansion(encoding, lists.indices, 3)
+        np.testing.assert_allclose(np.asarray(expanded.sum(axis=1)).ravel(), 1.0, atol=1e-6)
+        dense_mean = np.stack([dense[lists.indices[i, :3]].mean(axis=0) for i in range(60)])
+        np.testing.assert_allclose(expanded.toarray(), dense_mean, atol=1e-6)
+        assert (local_query_expansion(encoding, lists.indices, 1) != encoding).nnz == 0
+
+
+def test_neighbour_lists_and_pair_distances():
+    rng = np.random.default_rng(9)
+    features = unit(rng.standard_normal((50, 8)))
+    lists = neighbour_lists(features, 7)
+    true = np.maximum(2 - 2 * features.astype(np.float64) @ features.T.astype(np.float64), 0)
+    np.fill_diagonal(true, 0)
+    np.testing.assert_array_equal(lists.indices[:, 0], np.arange(50))
+    np.testing.assert_allclose(lists.distances, np.sort(true, axis=1)[:, :7], atol=1e-5)
+    np.testing.assert_allclose(lists.row_max, true.max(axis=1), atol=1e-5)
+    rows, members = rng.integers(0, 50, 200), rng.integers(0, 50, 200)
+    members[:10] = rows[:10]
+    for given in (None, lists):
+        np.testing.assert_allclose(pair_squared_distances(features, rows, members, given),
+                                   true[rows, members], atol=1e-5)
+    assert (pair_squared_distances(features, rows[:10], members[:10]) == 0).all()
+
+
+def test_top_k_smallest_breaks_ties_by_index():
+    values = np.array([[1.0, 0.0, 1.0, 0.0, 2.0, 1.0],
+                       [3.0, 3.0, 3.0, 3.0, 3.0, 3.0],
+                       [5.0, 4.0, 3.0, 2.0, 1.0, 0.0]], np.float32)
+    for k, expected in [(1, [[1], [0], [5]]),
+                        (3, [[1, 3, 0], [0, 1, 2], [5, 4, 3]]),
+                        (4, [[1, 3, 0, 2], [0, 1, 2, 3], [5, 4, 3, 2]]),
+                        (6, [[1, 3, 0, 2, 5, 4], [0, 1, 2, 3, 4, 5], [5, 4, 3, 2, 1, 0]])]:
+        indices, picked = top_k_smallest(values, k)
+        np.testing.assert_array_equal(indices, expected)
+        assert indices.dtype == np.int64
+        np.testing.assert_array_equal(picked, np.take_along_axis(values, indices, 1))
+
+
+@pytest.mark.parametrize("k", [1, 5, 19, 40])
+def test_top_k_smallest_equals_stable_argsort(k):
+    rng = np.random.default_rng(k)
+    values = rng.integers(0, 6, (30, 40)).astype(np.float32)  # many exact ties
+    indices, picked = top_k_smallest(values, k)
+    expected = np.argsort(values, axis=1, kind="stable")[:, :k]
+    np.testing.assert_array_equal(indices, expected)
+    np.testing.assert_array_equal(picked, np.take_along_axis(values, expected, 1))
+    np.testing.assert_array_equal(top_k_smallest(values, k)[0], indices)  # deterministic
+
+
+def random_stochastic_rows(rng: np.random.Generator, n_rows: int, n_columns: int,
+                           density: float) -> sp.csr_matrix:
+    matrix = sp.random(n_rows, n_columns, density=density, format="csr", random_state=rng,
+                       dtype=np.float32)
+    matrix = matrix.tolil()
+    matrix[1] = 0  # an empty row
+    return matrix.tocsr()
+
+
+@pytest.mark.parametrize("chunk", [2, 256])
+def test_jaccard_overlap_equals_a_dense_loop(chunk):
+    rng = np.random.default_rng(chunk)
+    queries = random_stochastic_rows(rng, 9, 25, 0.3)
+    targets = random_stochastic_rows(rng, 13, 25, 0.2)
+    overlap = jaccard_overlap(queries, targets.tocsc(), chunk=chunk)
+    dense_q, dense_t = queries.toarray(), targets.toarray()
+    expected = np.zeros((9, 13))
+    for i in range(9):
+        for j in range(13):
+            expected[i, j] = sum(min(dense_q[i, col], dense_t[j, col]) for col in range(25))
+    assert overlap.shape == (9, 13) and overlap.dtype == np.float32
+    np.testing.assert_allclose(overlap, expected, atol=1e-6)
+
+
+def test_jaccard_distance_formula():
+    # rows summing to 1: sum max = 2 - sum min, so d_J = 1 - m / (2 - m)
+    a, b = np.array([0.5, 0.5, 0.0]), np.array([0.25, 0.25, 0.5])
+    m = np.minimum(a, b).sum()
+    assert np.maximum(a, b).sum() == pytest.approx(2 - m)
+    np.testing.assert_allclose(jaccard_distance(np.array([m, 1.0, 0.0])),
+                               [1 - m / np.maximum(a, b).sum(), 0.0, 1.0])

@@ -1,0 +1,314 @@
+"""Gallery.open on small real folders: bad files, labels, the incremental atomic cache."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine import storage
+from engine.errors import EmptyGalleryError, InvalidInputError
+from engine.gallery import Gallery, read_labels
+from engine.rerank.base import GalleryContext
+from engine.storage import load_json, load_npz
+
+# Oxford-17 numbering: image n has label (n - 1) // 80; three classes, four images each.
+FOLDERS = {"daffodil": [1, 2, 3, 4], "snowdrop": [81, 82, 83, 84], "lilyvalley": [161, 162, 163,
+                                                                                 164]}
+BAD_FILES = ["daffodil/empty.jpg", "notes.jpg", "snowdrop/truncated.jpg"]
+DEMO_IMAGES = Path(__file__).resolve().parents[2] / "assets" / "demo_gallery" / "images"
+
+
+def demo_image(number: int) -> Path:
+    return DEMO_IMAGES / f"image_{number:04d}.jpg"
+
+
+def write_bad_files(root: Path) -> None:
+    (root / "daffodil").mkdir(parents=True, exist_ok=True)
+    (root / "snowdrop").mkdir(parents=True, exist_ok=True)
+    (root / "daffodil" / "empty.jpg").write_bytes(b"")
+    (root / "notes.jpg").write_text("a text file that only looks like a JPEG by its name\n")
+    jpeg = demo_image(5).read_bytes()
+    (root / "snowdrop" / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 3])
+
+
+def make_folder_gallery(root: Path) -> Path:
+    for folder, numbers in FOLDERS.items():
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        for number in numbers:
+            shutil.copy(demo_image(number), root / folder / demo_image(number).name)
+    write_bad_files(root)
+    return root
+
+
+@pytest.fixture
+def folder(tmp_path) -> Path:
+    return make_folder_gallery(tmp_path / "flowers")
+
+
+@pytest.fixture
+def cache_root(tmp_path) -> Path:
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def embedded(extractor, monkeypatch) -> list[list[str]]:
+    """Spy on the shared extractor: the file names of every embed_files call."""
+    calls: list[list[str]] = []
+    original = extractor.embed_files
+
+    def spy(paths, progress=None):
+        calls.append([Path(path).name for path in paths])
+        return original(paths, progress)
+
+    monkeypatch.setattr(extractor, "embed_files", spy)
+    return calls
+
+
+def count(calls: list[list[str]]) -> int:
+    return sum(len(call) for call in calls)
+
+
+def open_gallery(folder: Path, extractor, cache_root: Path, **kwargs) -> Gallery:
+    return Gallery.open(folder, extractor=extractor, cache_root=cache_root, device="cpu",
+                        **kwargs)
+
+
+def no_temp_files(folder: Path) -> bool:
+    return not [p for p in folder.rglob("*") if p.suffix == ".tmp" or p.name.startswith(".")]
+
+
+def test_open_skips_bad_files_and_labels_from_subfolders(folder, cache_root, extractor, embedded,
+                                                         caplog):
+    caplog.set_level(logging.WARNING)
+    progress = []
+    gallery = open_gallery(folder, extractor, cache_root,
+                           progress=lambda fraction, message: progress.append((fraction, message)))
+    good = sorted(f"{name}/{demo_image(n).name}" for name, numbers in FOLDERS.items()
+                  for n in numbers)
+    assert gallery.files == good
+    assert gallery.size == 12
+    assert sorted(gallery.skipped) == BAD_FILES
+    assert all(reason for reason in gallery.skipped.values())
+    warnings = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    for name in BAD_FILES:
+        assert name in warnings
+    assert count(embedded) == 15
+    assert progress and progress[-1][0] == pytest.approx(1.0)
+    # labels from sub-folder names, numbered in sorted order
+    assert gallery.class_names == ["daffodil", "lilyvalley", "snowdrop"]
+    expected = [gallery.class_names.index(name.split("/")[0]) for name in gallery.files]
+    np.testing.assert_array_equal(gallery.labels, expected)
+    assert gallery.labels.dtype == np.int64
+    assert gallery.class_of(0) == gallery.files[0].split("/")[0]
+    assert gallery.path_of(0) == folder.resolve() / gallery.files[0]
+    # features are the extractor's, row-aligned with files
+    assert gallery.features.shape == (12, 1280) and gallery.features.dtype == np.float32
+    np.testing.assert_allclose(gallery.features,
+                               extractor.embed([gallery.path_of(i) for i in range(12)]),
+                               atol=1e-5)
+    # index and kNN graph (depth clamped to the gallery size, self first)
+    assert gallery.index.size == 12 and gallery.knn.depth == 12
+    np.testing.assert_array_equal(gallery.knn.indices[:, 0], np.arange(12))
+    _, indices = gallery.search(gallery.features[:2], 3)
+    np.testing.assert_array_equal(indices[:, 0], [0, 1])
+    context = gallery.context()
+    assert isinstance(context, GalleryContext)
+    assert context.fingerprint == gallery.fingerprint and context.size == 12
+    assert context.state_dir == gallery.cache_dir / "state"
+
+
+def test_cache_files_are_written(folder, cache_root, extractor):
+    gallery = open_gallery(folder, extractor, cache_root)
+    cache_dir = gallery.cache_dir
+    assert cache_dir.parent == cache_root / "galleries"
+    names = sorted(p.name for p in cache_dir.iterdir())
+    assert names == ["features.npz", "index.faiss", "knn.npz", "manifest.json"]
+    assert no_temp_files(cache_dir)
+    manifest = load_json(cache_dir / "manifest.json")
+    assert manifest["n_images"] == 12 and manifest["n_skipped"] == 3
+    assert manifest["fingerprint"] == gallery.fingerprint
+    assert manifest["meta"]["backbone"] == extractor.meta.backbone
+    stored = load_npz(cache_dir / "features.npz")
+    assert sorted(stored["skipped_files"].tolist()) == BAD_FILES
+    assert str(stored["meta_fingerprint"]) == extractor.meta.fingerprint
+
+
+def test_reopen_uses_the_cache_and_embeds_only_new_files(folder, cache_root, extractor,
+                                                         embedded):
+    first = open_gallery(folder, extractor, cache_root)
+    assert count(embedded) == 15
+    embedded.clear()
+    second = open_gallery(folder, extractor, cache_root)
+    assert count(embedded) == 0
+    assert second.files == first.files and second.fingerprint == first.fingerprint
+    np.testing.assert_array_equal(second.features, first.features)
+    assert sorted(second.skipped) == BAD_FILES  # remembered, not retried
+    # two new images: exactly those two are embedded
+    for number in (241, 242):
+        shutil.copy(demo_image(number), folder / "daffodil" / f"new_{number}.jpg")
+    third = open_gallery(folder, extractor, cache_root)
+    assert sorted(name for call in embedded for name in call) == ["new_241.jpg", "new_242.jpg"]
+    assert third.size == 14 and third.fingerprint != first.fingerprint
+    rows = [third.files.index(f) for f in first.files]
+    np.testing.assert_array_equal(third.features[rows], first.features)
+    assert third.index.size == 14 and third.knn.indices.shape == (14, 14)
+    assert no_temp_files(third.cache_dir)
+
+
+def test_a_changed_file_is_re_embedded(folder, cache_root, extractor, embedded):
+    first = open_gallery(folder, extractor, cache_root)
+    embedded.clear()
+    target = folder / "snowdrop" / "image_0081.jpg"
+    shutil.copy(demo_image(300), target)
+    stat = target.stat()
+    os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns + 5_000_000_000))
+    second = open_gallery(folder, extractor, cache_root)
+    assert embedded == [["image_0081.jpg"]]
+    row = second.files.index("snowdrop/image_0081.jpg")
+    np.testing.assert_allclose(second.features[row], extractor.embed([demo_image(300)])[0],
+                               atol=1e-5)
+    assert not np.allclose(second.features[row], first.features[row])
+
+
+def test_a_removed_file_leaves_the_gallery_without_embedding(folder, cache_root, extractor,
+                                                             embedded):
+    first = open_gallery(folder, extractor, cache_root)
+    embedded.clear()
+    (folder / "lilyvalley" / "image_0161.jpg").unlink()
+    second = open_gallery(folder, extractor, cache_root)
+    assert count(embedded) == 0
+    assert second.size == 11 and "lilyvalley/image_0161.jpg" not in second.files
+    rows = [first.files.index(f) for f in second.files]
+    np.testing.assert_array_equal(second.features, first.features[rows])
+    assert second.index.size == 11 and second.knn.indices.shape == (11, 11)
+
+
+def test_corrupt_feature_cache_is_ignored_and_rebuilt(folder, cache_root, extractor, embedded,
+                                                      caplog):
+    first = open_gallery(folder, extractor, cache_root)
+    features_path = first.cache_dir / "features.npz"
+    features_path.write_bytes(b"PK\x03\x04 definitely not a complete zip archive")
+    embedded.clear()
+    caplog.set_level(logging.WARNING)
+    second = open_gallery(folder, extractor, cache_root)
+    assert any("ignoring the feature cache" in r.getMessage() for r in caplog.records)
+    assert count(embedded) == 15
+    np.testing.assert_allclose(second.features, first.features, atol=1e-6)
+    assert load_npz(features_path)["features"].shape == (12, 1280)  # rewritten, readable
+
+
+def test_feature_cache_of_another_backbone_is_ignored(folder, cache_root, extractor, embedded,
+                                                      caplog):
+    first = open_gallery(folder, extractor, cache_root)
+    features_path = first.cache_dir / "features.npz"
+    stored = load_npz(features_path)
+    stored["meta_fingerprint"] = np.array("0123456789abcdef")
+    storage.atomic_save_npz(features_path, **stored)
+    embedded.clear()
+    caplog.set_level(logging.WARNING)
+    open_gallery(folder, extractor, cache_root)
+    assert any("another backbone" in r.getMessage() for r in caplog.records)
+    assert count(embedded) == 15
+
+
+@pytest.mark.parametrize("damaged", ["manifest.json", "index.faiss"])
+def test_damaged_index_cache_is_rebuilt(folder, cache_root, extractor, embedded, damaged):
+    first = open_gallery(folder, extractor, cache_root)
+    (first.cache_dir / damaged).write_bytes(b"\x00garbage")
+    embedded.clear()
+    second = open_gallery(folder, extractor, cache_root)
+    assert count(embedded) == 0
+    queries = first.features[:4]
+    np.testing.assert_array_equal(second.search(queries, 5)[1], first.search(queries, 5)[1])
+    assert load_json(first.cache_dir / "manifest.json")["fingerprint"] == first.fingerprint
+
+
+def test_a_crash_while_writing_keeps_the_previous_cache(folder, cache_root, extractor, embedded,
+                                                        monkeypatch):
+    first = open_gallery(folder, extractor, cache_root)
+    features_path = first.cache_dir / "features.npz"
+    before = features_path.read_bytes()
+    shutil.copy(demo_image(241), folder / "daffodil" / "new.jpg")
+
+    def crash(source, destination):
+        raise OSError("simulated crash before the rename")
+
+    monkeypatch.setattr(storage.os, "replace", crash)
+    with pytest.raises(OSError, match="simulated crash"):
+        open_gallery(folder, extractor, cache_root)
+    monkeypatch.undo()
+    assert features_path.read_bytes() == before
+    assert no_temp_files(first.cache_dir)
+    # the next open embeds the new image again and succeeds
+    extractor_calls = []
+    original = extractor.embed_files
+    monkeypatch.setattr(extractor, "embed_files",
+                        lambda paths, progress=None: extractor_calls.append(len(paths))
+                        or original(paths, progress))
+    third = open_gallery(folder, extractor, cache_root)
+    assert extractor_calls == [1] and third.size == 13
+
+
+def test_labels_from_csv(tmp_path, cache_root, extractor):
+    root = tmp_path / "csv_gallery"
+    (root / "images").mkdir(parents=True)
+    numbers = [1, 2, 81, 82, 161, 1000]
+    for number in numbers:
+        shutil.copy(demo_image(number), root / "images")
+    # the demo gallery's layout: file names relative to images/; image_1000 is not listed
+    (root / "labels.csv").write_text(
+        "file,label,class_name\n"
+        "image_0001.jpg,0,daffodil\nimage_0002.jpg,0,daffodil\n"
+        "image_0081.jpg,1,snowdrop\nimages/image_0082.jpg,1,snowdrop\n"
+        "image_0161.jpg,2,lilyvalley\nimage_9999.jpg,3,missing\n")
+    gallery = open_gallery(root, extractor, cache_root)
+    assert gallery.files == [f"images/{demo_image(n).name}" for n in numbers]
+    np.testing.assert_array_equal(gallery.labels, [0, 0, 1, 1, 2, -1])
+    assert gallery.class_names[:3] == ["daffodil", "snowdrop", "lilyvalley"]
+    assert gallery.class_of(2) == "snowdrop"
+    assert gallery.class_of(5) is None
+
+
+def test_csv_without_required_columns(tmp_path):
+    (tmp_path / "labels.csv").write_text("name,klass\na.jpg,1\n")
+    with pytest.raises(InvalidInputError, match="'file' and 'label'"):
+        read_labels(tmp_path, ["a.jpg"])
+
+
+def test_no_labels(tmp_path, cache_root, extractor):
+    root = tmp_path / "flat"
+    root.mkdir()
+    for number in (1, 81, 161):
+        shutil.copy(demo_image(number), root)
+    gallery = open_gallery(root, extractor, cache_root)
+    assert gallery.labels is None and gallery.class_names == []
+    assert gallery.class_of(0) is None
+
+
+def test_only_bad_files_is_an_empty_gallery(tmp_path, cache_root, extractor):
+    root = tmp_path / "bad_only"
+    write_bad_files(root)
+    with pytest.raises(EmptyGalleryError, match="no decodable images"):
+        open_gallery(root, extractor, cache_root)
+
+
+def test_empty_folder_is_an_empty_gallery(tmp_path, cache_root, extractor):
+    root = tmp_path / "empty"
+    root.mkdir()
+    (root / "readme.txt").write_text("no images here")
+    with pytest.raises(EmptyGalleryError):
+        open_gallery(root, extractor, cache_root)
+
+
+def test_missing_folder(tmp_path, cache_root, extractor):
+    with pytest.raises(InvalidInputError, match="does not exist"):
+        open_gallery(tmp_path / "nope", extractor, cache_root)
+    file = tmp_path / "file.jpg"
+    shutil.copy(demo_image(1), file)
+    with pytest.raises(InvalidInputError, match="not a folder"):
+        open_gallery(file, extractor, cache_root)

@@ -22,6 +22,7 @@ from engine.rerank.base import GalleryContext, Reranker, RerankParams, param
 from engine.rerank.ops import (
     normalise_sparse_rows,
     sparse_rows,
+    torch_canonical_similarity,
     torch_topk_largest,
     torch_topk_similar,
 )
@@ -193,7 +194,7 @@ class GNNReranker(Reranker):
         k1, k2, details = self._effective(size + 1)
         with torch.inference_mode():
             query = torch.from_numpy(query_feature).to(self.device)
-            to_query = gallery @ query
+            to_query = torch_canonical_similarity(gallery, query[None, :])[:, 0]
             query_similarities, query_order = torch_topk_largest(to_query[None, :], k1 - 1)
             query_similarities, query_order = query_similarities[0], query_order[0]
             stored_similarities = self._gallery_similarities[:, :k1]
@@ -214,7 +215,8 @@ class GNNReranker(Reranker):
                                        similarities)
             query_row = torch.cat([torch.zeros(1, dtype=torch.int64, device=self.device),
                                    query_order + 1])
-            query_row_similarities = torch.cat([(query @ query)[None], query_similarities])
+            query_row_similarities = torch.cat([torch_canonical_similarity(query[None], query[None])[0],
+                                                query_similarities])
             all_neighbours = torch.cat([query_row[None, :], neighbours])
             all_similarities = torch.cat([query_row_similarities[None, :], similarities])
             features = torch.cat([query[None, :], gallery])

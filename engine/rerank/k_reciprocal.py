@@ -18,6 +18,7 @@ from engine.rerank import register
 from engine.rerank.base import GalleryContext, Reranker, RerankParams, param
 from engine.rerank.ops import (
     NeighbourLists,
+    canonical_similarity,
     half_neighbourhood,
     jaccard_distance,
     jaccard_overlap,
@@ -27,6 +28,7 @@ from engine.rerank.ops import (
     neighbour_lists,
     pair_squared_distances,
     reciprocal_mask,
+    squared_from_similarity,
     top_k_smallest,
 )
 
@@ -78,6 +80,11 @@ class KReciprocalReranker(Reranker):
         k1, k2, _ = self._effective(size + 1)
         lists = neighbour_lists(context.features, max(k1 + 1, k2))
         self._gallery_lists = lists
+        # A graph smaller than the neighbourhoods changes everywhere when a query joins it:
+        # online queries then re-encode every row instead of patching stored ones.
+        self._patchable = max(k1 + 1, k2) <= size
+        if not self._patchable:
+            return
         width, half = k1 + 1, half_neighbourhood(k1) + 1
         node_lists = lists.indices + 1
         self._reciprocal_sets = _member_sets(node_lists, reciprocal_mask(lists.indices, width),
@@ -118,7 +125,7 @@ class KReciprocalReranker(Reranker):
         for start in range(0, n_queries, chunk):
             rows = slice(start, min(start + chunk, n_queries))
             overlap = jaccard_overlap(query_qe[rows], gallery_qe)
-            squared = np.maximum(2.0 - 2.0 * features[rows] @ gallery.T, 0.0)
+            squared = squared_from_similarity(canonical_similarity(features[rows], gallery))
             final = self._final(overlap, squared, lists.row_max[rows])
             if leave_one_out:
                 final[np.arange(final.shape[0]), np.arange(rows.start, rows.stop)] = np.inf
@@ -137,8 +144,30 @@ class KReciprocalReranker(Reranker):
         gallery = self.gallery.features
         size = gallery.shape[0]
         k1, k2, details = self._effective(size + 1)
+        lists, to_query = self._lists_with_query(query_feature, max(k1 + 1, k2))
+        features = np.vstack([query_feature[None, :], gallery])
+        if not self._patchable:
+            row_ids, member_ids = k_reciprocal_expansion(lists.indices, k1)
+            squared = pair_squared_distances(features, row_ids, member_ids, lists)
+            encoding = k_reciprocal_encoding(row_ids, member_ids, squared, lists.row_max,
+                                             size + 1, size + 1)
+            expanded = local_query_expansion(encoding, lists.indices, k2)
+            overlap = jaccard_overlap(expanded[:1], expanded.tocsc())[0]
+            dirty_rows = np.arange(size + 1)
+        else:
+            dirty_rows, overlap = self._patched_overlap(features, lists, k1, k2)
+        final = self._final(overlap[None, 1:], to_query[None, :], lists.row_max[:1])
+        indices, distances = top_k_smallest(final, k)
+        details = {**details, "rows_reencoded": int(dirty_rows.size)}
+        return indices[0], distances[0], details
+
+    def _patched_overlap(self, features: np.ndarray, lists: NeighbourLists, k1: int, k2: int
+                         ) -> tuple[np.ndarray, np.ndarray]:
+        """Jaccard overlap of the query (node 0) with every node, re-encoding only the rows the
+        query changes: those whose reciprocal set, a candidate's half-set or row maximum moved.
+        """
+        size = features.shape[0] - 1
         width, half = k1 + 1, half_neighbourhood(k1) + 1
-        lists, to_query = self._lists_with_query(query_feature, max(width, k2))
         stored_max = np.concatenate([[np.inf], self._gallery_lists.row_max])
         max_changed = lists.row_max > stored_max
         reciprocal = reciprocal_mask(lists.indices, width)
@@ -152,7 +181,6 @@ class KReciprocalReranker(Reranker):
         dirty[1:] |= set_changed
         dirty[0] = True
         dirty_rows = np.flatnonzero(dirty)
-        features = np.vstack([query_feature[None, :], gallery])
         row_ids, member_ids = k_reciprocal_expansion(lists.indices, k1, dirty_rows)
         squared = pair_squared_distances(features, row_ids, member_ids, lists)
         fresh = k_reciprocal_encoding(row_ids, member_ids, squared, lists.row_max, size + 1,
@@ -167,10 +195,7 @@ class KReciprocalReranker(Reranker):
         query_row = expanded[:1]
         overlap = jaccard_overlap(query_row, self._expanded_columns)[0]
         overlap[changed_rows] = jaccard_overlap(query_row, expanded.tocsc())[0]
-        final = self._final(overlap[None, 1:], to_query[None, :], lists.row_max[:1])
-        indices, distances = top_k_smallest(final, k)
-        details = {**details, "rows_reencoded": int(dirty_rows.size)}
-        return indices[0], distances[0], details
+        return dirty_rows, overlap
 
     def _lists_with_query(self, query_feature: np.ndarray, depth: int
                           ) -> tuple[NeighbourLists, np.ndarray]:
@@ -181,7 +206,7 @@ class KReciprocalReranker(Reranker):
             stored = NeighbourLists(np.pad(stored.indices, ((0, 0), (0, 1)), constant_values=-1),
                                     np.pad(stored.distances, ((0, 0), (0, 1)),
                                            constant_values=np.inf), stored.row_max)
-        to_query = np.maximum(2.0 - 2.0 * (gallery @ query_feature), 0.0).astype(np.float32)
+        to_query = squared_from_similarity(canonical_similarity(gallery, query_feature[None])[:, 0])
         query_order, query_distances = top_k_smallest(to_query[None, :], depth - 1)
         # Insert the query where it sorts in each gallery list (on a tie the query, node 0,
         # comes first, as in a batch run where it has the smallest node id).

@@ -13,6 +13,7 @@ import scipy.sparse as sp
 import torch
 
 ROW_CHUNK = 1024
+FLOAT32_SLACK = 1e-5  # bound on float32 inner-product error for unit vectors
 
 
 def top_k_smallest(values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -41,13 +42,30 @@ def top_k_smallest(values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return indices.astype(np.int64), np.take_along_axis(values, indices, axis=1)
 
 
+def canonical_similarity(rows: np.ndarray, columns: np.ndarray) -> np.ndarray:
+    """Inner products accumulated in float64, then rounded to float32.
+
+    Float32 products depend on the BLAS path (matrix-vector vs matrix-matrix, block edges), so
+    two exact duplicates, or one pair computed in a batch and again online, can differ in the
+    last bit and flip a tie. Rounding a float64 result to float32 gives the same value for the
+    same pair whichever way it was computed (barring a one-in-a-billion rounding boundary).
+
+    Returns (len(rows), len(columns)) float32.
+    """
+    return (np.asarray(rows, np.float64) @ np.asarray(columns, np.float64).T).astype(np.float32)
+
+
+def squared_from_similarity(similarity: np.ndarray) -> np.ndarray:
+    """Squared Euclidean distance of unit vectors, 2 - 2 cos, in float32, clipped at 0."""
+    return np.maximum(np.float32(2.0) - np.float32(2.0) * similarity, np.float32(0.0))
+
+
 def squared_distances_to(features: np.ndarray, rows: np.ndarray | slice) -> np.ndarray:
     """Squared Euclidean distances of features[rows] to all rows, for unit vectors: 2 - 2 cos.
 
     Returns (len(rows), n) float32, clipped at 0, with each row's distance to itself set to 0.
     """
-    block = features[rows] @ features.T
-    distances = np.maximum(2.0 - 2.0 * block, 0.0).astype(np.float32)
+    distances = squared_from_similarity(canonical_similarity(features[rows], features))
     row_ids = np.arange(features.shape[0])[rows]
     distances[np.arange(len(row_ids)), row_ids] = 0.0
     return distances
@@ -240,15 +258,40 @@ def torch_topk_largest(scores: torch.Tensor, k: int, margin: int = 8
     return values[:, :k], order[:, :k]
 
 
-def torch_topk_similar(features: torch.Tensor, k: int, chunk: int = 4096
+def torch_canonical_similarity(rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """Torch twin of `canonical_similarity`: float64 accumulation rounded to float32."""
+    return (rows.double() @ columns.double().T).float()
+
+
+def torch_topk_similar(features: torch.Tensor, k: int, chunk: int = 2048, margin: int = 8
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k inner products of every row against all rows (self included), in row chunks.
 
+    A float32 pass proposes k + margin candidates per row; their similarities are recomputed
+    canonically (`torch_canonical_similarity`) and the top k chosen from those, with ties
+    broken by index, so duplicates and online/batch runs agree exactly.
+
     Returns (similarities (n, k) descending, indices (n, k) int64) on the features' device.
     """
+    n = features.shape[0]
+    width = min(k + margin, n)
     similarities, indices = [], []
-    for start in range(0, features.shape[0], chunk):
-        values, order = torch_topk_largest(features[start:start + chunk] @ features.T, k)
+    for start in range(0, n, chunk):
+        rows = features[start:start + chunk]
+        _, candidates = (rows @ features.T).topk(width, dim=1, largest=True, sorted=False)
+        candidates = candidates.sort(dim=1).values  # position order = node order, for ties
+        refined = torch.bmm(features[candidates].double(), rows.double()[:, :, None]
+                            )[:, :, 0].float()
+        values, order = torch_topk_largest(refined, k, margin=width)
+        order = candidates.gather(1, order)
+        if width < n:
+            # Rows whose weakest candidate comes within float32 error of the k-th value may
+            # have tied or misordered items outside the candidates: redo them exactly.
+            unsafe = refined.min(dim=1).values >= values[:, k - 1] - FLOAT32_SLACK
+            if unsafe.any():
+                redo = torch.nonzero(unsafe).flatten()
+                exact = torch_canonical_similarity(rows[redo], features)
+                values[redo], order[redo] = torch_topk_largest(exact, k)
         similarities.append(values)
         indices.append(order)
     return torch.cat(similarities), torch.cat(indices)
@@ -289,7 +332,8 @@ def pair_squared_distances(features: np.ndarray, row_ids: np.ndarray, member_ids
     rows, members = row_ids[missing], member_ids[missing]
     for start in range(0, len(rows), 65536):
         part = slice(start, start + 65536)
-        dots = np.einsum("ij,ij->i", features[rows[part]], features[members[part]])
-        result[np.flatnonzero(missing)[part]] = np.maximum(2.0 - 2.0 * dots, 0.0)
+        dots = np.einsum("ij,ij->i", features[rows[part]].astype(np.float64),
+                         features[members[part]].astype(np.float64)).astype(np.float32)
+        result[np.flatnonzero(missing)[part]] = squared_from_similarity(dots)
     result[row_ids == member_ids] = 0.0
     return result

@@ -16,8 +16,13 @@ ATOL = 1e-5
 
 
 def dense_knn(features: np.ndarray, k1: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k1 most similar nodes of each node (self included), ties to the smaller index."""
-    similarity = features.astype(np.float64) @ features.astype(np.float64).T
+    """Top-k1 most similar nodes of each node (self included), ties to the smaller index.
+
+    Similarities are float64 sums rounded to float32, so exact duplicates tie exactly (a raw
+    float64 product still differs in the last bits between duplicate columns).
+    """
+    similarity = (features.astype(np.float64) @ features.astype(np.float64).T
+                  ).astype(np.float32).astype(np.float64)
     order = np.argsort(-similarity, axis=1, kind="stable")[:, :k1]
     return order, np.take_along_axis(similarity, order, 1)
 

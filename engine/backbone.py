@@ -276,7 +276,8 @@ class FeatureExtractor:
         probabilities = torch.softmax(torch.from_numpy(logits), dim=0)
         values, order = probabilities.topk(top)
         info = ImageNetInfo()
-        return [(info.index_to_description(int(i)), float(v)) for v, i in zip(values, order)]
+        return [(info.index_to_description(int(i)), float(v))
+                for v, i in zip(values, order, strict=True)]
 
     def _prepare_batch(self, batch: Sequence[Any], skip_bad: bool
                        ) -> tuple[torch.Tensor | None, list[int], dict[int, str]]:

@@ -218,7 +218,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dim", type=int, default=1280, help="feature size for --synthetic")
     parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default="leave-one-out")
     parser.add_argument("--methods", nargs="+", default=None,
-                        help="re-rankers to run, optionally with parameters, e.g. gnn:lambda_value=0 "
+                        help="re-rankers to run, optionally with parameters, e.g. "
+                        "gnn:lambda_value=0 "
                         f"(default all: {', '.join(list_rerankers())})")
     parser.add_argument("--top", type=int, default=None,
                         help="ranking length (default: full ranking; 100 for --synthetic)")

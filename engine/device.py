@@ -30,7 +30,8 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise InvalidInputError(
-                f"device={device!r} was asked for but torch sees no CUDA device; use 'auto' or 'cpu'"
+                f"device={device!r} was asked for but torch sees no CUDA device; "
+                "use 'auto' or 'cpu'"
             )
         return torch.device(name)
     raise InvalidInputError(f"unknown device {device!r}; use 'auto', 'cpu' or 'cuda[:N]'")

@@ -209,18 +209,18 @@ def _embed_incrementally(cache_dir: Path, meta: FeatureMeta, extractor: FeatureE
                 raise CacheError("features were made with another backbone or preprocessing")
             stored_features = check_features(stored["features"], "cached features", meta.dim)
             for row, key in enumerate(zip(stored["files"].tolist(), stored["sizes"].tolist(),
-                                          stored["mtimes"].tolist())):
+                                          stored["mtimes"].tolist(), strict=True)):
                 cached[key] = stored_features[row]
             for key, reason in zip(zip(stored["skipped_files"].tolist(),
                                        stored["skipped_sizes"].tolist(),
-                                       stored["skipped_mtimes"].tolist()),
-                                   stored["skipped_reasons"].tolist()):
+                                       stored["skipped_mtimes"].tolist(), strict=True),
+                                   stored["skipped_reasons"].tolist(), strict=True):
                 cached_skips[key] = reason
-        except (CacheError, KeyError, InvalidInputError) as error:
+        except (CacheError, KeyError, ValueError) as error:  # ValueError: ragged arrays
             logger.warning("ignoring the feature cache %s (%s); re-embedding", features_path,
                            error)
             cached, cached_skips = {}, {}
-    keys = [(f, int(s), int(m)) for f, s, m in zip(files, sizes, mtimes)]
+    keys = [(f, int(s), int(m)) for f, s, m in zip(files, sizes, mtimes, strict=True)]
     todo = [i for i, key in enumerate(keys) if key not in cached and key not in cached_skips]
     if todo:
         logger.info("embedding %d new or changed images of %s (%d cached)", len(todo), root,

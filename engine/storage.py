@@ -67,7 +67,8 @@ def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
         with np.load(path, allow_pickle=False) as archive:
             return {name: archive[name] for name in archive.files}
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as error:
-        raise CacheError(f"cache file {path} is unreadable ({error}); it will be rebuilt") from error
+        raise CacheError(f"cache file {path} is unreadable ({error}); it will be rebuilt"
+                         ) from error
 
 
 def load_json(path: str | os.PathLike) -> Any:

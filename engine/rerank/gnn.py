@@ -27,7 +27,7 @@ from engine.rerank.ops import (
     torch_topk_similar,
 )
 
-SCORE_CHUNK = 2048
+SCORE_CHUNK = 1024
 DENSE_NODE_LIMIT = 4096
 
 
@@ -80,17 +80,6 @@ def propagate(neighbours: torch.Tensor, similarities: torch.Tensor, k2: int,
     return adjacency
 
 
-def _dense_rows(matrix: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-    """Rows start:stop of a coalesced sparse COO matrix as a dense tensor."""
-    indices, values = matrix.indices(), matrix.values()
-    lo = torch.searchsorted(indices[0], torch.tensor(start, device=indices.device))
-    hi = torch.searchsorted(indices[0], torch.tensor(stop, device=indices.device))
-    block = torch.zeros((stop - start, matrix.shape[1]), dtype=values.dtype,
-                        device=values.device)
-    block[indices[0, lo:hi] - start, indices[1, lo:hi]] = values[lo:hi]
-    return block
-
-
 def gnn_scores(features: torch.Tensor, n_queries: int, k1: int, k2: int, lambda_value: float,
                k: int, exclude_self: bool, neighbours: torch.Tensor | None = None,
                similarities: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,14 +100,15 @@ def gnn_scores(features: torch.Tensor, n_queries: int, k1: int, k2: int, lambda_
     if adjacency.is_sparse:
         gallery_adjacency = (adjacency if offset == 0 else
                              _sparse_row_slice(adjacency, offset, features.shape[0]))
+        gallery_transposed = gallery_adjacency.t().coalesce().to_sparse_csr()
     else:
         gallery_adjacency = adjacency[offset:]
     top_scores, top_indices = [], []
     for start in range(0, n_queries, SCORE_CHUNK):
         stop = min(start + SCORE_CHUNK, n_queries)
         if adjacency.is_sparse:
-            query_rows = _dense_rows(adjacency, start, stop)
-            graph_score = torch.sparse.mm(gallery_adjacency, query_rows.t()).t()
+            query_rows = _sparse_row_slice(adjacency, start, stop).to_sparse_csr()
+            graph_score = _csr_to_dense(torch.sparse.mm(query_rows, gallery_transposed))
         else:
             graph_score = adjacency[start:stop] @ gallery_adjacency.t()
         score = (1.0 - lambda_value) * graph_score
@@ -130,6 +120,15 @@ def gnn_scores(features: torch.Tensor, n_queries: int, k1: int, k2: int, lambda_
         top_scores.append(values)
         top_indices.append(order)
     return torch.cat(top_scores), torch.cat(top_indices)
+
+
+def _csr_to_dense(matrix: torch.Tensor) -> torch.Tensor:
+    """Scatter a CSR matrix into a dense tensor (torch's own to_dense is slow on the CPU)."""
+    counts = matrix.crow_indices().diff()
+    rows = torch.arange(matrix.shape[0], device=counts.device).repeat_interleave(counts)
+    dense = torch.zeros(matrix.shape, dtype=matrix.dtype, device=matrix.device)
+    dense[rows, matrix.col_indices()] = matrix.values()
+    return dense
 
 
 def _sparse_row_slice(matrix: torch.Tensor, start: int, stop: int) -> torch.Tensor:
@@ -215,8 +214,8 @@ class GNNReranker(Reranker):
                                        similarities)
             query_row = torch.cat([torch.zeros(1, dtype=torch.int64, device=self.device),
                                    query_order + 1])
-            query_row_similarities = torch.cat([torch_canonical_similarity(query[None], query[None])[0],
-                                                query_similarities])
+            self_similarity = torch_canonical_similarity(query[None], query[None])[0]
+            query_row_similarities = torch.cat([self_similarity, query_similarities])
             all_neighbours = torch.cat([query_row[None, :], neighbours])
             all_similarities = torch.cat([query_row_similarities[None, :], similarities])
             features = torch.cat([query[None, :], gallery])

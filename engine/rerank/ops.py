@@ -241,7 +241,7 @@ def torch_topk_largest(scores: torch.Tensor, k: int, margin: int = 8
     must pick the same neighbours. Takes k + margin candidates, orders them by (value desc,
     index asc), and falls back to a full stable sort for rows whose ties reach past them.
     """
-    n, m = scores.shape
+    m = scores.shape[1]
     width = min(k + margin, m)
     values, order = scores.topk(width, dim=1, largest=True, sorted=True)
     by_index = order.sort(dim=1, stable=True)
@@ -275,12 +275,23 @@ def torch_topk_similar(features: torch.Tensor, k: int, chunk: int = 2048, margin
     """
     n = features.shape[0]
     width = min(k + margin, n)
+    index = None
+    features64 = features.double()
+    if features.device.type == "cpu":
+        import faiss
+
+        index = faiss.IndexFlatIP(features.shape[1])
+        index.add(features.numpy())
     similarities, indices = [], []
     for start in range(0, n, chunk):
         rows = features[start:start + chunk]
-        _, candidates = (rows @ features.T).topk(width, dim=1, largest=True, sorted=False)
+        if index is not None:  # faiss: BLAS + a heap in C++, much faster than torch on a CPU
+            _, found = index.search(rows.numpy(), width)
+            candidates = torch.from_numpy(found)
+        else:
+            _, candidates = (rows @ features.T).topk(width, dim=1, largest=True, sorted=False)
         candidates = candidates.sort(dim=1).values  # position order = node order, for ties
-        refined = torch.bmm(features[candidates].double(), rows.double()[:, :, None]
+        refined = torch.bmm(features64[candidates], features64[start:start + chunk, :, None]
                             )[:, :, 0].float()
         values, order = torch_topk_largest(refined, k, margin=width)
         order = candidates.gather(1, order)

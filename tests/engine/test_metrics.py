@@ -386,7 +386,7 @@ def test_real_moved_positive_hand_worked():
     first_easy = gnd[0]["easy"][0]
     row = ranking[0].tolist()
     row.remove(first_easy)
-    ranking[0] = row + [first_easy]  # first easy positive of query 0 moved to the very end
+    ranking[0] = [*row, first_easy]  # first easy positive of query 0 moved to the very end
     scores = revisited_map(ranking, gnd)
 
     # Query 0 of rOxford5k: 65 easy, 38 hard, 33 junk, 4993 database images.

@@ -226,6 +226,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--extraction", type=int, default=0, metavar="N",
                         help="also time feature extraction on N images of the gallery")
+    parser.add_argument("--online-queries", type=int, default=None, metavar="N",
+                        help=f"queries timed online (default {ONLINE_QUERIES}; 5 for --synthetic)")
     parser.add_argument("--cache-dir", type=Path, default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -256,7 +258,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             speed, count = extraction_speed(Path(folder), args.extraction, args.device)
             print(f"feature extraction: {speed:.1f} images/s over {count} images "
                   f"(JPEG decode + resize + {gallery.meta.backbone}, {device})")
-    rows = run(features, labels, args.protocol, methods, top, device)
+    online_queries = args.online_queries or (5 if args.synthetic else ONLINE_QUERIES)
+    rows = run(features, labels, args.protocol, methods, top, device, online_queries)
     print(format_table(rows, title))
     return 0
 

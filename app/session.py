@@ -208,7 +208,8 @@ class ExplorerSession:
 
         rankings: dict[str, Ranking] = {}
         start = time.perf_counter()
-        distances, indices = self.gallery.search(query, fetch)
+        baseline = self.gallery.search(query, fetch)
+        distances, indices = baseline.distances, baseline.indices
         seconds = time.perf_counter() - start
         rankings[BASELINE] = Ranking(BASELINE, BASELINE_TITLE,
                                      *_without(indices[0], distances[0], drop, k), seconds)

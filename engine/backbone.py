@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import pickle
 import re
 import threading
 from collections.abc import Callable, Sequence
@@ -153,10 +154,18 @@ def create_backbone(model_name: str = DEFAULT_BACKBONE, weights: str | Path = "a
         path = packaged_weights_path(model_name) if choice == "packaged" else Path(choice)
         if not path.is_file():
             raise InvalidInputError(f"weights file {path} does not exist")
-        state = _read_checkpoint(path)
+        try:
+            state = _read_checkpoint(path)
+        except (OSError, RuntimeError, ValueError, pickle.UnpicklingError) as error:
+            raise InvalidInputError(f"weights file {path} is not a readable checkpoint: "
+                                    f"{error}") from error
         if "_conv_stem.weight" in state:
             state = lukemelas_to_timm(state, model)
-        model.load_state_dict(state, strict=True)
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as error:
+            raise InvalidInputError(f"weights file {path} does not fit {model_name}: "
+                                    f"{str(error)[:500]}") from error
         identifier = f"sha256:{_cached_sha256(path)}"
     return model.eval(), identifier
 

@@ -43,6 +43,7 @@ class Row:
     batch_seconds: float | None
     online_ms: float | None
     peak_mib: float | None
+    gpu_mib: float | None = None
 
 
 def _rss_kib(field: str) -> int:
@@ -53,31 +54,35 @@ def _rss_kib(field: str) -> int:
     return 0
 
 
+def _reset_rss_peak() -> bool:
+    """Reset the kernel's RSS high-water mark (Linux); False where that is not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
 @contextlib.contextmanager
 def peak_memory(device: str) -> Iterator[dict[str, float]]:
-    """Measure the peak memory growth (MiB) of the block: CUDA allocations, or the process RSS.
+    """Peak memory growth (MiB) of the block: process RSS ("rss"), and CUDA allocations ("gpu")
+    when the device is a GPU.
 
-    On Linux the RSS high-water mark is reset through /proc/self/clear_refs; a sampling thread
-    is the fallback where that is not allowed.
+    The RSS peak comes from the kernel's high-water mark, reset before the block; where that
+    is not allowed a sampling thread watches the RSS instead.
     """
     result: dict[str, float] = {}
-    if device.startswith("cuda"):
+    on_gpu = device.startswith("cuda")
+    if on_gpu:
         import torch
 
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        start = torch.cuda.memory_allocated()
-        yield result
-        torch.cuda.synchronize()
-        result["mib"] = (torch.cuda.max_memory_allocated() - start) / 2**20
-        return
+        gpu_start = torch.cuda.memory_allocated()
     start = _rss_kib("VmRSS:")
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-        yield result
-        result["mib"] = max(0, _rss_kib("VmHWM:") - start) / 1024
-    except OSError:
+    sampler = None
+    if not _reset_rss_peak():
         peak = [start]
         stop = threading.Event()
 
@@ -85,12 +90,20 @@ def peak_memory(device: str) -> Iterator[dict[str, float]]:
             while not stop.wait(0.01):
                 peak[0] = max(peak[0], _rss_kib("VmRSS:"))
 
-        thread = threading.Thread(target=sample, daemon=True)
-        thread.start()
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+    try:
         yield result
-        stop.set()
-        thread.join()
-        result["mib"] = max(0, peak[0] - start) / 1024
+    finally:
+        if sampler is not None:
+            stop.set()
+            sampler.join()
+            result["rss"] = max(0, peak[0] - start) / 1024
+        else:
+            result["rss"] = max(0, _rss_kib("VmHWM:") - start) / 1024
+        if on_gpu:
+            torch.cuda.synchronize()
+            result["gpu"] = (torch.cuda.max_memory_allocated() - gpu_start) / 2**20
 
 
 def synthetic_collection(n: int, dim: int, n_classes: int | None = None, spread: float = 0.6,
@@ -148,7 +161,8 @@ def run(features: np.ndarray, labels: np.ndarray, protocol: str, methods: Sequen
             started = time.perf_counter()
             reranker.rerank(None, min(k, len(gallery) - 1))
             row.batch_seconds = time.perf_counter() - started
-        row.peak_mib = memory.get("mib")
+        row.peak_mib = memory.get("rss")
+        row.gpu_mib = memory.get("gpu")
         reranker.rerank(online_set[:1], k, mode="online")  # warm-up
         timings = []
         for query in online_set:
@@ -185,12 +199,13 @@ def format_table(rows: Sequence[Row], title: str) -> str:
         return "-" if value is None else format(value, pattern)
 
     lines = [title, "",
-             "| method | mAP | P@1 | P@5 | batch s | online ms/query | peak MiB |",
-             "|---|---|---|---|---|---|---|"]
+             "| method | mAP | P@1 | P@5 | batch s | online ms/query | peak MiB (RSS) "
+             "| peak MiB (GPU) |",
+             "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         lines.append(f"| {row.method} | {row.map:.4f} | {row.p1:.4f} | {row.p5:.4f} | "
                      f"{number(row.batch_seconds, '.3f')} | {number(row.online_ms, '.2f')} | "
-                     f"{number(row.peak_mib, '.0f')} |")
+                     f"{number(row.peak_mib, '.0f')} | {number(row.gpu_mib, '.0f')} |")
     return "\n".join(lines)
 
 

@@ -21,17 +21,19 @@ from pathlib import Path
 import numpy as np
 
 from engine.backbone import FeatureExtractor, FeatureMeta, get_extractor
+from engine.device import resolve_device
 from engine.errors import CacheError, EmptyGalleryError, InvalidInputError
 from engine.images import list_image_files
 from engine.index import SearchIndex
-from engine.rerank.base import GalleryContext, KnnGraph, check_features
+from engine.rerank.base import GalleryContext, KnnGraph, RerankResult, check_features
+from engine.rerank.ops import knn_graph
 from engine.storage import atomic_save_npz, atomic_write_json, fingerprint, load_json, load_npz
 
 logger = logging.getLogger(__name__)
 
 DEMO_GALLERY = Path(__file__).resolve().parent.parent / "assets" / "demo_gallery"
 DEFAULT_KNN_DEPTH = 64
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 ProgressCallback = Callable[[float, str], None]
 
@@ -53,28 +55,43 @@ class Labels:
 def read_labels(folder: Path, files: list[str]) -> Labels | None:
     """Labels from `labels.csv` (file,label[,class_name]) or from first-level sub-folder names.
 
-    A labels.csv `file` may be relative to the folder or to an `images/` sub-folder. Labels that
-    are not integers are numbered in sorted order. Returns None when neither source exists.
+    A labels.csv `file` may be relative to the folder or to an `images/` sub-folder. Label
+    values are kept as names and numbered densely in sorted order (numerically when all are
+    integers); an empty or negative label marks a file as unlabelled. Returns None when neither
+    source exists.
     """
     csv_path = folder / "labels.csv"
     if csv_path.is_file():
-        with open(csv_path, newline="") as handle:
-            rows = list(csv.DictReader(handle))
-        if not rows or "file" not in rows[0] or "label" not in rows[0]:
+        try:
+            with open(csv_path, newline="", encoding="utf-8-sig") as handle:
+                rows = list(csv.reader(handle))
+        except (OSError, UnicodeDecodeError, csv.Error) as error:
+            raise InvalidInputError(f"{csv_path} is unreadable: {error}") from error
+        header = [cell.strip().lower() for cell in rows[0]] if rows else []
+        if "file" not in header or "label" not in header:
             raise InvalidInputError(f"{csv_path} needs a header with 'file' and 'label' columns")
+        file_at, label_at = header.index("file"), header.index("label")
+        name_at = header.index("class_name") if "class_name" in header else None
         known = set(files)
         raw: dict[str, str] = {}
         names: dict[str, str] = {}
-        for row in rows:
-            name = row["file"].strip().replace("\\", "/")
+        for line, row in enumerate(rows[1:], start=2):
+            if not any(cell.strip() for cell in row):
+                continue
+            if len(row) <= max(file_at, label_at):
+                raise InvalidInputError(f"{csv_path} line {line} has no label: {row}")
+            name = row[file_at].strip().replace("\\", "/")
+            label = row[label_at].strip()
+            if not label or label.startswith("-"):
+                continue  # unlabelled
             for candidate in (name, f"images/{name}", name.removeprefix("images/")):
                 if candidate in known:
-                    raw[candidate] = row["label"].strip()
-                    if row.get("class_name"):
-                        names[row["label"].strip()] = row["class_name"].strip()
+                    raw[candidate] = label
+                    if name_at is not None and len(row) > name_at and row[name_at].strip():
+                        names[label] = row[name_at].strip()
                     break
         if not raw:
-            raise InvalidInputError(f"no file named in {csv_path} is an image of the gallery")
+            raise InvalidInputError(f"no file named in {csv_path} is a labelled gallery image")
         return _number_labels(raw, names)
     nested = {name: name.split("/")[0] for name in files if "/" in name}
     if nested and len(nested) == len(files) and len(set(nested.values())) > 1:
@@ -83,15 +100,11 @@ def read_labels(folder: Path, files: list[str]) -> Labels | None:
 
 
 def _number_labels(raw: dict[str, str], names: dict[str, str]) -> Labels:
-    values = sorted(set(raw.values()))
-    if all(value.lstrip("-").isdigit() for value in values):
-        numbers = {value: int(value) for value in values}
-    else:
-        numbers = {value: position for position, value in enumerate(values)}
-    count = max(numbers.values()) + 1
-    class_names = [str(label) for label in range(count)]
-    for value, number in numbers.items():
-        class_names[number] = names.get(value, value)
+    """Dense label numbers 0..C-1 in sorted order (numeric order when every value is an int)."""
+    values = sorted(set(raw.values()),
+                    key=(int if all(v.isdigit() for v in raw.values()) else str))
+    numbers = {value: position for position, value in enumerate(values)}
+    class_names = [names.get(value, value) for value in values]
     return Labels({file: numbers[value] for file, value in raw.items()}, class_names)
 
 
@@ -138,9 +151,12 @@ class Gallery:
         return GalleryContext(features=self.features, knn=self.knn, fingerprint=self.fingerprint,
                               state_dir=self.state_dir, labels=self.labels)
 
-    def search(self, query_features: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Baseline ranking: (distances = 1 - cosine, indices), each (Q, k)."""
-        return self.index.search(query_features, k)
+    def search(self, query_features: np.ndarray, k: int) -> RerankResult:
+        """Baseline ranking in the project's one result type: (Q, k) indices and distances
+        (1 - cosine), best first."""
+        distances, indices = self.index.search(query_features, k)
+        return RerankResult(indices=indices, distances=distances,
+                            details={"index": self.index.kind, "on_gpu": self.index.on_gpu})
 
     @classmethod
     def open(cls, folder: str | os.PathLike = DEMO_GALLERY,
@@ -265,18 +281,24 @@ def _index_and_graph(cache_dir: Path, gallery_fingerprint: str, features: np.nda
     depth = min(knn_depth, features.shape[0])
     try:
         manifest = load_json(cache_dir / "manifest.json") if index_path.is_file() else {}
+        if not isinstance(manifest, dict):
+            raise CacheError("manifest.json is not a JSON object")
         if (manifest.get("fingerprint") == gallery_fingerprint
                 and manifest.get("index_kind") == index_kind and index_path.is_file()
                 and knn_path.is_file() and manifest.get("knn_depth", 0) >= depth):
             index = SearchIndex.load(index_path, device=device)
             stored = load_npz(knn_path)
-            knn = KnnGraph(stored["indices"][:, :depth], stored["similarities"][:, :depth])
+            knn = KnnGraph(stored["indices"][:, :depth], stored["similarities"][:, :depth],
+                           stored["farthest"], canonical=True)
             if index.size == features.shape[0] and knn.indices.shape[0] == features.shape[0]:
                 return index, knn
-    except CacheError as error:
+    except (CacheError, KeyError, ValueError, IndexError) as error:
         logger.warning("rebuilding the index of %s (%s)", cache_dir, error)
     index = SearchIndex(features, kind=index_kind, device=device)
-    knn = index.knn_graph(features, depth)
+    # The exact graph with canonical similarities, as the re-rankers would compute it, so they
+    # can share it (an approximate index serves search only).
+    knn = knn_graph(features, depth, resolve_device(device))
     index.save(index_path)
-    atomic_save_npz(knn_path, indices=knn.indices, similarities=knn.similarities)
+    atomic_save_npz(knn_path, indices=knn.indices, similarities=knn.similarities,
+                    farthest=knn.farthest)
     return index, knn

@@ -24,6 +24,7 @@ from engine.errors import InvalidInputError, NotFittedError
 logger = logging.getLogger(__name__)
 
 Mode = Literal["batch", "online"]
+UNIT_NORM_TOLERANCE = 1e-3
 
 
 def param(default: Any, *, minimum: float | None = None, maximum: float | None = None,
@@ -41,11 +42,20 @@ class RerankParams:
         for spec in dataclasses.fields(self):
             value = getattr(self, spec.name)
             low, high = spec.metadata.get("min"), spec.metadata.get("max")
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
+            numeric = spec.type in ("int", int, "float", float)
+            if not numeric:
                 continue
-            if spec.type in ("int", int) and not float(value).is_integer():
-                raise InvalidInputError(f"{type(self).__name__}.{spec.name} must be an integer, "
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+                raise InvalidInputError(f"{type(self).__name__}.{spec.name} must be a number, "
                                         f"got {value!r}")
+            if spec.type in ("int", int):
+                if not float(value).is_integer():
+                    raise InvalidInputError(f"{type(self).__name__}.{spec.name} must be an "
+                                            f"integer, got {value!r}")
+                value = int(value)  # UI sliders send floats such as 20.0
+            else:
+                value = float(value)
+            object.__setattr__(self, spec.name, value)
             if not np.isfinite(value):
                 raise InvalidInputError(f"{type(self).__name__}.{spec.name} must be finite")
             if low is not None and value < low:
@@ -68,14 +78,19 @@ class RerankParams:
 
 @dataclass(frozen=True)
 class KnnGraph:
-    """Top-K neighbours of every gallery item (itself included, normally at column 0).
+    """Top-K neighbours of every gallery item (itself first, at similarity exactly 1).
 
-    indices: (G, K) int64 gallery rows, most similar first.
-    similarities: (G, K) float32 inner products, descending.
+    indices: (G, K) int64 gallery rows, most similar first (ties: smaller index first).
+    similarities: (G, K) float32 canonical inner products (`ops.canonical_similarity`).
+    farthest: (G,) float32 smallest similarity of each row (k-reciprocal's normaliser), or None.
+    canonical: True when built by `ops.knn_graph` (exact, canonical similarities); only such a
+        graph may stand in for a re-ranker's own neighbour search.
     """
 
     indices: np.ndarray
     similarities: np.ndarray
+    farthest: np.ndarray | None = None
+    canonical: bool = False
 
     @property
     def depth(self) -> int:
@@ -139,6 +154,12 @@ def check_features(features: Any, name: str, dim: int | None = None) -> np.ndarr
         raise InvalidInputError(
             f"{name} contains NaN or infinite values in rows {bad[:10].tolist()}"
             f"{' ...' if bad.size > 10 else ''}; re-extract those features")
+    norms = np.linalg.norm(array, axis=1)
+    if (np.abs(norms - 1.0) > UNIT_NORM_TOLERANCE).any():
+        bad = np.flatnonzero(np.abs(norms - 1.0) > UNIT_NORM_TOLERANCE)
+        raise InvalidInputError(
+            f"{name} must be L2-normalised (cosine = inner product); rows {bad[:10].tolist()} "
+            f"have norms {np.round(norms[bad[:3]], 4).tolist()}: divide each row by its norm")
     return array
 
 

@@ -164,9 +164,17 @@ class GNNReranker(Reranker):
 
     def _fit(self, context: GalleryContext) -> None:
         k1, _, _ = self._effective(context.size + 1)
+        depth = min(k1, context.size)
         self._gallery = torch.from_numpy(context.features).to(self.device)
-        self._gallery_similarities, self._gallery_neighbours = torch_topk_similar(
-            self._gallery, min(k1, context.size))
+        shared = context.knn
+        if shared is not None and shared.canonical and shared.depth >= depth:  # gallery's cache
+            self._gallery_similarities = torch.from_numpy(
+                context.knn.similarities[:, :depth]).to(self.device)
+            self._gallery_neighbours = torch.from_numpy(context.knn.indices[:, :depth]
+                                                        ).to(self.device)
+        else:
+            self._gallery_similarities, self._gallery_neighbours = torch_topk_similar(
+                self._gallery, depth)
 
     def _rerank_batch(self, query_features: np.ndarray | None, k: int):
         gallery = self._gallery
@@ -214,7 +222,7 @@ class GNNReranker(Reranker):
                                        similarities)
             query_row = torch.cat([torch.zeros(1, dtype=torch.int64, device=self.device),
                                    query_order + 1])
-            self_similarity = torch_canonical_similarity(query[None], query[None])[0]
+            self_similarity = torch.ones(1, dtype=to_query.dtype, device=self.device)
             query_row_similarities = torch.cat([self_similarity, query_similarities])
             all_neighbours = torch.cat([query_row[None, :], neighbours])
             all_similarities = torch.cat([query_row_similarities[None, :], similarities])

@@ -78,7 +78,12 @@ class KReciprocalReranker(Reranker):
         """
         size = context.size
         k1, k2, _ = self._effective(size + 1)
-        lists = neighbour_lists(context.features, max(k1 + 1, k2))
+        depth = max(k1 + 1, k2)
+        shared = context.knn
+        if shared is not None and shared.canonical and shared.depth >= min(depth, size):
+            lists = NeighbourLists.from_graph(shared, depth)  # the gallery's cached graph
+        else:
+            lists = neighbour_lists(context.features, depth)
         self._gallery_lists = lists
         # A graph smaller than the neighbourhoods changes everywhere when a query joins it:
         # online queries then re-encode every row instead of patching stored ones.
@@ -105,8 +110,9 @@ class KReciprocalReranker(Reranker):
     def _final(self, overlap: np.ndarray, squared: np.ndarray, row_max: np.ndarray
                ) -> np.ndarray:
         lam = self.params.lambda_value
+        normaliser = np.where(row_max > 0, row_max, np.float32(1.0))  # all-identical: d' = 0
         return ((1.0 - lam) * jaccard_distance(overlap)
-                + lam * squared / row_max[:, None]).astype(np.float32)
+                + lam * squared / normaliser[:, None]).astype(np.float32)
 
     def _rerank_batch(self, query_features: np.ndarray | None, k: int):
         gallery = self.gallery.features
@@ -168,8 +174,8 @@ class KReciprocalReranker(Reranker):
         """
         size = features.shape[0] - 1
         width, half = k1 + 1, half_neighbourhood(k1) + 1
-        stored_max = np.concatenate([[np.inf], self._gallery_lists.row_max])
-        max_changed = lists.row_max > stored_max
+        stored_farthest = np.concatenate([[-np.inf], self._gallery_lists.farthest])
+        max_changed = lists.farthest < stored_farthest
         reciprocal = reciprocal_mask(lists.indices, width)
         set_changed = (_member_sets(lists.indices, reciprocal, width)[1:]
                        != self._reciprocal_sets).any(axis=1)
@@ -199,34 +205,36 @@ class KReciprocalReranker(Reranker):
 
     def _lists_with_query(self, query_feature: np.ndarray, depth: int
                           ) -> tuple[NeighbourLists, np.ndarray]:
-        """Neighbour lists and row maxima over (query + gallery), from the stored gallery lists."""
+        """Neighbour lists over (query + gallery) from the stored gallery lists, and the
+        query's squared distances to the gallery."""
         gallery = self.gallery.features
         stored = self._gallery_lists
         if stored.indices.shape[1] < depth:  # every gallery item is listed: pad one free slot
-            stored = NeighbourLists(np.pad(stored.indices, ((0, 0), (0, 1)), constant_values=-1),
-                                    np.pad(stored.distances, ((0, 0), (0, 1)),
-                                           constant_values=np.inf), stored.row_max)
-        to_query = squared_from_similarity(canonical_similarity(gallery, query_feature[None])[:, 0])
-        query_order, query_distances = top_k_smallest(to_query[None, :], depth - 1)
+            stored = NeighbourLists(
+                np.pad(stored.indices, ((0, 0), (0, 1)), constant_values=-1),
+                np.pad(stored.similarities, ((0, 0), (0, 1)), constant_values=-np.inf),
+                stored.farthest)
+        to_query = canonical_similarity(gallery, query_feature[None])[:, 0]
+        query_order, query_similarities = top_k_smallest(-to_query[None, :], depth - 1)
         # Insert the query where it sorts in each gallery list (on a tie the query, node 0,
         # comes first, as in a batch run where it has the smallest node id).
-        position = (stored.distances[:, :depth] < to_query[:, None]).sum(axis=1)
+        position = (stored.similarities[:, :depth] > to_query[:, None]).sum(axis=1)
         columns = np.arange(depth)[None, :]
         after = columns > position[:, None]
         inserted = columns == position[:, None]
         indices = np.where(after, np.roll(stored.indices[:, :depth], 1, 1),
                            stored.indices[:, :depth]) + 1
-        distances = np.where(after, np.roll(stored.distances[:, :depth], 1, 1),
-                             stored.distances[:, :depth])
+        similarities = np.where(after, np.roll(stored.similarities[:, :depth], 1, 1),
+                                stored.similarities[:, :depth])
         lists = NeighbourLists(
             indices=np.vstack([np.concatenate([[0], query_order[0] + 1])[None, :],
                                np.where(inserted, 0, indices)]),
-            distances=np.vstack([np.concatenate([[0.0], query_distances[0]])[None, :],
-                                 np.where(inserted, to_query[:, None], distances)]
-                                ).astype(np.float32),
-            row_max=np.concatenate([[to_query.max()], np.maximum(stored.row_max, to_query)]
-                                   ).astype(np.float32))
-        return lists, to_query
+            similarities=np.vstack([np.concatenate([[1.0], -query_similarities[0]])[None, :],
+                                    np.where(inserted, to_query[:, None], similarities)]
+                                   ).astype(np.float32),
+            farthest=np.concatenate([[to_query.min()], np.minimum(stored.farthest, to_query)]
+                                    ).astype(np.float32))
+        return lists, squared_from_similarity(to_query)
 
 
 def _member_sets(lists: np.ndarray, mask: np.ndarray, width: int) -> np.ndarray:

@@ -12,7 +12,10 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from engine.rerank.base import KnnGraph
+
 ROW_CHUNK = 1024
+REFINE_CHUNK = 256
 FLOAT32_SLACK = 1e-5  # bound on float32 inner-product error for unit vectors
 
 
@@ -43,16 +46,18 @@ def top_k_smallest(values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def canonical_similarity(rows: np.ndarray, columns: np.ndarray) -> np.ndarray:
-    """Inner products accumulated in float64, then rounded to float32.
+    """Inner products accumulated in float64, rounded to float32 and capped at 1.
 
     Float32 products depend on the BLAS path (matrix-vector vs matrix-matrix, block edges), so
     two exact duplicates, or one pair computed in a batch and again online, can differ in the
     last bit and flip a tie. Rounding a float64 result to float32 gives the same value for the
     same pair whichever way it was computed (barring a one-in-a-billion rounding boundary).
+    Every similarity that decides a neighbour list comes from here or its torch twin.
 
     Returns (len(rows), len(columns)) float32.
     """
-    return (np.asarray(rows, np.float64) @ np.asarray(columns, np.float64).T).astype(np.float32)
+    product = np.asarray(rows, np.float64) @ np.asarray(columns, np.float64).T
+    return np.minimum(product, 1.0).astype(np.float32)
 
 
 def squared_from_similarity(similarity: np.ndarray) -> np.ndarray:
@@ -60,43 +65,50 @@ def squared_from_similarity(similarity: np.ndarray) -> np.ndarray:
     return np.maximum(np.float32(2.0) - np.float32(2.0) * similarity, np.float32(0.0))
 
 
-def squared_distances_to(features: np.ndarray, rows: np.ndarray | slice) -> np.ndarray:
-    """Squared Euclidean distances of features[rows] to all rows, for unit vectors: 2 - 2 cos.
-
-    Returns (len(rows), n) float32, clipped at 0, with each row's distance to itself set to 0.
-    """
-    distances = squared_from_similarity(canonical_similarity(features[rows], features))
-    row_ids = np.arange(features.shape[0])[rows]
-    distances[np.arange(len(row_ids)), row_ids] = 0.0
-    return distances
-
-
 @dataclass(frozen=True)
 class NeighbourLists:
-    """Ascending neighbour lists of every node (self first) and each row's largest distance.
+    """Neighbour lists of every node, most similar first (self first), and each row's farthest.
 
-    indices: (n, depth) int64; distances: (n, depth) float32 squared distances;
-    row_max: (n,) float32 maximum squared distance of each row over all n nodes.
+    indices: (n, depth) int64; similarities: (n, depth) float32 canonical similarities;
+    farthest: (n,) float32 smallest similarity of each row over all n nodes.
     """
 
     indices: np.ndarray
-    distances: np.ndarray
-    row_max: np.ndarray
+    similarities: np.ndarray
+    farthest: np.ndarray
+
+    @property
+    def distances(self) -> np.ndarray:
+        """(n, depth) squared distances 2 - 2 cos, ascending."""
+        return squared_from_similarity(self.similarities)
+
+    @property
+    def row_max(self) -> np.ndarray:
+        """(n,) largest squared distance of each row (the k-reciprocal normaliser)."""
+        return squared_from_similarity(self.farthest)
+
+    @classmethod
+    def from_graph(cls, graph: KnnGraph, depth: int) -> NeighbourLists:
+        return cls(graph.indices[:, :depth], graph.similarities[:, :depth], graph.farthest)
+
+
+def knn_graph(features: np.ndarray, depth: int, device: str | torch.device = "cpu"
+              ) -> KnnGraph:
+    """The exact kNN graph of `features` with canonical similarities (see `torch_topk_similar`).
+
+    Shared by the gallery cache, the plots and every re-ranker, so they all see the same lists.
+    Returns a KnnGraph of depth min(depth, n) with each row's farthest similarity.
+    """
+    tensor = torch.from_numpy(np.ascontiguousarray(features, np.float32)).to(device)
+    similarities, indices = torch_topk_similar(tensor, min(depth, tensor.shape[0]))
+    farthest = torch_farthest_similarity(tensor)
+    return KnnGraph(indices=indices.cpu().numpy(), similarities=similarities.cpu().numpy(),
+                    farthest=farthest.cpu().numpy(), canonical=True)
 
 
 def neighbour_lists(features: np.ndarray, depth: int) -> NeighbourLists:
-    """Exact ascending squared-distance neighbour lists over all rows, computed in row chunks."""
-    n = features.shape[0]
-    depth = min(depth, n)
-    indices = np.empty((n, depth), np.int64)
-    distances = np.empty((n, depth), np.float32)
-    row_max = np.empty(n, np.float32)
-    for start in range(0, n, ROW_CHUNK):
-        rows = slice(start, min(start + ROW_CHUNK, n))
-        block = squared_distances_to(features, rows)
-        indices[rows], distances[rows] = top_k_smallest(block, depth)
-        row_max[rows] = block.max(axis=1)
-    return NeighbourLists(indices, distances, row_max)
+    """Exact neighbour lists over all rows of `features` (see `knn_graph`)."""
+    return NeighbourLists.from_graph(knn_graph(features, depth), depth)
 
 
 def half_neighbourhood(k1: int) -> int:
@@ -170,7 +182,8 @@ def k_reciprocal_encoding(row_ids: np.ndarray, member_ids: np.ndarray,
     Returns:
         (n_rows, n_columns) CSR float32 whose rows sum to 1 (rows without pairs are empty).
     """
-    weights = np.exp(-(squared_distance / row_max[row_ids]).astype(np.float32))
+    normaliser = np.where(row_max > 0, row_max, np.float32(1.0))  # all-identical rows: d' = 0
+    weights = np.exp(-(squared_distance / normaliser[row_ids]).astype(np.float32))
     totals = np.bincount(row_ids, weights=weights, minlength=n_rows)
     values = (weights / totals[row_ids]).astype(np.float32)
     return sp.csr_matrix((values, (row_ids, member_ids)), shape=(n_rows, n_columns))
@@ -259,8 +272,35 @@ def torch_topk_largest(scores: torch.Tensor, k: int, margin: int = 8
 
 
 def torch_canonical_similarity(rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
-    """Torch twin of `canonical_similarity`: float64 accumulation rounded to float32."""
-    return (rows.double() @ columns.double().T).float()
+    """Torch twin of `canonical_similarity`: float64 accumulation, float32, capped at 1."""
+    return (rows.double() @ columns.double().T).clamp(max=1.0).float()
+
+
+def _flat_index(features: torch.Tensor):
+    """A faiss exact inner-product index over CPU features (None on other devices)."""
+    if features.device.type != "cpu":
+        return None
+    import faiss
+
+    index = faiss.IndexFlatIP(features.shape[1])
+    index.add(features.contiguous().numpy())
+    return index
+
+
+def torch_farthest_similarity(features: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+    """Each row's smallest canonical similarity to any row: (n,) float32."""
+    index = _flat_index(features)
+    farthest = []
+    for start in range(0, features.shape[0], chunk):
+        rows = features[start:start + chunk]
+        if index is not None:
+            _, found = index.search(-rows.contiguous().numpy(), 1)
+            candidate = torch.from_numpy(found[:, 0])
+        else:
+            candidate = (rows @ features.T).argmin(dim=1)
+        farthest.append((rows.double() * features[candidate].double()).sum(dim=1)
+                        .clamp(max=1.0).float())
+    return torch.cat(farthest)
 
 
 def torch_topk_similar(features: torch.Tensor, k: int, chunk: int = 2048, margin: int = 8
@@ -271,17 +311,15 @@ def torch_topk_similar(features: torch.Tensor, k: int, chunk: int = 2048, margin
     canonically (`torch_canonical_similarity`) and the top k chosen from those, with ties
     broken by index, so duplicates and online/batch runs agree exactly.
 
+    A node's similarity to itself is exactly 1, so it leads its own list (an exact duplicate
+    ties with it and follows by index order).
+
     Returns (similarities (n, k) descending, indices (n, k) int64) on the features' device.
     """
     n = features.shape[0]
     width = min(k + margin, n)
-    index = None
+    index = _flat_index(features)
     features64 = features.double()
-    if features.device.type == "cpu":
-        import faiss
-
-        index = faiss.IndexFlatIP(features.shape[1])
-        index.add(features.numpy())
     similarities, indices = [], []
     for start in range(0, n, chunk):
         rows = features[start:start + chunk]
@@ -291,8 +329,13 @@ def torch_topk_similar(features: torch.Tensor, k: int, chunk: int = 2048, margin
         else:
             _, candidates = (rows @ features.T).topk(width, dim=1, largest=True, sorted=False)
         candidates = candidates.sort(dim=1).values  # position order = node order, for ties
-        refined = torch.bmm(features64[candidates], features64[start:start + chunk, :, None]
-                            )[:, :, 0].float()
+        rows64 = features64[start:start + chunk]
+        refined = torch.cat([  # gathers of (rows, width, d) float64, kept to ~100 MB
+            torch.bmm(features64[candidates[part:part + REFINE_CHUNK]],
+                      rows64[part:part + REFINE_CHUNK, :, None])[:, :, 0]
+            for part in range(0, candidates.shape[0], REFINE_CHUNK)]).clamp(max=1.0).float()
+        row_ids = torch.arange(start, start + rows.shape[0], device=features.device)
+        refined[candidates == row_ids[:, None]] = 1.0
         values, order = torch_topk_largest(refined, k, margin=width)
         order = candidates.gather(1, order)
         if width < n:
@@ -302,6 +345,7 @@ def torch_topk_similar(features: torch.Tensor, k: int, chunk: int = 2048, margin
             if unsafe.any():
                 redo = torch.nonzero(unsafe).flatten()
                 exact = torch_canonical_similarity(rows[redo], features)
+                exact[torch.arange(redo.shape[0]), row_ids[redo]] = 1.0
                 values[redo], order[redo] = torch_topk_largest(exact, k)
         similarities.append(values)
         indices.append(order)
@@ -343,8 +387,9 @@ def pair_squared_distances(features: np.ndarray, row_ids: np.ndarray, member_ids
     rows, members = row_ids[missing], member_ids[missing]
     for start in range(0, len(rows), 65536):
         part = slice(start, start + 65536)
-        dots = np.einsum("ij,ij->i", features[rows[part]].astype(np.float64),
-                         features[members[part]].astype(np.float64)).astype(np.float32)
+        dots = np.minimum(np.einsum("ij,ij->i", features[rows[part]].astype(np.float64),
+                                    features[members[part]].astype(np.float64)), 1.0
+                          ).astype(np.float32)
         result[np.flatnonzero(missing)[part]] = squared_from_similarity(dots)
     result[row_ids == member_ids] = 0.0
     return result

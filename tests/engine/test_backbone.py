@@ -141,7 +141,14 @@ def test_missing_checkpoint_file(tmp_path):
 def test_checkpoint_of_another_architecture_is_refused(tmp_path):
     path = tmp_path / "resnet.pth"
     torch.save(timm.create_model("test_resnet", pretrained=False).state_dict(), path)
-    with pytest.raises(RuntimeError):  # strict=True: missing/unexpected keys
+    with pytest.raises(InvalidInputError, match="does not fit"):  # strict=True
+        create_backbone(TINY, path)
+
+
+def test_corrupt_checkpoint_is_refused(tmp_path):
+    path = tmp_path / "garbage.pth"
+    path.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(InvalidInputError, match="not a readable checkpoint"):
         create_backbone(TINY, path)
 
 

@@ -114,7 +114,7 @@ def test_open_skips_bad_files_and_labels_from_subfolders(folder, cache_root, ext
     # index and kNN graph (depth clamped to the gallery size, self first)
     assert gallery.index.size == 12 and gallery.knn.depth == 12
     np.testing.assert_array_equal(gallery.knn.indices[:, 0], np.arange(12))
-    _, indices = gallery.search(gallery.features[:2], 3)
+    indices = gallery.search(gallery.features[:2], 3).indices
     np.testing.assert_array_equal(indices[:, 0], [0, 1])
     context = gallery.context()
     assert isinstance(context, GalleryContext)
@@ -224,7 +224,8 @@ def test_damaged_index_cache_is_rebuilt(folder, cache_root, extractor, embedded,
     second = open_gallery(folder, extractor, cache_root)
     assert count(embedded) == 0
     queries = first.features[:4]
-    np.testing.assert_array_equal(second.search(queries, 5)[1], first.search(queries, 5)[1])
+    np.testing.assert_array_equal(second.search(queries, 5).indices,
+                                  first.search(queries, 5).indices)
     assert load_json(first.cache_dir / "manifest.json")["fingerprint"] == first.fingerprint
 
 
@@ -312,3 +313,31 @@ def test_missing_folder(tmp_path, cache_root, extractor):
     shutil.copy(demo_image(1), file)
     with pytest.raises(InvalidInputError, match="not a folder"):
         open_gallery(file, extractor, cache_root)
+
+
+def test_csv_labels_are_numbered_densely():
+    """Large numeric ids, strings, negatives (unlabelled), BOM header, blank lines."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        (root / "labels.csv").write_text(
+            "\ufefffile,label\na.jpg,100000000\nb.jpg,7\n\nc.jpg,-1\nd.jpg,7\n", encoding="utf-8")
+        labels = read_labels(root, ["a.jpg", "b.jpg", "c.jpg", "d.jpg"])
+        assert labels.by_file == {"a.jpg": 1, "b.jpg": 0, "d.jpg": 0}
+        assert labels.class_names == ["7", "100000000"]
+        (root / "labels.csv").write_text("file,label\na.jpg\n")
+        with pytest.raises(InvalidInputError, match="no label"):
+            read_labels(root, ["a.jpg"])
+        (root / "labels.csv").write_text("file,label\na.jpg,-2\n")
+        with pytest.raises(InvalidInputError, match="labelled"):
+            read_labels(root, ["a.jpg"])
+
+
+def test_manifest_that_is_not_an_object_is_rebuilt(folder, cache_root, extractor, caplog):
+    first = Gallery.open(folder, extractor=extractor, cache_root=cache_root)
+    (first.cache_dir / "manifest.json").write_text("[]")
+    with caplog.at_level(logging.WARNING):
+        second = Gallery.open(folder, extractor=extractor, cache_root=cache_root)
+    assert "not a JSON object" in caplog.text
+    np.testing.assert_array_equal(second.knn.indices, first.knn.indices)

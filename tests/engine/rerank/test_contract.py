@@ -362,3 +362,58 @@ def test_duplicate_gallery_items(name, features):
     assert_contract(reranker.rerank(None), 25, 24, 25, leave_one_out=True)
     for query in queries:
         assert_same_ranking(reranker.rerank_online(query), reranker.rerank(query[None, :]))
+
+
+@pytest.mark.parametrize("name", list_rerankers())
+def test_shared_gallery_graph_gives_the_same_results(name, split_features):
+    """Fitting on the gallery's cached kNN graph equals fitting on bare features."""
+    from engine.rerank import GalleryContext
+    from engine.rerank.ops import knn_graph
+
+    queries, gallery = split_features
+    context = GalleryContext(gallery, knn=knn_graph(gallery, 64))
+    shared = create_reranker(name).fit(context)
+    bare = create_reranker(name).fit(gallery)
+    for mode in ("batch", "online"):
+        with_graph, without = shared.rerank(queries, 15, mode=mode), bare.rerank(queries, 15,
+                                                                                 mode=mode)
+        np.testing.assert_array_equal(with_graph.indices, without.indices)
+        np.testing.assert_array_equal(with_graph.distances, without.distances)
+
+
+@pytest.mark.parametrize("name", list_rerankers())
+def test_integral_float_parameters_become_ints(name):
+    """UI sliders send 20.0: integer fields accept it as 20, and refuse 20.5 or '20'."""
+    cls = get_reranker_class(name)
+    integer_fields = [f.name for f in dataclasses.fields(cls.Params) if f.type in ("int", int)]
+    for field_name in integer_fields:
+        default = getattr(cls.Params(), field_name)
+        params = cls.Params(**{field_name: float(default)})
+        assert getattr(params, field_name) == default
+        assert type(getattr(params, field_name)) is int
+        with pytest.raises(InvalidInputError):
+            cls.Params(**{field_name: default + 0.5})
+        with pytest.raises(InvalidInputError):
+            cls.Params(**{field_name: str(default)})
+
+
+@pytest.mark.parametrize("name", list_rerankers())
+def test_features_must_be_unit_norm(name, split_features):
+    queries, gallery = split_features
+    with pytest.raises(InvalidInputError, match="L2-normalised"):
+        create_reranker(name).fit(gallery * 2.0)
+    reranker = create_reranker(name).fit(gallery)
+    with pytest.raises(InvalidInputError, match="L2-normalised"):
+        reranker.rerank(queries * 0.5)
+    with pytest.raises(InvalidInputError, match="L2-normalised"):
+        reranker.rerank(np.zeros_like(queries[:1]))
+
+
+@pytest.mark.parametrize("name", list_rerankers())
+def test_all_identical_gallery_gives_a_valid_ranking(name, split_features):
+    """Every distance zero (k-reciprocal's row maximum is 0): a ranking, not NaN."""
+    _, gallery = split_features
+    identical = np.tile(gallery[:1], (6, 1))
+    for mode in ("batch", "online"):
+        result = create_reranker(name).fit(identical).rerank(gallery[:1], 3, mode=mode)
+        assert np.isfinite(result.distances).all()

@@ -242,9 +242,15 @@ def test_torch_topk_breaks_ties_by_index():
 
 def test_torch_topk_similar_matches_stable_sort():
     rng = np.random.default_rng(4)
-    x = rng.integers(-2, 3, (50, 6)).astype(np.float32)  # integer inner products: many ties
+    # unit vectors with three entries of +-1/sqrt(3): inner products take few values, many ties
+    x = np.zeros((50, 6), np.float32)
+    for row in x:
+        row[rng.choice(6, 3, replace=False)] = rng.choice([-1.0, 1.0], 3)
+    x /= np.float32(np.sqrt(3.0))
     similarities, indices = torch_topk_similar(torch.from_numpy(x), 9, chunk=16)
-    expected = np.argsort(-(x @ x.T), axis=1, kind="stable")[:, :9]
+    canonical = np.minimum(x.astype(np.float64) @ x.T.astype(np.float64), 1.0).astype(np.float32)
+    np.fill_diagonal(canonical, 1.0)
+    expected = np.argsort(-canonical, axis=1, kind="stable")[:, :9]
     np.testing.assert_array_equal(indices.numpy(), expected)
     np.testing.assert_array_equal(similarities.numpy(),
-                                  np.take_along_axis(x @ x.T, expected, 1))
+                                  np.take_along_axis(canonical, expected, 1))

@@ -18,7 +18,6 @@ from engine.rerank.ops import (
     neighbour_lists,
     pair_squared_distances,
     reciprocal_mask,
-    squared_distances_to,
     top_k_smallest,
 )
 
@@ -225,6 +224,15 @@ def test_reciprocal_mask_matches_a_loop():
                                               (25, 12), (26, 13), (27, 14)])
 def test_half_neighbourhood_rounds_half_to_even(k1, expected):
     assert half_neighbourhood(k1) == expected
+
+
+def squared_distances_to(features: np.ndarray, rows: np.ndarray | slice) -> np.ndarray:
+    """Dense squared distances 2 - 2 cos of features[rows] to every row (float64), self 0."""
+    x = features.astype(np.float64)
+    distances = np.maximum(2.0 - 2.0 * x[rows] @ x.T, 0.0)
+    row_ids = np.arange(len(x))[rows]
+    distances[np.arange(len(row_ids)), row_ids] = 0.0
+    return distances
 
 
 def test_encoding_rows_sum_to_one():

@@ -34,6 +34,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=2,
                         help="queries served at once (default 2)")
     parser.add_argument("--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--prepare-only", action="store_true",
+                        help="build the gallery cache and fit the re-rankers, then exit "
+                             "(e.g. to bake the cache into an image)")
     return parser.parse_args(argv)
 
 
@@ -79,6 +82,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     finally:
         progress.close()
+    if args.prepare_only:
+        logger.info("gallery %s ready (%d images, cache %s)", session.gallery.root,
+                    session.gallery.size, session.gallery.cache_dir)
+        return 0
     demo = build_app(session, concurrency_limit=args.concurrency)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share,
                 **launch_options(session))

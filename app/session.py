@@ -6,7 +6,6 @@ only reads it. No UI code: the page (`app.page`) and scripts use the same sessio
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import time
@@ -237,10 +236,9 @@ def fit_rerankers(gallery: Gallery, methods: Sequence[str] | None = None, device
     context = gallery.context()
     for name in list_rerankers() if methods is None else methods:
         cls = get_reranker_class(name)
-        options = {"device": device} if "device" in inspect.signature(cls).parameters else {}
         start = time.perf_counter()
         try:
-            fitted[name] = cls(**options).fit(context)
+            fitted[name] = cls(device=device).fit(context)
         except EngineError as error:
             logger.error("re-ranker %s is unavailable: %s", name, error)
             failed[name] = str(error)

@@ -62,9 +62,10 @@ def get_reranker_class(name: str) -> type[Reranker]:
             f"no re-ranker named {name!r}; registered: {', '.join(_REGISTRY)}") from None
 
 
-def create_reranker(name: str, **params: Any) -> Reranker:
-    """Build a registered method with the given parameter overrides (paper defaults otherwise)."""
-    return get_reranker_class(name)(**params)
+def create_reranker(name: str, *, device: str = "auto", **params: Any) -> Reranker:
+    """Build a registered method with the given parameter overrides (paper defaults otherwise)
+    on `device` ("auto", "cpu", "cuda"; CPU-only methods stay on the CPU)."""
+    return get_reranker_class(name)(device=device, **params)
 
 
 __all__ = [

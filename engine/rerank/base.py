@@ -167,7 +167,8 @@ class Reranker(ABC):
     """Base class of every re-ranking method.
 
     A subclass sets `name`, `Params` (a frozen `RerankParams` dataclass with the paper's defaults)
-    and writes only the math, in three hooks:
+    and writes only the math, in three hooks (every method takes `device`; `self.device` is
+    where it computes, the CPU for methods with `runs_on_gpu = False`):
 
     - `_fit(context)`: precompute gallery-side structures (and train, for methods that learn).
     - `_rerank_batch(query_features, k)`: the method's transductive algorithm as its authors define
@@ -185,8 +186,10 @@ class Reranker(ABC):
     title: ClassVar[str] = ""
     Params: ClassVar[type[RerankParams]] = RerankParams
     learns: ClassVar[bool] = False
+    runs_on_gpu: ClassVar[bool] = False
 
-    def __init__(self, params: RerankParams | None = None, **overrides: Any) -> None:
+    def __init__(self, params: RerankParams | None = None, *, device: str = "auto",
+                 **overrides: Any) -> None:
         if params is not None and overrides:
             raise InvalidInputError("pass either a Params object or keyword overrides, not both")
         if params is None:
@@ -200,7 +203,17 @@ class Reranker(ABC):
             raise InvalidInputError(f"{self.name} expects {self.Params.__name__}, "
                                     f"got {type(params).__name__}")
         self.params = params
+        self.device = self._resolve_device(device)
         self._context: GalleryContext | None = None
+
+    @classmethod
+    def _resolve_device(cls, device: str) -> Any:
+        """The torch device this method computes on; methods that run only on the CPU
+        (`runs_on_gpu = False`) keep the CPU whatever is asked."""
+        from engine.device import resolve_device
+
+        resolved = resolve_device(device)
+        return resolved if cls.runs_on_gpu else resolve_device("cpu")
 
     # -- public API -----------------------------------------------------------------------------
     @property

@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.device import resolve_device
 from engine.rerank import register
 from engine.rerank.base import GalleryContext, Reranker, RerankParams, param
 from engine.rerank.ops import (
@@ -146,11 +145,7 @@ class GNNReranker(Reranker):
     name = "gnn"
     title = "GNN re-ranking (Zhang et al.)"
     Params = GNNParams
-
-    def __init__(self, params: GNNParams | None = None, *, device: str = "auto",
-                 **overrides: Any) -> None:
-        super().__init__(params, **overrides)
-        self.device = resolve_device(device)
+    runs_on_gpu = True
 
     def _effective(self, n_nodes: int) -> tuple[int, int, dict[str, Any]]:
         k1 = min(self.params.k1, n_nodes)

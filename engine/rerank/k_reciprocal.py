@@ -64,7 +64,8 @@ class KReciprocalReranker(Reranker):
     def _effective(self, n_nodes: int) -> tuple[int, int, dict[str, Any]]:
         k1 = min(self.params.k1, n_nodes - 1)
         k2 = min(self.params.k2, k1 + 1)
-        details: dict[str, Any] = {"k1": k1, "k2": k2, "lambda_value": self.params.lambda_value}
+        details: dict[str, Any] = {"k1": k1, "k2": k2, "lambda_value": self.params.lambda_value,
+                                   "device": "cpu"}
         if (k1, k2) != (self.params.k1, self.params.k2):
             details["clamped"] = (f"k1={self.params.k1}, k2={self.params.k2} clamped to "
                                   f"k1={k1}, k2={k2} for a graph of {n_nodes} nodes")

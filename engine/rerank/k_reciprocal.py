@@ -86,6 +86,7 @@ class KReciprocalReranker(Reranker):
         else:
             lists = neighbour_lists(context.features, depth)
         self._gallery_lists = lists
+        self._gallery64 = context.features.astype(np.float64)  # for canonical similarities
         # A graph smaller than the neighbourhoods changes everywhere when a query joins it:
         # online queries then re-encode every row instead of patching stored ones.
         self._patchable = max(k1 + 1, k2) <= size
@@ -208,14 +209,13 @@ class KReciprocalReranker(Reranker):
                           ) -> tuple[NeighbourLists, np.ndarray]:
         """Neighbour lists over (query + gallery) from the stored gallery lists, and the
         query's squared distances to the gallery."""
-        gallery = self.gallery.features
         stored = self._gallery_lists
         if stored.indices.shape[1] < depth:  # every gallery item is listed: pad one free slot
             stored = NeighbourLists(
                 np.pad(stored.indices, ((0, 0), (0, 1)), constant_values=-1),
                 np.pad(stored.similarities, ((0, 0), (0, 1)), constant_values=-np.inf),
                 stored.farthest)
-        to_query = canonical_similarity(gallery, query_feature[None])[:, 0]
+        to_query = canonical_similarity(self._gallery64, query_feature[None])[:, 0]
         query_order, query_similarities = top_k_smallest(-to_query[None, :], depth - 1)
         # Insert the query where it sorts in each gallery list (on a tie the query, node 0,
         # comes first, as in a batch run where it has the smallest node id).

@@ -19,6 +19,7 @@ import torch
 from engine.rerank import register
 from engine.rerank.base import GalleryContext, Reranker, RerankParams, param
 from engine.rerank.ops import (
+    lists_with_query,
     normalise_sparse_rows,
     sparse_rows,
     torch_canonical_similarity,
@@ -187,9 +188,8 @@ class GNNReranker(Reranker):
     def _rerank_online(self, query_feature: np.ndarray, k: int):
         """Batch with this single query, reusing the gallery's precomputed kNN graph.
 
-        The query is node 0, gallery item j node j + 1; the query enters a gallery item's list
-        where it is more similar than the list's last entry (exactly the graph a batch run over
-        query + gallery builds), so only the query's own similarities are computed.
+        The query is node 0, gallery item j node j + 1 (`ops.lists_with_query`): only the
+        query's own similarities are computed, then the graph is propagated as in batch.
         """
         gallery = self._gallery
         size = gallery.shape[0]
@@ -197,30 +197,8 @@ class GNNReranker(Reranker):
         with torch.inference_mode():
             query = torch.from_numpy(query_feature).to(self.device)
             to_query = torch_canonical_similarity(gallery, query[None, :])[:, 0]
-            query_similarities, query_order = torch_topk_largest(to_query[None, :], k1 - 1)
-            query_similarities, query_order = query_similarities[0], query_order[0]
-            stored_similarities = self._gallery_similarities[:, :k1]
-            stored_neighbours = self._gallery_neighbours[:, :k1] + 1
-            if stored_neighbours.shape[1] < k1:  # the whole gallery is listed: one free slot
-                stored_neighbours = torch.nn.functional.pad(stored_neighbours, (0, 1), value=-1)
-                stored_similarities = torch.nn.functional.pad(stored_similarities, (0, 1),
-                                                              value=-torch.inf)
-            position = (stored_similarities > to_query[:, None]).sum(dim=1, keepdim=True)
-            columns = torch.arange(k1, device=self.device)[None, :]
-            after = columns > position
-            neighbours = torch.where(after, stored_neighbours.roll(1, 1), stored_neighbours)
-            similarities = torch.where(after, stored_similarities.roll(1, 1),
-                                       stored_similarities)
-            inserted = columns == position
-            neighbours = torch.where(inserted, torch.zeros_like(neighbours), neighbours)
-            similarities = torch.where(inserted, to_query[:, None].expand_as(similarities),
-                                       similarities)
-            query_row = torch.cat([torch.zeros(1, dtype=torch.int64, device=self.device),
-                                   query_order + 1])
-            self_similarity = torch.ones(1, dtype=to_query.dtype, device=self.device)
-            query_row_similarities = torch.cat([self_similarity, query_similarities])
-            all_neighbours = torch.cat([query_row[None, :], neighbours])
-            all_similarities = torch.cat([query_row_similarities[None, :], similarities])
+            all_neighbours, all_similarities = lists_with_query(
+                self._gallery_neighbours, self._gallery_similarities, to_query, k1)
             features = torch.cat([query[None, :], gallery])
             scores, indices = gnn_scores(features, 1, k1, k2, self.params.lambda_value, k,
                                          exclude_self=False, neighbours=all_neighbours,

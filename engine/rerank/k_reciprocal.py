@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
+import torch
 
 from engine.rerank import register
 from engine.rerank.base import GalleryContext, Reranker, RerankParams, param
@@ -24,6 +25,7 @@ from engine.rerank.ops import (
     jaccard_overlap,
     k_reciprocal_encoding,
     k_reciprocal_expansion,
+    lists_with_query,
     local_query_expansion,
     neighbour_lists,
     pair_squared_distances,
@@ -207,34 +209,16 @@ class KReciprocalReranker(Reranker):
 
     def _lists_with_query(self, query_feature: np.ndarray, depth: int
                           ) -> tuple[NeighbourLists, np.ndarray]:
-        """Neighbour lists over (query + gallery) from the stored gallery lists, and the
-        query's squared distances to the gallery."""
+        """Neighbour lists over (query + gallery) from the stored gallery lists
+        (`ops.lists_with_query`), and the query's squared distances to the gallery."""
         stored = self._gallery_lists
-        if stored.indices.shape[1] < depth:  # every gallery item is listed: pad one free slot
-            stored = NeighbourLists(
-                np.pad(stored.indices, ((0, 0), (0, 1)), constant_values=-1),
-                np.pad(stored.similarities, ((0, 0), (0, 1)), constant_values=-np.inf),
-                stored.farthest)
         to_query = canonical_similarity(self._gallery64, query_feature[None])[:, 0]
-        query_order, query_similarities = top_k_smallest(-to_query[None, :], depth - 1)
-        # Insert the query where it sorts in each gallery list (on a tie the query, node 0,
-        # comes first, as in a batch run where it has the smallest node id).
-        position = (stored.similarities[:, :depth] > to_query[:, None]).sum(axis=1)
-        columns = np.arange(depth)[None, :]
-        after = columns > position[:, None]
-        inserted = columns == position[:, None]
-        indices = np.where(after, np.roll(stored.indices[:, :depth], 1, 1),
-                           stored.indices[:, :depth]) + 1
-        similarities = np.where(after, np.roll(stored.similarities[:, :depth], 1, 1),
-                                stored.similarities[:, :depth])
-        lists = NeighbourLists(
-            indices=np.vstack([np.concatenate([[0], query_order[0] + 1])[None, :],
-                               np.where(inserted, 0, indices)]),
-            similarities=np.vstack([np.concatenate([[1.0], -query_similarities[0]])[None, :],
-                                    np.where(inserted, to_query[:, None], similarities)]
-                                   ).astype(np.float32),
-            farthest=np.concatenate([[to_query.min()], np.minimum(stored.farthest, to_query)]
-                                    ).astype(np.float32))
+        indices, similarities = lists_with_query(
+            torch.from_numpy(stored.indices), torch.from_numpy(stored.similarities),
+            torch.from_numpy(to_query), depth)
+        farthest = np.concatenate([[to_query.min()], np.minimum(stored.farthest, to_query)])
+        lists = NeighbourLists(indices.numpy(), similarities.numpy(),
+                               farthest.astype(np.float32))
         return lists, squared_from_similarity(to_query)
 
 

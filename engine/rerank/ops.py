@@ -352,6 +352,42 @@ def torch_topk_similar(features: torch.Tensor, k: int, chunk: int = 2048, margin
     return torch.cat(similarities), torch.cat(indices)
 
 
+def lists_with_query(neighbours: torch.Tensor, similarities: torch.Tensor,
+                     to_query: torch.Tensor, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kNN lists of (query + gallery) from the gallery's own lists, without recomputing them.
+
+    Node 0 is the query, gallery item j is node j + 1. The query's list is itself then its most
+    similar gallery items; each gallery list gets the query inserted where it sorts (before
+    equal similarities, as node 0 has the smallest id) and loses its last entry: exactly the
+    lists a batch run over query + gallery builds.
+
+    Args:
+        neighbours, similarities: (G, >= depth - 1) gallery lists (self first), descending.
+        to_query: (G,) canonical similarity of each gallery item to the query.
+    Returns:
+        (G + 1, depth) node ids and similarities.
+    """
+    size = neighbours.shape[0]
+    neighbours, similarities = neighbours[:, :depth] + 1, similarities[:, :depth]
+    if neighbours.shape[1] < depth:  # every gallery item is listed: leave one free slot
+        neighbours = torch.nn.functional.pad(neighbours, (0, 1), value=-1)
+        similarities = torch.nn.functional.pad(similarities, (0, 1), value=-torch.inf)
+    position = (similarities > to_query[:, None]).sum(dim=1, keepdim=True)
+    columns = torch.arange(depth, device=neighbours.device)[None, :]
+    after, inserted = columns > position, columns == position
+    neighbours = torch.where(inserted, 0, torch.where(after, neighbours.roll(1, 1), neighbours))
+    similarities = torch.where(inserted, to_query[:, None].expand(size, depth),
+                               torch.where(after, similarities.roll(1, 1), similarities))
+    query_similarities, query_order = torch_topk_largest(to_query[None, :], depth - 1)
+    query_row = torch.cat([torch.zeros(1, dtype=neighbours.dtype, device=neighbours.device),
+                           query_order[0] + 1])
+    query_row_similarities = torch.cat([torch.ones(1, dtype=similarities.dtype,
+                                                   device=similarities.device),
+                                        query_similarities[0]])
+    return (torch.cat([query_row[None, :], neighbours]),
+            torch.cat([query_row_similarities[None, :], similarities]))
+
+
 def sparse_rows(row_ids: torch.Tensor, column_ids: torch.Tensor, values: torch.Tensor,
                 shape: tuple[int, int]) -> torch.Tensor:
     """A coalesced COO sparse tensor from (row, column, value) triplets (duplicates summed)."""

@@ -1,13 +1,12 @@
 """Shared fixtures: the backbone (loaded once) and real demo-gallery features (embedded once).
 
-The plain-loop oracles of tests/engine/rerank/oracles.py are importable as `oracles` (their
-folder is put on sys.path here, since pytest runs with --import-mode=importlib).
+The plain-loop oracles of tests/engine/rerank/oracles.py are importable as `oracles` (the
+`pythonpath` setting of pyproject.toml, as pytest runs with --import-mode=importlib).
 """
 
 from __future__ import annotations
 
 import csv
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,12 +16,6 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_DIR = REPO_ROOT / "assets" / "demo_gallery"
 DEMO_IMAGES = DEMO_DIR / "images"
-ORACLE_DIR = Path(__file__).resolve().parent / "engine" / "rerank"
-
-# `python -m pytest` puts the checkout on sys.path, a bare `pytest` does not: add it for `engine`.
-for folder in (REPO_ROOT, ORACLE_DIR):
-    if str(folder) not in sys.path:
-        sys.path.insert(0, str(folder))
 
 PER_CLASS = 17  # 17 classes x 17 images = 289 real images, embedded once per session
 

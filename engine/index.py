@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.errors import EmptyGalleryError, InvalidInputError
-from engine.rerank.base import KnnGraph, check_features
+from engine.rerank.base import check_features
 from engine.storage import atomic_path
 
 logger = logging.getLogger(__name__)
@@ -107,11 +107,6 @@ class SearchIndex:
                 f"the {self.kind} index returned fewer than {k} neighbours; raise nprobe/efSearch "
                 "or use kind='flat'")
         return (1.0 - similarities).astype(np.float32), indices.astype(np.int64)
-
-    def knn_graph(self, features: np.ndarray, k: int) -> KnnGraph:
-        """Top-k neighbours of each row of `features` (the gallery itself, self included)."""
-        distances, indices = self.search(features, k)
-        return KnnGraph(indices=indices, similarities=(1.0 - distances).astype(np.float32))
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the (CPU copy of the) index atomically."""

@@ -174,8 +174,12 @@ def test_ivf_with_more_cells_than_items(rng):
 
 # -- kNN graph -----------------------------------------------------------------------------------
 def test_knn_graph_has_self_first(rng):
+    from engine.rerank.ops import knn_graph
+
     gallery = unit_rows(rng, 200, 16)
-    graph = SearchIndex(gallery, device="cpu").knn_graph(gallery, 12)
+    graph = knn_graph(gallery, 12)
+    assert graph.canonical
+    np.testing.assert_allclose(graph.farthest, (gallery @ gallery.T).min(axis=1), atol=1e-5)
     assert graph.depth == 12
     assert graph.indices.shape == graph.similarities.shape == (200, 12)
     assert graph.indices.dtype == np.int64 and graph.similarities.dtype == np.float32

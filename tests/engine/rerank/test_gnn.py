@@ -254,3 +254,21 @@ def test_torch_topk_similar_matches_stable_sort():
     np.testing.assert_array_equal(indices.numpy(), expected)
     np.testing.assert_array_equal(similarities.numpy(),
                                   np.take_along_axis(canonical, expected, 1))
+
+
+@pytest.mark.parametrize("lambda_value", [0.3, 0.0])
+def test_patched_online_matches_batch(split_features, monkeypatch, lambda_value):
+    """The patched online path (used above the dense size) equals batch with the single query,
+    duplicates of gallery items among the queries included."""
+    from engine.rerank.gnn import GNNReranker
+
+    monkeypatch.setattr(GNNReranker, "patch_min_nodes", 0)
+    queries, gallery = split_features
+    gallery = np.vstack([gallery, gallery[:4]])  # exact duplicates
+    reranker = gnn(lambda_value=lambda_value).fit(gallery)
+    assert reranker._propagation is not None
+    for query in np.vstack([queries[:4], gallery[:2]]):
+        online = reranker.rerank_online(query)
+        assert online.details["rows_recomputed"] > 0
+        assert_matches_reference(online,
+                                 gnn_reference(query[None, :], gallery, 26, 7, lambda_value))

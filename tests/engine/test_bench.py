@@ -1,0 +1,51 @@
+"""The benchmark's pieces on tiny inputs (the real runs are not tests: see README)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engine import bench
+from engine.metrics import evaluate
+from engine.protocols import make_split
+
+
+def test_synthetic_collection_is_clustered_unit_features():
+    features, labels = bench.synthetic_collection(200, 32, n_classes=10, seed=1)
+    assert features.shape == (200, 32) and features.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(features, axis=1), 1.0, atol=1e-5)
+    assert set(labels.tolist()) <= set(range(10))
+    within = features[labels == labels[0]] @ features[0]
+    assert np.median(within) > np.median(features @ features[0])
+
+
+@pytest.mark.parametrize("protocol", ["leave-one-out", "oxford17-split"])
+def test_run_gives_a_row_per_method_with_the_baseline_first(protocol):
+    features, labels = bench.synthetic_collection(120, 16, n_classes=6, spread=1.0, seed=2)
+    rows = bench.run(features, labels, protocol, ["k_reciprocal", "gnn:lambda_value=0"], None,
+                     "cpu", online_queries=3)
+    assert [row.method for row in rows] == ["baseline (cosine)", "k_reciprocal",
+                                            "gnn:lambda_value=0"]
+    assert rows[0].batch_seconds is None
+    for row in rows[1:]:
+        assert 0.0 <= row.p1 <= 1.0 and row.batch_seconds > 0 and row.online_ms > 0
+        assert row.peak_mib is not None
+    # the baseline row is the plain cosine ranking's mAP
+    split = make_split(protocol, labels)
+    gallery = features[split.gallery_rows]
+    queries = gallery if split.leave_one_out else features[split.query_rows]
+    order = np.argsort(-(queries @ gallery.T), axis=1, kind="stable")
+    if split.leave_one_out:
+        order = np.array([row[row != i] for i, row in enumerate(order)])
+    expected = evaluate(order, split.query_labels(labels), labels[split.gallery_rows], ks=(1, 5),
+                        n_positives=split.n_positives).map
+    assert rows[0].map == pytest.approx(expected, abs=1e-6)
+    table = bench.format_table(rows, "title")
+    assert table.splitlines()[0] == "title" and table.count("\n| ") == len(rows) + 1
+
+
+def test_parse_method():
+    assert bench.parse_method("gnn") == ("gnn", {})
+    assert bench.parse_method("gnn:lambda_value=0,k1=20") == ("gnn", {"lambda_value": 0,
+                                                                      "k1": 20})
+    assert bench.parse_method("gnn:lambda_value=0.5") == ("gnn", {"lambda_value": 0.5})

@@ -157,11 +157,7 @@ class KReciprocalReranker(Reranker):
         lists, to_query = self._lists_with_query(query_feature, max(k1 + 1, k2))
         features = np.vstack([query_feature[None, :], gallery])
         if not self._patchable:
-            row_ids, member_ids = k_reciprocal_expansion(lists.indices, k1)
-            squared = pair_squared_distances(features, row_ids, member_ids, lists)
-            encoding = k_reciprocal_encoding(row_ids, member_ids, squared, lists.row_max,
-                                             size + 1, size + 1)
-            expanded = local_query_expansion(encoding, lists.indices, k2)
+            expanded = _encode(features, lists, k1, k2, np.arange(size + 1))
             overlap = jaccard_overlap(expanded[:1], expanded.tocsc())[0]
             dirty_rows = np.arange(size + 1)
         else:

@@ -10,6 +10,10 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from app.session import GallerySession
 
 logger = logging.getLogger("launch")
 
@@ -33,10 +37,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              "$RETRIEVAL_EXPLORER_CACHE or ~/.cache/retrieval-explorer)")
     parser.add_argument("--concurrency", type=int, default=2,
                         help="queries served at once (default 2)")
+    parser.add_argument("--allow-folder", metavar="PATH", action="append", default=None,
+                        help="a folder under which the page may open galleries typed in by "
+                             "users (repeatable; default: home, the working folder and the "
+                             "demo gallery)")
     parser.add_argument("--verbose", action="store_true", help="debug logging")
     parser.add_argument("--prepare-only", action="store_true",
-                        help="build the gallery cache and fit the re-rankers, then exit "
-                             "(e.g. to bake the cache into an image)")
+                        help="build the gallery cache, embedding map and Compare scores and "
+                             "fit the re-rankers, then exit (e.g. to bake them into an image)")
     return parser.parse_args(argv)
 
 
@@ -63,20 +71,46 @@ class TqdmProgress:
             self._bar = None
 
 
+def prepare(session: GallerySession, progress: TqdmProgress) -> None:
+    """What a gallery needs before the page is useful: its embedding map and Compare scores
+    (each computed once and cached; later starts only load them)."""
+    session.embedding_map(progress=progress)
+    progress.close()
+    if session.gallery.labels is not None:
+        for method, _ in session.methods():
+            session.scores(method)
+
+
+def warm_up(session: GallerySession) -> None:
+    """Load the embedding map's model (imports umap, ~25 s) off the start-up path, so the first
+    upload's projection does not pay for it."""
+    try:
+        layout = session.embedding_map(fit=False)
+        if layout is not None:
+            layout.warm_up()
+    except Exception:  # a failed warm-up only delays the first projection
+        logger.exception("embedding map warm-up failed")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Heavy imports here, so that `--help` answers at once.
+    import threading
+
     from app.page import build_app, launch_options
-    from app.session import ExplorerSession
+    from app.session import Explorer
     from engine.errors import EngineError
     from engine.gallery import DEMO_GALLERY
 
     progress = TqdmProgress()
     try:
-        session = ExplorerSession.load(args.gallery or DEMO_GALLERY, device=args.device,
-                                       cache_root=args.cache_dir, progress=progress)
+        explorer = Explorer.load(args.gallery or DEMO_GALLERY, device=args.device,
+                                 cache_root=args.cache_dir, progress=progress,
+                                 allowed_roots=args.allow_folder)
+        session = explorer.session(None)
+        prepare(session, progress)
     except EngineError as error:
         logger.error("cannot start: %s", error)
         return 2
@@ -86,9 +120,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.info("gallery %s ready (%d images, cache %s)", session.gallery.root,
                     session.gallery.size, session.gallery.cache_dir)
         return 0
-    demo = build_app(session, concurrency_limit=args.concurrency)
+    threading.Thread(target=warm_up, args=(session,), name="warm-up", daemon=True).start()
+    demo = build_app(explorer, concurrency_limit=args.concurrency)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share,
-                **launch_options(session))
+                **launch_options(explorer))
     return 0
 
 

@@ -1,42 +1,79 @@
-"""What the explorer holds for the whole process: the gallery, the backbone and fitted re-rankers.
+"""What the explorer holds for the whole process: the backbone, the open galleries, fitted methods.
 
-Everything here is loaded once (by `ExplorerSession.load`) and shared by every request; a query
-only reads it. No UI code: the page (`app.page`) and scripts use the same session.
+Everything here is loaded once and shared by every request; a request only reads it (caches
+fill under locks). No UI code: the page (`app.page`), `launch.py` and tests use the same objects.
+
+- `Explorer`: the backbone and every open gallery (the demo, folders on the server, uploaded
+  zips), by key.
+- `GallerySession`: one gallery with its presets, fitted re-rankers (per parameter setting),
+  leave-one-out rankings, whole-gallery scores and embedding map.
+- `QueryResult`: one query's rankings by every method, with per-query AP and P@N when the query
+  has a class.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from engine.archive import extract_zip, resolve_allowed_folder
 from engine.backbone import FeatureExtractor, get_extractor
-from engine.errors import EngineError, InvalidInputError
-from engine.gallery import DEMO_GALLERY, Gallery, ProgressCallback
+from engine.embedding_map import EmbeddingMap
+from engine.errors import EngineError, InvalidInputError, UnknownNameError
+from engine.evaluation import (
+    LeaveOneOutRankings,
+    MethodScores,
+    ScoreCache,
+    median_ms,
+    score_rankings,
+    timing_queries,
+    without_self,
+)
+from engine.gallery import DEMO_GALLERY, Gallery, ProgressCallback, default_cache_root
+from engine.metrics import average_precision
 from engine.rerank import Reranker, get_reranker_class, list_rerankers
+from engine.storage import fingerprint
+from engine.tuning import load_presets, resolve_params, save_preset
 
 logger = logging.getLogger(__name__)
 
 BASELINE = "baseline"
-"""Name of the plain faiss ranking in `QueryResult.rankings` (no re-ranker may use it)."""
-
+"""Name of the plain faiss ranking (no re-ranker may use it)."""
 BASELINE_TITLE = "Baseline (faiss, cosine)"
-DEFAULT_K = 10
+DEFAULT_TOP_N = 10
 MAX_EXAMPLES = 8
+FULL_RANKING_LIMIT = 5000
+"""Galleries up to this size get full rankings (exact AP) and leave-one-out gallery picks."""
+PARTIAL_DEPTH = 1000
+"""Ranking depth for larger galleries (AP is then AP@1000)."""
+FITTED_CACHE_SIZE = 16
+LEAVE_ONE_OUT_CACHE_SIZE = 8
+
+CUSTOM = "custom"
 
 
 @dataclass(frozen=True)
 class Ranking:
     """One method's answer to one query.
 
-    indices: (k,) int64 gallery rows, best first. distances: (k,) float32, ascending.
-    seconds: time the method took (the baseline: the faiss search; a re-ranker: its rerank call).
-    details: the method's extras (clamped parameters, ...), from `RerankResult.details`.
+    indices / distances: the ranking (the whole gallery up to `FULL_RANKING_LIMIT`), best first.
+    seconds: what it cost (a re-ranker's online call, or its share of the leave-one-out run).
+    how: "online" (one query against the fitted gallery) or "leave-one-out" (the gallery
+        pick's row of the whole-gallery run, the same run the Compare table scores).
+    params / params_source: the parameters and where they came from ("authors' defaults",
+        "preset" or "custom").
+    ap / precision: per-query AP over the ranking and precision at the top N, when the query's
+        class is known; relevant: (depth,) bool hits, likewise.
     """
 
     method: str
@@ -44,40 +81,65 @@ class Ranking:
     indices: np.ndarray
     distances: np.ndarray
     seconds: float
+    how: str
+    params: dict[str, Any] = field(default_factory=dict)
+    params_source: str = ""
     details: Mapping[str, Any] = field(default_factory=dict)
+    relevant: np.ndarray | None = None
+    ap: float | None = None
+    precision: float | None = None
 
 
 @dataclass(frozen=True)
 class QueryResult:
     """Everything one query produced.
 
-    source_file: the gallery file the query image is (None for an upload).
-    source_class: that file's class name, when the gallery is labelled.
-    imagenet: the backbone head's top classes of the query, (description, probability).
-    rankings: by method name, the baseline first, then the re-rankers in registry order.
-    timings: seconds per stage: "embed", then one entry per ranking.
+    source_row / source_file: the gallery image the query is (None for an upload).
+    query_label / query_class: the query's class (a pick's label, or the class given for an
+        upload), None when unknown. n_positives: gallery items of that class (the pick excluded).
+    feature: the query's (d,) feature. imagenet: the backbone head's top-3 (label, probability).
+    rankings: by method, the baseline first. timings: seconds per stage ("embed", then methods).
     """
 
+    gallery_key: str
+    source_row: int | None
     source_file: str | None
-    source_class: str | None
+    query_label: int | None
+    query_class: str | None
+    n_positives: int | None
+    feature: np.ndarray
     imagenet: list[tuple[str, float]]
     rankings: dict[str, Ranking]
     timings: dict[str, float]
+    top_n: int
+    leave_out: bool
+
+    def top(self, method: str) -> tuple[np.ndarray, np.ndarray]:
+        """The first `top_n` (indices, distances) of a method's ranking."""
+        ranking = self.rankings[method]
+        return ranking.indices[:self.top_n], ranking.distances[:self.top_n]
+
+    def with_ranking(self, ranking: Ranking) -> QueryResult:
+        """A copy with one method's ranking (and its timing) replaced."""
+        return dataclasses.replace(self, rankings={**self.rankings, ranking.method: ranking},
+                                   timings={**self.timings, ranking.method: ranking.seconds})
 
     def as_dict(self, gallery: Gallery) -> dict[str, Any]:
-        """A JSON-ready summary: per method the ranked file names, classes and distances."""
+        """A JSON-ready summary: per method the top-N file names, classes and distances."""
         methods = {}
         for name, ranking in self.rankings.items():
-            rows = ranking.indices.tolist()
+            indices, distances = self.top(name)
             methods[name] = {
                 "title": ranking.title,
-                "files": [gallery.files[row] for row in rows],
-                "classes": [gallery.class_of(row) for row in rows],
-                "distances": [round(float(d), 6) for d in ranking.distances],
-                "ms": round(ranking.seconds * 1000, 2),
+                "files": [gallery.files[row] for row in indices.tolist()],
+                "classes": [gallery.class_of(row) for row in indices.tolist()],
+                "distances": [round(float(d), 6) for d in distances],
+                "ms": round(ranking.seconds * 1000, 2), "how": ranking.how,
+                "params": ranking.params, "params_source": ranking.params_source,
+                "ap": ranking.ap, f"p@{self.top_n}": ranking.precision,
             }
         return {
-            "query": {"file": self.source_file, "class": self.source_class,
+            "query": {"file": self.source_file, "class": self.query_class,
                       "imagenet_top3": [{"label": label, "probability": round(p, 6)}
                                         for label, p in self.imagenet]},
             "methods": methods,
@@ -85,61 +147,274 @@ class QueryResult:
         }
 
 
-class ExplorerSession:
-    """The gallery, the extractor and every fitted re-ranker, shared by all requests.
+def method_title(name: str) -> str:
+    if name == BASELINE:
+        return BASELINE_TITLE
+    cls = get_reranker_class(name)
+    return cls.title or name
 
-    Build it with `ExplorerSession.load(folder)`, or pass already-made parts to the constructor
-    (tests do, with a tiny gallery). A re-ranker whose fit fails with an engine error is left
-    out and its message kept in `unavailable`, so one broken method does not stop the app.
+
+class _LruCache:
+    """A small thread-safe LRU map whose values are built once per key, even under concurrency."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._values: OrderedDict[Any, Any] = OrderedDict()
+        self._lock = threading.Lock()
+        self._building: dict[Any, threading.Lock] = {}
+
+    def get(self, key: Any, build: Callable[[], Any]) -> Any:
+        with self._lock:
+            if key in self._values:
+                self._values.move_to_end(key)
+                return self._values[key]
+            gate = self._building.setdefault(key, threading.Lock())
+        with gate:
+            with self._lock:
+                if key in self._values:
+                    return self._values[key]
+            value = build()
+            with self._lock:
+                self._values[key] = value
+                self._building.pop(key, None)
+                while len(self._values) > self.size:
+                    self._values.popitem(last=False)
+            return value
+
+
+def _params_key(params: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
+    return tuple(sorted(params.items()))
+
+
+class GallerySession:
+    """One open gallery and what the explorer computes on it, shared by all requests.
+
+    Re-rankers are fitted per parameter setting on first use and kept (LRU); leave-one-out
+    rankings likewise; whole-gallery scores are cached on disk beside the gallery cache.
     """
 
-    def __init__(self, gallery: Gallery, extractor: FeatureExtractor,
-                 rerankers: Mapping[str, Reranker],
-                 unavailable: Mapping[str, str] | None = None) -> None:
-        if BASELINE in rerankers:
-            raise InvalidInputError(f"a re-ranker may not be named {BASELINE!r}")
+    def __init__(self, key: str, gallery: Gallery, device: str = "auto",
+                 methods: Sequence[str] | None = None) -> None:
+        self.key = key
         self.gallery = gallery
-        self.extractor = extractor
-        self.rerankers = dict(rerankers)
-        self.unavailable = dict(unavailable or {})
+        self.device = device
+        self.presets = load_presets(gallery.root, gallery.state_dir)
+        self.method_names = list(list_rerankers() if methods is None else methods)
+        self.unavailable: dict[str, str] = {}
+        self._fitted = _LruCache(FITTED_CACHE_SIZE)
+        self._leave_one_out = _LruCache(LEAVE_ONE_OUT_CACHE_SIZE)
+        self._scores = ScoreCache(gallery.cache_dir, gallery.fingerprint)
+        self._maps: dict[str, EmbeddingMap] = {}
+        self._map_lock = threading.Lock()
         self._positions = {name: row for row, name in enumerate(gallery.files)}
 
-    @classmethod
-    def load(cls, folder: str | os.PathLike = DEMO_GALLERY, *, device: str = "auto",
-             cache_root: str | os.PathLike | None = None,
-             progress: ProgressCallback | None = None,
-             methods: Sequence[str] | None = None) -> ExplorerSession:
-        """Open (or index) the gallery and fit every registered re-ranker once.
+    @property
+    def title(self) -> str:
+        gallery = self.gallery
+        name = "Oxford-17 demo" if gallery.root == DEMO_GALLERY.resolve() else gallery.root.name
+        return f"{name} ({gallery.size} images)"
 
-        Args:
-            folder: the gallery folder (default: the demo gallery).
-            device: "auto", "cpu" or "cuda" for the backbone, the index and re-rankers that
-                take a device.
-            cache_root: where gallery caches live (default: the engine's default cache root).
-            progress: called with (fraction, message) while the gallery is embedded.
-            methods: re-ranker names to fit (default: every registered one).
-        """
-        extractor = get_extractor(device=device)
-        gallery = Gallery.open(folder, extractor=extractor, cache_root=cache_root,
-                               progress=progress, device=device)
-        logger.info("gallery %s: %d images, %d classes, %d skipped", gallery.root, gallery.size,
-                    len(gallery.class_names), len(gallery.skipped))
-        rerankers, unavailable = fit_rerankers(gallery, methods, device)
-        return cls(gallery, extractor, rerankers, unavailable)
+    @property
+    def full_rankings(self) -> bool:
+        return self.gallery.size <= FULL_RANKING_LIMIT
 
-    # -- what the page shows ---------------------------------------------------------------------
+    # -- methods and parameters ------------------------------------------------------------------
     def methods(self) -> list[tuple[str, str]]:
-        """(name, display title) of the baseline and of every fitted re-ranker, in display order."""
+        """(name, title) of the baseline and of every available re-ranker, in display order."""
         return [(BASELINE, BASELINE_TITLE)] + [
-            (name, type(reranker).title or name) for name, reranker in self.rerankers.items()]
+            (name, method_title(name)) for name in self.method_names
+            if name not in self.unavailable]
+
+    def params_for(self, method: str) -> tuple[dict[str, Any], str]:
+        """The parameters a method runs with by default here, and their source."""
+        return resolve_params(method, self.presets)
+
+    def resolve(self, method: str, params: Mapping[str, Any] | None
+                ) -> tuple[dict[str, Any], str]:
+        """Validated parameters (the default setting when None) and their source; a setting
+        that differs from the preset or the authors' defaults is "custom"."""
+        default, source = self.params_for(method)
+        if params is None:
+            return default, source
+        cls = get_reranker_class(method)
+        known = {spec["name"] for spec in cls.Params.describe()}
+        unknown = set(params) - known
+        if unknown:
+            raise InvalidInputError(f"{method} has no parameter(s) {sorted(unknown)}; "
+                                    f"it takes {sorted(known)}")
+        validated = cls.Params(**dict(params)).as_dict()
+        return validated, (source if validated == default else CUSTOM)
+
+    def reranker(self, method: str, params: Mapping[str, Any] | None = None) -> Reranker:
+        """The method fitted on this gallery with `params` (fitted once per setting)."""
+        validated, _ = self.resolve(method, params)
+
+        def build() -> Reranker:
+            started = time.perf_counter()
+            reranker = get_reranker_class(method)(device=self.device, **validated)
+            reranker.fit(self.gallery.context())
+            logger.info("fitted %s on %s in %.2f s", method, self.key,
+                        time.perf_counter() - started)
+            return reranker
+
+        return self._fitted.get((method, _params_key(validated)), build)
+
+    def fit_defaults(self) -> None:
+        """Fit every method with its default setting; a method whose fit fails is recorded in
+        `unavailable` (with the engine's message) instead of stopping the page."""
+        for method in self.method_names:
+            try:
+                self.reranker(method)
+            except EngineError as error:
+                logger.error("%s is unavailable on %s: %s", method, self.key, error)
+                self.unavailable[method] = str(error)
+
+    def save_preset(self, method: str, params: Mapping[str, Any], note: str = "") -> dict:
+        """Store `params` as this gallery's preset for `method` (beside the gallery cache)."""
+        stored = save_preset(self.gallery.state_dir, method, params, note)
+        self.presets = load_presets(self.gallery.root, self.gallery.state_dir)
+        return stored
+
+    # -- whole-gallery runs ----------------------------------------------------------------------
+    def depth(self, leave_one_out: bool) -> int:
+        available = self.gallery.size - (1 if leave_one_out else 0)
+        return available if self.full_rankings else min(PARTIAL_DEPTH, available)
+
+    def leave_one_out(self, method: str, params: Mapping[str, Any] | None = None
+                      ) -> LeaveOneOutRankings:
+        """Every gallery item's ranking of the others by `method` (batch mode), cached."""
+        if self.gallery.size < 2:
+            raise InvalidInputError("a leave-one-out ranking needs at least 2 gallery images")
+        depth = self.depth(leave_one_out=True)
+        if method == BASELINE:
+            key: tuple[Any, ...] = (BASELINE,)
+
+            def build() -> LeaveOneOutRankings:
+                started = time.perf_counter()
+                result = self.gallery.search(self.gallery.features, depth + 1)
+                indices, distances = without_self(result.indices, result.distances, depth)
+                return LeaveOneOutRankings(indices, distances, time.perf_counter() - started)
+        else:
+            validated, _ = self.resolve(method, params)
+            key = (method, _params_key(validated))
+
+            def build() -> LeaveOneOutRankings:
+                reranker = self.reranker(method, validated)
+                started = time.perf_counter()
+                result = reranker.rerank(None, depth)
+                return LeaveOneOutRankings(result.indices, result.distances,
+                                           time.perf_counter() - started)
+
+        return self._leave_one_out.get(key, build)
+
+    def scores(self, method: str, params: Mapping[str, Any] | None = None,
+               cached_only: bool = False) -> MethodScores | None:
+        """Leave-one-out mAP, P@1, P@5 and online ms/query of a method (disk-cached).
+
+        With `cached_only`, returns None instead of computing missing scores.
+        """
+        validated = {} if method == BASELINE else self.resolve(method, params)[0]
+        stored = self._scores.get(method, validated)
+        if stored is not None or cached_only:
+            return stored
+        rankings = self.leave_one_out(method, validated)
+        queries = timing_queries(self.gallery.features)
+        k = min(DEFAULT_TOP_N, self.gallery.size)
+        if method == BASELINE:
+            online = median_ms(lambda query: self.gallery.search(query, k), queries)
+        else:
+            reranker = self.reranker(method, validated)
+            online = median_ms(lambda query: reranker.rerank(query, k, mode="online"), queries)
+        scores = score_rankings(method, validated, rankings, self.gallery.labels, online)
+        self._scores.put(scores)
+        return scores
+
+    # -- embedding maps ----------------------------------------------------------------------------
+    def map_spaces(self) -> list[tuple[str, str]]:
+        """(space name, title) of the feature spaces the embedding map can show: the backbone's,
+        and that of each method that learns its own embeddings."""
+        spaces = [("backbone", f"backbone features ({self.gallery.meta.backbone})")]
+        for method in self.method_names:
+            if method in self.unavailable:
+                continue
+            try:
+                if self.reranker(method).gallery_embeddings() is not None:
+                    spaces.append((method, f"{method_title(method)} embeddings"))
+            except EngineError:
+                continue
+        return spaces
+
+    def _space_features(self, space: str) -> np.ndarray:
+        if space == "backbone":
+            return self.gallery.features
+        embeddings = self.reranker(space).gallery_embeddings()
+        if embeddings is None:
+            raise InvalidInputError(f"{space} has no embedding space of its own")
+        return embeddings
+
+    def embedding_map(self, space: str = "backbone", progress: ProgressCallback | None = None,
+                      fit: bool = True) -> EmbeddingMap | None:
+        """The 2-D map of a feature space (fitted once per gallery and cached on disk); with
+        fit=False, None when it has not been computed yet."""
+        with self._map_lock:
+            if space in self._maps:
+                return self._maps[space]
+            key = fingerprint([self.gallery.fingerprint, space, self._space_key(space)])
+            found = EmbeddingMap.load(self.gallery.cache_dir, space, key)
+            if found is None and fit:
+                found = EmbeddingMap.load_or_fit(self._space_features(space),
+                                                 self.gallery.cache_dir, space, key,
+                                                 progress=progress)
+            if found is not None:
+                self._maps[space] = found
+            return found
+
+    def _space_key(self, space: str) -> Any:
+        return None if space == "backbone" else self.params_for(space)[0]
+
+    def query_map_position(self, result: QueryResult, space: str = "backbone"
+                           ) -> np.ndarray | None:
+        """The query's 2-D position on a map: its own point for a gallery pick, else projected
+        with the map's `transform`."""
+        layout = self.embedding_map(space, fit=False)
+        if layout is None:
+            return None
+        if result.source_row is not None:
+            return layout.coordinates[result.source_row]
+        feature = result.feature[None, :]
+        if space != "backbone":
+            feature = self.reranker(space).query_embeddings(feature)
+        return layout.transform(feature)[0]
+
+    # -- gallery browsing ------------------------------------------------------------------------
+    def position_of(self, file: str) -> int:
+        """Gallery row of a relative file name; unknown names raise InvalidInputError."""
+        try:
+            return self._positions[file]
+        except KeyError:
+            raise InvalidInputError(
+                f"{file!r} is not an image of the gallery {self.gallery.root.name}") from None
+
+    def label_of_class(self, class_name: str | None) -> int | None:
+        if not class_name:
+            return None
+        try:
+            return self.gallery.class_names.index(class_name)
+        except ValueError:
+            raise InvalidInputError(f"{class_name!r} is not a class of this gallery; classes: "
+                                    f"{', '.join(self.gallery.class_names)}") from None
+
+    def rows_of_class(self, class_name: str | None) -> np.ndarray:
+        """Gallery rows of a class (all rows when no class is given)."""
+        label = self.label_of_class(class_name)
+        if label is None or self.gallery.labels is None:
+            return np.arange(self.gallery.size)
+        return np.flatnonzero(self.gallery.labels == label)
 
     def example_files(self, limit: int = MAX_EXAMPLES) -> list[str]:
-        """Gallery files to offer as example queries.
-
-        From `examples.txt` in the gallery folder (one file name a line, relative to the folder
-        or its `images/` sub-folder) when there is one, else the first file of each class, else
-        the first files.
-        """
+        """Gallery files to offer as example queries: those of `examples.txt` in the gallery
+        folder (names relative to it or to its `images/` sub-folder), else the first file of each
+        class, else the first files."""
         listed = self.gallery.root / "examples.txt"
         chosen: list[str] = []
         if listed.is_file():
@@ -159,99 +434,212 @@ class ExplorerSession:
                       if self.gallery.labels[row] >= 0]
         return (chosen or self.gallery.files)[:limit]
 
-    def position_of(self, file: str) -> int:
-        """Gallery row of a relative file name; unknown names raise InvalidInputError."""
-        try:
-            return self._positions[file]
-        except KeyError:
-            raise InvalidInputError(
-                f"{file!r} is not an image of the gallery {self.gallery.root.name}") from None
+    # -- one query -------------------------------------------------------------------------------
+    def rank(self, method: str, feature: np.ndarray, source_row: int | None, leave_out: bool,
+             params: Mapping[str, Any] | None = None) -> Ranking:
+        """One method's ranking of one query, without per-query scores (see `score`).
 
-    # -- the query ---------------------------------------------------------------------------------
-    def query(self, image: Any = None, *, source_file: str | None = None, k: int = DEFAULT_K,
-              leave_out_source: bool = True) -> QueryResult:
-        """Embed one image, rank the gallery with the baseline and re-rank with every method.
+        A gallery pick left out of its own results takes its row of the method's leave-one-out
+        run (up to `FULL_RANKING_LIMIT` images; above, it is ranked online and its own image
+        dropped). Anything else is ranked online against the fitted gallery.
+        """
+        drop = source_row if leave_out else None
+        depth = self.depth(leave_one_out=drop is not None)
+        if method == BASELINE:
+            validated, source, title = {}, "", BASELINE_TITLE
+        else:
+            validated, source = self.resolve(method, params)
+            title = method_title(method)
+        if drop is not None and self.full_rankings:
+            rankings = self.leave_one_out(method, validated)
+            per_query = rankings.seconds / self.gallery.size
+            return Ranking(method, title, rankings.indices[drop], rankings.distances[drop],
+                           per_query, "leave-one-out", validated, source)
+        fetch = min(depth + (drop is not None), self.gallery.size)
+        started = time.perf_counter()
+        if method == BASELINE:
+            result = self.gallery.search(feature[None, :], fetch)
+        else:
+            result = self.reranker(method, validated).rerank(feature[None, :], fetch,
+                                                             mode="online")
+        seconds = time.perf_counter() - started
+        indices, distances = result.indices[0], result.distances[0]
+        if drop is not None:
+            keep = indices != drop
+            indices, distances = indices[keep], distances[keep]
+        return Ranking(method, title, indices[:depth].astype(np.int64),
+                       distances[:depth].astype(np.float32), seconds, "online", validated, source,
+                       dict(result.details))
+
+    def score(self, ranking: Ranking, query_label: int | None, n_positives: int | None,
+              top_n: int) -> Ranking:
+        """The ranking with its hits, AP and precision@top_n filled in (when the class is known)."""
+        if query_label is None or self.gallery.labels is None or not n_positives:
+            return ranking
+        relevant = self.gallery.labels[ranking.indices] == query_label
+        ap = float(average_precision(relevant, n_positives))
+        precision = float(relevant[:top_n].mean()) if top_n else None
+        return dataclasses.replace(ranking, relevant=relevant, ap=ap, precision=precision)
+
+
+class Explorer:
+    """The backbone and every open gallery of the process.
+
+    allowed_roots: folders under which `open_folder` may open galleries (server paths typed in
+    the page); uploaded zips are extracted under the cache root.
+    """
+
+    def __init__(self, extractor: FeatureExtractor, *, device: str = "auto",
+                 cache_root: str | os.PathLike | None = None,
+                 allowed_roots: Sequence[str | os.PathLike] | None = None,
+                 methods: Sequence[str] | None = None) -> None:
+        self.extractor = extractor
+        self.device = device
+        self.cache_root = Path(cache_root) if cache_root else default_cache_root()
+        self.allowed_roots = [Path(root).expanduser().resolve() for root in (
+            allowed_roots if allowed_roots is not None else default_allowed_roots())]
+        self.method_names = methods
+        self.galleries: dict[str, GallerySession] = {}
+        self._lock = threading.Lock()
+        self._open_locks: dict[Path, threading.Lock] = {}
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike = DEMO_GALLERY, *, device: str = "auto",
+             cache_root: str | os.PathLike | None = None,
+             progress: ProgressCallback | None = None,
+             allowed_roots: Sequence[str | os.PathLike] | None = None,
+             methods: Sequence[str] | None = None) -> Explorer:
+        """The explorer with its first gallery open (indexed, or loaded from its cache)."""
+        explorer = cls(get_extractor(device=device), device=device, cache_root=cache_root,
+                       allowed_roots=allowed_roots, methods=methods)
+        explorer.open_folder(folder, progress=progress, check_allowed=False)
+        return explorer
+
+    @property
+    def thumbnail_root(self) -> Path:
+        return self.cache_root / "thumbnails"
+
+    @property
+    def upload_root(self) -> Path:
+        return self.cache_root / "uploads"
+
+    @property
+    def default_key(self) -> str:
+        return next(iter(self.galleries))
+
+    def choices(self) -> list[tuple[str, str]]:
+        """(title, key) of every open gallery, in the order they were opened."""
+        return [(session.title, key) for key, session in self.galleries.items()]
+
+    def session(self, key: str | None) -> GallerySession:
+        """An open gallery by key (the first one when key is empty)."""
+        if not key:
+            return self.galleries[self.default_key]
+        try:
+            return self.galleries[key]
+        except KeyError:
+            raise UnknownNameError(f"no open gallery {key!r}; open it again") from None
+
+    def open_folder(self, folder: str | os.PathLike, *, progress: ProgressCallback | None = None,
+                    check_allowed: bool = True) -> GallerySession:
+        """Open (index, or load from cache) a gallery folder; reopening is instant.
+
+        With `check_allowed`, the folder must lie inside one of `allowed_roots`.
+        """
+        if check_allowed:
+            root = resolve_allowed_folder(folder, self.allowed_roots)
+        else:
+            root = Path(folder).expanduser().resolve()
+        with self._lock:
+            gate = self._open_locks.setdefault(root, threading.Lock())
+        with gate:
+            for session in self.galleries.values():
+                if session.gallery.root == root:
+                    return session
+            gallery = Gallery.open(root, extractor=self.extractor, cache_root=self.cache_root,
+                                   progress=progress, device=self.device)
+            key = gallery.cache_dir.name
+            session = GallerySession(key, gallery, self.device, self.method_names)
+            session.fit_defaults()
+            with self._lock:
+                self.galleries[key] = session
+            logger.info("opened gallery %s: %d images, %d classes, %d skipped", root,
+                        gallery.size, len(gallery.class_names), len(gallery.skipped))
+            return session
+
+    def open_zip(self, archive: str | os.PathLike, *,
+                 progress: ProgressCallback | None = None) -> GallerySession:
+        """Extract an uploaded zip (safely, content-addressed) and open it as a gallery."""
+        extracted = extract_zip(archive, self.upload_root)
+        for name, reason in extracted.skipped.items():
+            logger.info("zip entry %s not extracted: %s", name, reason)
+        return self.open_folder(extracted.root, progress=progress, check_allowed=False)
+
+    # -- queries ---------------------------------------------------------------------------------
+    def query(self, key: str | None, image: Any = None, *, source_file: str | None = None,
+              query_class: str | None = None, params: Mapping[str, Mapping[str, Any]] | None = None,
+              top_n: int = DEFAULT_TOP_N, leave_out: bool = True) -> QueryResult:
+        """Embed one image and rank the gallery with the baseline and every method.
 
         Args:
-            image: a path, bytes, numpy array or PIL image; may be None when `source_file` is
-                given, and is then read from the gallery.
-            source_file: the gallery file (relative name) the query is, if it is one; it gives
-                the query its class, and with `leave_out_source` it is removed from the results.
-            k: results per method (at most the gallery size, less one when leaving out).
-            leave_out_source: drop the query's own gallery row from every ranking. Re-rankers
-                still see that row while they compute (online mode against the fixed gallery);
-                only their output is filtered.
-        Raises:
-            InvalidImageError: the image cannot be decoded.
-            InvalidInputError: unknown `source_file`, bad k, or neither image nor source.
+            key: the gallery (empty: the first one).
+            image: a path, bytes, array or PIL image; None when `source_file` is given.
+            source_file: the gallery file the query is (a pick); gives the query its class.
+            query_class: the class of an uploaded query, to score its rankings (optional).
+            params: per method, the parameters to run (default: preset or authors' defaults).
+            top_n: results shown per method; the rankings themselves go deeper (full up to
+                `FULL_RANKING_LIMIT`) so that AP is over the whole ranking.
+            leave_out: drop a pick's own image from its results (leave-one-out).
         """
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise InvalidInputError(f"k must be a positive integer, got {k!r}")
-        source_row = None if source_file is None else self.position_of(source_file)
+        if isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 1:
+            raise InvalidInputError(f"the number of results must be a positive integer, got "
+                                    f"{top_n!r}")
+        session = self.session(key)
+        gallery = session.gallery
+        source_row = None if source_file is None else session.position_of(source_file)
         if image is None:
             if source_row is None:
                 raise InvalidInputError("give a query image or the name of a gallery image")
-            image = self.gallery.path_of(source_row)
-        drop = source_row if leave_out_source else None
-        available = self.gallery.size - (drop is not None)
-        if available < 1:
+            image = gallery.path_of(source_row)
+        leave_out = bool(leave_out) and source_row is not None
+        if gallery.size - leave_out < 1:
             raise InvalidInputError("the gallery has no other image to return")
-        k = min(k, available)
-        fetch = min(k + (drop is not None), self.gallery.size)
-
         timings: dict[str, float] = {}
-        start = time.perf_counter()
+        started = time.perf_counter()
         feature, imagenet = self.extractor.embed_and_classify(image)
-        timings["embed"] = time.perf_counter() - start
-        query = feature[None, :]
-
+        timings["embed"] = time.perf_counter() - started
+        if source_row is not None:
+            feature = gallery.features[source_row]  # the exact row every method was fitted on
+            query_label = None if gallery.labels is None else int(gallery.labels[source_row])
+            query_label = None if query_label is not None and query_label < 0 else query_label
+        else:
+            query_label = session.label_of_class(query_class)
+        n_positives = None
+        if query_label is not None and gallery.labels is not None:
+            n_positives = int((gallery.labels == query_label).sum()) - int(
+                leave_out and source_row is not None)
+        query_name = None if query_label is None else gallery.class_names[query_label]
         rankings: dict[str, Ranking] = {}
-        start = time.perf_counter()
-        baseline = self.gallery.search(query, fetch)
-        distances, indices = baseline.distances, baseline.indices
-        seconds = time.perf_counter() - start
-        rankings[BASELINE] = Ranking(BASELINE, BASELINE_TITLE,
-                                     *_without(indices[0], distances[0], drop, k), seconds)
-        for name, reranker in self.rerankers.items():
-            start = time.perf_counter()
-            result = reranker.rerank(query, fetch, mode="online")
-            seconds = time.perf_counter() - start
-            rankings[name] = Ranking(name, type(reranker).title or name,
-                                     *_without(result.indices[0], result.distances[0], drop, k),
-                                     seconds, dict(result.details))
-        timings.update({name: ranking.seconds for name, ranking in rankings.items()})
-        source_class = None if source_row is None else self.gallery.class_of(source_row)
-        return QueryResult(source_file, source_class, imagenet, rankings, timings)
+        for method, _ in session.methods():
+            ranking = session.rank(method, feature, source_row, leave_out,
+                                   None if params is None else params.get(method))
+            rankings[method] = session.score(ranking, query_label, n_positives, top_n)
+            timings[method] = ranking.seconds
+        return QueryResult(session.key, source_row, source_file, query_label, query_name,
+                           n_positives, feature, imagenet, rankings, timings,
+                           min(top_n, len(rankings[BASELINE].indices)), leave_out)
+
+    def rerank(self, result: QueryResult, method: str, params: Mapping[str, Any] | None
+               ) -> QueryResult:
+        """The same query with one method re-run at new parameters."""
+        session = self.session(result.gallery_key)
+        ranking = session.rank(method, result.feature, result.source_row, result.leave_out,
+                               params)
+        ranking = session.score(ranking, result.query_label, result.n_positives, result.top_n)
+        return result.with_ranking(ranking)
 
 
-def fit_rerankers(gallery: Gallery, methods: Sequence[str] | None = None, device: str = "auto"
-                  ) -> tuple[dict[str, Reranker], dict[str, str]]:
-    """Create each named (default: every registered) re-ranker with default parameters and fit it.
-
-    Returns the fitted methods by name and, for each one whose creation or fit raised an
-    EngineError, its message.
-    """
-    fitted: dict[str, Reranker] = {}
-    failed: dict[str, str] = {}
-    context = gallery.context()
-    for name in list_rerankers() if methods is None else methods:
-        cls = get_reranker_class(name)
-        start = time.perf_counter()
-        try:
-            fitted[name] = cls(device=device).fit(context)
-        except EngineError as error:
-            logger.error("re-ranker %s is unavailable: %s", name, error)
-            failed[name] = str(error)
-            continue
-        logger.info("fitted %s in %.2f s", name, time.perf_counter() - start)
-    return fitted, failed
-
-
-def _without(indices: np.ndarray, distances: np.ndarray, drop: int | None, k: int
-             ) -> tuple[np.ndarray, np.ndarray]:
-    """The first k entries of a ranking after removing the row `drop` (when not None)."""
-    if drop is not None:
-        keep = indices != drop
-        indices, distances = indices[keep], distances[keep]
-    return (np.asarray(indices[:k], dtype=np.int64), np.asarray(distances[:k], dtype=np.float32))
-
+def default_allowed_roots() -> list[Path]:
+    """Folders a gallery may be opened from when none are configured: the home folder, the
+    working folder and the shipped demo gallery."""
+    return [Path.home(), Path.cwd(), DEMO_GALLERY]

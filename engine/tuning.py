@@ -46,7 +46,8 @@ def sweep(name: str, grid: Mapping[str, Sequence[float]], features: np.ndarray,
           labels: np.ndarray, protocol: str = "oxford17-split",
           base: Mapping[str, Any] | None = None,
           progress: Callable[[int, int], None] | None = None,
-          should_stop: Callable[[], bool] | None = None) -> list[Trial]:
+          should_stop: Callable[[], bool] | None = None,
+          on_trial: Callable[[Trial], None] | None = None) -> list[Trial]:
     """Score `name` at every combination of `grid` values on a fixed split of the collection.
 
     Args:
@@ -57,6 +58,7 @@ def sweep(name: str, grid: Mapping[str, Sequence[float]], features: np.ndarray,
         progress: called with (trials done, trials in all) after each trial.
         should_stop: polled between trials; when it returns True the sweep ends early and
             returns the trials done so far (cancel).
+        on_trial: called with each finished trial (for live plots).
     Returns:
         One Trial per setting tried, in grid order.
     """
@@ -88,6 +90,8 @@ def sweep(name: str, grid: Mapping[str, Sequence[float]], features: np.ndarray,
                           labels[split.gallery_rows], ks=(1,), n_positives=split.n_positives)
         trials.append(Trial(reranker.params.as_dict(), scores.map, scores.precision_at[1],
                             seconds))
+        if on_trial is not None:
+            on_trial(trials[-1])
         if progress is not None:
             progress(done, len(combinations))
     return trials

@@ -288,6 +288,16 @@ class Reranker(ABC):
         """Shorthand for `rerank(query_feature, k, mode="online")`."""
         return self.rerank(query_feature, k, mode="online")
 
+    # -- learned embedding spaces ---------------------------------------------------------------
+    def gallery_embeddings(self) -> np.ndarray | None:
+        """The gallery in the method's own embedding space, for methods that learn one (the
+        explorer can draw its map); None for methods that only re-order."""
+        return None
+
+    def query_embeddings(self, query_features: np.ndarray) -> np.ndarray:
+        """Queries (Q, d) mapped into the method's embedding space (see `gallery_embeddings`)."""
+        raise InvalidInputError(f"{self.name} has no embedding space of its own")
+
     # -- hooks ----------------------------------------------------------------------------------
     def _fit(self, context: GalleryContext) -> None:  # noqa: B027 - optional hook
         """Precompute gallery-side structures; the default needs none."""

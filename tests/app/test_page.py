@@ -1,182 +1,506 @@
-"""The explorer session and page on a tiny gallery (24 demo thumbnails of 3 classes)."""
+"""The page's event handlers on the tiny gallery, called directly, and the served `query` API."""
 
-import csv
-import shutil
-import socket
+from __future__ import annotations
+
+import json
+import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
+from typing import Any
 
 import gradio as gr
 import numpy as np
+import plotly.graph_objects as go
 import pytest
+from PIL import Image
 
-from app.page import PageHandlers, build_app, launch_options
-from app.session import BASELINE, ExplorerSession
-from engine.gallery import DEMO_GALLERY
+from app import page
+from app.page import (
+    ALL_CLASSES,
+    BASELINE_LABEL,
+    NO_CLASS,
+    NO_PARAMETER,
+    TUNE_PROTOCOL,
+    PageHandlers,
+    QueryView,
+    build_app,
+    launch_options,
+    rank_change,
+)
+from app.session import BASELINE, CUSTOM, Explorer, GallerySession, method_title
+from app.thumbnails import FRAME_COLOURS
 from engine.rerank import list_rerankers
+from engine.tuning import PRESETS_FILE, best_trial, sweep
+from tests.app.conftest import CLASSES, PER_CLASS, demo_file, make_gallery
 
-PER_CLASS = 8
-CLASSES = {0: "daffodil", 1: "snowdrop", 2: "lily_valley"}
 REPO = Path(__file__).resolve().parents[2]
+METHODS = [BASELINE, *list_rerankers()]
+UPLOAD = demo_file(1, PER_CLASS)  # a snowdrop that is not in the tiny gallery
+TOP = 10
+RANK_CHANGE = re.compile(r" · (▲\d+|▼\d+|=|new( \(was #\d+\))?)( [✓✗])?$")
 
 # gradio's queue uses pandas options that pandas 3 deprecates; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:.*(no_silent_downcasting|copy keyword):Warning")
 
 
-def demo_file(label: int, offset: int) -> Path:
-    """The demo gallery has 80 images per class, numbered from 1 in label order."""
-    return DEMO_GALLERY / "images" / f"image_{label * 80 + offset + 1:04d}.jpg"
+@pytest.fixture(scope="module")
+def handlers(explorer: Explorer) -> PageHandlers:
+    """The handlers of a built (not served) page: `build_app` fills their components."""
+    handlers = PageHandlers(explorer)
+    demo = build_app(explorer, handlers=handlers)
+    assert isinstance(demo, gr.Blocks)
+    return handlers
 
 
 @pytest.fixture(scope="module")
-def session(tmp_path_factory: pytest.TempPathFactory) -> ExplorerSession:
-    root = tmp_path_factory.mktemp("tiny_gallery")
-    rows = []
-    for label, name in CLASSES.items():
-        for offset in range(PER_CLASS):
-            source = demo_file(label, offset)
-            shutil.copy(source, root / source.name)
-            rows.append({"file": source.name, "label": label, "class_name": name})
-    with open(root / "labels.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, ["file", "label", "class_name"])
-        writer.writeheader()
-        writer.writerows(rows)
-    return ExplorerSession.load(root, device="cpu",
-                                cache_root=tmp_path_factory.mktemp("cache"))
+def session(explorer: Explorer) -> GallerySession:
+    return explorer.session(None)
 
 
 @pytest.fixture(scope="module")
-def handlers(session: ExplorerSession) -> PageHandlers:
-    return PageHandlers(session)
+def picked(handlers: PageHandlers, session: GallerySession) -> dict[Any, Any]:
+    """The updates of picking a daffodil (leave-one-out, plots of k-reciprocal); its top
+    TOP holds misses, as the daffodil has only PER_CLASS - 1 positives."""
+    return handlers.pick(session.key, session.gallery.files[3], True, TOP, "k_reciprocal",
+                         "backbone", *controls(handlers, session))
 
 
-def test_session_fits_every_registered_reranker(session: ExplorerSession) -> None:
-    assert session.gallery.size == PER_CLASS * len(CLASSES)
-    assert not session.unavailable
-    assert [name for name, _ in session.methods()] == [BASELINE, *list_rerankers()]
+def controls(handlers: PageHandlers, session: GallerySession,
+             **changed: dict[str, Any]) -> list[Any]:
+    """Every tab's control values, in page order: the gallery's defaults, with changes."""
+    values = []
+    for method in handlers.method_names:
+        params = {**session.params_for(method)[0], **changed.get(method, {})}
+        values += [params[name] for name in handlers.tabs[method].param_names]
+    return values
 
 
-@pytest.mark.parametrize("leave_out", [True, False])
-def test_query_of_a_gallery_image_ranks_with_every_method(session: ExplorerSession,
-                                                          leave_out: bool) -> None:
-    source = session.gallery.files[3]
-    result = session.query(source_file=source, leave_out_source=leave_out)
-    assert result.source_class == "daffodil"
-    assert len(result.imagenet) == 3
-    assert list(result.rankings) == [name for name, _ in session.methods()]
-    assert set(result.timings) == {"embed", *result.rankings}
-    for ranking in result.rankings.values():
-        assert ranking.indices.shape == ranking.distances.shape == (10,)
-        assert len(set(ranking.indices.tolist())) == 10
-        assert np.all(np.diff(ranking.distances) >= -1e-6)
-        assert all(session.gallery.path_of(row).is_file() for row in ranking.indices)
-        assert (3 in ranking.indices.tolist()) != leave_out
-    if not leave_out:  # the image itself is the nearest for the baseline
-        assert result.rankings[BASELINE].indices[0] == 3
+def tab_values(handlers: PageHandlers, session: GallerySession, method: str,
+               **changed: Any) -> list[Any]:
+    params = {**session.params_for(method)[0], **changed}
+    return [params[name] for name in handlers.tabs[method].param_names]
 
 
-def test_query_of_an_upload_has_no_class(session: ExplorerSession) -> None:
-    upload = demo_file(1, PER_CLASS)  # a snowdrop that is not in the tiny gallery
-    result = session.query(upload)
-    assert result.source_file is None and result.source_class is None
-    for ranking in result.rankings.values():
-        assert len(ranking.indices) == 10
-        # The tiny gallery's snowdrops are among the nearest of a snowdrop.
-        assert session.gallery.class_of(int(ranking.indices[0])) == "snowdrop"
+class Progress:
+    """Stands in for gr.Progress: records its calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, dict[str, Any]]] = []
+
+    def __call__(self, value: Any, **kwargs: Any) -> None:
+        self.calls.append((value, kwargs))
 
 
-def test_k_is_capped_by_the_gallery(session: ExplorerSession) -> None:
-    size = session.gallery.size
-    kept = session.query(source_file=session.gallery.files[0], k=100, leave_out_source=False)
-    left_out = session.query(source_file=session.gallery.files[0], k=100)
-    for name in kept.rankings:
-        assert len(kept.rankings[name].indices) == size
-        assert len(left_out.rankings[name].indices) == size - 1
+def captions(update: gr.Gallery) -> list[str]:
+    return [item["caption"] for item in update.value]
 
 
-def test_api_query_returns_files_and_distances(handlers: PageHandlers,
-                                               session: ExplorerSession) -> None:
-    summary = handlers.query(None, session.gallery.files[PER_CLASS], True)
-    assert summary["query"]["class"] == "snowdrop"
-    assert set(summary["methods"]) == {name for name, _ in session.methods()}
+def thumbnail_of(explorer: Explorer, item: dict[str, Any]) -> Path:
+    """The cached thumbnail a gallery item was made from (gradio serves a copy of it)."""
+    found = list(explorer.thumbnail_root.rglob(item["image"]["orig_name"]))
+    assert len(found) == 1, item
+    return found[0]
+
+
+# -- a gallery pick ----------------------------------------------------------------------------
+def test_pick_shows_every_method_side_by_side(handlers: PageHandlers, session: GallerySession,
+                                              picked: dict[Any, Any]) -> None:
+    w = handlers.w
+    view = picked[w["state"]]
+    assert isinstance(view, QueryView)
+    result = view.result
+    assert result.source_file == session.gallery.files[3] and result.top_n == TOP
+    assert picked[w["picked"]] == session.gallery.files[3]
+    assert picked[w["query_class"]]["value"] == NO_CLASS
+    assert set(picked[w["imagenet"]]) == {label for label, _ in result.imagenet}
+    assert "embed" in picked[w["timings"]]
+    assert picked[w["json"]]["query"]["class"] == "daffodil"
+    baseline = result.rankings[BASELINE]
+    baseline_rank = {row: rank for rank, row in enumerate(baseline.indices.tolist(), start=1)}
+    for method in list_rerankers():
+        tab = handlers.tabs[method]
+        ranking = result.rankings[method]
+        left, right = captions(picked[tab.baseline]), captions(picked[tab.reranked])
+        assert len(left) == len(right) == TOP
+        assert left[0].startswith("#1 · ") and right[0].startswith("#1 · ")
+        for rank, (caption, row, distance, hit) in enumerate(zip(
+                right, ranking.indices[:TOP].tolist(), ranking.distances[:TOP].tolist(),
+                ranking.relevant[:TOP].tolist(), strict=True), start=1):
+            change = rank_change(rank, baseline_rank.get(row), TOP)
+            assert caption == (f"#{rank} · {session.gallery.class_of(row)} · {distance:.3f} · "
+                               f"{change} {'✓' if hit else '✗'}")
+            assert RANK_CHANGE.search(caption)
+        for caption, hit in zip(left, baseline.relevant[:TOP].tolist(), strict=True):
+            assert caption.endswith(" ✓" if hit else " ✗")
+            assert not RANK_CHANGE.search(caption.removesuffix(" ✓").removesuffix(" ✗"))
+        metrics = picked[tab.metrics]
+        assert f"**AP** {baseline.ap:.3f} → **{ranking.ap:.3f}**" in metrics
+        assert f"**P@{TOP}** {baseline.precision:.2f} → **{ranking.precision:.2f}**" in metrics
+        assert "leave-one-out" in metrics
+        assert "authors' defaults" in picked[tab.source]
+    assert isinstance(picked[w["knn_plot"]], go.Figure)
+    assert isinstance(picked[w["map_plot"]], go.Figure)
+    for method, row_gallery in w["compare_rows"].items():
+        assert f"AP {result.rankings[method].ap:.3f}" in picked[row_gallery].label
+        assert len(picked[row_gallery].value) == TOP
+
+
+def test_thumbnails_come_from_the_cache_with_a_coloured_frame(
+        handlers: PageHandlers, explorer: Explorer, session: GallerySession,
+        picked: dict[Any, Any]) -> None:
+    query_image = Path(picked[handlers.w["query_image"]])
+    assert query_image.is_relative_to(explorer.thumbnail_root)
+    seen = set()
+    for method in list_rerankers():
+        tab = handlers.tabs[method]
+        for update in (picked[tab.baseline], picked[tab.reranked]):
+            for item in update.value:
+                assert not Path(item["image"]["path"]).is_relative_to(session.gallery.root)
+                thumbnail = thumbnail_of(explorer, item)
+                assert thumbnail.is_relative_to(explorer.thumbnail_root)
+                mark = "hit" if item["caption"].endswith("✓") else "miss"
+                assert thumbnail.name.endswith(f"-{mark}.jpg")
+                with Image.open(thumbnail) as image:
+                    corner = np.asarray(image.convert("RGB"))[1, 1].astype(int)
+                assert np.abs(corner - FRAME_COLOURS[mark]).max() < 40, (mark, corner)
+                seen.add(mark)
+    assert seen == {"hit", "miss"}  # both frames were checked
+
+
+def test_replot_keeps_the_knn_node_positions(handlers: PageHandlers, session: GallerySession,
+                                             picked: dict[Any, Any]) -> None:
+    view = picked[handlers.w["state"]]
+
+    def nodes(figure: go.Figure) -> dict[str, tuple[float, float]]:
+        found = {}
+        for trace in figure.data:
+            if trace.mode == "markers+text" and trace.name != "query":
+                for x, y, text in zip(trace.x, trace.y, trace.hovertext, strict=True):
+                    found[re.search(r"</b> (\S+)<br>", text).group(1)] = (x, y)
+        return found
+
+    plots = {method: handlers.replot(view, session.key, method, "backbone")
+             for method in (BASELINE, "k_reciprocal")}
+    figures = {method: updates[handlers.w["knn_plot"]] for method, updates in plots.items()}
+    baseline, reranked = nodes(figures[BASELINE]), nodes(figures["k_reciprocal"])
+    expected = {session.gallery.files[row] for row in view.result.top(BASELINE)[0]}
+    assert set(baseline) == expected
+    common = set(baseline) & set(reranked)
+    assert common
+    for file in common:
+        assert baseline[file] == reranked[file]
+    assert figures[BASELINE].layout.xaxis.range == figures["k_reciprocal"].layout.xaxis.range
+    for updates in plots.values():
+        assert isinstance(updates[handlers.w["map_plot"]], go.Figure)
+
+
+def test_rerank_method_changes_that_method_only(handlers: PageHandlers,
+                                                session: GallerySession,
+                                                picked: dict[Any, Any]) -> None:
+    w = handlers.w
+    view = picked[w["state"]]
+    updates = handlers.rerank_method("k_reciprocal", session.key, view, BASELINE, "backbone",
+                                     *tab_values(handlers, session, "k_reciprocal", k1=4, k2=2))
+    tab = handlers.tabs["k_reciprocal"]
+    result = updates[w["state"]].result
+    assert result.rankings["k_reciprocal"].params["k1"] == 4
+    assert result.rankings["k_reciprocal"].params_source == CUSTOM
+    assert "**custom**" in updates[tab.source] and "k1=4" in updates[tab.source]
+    assert len(updates[tab.reranked].value) == TOP
+    for method in METHODS:
+        if method != "k_reciprocal":
+            assert result.rankings[method] is view.result.rankings[method]
+    for other in list_rerankers():
+        if other != "k_reciprocal":
+            other_tab = handlers.tabs[other]
+            assert not {other_tab.baseline, other_tab.reranked, other_tab.metrics,
+                        other_tab.source} & set(updates)
+    assert updates[w["json"]]["methods"]["k_reciprocal"]["params"]["k1"] == 4
+    # Without a query the handler only reports the setting's source.
+    alone = handlers.rerank_method("k_reciprocal", session.key, None, BASELINE, "backbone",
+                                   *tab_values(handlers, session, "k_reciprocal", k1=4))
+    assert list(alone) == [tab.source] and "**custom**" in alone[tab.source]
+    with pytest.raises(gr.Error):
+        handlers.rerank_method("k_reciprocal", session.key, view, BASELINE, "backbone",
+                               *tab_values(handlers, session, "k_reciprocal", k1=0))
+
+
+def test_reset_params_returns_the_gallery_setting(handlers: PageHandlers,
+                                                  session: GallerySession) -> None:
+    for method in list_rerankers():
+        params, _ = session.params_for(method)
+        assert handlers.reset_params(method, session.key) == [
+            params[name] for name in handlers.tabs[method].param_names]
+
+
+# -- uploads and the JSON API ------------------------------------------------------------------
+def test_upload_forgets_the_pick_and_scores_with_a_class(handlers: PageHandlers,
+                                                         session: GallerySession) -> None:
+    updates = handlers.upload(session.key, str(UPLOAD), "snowdrop", True, 4, BASELINE,
+                              "backbone", *controls(handlers, session))
+    assert updates[handlers.w["picked"]] is None
+    result = updates[handlers.w["state"]].result
+    assert result.source_row is None and result.query_class == "snowdrop"
+    assert all(r.how == "online" and r.ap is not None for r in result.rankings.values())
+    tab = handlers.tabs["k_reciprocal"]
+    assert "online against the fitted gallery" in updates[tab.metrics]
+    unscored = handlers.upload(session.key, str(UPLOAD), NO_CLASS, True, 4, BASELINE,
+                               "backbone", *controls(handlers, session))
+    assert "Pick the query's class" in unscored[tab.metrics]
+    assert not any(caption.endswith(("✓", "✗")) for caption in captions(unscored[tab.reranked]))
+    assert handlers.upload(session.key, None, NO_CLASS, True, 4, BASELINE, "backbone",
+                           *controls(handlers, session)) == {}
+
+
+def test_api_query_returns_json_per_method(handlers: PageHandlers,
+                                           session: GallerySession) -> None:
+    file = session.gallery.files[PER_CLASS]
+    summary = handlers.api_query(None, file, True)
+    json.dumps(summary)  # JSON-ready
+    assert summary["query"]["file"] == file and summary["query"]["class"] == "snowdrop"
+    assert list(summary["methods"]) == METHODS
     for method in summary["methods"].values():
         assert len(method["files"]) == len(method["distances"]) == 10
-        assert all((session.gallery.root / file).is_file() for file in method["files"])
-        assert session.gallery.files[PER_CLASS] not in method["files"]
+        assert method["distances"] == sorted(method["distances"])
+        assert file not in method["files"]
+        assert all((session.gallery.root / name).is_file() for name in method["files"])
+        assert 0 <= method["ap"] <= 1 and method["how"] == "leave-one-out"
+    uploaded = handlers.api_query(str(UPLOAD), None, True, session.key, 5, "snowdrop")
+    assert uploaded["query"]["file"] is None and uploaded["query"]["class"] == "snowdrop"
+    for method in uploaded["methods"].values():
+        assert len(method["files"]) == 5 and method["how"] == "online"
+        assert 0 <= method["ap"] <= 1 and 0 <= method["p@5"] <= 1
 
 
-def test_render_captions_mark_class_matches(handlers: PageHandlers,
-                                            session: ExplorerSession) -> None:
-    summary = handlers.query(None, session.gallery.files[0], True)
-    imagenet, *galleries, timings = handlers.render(summary)
-    assert len(imagenet) == 3
-    assert len(galleries) == len(session.methods())
-    for gallery in galleries:
-        captions = [item["caption"] for item in gallery.value]
-        assert len(captions) == 10
-        assert captions[0].startswith("1 · ")
-        assert all(caption.endswith((" ✓", " ✗")) for caption in captions)
-    assert "embed" in timings
-
-
-def test_upload_clears_the_gallery_pick(handlers: PageHandlers) -> None:
-    dropdown, summary = handlers.upload(str(demo_file(2, PER_CLASS)), True)
-    assert dropdown is None
-    assert summary["query"]["file"] is None
+def test_query_without_an_image_or_pick_is_refused(handlers: PageHandlers) -> None:
+    with pytest.raises(gr.Error, match="Upload an image"):
+        handlers.api_query(None, None, True)
 
 
 @pytest.mark.parametrize("content", [b"", b"this is not an image", b"\x89PNG\r\n\x1a\ntruncated"])
-def test_query_rejects_a_non_image_upload(handlers: PageHandlers, tmp_path: Path,
-                                          content: bytes) -> None:
+def test_a_non_image_upload_is_refused_by_name(handlers: PageHandlers, tmp_path: Path,
+                                               content: bytes) -> None:
     upload = tmp_path / "upload.png"
     upload.write_bytes(content)
-    with pytest.raises(gr.Error, match=r"upload\.png"):
-        handlers.query(str(upload), None, True)
+    with pytest.raises(gr.Error, match=r"upload\.png") as raised:
+        handlers.api_query(str(upload), None, True)
+    assert str(tmp_path) not in raised.value.message  # no server path in the message
 
 
-def test_query_rejects_missing_and_unknown_inputs(handlers: PageHandlers) -> None:
-    with pytest.raises(gr.Error, match="Upload an image"):
-        handlers.query(None, None, True)
+def test_an_unknown_gallery_file_is_refused(handlers: PageHandlers,
+                                            session: GallerySession) -> None:
     with pytest.raises(gr.Error, match="not an image of the gallery"):
-        handlers.query(None, "../../etc/passwd", True)
+        handlers.api_query(None, "../../etc/passwd", True)
+    with pytest.raises(gr.Error, match="not an image of the gallery"):
+        handlers.pick(session.key, "missing.jpg", True, 5, BASELINE, "backbone",
+                      *controls(handlers, session))
+    with pytest.raises(gr.Error, match="no open gallery"):
+        handlers.api_query(None, session.gallery.files[0], True, "no-such-gallery")
 
 
-def test_the_page_builds_with_a_query_endpoint(session: ExplorerSession) -> None:
-    demo = build_app(session)
-    assert isinstance(demo, gr.Blocks)
-    api_names = {fn.api_name for fn in demo.fns.values()}
-    assert "query" in api_names
-    options = launch_options(session)
-    assert str(session.gallery.root) in options["allowed_paths"]
+# -- browsing ----------------------------------------------------------------------------------
+def test_browse_filters_by_class(handlers: PageHandlers, session: GallerySession) -> None:
+    w = handlers.w
+    updates = handlers.browse(session.key, "snowdrop", 1)
+    assert captions(updates[w["browser"]]) == ["snowdrop"] * PER_CLASS
+    assert (updates[w["page"]].value, updates[w["page"]].maximum) == (1, 1)
+    rows = handlers.browse_rows(session.key, "snowdrop", 1)
+    assert [session.gallery.class_of(row) for row in rows] == ["snowdrop"] * PER_CLASS
+    everything = handlers.browse(session.key, ALL_CLASSES, 1)
+    assert len(everything[w["browser"]].value) == session.gallery.size
+    with pytest.raises(gr.Error, match="not a class"):
+        handlers.browse(session.key, "tulip", 1)
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+def test_browse_pages(handlers: PageHandlers, session: GallerySession,
+                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(page, "BROWSE_PAGE", 10)
+    w = handlers.w
+    last = handlers.browse(session.key, ALL_CLASSES, 3)
+    assert len(last[w["browser"]].value) == session.gallery.size - 20
+    assert (last[w["page"]].value, last[w["page"]].maximum) == (3, 3)
+    assert handlers.browse_rows(session.key, ALL_CLASSES, 2) == list(range(10, 20))
+    clamped = handlers.browse(session.key, ALL_CLASSES, 9)
+    assert clamped[w["page"]].value == 3
+    assert captions(clamped[w["browser"]]) == captions(last[w["browser"]])
 
 
-def test_the_served_api_answers_a_query(session: ExplorerSession) -> None:
+@pytest.mark.parametrize("class_name", ["lily_valley", "daffodil"])
+def test_pick_random_draws_from_the_filtered_class(handlers: PageHandlers,
+                                                   session: GallerySession,
+                                                   class_name: str) -> None:
+    updates = handlers.pick_random(session.key, class_name, True, 3, BASELINE, "backbone",
+                                   *controls(handlers, session))
+    file = updates[handlers.w["picked"]]
+    assert session.gallery.class_of(session.position_of(file)) == class_name
+    assert updates[handlers.w["state"]].result.source_file == file
+
+
+# -- galleries ---------------------------------------------------------------------------------
+def test_switch_gallery_resets_the_controls(handlers: PageHandlers, explorer: Explorer,
+                                            app_root: Path) -> None:
+    second = explorer.open_folder(make_gallery(app_root / "second", per_class=4))
+    w = handlers.w
+    updates = handlers.switch_gallery(second.key)
+    for name in ("state", "picked", "query_image", "knn_plot", "json"):
+        assert updates[w[name]] is None
+    assert updates[w["query_class"]].value == NO_CLASS
+    assert updates[w["class_filter"]].value == ALL_CLASSES
+    assert second.title in updates[w["header"]]
+    assert len(updates[w["browser"]].value) == second.gallery.size
+    for method in list_rerankers():
+        tab = handlers.tabs[method]
+        params, source = second.params_for(method)
+        assert [updates[control]["value"] for control in tab.controls] == [
+            params[name] for name in tab.param_names]
+        assert updates[tab.baseline].value == [] and updates[tab.reranked].value == []
+        assert source == "authors' defaults"  # the second gallery has no presets
+        assert "**authors' defaults**" in updates[tab.source]
+    for row_gallery in w["compare_rows"].values():
+        assert updates[row_gallery].value == []
+
+
+def test_open_folder_refuses_folders_outside_the_allowed_roots(handlers: PageHandlers,
+                                                               tmp_path: Path) -> None:
+    for folder in ("/", str(tmp_path)):
+        with pytest.raises(gr.Error, match="outside the allowed folders"):
+            handlers.open_folder(folder, Progress())
+    with pytest.raises(gr.Error, match="Type the path"):
+        handlers.open_folder("  ", Progress())
+    with pytest.raises(gr.Error, match=r"Choose a \.zip"):
+        handlers.open_zip(None, Progress())
+
+
+def test_compare_rows_have_one_row_per_method(handlers: PageHandlers,
+                                              session: GallerySession) -> None:
+    rows = handlers.compare_rows(session)
+    assert [row[0] for row in rows] == [title for _, title in session.methods()]
+    for row, (method, _) in zip(rows, session.methods(), strict=True):
+        assert 0 <= row[1] <= 1 and 0 <= row[2] <= 1 and 0 <= row[3] <= 1
+        assert row[1] == round(session.scores(method).map, 4)
+
+
+# -- tuning ------------------------------------------------------------------------------------
+def test_tune_sweeps_and_reports_the_best_setting(handlers: PageHandlers,
+                                                  session: GallerySession) -> None:
+    progress = Progress()
+    base = tab_values(handlers, session, "k_reciprocal")
+    steps = list(handlers.tune("k_reciprocal", progress, session.key, "k1", "3, 6, 12",
+                               NO_PARAMETER, "", *base))
+    assert len(steps) == 3
+    for done, (figure, summary, _) in enumerate(steps, start=1):
+        assert isinstance(figure, go.Figure)
+        assert summary.startswith(f"{done}/3 settings")
+    gallery = session.gallery
+    defaults = session.params_for("k_reciprocal")[0]
+    expected = best_trial(sweep("k_reciprocal", {"k1": [3.0, 6.0, 12.0]}, gallery.features,
+                                gallery.labels, TUNE_PROTOCOL,
+                                {k: v for k, v in defaults.items() if k != "k1"}))
+    assert steps[-1][2] == expected.params
+    assert f"best mAP **{expected.map:.4f}**" in steps[-1][1]
+    assert progress.calls[0][0] == (0, 3) and progress.calls[-1][0] == (3, 3)
+
+
+def test_tune_refuses_bad_values(handlers: PageHandlers, session: GallerySession) -> None:
+    base = tab_values(handlers, session, "k_reciprocal")
+    with pytest.raises(gr.Error, match="not a number"):
+        next(handlers.tune("k_reciprocal", Progress(), session.key, "k1", "3, many",
+                           NO_PARAMETER, "", *base))
+    with pytest.raises(gr.Error, match="minimum"):
+        list(handlers.tune("k_reciprocal", Progress(), session.key, "k1", "0",
+                           NO_PARAMETER, "", *base))
+
+
+def test_cancelling_a_sweep_stops_its_thread(handlers: PageHandlers, session: GallerySession,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    trials: list[Any] = []
+    resume = threading.Event()
+
+    def gated_sweep(*args: Any, on_trial: Any, **kwargs: Any) -> Any:
+        def record(trial: Any) -> None:
+            trials.append(trial)
+            on_trial(trial)
+            assert resume.wait(10)  # hold the sweep until the test has cancelled
+
+        return sweep(*args, on_trial=record, **kwargs)
+
+    monkeypatch.setattr(page, "sweep", gated_sweep)
+    steps = handlers.tune("k_reciprocal", Progress(), session.key, "k1", "3, 4, 5, 6, 7, 8",
+                          NO_PARAMETER, "", *tab_values(handlers, session, "k_reciprocal"))
+    _, summary, _ = next(steps)
+    assert summary.startswith("1/6 settings")
+    worker = next(thread for thread in threading.enumerate()
+                  if thread.name == "sweep-k_reciprocal")
+    steps.close()  # what Gradio does when the event is cancelled
+    resume.set()
+    worker.join(10)
+    assert not worker.is_alive()
+    assert len(trials) == 1
+
+
+def test_save_best_writes_the_gallery_preset(handlers: PageHandlers, explorer: Explorer,
+                                             app_root: Path) -> None:
+    target = explorer.open_folder(make_gallery(app_root / "page_presets", per_class=3))
+    text = handlers.save_best("k_reciprocal", target.key, {"k1": 9, "k2": 4,
+                                                           "lambda_value": 0.2})
+    assert "**preset**" in text and "k1=9" in text
+    stored = json.loads((target.gallery.state_dir / PRESETS_FILE).read_text())
+    assert stored["k_reciprocal"]["params"] == {"k1": 9, "k2": 4, "lambda_value": 0.2}
+    assert target.params_for("k_reciprocal") == (stored["k_reciprocal"]["params"], "preset")
+    assert handlers.reset_params("k_reciprocal", target.key)[:2] == [9, 4]
+    with pytest.raises(gr.Error, match="Run a sweep first"):
+        handlers.save_best("k_reciprocal", target.key, None)
+    with pytest.raises(gr.Error, match="minimum"):
+        handlers.save_best("k_reciprocal", target.key, {"k1": 0})
+
+
+# -- the served page ---------------------------------------------------------------------------
+def test_launch_options_serve_only_the_thumbnails(explorer: Explorer,
+                                                  session: GallerySession) -> None:
+    options = launch_options(explorer)
+    assert options["allowed_paths"] == [str(explorer.thumbnail_root)]
+    assert str(session.gallery.root) not in options["allowed_paths"]
+
+
+def test_the_served_api_answers_a_query(server: str, session: GallerySession) -> None:
     from gradio_client import Client, handle_file
 
-    demo = build_app(session)
-    port = _free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                **launch_options(session))
-    try:
-        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
-        summary = client.predict(None, session.gallery.files[0], True, api_name="/query")
-        assert summary["query"]["class"] == "daffodil"
-        assert len(summary["methods"][BASELINE]["files"]) == 10
-        uploaded = client.predict(handle_file(str(demo_file(0, PER_CLASS))), None, True,
-                                  api_name="/query")
-        assert uploaded["query"]["file"] is None
-    finally:
-        demo.close()
+    client = Client(server, verbose=False)
+    summary = client.predict(None, session.gallery.files[0], True, api_name="/query")
+    assert summary["query"]["class"] == "daffodil"
+    assert list(summary["methods"]) == METHODS
+    assert len(summary["methods"][BASELINE]["files"]) == 10
+    assert session.gallery.files[0] not in summary["methods"][BASELINE]["files"]
+    uploaded = client.predict(handle_file(str(UPLOAD)), None, True, api_name="/query")
+    assert uploaded["query"]["file"] is None
+    nearest = uploaded["methods"][BASELINE]["classes"][0]
+    assert nearest == CLASSES[1]
+
+
+def test_query_is_the_only_public_endpoint(server: str) -> None:
+    from gradio_client import Client
+
+    info = Client(server, verbose=False).view_api(print_info=False, return_format="dict")
+    assert list(info["named_endpoints"]) == ["/query"]
+    assert not info["unnamed_endpoints"]
+    parameters = [p["parameter_name"] for p in info["named_endpoints"]["/query"]["parameters"]]
+    assert parameters[:3] == ["image", "gallery_file", "leave_out"]
+
+
+def test_method_titles_label_the_compare_rows(handlers: PageHandlers) -> None:
+    assert list(handlers.w["compare_rows"]) == METHODS
+    assert list(handlers.tabs) == list_rerankers()
+    labels = [component.label for component in handlers.w["compare_rows"].values()]
+    assert labels == [BASELINE_LABEL] + [method_title(method) for method in list_rerankers()]
 
 
 def test_engine_does_not_import_gradio() -> None:
-    code = ("import engine, engine.gallery, engine.rerank, sys; "
-            "engine.rerank.list_rerankers(); assert 'gradio' not in sys.modules")
+    code = ("import importlib, pkgutil, sys, engine; "
+            "[importlib.import_module(m.name) "
+            " for m in pkgutil.walk_packages(engine.__path__, 'engine.')]; "
+            "engine.rerank.list_rerankers(); "
+            "loaded = [name for name in ('gradio', 'umap') if name in sys.modules]; "
+            "assert not loaded, loaded")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)

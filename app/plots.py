@@ -1,0 +1,297 @@
+"""Plotly figures of the explorer page: the kNN graph around a query's results, the gallery
+embedding with the results marked, and parameter sweeps.
+
+Pure builders (arrays in, `go.Figure` out, no gradio), so they are tested without a UI. Figures
+that the page redraws when the user toggles between methods keep their axis ranges and trace
+order fixed and set a constant `uirevision`, so nothing moves or rescales and a zoom survives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import plotly.colors
+import plotly.graph_objects as go
+
+from engine.errors import InvalidInputError
+from engine.neighbourhood import NeighbourhoodGraph
+from engine.tuning import Trial, best_trial
+
+PALETTE = tuple(plotly.colors.qualitative.Dark24)
+"""Class colours, cycled by label (24 distinct hues: Oxford-17 needs no repeat)."""
+UNLABELLED_COLOUR = "#9e9e9e"
+QUERY_COLOUR = "#222222"
+OUTLINE_COLOUR = "#1a1a1a"
+LARGEST_NODE, SMALLEST_NODE = 28.0, 12.0
+AXIS_MARGIN = 0.15
+"""Room around the layout's bounding box (fraction of its wider side) for markers and labels."""
+
+
+def class_colour(label: int | None) -> str:
+    """The colour of class `label`, the same in every figure; grey for None or -1 (unlabelled)."""
+    if label is None or int(label) < 0:
+        return UNLABELLED_COLOUR
+    return PALETTE[int(label) % len(PALETTE)]
+
+
+def class_name(label: int | None, class_names: Sequence[str]) -> str:
+    """The display name of `label` ("unlabelled" for None or -1, the number if unnamed)."""
+    if label is None or int(label) < 0:
+        return "unlabelled"
+    return str(class_names[int(label)]) if int(label) < len(class_names) else str(int(label))
+
+
+def knn_figure(graph: NeighbourhoodGraph, ranking_rows: Sequence[int],
+               ranking_distances: Sequence[float], *, files: Sequence[str],
+               labels: np.ndarray | None, class_names: Sequence[str],
+               query_label: int | None = None, title: str = "") -> go.Figure:
+    """The query and one method's results as a graph, laid out by `graph.positions`.
+
+    Only the edges between shown nodes are drawn: mutual ones (each among the other's nearest)
+    wide and solid in one trace, one-way ones thin and dotted in another. Nodes are coloured by
+    class, numbered by rank and shrink with rank. The axis ranges come from every node of
+    `graph`, so the figures of two methods made from the same graph line up exactly.
+
+    Args:
+        graph: the layout and edges of the union of the methods' results.
+        ranking_rows: gallery rows of this method's results, best first (all in graph.rows).
+        ranking_distances: their distances, same length.
+        files: file name of every gallery row; labels: (G,) int class of every row, or None.
+        class_names: name of each label; query_label: the query's class, if known.
+    Returns:
+        Traces in a fixed order: one-way edges, mutual edges, one node trace per class shown
+        (ascending label, unlabelled last), the query.
+    """
+    rows, distances = _ranking(ranking_rows, ranking_distances)
+    nodes = graph.nodes_of(rows)
+    shown = np.zeros(len(graph.positions), bool)
+    shown[0] = True
+    shown[nodes] = True
+    drawn = shown[graph.edges].all(axis=1)
+    positions = graph.positions
+    figure = go.Figure()
+    for mutual, name, line in ((False, "one-way neighbours",
+                                {"width": 1.0, "dash": "dot", "color": "rgba(90,90,90,0.45)"}),
+                               (True, "mutual neighbours",
+                                {"width": 3.0, "color": "rgba(40,40,40,0.85)"})):
+        x, y = _segments(positions, graph.edges[drawn & (graph.mutual == mutual)])
+        figure.add_trace(go.Scatter(x=x, y=y, mode="lines", name=name, line=line,
+                                    hoverinfo="skip"))
+
+    ranks = np.arange(1, len(rows) + 1)
+    sizes = LARGEST_NODE - (LARGEST_NODE - SMALLEST_NODE) * (ranks - 1) / max(len(rows) - 1, 1)
+    row_labels = _labels_of(rows, labels)
+    for label in _label_order(row_labels):
+        members = np.flatnonzero(row_labels == label)
+        name = class_name(label, class_names)
+        figure.add_trace(go.Scatter(
+            x=positions[nodes[members], 0], y=positions[nodes[members], 1],
+            mode="markers+text", name=name, text=[str(rank) for rank in ranks[members]],
+            textposition="middle center", textfont={"color": "white", "size": 10},
+            marker={"color": class_colour(label), "size": sizes[members],
+                    "line": {"color": "white", "width": 1}},
+            hovertext=[f"<b>#{ranks[i]}</b> {files[rows[i]]}<br>class: {name}"
+                       f"<br>distance: {distances[i]:.4f}" for i in members],
+            hovertemplate="%{hovertext}<extra></extra>"))
+    query_class = ("" if query_label is None
+                   else f"<br>class: {class_name(query_label, class_names)}")
+    figure.add_trace(go.Scatter(
+        x=positions[:1, 0], y=positions[:1, 1], mode="markers+text", name="query",
+        text=["query"], textposition="top center", showlegend=False,
+        marker={"symbol": "star", "size": 30, "line": {"color": OUTLINE_COLOUR, "width": 1.5},
+                "color": QUERY_COLOUR if query_label is None else class_colour(query_label)},
+        hovertext=[f"<b>query</b>{query_class}"], hovertemplate="%{hovertext}<extra></extra>"))
+
+    x_range, y_range = _fixed_ranges(positions)
+    figure.update_layout(
+        title=title, uirevision="knn-graph", hovermode="closest", plot_bgcolor="white",
+        margin={"l": 10, "r": 10, "t": 40 if title else 10, "b": 10},
+        legend={"orientation": "h", "yanchor": "top", "y": -0.02},
+        xaxis={"range": x_range, "visible": False, "constrain": "domain"},
+        yaxis={"range": y_range, "visible": False, "constrain": "domain",
+               "scaleanchor": "x", "scaleratio": 1})
+    return figure
+
+
+def embedding_figure(coordinates: np.ndarray, *, files: Sequence[str],
+                     labels: np.ndarray | None, class_names: Sequence[str],
+                     query_xy: Sequence[float] | None = None,
+                     result_rows: Sequence[int] = (), result_distances: Sequence[float] = (),
+                     query_row: int | None = None, title: str = "") -> go.Figure:
+    """The whole gallery in 2-D coloured by class, the query as a star joined to its results.
+
+    The gallery is drawn with WebGL (thousands of points stay fast); the few results, lines and
+    the query are SVG traces, which plotly draws on top.
+
+    Args:
+        coordinates: (G, 2) position of every gallery row.
+        files, labels, class_names: as for `knn_figure` (labels None: one colour).
+        query_xy: the query's position; without it, `query_row`'s position (a gallery pick).
+        result_rows: gallery rows of the results, best first; result_distances: their
+            distances (or empty: hover without them).
+    Returns:
+        Traces in a fixed order: the gallery (one per class, ascending label, "unlabelled"
+        last; or one "gallery" trace), the query-result lines, the results, the query.
+    """
+    coordinates = np.asarray(coordinates, dtype=np.float64)
+    if coordinates.ndim != 2 or coordinates.shape[1] != 2:
+        raise InvalidInputError(f"coordinates must be (G, 2), got shape {coordinates.shape}")
+    size = len(coordinates)
+    results = np.asarray(result_rows, dtype=np.int64).reshape(-1)
+    distances = np.asarray(result_distances, dtype=np.float64).reshape(-1)
+    if len(distances) not in (0, len(results)):
+        raise InvalidInputError(f"{len(results)} result rows but {len(distances)} distances")
+    if results.size and (results.min() < 0 or results.max() >= size):
+        raise InvalidInputError(f"result rows must lie in [0, {size})")
+    if query_row is not None and not 0 <= int(query_row) < size:
+        raise InvalidInputError(f"query_row must lie in [0, {size}), got {query_row}")
+    if query_xy is not None:
+        query = np.asarray(query_xy, dtype=np.float64).reshape(2)
+    elif query_row is not None:
+        query = coordinates[int(query_row)]
+    else:
+        query = None
+
+    figure = go.Figure()
+    every_label = _labels_of(np.arange(size), labels)
+    for label in _label_order(every_label):
+        members = np.flatnonzero(every_label == label)
+        name = class_name(label, class_names) if labels is not None else "gallery"
+        figure.add_trace(go.Scattergl(
+            x=coordinates[members, 0], y=coordinates[members, 1], mode="markers", name=name,
+            marker={"color": class_colour(label) if labels is not None else PALETTE[0],
+                    "size": 5, "opacity": 0.6},
+            hovertext=[f"{files[i]}<br>class: {name}" for i in members],
+            hovertemplate="%{hovertext}<extra></extra>"))
+
+    x, y = [], []
+    if query is not None:                       # point 0 = the query, 1.. = the results
+        spokes = np.stack([np.zeros(len(results), np.int64), np.arange(1, len(results) + 1)], 1)
+        x, y = _segments(np.concatenate([query[None], coordinates[results]]), spokes)
+    figure.add_trace(go.Scatter(x=x, y=y, mode="lines", name="query → results", showlegend=False,
+                                line={"color": "rgba(40,40,40,0.5)", "width": 1},
+                                hoverinfo="skip"))
+    result_labels = _labels_of(results, labels)
+    hover = [f"<b>#{rank}</b> {files[row]}<br>class: {class_name(label, class_names)}"
+             + (f"<br>distance: {distances[rank - 1]:.4f}" if len(distances) else "")
+             for rank, (row, label) in enumerate(zip(results, result_labels, strict=True), 1)]
+    figure.add_trace(go.Scatter(
+        x=coordinates[results, 0], y=coordinates[results, 1], mode="markers", name="results",
+        marker={"color": [class_colour(label) for label in result_labels], "size": 12,
+                "line": {"color": OUTLINE_COLOUR, "width": 2}},
+        hovertext=hover, hovertemplate="%{hovertext}<extra></extra>"))
+    figure.add_trace(go.Scatter(
+        x=[] if query is None else [query[0]], y=[] if query is None else [query[1]],
+        mode="markers", name="query",
+        marker={"symbol": "star", "size": 22, "color": QUERY_COLOUR,
+                "line": {"color": "white", "width": 1.5}},
+        hovertemplate="<b>query</b><extra></extra>"))
+    figure.update_layout(
+        title=title, uirevision="embedding", hovermode="closest", plot_bgcolor="white",
+        margin={"l": 10, "r": 10, "t": 40 if title else 10, "b": 10},
+        xaxis={"visible": False, "constrain": "domain"},
+        yaxis={"visible": False, "constrain": "domain", "scaleanchor": "x", "scaleratio": 1})
+    return figure
+
+
+def sweep_figure(trials: Sequence[Trial], swept: Sequence[str] | str) -> go.Figure:
+    """mAP (solid) and P@1 (dashed) of a sweep against the first swept parameter.
+
+    With a second swept parameter there is one mAP / P@1 pair of lines per value of it (same
+    colour for a pair). The best-mAP trial (`engine.tuning.best_trial`) is marked with a star.
+    No trials: an empty figure that says so.
+    """
+    names = [swept] if isinstance(swept, str) else list(swept)
+    figure = go.Figure()
+    if not trials:
+        figure.add_annotation(text="no trials yet", showarrow=False, x=0.5, y=0.5,
+                              xref="paper", yref="paper", font={"size": 16})
+        figure.update_layout(xaxis={"visible": False}, yaxis={"visible": False},
+                             plot_bgcolor="white")
+        return figure
+    if len(names) not in (1, 2):
+        raise InvalidInputError(f"a sweep plot shows one or two parameters, got {names}")
+    missing = [name for name in names if any(name not in trial.params for trial in trials)]
+    if missing:
+        raise InvalidInputError(f"the trials have no parameter(s) {missing}")
+
+    first = names[0]
+    groups = ([(None, list(trials))] if len(names) == 1 else
+              [(value, [t for t in trials if t.params[names[1]] == value])
+               for value in sorted({trial.params[names[1]] for trial in trials})])
+    colours = plotly.colors.qualitative.Plotly
+    for number, (value, members) in enumerate(groups):
+        members = sorted(members, key=lambda trial: trial.params[first])
+        x = [trial.params[first] for trial in members]
+        suffix = "" if value is None else f", {names[1]}={_number(value)}"
+        for metric, dash, scores in (("mAP", "solid", [t.map for t in members]),
+                                     ("P@1", "dash", [t.p1 for t in members])):
+            # one parameter: a colour per metric; two: a colour per value of the second
+            colour = (colours[number % len(colours)] if value is not None
+                      else colours[0 if metric == "mAP" else 1])
+            figure.add_trace(go.Scatter(
+                x=x, y=scores, mode="lines+markers", name=metric + suffix,
+                legendgroup=str(value), line={"color": colour, "dash": dash},
+                hovertemplate=f"{first}=%{{x}}{suffix}<br>{metric} %{{y:.4f}}<extra></extra>"))
+    best = best_trial(trials)
+    setting = ", ".join(f"{name}={_number(best.params[name])}" for name in names)
+    figure.add_trace(go.Scatter(
+        x=[best.params[first]], y=[best.map], mode="markers", name="best mAP",
+        marker={"symbol": "star", "size": 18, "color": "gold",
+                "line": {"color": OUTLINE_COLOUR, "width": 1}},
+        hovertemplate=f"best mAP {best.map:.4f} (P@1 {best.p1:.4f})<br>{setting}<extra></extra>"))
+    figure.add_annotation(x=best.params[first], y=best.map, text=f"best mAP {best.map:.3f}",
+                          showarrow=True, arrowhead=2, ax=0, ay=-30)
+    figure.update_layout(xaxis_title=first, yaxis={"title": "mAP / P@1", "range": [0, 1]},
+                         hovermode="closest", legend={"orientation": "h", "y": -0.2})
+    return figure
+
+
+def _ranking(rows: Sequence[int], distances: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """A method's ranking as int64 rows and float64 distances, checked for length and repeats."""
+    rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+    distances = np.asarray(distances, dtype=np.float64).reshape(-1)
+    if len(rows) != len(distances):
+        raise InvalidInputError(f"{len(rows)} ranked rows but {len(distances)} distances")
+    if len(np.unique(rows)) != len(rows):
+        raise InvalidInputError("a ranking lists a gallery row twice")
+    return rows, distances
+
+
+def _labels_of(rows: np.ndarray, labels: np.ndarray | None) -> np.ndarray:
+    """(len(rows),) int64 labels of gallery rows, -1 for unlabelled (every row without labels)."""
+    if labels is None:
+        return np.full(len(rows), -1, np.int64)
+    return np.maximum(np.asarray(labels, dtype=np.int64)[rows], -1)
+
+
+def _label_order(labels: np.ndarray) -> list[int]:
+    """Distinct labels ascending with the unlabelled (-1) last: a stable trace order."""
+    distinct = np.unique(labels).tolist()
+    labelled = [label for label in distinct if label >= 0]
+    return [*labelled, -1] if -1 in distinct else labelled
+
+
+def _segments(points: np.ndarray, pairs: np.ndarray) -> tuple[list[Any], list[Any]]:
+    """x and y lists of line segments between points[a] and points[b], None-separated."""
+    x = np.full((len(pairs), 3), None, dtype=object)
+    y = np.full((len(pairs), 3), None, dtype=object)
+    if len(pairs):
+        x[:, 0], x[:, 1] = points[pairs[:, 0], 0], points[pairs[:, 1], 0]
+        y[:, 0], y[:, 1] = points[pairs[:, 0], 1], points[pairs[:, 1], 1]
+    return x.ravel().tolist(), y.ravel().tolist()
+
+
+def _fixed_ranges(positions: np.ndarray) -> tuple[list[float], list[float]]:
+    """Axis ranges around every node of a layout (not only the shown ones), with a margin."""
+    low, high = positions.min(axis=0), positions.max(axis=0)
+    margin = AXIS_MARGIN * max(float((high - low).max()), 1.0)
+    return ([float(low[0] - margin), float(high[0] + margin)],
+            [float(low[1] - margin), float(high[1] + margin)])
+
+
+def _number(value: Any) -> str:
+    """A parameter value for a label: 0.30000000000000004 -> 0.3."""
+    return f"{value:g}" if isinstance(value, float) else str(value)

@@ -1,0 +1,193 @@
+"""The explorer page in a real browser: Debian's headless chromium driven by Playwright.
+
+Uploads a query, checks every result gallery, both plots and the Compare tab, clicks an example
+and a plot toggle, saves a full-page screenshot and prints how long each step took (timings are
+reported, not asserted). Skips, with the reason, where chromium or Playwright is missing; CI
+(.ci/run) installs both.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from app.page import BASELINE_LABEL
+from app.session import BASELINE_TITLE, DEFAULT_TOP_N, method_title
+from engine.rerank import list_rerankers
+from tests.app.conftest import CLASSES, PER_CLASS, demo_file
+
+CHROMIUM = Path(os.environ.get("RETRIEVAL_EXPLORER_CHROMIUM", "/usr/bin/chromium"))
+# Playwright cannot download its own browser here; without the background-networking flags
+# chromium keeps calling home on a closed network.
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+FIRST_QUERY_MS = 240_000
+"""The first query embeds with the backbone and compiles numba for the map transform."""
+STEP_MS = 60_000
+
+
+def missing_browser() -> str:
+    """Why the browser cannot run here ('' when it can); checked before the server starts."""
+    if importlib.util.find_spec("playwright") is None:
+        return "Playwright is not installed (pip install -r requirements-dev.txt)"
+    if not os.access(CHROMIUM, os.X_OK):
+        return (f"no chromium at {CHROMIUM} (apt-get install chromium, or set "
+                "RETRIEVAL_EXPLORER_CHROMIUM)")
+    return ""
+
+
+pytestmark = [
+    pytest.mark.skipif(bool(missing_browser()), reason=missing_browser() or "-"),
+    # gradio's queue uses pandas options that pandas 3 deprecates; not ours to fix.
+    pytest.mark.filterwarnings("ignore:.*(no_silent_downcasting|copy keyword):Warning"),
+]
+
+
+@dataclass
+class Browser:
+    """A chromium page, with its uncaught errors (asserted) and console warnings (printed)."""
+
+    page: Any
+    errors: list[str] = field(default_factory=list)
+    console: list[str] = field(default_factory=list)
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Browser]:
+    """A page of headless chromium on a fresh profile."""
+    from playwright import sync_api
+
+    profile = tmp_path_factory.mktemp("chromium-profile")
+    with sync_api.sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            str(profile), executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS,
+            viewport={"width": 1400, "height": 1000})
+        context.set_default_timeout(STEP_MS)
+        found = Browser(context.pages[0] if context.pages else context.new_page())
+        found.page.on("pageerror", lambda error: found.errors.append(str(error)))
+        found.page.on("console", lambda message: message.type in ("error", "warning")
+                      and found.console.append(f"{message.type}: {message.text}"))
+        try:
+            yield found
+        finally:
+            context.close()
+
+
+def thumbnails(page: Any, elem_id: str) -> Any:
+    return page.locator(f"#{elem_id} .thumbnail-item")
+
+
+def signature(page: Any, elem_id: str) -> str:
+    """The captions and image sources of a gallery: changes when its results change."""
+    return page.eval_on_selector_all(
+        f"#{elem_id} .thumbnail-item",
+        "items => items.map(i => (i.querySelector('img')?.src ?? '') + '|' + i.innerText)"
+        ".join('\\n')")
+
+
+def wait_for_results(page: Any, elem_ids: list[str], before: dict[str, str], count: int,
+                     timeout: float) -> None:
+    """Wait until each gallery shows `count` thumbnails that differ from `before`."""
+    page.wait_for_function(
+        """([ids, before, count]) => ids.every(id => {
+               const items = [...document.querySelectorAll(`#${id} .thumbnail-item`)];
+               const now = items.map(i => (i.querySelector('img')?.src ?? '') + '|' + i.innerText)
+                                .join('\\n');
+               return items.length === count && now !== (before[id] ?? '');
+           })""",
+        arg=[elem_ids, before, count], timeout=timeout, polling=100)
+
+
+def timed(timings: dict[str, float], name: str, action: Callable[[], None]) -> None:
+    start = time.perf_counter()
+    action()
+    timings[name] = time.perf_counter() - start
+
+
+def test_page_in_browser(server: str, browser: Browser, tmp_path: Path) -> None:
+    screenshot = tmp_path / "explorer.png"
+    timings: dict[str, float] = {}
+    try:
+        explore(browser.page, server, timings, f"(screenshot: {screenshot})")
+        assert not browser.errors, f"uncaught page errors {browser.errors} (see {screenshot})"
+    finally:
+        browser.page.screenshot(path=str(screenshot), full_page=True)
+        print(f"\nscreenshot: {screenshot}")
+        print("timings (s): " + ", ".join(f"{name} {seconds:.2f}"
+                                          for name, seconds in timings.items()))
+        for line in browser.console:
+            print(f"browser console {line}")
+
+
+def explore(page: Any, server: str, timings: dict[str, float], shot: str) -> None:
+    """Drive the page; `timings` gets the seconds of each step, `shot` ends failure messages."""
+    methods = list_rerankers()
+    assert methods, "no re-ranker registered"
+    first = methods[0]
+    galleries = [f"baseline-{first}", f"reranked-{first}"]
+
+    def upload(image: Path, timeout: float) -> None:
+        before = {elem_id: signature(page, elem_id) for elem_id in galleries}
+        page.locator("#query-image input[type=file]").set_input_files(str(image))
+        wait_for_results(page, galleries, before, DEFAULT_TOP_N, timeout)
+
+    timed(timings, "page load", lambda: (
+        page.goto(server, wait_until="load"),
+        page.locator("#query-image input[type=file]").wait_for(state="attached"),
+        thumbnails(page, "examples").first.wait_for()))
+
+    # A demo image of the second class that the tiny gallery does not hold.
+    timed(timings, "upload -> results", lambda: upload(demo_file(1, PER_CLASS), FIRST_QUERY_MS))
+    for elem_id in galleries:
+        count = thumbnails(page, elem_id).count()
+        assert count == DEFAULT_TOP_N, f"#{elem_id} shows {count} results {shot}"
+
+    for elem_id in ("knn-plot", "embedding-map"):
+        page.locator(f"#{elem_id} .js-plotly-plot").wait_for()
+    points = page.locator("#knn-plot .scatterlayer .point").count()
+    # the plotted method's results and the query, at least
+    assert points >= DEFAULT_TOP_N + 1, f"the kNN plot draws {points} points {shot}"
+    title = page.locator("#knn-plot .gtitle").text_content() or ""
+    assert method_title(first) in title, f"kNN plot title {title!r} {shot}"
+
+    timed(timings, "upload -> results (warm)", lambda: upload(demo_file(2, PER_CLASS), STEP_MS))
+
+    # The plot toggle: show the baseline's results; only the plots are redrawn.
+    def toggle() -> None:
+        page.get_by_label(BASELINE_LABEL, exact=True).check()
+        page.wait_for_function(
+            "title => document.querySelector('#knn-plot .gtitle')?.textContent.includes(title)",
+            arg=BASELINE_TITLE, polling=50)
+
+    timed(timings, "plot toggle", toggle)
+
+    # An example of the first class (the last upload was of the third): its thumbnail becomes
+    # the query image and the results change.
+    before = {elem_id: signature(page, elem_id) for elem_id in galleries}
+    query_before = page.locator("#query-image img").get_attribute("src")
+    timed(timings, "example -> results", lambda: (
+        thumbnails(page, "examples").first.click(),
+        wait_for_results(page, galleries, before, DEFAULT_TOP_N, STEP_MS)))
+    query_after = page.locator("#query-image img").get_attribute("src")
+    assert query_after and query_after != query_before, (
+        f"the query image stayed {query_before!r} after clicking an example {shot}")
+    top = thumbnails(page, galleries[0]).first.inner_text()
+    assert CLASSES[0] in top, f"top baseline result {top!r} for a {CLASSES[0]} example {shot}"
+
+    # Compare: one row per method and the baseline (a virtual table: rows are [role=row]).
+    rows = page.locator("#compare-table [role=row]")
+    timed(timings, "tab switch (Compare)", lambda: (
+        page.get_by_role("tab", name="Compare").click(),
+        rows.nth(1).wait_for(state="visible")))
+    cells = [rows.nth(i).locator("[role=gridcell], td, th").first.inner_text().strip()
+             for i in range(rows.count())]
+    expected = ["method", BASELINE_TITLE, *(method_title(name) for name in methods)]
+    assert cells == expected, f"Compare table rows {cells} {shot}"

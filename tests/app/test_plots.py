@@ -1,0 +1,235 @@
+"""Structure of the page's plotly figures: what is drawn, where, and that toggling moves nothing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from app.plots import PALETTE, class_colour, embedding_figure, knn_figure, sweep_figure
+from engine.errors import InvalidInputError
+from engine.neighbourhood import neighbourhood_graph
+from engine.rerank.ops import knn_graph
+from engine.tuning import Trial
+
+CLASS_NAMES = ["daffodil", "snowdrop", "lily", "bluebell"]
+SIZE = 60
+
+
+@pytest.fixture(scope="module")
+def gallery():
+    """Random unit features in 4 classes, a query near row 7, and two rankings of it."""
+    rng = np.random.default_rng(3)
+    centres = rng.normal(size=(4, 12))
+    labels = np.arange(SIZE) % 4
+    features = centres[labels] + 0.8 * rng.normal(size=(SIZE, 12))
+    features /= np.linalg.norm(features, axis=1, keepdims=True)
+    query = features[7] + 0.3 * rng.normal(size=12)
+    query /= np.linalg.norm(query)
+    order = np.argsort(-(features @ query), kind="stable")
+    baseline, reranked = order[:10], np.concatenate([order[12:16], order[:10:2]])
+    distances = 2 - 2 * (features @ query)
+    knn = knn_graph(features.astype(np.float32), 16)
+    graph = neighbourhood_graph(query, features, np.concatenate([baseline, reranked]), knn,
+                                edge_k=5)
+    files = [f"image_{row:04d}.jpg" for row in range(SIZE)]
+    return {"graph": graph, "labels": labels, "files": files, "baseline": baseline,
+            "reranked": reranked, "distances": distances}
+
+
+def draw(gallery, ranking, **extra):
+    return knn_figure(gallery["graph"], ranking, gallery["distances"][ranking],
+                      files=gallery["files"], labels=gallery["labels"],
+                      class_names=CLASS_NAMES, **extra)
+
+
+def node_traces(figure):
+    return [trace for trace in figure.data if "markers" in trace.mode and trace.name != "query"]
+
+
+def segments(trace) -> list[tuple[tuple[float, float], tuple[float, float]]]:
+    """The None-separated two-point segments of a line trace."""
+    points = list(zip(trace.x, trace.y, strict=True))
+    runs, run = [], []
+    for point in [*points, (None, None)]:
+        if point[0] is None:
+            if run:
+                runs.append(run)
+            run = []
+        else:
+            run.append(point)
+    assert all(len(run) == 2 for run in runs)
+    return [tuple(run) for run in runs]
+
+
+def trace_named(figure, name):
+    (trace,) = [trace for trace in figure.data if trace.name == name]
+    return trace
+
+
+def marker_positions(figure) -> dict[str, tuple[float, float]]:
+    """file name -> marker position, read from the hover texts."""
+    found = {}
+    for trace in node_traces(figure):
+        for x, y, hover in zip(trace.x, trace.y, trace.hovertext, strict=True):
+            found[hover.split("</b> ")[1].split("<br>")[0]] = (x, y)
+    return found
+
+
+def test_knn_figure_draws_the_shown_nodes_and_their_edges(gallery):
+    graph, ranking = gallery["graph"], gallery["reranked"]
+    figure = draw(gallery, ranking)
+    assert sum(len(trace.x) for trace in node_traces(figure)) == len(ranking)
+    assert len(trace_named(figure, "query").x) == 1
+    assert trace_named(figure, "query").marker.symbol == "star"
+
+    node_at = {tuple(point): node for node, point in enumerate(graph.positions.tolist())}
+    shown = {0, *graph.nodes_of(ranking).tolist()}
+    for name, mutual in (("mutual neighbours", True), ("one-way neighbours", False)):
+        drawn = {tuple(sorted(node_at[end] for end in segment))
+                 for segment in segments(trace_named(figure, name))}
+        expected = {tuple(edge) for edge, is_mutual in zip(graph.edges.tolist(), graph.mutual,
+                                                          strict=True)
+                    if is_mutual == mutual and set(edge) <= shown}
+        assert drawn == expected and expected
+    assert len(graph.edges) > sum(len(segments(trace_named(figure, name)))
+                                  for name in ("mutual neighbours", "one-way neighbours"))
+    mutual, one_way = trace_named(figure, "mutual neighbours"), trace_named(figure,
+                                                                           "one-way neighbours")
+    assert mutual.line.width > one_way.line.width
+
+
+def test_knn_figures_of_two_rankings_line_up(gallery):
+    baseline, reranked = draw(gallery, gallery["baseline"]), draw(gallery, gallery["reranked"])
+    first, second = marker_positions(baseline), marker_positions(reranked)
+    common = set(first) & set(second)
+    assert len(common) >= 5
+    assert all(first[name] == second[name] for name in common)
+    assert trace_named(baseline, "query").x == trace_named(reranked, "query").x
+    assert baseline.layout.xaxis.range == reranked.layout.xaxis.range
+    assert baseline.layout.yaxis.range == reranked.layout.yaxis.range
+    positions = gallery["graph"].positions
+    assert baseline.layout.xaxis.range[0] < positions[:, 0].min()
+    assert baseline.layout.yaxis.range[1] > positions[:, 1].max()
+    assert baseline.layout.uirevision == reranked.layout.uirevision is not None
+    present = sorted(set(gallery["labels"][gallery["baseline"]].tolist()))
+    assert [trace.name for trace in baseline.data] == [
+        "one-way neighbours", "mutual neighbours", *(CLASS_NAMES[i] for i in present), "query"]
+    assert draw(gallery, gallery["baseline"]).to_dict() == baseline.to_dict()  # deterministic
+
+
+def test_knn_nodes_shrink_with_rank_and_say_what_they_are(gallery):
+    ranking, labels = gallery["baseline"], gallery["labels"]
+    figure = draw(gallery, ranking, query_label=int(labels[7]))
+    by_rank = {}
+    for trace in node_traces(figure):
+        assert trace.name in CLASS_NAMES
+        for text, size, hover in zip(trace.text, trace.marker.size, trace.hovertext, strict=True):
+            by_rank[int(text)] = (size, hover, trace.marker.color)
+    assert sorted(by_rank) == list(range(1, len(ranking) + 1))
+    sizes = [by_rank[rank][0] for rank in sorted(by_rank)]
+    assert sizes[0] == 28 and all(np.diff(sizes) < 0) and sizes[-1] >= 10
+    for rank, row in enumerate(ranking, start=1):
+        _, hover, colour = by_rank[rank]
+        assert gallery["files"][row] in hover and CLASS_NAMES[labels[row]] in hover
+        assert f"{gallery['distances'][row]:.4f}" in hover and f"#{rank}" in hover
+        assert colour == class_colour(labels[row])
+    assert trace_named(figure, "query").marker.color == class_colour(labels[7])
+
+
+def test_knn_figure_refuses_rows_outside_the_graph(gallery):
+    outside = next(row for row in range(SIZE) if row not in gallery["graph"].rows)
+    with pytest.raises(InvalidInputError, match="not nodes"):
+        draw(gallery, np.array([gallery["baseline"][0], outside]))
+    with pytest.raises(InvalidInputError, match="distances"):
+        knn_figure(gallery["graph"], gallery["baseline"], [0.1], files=gallery["files"],
+                   labels=None, class_names=[])
+
+
+def test_class_colours_are_stable_and_grey_for_unlabelled():
+    assert class_colour(3) == class_colour(np.int64(3))
+    assert len({class_colour(label) for label in range(17)}) == 17
+    assert class_colour(None) == class_colour(-1) != class_colour(0)
+    assert class_colour(0) == class_colour(len(PALETTE))                 # cycles
+
+
+def test_embedding_figure_shows_the_gallery_and_the_results():
+    rng = np.random.default_rng(0)
+    coordinates = rng.normal(size=(SIZE, 2))
+    labels = np.arange(SIZE) % 4
+    labels[:3] = -1
+    files = [f"image_{row:04d}.jpg" for row in range(SIZE)]
+    results, distances = [5, 9, 2, 40], [0.1, 0.2, 0.3, 0.4]
+    figure = embedding_figure(coordinates, files=files, labels=labels, class_names=CLASS_NAMES,
+                              query_xy=(0.5, -0.5), result_rows=results,
+                              result_distances=distances)
+    gallery_traces = [trace for trace in figure.data if trace.type == "scattergl"]
+    assert [trace.name for trace in gallery_traces] == [*CLASS_NAMES, "unlabelled"]
+    assert sum(len(trace.x) for trace in gallery_traces) == SIZE
+    assert gallery_traces[0].marker.color == class_colour(0)
+    assert gallery_traces[0].hovertext[0] == "image_0004.jpg<br>class: daffodil"  # 0 unlabelled
+    highlighted = trace_named(figure, "results")
+    assert len(highlighted.x) == len(results)
+    assert highlighted.marker.size > gallery_traces[0].marker.size
+    assert highlighted.hovertext[1] == ("<b>#2</b> image_0009.jpg<br>class: snowdrop"
+                                        "<br>distance: 0.2000")
+    spokes = segments(trace_named(figure, "query → results"))
+    assert len(spokes) == len(results)
+    assert {end for _, end in spokes} == {tuple(coordinates[row]) for row in results}
+    query = trace_named(figure, "query")
+    assert (query.x, query.y) == ((0.5,), (-0.5,)) and query.marker.symbol == "star"
+
+
+def test_embedding_figure_without_labels_or_query_position():
+    coordinates = np.random.default_rng(1).normal(size=(SIZE, 2))
+    files = [f"f{row}" for row in range(SIZE)]
+    figure = embedding_figure(coordinates, files=files, labels=None, class_names=[],
+                              result_rows=[1, 2], query_row=11)
+    (gallery_trace,) = [trace for trace in figure.data if trace.type == "scattergl"]
+    assert len(gallery_trace.x) == SIZE and isinstance(gallery_trace.marker.color, str)
+    assert trace_named(figure, "query").x == (coordinates[11, 0],)
+    assert len(segments(trace_named(figure, "query → results"))) == 2
+    alone = embedding_figure(coordinates, files=files, labels=None, class_names=[],
+                             result_rows=[1, 2])
+    assert len(trace_named(alone, "query").x) == 0
+    assert len(segments(trace_named(alone, "query → results"))) == 0
+
+
+def trial(k1, map_, p1, lambda_value=0.3):
+    return Trial({"k1": k1, "lambda_value": lambda_value}, map_, p1, 0.01)
+
+
+def test_sweep_figure_of_one_parameter():
+    trials = [trial(20, 0.6, 0.7), trial(5, 0.4, 0.5), trial(10, 0.65, 0.8), trial(30, 0.5, 0.6)]
+    figure = sweep_figure(trials, ["k1"])
+    assert [trace.name for trace in figure.data] == ["mAP", "P@1", "best mAP"]
+    assert figure.data[0].x == (5, 10, 20, 30)
+    assert figure.data[0].y == (0.4, 0.65, 0.6, 0.5)
+    assert figure.data[1].y == (0.5, 0.8, 0.7, 0.6) and figure.data[1].line.dash == "dash"
+    assert (figure.data[2].x, figure.data[2].y) == ((10,), (0.65,))
+    assert figure.layout.xaxis.title.text == "k1"
+    assert tuple(figure.layout.yaxis.range) == (0, 1)
+
+
+def test_sweep_figure_of_two_parameters():
+    trials = [trial(k1, 0.1 * k1 / 10 + lam, 0.5 + lam, lam)
+              for k1 in (20, 10, 30) for lam in (0.3, 0.1)]
+    figure = sweep_figure(trials, ("k1", "lambda_value"))
+    assert [trace.name for trace in figure.data] == [
+        "mAP, lambda_value=0.1", "P@1, lambda_value=0.1", "mAP, lambda_value=0.3",
+        "P@1, lambda_value=0.3", "best mAP"]
+    for map_trace, p1_trace in (figure.data[0:2], figure.data[2:4]):
+        assert map_trace.x == p1_trace.x == (10, 20, 30)
+        assert map_trace.line.color == p1_trace.line.color
+        assert map_trace.line.dash == "solid" and p1_trace.line.dash == "dash"
+    assert figure.data[0].line.color != figure.data[2].line.color
+    assert (figure.data[4].x, figure.data[4].y) == ((30,), (pytest.approx(0.6),))
+    with pytest.raises(InvalidInputError, match="one or two"):
+        sweep_figure(trials, ["k1", "lambda_value", "k2"])
+    with pytest.raises(InvalidInputError, match="no parameter"):
+        sweep_figure(trials, ["k3"])
+
+
+def test_sweep_figure_without_trials():
+    figure = sweep_figure([], ["k1"])
+    assert len(figure.data) == 0
+    assert figure.layout.annotations[0].text == "no trials yet"

@@ -762,7 +762,7 @@ def build_app(explorer: Explorer, concurrency_limit: int = DEFAULT_CONCURRENCY,
                     w["leave_out"] = gr.Checkbox(value=True, label="Leave a gallery query out "
                                                  "of its own results")
                     w["top_n"] = gr.Slider(3, 30, value=DEFAULT_TOP_N, step=1,
-                                           label="Results shown per method")
+                                           label="Results per method")
                 w["search"] = gr.Button("Search again", variant="primary")
                 w["imagenet"] = gr.Label(num_top_classes=3, label="Backbone's ImageNet top-3")
                 w["timings"] = gr.Markdown(elem_id="timings")
@@ -776,7 +776,7 @@ def build_app(explorer: Explorer, concurrency_limit: int = DEFAULT_CONCURRENCY,
                                                     value=ALL_CLASSES, label="Browse a class",
                                                     scale=3)
                     w["random"] = gr.Button("Random image", scale=1)
-                w["browser"] = gr.Gallery(columns=8, height=360, allow_preview=False,
+                w["browser"] = gr.Gallery(columns=6, height=360, allow_preview=False,
                                           object_fit="cover", interactive=False,
                                           elem_id="browser")
                 w["page"] = gr.Number(value=1, minimum=1, precision=0, label="Page",

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from engine.errors import CacheError, InvalidInputError, MissingDependencyError
+from engine.rerank.base import check_features
 from engine.storage import atomic_path, atomic_save_npz, load_npz
 
 logger = logging.getLogger(__name__)
@@ -87,31 +88,6 @@ def _numba_threads(count: int) -> Iterator[None]:
         yield
     finally:
         numba.set_num_threads(previous)
-
-
-def _check_map_features(features: Any, name: str, dim: int | None = None) -> np.ndarray:
-    """Validate a (n, d) or (d,) numeric, finite matrix and return it as contiguous float32."""
-    array = np.asarray(features)
-    if array.ndim == 1:
-        array = array[None, :]
-    if array.ndim != 2:
-        raise InvalidInputError(f"{name} must be a 2-D (n, d) array, got shape {array.shape}")
-    if array.shape[0] == 0 or array.shape[1] == 0:
-        raise InvalidInputError(f"{name} is empty (shape {array.shape})")
-    if not np.issubdtype(array.dtype, np.number):
-        raise InvalidInputError(f"{name} must be numeric, got dtype {array.dtype}")
-    if dim is not None and array.shape[1] != dim:
-        raise InvalidInputError(
-            f"{name} have {array.shape[1]} dimensions but the map was fitted on {dim}: were "
-            "they made with another backbone?")
-    array = np.ascontiguousarray(array, dtype=np.float32)
-    finite_rows = np.isfinite(array).all(axis=1)
-    if not finite_rows.all():
-        bad = np.flatnonzero(~finite_rows)
-        raise InvalidInputError(
-            f"{name} contain NaN or infinite values in rows {bad[:10].tolist()}"
-            f"{' ...' if bad.size > 10 else ''}; re-extract those features")
-    return array
 
 
 def _check_name(name: str) -> str:
@@ -227,7 +203,8 @@ class EmbeddingMap:
         when the map came from `load_or_fit`; a map from `load` has no features to refit with
         and raises CacheError instead.
         """
-        points = _check_map_features(features, "features to place on the map", self.dim)
+        points = check_features(features, "features to place on the map", self.dim,
+                                unit_norm=False)
         with _UMAP_LOCK:
             model = self._model_locked()
             threads = 1 if points.shape[0] <= SMALL_BATCH else os.cpu_count() or 1
@@ -339,7 +316,7 @@ class EmbeddingMap:
             the map; its coordinates are (G, 2) float32, row-aligned with `features`.
         """
         name = _check_name(name)
-        array = _check_map_features(features, "features of the map")
+        array = check_features(features, "features of the map", unit_norm=False)
         if array.shape[0] < MIN_POINTS:
             raise InvalidInputError(
                 f"need at least {MIN_POINTS} images for a map, got {array.shape[0]}")

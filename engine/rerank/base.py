@@ -133,15 +133,17 @@ class RerankResult:
     details: Mapping[str, Any] = field(default_factory=dict)
 
 
-def check_features(features: Any, name: str, dim: int | None = None) -> np.ndarray:
-    """Validate a (n, d) feature matrix and return it as contiguous float32."""
+def check_features(features: Any, name: str, dim: int | None = None, *,
+                   unit_norm: bool = True) -> np.ndarray:
+    """Validate a (n, d) feature matrix (a (d,) vector is one row) and return it as contiguous
+    float32; with `unit_norm`, rows must be L2-normalised."""
     array = np.asarray(features)
     if array.ndim == 1:
         array = array[None, :]
     if array.ndim != 2:
         raise InvalidInputError(f"{name} must be a 2-D (n, d) array, got shape {array.shape}")
-    if array.shape[0] == 0:
-        raise InvalidInputError(f"{name} is empty (0 rows)")
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise InvalidInputError(f"{name} is empty (shape {array.shape})")
     if not np.issubdtype(array.dtype, np.number):
         raise InvalidInputError(f"{name} must be numeric, got dtype {array.dtype}")
     if dim is not None and array.shape[1] != dim:
@@ -155,7 +157,7 @@ def check_features(features: Any, name: str, dim: int | None = None) -> np.ndarr
             f"{name} contains NaN or infinite values in rows {bad[:10].tolist()}"
             f"{' ...' if bad.size > 10 else ''}; re-extract those features")
     norms = np.linalg.norm(array, axis=1)
-    if (np.abs(norms - 1.0) > UNIT_NORM_TOLERANCE).any():
+    if unit_norm and (np.abs(norms - 1.0) > UNIT_NORM_TOLERANCE).any():
         bad = np.flatnonzero(np.abs(norms - 1.0) > UNIT_NORM_TOLERANCE)
         raise InvalidInputError(
             f"{name} must be L2-normalised (cosine = inner product); rows {bad[:10].tolist()} "

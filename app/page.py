@@ -50,6 +50,7 @@ DEFAULT_CONCURRENCY = 2
 """Queries run at once; the backbone serialises its forward pass, the rest is light."""
 BROWSE_PAGE = 48
 EDGE_K = 10
+BASELINE_LABEL = "Baseline (faiss)"
 NO_CLASS = "(unknown)"
 ALL_CLASSES = "All classes"
 NO_PARAMETER = "(none)"
@@ -153,7 +154,8 @@ def default_grid(spec: dict[str, Any]) -> str:
 class PageHandlers:
     """The page's event functions, bound to one explorer (plain methods, testable without a UI).
 
-    `widgets` is filled by `build_app`; handlers return dicts keyed by those components.
+    `build_app` fills `w` (the shared components by role) and `tabs` (each method's components);
+    handlers return dicts keyed by those components.
     """
 
     def __init__(self, explorer: Explorer) -> None:
@@ -668,8 +670,6 @@ class PageHandlers:
             stored = session.save_preset(method, best, note=f"sweep on {TUNE_PROTOCOL}")
         return self.source_text(method, stored, "preset")
 
-
-BASELINE_LABEL = "Baseline (faiss)"
 
 
 def rank_change(rank: int, old_rank: int | None, top_n: int) -> str:

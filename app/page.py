@@ -373,7 +373,8 @@ class PageHandlers:
                                      label=f"{BASELINE_LABEL} · top {result.top_n}"),
             tab.reranked: gr.Gallery(value=self._items(session, result, method, True),
                                      label=f"{ranking.title} · top {result.top_n}"),
-            tab.metrics: self.metrics_text(result, baseline, ranking),
+            tab.metrics: self.metrics_text(result, baseline, ranking)
+            + self.history_text(session, result, ranking),
             tab.source: self.source_text(method, ranking.params, ranking.params_source),
         }
 
@@ -443,6 +444,29 @@ class PageHandlers:
         return (f"**AP** {baseline.ap:.3f} → **{ranking.ap:.3f}** ({ranking.ap - baseline.ap:+.3f})"
                 f" · **P@{n}** {baseline.precision:.2f} → **{ranking.precision:.2f}** · "
                 f"{result.n_positives} relevant images · ranked {how}.")
+
+    @staticmethod
+    def history_text(session: GallerySession, result: QueryResult, ranking: Ranking) -> str:
+        """For iterative methods (details["history"]: (iterations + 1, h) ids), how the top of
+        the ranking moved per iteration: ✓/✗ per position when the query has a class, else the
+        classes or file names."""
+        history = ranking.details.get("history")
+        if not isinstance(history, np.ndarray) or history.ndim != 2:
+            return ""
+        width = min(history.shape[1], result.top_n, 10)
+        gallery = session.gallery
+        lines = ["", "", "**Top results per iteration** (iteration 0 = the original ranking)",
+                 "", "| iteration | " + " | ".join(str(p) for p in range(1, width + 1))
+                 + (" | hits |" if result.query_label is not None else " |"),
+                 "|---" * (width + 1 + (result.query_label is not None)) + "|"]
+        for iteration, rows in enumerate(history[:, :width].tolist()):
+            if result.query_label is not None and gallery.labels is not None:
+                hits = [int(gallery.labels[row]) == result.query_label for row in rows]
+                cells = ["✓" if hit else "✗" for hit in hits] + [str(sum(hits))]
+            else:
+                cells = [gallery.class_of(row) or Path(gallery.files[row]).stem for row in rows]
+            lines.append(f"| {iteration} | " + " | ".join(cells) + " |")
+        return "\n".join(lines)
 
     @staticmethod
     def source_text(method: str, params: dict[str, Any], source: str | None) -> str:
@@ -657,6 +681,11 @@ class PageHandlers:
         if not trials:
             yield plots.sweep_figure([], swept), "No setting finished.", None
 
+    def grid_for(self, method: str, name: str) -> str:
+        """Suggested sweep values for one of a method's parameters."""
+        specs = {spec["name"]: spec for spec in get_reranker_class(method).Params.describe()}
+        return default_grid(specs[name]) if name in specs else ""
+
     def use_best(self, method: str, best: dict[str, Any] | None) -> list[Any]:
         if not best:
             raise gr.Error("Run a sweep first.", print_exception=False)
@@ -716,7 +745,10 @@ def _gradio_progress(progress: gr.Progress) -> Any:
 
 
 def _control(spec: dict[str, Any], value: Any) -> gr.components.Component:
-    """A slider when the parameter has a range, else a number box; help text as info."""
+    """A slider when the parameter has a range, a checkbox for a switch, else a number box;
+    help text as info."""
+    if spec["type"] == "bool":
+        return gr.Checkbox(value=bool(value), label=spec["name"], info=spec.get("help") or None)
     integral = spec["type"] == "int"
     low, high = spec.get("min"), spec.get("max")
     if low is not None and high is not None:
@@ -805,10 +837,13 @@ def build_app(explorer: Explorer, concurrency_limit: int = DEFAULT_CONCURRENCY,
                                               elem_id=f"reranked-{name}")
                     with gr.Accordion("Tune on this gallery", open=False):
                         gr.Markdown(f"Sweeps run on the {TUNE_PROTOCOL_TEXT}.")
-                        names = [spec["name"] for spec in specs]
+                        names = [spec["name"] for spec in specs if spec["type"] != "bool"]
                         with gr.Row():
                             first = gr.Dropdown(choices=names, value=names[0], label="Parameter")
-                            first_values = gr.Textbox(default_grid(specs[0]), label="Values")
+                            first_values = gr.Textbox(
+                                default_grid(next(spec for spec in specs
+                                                  if spec["name"] == names[0])),
+                                label="Values")
                             second = gr.Dropdown(choices=[NO_PARAMETER, *names],
                                                  value=NO_PARAMETER,
                                                  label="Second parameter (optional)")
@@ -942,7 +977,8 @@ def _wire(handlers: PageHandlers, demo: gr.Blocks) -> None:
         method_outputs = [w["state"], w["timings"], w["json"], w["knn_plot"], w["map_plot"],
                           *w["compare_rows"].values(), tab.baseline, tab.reranked, tab.metrics,
                           tab.source]
-        triggers = [control.release if isinstance(control, gr.Slider) else control.submit
+        triggers = [control.release if isinstance(control, gr.Slider)
+                    else control.input if isinstance(control, gr.Checkbox) else control.submit
                     for control in tab.controls]
         rerank_inputs = [w["gallery"], w["state"], *plot_inputs, *tab.controls]
         gr.on(triggers, _bind(handlers.rerank_method, name), rerank_inputs, method_outputs,
@@ -956,6 +992,10 @@ def _wire(handlers: PageHandlers, demo: gr.Blocks) -> None:
              tab.tune_second_values, *tab.controls],
             [tab.tune_plot, tab.tune_summary, tab.tune_best], api_visibility="private",
             concurrency_id="index", concurrency_limit=1)
+        tab.tune_first.input(_bind(handlers.grid_for, name), tab.tune_first,
+                             tab.tune_first_values, api_visibility="private")
+        tab.tune_second.input(_bind(handlers.grid_for, name), tab.tune_second,
+                              tab.tune_second_values, api_visibility="private")
         tab.tune_cancel.click(None, None, None, cancels=[sweep_event],
                               api_visibility="private")
         tab.use_best.click(_bind(handlers.use_best, name), tab.tune_best, tab.controls,

@@ -245,13 +245,17 @@ class GallerySession:
         validated = cls.Params(**dict(params)).as_dict()
         return validated, (source if validated == default else CUSTOM)
 
-    def reranker(self, method: str, params: Mapping[str, Any] | None = None) -> Reranker:
-        """The method fitted on this gallery with `params` (fitted once per setting)."""
+    def reranker(self, method: str, params: Mapping[str, Any] | None = None,
+                 progress: ProgressCallback | None = None) -> Reranker:
+        """The method fitted on this gallery with `params` (fitted once per setting; a method
+        that learns loads its saved state or trains, reporting to `progress`)."""
         validated, _ = self.resolve(method, params)
 
         def build() -> Reranker:
             started = time.perf_counter()
             reranker = get_reranker_class(method)(device=self.device, **validated)
+            if reranker.learns and progress is not None:
+                reranker.progress = progress
             reranker.fit(self.gallery.context())
             logger.info("fitted %s on %s in %.2f s", method, self.key,
                         time.perf_counter() - started)
@@ -259,12 +263,12 @@ class GallerySession:
 
         return self._fitted.get((method, _params_key(validated)), build)
 
-    def fit_defaults(self) -> None:
+    def fit_defaults(self, progress: ProgressCallback | None = None) -> None:
         """Fit every method with its default setting; a method whose fit fails is recorded in
         `unavailable` (with the engine's message) instead of stopping the page."""
         for method in self.method_names:
             try:
-                self.reranker(method)
+                self.reranker(method, progress=progress)
             except EngineError as error:
                 logger.error("%s is unavailable on %s: %s", method, self.key, error)
                 self.unavailable[method] = str(error)
@@ -303,7 +307,7 @@ class GallerySession:
                 started = time.perf_counter()
                 result = reranker.rerank(None, depth)
                 return LeaveOneOutRankings(result.indices, result.distances,
-                                           time.perf_counter() - started)
+                                           time.perf_counter() - started, dict(result.details))
 
         return self._leave_one_out.get(key, build)
 
@@ -454,7 +458,8 @@ class GallerySession:
             rankings = self.leave_one_out(method, validated)
             per_query = rankings.seconds / self.gallery.size
             return Ranking(method, title, rankings.indices[drop], rankings.distances[drop],
-                           per_query, "leave-one-out", validated, source)
+                           per_query, "leave-one-out", validated, source,
+                           rankings.details_of(drop))
         fetch = min(depth + (drop is not None), self.gallery.size)
         started = time.perf_counter()
         if method == BASELINE:
@@ -560,7 +565,7 @@ class Explorer:
                                    progress=progress, device=self.device)
             key = gallery.cache_dir.name
             session = GallerySession(key, gallery, self.device, self.method_names)
-            session.fit_defaults()
+            session.fit_defaults(progress)
             with self._lock:
                 self.galleries[key] = session
             logger.info("opened gallery %s: %d images, %d classes, %d skipped", root,

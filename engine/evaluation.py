@@ -12,7 +12,7 @@ import logging
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +31,19 @@ ONLINE_TIMING_QUERIES = 20
 
 @dataclass(frozen=True)
 class LeaveOneOutRankings:
-    """Each gallery item's ranking of the other items: (G, depth) indices and distances."""
+    """Each gallery item's ranking of the other items: (G, depth) indices and distances, and
+    the method's details (arrays with one row per query, e.g. ICFRR's iteration history)."""
 
     indices: np.ndarray
     distances: np.ndarray
     seconds: float
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+    def details_of(self, row: int) -> dict[str, Any]:
+        """The details of one query: its row of every per-query array."""
+        size = len(self.indices)
+        return {name: value[row] for name, value in self.details.items()
+                if isinstance(value, np.ndarray) and value.ndim >= 1 and len(value) == size}
 
 
 @dataclass(frozen=True)

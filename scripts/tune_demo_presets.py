@@ -25,16 +25,20 @@ PROTOCOL = "oxford17-split"
 SIZE_GRIDS = {
     "k_reciprocal": {"k1": [15, 20, 30, 40, 50, 60, 70], "k2": [3, 4, 6, 8, 10, 12]},
     "gnn": {"k1": [15, 20, 26, 32, 40, 48], "k2": [3, 5, 7, 10, 12, 15]},
+    "icfrr": {"KG": [8, 16, 24, 32, 48, 64, 96], "KQ": [8, 16, 24, 32, 48, 64, 96]},
 }
 OTHER_GRIDS = {
     "lambda_value": [0.0, 0.1, 0.2, 0.3, 0.4, 0.5],
+    "beta": [0.25, 0.5, 0.75, 1.0, 1.5, 2.0],
+    "n_times": [1, 2, 3, 5, 8, 12],
 }
 
 
 def tune(method: str, features, labels) -> tuple[dict, float, float]:
     """Best parameters of `method` on the split, its mAP, and the defaults' mAP."""
     defaults = get_reranker_class(method).Params().as_dict()
-    default_map = sweep(method, {"k1": [defaults["k1"]]}, features, labels, PROTOCOL)[0].map
+    first = next(iter(SIZE_GRIDS[method]))
+    default_map = sweep(method, {first: [defaults[first]]}, features, labels, PROTOCOL)[0].map
     best = best_trial(sweep(method, SIZE_GRIDS[method], features, labels, PROTOCOL))
     for name, values in OTHER_GRIDS.items():
         if name in best.params:
@@ -48,13 +52,16 @@ def tune(method: str, features, labels) -> tuple[dict, float, float]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gallery", default=str(DEMO_GALLERY))
+    parser.add_argument("--methods", nargs="*", default=None,
+                        help="methods to tune (default: every registered one with a grid); "
+                             "other methods' presets are kept")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     gallery = Gallery.open(args.gallery, device="cpu")
     labelled = gallery.labels >= 0
     features, labels = gallery.features[labelled], gallery.labels[labelled]
     for method in list_rerankers():
-        if method not in SIZE_GRIDS:
+        if method not in SIZE_GRIDS or (args.methods and method not in args.methods):
             continue
         params, best_map, default_map = tune(method, features, labels)
         print(f"{method}: best mAP {best_map:.4f} at {params} (defaults {default_map:.4f})")

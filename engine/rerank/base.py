@@ -42,6 +42,12 @@ class RerankParams:
         for spec in dataclasses.fields(self):
             value = getattr(self, spec.name)
             low, high = spec.metadata.get("min"), spec.metadata.get("max")
+            if spec.type in ("bool", bool):
+                if not isinstance(value, (bool, np.bool_)):
+                    raise InvalidInputError(f"{type(self).__name__}.{spec.name} must be true or "
+                                            f"false, got {value!r}")
+                object.__setattr__(self, spec.name, bool(value))
+                continue
             numeric = spec.type in ("int", int, "float", float)
             if not numeric:
                 continue
@@ -189,6 +195,8 @@ class Reranker(ABC):
     Params: ClassVar[type[RerankParams]] = RerankParams
     learns: ClassVar[bool] = False
     runs_on_gpu: ClassVar[bool] = False
+    progress: Any = None
+    """For methods that learn: an optional (fraction, message) callback their fit reports to."""
 
     def __init__(self, params: RerankParams | None = None, *, device: str = "auto",
                  **overrides: Any) -> None:

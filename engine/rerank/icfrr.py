@@ -1,0 +1,329 @@
+"""ICFRR: iterative cluster-free re-ranking (Hudson & Smith, arXiv 2303.17703).
+
+A gallery item climbs when it sits high in the gallery->gallery rankings of the items currently
+ranked first for the query. As the authors' code does it (`src/rerank.py`):
+
+- the original scores are a per-**position** prior: base[p] is the p-th best original score
+  (minus the Euclidean distance), attached to whichever item holds position p;
+- R[a, b] is b's position in a's ascending distance list minus one, so a itself (first) gets -1;
+- position weights alpha[r] = 1 - r / (n - 1) for 0 <= r < KG, and 0 beyond KG and for r = -1;
+- each iteration, the KQ items ranked first vote: delta(b) = mean over voters a of alpha[R[a, b]],
+  the item at position p scores base[p] + beta * delta(item), and the list is re-sorted.
+
+`paper_literal=True` reads the paper's update as a per-item accumulating score instead
+(s(b) <- s(b) + beta * delta(b), starting from minus the distance); the notes measured that it
+gives other numbers, so the code's semantics are the default.
+
+Only the first KG + 1 entries of each gallery list carry weight, so the gallery structure is
+each item's top-(KG + 2) list (one spare for leave-one-out), never the dense G x G rank matrix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from engine.errors import InvalidInputError
+from engine.rerank import register
+from engine.rerank.base import GalleryContext, Reranker, RerankParams, RerankResult, param
+from engine.rerank.ops import canonical_similarity, knn_graph
+
+HISTORY_DEPTH = 20
+"""Positions of each iteration's ranking kept in the result details."""
+GATHER_BUDGET = 8_000_000
+"""Voter-list entries gathered at once (queries are processed in chunks under this)."""
+DISTANCE_CHUNK = 1024
+QUERY_CHUNK = 512
+"""Queries per matrix product of the consensus (gallery-only voting)."""
+DENSE_LIMIT = 8192
+"""Up to this many gallery items the vote matrix is dense."""
+
+
+@dataclass(frozen=True)
+class ICFRRParams(RerankParams):
+    KG: int = param(256, minimum=1, maximum=4096, step=1,
+                    help="positions of each gallery item's own ranking that vote (weight 0 "
+                         "beyond)")
+    KQ: int = param(250, minimum=1, maximum=4096, step=1,
+                    help="top results of the query that vote each iteration")
+    beta: float = param(0.5, minimum=0.0, maximum=10.0, step=0.05,
+                        help="strength of the consensus term")
+    n_times: int = param(5, minimum=0, maximum=100, step=1, help="iterations")
+    paper_literal: bool = param(False, help="per-item accumulating scores (the paper's "
+                                            "equation read literally) instead of the authors' "
+                                            "per-position prior")
+
+
+@dataclass(frozen=True)
+class ICFRROutput:
+    """Final orders and scores of a set of queries, and the ranking after each iteration.
+
+    order: (Q, n) gallery ids, best first. score: (Q, n) descending final scores.
+    history: (Q, n_times + 1, h) the first h ids after each iteration (0 = the original).
+    """
+
+    order: np.ndarray
+    score: np.ndarray
+    history: np.ndarray
+
+
+def euclidean_from_similarity(similarity: np.ndarray) -> np.ndarray:
+    """Euclidean distance of unit vectors from their inner product, sqrt(2 - 2 s)."""
+    return np.sqrt(np.maximum(2.0 - 2.0 * np.asarray(similarity, np.float64), 0.0)
+                   ).astype(np.float32)
+
+
+def sorted_lists(distances: np.ndarray, depth: int) -> np.ndarray:
+    """The first `depth` ids of each row's ascending order (ties: smaller id first)."""
+    distances = np.asarray(distances)
+    depth = min(depth, distances.shape[1])
+    if depth < distances.shape[1]:
+        head = np.argpartition(distances, depth - 1, axis=1)[:, :depth]
+        threshold = np.take_along_axis(distances, head, axis=1).max(axis=1, keepdims=True)
+        lists = []
+        for row, limit in zip(distances, threshold[:, 0], strict=True):
+            candidates = np.flatnonzero(row <= limit)  # all ties at the boundary
+            lists.append(candidates[np.argsort(row[candidates], kind="stable")][:depth])
+        return np.stack(lists).astype(np.int64)
+    return np.argsort(distances, axis=1, kind="stable").astype(np.int64)
+
+
+def consensus(lists: torch.Tensor, voters: torch.Tensor, n_items: int, kg: int,
+              exclude: torch.Tensor | None = None) -> torch.Tensor:
+    """delta(b) = mean over each row's voters a of alpha[R[a, b]] (see the module docstring).
+
+    Args:
+        lists: (G, D) each gallery item's ascending list (itself normally first).
+        voters: (B, KQ) the voting items of each query.
+        n_items: gallery size the weights are normalised by (G, or G - 1 when leaving out).
+        kg: positions that vote.
+        exclude: (B,) a gallery id removed from every list of that query (leave-one-out), or
+            None.
+    Returns:
+        (B, G) float32 consensus.
+    """
+    batch, kq = voters.shape
+    size = lists.shape[0]
+    gathered = lists[voters]                                            # (B, KQ, D)
+    if exclude is None:
+        positions = torch.arange(gathered.shape[2], device=lists.device).expand_as(gathered)
+        kept = None
+    else:
+        kept = gathered != exclude[:, None, None]
+        positions = kept.cumsum(dim=2) - 1
+    ranks = positions - 1
+    weights = 1.0 - ranks.to(torch.float32) / max(n_items - 1, 1)
+    voting = (ranks >= 0) & (ranks < kg)
+    if kept is not None:
+        voting &= kept
+    weights = torch.where(voting, weights, torch.zeros((), dtype=torch.float32))
+    delta = torch.zeros((batch, size), dtype=torch.float32, device=lists.device)
+    delta.scatter_add_(1, gathered.reshape(batch, -1), weights.reshape(batch, -1))
+    return delta / kq
+
+
+def vote_matrix(lists: torch.Tensor, n_items: int, kg: int, dense_limit: int = DENSE_LIMIT
+                ) -> torch.Tensor:
+    """W[a, b] = alpha[R[a, b]]: the weight of b in a's list (KG non-zeros per row).
+
+    Dense up to `dense_limit` items (the consensus is then one matrix product), sparse above
+    (stored transposed), so memory follows G * KG, not G^2.
+    """
+    size, depth = lists.shape
+    positions = torch.arange(depth, device=lists.device)
+    ranks = positions - 1
+    weights = (1.0 - ranks.to(torch.float32) / max(n_items - 1, 1))
+    voting = (ranks >= 0) & (ranks < kg)
+    columns = lists[:, voting]
+    values = weights[voting].expand(size, -1)
+    rows = torch.arange(size, device=lists.device)[:, None].expand_as(columns)
+    if size <= dense_limit:
+        matrix = torch.zeros((size, size), dtype=torch.float32, device=lists.device)
+        matrix[rows.reshape(-1), columns.reshape(-1)] = values.reshape(-1)
+        return matrix
+    # Sparse: stored transposed, as the consensus multiplies it from the left.
+    return torch.sparse_coo_tensor(torch.stack([columns.reshape(-1), rows.reshape(-1)]),
+                                   values.reshape(-1), (size, size),
+                                   check_invariants=False).coalesce()
+
+
+def consensus_from_votes(votes: torch.Tensor, voters: torch.Tensor) -> torch.Tensor:
+    """delta = mean of the voters' rows of the vote matrix (`vote_matrix`), (B, G)."""
+    batch, kq = voters.shape
+    selection = torch.zeros((batch, votes.shape[0]), dtype=torch.float32, device=voters.device)
+    selection.scatter_(1, voters, 1.0 / kq)
+    if votes.layout == torch.strided:
+        return selection @ votes
+    return torch.sparse.mm(votes, selection.t()).t()
+
+
+def iterate(order: torch.Tensor, distances: torch.Tensor, lists: torch.Tensor, n_items: int,
+            params: ICFRRParams, kg: int, kq: int, exclude: torch.Tensor | None = None,
+            history_depth: int = HISTORY_DEPTH, votes: torch.Tensor | None = None
+            ) -> ICFRROutput:
+    """Run ICFRR for a chunk of queries.
+
+    order: (B, n) each query's candidate ids sorted by ascending distance; distances: (B, n) the
+    matching ascending distances. votes: the gallery's `vote_matrix`, used when no item is
+    excluded (a gather over the voters' lists otherwise). Returns numpy orders, scores, history.
+    """
+    def vote(voters: torch.Tensor) -> torch.Tensor:
+        if votes is not None and exclude is None:
+            return consensus_from_votes(votes, voters)
+        return consensus(lists, voters, n_items, kg, exclude)
+
+    width = min(history_depth, order.shape[1])
+    history = [order[:, :width].clone()]
+    if params.paper_literal:
+        score_of = torch.full((order.shape[0], lists.shape[0]), -torch.inf,
+                              device=order.device)
+        score_of.scatter_(1, order, -distances)
+        for _ in range(params.n_times):
+            score_of = score_of + params.beta * vote(order[:, :kq])
+            score = score_of.gather(1, order)
+            score, permutation = torch.sort(score, dim=1, descending=True, stable=True)
+            order = order.gather(1, permutation)
+            history.append(order[:, :width].clone())
+        score = score_of.gather(1, order)
+    else:
+        base = -distances
+        score = base
+        for _ in range(params.n_times):
+            score = base + params.beta * vote(order[:, :kq]).gather(1, order)
+            score, permutation = torch.sort(score, dim=1, descending=True, stable=True)
+            order = order.gather(1, permutation)
+            history.append(order[:, :width].clone())
+    return ICFRROutput(order.cpu().numpy(), score.cpu().numpy(),
+                       torch.stack(history, dim=1).cpu().numpy())
+
+
+def clamped(params: ICFRRParams, n_items: int) -> tuple[int, int, dict[str, Any]]:
+    """KG and KQ usable with `n_items` gallery items, and a note of what was clamped."""
+    kg, kq = min(params.KG, max(n_items - 1, 1)), min(params.KQ, n_items)
+    note = {}
+    if kg != params.KG:
+        note["KG"] = {"asked": params.KG, "used": kg}
+    if kq != params.KQ:
+        note["KQ"] = {"asked": params.KQ, "used": kq}
+    return kg, kq, note
+
+
+def run(query_gallery: np.ndarray, lists: np.ndarray, params: ICFRRParams,
+        exclude: np.ndarray | None = None, device: torch.device | str = "cpu"
+        ) -> tuple[ICFRROutput, dict[str, Any]]:
+    """ICFRR for queries given by their distances to every gallery item.
+
+    query_gallery: (Q, G) distances. lists: (G, D) gallery lists (`sorted_lists` of the
+    gallery distances; D >= KG + 1, + 1 more when excluding). exclude: (Q,) gallery id of each
+    query when it is itself a gallery item to leave out, else None.
+    """
+    query_gallery = np.asarray(query_gallery, np.float32)
+    n_queries, size = query_gallery.shape
+    n_items = size - (exclude is not None)
+    if n_items < 1:
+        raise InvalidInputError("ICFRR needs at least one gallery item to rank")
+    kg, kq, note = clamped(params, n_items)
+    lists_t = torch.from_numpy(np.ascontiguousarray(lists, np.int64)).to(device)
+    votes = None if exclude is not None else vote_matrix(lists_t, n_items, kg)
+    chunk = (QUERY_CHUNK if votes is not None
+             else max(1, GATHER_BUDGET // max(1, kq * lists.shape[1])))
+    outputs = []
+    for start in range(0, n_queries, chunk):
+        block = query_gallery[start:start + chunk]
+        rows = np.arange(start, start + len(block))
+        order = np.argsort(block, axis=1, kind="stable")
+        if exclude is not None:
+            order = order[order != exclude[rows][:, None]].reshape(len(block), n_items)
+        distances = np.take_along_axis(block, order, axis=1)
+        outputs.append(iterate(
+            torch.from_numpy(order).to(device), torch.from_numpy(distances).to(device),
+            lists_t, n_items, params, kg, kq,
+            None if exclude is None else torch.from_numpy(exclude[rows]).to(device),
+            votes=votes))
+    output = ICFRROutput(*(np.concatenate([getattr(o, name) for o in outputs])
+                           for name in ("order", "score", "history")))
+    return output, {"clamped": note} if note else {}
+
+
+def icfrr_from_distances(query_gallery: np.ndarray, gallery_gallery: np.ndarray,
+                         k: int | None = None, **params: Any) -> RerankResult:
+    """ICFRR from given distance matrices (e.g. sketch queries against photos in another
+    domain): (Q, G) query->gallery and (G, G) gallery->gallery distances, smaller is closer.
+
+    Returns the top-k (default all) as a RerankResult whose distances are minus the final
+    scores; the details hold the iteration history.
+    """
+    settings = ICFRRParams(**params)
+    query_gallery = np.asarray(query_gallery, np.float32)
+    gallery_gallery = np.asarray(gallery_gallery, np.float32)
+    if gallery_gallery.ndim != 2 or gallery_gallery.shape[0] != gallery_gallery.shape[1]:
+        raise InvalidInputError(f"gallery-gallery distances must be square, got "
+                                f"{gallery_gallery.shape}")
+    if query_gallery.ndim != 2 or query_gallery.shape[1] != gallery_gallery.shape[0]:
+        raise InvalidInputError(f"query-gallery distances {query_gallery.shape} do not match "
+                                f"{gallery_gallery.shape[0]} gallery items")
+    if not (np.isfinite(query_gallery).all() and np.isfinite(gallery_gallery).all()):
+        raise InvalidInputError("distances contain NaN or infinite values")
+    if query_gallery.shape[0] == 0:
+        raise InvalidInputError("no queries: query-gallery distances have 0 rows")
+    size = query_gallery.shape[1]
+    if k is not None and (isinstance(k, bool) or not isinstance(k, (int, np.integer))
+                          or not 1 <= k <= size):
+        raise InvalidInputError(f"k must be an integer from 1 to {size}, got {k!r}")
+    lists = sorted_lists(gallery_gallery, settings.KG + 1)
+    output, details = run(query_gallery, lists, settings)
+    k = size if k is None else int(k)
+    return RerankResult(output.order[:, :k].astype(np.int64),
+                        (-output.score[:, :k]).astype(np.float32),
+                        {**details, "history": output.history})
+
+
+@register
+class ICFRR(Reranker):
+    """Iterative cluster-free re-ranking; see the module docstring."""
+
+    name: ClassVar[str] = "icfrr"
+    title: ClassVar[str] = "ICFRR (Hudson & Smith)"
+    Params: ClassVar[type[RerankParams]] = ICFRRParams
+    runs_on_gpu: ClassVar[bool] = True
+
+    def _fit(self, context: GalleryContext) -> None:
+        depth = min(self.params.KG + 2, context.size)
+        knn = context.knn
+        if knn is not None and knn.canonical and knn.depth >= depth:
+            self._lists = np.ascontiguousarray(knn.indices[:, :depth])
+        else:
+            self._lists = knn_graph(context.features, depth, self.device).indices
+
+    def _query_distances(self, queries: np.ndarray, start: int, stop: int) -> np.ndarray:
+        return euclidean_from_similarity(
+            canonical_similarity(queries[start:stop], self.gallery.features))
+
+    def _run(self, queries: np.ndarray | None, k: int
+             ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+        features = self.gallery.features
+        source = features if queries is None else queries
+        orders, scores, histories, details = [], [], [], {}
+        for start in range(0, len(source), DISTANCE_CHUNK):
+            stop = min(start + DISTANCE_CHUNK, len(source))
+            exclude = None if queries is not None else np.arange(start, stop)
+            output, details = run(self._query_distances(source, start, stop), self._lists,
+                                  self.params, exclude, self.device)
+            orders.append(output.order[:, :k])
+            scores.append(output.score[:, :k])
+            histories.append(output.history)
+        details = {**details, "history": np.concatenate(histories),
+                   "distance": "minus the final ICFRR score"}
+        return np.concatenate(orders), -np.concatenate(scores), details
+
+    def _rerank_batch(self, query_features: np.ndarray | None, k: int
+                      ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+        return self._run(query_features, k)
+
+    def _rerank_online(self, query_feature: np.ndarray, k: int
+                       ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+        indices, distances, details = self._run(query_feature[None, :], k)
+        return indices[0], distances[0], {**details, "history": details["history"][0]}

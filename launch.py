@@ -74,8 +74,9 @@ class TqdmProgress:
 def prepare(session: GallerySession, progress: TqdmProgress) -> None:
     """What a gallery needs before the page is useful: its embedding map and Compare scores
     (each computed once and cached; later starts only load them)."""
-    session.embedding_map(progress=progress)
-    progress.close()
+    for space, _ in session.map_spaces():
+        session.embedding_map(space, progress=progress)
+        progress.close()
     if session.gallery.labels is not None:
         for method, _ in session.methods():
             session.scores(method)
@@ -88,9 +89,10 @@ def warm_up(session: GallerySession) -> None:
     try:
         for method, _ in session.methods():
             session.leave_one_out(method)
-        layout = session.embedding_map(fit=False)
-        if layout is not None:
-            layout.warm_up()
+        for space, _ in session.map_spaces():
+            layout = session.embedding_map(space, fit=False)
+            if layout is not None:
+                layout.warm_up()
         logger.info("warm-up done")
     except Exception:  # a failed warm-up only delays the first queries
         logger.exception("warm-up failed")

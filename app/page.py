@@ -49,6 +49,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_CONCURRENCY = 2
 """Queries run at once; the backbone serialises its forward pass, the rest is light."""
 BROWSE_PAGE = 48
+MAX_SLIDER_STEPS = 5000
 EDGE_K = 10
 BASELINE_LABEL = "Baseline (faiss)"
 NO_CLASS = "(unknown)"
@@ -574,7 +575,8 @@ class PageHandlers:
     def _opened(self, session: GallerySession, progress: gr.Progress) -> dict[Any, Any]:
         report = _gradio_progress(progress)
         with engine_errors_as_gradio():
-            session.embedding_map(progress=report)
+            for space, _ in session.map_spaces():
+                session.embedding_map(space, progress=report)
             if session.gallery.labels is not None:
                 for index, (method, _) in enumerate(session.methods()):
                     report(index / len(session.methods()), f"scoring {method_title(method)}")
@@ -745,16 +747,16 @@ def _gradio_progress(progress: gr.Progress) -> Any:
 
 
 def _control(spec: dict[str, Any], value: Any) -> gr.components.Component:
-    """A slider when the parameter has a range, a checkbox for a switch, else a number box;
-    help text as info."""
+    """A slider when the parameter has a range of at most MAX_SLIDER_STEPS steps, a checkbox
+    for a switch, else a number box; help text as info."""
     if spec["type"] == "bool":
         return gr.Checkbox(value=bool(value), label=spec["name"], info=spec.get("help") or None)
     integral = spec["type"] == "int"
     low, high = spec.get("min"), spec.get("max")
-    if low is not None and high is not None:
-        return gr.Slider(minimum=low, maximum=high, step=spec.get("step") or (1 if integral
-                                                                                else 0.01),
-                         value=value, label=spec["name"], info=spec.get("help") or None)
+    step = spec.get("step") or (1 if integral else 0.01)
+    if low is not None and high is not None and (high - low) / step <= MAX_SLIDER_STEPS:
+        return gr.Slider(minimum=low, maximum=high, step=step, value=value, label=spec["name"],
+                         info=spec.get("help") or None)
     return gr.Number(value=value, label=spec["name"], info=spec.get("help") or None,
                      precision=0 if integral else None, minimum=low, maximum=high)
 

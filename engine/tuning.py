@@ -74,7 +74,7 @@ def sweep(name: str, grid: Mapping[str, Sequence[float]], features: np.ndarray,
     if len(combinations) > MAX_TRIALS:
         raise InvalidInputError(f"{len(combinations)} settings requested; at most {MAX_TRIALS}")
     split = make_split(protocol, labels)
-    context, queries = _split_context(features, split)
+    context, queries = _split_context(features, labels, split)
     trials: list[Trial] = []
     for done, values in enumerate(combinations, start=1):
         if should_stop is not None and should_stop():
@@ -97,11 +97,13 @@ def sweep(name: str, grid: Mapping[str, Sequence[float]], features: np.ndarray,
     return trials
 
 
-def _split_context(features: np.ndarray, split: Split
+def _split_context(features: np.ndarray, labels: np.ndarray, split: Split
                    ) -> tuple[GalleryContext, np.ndarray | None]:
-    """The split's gallery with its kNN graph computed once for every trial, and its queries."""
+    """The split's gallery (with its labels, which a method may use as a class count) and its
+    kNN graph computed once for every trial, and its queries."""
     gallery = np.ascontiguousarray(features[split.gallery_rows])
-    context = GalleryContext(gallery, knn=knn_graph(gallery, 64))
+    context = GalleryContext(gallery, knn=knn_graph(gallery, 64),
+                             labels=labels[split.gallery_rows])
     return context, (None if split.leave_one_out else features[split.query_rows])
 
 

@@ -197,6 +197,16 @@ class Reranker(ABC):
     runs_on_gpu: ClassVar[bool] = False
     progress: Any = None
     """For methods that learn: an optional (fraction, message) callback their fit reports to."""
+    min_gallery: ClassVar[int] = 2
+    """Fewest gallery items the method can work with (fit refuses fewer, with a clear error)."""
+    online_is_batch: ClassVar[bool] = True
+    """Online mode gives exactly the batch result with that single query. False for a method
+    whose batch mode learns on the queries too (SGRR): its online mode embeds one query against
+    the fitted gallery instead."""
+    exact_neighbours: ClassVar[bool] = True
+    """A near-duplicate of a gallery item is ranked that item first. False for a method that
+    ranks in a learned low-dimensional space, where a whole class collapses to nearly one
+    point."""
 
     def __init__(self, params: RerankParams | None = None, *, device: str = "auto",
                  **overrides: Any) -> None:
@@ -240,9 +250,10 @@ class Reranker(ABC):
         """Give the method its gallery (features or a full context) and precompute what it needs."""
         context = gallery if isinstance(gallery, GalleryContext) else GalleryContext(gallery)
         context.features = check_features(context.features, "gallery features")
-        if context.size < 2:
+        if context.size < max(2, self.min_gallery):
             raise InvalidInputError(
-                f"{self.name} needs a gallery of at least 2 items, got {context.size}")
+                f"{self.name} needs a gallery of at least {max(2, self.min_gallery)} items, "
+                f"got {context.size}")
         self._fit(context)
         self._context = context
         return self

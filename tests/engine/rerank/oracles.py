@@ -130,3 +130,149 @@ def icfrr_paper_literal_reference(qg: np.ndarray, gg: np.ndarray, KG: int, KQ: i
             history[t][q] = order
         scores[q] = s[order]
     return history[-1], scores, history
+
+
+# ---------------------------------------------------------------------------------------------
+# LHRR and SGCC (SGRR's hypergraph steps): the authors' sgrr/sgcc/lhrr/source.cpp and
+# sgrr/sgcc/clustering.py in plain loops over dicts, with engine.hypergraph's numbers (float32
+# rounding where the C++ stores a float, ties by the smaller id in the sorts the C++ leaves
+# unspecified; see that module's docstring).
+
+
+def _to_float32(value: float) -> float:
+    return float(np.float32(value))
+
+
+def _sort_after_first(row: list[int], value: dict[int, float]) -> list[int]:
+    """The C++ insertion sort: entries after the first by value descending, ties kept in order."""
+    return [row[0], *sorted(row[1:], key=lambda v: -value[v])]
+
+
+def merge_candidates_reference(tail: list[int], tail_values: list[float],
+                               incoming: list[int], incoming_values: list[float]) -> list[int]:
+    """The C++ joinRks on one list: walk the positions, insert the next candidate where it
+    beats the value that position held before any insertion (the value array is never
+    shifted); the list keeps its length."""
+    merged = list(tail)
+    j = 0
+    for position in range(len(tail)):
+        if j < len(incoming) and incoming_values[j] > tail_values[position]:
+            merged.insert(position, incoming[j])
+            merged.pop()
+            j += 1
+    return merged
+
+
+def lhrr_reference(initial_lists: np.ndarray, k: int, iterations: int = 2
+                   ) -> tuple[np.ndarray, list[dict[int, float]], list[float]]:
+    """LHRR step by step. Returns the final lists (n, 4k), the last iteration's hyperedges
+    ({member: membership}, memberships rounded to float32) and confidences."""
+    import math
+
+    depth = 4 * k
+    lists = [[int(v) for v in row[:depth]] for row in initial_lists]
+    n = len(lists)
+    weight = [1.0] if k == 1 else [1.0 - math.log(p) / math.log(k) for p in range(1, k + 1)]
+    for i in range(n):
+        if i not in lists[i]:
+            lists[i] = [i, *lists[i][:depth - 1]]
+    similarity: list[dict[int, float]] = [{} for _ in range(n)]
+    for i in range(n):
+        for position, v in enumerate(lists[i]):
+            similarity[i][v] = similarity[i].get(v, 0.0) + (depth - position)
+            similarity[v][i] = similarity[v].get(i, 0.0) + (depth - position)
+    for i in range(n):
+        lists[i] = _sort_after_first(lists[i], similarity[i])
+        where = lists[i].index(i)
+        lists[i][0], lists[i][where] = lists[i][where], lists[i][0]
+
+    edges: list[dict[int, float]] = []
+    confidence: list[float] = []
+    for _ in range(iterations):
+        edges, confidence = [], []
+        for i in range(n):
+            edge = {i: 1.0}
+            for o in range(k):
+                neighbour = lists[i][o]
+                for j in range(k):
+                    v = lists[neighbour][j]
+                    edge[v] = edge.get(v, 0.0) + weight[o] * weight[j]
+            edge = {v: _to_float32(h) for v, h in edge.items()}
+            edges.append(edge)
+            total = 0.0
+            for h in sorted(edge.values(), reverse=True)[:k]:
+                total += h
+            confidence.append(total)
+
+        w: list[dict[int, float]] = [dict.fromkeys(lists[i], 1.0) for i in range(n)]
+        candidates: list[list[int]] = [[] for _ in range(n)]
+        for e in range(n):
+            for a, h_a in edges[e].items():
+                for b, h_b in edges[e].items():
+                    if b not in w[a]:
+                        w[a][b] = 1.0
+                        candidates[a].append(b)
+                    w[a][b] += confidence[e] * h_a * h_b
+        w = [{v: _to_float32(x) for v, x in row.items()} for row in w]
+
+        for q in range(n):
+            for v in lists[q][1:]:
+                overlap = sum(edges[q].get(e, 0.0) * h for e, h in edges[v].items())
+                w[q][v] = _to_float32(w[q][v] * overlap)
+        for q in range(n):
+            holders = {e: edges[e][q] for e in range(n) if q in edges[e]}
+            for v in lists[q][1:]:
+                overlap = sum(holders.get(e, 0.0) * h for e, h in edges[v].items())
+                w[q][v] = _to_float32(w[q][v] * overlap)
+
+        for q in range(n):
+            lists[q] = _sort_after_first(lists[q], w[q])
+            incoming = sorted(candidates[q], key=lambda v, row=w[q]: (-row[v], v))
+            lists[q] = [lists[q][0], *merge_candidates_reference(
+                lists[q][1:], [w[q][v] for v in lists[q][1:]], incoming,
+                [w[q][v] for v in incoming])]
+    return np.array(lists, dtype=np.int64), edges, confidence
+
+
+def sgcc_reference(edges: list[dict[int, float]], confidence: list[float], n_clusters: int,
+                   labelled_fraction: float = 0.5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """SGCC leader clustering on dense H. Returns labels (n,), leaders (c,) and scores (n,)."""
+    n = len(edges)
+    dense = np.zeros((n, n))
+    for i, edge in enumerate(edges):
+        for v, h in edge.items():
+            dense[i, v] = h
+    score = [confidence[i] * edges[i][i] for i in range(n)]
+    # the authors sort ascending (stable) and reverse: equal scores, larger id first
+    by_score = sorted(range(n), key=lambda i: (_to_float32(score[i]), i), reverse=True)
+    leaders = [by_score[0]]
+    overlap = [0.0] * n
+    while len(leaders) < n_clusters:
+        last = leaders[-1]
+        for j in range(n):
+            overlap[j] += float(np.dot(dense[last], dense[j]))
+        best, best_value = -1, -np.inf
+        for j in range(n):
+            if j in leaders:
+                continue
+            value = _to_float32(score[j] / (1.0 + overlap[j]))
+            if value >= best_value:  # ties: the larger id
+                best, best_value = j, value
+        leaders.append(best)
+    labels = [-1] * n
+    clusters: list[list[int]] = []
+    for c, leader in enumerate(leaders):
+        labels[leader] = c
+        clusters.append([leader])
+    for item in by_score[:int(n * labelled_fraction)]:
+        if item in leaders:
+            continue
+        best, best_value = -1, -np.inf
+        for c, members in enumerate(clusters):
+            value = _to_float32(sum(dense[m, item] for m in members) / len(members))
+            if value >= best_value:  # ties: the later cluster
+                best, best_value = c, value
+        clusters[best].append(item)
+        labels[item] = best
+    return (np.array(labels, dtype=np.int64), np.array(leaders, dtype=np.int64),
+            np.array(score))

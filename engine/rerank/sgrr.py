@@ -1,0 +1,366 @@
+"""SGRR: self-supervised re-ranking with a hypergraph and a GCN (Lopes, Valem, Pedronette,
+SIBGRAPI 2024).
+
+1. LHRR, a rank-based hypergraph manifold step, gives each item a reliable ranked list and a
+   hyperedge (`engine.hypergraph`).
+2. SGCC leader clustering turns the most confident items into c pseudo-labelled clusters.
+3. A two-layer simplified GCN (SGConv, 2 hops each, hidden 32, ReLU, dropout 0.5) on the
+   reciprocal LHRR kNN graph is trained on those pseudo-labels (NLL), then with a triplet margin
+   loss on cluster triplets; its c-dimensional outputs are the new embeddings.
+4. The gallery is ranked by cosine similarity of the embeddings.
+
+Batch mode is the authors' transductive pipeline on all items at once. Online mode embeds a new
+query with the trained network without moving the gallery: the query joins the graph with edges
+to its K nearest gallery items (cosine), and its two propagation hops read the gallery's fitted
+intermediate features. The trained state (network, pseudo-labels, embeddings) is saved beside
+the gallery cache, keyed on the gallery fingerprint and the parameters, and loaded instead of
+retraining.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from engine.errors import CacheError, InvalidInputError
+from engine.hypergraph import default_clusters, lhrr_from_features, reciprocal_edges, sgcc
+from engine.rerank import register
+from engine.rerank.base import GalleryContext, KnnGraph, Reranker, RerankParams, param
+from engine.rerank.ops import canonical_similarity, knn_graph, top_k_smallest
+from engine.storage import atomic_path, atomic_write_json, fingerprint, load_json
+
+logger = logging.getLogger(__name__)
+
+HIDDEN = 32
+DROPOUT = 0.5
+WEIGHT_DECAY = 5e-4
+TRIPLET_MARGIN = 1.0
+STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class SGRRParams(RerankParams):
+    K: int = param(30, minimum=2, maximum=200, step=1,
+                   help="LHRR neighbourhood (ranked lists of depth 4K; GCN edges among the "
+                        "top K+1)")
+    T: int = param(2, minimum=1, maximum=10, step=1, help="LHRR iterations")
+    P: float = param(0.5, minimum=0.05, maximum=1.0, step=0.05,
+                     help="fraction of the gallery given pseudo-labels")
+    clusters: int = param(0, minimum=0, maximum=2000, step=1,
+                          help="clusters = embedding size (0: the gallery's number of classes, "
+                               "or an estimate when it has no labels)")
+    nll_epochs: int = param(300, minimum=0, maximum=5000, step=10,
+                            help="epochs of stage 1 (classification of pseudo-labels)")
+    triplet_epochs: int = param(300, minimum=0, maximum=5000, step=10,
+                                help="epochs of stage 2 (triplet loss on clusters)")
+    learning_rate: float = param(1e-3, minimum=1e-6, maximum=1.0, step=1e-4, help="Adam")
+    seed: int = param(0, minimum=0, maximum=2**31 - 1, step=1,
+                      help="seed of initialisation, dropout and negatives")
+
+
+class SGCNet(torch.nn.Module):
+    """Two SGConv layers: z = A^2 (dropout(relu(A^2 x W1 + b1))) W2 + b2, A the GCN-normalised
+    adjacency with self loops. The first layer's propagation A^2 x is an input (fixed)."""
+
+    def __init__(self, dim: int, classes: int, hidden: int = HIDDEN) -> None:
+        super().__init__()
+        self.first = torch.nn.Linear(dim, hidden)
+        self.second = torch.nn.Linear(hidden, classes)
+
+    def hidden(self, propagated: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.first(propagated))
+
+    def forward(self, propagated: torch.Tensor, adjacency: torch.Tensor) -> torch.Tensor:
+        hidden = F.dropout(self.hidden(propagated), DROPOUT, self.training)
+        return self.second(torch.sparse.mm(adjacency, torch.sparse.mm(adjacency, hidden)))
+
+
+def normalised_adjacency(edges: np.ndarray, n: int, device: torch.device
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """D^-1/2 (A + I) D^-1/2 as a sparse tensor, and the degrees (self loop included)."""
+    loops = np.arange(n)
+    rows = np.concatenate([edges[0], loops])
+    columns = np.concatenate([edges[1], loops])
+    degree = np.bincount(rows, minlength=n).astype(np.float32)
+    values = 1.0 / np.sqrt(degree[rows] * degree[columns])
+    adjacency = torch.sparse_coo_tensor(
+        torch.from_numpy(np.stack([rows, columns])), torch.from_numpy(values.astype(np.float32)),
+        (n, n), check_invariants=False).coalesce().to(device)
+    return adjacency, torch.from_numpy(degree).to(device)
+
+
+def cluster_triplets(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """(3, T) anchor, positive, negative: every ordered pair inside each cluster, with one
+    negative drawn uniformly from the items outside that cluster (unlabelled ones included)."""
+    n = len(labels)
+    triplets = []
+    for cluster in np.unique(labels[labels >= 0]):
+        members = np.flatnonzero(labels == cluster)
+        outside = np.setdiff1d(np.arange(n), members)
+        if len(members) < 2 or len(outside) == 0:
+            continue
+        anchors, positives = np.meshgrid(members, members, indexing="ij")
+        keep = anchors != positives
+        anchors, positives = anchors[keep], positives[keep]
+        negatives = outside[rng.integers(0, len(outside), len(anchors))]
+        triplets.append(np.stack([anchors, positives, negatives]))
+    return np.concatenate(triplets, axis=1) if triplets else np.zeros((3, 0), np.int64)
+
+
+def train(features: np.ndarray, edges: np.ndarray, labels: np.ndarray, classes: int,
+          params: SGRRParams, device: torch.device, progress: Any = None
+          ) -> tuple[SGCNet, dict[str, torch.Tensor]]:
+    """Train the GCN in two stages (one Adam for both) and return it with its fitted tensors:
+    degrees, A x, the hidden layer h, A h and the embeddings (what online queries read)."""
+    torch.manual_seed(params.seed)
+    rng = np.random.default_rng(params.seed)
+    n, dim = features.shape
+    adjacency, degree = normalised_adjacency(edges, n, device)
+    x = torch.from_numpy(features).to(device)
+    once = torch.sparse.mm(adjacency, x)
+    propagated = torch.sparse.mm(adjacency, once)
+    model = SGCNet(dim, classes).to(device)
+    optimiser = torch.optim.Adam(model.parameters(), lr=params.learning_rate,
+                                 weight_decay=WEIGHT_DECAY)
+    target = torch.from_numpy(np.array(labels, np.int64)).to(device)
+    labelled = target >= 0
+    triplets = torch.from_numpy(cluster_triplets(labels, rng)).to(device)
+    total = params.nll_epochs + params.triplet_epochs
+    model.train()
+    for epoch in range(total):
+        optimiser.zero_grad()
+        embeddings = model(propagated, adjacency)
+        if epoch < params.nll_epochs:
+            loss = F.nll_loss(F.log_softmax(embeddings[labelled], dim=1), target[labelled])
+        elif triplets.shape[1]:
+            loss = F.triplet_margin_loss(embeddings[triplets[0]], embeddings[triplets[1]],
+                                         embeddings[triplets[2]], margin=TRIPLET_MARGIN)
+        else:
+            break
+        loss.backward()
+        optimiser.step()
+        if progress is not None and (epoch + 1) % 50 == 0:
+            progress((epoch + 1) / total, f"training the GCN {epoch + 1}/{total}")
+    model.eval()
+    with torch.no_grad():
+        hidden = model.hidden(propagated)
+        hidden_once = torch.sparse.mm(adjacency, hidden)
+        embeddings = model(propagated, adjacency)
+    return model, {"degree": degree, "once": once, "hidden": hidden,
+                   "hidden_once": hidden_once, "embeddings": embeddings}
+
+
+def unit_rows(array: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(array, axis=1, keepdims=True)
+    return (array / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+@register
+class SGRR(Reranker):
+    """Self-supervised hypergraph + GCN re-ranking; see the module docstring."""
+
+    name: ClassVar[str] = "sgrr"
+    title: ClassVar[str] = "SGRR (Lopes et al.)"
+    Params: ClassVar[type[RerankParams]] = SGRRParams
+    learns: ClassVar[bool] = True
+    runs_on_gpu: ClassVar[bool] = True
+    min_gallery: ClassVar[int] = 4       # LHRR's lists are 4K deep, K >= 1
+    online_is_batch: ClassVar[bool] = False
+    exact_neighbours: ClassVar[bool] = False
+
+    # -- fitting -----------------------------------------------------------------------------------
+    def _fit(self, context: GalleryContext) -> None:
+        self._fitting_knn = context.knn
+        classes = self._classes(context)
+        key = self._state_key(context, classes)
+        path = None if context.state_dir is None else Path(context.state_dir) / "sgrr" / key
+        if path is not None and self._load(path, context):
+            logger.info("loaded the trained SGRR state %s", path.name)
+            return
+        started = time.perf_counter()
+        state = self._train(context.features, classes)
+        self._set_state(context.features, state)
+        self.fit_seconds = time.perf_counter() - started
+        if path is not None:
+            self._save(path, state)
+
+    def _classes(self, context: GalleryContext) -> int:
+        if self.params.clusters:
+            return int(self.params.clusters)
+        if context.labels is not None and (context.labels >= 0).any():
+            return len(np.unique(context.labels[context.labels >= 0]))
+        return default_clusters(context.size)
+
+    def _state_key(self, context: GalleryContext, classes: int) -> str:
+        identity = context.fingerprint or hashlib.sha256(
+            np.ascontiguousarray(context.features).tobytes()).hexdigest()
+        return fingerprint({"version": STATE_VERSION, "gallery": identity,
+                            "params": self.params.as_dict(), "classes": classes})
+
+    def _train(self, features: np.ndarray, classes: int) -> dict[str, Any]:
+        n = len(features)
+        if n < 4:
+            raise InvalidInputError(f"SGRR needs at least 4 gallery images, got {n}")
+        if classes < 2 or classes > n:
+            raise InvalidInputError(f"SGRR needs between 2 and {n} clusters, got {classes}")
+        report = self.progress or (lambda fraction, message: None)
+        report(0.0, "SGRR: LHRR hypergraph")
+        hypergraph = lhrr_from_features(features, self.params.K, self.params.T)
+        report(0.2, "SGRR: clustering")
+        clustering = sgcc(hypergraph, classes, self.params.P)
+        edges = reciprocal_edges(hypergraph.ranked_lists, hypergraph.k)
+        model, fitted = train(features, edges, clustering.labels, classes, self.params,
+                              self.device, lambda f, m: report(0.25 + 0.75 * f, m))
+        return {"model": model, "fitted": fitted, "pseudo_labels": clustering.labels,
+                "k_used": hypergraph.k, "edges": edges, "classes": classes}
+
+    def _set_state(self, features: np.ndarray, state: dict[str, Any]) -> None:
+        self._model: SGCNet = state["model"]
+        self.k_used = int(state["k_used"])
+        # Similarity of each gallery item to its (K + 1)-th nearest other item: a query that
+        # beats it would be among that item's reciprocal neighbours.
+        knn = self.gallery_knn(features, self.k_used + 2)
+        self._thresholds = knn.similarities[:, self.k_used + 1]
+        fitted = state["fitted"]
+        self._degree = fitted["degree"].cpu().numpy()
+        self._once = fitted["once"].cpu().numpy()
+        self._hidden = fitted["hidden"].cpu().numpy()
+        self._hidden_once = fitted["hidden_once"].cpu().numpy()
+        self._embeddings = fitted["embeddings"].cpu().numpy()
+        self._unit_embeddings = unit_rows(self._embeddings)
+        self.pseudo_labels = state["pseudo_labels"]
+        self.classes = int(state["classes"])
+
+    def gallery_knn(self, features: np.ndarray, depth: int) -> KnnGraph:
+        """The gallery's canonical kNN graph of at least `depth` (the cached one when deep
+        enough)."""
+        cached = self._fitting_knn
+        if cached is not None and cached.canonical and cached.depth >= depth:
+            return cached
+        return knn_graph(features, min(depth, len(features)), self.device)
+
+    # -- state on disk -----------------------------------------------------------------------
+    def _save(self, path: Path, state: dict[str, Any]) -> None:
+        from safetensors.torch import save_file
+
+        tensors = {f"model.{name}": value.detach().cpu().contiguous()
+                   for name, value in state["model"].state_dict().items()}
+        tensors.update({name: value.detach().cpu().contiguous()
+                        for name, value in state["fitted"].items()})
+        tensors["pseudo_labels"] = torch.from_numpy(state["pseudo_labels"].astype(np.int64))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path.with_suffix(".safetensors")) as temporary:
+            save_file(tensors, str(temporary))
+        atomic_write_json(path.with_suffix(".json"), {
+            "version": STATE_VERSION, "params": self.params.as_dict(),
+            "classes": state["classes"], "k_used": state["k_used"],
+            "fit_seconds": getattr(self, "fit_seconds", None)})
+
+    def _load(self, path: Path, context: GalleryContext) -> bool:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        weights, manifest = path.with_suffix(".safetensors"), path.with_suffix(".json")
+        if not (weights.is_file() and manifest.is_file()):
+            return False
+        try:
+            meta = load_json(manifest)
+            tensors = load_file(str(weights))
+            model = SGCNet(context.features.shape[1], int(meta["classes"])).to(self.device)
+            model.load_state_dict({name.removeprefix("model."): value
+                                   for name, value in tensors.items()
+                                   if name.startswith("model.")})
+            fitted = {name: tensors[name] for name in
+                      ("degree", "once", "hidden", "hidden_once", "embeddings")}
+            if fitted["embeddings"].shape[0] != context.size:
+                raise CacheError("state of another gallery size")
+            pseudo_labels = tensors["pseudo_labels"].numpy()
+            k_used, classes = int(meta["k_used"]), int(meta["classes"])
+        except (CacheError, KeyError, TypeError, RuntimeError, OSError, ValueError,
+                SafetensorError) as error:
+            logger.warning("retraining SGRR: the saved state %s is unusable (%s)", weights,
+                           error)
+            return False
+        model.eval()
+        self._set_state(context.features, {
+            "model": model, "fitted": fitted,
+            "pseudo_labels": pseudo_labels, "k_used": k_used, "classes": classes})
+        return True
+
+    # -- embeddings --------------------------------------------------------------------------------
+    def gallery_embeddings(self) -> np.ndarray:
+        return self._unit_embeddings
+
+    def query_embeddings(self, query_features: np.ndarray) -> np.ndarray:
+        """Embed new queries with the trained GCN; each joins the graph with edges to the items
+        among its K + 1 nearest (cosine) whose own K + 1 nearest it would enter (reciprocal
+        neighbours), the gallery's fitted propagation unchanged."""
+        queries = np.asarray(query_features, np.float32)
+        gallery = self.gallery.features
+        similarity = canonical_similarity(queries, gallery)
+        neighbours = top_k_smallest(-similarity, self.k_used + 1)[0]
+        # Reciprocal, as the gallery's edges are: v is a neighbour when the query would also
+        # enter v's own top K + 1 (at least the nearest item, so the query is connected).
+        linked = np.take_along_axis(similarity, neighbours, axis=1) >= self._thresholds[
+            neighbours]
+        linked[:, 0] = True
+        degree = linked.sum(axis=1, keepdims=True) + 1.0          # self loop included
+        own = 1.0 / degree                                         # A[q, q]
+        cross = linked / np.sqrt(degree * self._degree[neighbours])  # A[q, v], 0 if not linked
+        once = own * queries + np.einsum("qk,qkd->qd", cross, gallery[neighbours])
+        propagated = own * once + np.einsum("qk,qkd->qd", cross, self._once[neighbours])
+        with torch.no_grad():
+            model = self._model
+            hidden = model.hidden(torch.from_numpy(propagated.astype(np.float32))
+                                  .to(self.device)).cpu().numpy()
+            hidden_once = own * hidden + np.einsum("qk,qkd->qd", cross,
+                                                   self._hidden[neighbours])
+            hidden_twice = own * hidden_once + np.einsum("qk,qkd->qd", cross,
+                                                         self._hidden_once[neighbours])
+            embeddings = model.second(torch.from_numpy(hidden_twice.astype(np.float32))
+                                      .to(self.device)).cpu().numpy()
+        return unit_rows(embeddings)
+
+    # -- ranking ---------------------------------------------------------------------------------
+    def _rank(self, query_embeddings: np.ndarray, gallery_embeddings: np.ndarray, k: int,
+              exclude_self: bool, query_features: np.ndarray
+              ) -> tuple[np.ndarray, np.ndarray]:
+        """Cosine distances in the embedding space, best first; exact ties (a class collapses
+        to nearly one point) go to the higher original cosine, then the smaller index."""
+        distances = (1.0 - query_embeddings @ gallery_embeddings.T).astype(np.float32)
+        original = canonical_similarity(query_features, self.gallery.features)
+        if exclude_self:
+            np.fill_diagonal(distances, np.inf)
+        order = np.lexsort((-original, distances), axis=1)[:, :k]
+        return order.astype(np.int64), np.take_along_axis(distances, order, axis=1)
+
+    def _rerank_batch(self, query_features: np.ndarray | None, k: int
+                      ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+        details = {"pseudo_labelled": int((self.pseudo_labels >= 0).sum()),
+                   "clusters": self.classes, "K": self.k_used}
+        if query_features is None:
+            indices, distances = self._rank(self._unit_embeddings, self._unit_embeddings, k,
+                                            True, self.gallery.features)
+            return indices, distances, details
+        # The authors' transductive pipeline: queries and gallery embedded together.
+        union = np.concatenate([query_features, self.gallery.features])
+        state = self._train(union, self.classes)
+        embeddings = unit_rows(state["fitted"]["embeddings"].cpu().numpy())
+        queries, gallery = embeddings[:len(query_features)], embeddings[len(query_features):]
+        indices, distances = self._rank(queries, gallery, k, False, query_features)
+        return indices, distances, details
+
+    def _rerank_online(self, query_feature: np.ndarray, k: int
+                       ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+        embedding = self.query_embeddings(query_feature[None, :])
+        indices, distances = self._rank(embedding, self._unit_embeddings, k, False,
+                                        query_feature[None, :])
+        return indices[0], distances[0], {"K": self.k_used, "clusters": self.classes}

@@ -1,0 +1,449 @@
+"""SGRR: the pure pieces against dense formulas worked by hand, the online embedding against a
+dense (G + 1)-node propagation, and the re-ranker (state, clusters, rankings) on real features.
+
+Training is kept small (tens to a couple of hundred epochs, K = 8) so the file runs in seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from engine.errors import InvalidInputError
+from engine.hypergraph import default_clusters, lhrr_from_features, reciprocal_edges, sgcc
+from engine.metrics import mean_average_precision
+from engine.rerank import GalleryContext, create_reranker
+from engine.rerank import sgrr as sgrr_module
+from engine.rerank.ops import knn_graph
+from engine.rerank.sgrr import SGCNet, SGRRParams, cluster_triplets, normalised_adjacency, train
+
+CPU = torch.device("cpu")
+FAST = {"K": 8, "nll_epochs": 30, "triplet_epochs": 30}
+ATOL = 1e-5
+
+
+def make(**params):
+    return create_reranker("sgrr", device="cpu", **{**FAST, **params})
+
+
+def context(features, labels=None, *, state_dir=None, fingerprint="demo"):
+    return GalleryContext(features, knn=None, fingerprint=fingerprint, state_dir=state_dir,
+                          labels=labels)
+
+
+def dense_adjacency(edges: np.ndarray, n: int) -> np.ndarray:
+    """D^-1/2 (A + I) D^-1/2 by hand, in float64."""
+    a = np.eye(n)
+    a[edges[0], edges[1]] = 1.0
+    degree = a.sum(axis=1)
+    return a / np.sqrt(np.outer(degree, degree))
+
+
+@pytest.fixture(scope="module")
+def demo(demo_features):
+    return demo_features.features, demo_features.labels
+
+
+@pytest.fixture(scope="module")
+def fitted(demo):
+    """All 289 items, labels known (17 clusters), K = 8, P = 0.5, 100 + 100 epochs."""
+    features, labels = demo
+    started = time.perf_counter()
+    reranker = make(P=0.5, nll_epochs=100, triplet_epochs=100).fit(context(features, labels))
+    print(f"SGRR fit on {len(features)} items: {time.perf_counter() - started:.2f} s")
+    return reranker
+
+
+@pytest.fixture(scope="module")
+def split(demo):
+    """(reranker fitted on 14 of each class's 17 items, held-out queries)."""
+    features, labels = demo
+    held_out = np.arange(len(features)) % 17 >= 14
+    reranker = make().fit(context(features[~held_out], labels[~held_out]))
+    return reranker, features[held_out]
+
+
+# -- pure functions ----------------------------------------------------------------------------
+def test_normalised_adjacency_by_hand():
+    # 0 - 1 - 2 a path, 3 isolated: degrees with the self loop [2, 3, 2, 1]
+    edges = np.array([[0, 1, 1, 2], [1, 0, 2, 1]])
+    adjacency, degree = normalised_adjacency(edges, 4, CPU)
+    np.testing.assert_array_equal(degree.numpy(), [2, 3, 2, 1])
+    dense = adjacency.to_dense().numpy()
+    np.testing.assert_allclose(dense, dense_adjacency(edges, 4), atol=1e-7)
+    assert dense[0, 1] == pytest.approx(1 / np.sqrt(6))
+    assert dense[1, 1] == pytest.approx(1 / 3)
+    assert dense[3, 3] == pytest.approx(1.0)
+    assert dense[0, 2] == 0.0
+    np.testing.assert_allclose(dense, dense.T)
+
+
+def test_normalised_adjacency_without_edges_is_the_identity():
+    adjacency, degree = normalised_adjacency(np.zeros((2, 0), np.int64), 3, CPU)
+    np.testing.assert_array_equal(adjacency.to_dense().numpy(), np.eye(3))
+    np.testing.assert_array_equal(degree.numpy(), [1, 1, 1])
+
+
+def test_cluster_triplets():
+    labels = np.array([0, 0, 0, 1, 1, -1, 2, -1])  # cluster 2 is a singleton: no pairs
+    triplets = cluster_triplets(labels, np.random.default_rng(5))
+    assert triplets.shape == (3, 3 * 2 + 2 * 1)
+    pairs = sorted(zip(triplets[0].tolist(), triplets[1].tolist(), strict=True))
+    expected = sorted((a, p) for cluster in (0, 1) for a in np.flatnonzero(labels == cluster)
+                      for p in np.flatnonzero(labels == cluster) if a != p)
+    assert pairs == expected  # every ordered in-cluster pair, exactly once
+    anchors, negatives = triplets[0], triplets[2]
+    assert (labels[anchors] >= 0).all()  # unlabelled items never anchor
+    assert (labels[negatives] != labels[anchors]).all()
+    np.testing.assert_array_equal(triplets, cluster_triplets(labels,
+                                                             np.random.default_rng(5)))
+
+
+def test_cluster_triplets_negatives_cover_everything_outside():
+    labels = np.array([0, 0, 1, -1, 2])
+    negatives = cluster_triplets(labels, np.random.default_rng(0))
+    draws = np.concatenate([cluster_triplets(labels, np.random.default_rng(s))[2]
+                            for s in range(200)])
+    assert set(draws.tolist()) == {2, 3, 4}  # unlabelled and other clusters alike
+    assert negatives.dtype.kind == "i"
+
+
+def test_cluster_triplets_degenerate():
+    assert cluster_triplets(np.full(4, -1), np.random.default_rng(0)).shape == (3, 0)
+    assert cluster_triplets(np.zeros(4, np.int64), np.random.default_rng(0)).shape == (3, 0)
+
+
+def test_sgcnet_forward_equals_the_dense_formula():
+    torch.manual_seed(0)
+    edges = np.array([[0, 1, 1, 2, 2, 3, 0, 4], [1, 0, 2, 1, 3, 2, 4, 0]])
+    adjacency, _ = normalised_adjacency(edges, 5, CPU)
+    a = adjacency.to_dense().double().numpy()  # its float32 values, exactly
+    np.testing.assert_allclose(a, dense_adjacency(edges, 5), atol=1e-7)
+    x = np.random.default_rng(1).standard_normal((5, 6))
+    model = SGCNet(6, 3).double().eval()
+    propagated = a @ a @ x
+    w1, b1 = model.first.weight.detach().numpy(), model.first.bias.detach().numpy()
+    w2, b2 = model.second.weight.detach().numpy(), model.second.bias.detach().numpy()
+    expected = a @ (a @ np.maximum(propagated @ w1.T + b1, 0.0)) @ w2.T + b2
+    with torch.no_grad():
+        out = model(torch.from_numpy(propagated), adjacency.double()).numpy()
+    np.testing.assert_allclose(out, expected, atol=1e-10)
+    model.train()  # dropout is active only in training
+    with torch.no_grad():
+        assert not np.allclose(model(torch.from_numpy(propagated), adjacency.double()).numpy(),
+                               expected)
+
+
+# -- training ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def graph(demo):
+    features, _ = demo
+    hypergraph = lhrr_from_features(features, 8, 2)
+    clustering = sgcc(hypergraph, 17, 0.5)
+    return features, reciprocal_edges(hypergraph.ranked_lists, hypergraph.k), clustering.labels
+
+
+def test_train_is_deterministic(graph):
+    features, edges, labels = graph
+    params = SGRRParams(K=8, nll_epochs=20, triplet_epochs=20, seed=3)
+    first = train(features, edges, labels, 17, params, CPU)[1]
+    second = train(features, edges, labels, 17, params, CPU)[1]
+    for name in first:
+        np.testing.assert_array_equal(first[name].numpy(), second[name].numpy(), err_msg=name)
+    other = train(features, edges, labels, 17, SGRRParams(K=8, nll_epochs=20,
+                                                          triplet_epochs=20, seed=4), CPU)[1]
+    assert not np.array_equal(first["embeddings"].numpy(), other["embeddings"].numpy())
+
+
+def test_nll_stage_fits_the_pseudo_labels(graph):
+    features, edges, labels = graph
+    params = SGRRParams(K=8, nll_epochs=200, triplet_epochs=0)
+    model, fitted = train(features, edges, labels, 17, params, CPU)
+    assert not model.training
+    labelled = labels >= 0
+    accuracy = (fitted["embeddings"].numpy()[labelled].argmax(axis=1) == labels[labelled]).mean()
+    majority = np.bincount(labels[labelled]).max() / labelled.sum()
+    print(f"pseudo-label accuracy after NLL only: {accuracy:.3f} (chance 1/17, "
+          f"majority {majority:.3f})")
+    assert accuracy > max(0.6, 2 * majority)
+
+
+def test_fitted_tensors_are_the_propagation(graph):
+    """degree, once = A x, hidden, hidden_once = A hidden, embeddings as the dense formula."""
+    features, edges, labels = graph
+    model, fitted = train(features, edges, labels, 17, SGRRParams(K=8, nll_epochs=5,
+                                                                  triplet_epochs=5), CPU)
+    n = len(features)
+    a = dense_adjacency(edges, n)
+    np.testing.assert_array_equal(fitted["degree"].numpy(),
+                                  1 + np.bincount(edges[0], minlength=n))
+    once = a @ features.astype(np.float64)
+    np.testing.assert_allclose(fitted["once"].numpy(), once, atol=ATOL)
+    w1, b1 = model.first.weight.detach().double().numpy(), model.first.bias.detach().numpy()
+    w2, b2 = model.second.weight.detach().double().numpy(), model.second.bias.detach().numpy()
+    hidden = np.maximum((a @ once) @ w1.T + b1, 0.0)
+    np.testing.assert_allclose(fitted["hidden"].numpy(), hidden, atol=ATOL)
+    np.testing.assert_allclose(fitted["hidden_once"].numpy(), a @ hidden, atol=ATOL)
+    np.testing.assert_allclose(fitted["embeddings"].numpy(), a @ (a @ hidden) @ w2.T + b2,
+                               atol=ATOL)
+
+
+# -- online embedding against a dense (G + 1)-node propagation -----------------------------------
+def test_online_embedding_equals_the_dense_propagation(split):
+    reranker, queries = split
+    gallery = reranker.gallery.features
+    g, k = len(gallery), reranker.k_used
+    hypergraph = lhrr_from_features(gallery, reranker.params.K, reranker.params.T)
+    edges = reciprocal_edges(hypergraph.ranked_lists, hypergraph.k)
+    a_gallery = dense_adjacency(edges, g)
+    np.testing.assert_array_equal(reranker._degree, np.bincount(edges[0], minlength=g) + 1)
+    # the query's edges: its K + 1 most similar items that it would also enter the K + 1
+    # nearest of (against their (K + 1)-th nearest other item), the nearest one always
+    threshold = knn_graph(gallery, k + 2).similarities[:, k + 1]
+    model = reranker._model
+    w1 = model.first.weight.detach().double().numpy()
+    b1 = model.first.bias.detach().double().numpy()
+    w2 = model.second.weight.detach().double().numpy()
+    b2 = model.second.bias.detach().double().numpy()
+    online = reranker.query_embeddings(queries)
+    linked_counts = []
+    for query, embedding in zip(queries, online, strict=True):
+        similarity = gallery.astype(np.float64) @ query.astype(np.float64)
+        nearest = np.argsort(-similarity, kind="stable")[:k + 1]
+        linked = nearest[similarity[nearest] >= threshold[nearest]]
+        linked = np.union1d(linked, nearest[:1])
+        linked_counts.append(len(linked))
+        # gallery rows keep their fitted normalisation and do not see the query; only the
+        # query row uses the query's degree
+        m = np.zeros((g + 1, g + 1))
+        m[:g, :g] = a_gallery
+        degree = len(linked) + 1
+        m[g, g] = 1.0 / degree
+        m[g, linked] = 1.0 / np.sqrt(degree * reranker._degree[linked])
+        x = np.vstack([gallery, query[None, :]]).astype(np.float64)
+        hidden = np.maximum((m @ m @ x) @ w1.T + b1, 0.0)
+        z = m @ (m @ hidden) @ w2.T + b2
+        unit = z / np.linalg.norm(z, axis=1, keepdims=True)
+        np.testing.assert_allclose(embedding, unit[g], atol=ATOL)
+        np.testing.assert_allclose(unit[:g], reranker.gallery_embeddings(), atol=ATOL)
+    print(f"online queries linked to {min(linked_counts)}..{max(linked_counts)} items "
+          f"(K + 1 = {k + 1})")
+    assert max(linked_counts) > 1
+
+
+def test_online_embedding_of_an_item_with_its_own_edges_is_its_embedding(split, monkeypatch):
+    """A query equal to gallery item i, linked to exactly i's fitted neighbours (so with i's
+    degree), is propagated exactly as i was: its embedding is i's."""
+    reranker, _ = split
+    gallery = reranker.gallery.features
+    k = reranker.k_used
+    hypergraph = lhrr_from_features(gallery, reranker.params.K, reranker.params.T)
+    edges = reciprocal_edges(hypergraph.ranked_lists, hypergraph.k)
+    for item in (0, 37, 100, len(gallery) - 1):
+        own = edges[1, edges[0] == item]
+        assert 1 <= len(own) <= k
+        # K + 1 candidates: i's neighbours, padded with i itself, which the thresholds refuse
+        candidates = np.concatenate([own, np.full(k + 1 - len(own), item)])[None, :]
+        thresholds = np.full(len(gallery), np.inf, np.float32)
+        thresholds[own] = -np.inf
+        monkeypatch.setattr(reranker, "_thresholds", thresholds)
+        monkeypatch.setattr(sgrr_module, "top_k_smallest",
+                            lambda values, depth, rows=candidates: (rows, None))
+        embedding = reranker.query_embeddings(gallery[item][None, :])
+        np.testing.assert_allclose(embedding[0], reranker.gallery_embeddings()[item], atol=ATOL)
+
+
+# -- the re-ranker -------------------------------------------------------------------------------
+def test_leave_one_out_ranks_by_embedding_cosine_and_beats_cosine(fitted, demo):
+    features, labels = demo
+    g = len(features)
+    result = fitted.rerank(None)
+    assert result.indices.shape == (g, g - 1)
+    assert not (result.indices == np.arange(g)[:, None]).any()
+    embeddings = fitted.gallery_embeddings()
+    similarity = embeddings.astype(np.float64) @ embeddings.T.astype(np.float64)
+    np.fill_diagonal(similarity, -np.inf)
+    expected = np.sort(1.0 - similarity, axis=1)[:, :g - 1]
+    np.testing.assert_allclose(result.distances, expected, atol=ATOL)
+    np.testing.assert_allclose(np.take_along_axis(1.0 - similarity, result.indices, axis=1),
+                               result.distances, atol=ATOL)
+    top = fitted.rerank(None, 5)
+    np.testing.assert_allclose(top.distances, result.distances[:, :5], atol=ATOL)
+
+    positives = np.bincount(labels)[labels] - 1
+    cosine = features.astype(np.float64) @ features.T.astype(np.float64)
+    np.fill_diagonal(cosine, -np.inf)
+    baseline = np.argsort(-cosine, axis=1, kind="stable")[:, :g - 1]
+    before = mean_average_precision(baseline, labels, labels, n_positives=positives).value
+    after = mean_average_precision(result.indices, labels, labels, n_positives=positives).value
+    print(f"leave-one-out mAP on demo_features: cosine {before:.4f}, SGRR {after:.4f}")
+    assert after > before
+    assert result.details["clusters"] == 17 and result.details["K"] == 8
+
+
+def test_embeddings(fitted, demo):
+    features, labels = demo
+    embeddings = fitted.gallery_embeddings()
+    assert embeddings.shape == (len(features), 17) and embeddings.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-5)
+    queries = fitted.query_embeddings(features)
+    assert queries.shape == embeddings.shape
+    np.testing.assert_allclose(np.linalg.norm(queries, axis=1), 1.0, atol=1e-5)
+    similarity = queries @ embeddings.T
+    np.fill_diagonal(similarity, -np.inf)  # the nearest other item
+    same_class = (labels[similarity.argmax(axis=1)] == labels).mean()
+    print(f"query embedding of a gallery feature: nearest other item same class {same_class:.3f}")
+    assert same_class > 0.7
+
+
+def test_online_mode_results(split):
+    reranker, queries = split
+    g = reranker.gallery.size
+    for k in (1, 10, g):
+        result = reranker.rerank(queries[:6], k, mode="online")
+        assert result.indices.shape == result.distances.shape == (6, k)
+        assert ((result.indices >= 0) & (result.indices < g)).all()
+        assert all(len(set(row)) == k for row in result.indices.tolist())
+        assert np.isfinite(result.distances).all()
+        assert (np.diff(result.distances, axis=1) >= -1e-6).all()
+    single = reranker.rerank_online(queries[0], 10)
+    embedding = reranker.query_embeddings(queries[:1])
+    np.testing.assert_allclose(single.distances[0],
+                               np.sort(1.0 - embedding @ reranker.gallery_embeddings().T)[0, :10],
+                               atol=ATOL)
+
+
+# -- saved state ---------------------------------------------------------------------------------
+class Counting:
+    """Wraps `train` and counts the calls."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return train(*args, **kwargs)
+
+
+def refuse(*args, **kwargs):
+    raise AssertionError("SGRR retrained instead of loading its saved state")
+
+
+@pytest.fixture(scope="module")
+def small(demo):
+    """A 102-item gallery (6 of each class) and its labels, for the state tests."""
+    features, labels = demo
+    rows = np.flatnonzero(np.arange(len(features)) % 17 < 6)
+    return features[rows], labels[rows]
+
+
+def test_state_is_saved_and_loaded(small, tmp_path, monkeypatch):
+    features, labels = small
+    first = make().fit(context(features, labels, state_dir=tmp_path))
+    saved = sorted(p.name for p in (tmp_path / "sgrr").iterdir())
+    assert len(saved) == 2 and {p.rsplit(".", 1)[1] for p in saved} == {"json", "safetensors"}
+    monkeypatch.setattr(sgrr_module, "train", refuse)
+    second = make().fit(context(features, labels, state_dir=tmp_path))
+    np.testing.assert_array_equal(second.gallery_embeddings(), first.gallery_embeddings())
+    np.testing.assert_array_equal(second.pseudo_labels, first.pseudo_labels)
+    assert second.classes == first.classes and second.k_used == first.k_used
+    queries = features[:5] * 0.9 + features[5:10] * 0.1
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    np.testing.assert_allclose(second.query_embeddings(queries), first.query_embeddings(queries),
+                               atol=1e-6)
+    for a, b in ((first.rerank(None, 10), second.rerank(None, 10)),
+                 (first.rerank(queries, 10, mode="online"),
+                  second.rerank(queries, 10, mode="online"))):
+        np.testing.assert_array_equal(a.indices, b.indices)
+
+
+@pytest.mark.parametrize("change", [{"seed": 1}, {"P": 0.4}, {"fingerprint": "other"}])
+def test_other_parameters_or_gallery_retrain(small, tmp_path, monkeypatch, change):
+    features, labels = small
+    make().fit(context(features, labels, state_dir=tmp_path))
+    counting = Counting()
+    monkeypatch.setattr(sgrr_module, "train", counting)
+    params = {key: value for key, value in change.items() if key != "fingerprint"}
+    make(**params).fit(context(features, labels, state_dir=tmp_path,
+                               fingerprint=change.get("fingerprint", "demo")))
+    assert counting.calls == 1
+    assert len(list((tmp_path / "sgrr").glob("*.safetensors"))) == 2
+
+
+@pytest.mark.parametrize("damage", ["safetensors", "json", "truncate"])
+def test_corrupt_state_retrains_with_a_warning(small, tmp_path, monkeypatch, caplog, damage):
+    features, labels = small
+    first = make().fit(context(features, labels, state_dir=tmp_path))
+    weights = next((tmp_path / "sgrr").glob("*.safetensors"))
+    if damage == "safetensors":
+        weights.write_bytes(b"this is not a safetensors file at all")
+    elif damage == "truncate":
+        weights.write_bytes(weights.read_bytes()[:100])
+    else:
+        weights.with_suffix(".json").write_text("{not json")
+    counting = Counting()
+    monkeypatch.setattr(sgrr_module, "train", counting)
+    with caplog.at_level(logging.WARNING, logger="engine.rerank.sgrr"):
+        second = make().fit(context(features, labels, state_dir=tmp_path))
+    assert counting.calls == 1
+    assert "retraining SGRR" in caplog.text
+    np.testing.assert_array_equal(second.gallery_embeddings(), first.gallery_embeddings())
+    # the state was written again and loads
+    monkeypatch.setattr(sgrr_module, "train", refuse)
+    third = make().fit(context(features, labels, state_dir=tmp_path))
+    np.testing.assert_array_equal(third.gallery_embeddings(), first.gallery_embeddings())
+
+
+def test_state_of_another_gallery_size_retrains(small, tmp_path, monkeypatch, caplog):
+    features, _ = small
+    counting = Counting()
+    monkeypatch.setattr(sgrr_module, "train", counting)
+    with caplog.at_level(logging.WARNING, logger="engine.rerank.sgrr"):
+        # same fingerprint and parameters, fewer items: the key matches, the sizes do not
+        make(clusters=17).fit(context(features[:-17], state_dir=tmp_path))
+        assert "retraining" not in caplog.text
+        make(clusters=17).fit(context(features, state_dir=tmp_path))
+    assert counting.calls == 2
+    assert "another gallery size" in caplog.text
+
+
+def test_no_state_dir_trains_without_writing(small, tmp_path, monkeypatch):
+    features, labels = small
+    counting = Counting()
+    monkeypatch.setattr(sgrr_module, "train", counting)
+    monkeypatch.chdir(tmp_path)
+    make().fit(context(features, labels, state_dir=None))
+    make().fit(context(features, labels, state_dir=None))
+    assert counting.calls == 2
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- clusters and invalid galleries --------------------------------------------------------------
+def test_clusters_default_to_the_classes_or_an_estimate(small):
+    features, labels = small
+    with_labels = make(nll_epochs=1, triplet_epochs=1).fit(context(features, labels))
+    assert with_labels.classes == 17
+    assert with_labels.gallery_embeddings().shape == (len(features), 17)
+    partly = labels.copy()
+    partly[partly >= 5] = -1
+    assert make(nll_epochs=1, triplet_epochs=1).fit(context(features, partly)).classes == 5
+    without = make(nll_epochs=1, triplet_epochs=1).fit(context(features))
+    assert without.classes == default_clusters(len(features))
+    assert without.gallery_embeddings().shape == (len(features), without.classes)
+    unlabelled = make(nll_epochs=1, triplet_epochs=1).fit(context(features, np.full(
+        len(features), -1)))
+    assert unlabelled.classes == default_clusters(len(features))
+    chosen = make(clusters=9, nll_epochs=1, triplet_epochs=1).fit(context(features, labels))
+    assert chosen.classes == 9 and chosen.gallery_embeddings().shape[1] == 9
+
+
+def test_invalid_galleries(small):
+    features, labels = small
+    with pytest.raises(InvalidInputError, match="clusters"):
+        make(clusters=len(features) + 1).fit(context(features, labels))
+    with pytest.raises(InvalidInputError, match="at least 4"):
+        make().fit(context(features[:3]))

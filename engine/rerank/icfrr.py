@@ -211,14 +211,15 @@ def clamped(params: ICFRRParams, n_items: int) -> tuple[int, int, dict[str, Any]
     return kg, kq, note
 
 
-def run(query_gallery: np.ndarray, lists: np.ndarray, params: ICFRRParams,
-        exclude: np.ndarray | None = None, device: torch.device | str = "cpu"
-        ) -> tuple[ICFRROutput, dict[str, Any]]:
+def run(query_gallery: np.ndarray, lists: np.ndarray | torch.Tensor, params: ICFRRParams,
+        exclude: np.ndarray | None = None, device: torch.device | str = "cpu",
+        votes: torch.Tensor | None = None) -> tuple[ICFRROutput, dict[str, Any]]:
     """ICFRR for queries given by their distances to every gallery item.
 
     query_gallery: (Q, G) distances. lists: (G, D) gallery lists (`sorted_lists` of the
     gallery distances; D >= KG + 1, + 1 more when excluding). exclude: (Q,) gallery id of each
-    query when it is itself a gallery item to leave out, else None.
+    query when it is itself a gallery item to leave out, else None. votes: the gallery's
+    `vote_matrix` for G items when already built (the fitted re-ranker keeps it).
     """
     query_gallery = np.asarray(query_gallery, np.float32)
     n_queries, size = query_gallery.shape
@@ -226,8 +227,12 @@ def run(query_gallery: np.ndarray, lists: np.ndarray, params: ICFRRParams,
     if n_items < 1:
         raise InvalidInputError("ICFRR needs at least one gallery item to rank")
     kg, kq, note = clamped(params, n_items)
-    lists_t = torch.from_numpy(np.ascontiguousarray(lists, np.int64)).to(device)
-    votes = None if exclude is not None else vote_matrix(lists_t, n_items, kg)
+    lists_t = (lists if isinstance(lists, torch.Tensor)
+               else torch.from_numpy(np.ascontiguousarray(lists, np.int64)).to(device))
+    if exclude is not None:
+        votes = None
+    elif votes is None:
+        votes = vote_matrix(lists_t, n_items, kg)
     chunk = (QUERY_CHUNK if votes is not None
              else max(1, GATHER_BUDGET // max(1, kq * lists.shape[1])))
     outputs = []
@@ -297,6 +302,12 @@ class ICFRR(Reranker):
             self._lists = np.ascontiguousarray(knn.indices[:, :depth])
         else:
             self._lists = knn_graph(context.features, depth, self.device).indices
+        # Precomputed once per gallery: the lists on the device and the vote matrix that
+        # online queries (and batches of new queries) multiply by.
+        self._lists_t = torch.from_numpy(np.ascontiguousarray(self._lists, np.int64)).to(
+            self.device)
+        kg, _, _ = clamped(self.params, context.size)
+        self._votes = vote_matrix(self._lists_t, context.size, kg)
 
     def _query_distances(self, queries: np.ndarray, start: int, stop: int) -> np.ndarray:
         return euclidean_from_similarity(
@@ -310,8 +321,9 @@ class ICFRR(Reranker):
         for start in range(0, len(source), DISTANCE_CHUNK):
             stop = min(start + DISTANCE_CHUNK, len(source))
             exclude = None if queries is not None else np.arange(start, stop)
-            output, details = run(self._query_distances(source, start, stop), self._lists,
-                                  self.params, exclude, self.device)
+            output, details = run(self._query_distances(source, start, stop), self._lists_t,
+                                  self.params, exclude, self.device,
+                                  None if exclude is not None else self._votes)
             orders.append(output.order[:, :k])
             scores.append(output.score[:, :k])
             histories.append(output.history)

@@ -37,10 +37,10 @@ class ThumbnailCache:
 
     def get(self, source: Path, mark: Mark = None, side: int = RESULT_SIDE) -> Path:
         """The thumbnail of `source` (made now if missing); a placeholder if it cannot be read."""
-        source = Path(source)
+        source = Path(source).absolute()  # gallery paths are already resolved
         try:
             stat = source.stat()
-            identity = f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+            identity = f"{source}|{stat.st_size}|{stat.st_mtime_ns}"
         except OSError:
             identity = f"{source}|missing"
         digest = hashlib.sha256(identity.encode()).hexdigest()[:24]

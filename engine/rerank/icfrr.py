@@ -151,8 +151,14 @@ def vote_matrix(lists: torch.Tensor, n_items: int, kg: int, dense_limit: int = D
 
 
 def consensus_from_votes(votes: torch.Tensor, voters: torch.Tensor) -> torch.Tensor:
-    """delta = mean of the voters' rows of the vote matrix (`vote_matrix`), (B, G)."""
+    """delta = mean of the voters' rows of the vote matrix (`vote_matrix`), (B, G).
+
+    A few queries (B * KQ < G, e.g. one online query) gather their voters' rows: O(KQ * G) per
+    query; larger batches take one matrix product.
+    """
     batch, kq = voters.shape
+    if votes.layout == torch.strided and batch * kq < votes.shape[0]:
+        return votes[voters].mean(dim=1)
     selection = torch.zeros((batch, votes.shape[0]), dtype=torch.float32, device=voters.device)
     selection.scatter_(1, voters, 1.0 / kq)
     if votes.layout == torch.strided:

@@ -158,7 +158,8 @@ def consensus_from_votes(votes: torch.Tensor, voters: torch.Tensor) -> torch.Ten
     """
     batch, kq = voters.shape
     if votes.layout == torch.strided and batch * kq < votes.shape[0]:
-        return votes[voters].mean(dim=1)
+        rows = votes.index_select(0, voters.reshape(-1))
+        return rows.view(batch, kq, -1).mean(dim=1)
     selection = torch.zeros((batch, votes.shape[0]), dtype=torch.float32, device=voters.device)
     selection.scatter_(1, voters, 1.0 / kq)
     if votes.layout == torch.strided:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 
 from engine.errors import InvalidInputError
@@ -126,11 +127,12 @@ def consensus(lists: torch.Tensor, voters: torch.Tensor, n_items: int, kg: int,
 
 
 def vote_matrix(lists: torch.Tensor, n_items: int, kg: int, dense_limit: int = DENSE_LIMIT
-                ) -> torch.Tensor:
+                ) -> torch.Tensor | sp.csr_matrix:
     """W[a, b] = alpha[R[a, b]]: the weight of b in a's list (KG non-zeros per row).
 
-    Dense up to `dense_limit` items (the consensus is then one matrix product), sparse above
-    (stored transposed), so memory follows G * KG, not G^2.
+    Dense (torch, on the lists' device) up to `dense_limit` items: the consensus is then one
+    matrix product. Above, a scipy CSR matrix on the CPU, so memory follows G * KG, not G^2,
+    and a query's consensus sums only its voters' KG-long rows (O(KQ * KG)).
     """
     size, depth = lists.shape
     positions = torch.arange(depth, device=lists.device)
@@ -144,32 +146,32 @@ def vote_matrix(lists: torch.Tensor, n_items: int, kg: int, dense_limit: int = D
         matrix = torch.zeros((size, size), dtype=torch.float32, device=lists.device)
         matrix[rows.reshape(-1), columns.reshape(-1)] = values.reshape(-1)
         return matrix
-    # Sparse: stored transposed, as the consensus multiplies it from the left.
-    return torch.sparse_coo_tensor(torch.stack([columns.reshape(-1), rows.reshape(-1)]),
-                                   values.reshape(-1), (size, size),
-                                   check_invariants=False).coalesce()
+    return sp.csr_matrix((values.reshape(-1).cpu().numpy(),
+                          (rows.reshape(-1).cpu().numpy(), columns.reshape(-1).cpu().numpy())),
+                         shape=(size, size))
 
 
-def consensus_from_votes(votes: torch.Tensor, voters: torch.Tensor) -> torch.Tensor:
-    """delta = mean of the voters' rows of the vote matrix (`vote_matrix`), (B, G).
-
-    A few queries (B * KQ < G, e.g. one online query) gather their voters' rows: O(KQ * G) per
-    query; larger batches take one matrix product.
-    """
+def consensus_from_votes(votes: torch.Tensor | sp.csr_matrix, voters: torch.Tensor
+                         ) -> torch.Tensor:
+    """delta = mean of the voters' rows of the vote matrix (`vote_matrix`), (B, G): one dense
+    matrix product (for one query, a matrix-vector product measured three times faster here
+    than gathering its voters' rows), or a sparse one."""
     batch, kq = voters.shape
-    if votes.layout == torch.strided and batch * kq < votes.shape[0]:
-        rows = votes.index_select(0, voters.reshape(-1))
-        return rows.view(batch, kq, -1).mean(dim=1)
-    selection = torch.zeros((batch, votes.shape[0]), dtype=torch.float32, device=voters.device)
-    selection.scatter_(1, voters, 1.0 / kq)
-    if votes.layout == torch.strided:
+    if isinstance(votes, torch.Tensor):
+        selection = torch.zeros((batch, votes.shape[0]), dtype=torch.float32,
+                                device=voters.device)
+        selection.scatter_(1, voters, 1.0 / kq)
         return selection @ votes
-    return torch.sparse.mm(votes, selection.t()).t()
+    rows = np.repeat(np.arange(batch), kq)
+    selection = sp.csr_matrix((np.full(batch * kq, 1.0 / kq, np.float32),
+                               (rows, voters.reshape(-1).cpu().numpy())),
+                              shape=(batch, votes.shape[0]))
+    return torch.from_numpy((selection @ votes).toarray()).to(voters.device)
 
 
 def iterate(order: torch.Tensor, distances: torch.Tensor, lists: torch.Tensor, n_items: int,
             params: ICFRRParams, kg: int, kq: int, exclude: torch.Tensor | None = None,
-            history_depth: int = HISTORY_DEPTH, votes: torch.Tensor | None = None
+            history_depth: int = HISTORY_DEPTH, votes: torch.Tensor | sp.csr_matrix | None = None
             ) -> ICFRROutput:
     """Run ICFRR for a chunk of queries.
 
@@ -220,7 +222,8 @@ def clamped(params: ICFRRParams, n_items: int) -> tuple[int, int, dict[str, Any]
 
 def run(query_gallery: np.ndarray, lists: np.ndarray | torch.Tensor, params: ICFRRParams,
         exclude: np.ndarray | None = None, device: torch.device | str = "cpu",
-        votes: torch.Tensor | None = None) -> tuple[ICFRROutput, dict[str, Any]]:
+        votes: torch.Tensor | sp.csr_matrix | None = None
+        ) -> tuple[ICFRROutput, dict[str, Any]]:
     """ICFRR for queries given by their distances to every gallery item.
 
     query_gallery: (Q, G) distances. lists: (G, D) gallery lists (`sorted_lists` of the
@@ -315,10 +318,12 @@ class ICFRR(Reranker):
             self.device)
         kg, _, _ = clamped(self.params, context.size)
         self._votes = vote_matrix(self._lists_t, context.size, kg)
+        # float64 once, so each query's canonical similarities do not convert the gallery
+        self._gallery64 = context.features.astype(np.float64)
 
     def _query_distances(self, queries: np.ndarray, start: int, stop: int) -> np.ndarray:
         return euclidean_from_similarity(
-            canonical_similarity(queries[start:stop], self.gallery.features))
+            canonical_similarity(queries[start:stop], self._gallery64))
 
     def _run(self, queries: np.ndarray | None, k: int
              ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:

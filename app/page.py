@@ -39,6 +39,7 @@ from app.session import (
 )
 from app.thumbnails import PREVIEW_SIDE, ThumbnailCache
 from engine.errors import EngineError, InvalidInputError
+from engine.evaluation import scores_table
 from engine.images import MAX_FILE_BYTES, load_image
 from engine.neighbourhood import NeighbourhoodGraph, neighbourhood_graph
 from engine.rerank import get_reranker_class, list_rerankers
@@ -411,7 +412,8 @@ class PageHandlers:
 
     def map_figure(self, session: GallerySession, view: QueryView | None, method: str,
                    space: str) -> Any:
-        space = space if space in dict(session.map_spaces()) else "backbone"
+        spaces = dict(session.map_spaces())
+        space = space if space in spaces else "backbone"
         with engine_errors_as_gradio():
             layout = session.embedding_map(space, fit=False)
         if layout is None:
@@ -430,7 +432,7 @@ class PageHandlers:
         return plots.embedding_figure(
             layout.coordinates, files=gallery.files, labels=gallery.labels,
             class_names=gallery.class_names,
-            title=f"UMAP of {dict(session.map_spaces())[space]}", **kwargs)
+            title=f"UMAP of {spaces[space]}", **kwargs)
 
     @staticmethod
     def metrics_text(result: QueryResult, baseline: Ranking, ranking: Ranking) -> str:
@@ -591,8 +593,6 @@ class PageHandlers:
     def compare_rows(self, session: GallerySession, params: dict[str, dict] | None = None,
                      compute: bool = False, progress: Any = None) -> list[list[Any]]:
         """Whole-gallery scores per method (leave-one-out): cached ones, or all when computing."""
-        from engine.evaluation import scores_table
-
         rows = []
         methods = session.methods()
         for index, (method, _) in enumerate(methods):

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.evaluation import without_self
 from engine.metrics import evaluate
 from engine.protocols import PROTOCOLS, Split, make_split
 from engine.rerank import GalleryContext, create_reranker, list_rerankers
@@ -137,11 +138,8 @@ def _baseline(features: np.ndarray, split: Split, k: int) -> np.ndarray:
 
     gallery = features[split.gallery_rows]
     if split.leave_one_out:
-        _, indices = exact_knn(gallery, k + 1)
-        # drop the query itself wherever it landed (duplicates may outrank it)
-        keep = indices != np.arange(len(gallery))[:, None]
-        first = np.argsort(~keep, axis=1, kind="stable")[:, :k]
-        return np.take_along_axis(indices, first, axis=1)
+        similarities, indices = exact_knn(gallery, k + 1)
+        return without_self(indices, similarities, k)[0]
     _, indices = exact_knn(gallery, k, queries=features[split.query_rows])
     return indices
 

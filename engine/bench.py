@@ -29,7 +29,7 @@ import numpy as np
 from engine.evaluation import without_self
 from engine.metrics import evaluate
 from engine.protocols import PROTOCOLS, Split, make_split
-from engine.rerank import GalleryContext, create_reranker, list_rerankers
+from engine.rerank import GalleryContext, TrainingSet, create_reranker, list_rerankers
 
 logger = logging.getLogger("engine.bench")
 
@@ -155,9 +155,14 @@ def run(features: np.ndarray, labels: np.ndarray, protocol: str, methods: Sequen
                 None, None, None)]
     queries = None if split.leave_one_out else features[split.query_rows]
     online_set = (gallery if queries is None else queries)[:online_queries]
-    # Labels go to `fit` only as a class count (SGRR's number of clusters); no method here
-    # trains on them.
-    context = GalleryContext(gallery, labels=labels[split.gallery_rows])
+    # Gallery labels go to `fit` only as a class count (SGRR's number of clusters); no method
+    # trains on them. A protocol that holds training items out offers them (with labels) to
+    # the methods that learn; only SSR with train_classes > 0 reads those labels.
+    training = None
+    if split.training_rows is not None:
+        training = TrainingSet(features[split.training_rows], labels[split.training_rows],
+                               f"the {split.name} training items ({len(split.training_rows)})")
+    context = GalleryContext(gallery, labels=labels[split.gallery_rows], training=training)
     for spec in methods:
         name, params = parse_method(spec)
         with peak_memory(device) as memory:

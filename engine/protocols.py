@@ -19,12 +19,15 @@ class Split:
 
     query_rows / gallery_rows: rows of the collection, or query_rows = None for leave-one-out
     (every gallery item a query against the rest). n_positives: relevant items per query.
+    training_rows: rows a learning method may learn from, disjoint from the queries and the
+    gallery (None: the protocol holds nothing out; learners see only the gallery).
     """
 
     name: str
     query_rows: np.ndarray | None
     gallery_rows: np.ndarray
     n_positives: np.ndarray
+    training_rows: np.ndarray | None = None
 
     @property
     def leave_one_out(self) -> bool:
@@ -62,9 +65,31 @@ def every_tenth_split(labels: np.ndarray) -> Split:
     return Split("oxford17-split", queries, gallery, positives)
 
 
+HELDOUT_TRAINING_CLASSES = 9
+
+
+def heldout_classes_split(labels: np.ndarray,
+                          training_classes: int = HELDOUT_TRAINING_CLASSES) -> Split:
+    """oxford17-heldout: learners may use classes 0..8 (720 images; labels allowed for SSR, never
+    for SSP); judged on classes 9..16 only, where every 10th image (in file order) of those
+    classes is a query (64) and the rest of those classes the gallery (576)."""
+    labels = _require_labels(labels, "oxford17-heldout")
+    rows = np.arange(len(labels))
+    training = rows[(labels >= 0) & (labels < training_classes)]
+    judged = rows[labels >= training_classes]
+    if len(training) == 0 or len(np.unique(labels[judged])) < 2:
+        raise InvalidInputError(
+            f"protocol 'oxford17-heldout' needs classes 0..{training_classes - 1} to learn from "
+            f"and at least two classes above them to judge on")
+    queries, gallery = judged[::10], np.setdiff1d(judged, judged[::10])
+    positives = (labels[gallery][None, :] == labels[queries][:, None]).sum(axis=1)
+    return Split("oxford17-heldout", queries, gallery, positives, training_rows=training)
+
+
 PROTOCOLS: dict[str, Callable[[np.ndarray], Split]] = {
     "leave-one-out": leave_one_out,
     "oxford17-split": every_tenth_split,
+    "oxford17-heldout": heldout_classes_split,
 }
 
 

@@ -17,6 +17,7 @@ from engine.rerank.base import (
     Reranker,
     RerankParams,
     RerankResult,
+    TrainingSet,
     param,
 )
 
@@ -74,6 +75,7 @@ __all__ = [
     "RerankParams",
     "RerankResult",
     "Reranker",
+    "TrainingSet",
     "create_reranker",
     "get_reranker_class",
     "list_rerankers",

@@ -103,6 +103,31 @@ class KnnGraph:
         return int(self.indices.shape[1])
 
 
+@dataclass(frozen=True)
+class TrainingSet:
+    """Items a learning method may learn from besides the gallery (a protocol's held-out
+    training classes, say): features (n, d) L2-normalised, labels (n,) int or None (-1 =
+    unlabelled), and a short description the UI shows."""
+
+    features: np.ndarray
+    labels: np.ndarray | None = None
+    description: str = ""
+
+    @property
+    def size(self) -> int:
+        return int(self.features.shape[0])
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies the exact features and labels (learned state is keyed on it)."""
+        import hashlib
+
+        digest = hashlib.sha256(np.ascontiguousarray(self.features, np.float32).tobytes())
+        if self.labels is not None:
+            digest.update(np.ascontiguousarray(self.labels, np.int64).tobytes())
+        return digest.hexdigest()[:16]
+
+
 @dataclass
 class GalleryContext:
     """What `Reranker.fit` receives: the gallery features and the structures shared by methods.
@@ -113,6 +138,7 @@ class GalleryContext:
         is keyed on it.
     state_dir: folder beside the gallery cache where learned methods keep their state.
     labels: optional (G,) int labels (only some learned methods may use them).
+    training: optional held-out items a learning method may train on instead of the gallery.
     """
 
     features: np.ndarray
@@ -120,6 +146,7 @@ class GalleryContext:
     fingerprint: str = ""
     state_dir: Path | None = None
     labels: np.ndarray | None = None
+    training: TrainingSet | None = None
 
     @property
     def size(self) -> int:

@@ -1,0 +1,502 @@
+"""SSR: the Subgraph Similarity Refiner (Shen, Xiao, Hu, Sbai, Aubry, NeurIPS 2021).
+
+A small learned module that re-orders a query's top-k. Take the query and its top-k (k + 1
+reference nodes, features F, similarities S = F F^T of the L2-normalised rows). For every
+reference r, order the k database items by similarity to r (d_(1) .. d_(k)) and read the
+(2k + 1)-vector [S(r, q), S(r, d_(1..k)), S(q, d_(1..k))] (the first two rows' upper triangle of
+the similarity matrix of [r, q, d_(1..k)]). Two synthetic-gradient MLPs turn those k + 1 views
+into gradients with respect to the views; their vector-Jacobian products move the query, then
+the database features (`q_steps` times), and the cosine of the refined features re-orders the
+top-k. Everything after the top-k keeps its order.
+
+Training follows the authors: episodes of a random query, a random pool (1,000 items, or all
+there are), the query's top-k in that pool, kept when the top-k's AP < 0.8 and it holds more than
+5 positives; an InfoNCE-style loss with a learnable scale; SGD (lr 1e-3, momentum 0.9, weight
+decay 5e-4), one episode per step. Positives come from labels (classes 0..train_classes-1 of the
+training items) or, with no labels, from pseudo-labels: the LHRR hypergraph's SGCC clusters
+(`engine.hypergraph`, as SGRR uses), unclustered items left out of the loss. Similarities are
+computed per episode, never for the whole training set at once.
+
+Choices where the authors' code is silent or cannot run here (see `../shared/methods/ssr.md`):
+a fixed number of training episodes (the authors kept the checkpoint best on the test set); for
+a training set under 1,000 items the pool is a random half of it, so that one query yields many
+different episodes; a model for q_steps = s > 1 continues training the (s - 1)-step model for a
+sixth of the episodes (the authors: 10,000 after 60,000).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from engine.errors import CacheError, InvalidInputError
+from engine.rerank import register
+from engine.rerank.base import (
+    GalleryContext,
+    Reranker,
+    RerankParams,
+    TrainingSet,
+    check_features,
+    param,
+)
+from engine.rerank.ops import canonical_similarity, top_k_smallest
+from engine.storage import atomic_path, atomic_write_json, fingerprint, load_json
+
+logger = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+POOL_SIZE = 1000
+MAX_EPISODE_AP = 0.8
+MIN_POSITIVES = 5
+"""More than this many positives in an episode's top-k (the authors'); at most a quarter of k."""
+LEARNING_RATE = 1e-3
+MOMENTUM = 0.9
+WEIGHT_DECAY = 5e-4
+INITIAL_SCALE = 10.0
+QUERY_CHUNK = 64
+K_RECIPROCAL_DEFAULTS = {"k1": 20, "k2": 6, "lambda_value": 0.3}
+
+
+@dataclass(frozen=True)
+class SSRParams(RerankParams):
+    k: int = param(100, minimum=2, maximum=500, step=1,
+                   help="length of the top-k the module re-orders (the rest keeps its order)")
+    q_steps: int = param(1, minimum=1, maximum=3, step=1,
+                         help="feature updates by the predicted gradients")
+    lr_dni: float = param(5e-4, minimum=1e-6, maximum=1.0, step=1e-4,
+                          help="step size of the feature updates")
+    hidden: int = param(512, minimum=16, maximum=4096, step=16,
+                        help="hidden size of the synthetic-gradient MLPs")
+    train_classes: int = param(0, minimum=0, maximum=100000, step=1,
+                               help="0: learn without labels (pseudo-labels from LHRR clusters "
+                                    "of the training items); N: learn with the labels of "
+                                    "classes 0..N-1 only")
+    episodes: int = param(3000, minimum=1, maximum=200000, step=100,
+                          help="training episodes (one SGD step each)")
+    after_k_reciprocal: bool = param(False, help="refine the top-k of k-reciprocal re-ranking "
+                                                 "(20, 6, 0.3) instead of the cosine ranking, "
+                                                 "the authors' best combination")
+    seed: int = param(0, minimum=0, maximum=2**31 - 1, step=1,
+                      help="seed of initialisation and episode sampling")
+
+
+class SyntheticGradient(torch.nn.Module):
+    """The authors' `dni_linear`: InstanceNorm -> Linear -> ReLU -> InstanceNorm -> Linear ->
+    ReLU -> InstanceNorm -> Linear, each view (row) normalised on its own."""
+
+    def __init__(self, size: int, hidden: int) -> None:
+        super().__init__()
+        self.input_norm = torch.nn.InstanceNorm1d(1, affine=True)
+        self.first = torch.nn.Linear(size, hidden)
+        self.first_norm = torch.nn.InstanceNorm1d(1, affine=True)
+        self.second = torch.nn.Linear(hidden, hidden)
+        self.second_norm = torch.nn.InstanceNorm1d(1, affine=True)
+        self.output = torch.nn.Linear(hidden, size)
+
+    def forward(self, views: torch.Tensor) -> torch.Tensor:
+        rows = views.reshape(-1, 1, views.shape[-1])
+        rows = self.first_norm(F.relu(self.first(self.input_norm(rows))))
+        rows = self.second_norm(F.relu(self.second(rows)))
+        return self.output(rows).reshape(views.shape)
+
+
+def subgraph_views(nodes: torch.Tensor) -> torch.Tensor:
+    """(B, k + 1, d) features [query, d_1..d_k] -> (B, k + 1, 2k + 1) views, one per reference.
+
+    Row r is [S(r, q), S(r, d_(1..k)), S(q, d_(1..k))] with d_(j) the database items in
+    descending similarity to r (ties: the earlier item first); S is the cosine. One batched
+    gather builds all views; the ordering itself carries no gradient.
+    """
+    unit = F.normalize(nodes, dim=-1, eps=1e-12)
+    similarity = unit @ unit.transpose(1, 2)
+    to_database = similarity[:, :, 1:]
+    with torch.no_grad():
+        order = torch.sort(to_database, dim=2, descending=True, stable=True).indices
+    own = to_database.gather(2, order)
+    from_query = to_database[:, :1, :].expand_as(to_database).gather(2, order)
+    return torch.cat([similarity[:, :, :1], own, from_query], dim=2)
+
+
+class SubgraphRefiner(torch.nn.Module):
+    """The SSR module: refines (B, d) queries and their (B, k, d) top-k, returns (B, k) cosine
+    similarities of the refined features."""
+
+    def __init__(self, k: int, q_steps: int, lr_dni: float, hidden: int) -> None:
+        super().__init__()
+        self.k, self.q_steps, self.lr_dni = int(k), int(q_steps), float(lr_dni)
+        size = 2 * self.k + 1
+        self.query_gradient = SyntheticGradient(size, hidden)
+        self.database_gradient = SyntheticGradient(size, hidden)
+        self.scale = torch.nn.Parameter(torch.tensor(INITIAL_SCALE))
+
+    def refine(self, query: torch.Tensor, database: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`q_steps` updates: the query by the query network's gradients, then the database
+        by the database network's (views rebuilt in between)."""
+        training = torch.is_grad_enabled() and self.training
+        with torch.enable_grad():
+            if not query.requires_grad:
+                query = query.detach().requires_grad_(True)
+            if not database.requires_grad:
+                database = database.detach().requires_grad_(True)
+            for _ in range(self.q_steps):
+                query = self._step(query, database, query, self.query_gradient, training)
+                database = self._step(query, database, database, self.database_gradient,
+                                      training)
+        return query, database
+
+    def _step(self, query: torch.Tensor, database: torch.Tensor, moved: torch.Tensor,
+              network: SyntheticGradient, training: bool) -> torch.Tensor:
+        views = subgraph_views(torch.cat([query[:, None, :], database], dim=1))
+        gradient = torch.autograd.grad(views, moved, grad_outputs=network(views),
+                                       create_graph=training)[0]
+        updated = moved - self.lr_dni * gradient
+        return updated if training else updated.detach().requires_grad_(True)
+
+    def forward(self, query: torch.Tensor, database: torch.Tensor) -> torch.Tensor:
+        query, database = self.refine(query, database)
+        return torch.einsum("bd,bkd->bk", F.normalize(query, dim=-1),
+                            F.normalize(database, dim=-1))
+
+
+def info_nce(similarity: torch.Tensor, relevant: torch.Tensor, known: torch.Tensor,
+             scale: torch.Tensor) -> torch.Tensor:
+    """The authors' "InfoBCE": mean over positives p of
+    -log(exp(t s_p) / (exp(t s_p) + sum over negatives n of exp(t s_n))); items whose relevance
+    is unknown (unclustered pseudo-labels) are left out."""
+    logits = scale * similarity
+    positives = logits[relevant & known]
+    negatives = logits[~relevant & known]
+    negative_mass = torch.logsumexp(negatives, dim=0)
+    return (torch.logaddexp(positives, negative_mass) - positives).mean()
+
+
+def list_average_precision(relevant: np.ndarray) -> float:
+    """AP of a ranked list over the positives it holds (the authors' `mAP_sample`)."""
+    hits = np.flatnonzero(relevant)
+    if hits.size == 0:
+        return 0.0
+    return float(np.mean(np.arange(1, hits.size + 1) / (hits + 1)))
+
+
+@dataclass(frozen=True)
+class Episode:
+    query: int
+    top: np.ndarray          # (k,) training rows, most similar first
+    relevant: np.ndarray     # (k,) bool
+    known: np.ndarray        # (k,) bool
+
+
+def sample_episode(features: np.ndarray, labels: np.ndarray, k: int, pool_size: int,
+                   rng: np.random.Generator, max_ap: float = MAX_EPISODE_AP,
+                   min_positives: int = MIN_POSITIVES) -> Episode | None:
+    """One episode as the authors draw it, or None when it fails their filter (AP of the top-k
+    < max_ap and more than min_positives positives). Labels -1 are unknown."""
+    n = len(features)
+    query = int(rng.integers(n))
+    if labels[query] < 0:
+        return None
+    others = rng.choice(n - 1, size=pool_size, replace=False)
+    pool = others + (others >= query)  # skip the query itself
+    similarity = features[pool] @ features[query]
+    top = pool[np.argsort(-similarity, kind="stable")[:k]]
+    known = labels[top] >= 0
+    relevant = (labels[top] == labels[query]) & known
+    if relevant.sum() <= min_positives or not (~relevant & known).any():
+        return None
+    if list_average_precision(relevant[known]) >= max_ap:
+        return None
+    return Episode(query, top, relevant, known)
+
+
+def training_step(model: SubgraphRefiner, optimiser: torch.optim.Optimizer,
+                  features: torch.Tensor, episode: Episode) -> tuple[float, np.ndarray]:
+    """One SGD step on one episode; returns the loss and the refined order of its top-k."""
+    device = features.device
+    query = features[episode.query][None, :].clone().requires_grad_(True)
+    database = features[torch.from_numpy(episode.top).to(device)][None].clone()
+    database.requires_grad_(True)
+    optimiser.zero_grad()
+    similarity = model(query, database)[0]
+    loss = info_nce(similarity, torch.from_numpy(episode.relevant).to(device),
+                    torch.from_numpy(episode.known).to(device), model.scale)
+    loss.backward()
+    optimiser.step()
+    return float(loss.detach()), np.argsort(-similarity.detach().cpu().numpy(), kind="stable")
+
+
+def make_optimiser(model: SubgraphRefiner) -> torch.optim.Optimizer:
+    """The authors' SGD: lr 1e-3, momentum 0.9, weight decay 5e-4."""
+    return torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, momentum=MOMENTUM,
+                           weight_decay=WEIGHT_DECAY)
+
+
+def train_refiner(features: np.ndarray, labels: np.ndarray, k: int, q_steps: int, lr_dni: float,
+                  hidden: int, episodes: int, seed: int, device: torch.device,
+                  start: SubgraphRefiner | None = None, progress: Any = None,
+                  max_ap: float = MAX_EPISODE_AP, min_positives: int = MIN_POSITIVES
+                  ) -> tuple[SubgraphRefiner, dict[str, Any]]:
+    """Train an SSR module on (n, d) unit features with (n,) labels (-1 unknown); `start` is a
+    model to continue from (its weights are copied). Returns the model and a training log."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    n = len(features)
+    pool_size = min(POOL_SIZE, n - 1) if n - 1 >= 2 * POOL_SIZE else max(k, (n - 1) // 2)
+    if n < k + 2 or pool_size < k:
+        raise InvalidInputError(f"SSR with k={k} needs at least {k + 2} training items, got {n}")
+    min_positives = min(min_positives, k // 4)
+    model = SubgraphRefiner(k, q_steps, lr_dni, hidden).to(device)
+    if start is not None:
+        model.load_state_dict(start.state_dict())
+    model.train()
+    optimiser = make_optimiser(model)
+    table = torch.from_numpy(np.ascontiguousarray(features, np.float32)).to(device)
+    losses, before, after = [], [], []
+    attempts, budget = 0, max(1000, 200 * episodes)
+    started = time.perf_counter()
+    while len(losses) < episodes:
+        attempts += 1
+        if attempts > budget:
+            raise InvalidInputError(
+                f"SSR found only {len(losses)} training episodes in {budget} draws that pass the "
+                f"authors' filter (top-{k} AP < {max_ap} with more than {min_positives} "
+                "positives): the training set is too small, too easy or has too few positives")
+        episode = sample_episode(features, labels, k, pool_size, rng, max_ap, min_positives)
+        if episode is None:
+            continue
+        loss, order = training_step(model, optimiser, table, episode)
+        losses.append(loss)
+        before.append(list_average_precision(episode.relevant[episode.known]))
+        after.append(list_average_precision(episode.relevant[order][episode.known[order]]))
+        if progress is not None and len(losses) % 100 == 0:
+            progress(len(losses) / episodes, f"SSR: training episode {len(losses)}/{episodes}")
+    model.eval()
+    tail = max(1, episodes // 10)
+    log = {"episodes": episodes, "draws": attempts, "seconds": time.perf_counter() - started,
+           "first_loss": float(np.mean(losses[:tail])), "last_loss": float(np.mean(losses[-tail:])),
+           "episode_ap_before": float(np.mean(before[-tail:])),
+           "episode_ap_after": float(np.mean(after[-tail:]))}
+    return model, log
+
+
+def pseudo_labels(features: np.ndarray) -> tuple[np.ndarray, str]:
+    """Label-free positives: SGCC clusters of the LHRR hypergraph (neighbourhood about one
+    cluster, every item kept), -1 where an item joins no cluster."""
+    from engine.hypergraph import default_clusters, lhrr_from_features, sgcc
+
+    n = len(features)
+    clusters = default_clusters(n)
+    neighbourhood = max(2, min(n // clusters, n - 1))
+    hypergraph = lhrr_from_features(features, neighbourhood)
+    clustering = sgcc(hypergraph, clusters, 1.0)
+    return clustering.labels, (f"pseudo-labels: {clusters} LHRR/SGCC clusters "
+                               f"(K={hypergraph.k})")
+
+
+@register
+class SSR(Reranker):
+    """Subgraph Similarity Refiner; see the module docstring."""
+
+    name: ClassVar[str] = "ssr"
+    title: ClassVar[str] = "SSR (Shen et al. 2021)"
+    Params: ClassVar[type[RerankParams]] = SSRParams
+    learns: ClassVar[bool] = True
+    runs_on_gpu: ClassVar[bool] = True
+    min_gallery: ClassVar[int] = 20
+    """Training episodes need a top-k with several positives and negatives."""
+
+    # -- fitting ---------------------------------------------------------------------------
+    def _fit(self, context: GalleryContext) -> None:
+        training = self._training_set(context)
+        self.training_description = training.description
+        self.k_used = min(self.params.k, context.size - 1, training.size - 2)
+        if self.k_used < 2:
+            raise InvalidInputError(
+                f"SSR needs a gallery and a training set of at least 4 items (k >= 2); got "
+                f"{context.size} and {training.size}")
+        self._k_reciprocal = None
+        if self.params.after_k_reciprocal:
+            from engine.rerank import create_reranker
+
+            self._k_reciprocal = create_reranker("k_reciprocal", device="cpu",
+                                                 **K_RECIPROCAL_DEFAULTS).fit(context)
+        self._gallery_tensor = torch.from_numpy(context.features).to(self.device)
+        self.model, self.manifest = self.fit_or_load(training, context.state_dir)
+
+    def _training_set(self, context: GalleryContext) -> TrainingSet:
+        """What the module learns from: the protocol's training items if the context has
+        them, else the gallery; with `train_classes` N, only items of classes 0..N-1 and their
+        labels."""
+        if context.training is not None:
+            source = context.training
+            features = check_features(source.features, "training features",
+                                      context.features.shape[1])
+            labels, where = source.labels, source.description or "held-out training items"
+        else:
+            features, labels, where = context.features, context.labels, "the gallery"
+        classes = self.params.train_classes
+        if classes == 0:
+            return TrainingSet(features, None, f"{where} without labels")
+        if labels is None or not (np.asarray(labels) >= 0).any():
+            raise InvalidInputError(
+                f"SSR train_classes={classes} needs labelled training items, but {where} has no "
+                "labels; set train_classes=0 to learn from pseudo-labels")
+        labels = np.asarray(labels)
+        keep = (labels >= 0) & (labels < classes)
+        if keep.sum() < 4:
+            raise InvalidInputError(f"SSR: {where} has only {int(keep.sum())} items of classes "
+                                    f"0..{classes - 1}")
+        return TrainingSet(features[keep], labels[keep],
+                           f"labels of classes 0-{classes - 1} of {where} ({int(keep.sum())} "
+                           "items)")
+
+    def _state_path(self, training: TrainingSet, state_dir: Path | None, q_steps: int
+                    ) -> tuple[Path | None, dict[str, Any]]:
+        identity = {"version": STATE_VERSION, "training": training.fingerprint,
+                    "labelled": training.labels is not None, "k": self.k_used,
+                    "q_steps": q_steps, "lr_dni": self.params.lr_dni,
+                    "hidden": self.params.hidden, "episodes": self.params.episodes,
+                    "seed": self.params.seed, "dim": int(training.features.shape[1])}
+        path = None if state_dir is None else Path(state_dir) / "ssr" / fingerprint(identity)
+        return path, identity
+
+    def fit_or_load(self, training: TrainingSet, state_dir: Path | None,
+                    q_steps: int | None = None) -> tuple[SubgraphRefiner, dict[str, Any]]:
+        """The trained module for this training set and parameters: loaded from `state_dir`
+        when saved there, else trained (the (q_steps - 1)-step model first) and saved."""
+        q_steps = q_steps or self.params.q_steps
+        path, identity = self._state_path(training, state_dir, q_steps)
+        if path is not None:
+            try:
+                loaded = load_refiner(path, training.fingerprint, self.device)
+            except CacheError as error:
+                logger.warning("retraining SSR: %s", error)
+                loaded = None
+            if loaded is not None:
+                return loaded
+        start, episodes = None, self.params.episodes
+        if q_steps > 1:
+            start = self.fit_or_load(training, state_dir, q_steps - 1)[0]
+            episodes = max(1, episodes // 6)
+        labels, mode = training.labels, training.description
+        if labels is None:
+            self._report(0.0, "SSR: pseudo-labels from the LHRR hypergraph")
+            labels, how = pseudo_labels(training.features)
+            mode = f"{training.description}; {how}"
+        model, log = train_refiner(
+            training.features, np.asarray(labels, np.int64), self.k_used, q_steps,
+            self.params.lr_dni, self.params.hidden, episodes, self.params.seed, self.device,
+            start=start, progress=self._report)
+        manifest = {**identity, "features_fingerprint": training.fingerprint,
+                    "training_items": training.size, "mode": mode, "log": log}
+        if path is not None:
+            save_refiner(path, model, manifest)
+        return model, manifest
+
+    def _report(self, fraction: float, message: str) -> None:
+        if self.progress is not None:
+            self.progress(fraction, message)
+
+    # -- ranking ---------------------------------------------------------------------------
+    def _initial(self, query_features: np.ndarray | None, depth: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+        """(Q, depth) initial ranking and its distances: cosine, or k-reciprocal's."""
+        if self._k_reciprocal is not None:
+            result = self._k_reciprocal.rerank(query_features, depth)
+            return result.indices, result.distances
+        gallery = self.gallery.features
+        queries = gallery if query_features is None else query_features
+        similarity = canonical_similarity(queries, gallery)
+        if query_features is None:
+            np.fill_diagonal(similarity, -np.inf)
+        indices, negated = top_k_smallest(-similarity, depth)
+        return indices, (1.0 + negated).astype(np.float32)
+
+    def _refine(self, query_features: np.ndarray | None, k: int
+                ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+        gallery = self.gallery.features
+        top = self.k_used
+        indices, distances = self._initial(query_features, max(k, top))
+        queries = gallery if query_features is None else query_features
+        refined = np.empty((len(queries), top), np.float32)
+        for begin in range(0, len(queries), QUERY_CHUNK):
+            rows = slice(begin, begin + QUERY_CHUNK)
+            query = torch.from_numpy(np.ascontiguousarray(queries[rows])).to(self.device)
+            database = self._gallery_tensor[torch.from_numpy(indices[rows, :top])
+                                            .to(self.device)]
+            with torch.no_grad():
+                refined[rows] = self.model(query, database).cpu().numpy()
+        order = np.argsort(-refined, axis=1, kind="stable")
+        head = np.take_along_axis(indices[:, :top], order, axis=1)
+        head_distances = 1.0 - np.take_along_axis(refined, order, axis=1)
+        ranked = np.concatenate([head, indices[:, top:]], axis=1)[:, :k]
+        # Past the top-k the initial order stays; distances are kept ascending across the seam.
+        ranked_distances = np.maximum.accumulate(
+            np.concatenate([head_distances, distances[:, top:]], axis=1), axis=1)[:, :k]
+        details = {"k": top, "q_steps": self.params.q_steps,
+                   "initial": "k-reciprocal (20, 6, 0.3)" if self._k_reciprocal else "cosine",
+                   "trained_on": self.manifest["mode"],
+                   "refined_similarity": refined[0, order[0]].tolist()}
+        return ranked, ranked_distances.astype(np.float32), details
+
+    def _rerank_batch(self, query_features: np.ndarray | None, k: int
+                      ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+        return self._refine(query_features, k)
+
+    def _rerank_online(self, query_feature: np.ndarray, k: int
+                       ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+        indices, distances, details = self._refine(query_feature[None, :], k)
+        return indices[0], distances[0], details
+
+
+# -- state on disk ---------------------------------------------------------------------------
+def save_refiner(path: Path, model: SubgraphRefiner, manifest: dict[str, Any]) -> None:
+    """Weights as safetensors and the manifest as JSON, both written atomically."""
+    from safetensors.torch import save_file
+
+    tensors = {name: value.detach().cpu().contiguous()
+               for name, value in model.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path.with_suffix(".safetensors")) as temporary:
+        save_file(tensors, str(temporary))
+    atomic_write_json(path.with_suffix(".json"), {
+        **manifest, "weights_sha256": hashlib.sha256(
+            path.with_suffix(".safetensors").read_bytes()).hexdigest()})
+
+
+def load_refiner(path: Path, features_fingerprint: str, device: torch.device
+                 ) -> tuple[SubgraphRefiner, dict[str, Any]] | None:
+    """The saved module and manifest, None when nothing is saved at `path`.
+
+    Raises CacheError when the files are damaged or were trained on other features (a
+    fingerprint mismatch): the caller retrains rather than use a wrong model.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    weights, manifest_path = path.with_suffix(".safetensors"), path.with_suffix(".json")
+    if not (weights.is_file() and manifest_path.is_file()):
+        return None
+    manifest = load_json(manifest_path)
+    if not isinstance(manifest, dict):
+        raise CacheError(f"{manifest_path} is not a JSON object")
+    if manifest.get("features_fingerprint") != features_fingerprint:
+        raise CacheError(f"the SSR state {path.name} was trained on other features "
+                         f"({manifest.get('features_fingerprint')} != {features_fingerprint})")
+    try:
+        if hashlib.sha256(weights.read_bytes()).hexdigest() != manifest.get("weights_sha256"):
+            raise CacheError(f"{weights} does not match its manifest")
+        model = SubgraphRefiner(manifest["k"], manifest["q_steps"], manifest["lr_dni"],
+                                manifest["hidden"])
+        model.load_state_dict(load_file(str(weights)))
+    except (KeyError, TypeError, ValueError, RuntimeError, OSError, SafetensorError) as error:
+        raise CacheError(f"the SSR state {weights} is unusable ({error})") from error
+    return model.to(device).eval(), manifest

@@ -31,6 +31,7 @@ from app.session import (
     BASELINE,
     CUSTOM,
     DEFAULT_TOP_N,
+    QUERY_MODELS,
     Explorer,
     GallerySession,
     QueryResult,
@@ -439,14 +440,16 @@ class PageHandlers:
         how = ("its row of the leave-one-out run over the whole gallery (as in Compare)"
                if ranking.how == "leave-one-out" else
                f"online against the fitted gallery in {ranking.seconds * 1000:.1f} ms")
+        learned = ranking.details.get("trained_on")
+        learned = f" Learned from {learned}." if learned else ""
         if ranking.ap is None or baseline.ap is None:
             note = ("Pick the query's class (under the query) to score an upload."
                     if result.source_row is None else "This gallery has no labels to score.")
-            return f"Ranked {how}. {note}"
+            return f"Ranked {how}. {note}{learned}"
         n = result.top_n
         return (f"**AP** {baseline.ap:.3f} → **{ranking.ap:.3f}** ({ranking.ap - baseline.ap:+.3f})"
                 f" · **P@{n}** {baseline.precision:.2f} → **{ranking.precision:.2f}** · "
-                f"{result.n_positives} relevant images · ranked {how}.")
+                f"{result.n_positives} relevant images · ranked {how}.{learned}")
 
     @staticmethod
     def history_text(session: GallerySession, result: QueryResult, ranking: Ranking) -> str:
@@ -483,7 +486,7 @@ class PageHandlers:
         rows = ["| stage | ms |", "| --- | ---: |"]
         for stage, seconds in result.timings.items():
             if stage == "embed":
-                name = "embed + classify (backbone)"
+                name = f"embed ({result.embedded_by})" if result.embedded_by else "embed"
             else:
                 ranking = result.rankings[stage]
                 name = method_title(stage) + (" (leave-one-out share)"
@@ -534,6 +537,7 @@ class PageHandlers:
             self.w["map_plot"]: self.map_figure(session, None, BASELINE, "backbone"),
             self.w["space"]: gr.Radio(choices=[(t, n) for n, t in session.map_spaces()],
                                       value="backbone"),
+            self.w["query_model"]: gr.update(value=session.query_model),
         }
         updates.update(self.browse(key, ALL_CLASSES, 1))
         for method in self.method_names:
@@ -555,6 +559,19 @@ class PageHandlers:
                 for name in session.example_files()]
 
     # -- galleries -------------------------------------------------------------------------------
+    def switch_query_model(self, key: str, query_model: str,
+                           progress: gr.Progress = gr.Progress()) -> dict[Any, Any]:
+        """Another query model was chosen: open the gallery as that model sees it (indexing
+        with the gallery model and training the query model on first use, with a progress
+        bar) and switch to it."""
+        with engine_errors_as_gradio():
+            session = self.explorer.with_query_model(key, query_model,
+                                                     progress=_gradio_progress(progress))
+        updates = self.switch_gallery(session.key)
+        updates[self.w["gallery"]] = gr.Dropdown(choices=self.explorer.choices(),
+                                                 value=session.key)
+        return updates
+
     def open_folder(self, folder: str, progress: gr.Progress = gr.Progress()) -> dict[Any, Any]:
         """Open a gallery folder on the server (inside the allowed folders)."""
         if not folder or not folder.strip():
@@ -726,7 +743,7 @@ def header_text(explorer: Explorer, session: GallerySession) -> str:
     classes = f", {len(gallery.class_names)} classes" if gallery.labels is not None else ""
     skipped = f" ({len(gallery.skipped)} unreadable files skipped)" if gallery.skipped else ""
     search = "GPU" if gallery.index.on_gpu else "CPU"
-    return (f"**{session.title}**{classes}{skipped} · backbone `{gallery.meta.backbone}` · "
+    return (f"**{session.title}**{classes}{skipped} · embedded by {session.embedded_by} · "
             f"faiss {gallery.index.kind} index on the {search} · pick, click or upload a query "
             "to compare the baseline ranking with every re-ranking method.")
 
@@ -781,6 +798,11 @@ def build_app(explorer: Explorer, concurrency_limit: int = DEFAULT_CONCURRENCY,
             w["gallery"] = gr.Dropdown(choices=explorer.choices(), value=session.key,
                                        label="Gallery", scale=1, elem_id="gallery-choice")
             w["header"] = gr.Markdown(header_text(explorer, session))
+        w["query_model"] = gr.Radio(
+            choices=[(spec.title, name) for name, spec in QUERY_MODELS.items()],
+            value=session.query_model, label="Query model (which network embeds the query and "
+            "which the gallery; lite2 and SSP build their index and model on first use)",
+            elem_id="query-model")
         w["state"] = gr.State(None)
         w["picked"] = gr.State(None)
         with gr.Row(equal_height=False):
@@ -960,11 +982,15 @@ def _wire(handlers: PageHandlers, demo: gr.Blocks) -> None:
     gallery_outputs = [w["header"], w["state"], w["picked"], w["query_image"], w["query_class"],
                        w["class_filter"], w["examples"], w["compare_table"], w["knn_plot"],
                        w["json"], w["timings"], w["imagenet"], w["map_plot"], w["space"],
-                       w["browser"], w["page"], *w["compare_rows"].values()]
+                       w["browser"], w["page"], w["query_model"],
+                       *w["compare_rows"].values()]
     for tab in handlers.tabs.values():
         gallery_outputs += [tab.source, *tab.controls, tab.baseline, tab.reranked, tab.metrics]
     w["gallery"].input(handlers.switch_gallery, w["gallery"], gallery_outputs,
                        api_visibility="private")
+    w["query_model"].input(handlers.switch_query_model, [w["gallery"], w["query_model"]],
+                           [*gallery_outputs, w["gallery"]], api_visibility="private",
+                           concurrency_id="index", concurrency_limit=1)
     opened_outputs = [*gallery_outputs, w["gallery"], w["gallery_status"]]
     w["open_folder"].click(handlers.open_folder, w["folder"], opened_outputs,
                            api_visibility="private", concurrency_id="index",

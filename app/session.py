@@ -63,6 +63,29 @@ CUSTOM = "custom"
 
 
 @dataclass(frozen=True)
+class QueryModel:
+    """How queries and gallery are embedded: one backbone on both sides (symmetric), or a light
+    query model trained into a larger gallery model's space (asymmetric, SSP)."""
+
+    name: str
+    title: str
+    query_side: str
+    gallery_backbone: str | None   # None: the explorer's own backbone
+    asymmetric: bool = False
+
+
+QUERY_MODELS: dict[str, QueryModel] = {
+    "lite0": QueryModel("lite0", "symmetric lite0", "tf_efficientnet_lite0", None),
+    "lite2": QueryModel("lite2", "symmetric lite2", "tf_efficientnet_lite2",
+                        "tf_efficientnet_lite2"),
+    "ssp": QueryModel("ssp", "asymmetric lite0 → lite2 (SSP)",
+                      "tf_efficientnet_lite0 + SSP head", "tf_efficientnet_lite2",
+                      asymmetric=True),
+}
+DEFAULT_QUERY_MODEL = "lite0"
+
+
+@dataclass(frozen=True)
 class Ranking:
     """One method's answer to one query.
 
@@ -99,6 +122,7 @@ class QueryResult:
         upload), None when unknown. n_positives: gallery items of that class (the pick excluded).
     feature: the query's (d,) feature. imagenet: the backbone head's top-3 (label, probability).
     rankings: by method, the baseline first. timings: seconds per stage ("embed", then methods).
+    embedded_by: which model embedded the query and which the gallery.
     """
 
     gallery_key: str
@@ -113,6 +137,7 @@ class QueryResult:
     timings: dict[str, float]
     top_n: int
     leave_out: bool
+    embedded_by: str = ""
 
     def top(self, method: str) -> tuple[np.ndarray, np.ndarray]:
         """The first `top_n` (indices, distances) of a method's ranking."""
@@ -194,8 +219,13 @@ class GallerySession:
     """
 
     def __init__(self, key: str, gallery: Gallery, device: str = "auto",
-                 methods: Sequence[str] | None = None) -> None:
+                 methods: Sequence[str] | None = None, query_model: str = DEFAULT_QUERY_MODEL,
+                 base_key: str | None = None) -> None:
         self.key = key
+        self.base_key = base_key or key
+        self.query_model = query_model
+        self.query_encoder: Any = None
+        """The SSP query model of an asymmetric session."""
         self.gallery = gallery
         self.device = device
         self.presets = load_presets(gallery.root, gallery.state_dir)
@@ -212,7 +242,22 @@ class GallerySession:
     def title(self) -> str:
         gallery = self.gallery
         name = "Oxford-17 demo" if gallery.root == DEMO_GALLERY.resolve() else gallery.root.name
-        return f"{name} ({gallery.size} images)"
+        suffix = ("" if self.query_model == DEFAULT_QUERY_MODEL
+                  else f", {QUERY_MODELS[self.query_model].title}")
+        return f"{name} ({gallery.size} images{suffix})"
+
+    @property
+    def asymmetric(self) -> bool:
+        """Queries are embedded by another model than the gallery: a gallery pick is then not
+        its gallery row, and is ranked online with its own image dropped."""
+        return QUERY_MODELS[self.query_model].asymmetric
+
+    @property
+    def embedded_by(self) -> str:
+        spec = QUERY_MODELS[self.query_model]
+        query_side = (self.gallery.meta.backbone if spec.gallery_backbone is None
+                      else spec.query_side)
+        return f"query: {query_side} · gallery: {self.gallery.meta.backbone}"
 
     @property
     def full_rankings(self) -> bool:
@@ -454,7 +499,7 @@ class GallerySession:
         else:
             validated, source = self.resolve(method, params)
             title = method_title(method)
-        if drop is not None and self.full_rankings:
+        if drop is not None and self.full_rankings and not self.asymmetric:
             rankings = self.leave_one_out(method, validated)
             per_query = rankings.seconds / self.gallery.size
             return Ranking(method, title, rankings.indices[drop], rankings.distances[drop],
@@ -497,15 +542,18 @@ class Explorer:
     def __init__(self, extractor: FeatureExtractor, *, device: str = "auto",
                  cache_root: str | os.PathLike | None = None,
                  allowed_roots: Sequence[str | os.PathLike] | None = None,
-                 methods: Sequence[str] | None = None) -> None:
+                 methods: Sequence[str] | None = None, ssp_config: Any = None) -> None:
         self.extractor = extractor
         self.device = device
+        self.ssp_config = ssp_config
+        """SSPConfig of the asymmetric query model (None: the engine's default recipe)."""
         self.cache_root = Path(cache_root) if cache_root else default_cache_root()
         self.allowed_roots = [Path(root).expanduser().resolve() for root in (
             allowed_roots if allowed_roots is not None else default_allowed_roots())]
         self.method_names = methods
         self.galleries: dict[str, GallerySession] = {}
         self._lock = threading.Lock()
+        self._variant_locks: dict[str, threading.Lock] = {}
         self._open_locks: dict[Path, threading.Lock] = {}
 
     @classmethod
@@ -545,6 +593,59 @@ class Explorer:
         except KeyError:
             raise UnknownNameError(f"no open gallery {key!r}; open it again") from None
 
+    def with_query_model(self, key: str | None, query_model: str, *,
+                         progress: ProgressCallback | None = None) -> GallerySession:
+        """The gallery of `key` as `query_model` sees it (see `QUERY_MODELS`).
+
+        "lite0" is the gallery as opened. "lite2" indexes the same folder with lite2 (once,
+        cached like any gallery) and embeds queries with lite2. "ssp" searches that lite2 index
+        with queries embedded by the SSP query model, trained on the gallery's images (labels
+        unused) on first use and saved beside the lite2 gallery cache. Re-rankers are fitted
+        here too, so the page's progress bar covers all the waiting. The new session joins the
+        gallery choices.
+        """
+        if query_model not in QUERY_MODELS:
+            raise InvalidInputError(f"no query model {query_model!r}; choose one of "
+                                    f"{', '.join(QUERY_MODELS)}")
+        base = self.session(self.session(key).base_key)
+        spec = QUERY_MODELS[query_model]
+        if spec.gallery_backbone is None:
+            return base
+        variant_key = f"{base.key}@{query_model}"
+        with self._lock:
+            gate = self._variant_locks.setdefault(variant_key, threading.Lock())
+        with gate:
+            if variant_key in self.galleries:
+                return self.galleries[variant_key]
+            gallery_extractor = get_extractor(spec.gallery_backbone, device=self.device)
+            gallery = Gallery.open(base.gallery.root, extractor=gallery_extractor,
+                                   cache_root=self.cache_root, progress=progress,
+                                   device=self.device)
+            session = GallerySession(variant_key, gallery, self.device, self.method_names,
+                                     query_model=query_model, base_key=base.key)
+            if spec.asymmetric:
+                from engine.ssp import fit_or_load
+
+                session.query_encoder = fit_or_load(
+                    [gallery.path_of(row) for row in range(gallery.size)], gallery.state_dir,
+                    gallery_features=gallery.features, gallery_meta=gallery.meta,
+                    config=self.ssp_config, device=self.device, progress=progress)
+            session.fit_defaults(progress)
+            with self._lock:
+                self.galleries[variant_key] = session
+            return session
+
+    def embed_query(self, session: GallerySession, image: Any
+                    ) -> tuple[np.ndarray, list[tuple[str, float]]]:
+        """The query's feature in the session's gallery space, and ImageNet top-3 of the
+        backbone that embedded it (none for the SSP query model, which has no classifier)."""
+        if session.query_encoder is not None:
+            return session.query_encoder.embed([image])[0], []
+        backbone = QUERY_MODELS[session.query_model].gallery_backbone
+        extractor = (self.extractor if backbone is None
+                     else get_extractor(backbone, device=self.device))
+        return extractor.embed_and_classify(image)
+
     def open_folder(self, folder: str | os.PathLike, *, progress: ProgressCallback | None = None,
                     check_allowed: bool = True) -> GallerySession:
         """Open (index, or load from cache) a gallery folder; reopening is instant.
@@ -559,7 +660,7 @@ class Explorer:
             gate = self._open_locks.setdefault(root, threading.Lock())
         with gate:
             for session in self.galleries.values():
-                if session.gallery.root == root:
+                if session.gallery.root == root and session.key == session.base_key:
                     return session
             gallery = Gallery.open(root, extractor=self.extractor, cache_root=self.cache_root,
                                    progress=progress, device=self.device)
@@ -611,10 +712,11 @@ class Explorer:
             raise InvalidInputError("the gallery has no other image to return")
         timings: dict[str, float] = {}
         started = time.perf_counter()
-        feature, imagenet = self.extractor.embed_and_classify(image)
+        feature, imagenet = self.embed_query(session, image)
         timings["embed"] = time.perf_counter() - started
         if source_row is not None:
-            feature = gallery.features[source_row]  # the exact row every method was fitted on
+            if not session.asymmetric:
+                feature = gallery.features[source_row]  # the row every method was fitted on
             query_label = None if gallery.labels is None else int(gallery.labels[source_row])
             query_label = None if query_label is not None and query_label < 0 else query_label
         else:
@@ -632,7 +734,8 @@ class Explorer:
             timings[method] = ranking.seconds
         return QueryResult(session.key, source_row, source_file, query_label, query_name,
                            n_positives, feature, imagenet, rankings, timings,
-                           min(top_n, len(rankings[BASELINE].indices)), leave_out)
+                           min(top_n, len(rankings[BASELINE].indices)), leave_out,
+                           session.embedded_by)
 
     def rerank(self, result: QueryResult, method: str, params: Mapping[str, Any] | None
                ) -> QueryResult:

@@ -188,12 +188,16 @@ def run(features: np.ndarray, labels: np.ndarray, protocol: str, methods: Sequen
     return rows
 
 
-def parse_method(spec: str) -> tuple[str, dict[str, float]]:
-    """'gnn' or 'gnn:lambda_value=0,k1=20' -> (name, parameter overrides)."""
+def parse_method(spec: str) -> tuple[str, dict[str, float | bool]]:
+    """'gnn' or 'gnn:lambda_value=0,k1=20' or 'ssr:after_k_reciprocal=true' -> (name,
+    parameter overrides)."""
     name, _, overrides = spec.partition(":")
-    params: dict[str, float] = {}
+    params: dict[str, float | bool] = {}
     for item in filter(None, overrides.split(",")):
         key, _, value = item.partition("=")
+        if value.strip().lower() in ("true", "false"):
+            params[key.strip()] = value.strip().lower() == "true"
+            continue
         number = float(value)
         params[key.strip()] = int(number) if number.is_integer() and "." not in value else number
     return name, params

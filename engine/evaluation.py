@@ -40,10 +40,13 @@ class LeaveOneOutRankings:
     details: Mapping[str, Any] = field(default_factory=dict)
 
     def details_of(self, row: int) -> dict[str, Any]:
-        """The details of one query: its row of every per-query array."""
+        """The details of one query: its row of every per-query array, and the run's text
+        notes (what a learned method learned from, say)."""
         size = len(self.indices)
-        return {name: value[row] for name, value in self.details.items()
+        rows = {name: value[row] for name, value in self.details.items()
                 if isinstance(value, np.ndarray) and value.ndim >= 1 and len(value) == size}
+        notes = {name: value for name, value in self.details.items() if isinstance(value, str)}
+        return {**notes, **rows}
 
 
 @dataclass(frozen=True)

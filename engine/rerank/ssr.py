@@ -18,10 +18,10 @@ training items) or, with no labels, from pseudo-labels: the LHRR hypergraph's SG
 computed per episode, never for the whole training set at once.
 
 Choices where the authors' code is silent or cannot run here (see `../shared/methods/ssr.md`):
-a fixed number of training episodes (the authors kept the checkpoint best on the test set); for
-a training set under 1,000 items the pool is a random half of it, so that one query yields many
-different episodes; a model for q_steps = s > 1 continues training the (s - 1)-step model for a
-sixth of the episodes (the authors: 10,000 after 60,000).
+a fixed number of training episodes (the authors kept the checkpoint best on the test set); a
+training set under 1,001 items gives every other item to the pool; a model for q_steps = s > 1
+continues training the (s - 1)-step model for a sixth of the episodes (the authors: 10,000 after
+60,000).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ from engine.storage import atomic_path, atomic_write_json, fingerprint, load_jso
 
 logger = logging.getLogger(__name__)
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 POOL_SIZE = 1000
 MAX_EPISODE_AP = 0.8
 MIN_POSITIVES = 5
@@ -88,17 +88,33 @@ class SSRParams(RerankParams):
                       help="seed of initialisation and episode sampling")
 
 
+class RowNorm(torch.nn.Module):
+    """`InstanceNorm1d(1, affine=True)` on (n, 1, L) rows, written out: torch's fused kernel
+    has no third derivative, which training two update steps needs."""
+
+    def __init__(self, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(1))
+        self.bias = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        mean = rows.mean(dim=-1, keepdim=True)
+        variance = rows.var(dim=-1, unbiased=False, keepdim=True)
+        return (rows - mean) * torch.rsqrt(variance + self.eps) * self.weight + self.bias
+
+
 class SyntheticGradient(torch.nn.Module):
     """The authors' `dni_linear`: InstanceNorm -> Linear -> ReLU -> InstanceNorm -> Linear ->
     ReLU -> InstanceNorm -> Linear, each view (row) normalised on its own."""
 
     def __init__(self, size: int, hidden: int) -> None:
         super().__init__()
-        self.input_norm = torch.nn.InstanceNorm1d(1, affine=True)
+        self.input_norm = RowNorm()
         self.first = torch.nn.Linear(size, hidden)
-        self.first_norm = torch.nn.InstanceNorm1d(1, affine=True)
+        self.first_norm = RowNorm()
         self.second = torch.nn.Linear(hidden, hidden)
-        self.second_norm = torch.nn.InstanceNorm1d(1, affine=True)
+        self.second_norm = RowNorm()
         self.output = torch.nn.Linear(hidden, size)
 
     def forward(self, views: torch.Tensor) -> torch.Tensor:
@@ -249,7 +265,7 @@ def train_refiner(features: np.ndarray, labels: np.ndarray, k: int, q_steps: int
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     n = len(features)
-    pool_size = min(POOL_SIZE, n - 1) if n - 1 >= 2 * POOL_SIZE else max(k, (n - 1) // 2)
+    pool_size = min(POOL_SIZE, n - 1)
     if n < k + 2 or pool_size < k:
         raise InvalidInputError(f"SSR with k={k} needs at least {k + 2} training items, got {n}")
     min_positives = min(min_positives, k // 4)

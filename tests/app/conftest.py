@@ -4,6 +4,7 @@ explorer over it with its embedding map, and the page served on 127.0.0.1."""
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 import socket
 from collections.abc import Iterator
@@ -13,8 +14,10 @@ import pytest
 
 from app.session import Explorer
 from engine.gallery import DEMO_GALLERY
+from engine.rerank import get_reranker_class
 
 PER_CLASS = 8
+TINY_SSR = {"k": 10, "hidden": 32, "episodes": 40}
 CLASSES = {0: "daffodil", 1: "snowdrop", 2: "lily_valley"}
 
 
@@ -36,6 +39,11 @@ def make_gallery(root: Path, per_class: int = PER_CLASS) -> Path:
         writer = csv.DictWriter(handle, ["file", "label", "class_name"])
         writer.writeheader()
         writer.writerows(rows)
+    # SSR trains at the first fit: a short run on this tiny gallery (a preset, as a user
+    # would set one).
+    ssr = {**get_reranker_class("ssr").Params().as_dict(), **TINY_SSR}
+    (root / "presets.json").write_text(json.dumps({"ssr": {"params": ssr,
+                                                           "note": "tiny test run"}}))
     return root
 
 

@@ -387,3 +387,42 @@ def test_lru_cache_evicts_the_least_recently_used() -> None:
     cache.get("a", builder("a"))
     cache.get("b", builder("b"))
     assert builds == ["a", "b", "c", "b"]
+
+
+def test_query_models_embed_each_side_with_its_model(tiny_gallery, app_root):
+    """lite2: both sides lite2; SSP: queries by the SSP query model (a pick too), gallery by
+    lite2; lite0 is the gallery as opened."""
+    from engine.ssp import SSPConfig
+
+    explorer = Explorer.load(tiny_gallery, device="cpu", cache_root=app_root / "cache",
+                             allowed_roots=[app_root], methods=["gnn"])
+    explorer.ssp_config = SSPConfig(subspaces=8, centroids=8, views=2, epochs=2,
+                                    warmup_epochs=1, batch_size=8, trainable_stages=1)
+    base = explorer.session(None)
+    lite2 = explorer.with_query_model(base.key, "lite2")
+    assert lite2.gallery.meta.backbone == "tf_efficientnet_lite2"
+    assert base.gallery.meta.backbone == "tf_efficientnet_lite0"
+    assert lite2.gallery.files == base.gallery.files
+    assert explorer.with_query_model(lite2.key, "lite0") is base
+    assert explorer.with_query_model(base.key, "lite2") is lite2
+    with pytest.raises(InvalidInputError, match="query model"):
+        explorer.with_query_model(base.key, "lite7")
+
+    upload = explorer.query(lite2.key, base.gallery.path_of(3))
+    np.testing.assert_allclose(upload.feature, lite2.gallery.features[3], atol=1e-4)
+    assert upload.rankings["baseline"].indices[0] == 3
+    assert upload.embedded_by == ("query: tf_efficientnet_lite2 · gallery: "
+                                  "tf_efficientnet_lite2")
+
+    ssp = explorer.with_query_model(base.key, "ssp")
+    assert ssp.asymmetric and ssp.query_encoder is not None
+    pick = explorer.query(ssp.key, source_file=base.gallery.files[3])
+    expected = ssp.query_encoder.embed([ssp.gallery.path_of(3)])[0]
+    np.testing.assert_allclose(pick.feature, expected, atol=1e-5)
+    assert not np.allclose(pick.feature, ssp.gallery.features[3], atol=1e-3)
+    assert pick.feature.shape == (ssp.gallery.features.shape[1],)
+    for ranking in pick.rankings.values():
+        assert ranking.how == "online" and 3 not in ranking.indices
+    assert pick.embedded_by == ("query: tf_efficientnet_lite0 + SSP head · gallery: "
+                                "tf_efficientnet_lite2")
+    assert {lite2.key, ssp.key} <= {key for _, key in explorer.choices()}

@@ -49,3 +49,7 @@ def test_parse_method():
     assert bench.parse_method("gnn:lambda_value=0,k1=20") == ("gnn", {"lambda_value": 0,
                                                                       "k1": 20})
     assert bench.parse_method("gnn:lambda_value=0.5") == ("gnn", {"lambda_value": 0.5})
+    assert bench.parse_method("ssr:after_k_reciprocal=true,k=50") == (
+        "ssr", {"after_k_reciprocal": True, "k": 50})
+    assert bench.parse_method("ssr:after_k_reciprocal=False") == (
+        "ssr", {"after_k_reciprocal": False})

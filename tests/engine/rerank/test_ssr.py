@@ -82,6 +82,28 @@ def test_one_update_is_the_vector_jacobian_product():
     torch.testing.assert_close(refined_query.detach(), expected, atol=1e-5, rtol=1e-5)
 
 
+def test_row_norm_is_instance_norm():
+    from engine.rerank.ssr import RowNorm
+
+    reference = torch.nn.InstanceNorm1d(1, affine=True)
+    ours = RowNorm()
+    with torch.no_grad():
+        for module in (reference, ours):
+            module.weight.fill_(1.7)
+            module.bias.fill_(-0.3)
+    rows = torch.randn(5, 1, 13)
+    torch.testing.assert_close(ours(rows), reference(rows))
+
+
+def test_two_steps_train_through_both_updates():
+    """The second step differentiates the first step's gradients again (third order)."""
+    model = SubgraphRefiner(k=5, q_steps=2, lr_dni=1e-2, hidden=8).train()
+    query = torch.randn(1, 8, requires_grad=True)
+    model(query, torch.randn(1, 5, 8, requires_grad=True)).sum().backward()
+    assert model.query_gradient.first.weight.grad.abs().sum() > 0
+    assert model.database_gradient.first.weight.grad.abs().sum() > 0
+
+
 def test_info_nce_by_hand():
     similarity = torch.tensor([0.9, 0.1, 0.5, 0.2])
     relevant = torch.tensor([True, False, True, False])

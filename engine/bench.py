@@ -145,8 +145,12 @@ def _baseline(features: np.ndarray, split: Split, k: int) -> np.ndarray:
 
 
 def run(features: np.ndarray, labels: np.ndarray, protocol: str, methods: Sequence[str],
-        top: int | None, device: str, online_queries: int = ONLINE_QUERIES) -> list[Row]:
-    """Evaluate the baseline and each method on one collection; return the table rows."""
+        top: int | None, device: str, online_queries: int = ONLINE_QUERIES,
+        state_dir: Path | None = None) -> list[Row]:
+    """Evaluate the baseline and each method on one collection; return the table rows.
+
+    state_dir: where methods that learn keep their trained state (a saved state is loaded; its
+    training time, from the manifest, is then what the "fit s" column shows)."""
     split = make_split(protocol, labels)
     gallery = features[split.gallery_rows]
     available = len(gallery) - 1 if split.leave_one_out else len(gallery)
@@ -162,7 +166,8 @@ def run(features: np.ndarray, labels: np.ndarray, protocol: str, methods: Sequen
     if split.training_rows is not None:
         training = TrainingSet(features[split.training_rows], labels[split.training_rows],
                                f"the {split.name} training items ({len(split.training_rows)})")
-    context = GalleryContext(gallery, labels=labels[split.gallery_rows], training=training)
+    context = GalleryContext(gallery, labels=labels[split.gallery_rows], training=training,
+                             state_dir=state_dir)
     for spec in methods:
         name, params = parse_method(spec)
         with peak_memory(device) as memory:
@@ -174,7 +179,7 @@ def run(features: np.ndarray, labels: np.ndarray, protocol: str, methods: Sequen
             reranker.rerank(None, min(k, len(gallery) - 1))
             batch_seconds = time.perf_counter() - started
         row = Row(spec, *_scores(result.indices, split, labels), batch_seconds, None, None)
-        row.fit_seconds = fit_seconds
+        row.fit_seconds = getattr(reranker, "training_seconds", None) or fit_seconds
         row.peak_mib = memory.get("rss")
         row.gpu_mib = memory.get("gpu")
         reranker.rerank(online_set[:1], k, mode="online")  # warm-up
@@ -269,6 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         title = (f"synthetic N={args.synthetic}, d={args.dim}, spread {args.spread}, "
                  f"protocol {args.protocol}, device {device}")
         top = args.top or 100
+        state_dir = None
     else:
         from engine.gallery import DEMO_GALLERY, Gallery
 
@@ -279,6 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if gallery.labels is None:
             parser.error(f"{folder} has no labels (labels.csv or class sub-folders)")
         features, labels = gallery.features, gallery.labels
+        state_dir = gallery.state_dir / "bench"
         title = (f"{Path(folder).name} ({gallery.size} images, {gallery.meta.backbone}), "
                  f"protocol {args.protocol}, device {device}")
         top = args.top
@@ -287,7 +294,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"feature extraction: {speed:.1f} images/s over {count} images "
                   f"(JPEG decode + resize + {gallery.meta.backbone}, {device})")
     online_queries = args.online_queries or (5 if args.synthetic else ONLINE_QUERIES)
-    rows = run(features, labels, args.protocol, methods, top, device, online_queries)
+    rows = run(features, labels, args.protocol, methods, top, device, online_queries,
+               state_dir)
     print(format_table(rows, title))
     return 0
 

@@ -346,6 +346,8 @@ class SSR(Reranker):
                                                  **K_RECIPROCAL_DEFAULTS).fit(context)
         self._gallery_tensor = torch.from_numpy(context.features).to(self.device)
         self.model, self.manifest = self.fit_or_load(training, context.state_dir)
+        self.training_seconds = self.manifest["log"]["seconds"] + self.manifest.get(
+            "earlier_seconds", 0.0)
 
     def _training_set(self, context: GalleryContext) -> TrainingSet:
         """What the module learns from: the protocol's training items if the context has
@@ -398,10 +400,11 @@ class SSR(Reranker):
                 loaded = None
             if loaded is not None:
                 return loaded
-        start, episodes = None, self.params.episodes
+        start, episodes, earlier = None, self.params.episodes, 0.0
         if q_steps > 1:
-            start = self.fit_or_load(training, state_dir, q_steps - 1)[0]
+            start, before = self.fit_or_load(training, state_dir, q_steps - 1)
             episodes = max(1, episodes // 6)
+            earlier = before["log"]["seconds"] + before.get("earlier_seconds", 0.0)
         labels, mode = training.labels, training.description
         if labels is None:
             self._report(0.0, "SSR: pseudo-labels from the LHRR hypergraph")
@@ -412,7 +415,8 @@ class SSR(Reranker):
             self.params.lr_dni, self.params.hidden, episodes, self.params.seed, self.device,
             start=start, progress=self._report)
         manifest = {**identity, "features_fingerprint": training.fingerprint,
-                    "training_items": training.size, "mode": mode, "log": log}
+                    "training_items": training.size, "mode": mode, "log": log,
+                    "earlier_seconds": earlier}
         if path is not None:
             save_refiner(path, model, manifest)
         return model, manifest

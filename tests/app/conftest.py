@@ -26,7 +26,7 @@ def demo_file(label: int, offset: int) -> Path:
     return DEMO_GALLERY / "images" / f"image_{label * 80 + offset + 1:04d}.jpg"
 
 
-def make_gallery(root: Path, per_class: int = PER_CLASS) -> Path:
+def make_gallery(root: Path, per_class: int = PER_CLASS, ssr_preset: bool = False) -> Path:
     """Copy `per_class` demo images of each class of CLASSES into root, with a labels.csv."""
     root.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -39,11 +39,11 @@ def make_gallery(root: Path, per_class: int = PER_CLASS) -> Path:
         writer = csv.DictWriter(handle, ["file", "label", "class_name"])
         writer.writeheader()
         writer.writerows(rows)
-    # SSR trains at the first fit: a short run on this tiny gallery (a preset, as a user
-    # would set one).
-    ssr = {**get_reranker_class("ssr").Params().as_dict(), **TINY_SSR}
-    (root / "presets.json").write_text(json.dumps({"ssr": {"params": ssr,
-                                                           "note": "tiny test run"}}))
+    if ssr_preset:
+        # SSR trains at the first fit: a short run (a preset, as a user would set one).
+        ssr = {**get_reranker_class("ssr").Params().as_dict(), **TINY_SSR}
+        (root / "presets.json").write_text(json.dumps({"ssr": {"params": ssr,
+                                                               "note": "tiny test run"}}))
     return root
 
 
@@ -56,7 +56,7 @@ def app_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_gallery(app_root: Path) -> Path:
-    return make_gallery(app_root / "tiny")
+    return make_gallery(app_root / "tiny", ssr_preset=True)
 
 
 @pytest.fixture(scope="session")

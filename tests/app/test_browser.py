@@ -69,7 +69,7 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Browser]:
     with sync_api.sync_playwright() as playwright:
         context = playwright.chromium.launch_persistent_context(
             str(profile), executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS,
-            viewport={"width": 1400, "height": 1000})
+            viewport={"width": 1920, "height": 1000})
         context.set_default_timeout(STEP_MS)
         found = Browser(context.pages[0] if context.pages else context.new_page())
         found.page.on("pageerror", lambda error: found.errors.append(str(error)))

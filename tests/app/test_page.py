@@ -139,7 +139,9 @@ def test_pick_shows_every_method_side_by_side(handlers: PageHandlers, session: G
         assert f"**AP** {baseline.ap:.3f} → **{ranking.ap:.3f}**" in metrics
         assert f"**P@{TOP}** {baseline.precision:.2f} → **{ranking.precision:.2f}**" in metrics
         assert "leave-one-out" in metrics
-        assert "authors' defaults" in picked[tab.source]
+        assert ("preset" if method == "ssr" else "authors' defaults") in picked[tab.source]
+    assert "Learned from labels" not in picked[handlers.tabs["gnn"].metrics]
+    assert "Learned from the gallery without labels" in picked[handlers.tabs["ssr"].metrics]
     assert isinstance(picked[w["knn_plot"]], go.Figure)
     assert isinstance(picked[w["map_plot"]], go.Figure)
     for method, row_gallery in w["compare_rows"].items():

@@ -3,6 +3,9 @@
     python -m engine.bench                                  # demo gallery, leave-one-out
     python -m engine.bench --gallery ../shared/datasets/oxford17 --protocol oxford17-split
     python -m engine.bench --synthetic 20000 --methods gnn  # scale run on clustered features
+    python -m engine.bench --gallery ../shared/datasets/oxford17 --protocol oxford17-heldout \
+        --methods k_reciprocal ssr:train_classes=9 ssr:train_classes=9,after_k_reciprocal=true
+    python -m engine.bench --gallery ../shared/datasets/oxford17 --asymmetric   # SSP table
 
 Prints one table. Batch seconds are for all gallery images as queries against the rest
 (leave-one-out, transductive); online ms/query is the median over single queries against the
@@ -262,7 +265,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--online-queries", type=int, default=None, metavar="N",
                         help=f"queries timed online (default {ONLINE_QUERIES}; 5 for --synthetic)")
     parser.add_argument("--cache-dir", type=Path, default=None)
+    parser.add_argument("--asymmetric", action="store_true",
+                        help="print the asymmetric query-model table instead (SSP against "
+                        "symmetric lite0/lite2, untrained and ridge maps; engine.bench_asymmetric)")
     args = parser.parse_args(argv)
+    if args.asymmetric:
+        from engine import bench_asymmetric
+        from engine.gallery import DEMO_GALLERY
+
+        protocol = "oxford17-heldout" if args.protocol == "leave-one-out" else args.protocol
+        forwarded = ["--gallery", str(args.gallery or DEMO_GALLERY), "--protocol", protocol,
+                     "--device", args.device]
+        if args.cache_dir:
+            forwarded += ["--cache-dir", str(args.cache_dir)]
+        return bench_asymmetric.main(forwarded)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     from engine.device import resolve_device

@@ -213,17 +213,25 @@ class Episode:
 
 def sample_episode(features: np.ndarray, labels: np.ndarray, k: int, pool_size: int,
                    rng: np.random.Generator, max_ap: float = MAX_EPISODE_AP,
-                   min_positives: int = MIN_POSITIVES) -> Episode | None:
+                   min_positives: int = MIN_POSITIVES, rankings: np.ndarray | None = None
+                   ) -> Episode | None:
     """One episode as the authors draw it, or None when it fails their filter (AP of the top-k
-    < max_ap and more than min_positives positives). Labels -1 are unknown."""
+    < max_ap and more than min_positives positives). Labels -1 are unknown.
+
+    rankings: (n, >= k) each item's ranking of the others by the method SSR will refine (for
+    SSR after k-reciprocal); the episode's top-k is then the query's first k, over all items.
+    """
     n = len(features)
     query = int(rng.integers(n))
     if labels[query] < 0:
         return None
-    others = rng.choice(n - 1, size=pool_size, replace=False)
-    pool = others + (others >= query)  # skip the query itself
-    similarity = features[pool] @ features[query]
-    top = pool[np.argsort(-similarity, kind="stable")[:k]]
+    if rankings is not None:
+        top = rankings[query, :k]
+    else:
+        others = rng.choice(n - 1, size=pool_size, replace=False)
+        pool = others + (others >= query)  # skip the query itself
+        similarity = features[pool] @ features[query]
+        top = pool[np.argsort(-similarity, kind="stable")[:k]]
     known = labels[top] >= 0
     relevant = (labels[top] == labels[query]) & known
     if relevant.sum() <= min_positives or not (~relevant & known).any():
@@ -258,10 +266,11 @@ def make_optimiser(model: SubgraphRefiner) -> torch.optim.Optimizer:
 def train_refiner(features: np.ndarray, labels: np.ndarray, k: int, q_steps: int, lr_dni: float,
                   hidden: int, episodes: int, seed: int, device: torch.device,
                   start: SubgraphRefiner | None = None, progress: Any = None,
-                  max_ap: float = MAX_EPISODE_AP, min_positives: int = MIN_POSITIVES
-                  ) -> tuple[SubgraphRefiner, dict[str, Any]]:
+                  max_ap: float = MAX_EPISODE_AP, min_positives: int = MIN_POSITIVES,
+                  rankings: np.ndarray | None = None) -> tuple[SubgraphRefiner, dict[str, Any]]:
     """Train an SSR module on (n, d) unit features with (n,) labels (-1 unknown); `start` is a
-    model to continue from (its weights are copied). Returns the model and a training log."""
+    model to continue from (its weights are copied); `rankings` as in `sample_episode`.
+    Returns the model and a training log."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     n = len(features)
@@ -285,7 +294,8 @@ def train_refiner(features: np.ndarray, labels: np.ndarray, k: int, q_steps: int
                 f"SSR found only {len(losses)} training episodes in {budget} draws that pass the "
                 f"authors' filter (top-{k} AP < {max_ap} with more than {min_positives} "
                 "positives): the training set is too small, too easy or has too few positives")
-        episode = sample_episode(features, labels, k, pool_size, rng, max_ap, min_positives)
+        episode = sample_episode(features, labels, k, pool_size, rng, max_ap, min_positives,
+                                 rankings)
         if episode is None:
             continue
         loss, order = training_step(model, optimiser, table, episode)
@@ -382,6 +392,7 @@ class SSR(Reranker):
                     "labelled": training.labels is not None, "k": self.k_used,
                     "q_steps": q_steps, "lr_dni": self.params.lr_dni,
                     "hidden": self.params.hidden, "episodes": self.params.episodes,
+                    "after_k_reciprocal": self.params.after_k_reciprocal,
                     "seed": self.params.seed, "dim": int(training.features.shape[1])}
         path = None if state_dir is None else Path(state_dir) / "ssr" / fingerprint(identity)
         return path, identity
@@ -410,10 +421,20 @@ class SSR(Reranker):
             self._report(0.0, "SSR: pseudo-labels from the LHRR hypergraph")
             labels, how = pseudo_labels(training.features)
             mode = f"{training.description}; {how}"
+        rankings = None
+        if self.params.after_k_reciprocal:
+            # Trained on the lists it will refine: each training item's k-reciprocal ranking
+            # of the other training items.
+            from engine.rerank import create_reranker
+
+            self._report(0.0, "SSR: k-reciprocal rankings of the training items")
+            rankings = create_reranker("k_reciprocal", device="cpu", **K_RECIPROCAL_DEFAULTS
+                                       ).fit(training.features).rerank(None, self.k_used).indices
+            mode = f"{mode}; episodes from k-reciprocal rankings"
         model, log = train_refiner(
             training.features, np.asarray(labels, np.int64), self.k_used, q_steps,
             self.params.lr_dni, self.params.hidden, episodes, self.params.seed, self.device,
-            start=start, progress=self._report)
+            start=start, progress=self._report, rankings=rankings)
         manifest = {**identity, "features_fingerprint": training.fingerprint,
                     "training_items": training.size, "mode": mode, "log": log,
                     "earlier_seconds": earlier}

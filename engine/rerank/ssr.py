@@ -21,7 +21,8 @@ Choices where the authors' code is silent or cannot run here (see `../shared/met
 a fixed number of training episodes (the authors kept the checkpoint best on the test set); a
 training set under 1,001 items gives every other item to the pool; a model for q_steps = s > 1
 continues training the (s - 1)-step model for a sixth of the episodes (the authors: 10,000 after
-60,000).
+60,000); with `after_k_reciprocal` the episodes' top-k come from k-reciprocal rankings of the
+training items, the lists the module will refine (the authors trained on cosine lists only).
 """
 
 from __future__ import annotations

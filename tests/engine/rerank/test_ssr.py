@@ -139,6 +139,23 @@ def test_episodes_pass_the_authors_filter(demo_features):
     assert accepted > 10
 
 
+def test_episodes_from_given_rankings_take_their_top_k(demo_features):
+    """SSR after k-reciprocal trains on the lists it will refine: the episode's top-k is the
+    query's first k of the given ranking, not the cosine order."""
+    rng = np.random.default_rng(1)
+    features, labels = demo_features.features, demo_features.labels
+    n = len(features)
+    rankings = np.stack([np.roll(np.setdiff1d(np.arange(n), [row]), row) for row in range(n)])
+    found = 0
+    for _ in range(300):
+        episode = sample_episode(features, labels, 30, n - 1, rng, max_ap=1.1, min_positives=0,
+                                 rankings=rankings)
+        if episode is not None:
+            found += 1
+            np.testing.assert_array_equal(episode.top, rankings[episode.query, :30])
+    assert found > 0
+
+
 def test_a_tiny_model_overfits_a_few_episodes(demo_features):
     rng = np.random.default_rng(0)
     features, labels = demo_features.features, demo_features.labels

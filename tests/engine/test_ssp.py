@@ -261,6 +261,7 @@ def tiny_trunk() -> torch.nn.Module:
 
 
 def test_training_on_cached_activations_lowers_the_loss(random_network):
+    torch.manual_seed(0)  # the new head's initialisation, whatever ran before
     network = copy.deepcopy(random_network)
     network.projection = torch.nn.Linear(network.projection.in_features, 64)  # a small head
     images = tiny_images(16)

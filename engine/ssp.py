@@ -11,12 +11,18 @@ with the big one.
    anchors, t = 0.1, averaged over the batch and the subspaces, computed in float32.
 3. Query model: `tf_efficientnet_lite0` trunk -> GeM (p = 3, fixed) -> L2 -> Linear to the gallery
    dimension -> L2 (the authors' head; lite0's conv_head already gives 1280 channels).
-4. Training: SGD Nesterov (momentum 0.9, weight decay 1e-6), linear warm-up then cosine.
+4. The linear head starts as the orthogonal Procrustes map from the query model's pooled
+   features of the training images to their gallery features (closed form; a rotation keeps
+   the geometry of images unlike the training ones far better than a least-squares map).
+5. Training: SGD Nesterov (momentum 0.9, weight decay 1e-6), linear warm-up then cosine.
    "cached" (the CPU path): the early stages of lite0 are frozen and their activations cached
    once for a few augmented views of each image; the last stages, conv_head and the head train
    on those. "full" (the GPU path): the whole network trains from decoded, augmented images with
    bf16 autocast. Augmentation as the authors': RandomResizedCrop (scale 0.8-1) and
    ColorJitter(0.4, 0.4, 0.2, 0.1) with p = 0.8; the target is the gallery feature of the image.
+   The default SSPConfig is the CPU recipe: M = 4 subspaces, the last block stage + conv_head +
+   head trained for 20 epochs at lr 0.05 (batch 64, 2 warm-up epochs) on 2 cached views per image
+   (the evaluation view and one augmented), BatchNorm statistics frozen.
 
 Pitfalls of the authors' code that this avoids are listed in shared/methods/ssp.md (subspace
 count hard-coded apart from the PQ's, centroids never assigned, fp16 logits).
@@ -28,6 +34,7 @@ hyperparameters) is written atomically and loaded instead of retraining; any mis
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -557,7 +564,6 @@ def train_full(network: QueryNetwork, images: Sequence[Any], targets: torch.Tens
     parameters = _set_trainable(network, 0, config)
     optimiser = _optimiser(parameters, config)
     generator = torch.Generator().manual_seed(config.seed)
-    torch.manual_seed(config.seed)
     n = len(images)
     per_epoch = math.ceil(n / config.batch_size)
     total = per_epoch * config.epochs if max_steps is None else min(
@@ -573,7 +579,10 @@ def train_full(network: QueryNetwork, images: Sequence[Any], targets: torch.Tens
 
     history: list[float] = []
     step = 0
-    with ThreadPoolExecutor(max(1, workers)) as pool:
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(config.seed)  # torchvision's random transforms draw from the global one
+    with contextlib.ExitStack() as cleanup, ThreadPoolExecutor(max(1, workers)) as pool:
+        cleanup.callback(torch.random.set_rng_state, generator_state)
         while step < total:
             order = torch.randperm(n, generator=generator)
             batches = [order[s:s + config.batch_size] for s in range(0, n, config.batch_size)]

@@ -495,6 +495,17 @@ def cache_activations(network: QueryNetwork, images: Sequence[Any], split: int, 
     return ActivationCache(torch.cat(chunks), views, split)
 
 
+def _sgd_step(optimiser: torch.optim.Optimizer, loss: torch.Tensor, learning_rate: float
+              ) -> float:
+    """One optimiser step on `loss` at `learning_rate` (the schedule's value); returns the loss."""
+    for group in optimiser.param_groups:
+        group["lr"] = learning_rate
+    optimiser.zero_grad(set_to_none=True)
+    loss.backward()
+    optimiser.step()
+    return loss.item()
+
+
 def train_cached(network: QueryNetwork, cache: ActivationCache, targets: torch.Tensor,
                  anchors: torch.Tensor, config: SSPConfig, device: torch.device,
                  progress: ProgressCallback | None = None, max_steps: int | None = None
@@ -525,14 +536,10 @@ def train_cached(network: QueryNetwork, cache: ActivationCache, targets: torch.T
             owners = order[start:start + config.batch_size]
             rows = owners * cache.views + chosen[owners]
             batch = cache.activations[rows].to(device, torch.float32)
-            for group in optimiser.param_groups:
-                group["lr"] = config.learning_rate * lr_factor(step, total, warmup)
             loss = ssp_loss(network.forward_from(batch, cache.split), targets[owners.to(device)],
                             anchors, config.temperature)
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            epoch_losses.append(loss.item())
+            epoch_losses.append(_sgd_step(optimiser, loss, config.learning_rate
+                                          * lr_factor(step, total, warmup)))
             step += 1
             if max_steps is not None:
                 history.append(epoch_losses[-1])
@@ -596,15 +603,11 @@ def train_full(network: QueryNetwork, images: Sequence[Any], targets: torch.Tens
                 ahead[number] = None
                 if channels_last:
                     batch = batch.contiguous(memory_format=torch.channels_last)
-                for group in optimiser.param_groups:
-                    group["lr"] = config.learning_rate * lr_factor(step, total, warmup)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
                     query = network(batch)
                 loss = ssp_loss(query, targets[owners.to(device)], anchors, config.temperature)
-                optimiser.zero_grad(set_to_none=True)
-                loss.backward()
-                optimiser.step()
-                epoch_losses.append(loss.item())
+                epoch_losses.append(_sgd_step(optimiser, loss, config.learning_rate
+                                              * lr_factor(step, total, warmup)))
                 step += 1
                 if max_steps is not None:
                     history.append(epoch_losses[-1])

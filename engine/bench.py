@@ -211,21 +211,27 @@ def parse_method(spec: str) -> tuple[str, dict[str, float | bool]]:
     return name, params
 
 
-def format_table(rows: Sequence[Row], title: str) -> str:
-    """A Markdown table (readable in a terminal and pasteable into the README)."""
-    def number(value: float | None, pattern: str) -> str:
-        return "-" if value is None else format(value, pattern)
+def cell(value: float | None, pattern: str) -> str:
+    """A table cell: the number in `pattern`, or "-" where there is none."""
+    return "-" if value is None else format(value, pattern)
 
-    lines = [title, "",
-             "| method | mAP | P@1 | P@5 | fit s | batch s | online ms/query | peak MiB (RSS) "
-             "| peak MiB (GPU) |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for row in rows:
-        lines.append(f"| {row.method} | {row.map:.4f} | {row.p1:.4f} | {row.p5:.4f} | "
-                     f"{number(row.fit_seconds, '.2f')} | "
-                     f"{number(row.batch_seconds, '.3f')} | {number(row.online_ms, '.2f')} | "
-                     f"{number(row.peak_mib, '.0f')} | {number(row.gpu_mib, '.0f')} |")
+
+def markdown_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A titled Markdown table (readable in a terminal and pasteable into the README)."""
+    lines = [title, "", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def format_table(rows: Sequence[Row], title: str) -> str:
+    """The benchmark's rows as a Markdown table."""
+    headers = ("method", "mAP", "P@1", "P@5", "fit s", "batch s", "online ms/query",
+               "peak MiB (RSS)", "peak MiB (GPU)")
+    return markdown_table(title, headers, [
+        (row.method, f"{row.map:.4f}", f"{row.p1:.4f}", f"{row.p5:.4f}",
+         cell(row.fit_seconds, ".2f"), cell(row.batch_seconds, ".3f"),
+         cell(row.online_ms, ".2f"), cell(row.peak_mib, ".0f"), cell(row.gpu_mib, ".0f"))
+        for row in rows])
 
 
 def extraction_speed(folder: Path, count: int, device: str) -> tuple[float, int]:

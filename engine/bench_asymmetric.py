@@ -204,19 +204,15 @@ def asymmetric_rows(folder: str | Path, protocol: str, *, config: Any = None,
 
 def format_asymmetric_table(rows: Sequence[AsymmetricRow], title: str) -> str:
     """A Markdown table of the rows."""
-    def number(value: float | None, pattern: str) -> str:
-        return "-" if value is None else format(value, pattern)
+    from engine.bench import cell, markdown_table
 
-    lines = [title, "",
-             "| method | query model | gallery model | mAP | P@1 | P@5 | train s "
-             "| query ms/image | query params (M) | note |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for row in rows:
-        lines.append(
-            f"| {row.method} | {row.query_model} | {row.gallery_model} | {row.map:.4f} | "
-            f"{row.p1:.4f} | {row.p5:.4f} | {number(row.train_seconds, '.1f')} | "
-            f"{number(row.query_ms, '.1f')} | {row.query_parameters / 1e6:.2f} | {row.note} |")
-    return "\n".join(lines)
+    headers = ("method", "query model", "gallery model", "mAP", "P@1", "P@5", "train s",
+               "query ms/image", "query params (M)", "note")
+    return markdown_table(title, headers, [
+        (row.method, row.query_model, row.gallery_model, f"{row.map:.4f}", f"{row.p1:.4f}",
+         f"{row.p5:.4f}", cell(row.train_seconds, ".1f"), cell(row.query_ms, ".1f"),
+         f"{row.query_parameters / 1e6:.2f}", row.note)
+        for row in rows])
 
 
 def _config_overrides(items: Sequence[str]) -> dict[str, Any]:

@@ -364,6 +364,28 @@ def test_switch_gallery_resets_the_controls(handlers: PageHandlers, explorer: Ex
         assert updates[row_gallery].value == []
 
 
+def test_query_model_radio_switches_to_the_lite2_index(handlers: PageHandlers,
+                                                     explorer: Explorer,
+                                                     app_root: Path) -> None:
+    """Choosing lite2 opens the lite2 index of the same folder and says so on the page; an
+    unknown model is a clear error; choosing lite0 again returns the gallery as opened."""
+    base = explorer.open_folder(make_gallery(app_root / "query_models", per_class=3))
+    w = handlers.w
+    updates = handlers.switch_query_model(base.key, "lite2")
+    variant = updates[w["gallery"]].value
+    assert variant != base.key and variant in {key for _, key in updates[w["gallery"]].choices}
+    session = explorer.session(variant)
+    assert session.gallery.meta.backbone == "tf_efficientnet_lite2"
+    assert updates[w["query_model"]]["value"] == "lite2"
+    assert ("query: tf_efficientnet_lite2 · gallery: tf_efficientnet_lite2"
+            in updates[w["header"]])
+    with pytest.raises(gr.Error, match="query model"):
+        handlers.switch_query_model(base.key, "lite7")
+    back = handlers.switch_query_model(variant, "lite0")
+    assert back[w["gallery"]].value == base.key
+    assert "query: tf_efficientnet_lite0" in back[w["header"]]
+
+
 def test_open_folder_refuses_folders_outside_the_allowed_roots(handlers: PageHandlers,
                                                                tmp_path: Path) -> None:
     for folder in ("/", str(tmp_path)):

@@ -2,12 +2,15 @@
 
     python launch.py                         # the demo gallery on http://127.0.0.1:7860
     python launch.py --gallery ~/photos --port 8000 --device cpu
+    python launch.py --prepare-only --query-models lite2,ssp   # build every cache, then exit
+    python launch.py --public --host 0.0.0.0 # hosted: uploads only, no server folders
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -25,9 +28,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gallery", metavar="PATH", default=None,
                         help="folder of images (labels from labels.csv or sub-folders); "
                              "default: the bundled demo gallery")
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
-    parser.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+                        help="address to listen on (default $GRADIO_SERVER_NAME, else "
+                             "127.0.0.1; 0.0.0.0 for all)")
+    parser.add_argument("--port", type=int,
+                        default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
+                        help="port (default $GRADIO_SERVER_PORT, else 7860)")
     parser.add_argument("--share", action="store_true",
                         help="also open a public Gradio share link")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
@@ -41,11 +47,35 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="a folder under which the page may open galleries typed in by "
                              "users (repeatable; default: home, the working folder and the "
                              "demo gallery)")
+    parser.add_argument("--public", action="store_true",
+                        help="hosted mode, for a page open to anyone: no folder on the server "
+                             "can be opened (no --allow-folder), visitors upload zips that "
+                             "stay theirs and are deleted when they leave, errors show only "
+                             "the app's own messages")
+    parser.add_argument("--query-models", metavar="NAMES", type=_query_models, default=[],
+                        help="comma-separated query models to build at start as well as the "
+                             "default lite0 (lite2, ssp: their gallery index, the SSP model, "
+                             "map and scores); others are built on first use")
     parser.add_argument("--verbose", action="store_true", help="debug logging")
     parser.add_argument("--prepare-only", action="store_true",
                         help="build the gallery cache, embedding map and Compare scores and "
                              "fit the re-rankers, then exit (e.g. to bake them into an image)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.public and args.allow_folder:
+        parser.error("--public opens no folder on the server: drop --allow-folder")
+    return args
+
+
+def _query_models(text: str) -> list[str]:
+    """'lite2,ssp' -> ['lite2', 'ssp'] ('' -> []), checked against the known query models."""
+    from app.session import QUERY_MODELS
+
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in QUERY_MODELS]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown query model(s) {', '.join(unknown)}; choose from {', '.join(QUERY_MODELS)}")
+    return names
 
 
 class TqdmProgress:
@@ -114,9 +144,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         explorer = Explorer.load(args.gallery or DEMO_GALLERY, device=args.device,
                                  cache_root=args.cache_dir, progress=progress,
-                                 allowed_roots=args.allow_folder)
+                                 allowed_roots=[] if args.public else args.allow_folder)
         session = explorer.session(None)
         prepare(session, progress)
+        for query_model in args.query_models:
+            prepare(explorer.with_query_model(session.key, query_model, progress=progress),
+                    progress)
+            progress.close()
     except EngineError as error:
         logger.error("cannot start: %s", error)
         return 2
@@ -127,9 +161,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     session.gallery.size, session.gallery.cache_dir)
         return 0
     threading.Thread(target=warm_up, args=(session,), name="warm-up", daemon=True).start()
-    demo = build_app(explorer, concurrency_limit=args.concurrency)
+    demo = build_app(explorer, concurrency_limit=args.concurrency, public=args.public)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share,
-                **launch_options(explorer))
+                **launch_options(explorer, public=args.public))
     return 0
 
 

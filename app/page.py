@@ -27,6 +27,7 @@ import gradio as gr
 import numpy as np
 
 from app import plots
+from app.public import PublicUploads, UploadLimits, refuse_folder
 from app.session import (
     BASELINE,
     CUSTOM,
@@ -48,8 +49,22 @@ from engine.tuning import Trial, best_trial, sweep
 
 logger = logging.getLogger(__name__)
 
+PUBLIC_CACHE_SECONDS = 3 * 3600
+"""A public page deletes Gradio's temporary files (uploaded files, served copies of
+thumbnails) older than this, checking every hour; anyone can upload files, so they must not
+pile up."""
 DEFAULT_CONCURRENCY = 2
-"""Queries run at once; the backbone serialises its forward pass, the rest is light."""
+"""Model work run at once. Every event that embeds a query or re-ranks (upload, pick, search,
+parameter changes and the `query` API) is in the concurrency group "query" with this limit: they
+share one backbone and one GPU, whose forward pass the backbone serialises, so a second slot
+only overlaps one query's re-ranking with the next one's embedding. Jobs that build or train
+(open a gallery, switch the query model, Compare, Tune) are in the group "index" with limit 1:
+one at a time, beside the queries rather than in their slots, so a long build cannot starve
+them."""
+QUEUE_SIZE = 64
+"""Events waiting at most (all groups); one more is refused at once ("queue full") rather than
+left waiting: 64 queries of about 1 s, 2 at a time, is already a half-minute wait. It also
+bounds the server's memory, as a waiting event holds only its inputs."""
 BROWSE_PAGE = 48
 MAX_SLIDER_STEPS = 5000
 EDGE_K = 10
@@ -69,16 +84,23 @@ CSS = """
 """
 
 
-def launch_options(explorer: Explorer) -> dict[str, Any]:
+def launch_options(explorer: Explorer, public: bool = False,
+                   upload_limits: UploadLimits | None = None) -> dict[str, Any]:
     """Keyword arguments for `Blocks.launch` (Gradio 6 takes theme and css there).
 
     Only the thumbnail cache is served: the page never hands the browser a path inside a
-    gallery folder. show_error lets Gradio's own upload-decoding message reach the user.
+    gallery folder. On a private page show_error lets Gradio's own messages (an upload it
+    cannot decode) reach the user. A public page keeps it off: a gr.Error (our typed messages)
+    is shown either way, any other exception only as "Error", never its text; and no uploaded
+    file may be larger than the largest zip it accepts (`upload_limits`).
     """
     explorer.thumbnail_root.mkdir(parents=True, exist_ok=True)
-    return {"theme": gr.themes.Soft(), "css": CSS,
-            "allowed_paths": [str(explorer.thumbnail_root)],
-            "max_file_size": MAX_FILE_BYTES * 20, "show_error": True}
+    options = {"theme": gr.themes.Soft(), "css": CSS,
+               "allowed_paths": [str(explorer.thumbnail_root)]}
+    if public:
+        limits = upload_limits or UploadLimits()
+        return {**options, "max_file_size": limits.archive_bytes, "show_error": False}
+    return {**options, "max_file_size": MAX_FILE_BYTES * 20, "show_error": True}
 
 
 @contextmanager
@@ -158,11 +180,13 @@ class PageHandlers:
     """The page's event functions, bound to one explorer (plain methods, testable without a UI).
 
     `build_app` fills `w` (the shared components by role) and `tabs` (each method's components);
-    handlers return dicts keyed by those components.
+    handlers return dicts keyed by those components. `public`: a public page's uploads (None on
+    a private page); a public page opens no server folder and keeps each upload to its session.
     """
 
-    def __init__(self, explorer: Explorer) -> None:
+    def __init__(self, explorer: Explorer, public: PublicUploads | None = None) -> None:
         self.explorer = explorer
+        self.public = public
         self.method_names = list_rerankers()
         self.thumbnails = ThumbnailCache(explorer.thumbnail_root)
         self.w: dict[str, Any] = {}
@@ -560,7 +584,8 @@ class PageHandlers:
 
     # -- galleries -------------------------------------------------------------------------------
     def switch_query_model(self, key: str, query_model: str,
-                           progress: gr.Progress = gr.Progress()) -> dict[Any, Any]:
+                           progress: gr.Progress = gr.Progress(),
+                           request: gr.Request | None = None) -> dict[Any, Any]:
         """Another query model was chosen: open the gallery as that model sees it (indexing
         with the gallery model and training the query model on first use, with a progress
         bar) and switch to it."""
@@ -568,12 +593,16 @@ class PageHandlers:
             session = self.explorer.with_query_model(key, query_model,
                                                      progress=_gradio_progress(progress))
         updates = self.switch_gallery(session.key)
-        updates[self.w["gallery"]] = gr.Dropdown(choices=self.explorer.choices(),
+        updates[self.w["gallery"]] = gr.Dropdown(choices=self.gallery_choices(request),
                                                  value=session.key)
         return updates
 
     def open_folder(self, folder: str, progress: gr.Progress = gr.Progress()) -> dict[Any, Any]:
-        """Open a gallery folder on the server (inside the allowed folders)."""
+        """Open a gallery folder on the server (inside the allowed folders; never on a public
+        page, which does not even wire this handler)."""
+        with engine_errors_as_gradio():
+            if self.public is not None:
+                refuse_folder()
         if not folder or not folder.strip():
             raise gr.Error("Type the path of a folder of images on the server.",
                            print_exception=False)
@@ -582,16 +611,33 @@ class PageHandlers:
                                                 progress=_gradio_progress(progress))
         return self._opened(session, progress)
 
-    def open_zip(self, archive: str | None, progress: gr.Progress = gr.Progress()
-                 ) -> dict[Any, Any]:
-        """Extract an uploaded zip (safely) and open it as a gallery."""
+    def open_zip(self, archive: str | None, progress: gr.Progress = gr.Progress(),
+                 request: gr.Request | None = None) -> dict[Any, Any]:
+        """Extract an uploaded zip (safely) and open it as a gallery; on a public page into the
+        session's own temporary folder, under the public limits."""
         if not archive:
             raise gr.Error("Choose a .zip of images first.", print_exception=False)
         with engine_errors_as_gradio():
-            session = self.explorer.open_zip(archive, progress=_gradio_progress(progress))
-        return self._opened(session, progress)
+            if self.public is not None:
+                session = self.public.open_zip(archive, _owner(request),
+                                               progress=_gradio_progress(progress))
+            else:
+                session = self.explorer.open_zip(archive, progress=_gradio_progress(progress))
+        return self._opened(session, progress, request)
 
-    def _opened(self, session: GallerySession, progress: gr.Progress) -> dict[Any, Any]:
+    def end_session(self, request: gr.Request) -> None:
+        """A browser session ended (its tab closed): a public page deletes its uploads."""
+        if self.public is not None:
+            self.public.release(_owner(request))
+
+    def gallery_choices(self, request: gr.Request | None = None) -> list[tuple[str, str]]:
+        """The galleries a session may choose (on a public page, not others' uploads)."""
+        if self.public is None:
+            return self.explorer.choices()
+        return self.public.choices(_owner(request))
+
+    def _opened(self, session: GallerySession, progress: gr.Progress,
+                request: gr.Request | None = None) -> dict[Any, Any]:
         report = _gradio_progress(progress)
         with engine_errors_as_gradio():
             for space, _ in session.map_spaces():
@@ -601,9 +647,9 @@ class PageHandlers:
                     report(index / len(session.methods()), f"scoring {method_title(method)}")
                     session.scores(method)
         updates = self.switch_gallery(session.key)
-        updates[self.w["gallery"]] = gr.Dropdown(choices=self.explorer.choices(),
+        updates[self.w["gallery"]] = gr.Dropdown(choices=self.gallery_choices(request),
                                                  value=session.key)
-        updates[self.w["gallery_status"]] = opened_text(session)
+        updates[self.w["gallery_status"]] = opened_text(session, show_root=self.public is None)
         return updates
 
     # -- compare ---------------------------------------------------------------------------------
@@ -742,19 +788,39 @@ def header_text(explorer: Explorer, session: GallerySession) -> str:
     gallery = session.gallery
     classes = f", {len(gallery.class_names)} classes" if gallery.labels is not None else ""
     skipped = f" ({len(gallery.skipped)} unreadable files skipped)" if gallery.skipped else ""
-    search = "GPU" if gallery.index.on_gpu else "CPU"
     return (f"**{session.title}**{classes}{skipped} · embedded by {session.embedded_by} · "
-            f"faiss {gallery.index.kind} index on the {search} · pick, click or upload a query "
+            f"search: {gallery.index.backend} · pick, click or upload a query "
             "to compare the baseline ranking with every re-ranking method.")
 
 
-def opened_text(session: GallerySession) -> str:
+def galleries_text(public: PublicUploads | None) -> str:
+    """The Galleries tab's explanation: what may be opened, and on a public page the limits."""
+    if public is None:
+        return ("Open another gallery: a folder on the server (labels from `labels.csv` or "
+                "sub-folders) or an uploaded .zip of images. Indexing is cached: reopening is "
+                "instant.")
+    limits = public.limits
+    return (f"Open another gallery: upload a .zip of images (labels from `labels.csv` or "
+            f"sub-folders; at most {limits.archive_bytes >> 20} MiB, "
+            f"{limits.extracted_bytes >> 20} MiB extracted and {limits.entries:,} files). "
+            f"Your uploads are visible to you only, at most {limits.per_session} at a time, "
+            "and are deleted when you close this page.")
+
+
+def opened_text(session: GallerySession, show_root: bool = True) -> str:
+    """What opening a gallery found; `show_root`: name the server folder (not on a public
+    page, whose visitors only know the zip they uploaded)."""
     gallery = session.gallery
-    lines = [f"Opened **{session.title}** from `{gallery.root}`."]
+    lines = [f"Opened **{session.title}**" + (f" from `{gallery.root}`." if show_root else ".")]
     if gallery.skipped:
         lines.append(f"{len(gallery.skipped)} files were skipped:")
         lines += [f"- `{name}`: {reason}" for name, reason in list(gallery.skipped.items())[:50]]
     return "\n".join(lines)
+
+
+def _owner(request: gr.Request | None) -> str | None:
+    """The browser session a request comes from (None without one)."""
+    return None if request is None else request.session_hash
 
 
 def _gradio_progress(progress: gr.Progress) -> Any:
@@ -779,20 +845,27 @@ def _control(spec: dict[str, Any], value: Any) -> gr.components.Component:
 
 
 def build_app(explorer: Explorer, concurrency_limit: int = DEFAULT_CONCURRENCY,
-              handlers: PageHandlers | None = None) -> gr.Blocks:
-    """The page for an explorer; launch it with `launch(**launch_options(explorer))`.
+              handlers: PageHandlers | None = None, public: bool = False) -> gr.Blocks:
+    """The page for an explorer; launch it with `launch(**launch_options(explorer, public))`.
 
     handlers: the event functions to wire (default: new ones); `build_app` fills their
     components, so a caller (a test) can keep them and call the handlers directly.
+    public: a page open to anyone (hosted): no folder on the server can be opened (the control
+    is not even wired), uploads stay with the browser session that made them and are deleted
+    when it ends, and Gradio's own temporary files are deleted after PUBLIC_CACHE_SECONDS.
+    With `handlers`, their `public` decides.
     """
-    handlers = handlers or PageHandlers(explorer)
+    handlers = handlers or PageHandlers(explorer,
+                                        PublicUploads(explorer) if public else None)
+    public = handlers.public is not None
     w = handlers.w
     session = explorer.session(None)
     gallery = session.gallery
     method_choices = [(BASELINE_LABEL, BASELINE)] + [
         (method_title(name), name) for name in handlers.method_names]
 
-    with gr.Blocks(title="Retrieval Explorer") as demo:
+    with gr.Blocks(title="Retrieval Explorer",
+                   delete_cache=(3600, PUBLIC_CACHE_SECONDS) if public else None) as demo:
         gr.Markdown("# Retrieval Explorer")
         with gr.Row():
             w["gallery"] = gr.Dropdown(choices=explorer.choices(), value=session.key,
@@ -807,9 +880,11 @@ def build_app(explorer: Explorer, concurrency_limit: int = DEFAULT_CONCURRENCY,
         w["picked"] = gr.State(None)
         with gr.Row(equal_height=False):
             with gr.Column(scale=2, min_width=300):
+                # image_mode=None: the engine gets the uploaded file as it is (gradio's RGB
+                # conversion would drop 16-bit depth and composite alpha on black).
                 w["query_image"] = gr.Image(type="filepath", label="Query image (upload)",
                                             sources=["upload", "clipboard"], height=300,
-                                            elem_id="query-image")
+                                            image_mode=None, elem_id="query-image")
                 w["query_class"] = gr.Dropdown(
                     choices=[NO_CLASS, *gallery.class_names], value=NO_CLASS,
                     label="Class of an uploaded query (to score it)",
@@ -900,12 +975,11 @@ def build_app(explorer: Explorer, concurrency_limit: int = DEFAULT_CONCURRENCY,
                              "parameters"], interactive=False, elem_id="compare-table")
                 w["compare_button"] = gr.Button("Compute for the current parameters")
             with gr.Tab("Galleries", id="galleries", elem_id="tab-galleries"):
-                gr.Markdown("Open another gallery: a folder on the server (labels from "
-                            "`labels.csv` or sub-folders) or an uploaded .zip of images. "
-                            "Indexing is cached: reopening is instant.")
-                with gr.Row():
-                    w["folder"] = gr.Textbox(label="Folder on the server", scale=3)
-                    w["open_folder"] = gr.Button("Open folder", scale=1)
+                gr.Markdown(galleries_text(handlers.public))
+                with gr.Row(visible=not public):
+                    w["folder"] = gr.Textbox(label="Folder on the server", scale=3,
+                                             visible=not public)
+                    w["open_folder"] = gr.Button("Open folder", scale=1, visible=not public)
                 with gr.Row():
                     w["zip"] = gr.File(label="Zip of images", file_types=[".zip"],
                                        type="filepath", scale=3)
@@ -926,7 +1000,7 @@ def build_app(explorer: Explorer, concurrency_limit: int = DEFAULT_CONCURRENCY,
             w["json"] = gr.JSON(label="query result")
         # The API endpoint: its own hidden inputs, so that it takes plain values.
         with gr.Row(visible=False):
-            api_image = gr.Image(type="filepath", label="image")
+            api_image = gr.Image(type="filepath", image_mode=None, label="image")
             api_file = gr.Textbox(label="gallery_file")
             api_leave = gr.Checkbox(value=True, label="leave_out")
             api_gallery = gr.Textbox(label="gallery")
@@ -934,12 +1008,15 @@ def build_app(explorer: Explorer, concurrency_limit: int = DEFAULT_CONCURRENCY,
             api_class = gr.Textbox(label="query_class")
             api_button = gr.Button()
         api_button.click(handlers.api_query, [api_image, api_file, api_leave, api_gallery,
-                                              api_top, api_class], w["json"], api_name="query")
+                                              api_top, api_class], w["json"], api_name="query",
+                         concurrency_id="query")
 
         _wire(handlers, demo)
         demo.load(handlers.browse, [w["gallery"], w["class_filter"], w["page"]],
                   [w["browser"], w["page"]], api_visibility="private")
-    demo.queue(default_concurrency_limit=concurrency_limit, max_size=64)
+        if public:
+            demo.unload(handlers.end_session)
+    demo.queue(default_concurrency_limit=concurrency_limit, max_size=QUEUE_SIZE)
     return demo
 
 
@@ -992,9 +1069,10 @@ def _wire(handlers: PageHandlers, demo: gr.Blocks) -> None:
                            [*gallery_outputs, w["gallery"]], api_visibility="private",
                            concurrency_id="index", concurrency_limit=1)
     opened_outputs = [*gallery_outputs, w["gallery"], w["gallery_status"]]
-    w["open_folder"].click(handlers.open_folder, w["folder"], opened_outputs,
-                           api_visibility="private", concurrency_id="index",
-                           concurrency_limit=1)
+    if handlers.public is None:  # a public page has no event that takes a server path
+        w["open_folder"].click(handlers.open_folder, w["folder"], opened_outputs,
+                               api_visibility="private", concurrency_id="index",
+                               concurrency_limit=1)
     w["open_zip"].click(handlers.open_zip, w["zip"], opened_outputs, api_visibility="private",
                         concurrency_id="index", concurrency_limit=1)
     w["compare_button"].click(handlers.compute_compare, [w["gallery"], *controls],

@@ -281,6 +281,9 @@ class GallerySession:
         default, source = self.params_for(method)
         if params is None:
             return default, source
+        if not isinstance(params, Mapping):
+            raise InvalidInputError(f"the parameters of {method} must be a mapping of name to "
+                                    f"value, got {type(params).__name__}")
         cls = get_reranker_class(method)
         known = {spec["name"] for spec in cls.Params.describe()}
         unknown = set(params) - known
@@ -320,6 +323,7 @@ class GallerySession:
 
     def save_preset(self, method: str, params: Mapping[str, Any], note: str = "") -> dict:
         """Store `params` as this gallery's preset for `method` (beside the gallery cache)."""
+        self.resolve(method, params)  # unknown names and out-of-range values: a typed error
         stored = save_preset(self.gallery.state_dir, method, params, note)
         self.presets = load_presets(self.gallery.root, self.gallery.state_dir)
         return stored
@@ -582,7 +586,8 @@ class Explorer:
 
     def choices(self) -> list[tuple[str, str]]:
         """(title, key) of every open gallery, in the order they were opened."""
-        return [(session.title, key) for key, session in self.galleries.items()]
+        # a copy: galleries open and close in other threads
+        return [(session.title, key) for key, session in list(self.galleries.items())]
 
     def session(self, key: str | None) -> GallerySession:
         """An open gallery by key (the first one when key is empty)."""
@@ -681,6 +686,21 @@ class Explorer:
             logger.info("zip entry %s not extracted: %s", name, reason)
         return self.open_folder(extracted.root, progress=progress, check_allowed=False)
 
+    def close(self, key: str) -> list[GallerySession]:
+        """Forget an open gallery and the query-model variants opened from it (a public page
+        closes a visitor's upload this way); returns them, so that the caller can delete their
+        files. The first gallery, the one the page starts on, stays open."""
+        with self._lock:
+            if key == self.default_key:
+                raise InvalidInputError("the gallery the page starts on cannot be closed")
+            closed = [session for name, session in self.galleries.items()
+                      if name == key or session.base_key == key]
+            for session in closed:
+                del self.galleries[session.key]
+                self._variant_locks.pop(session.key, None)
+                self._open_locks.pop(session.gallery.root, None)
+        return closed
+
     # -- queries ---------------------------------------------------------------------------------
     def query(self, key: str | None, image: Any = None, *, source_file: str | None = None,
               query_class: str | None = None, params: Mapping[str, Mapping[str, Any]] | None = None,
@@ -700,6 +720,7 @@ class Explorer:
         if isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 1:
             raise InvalidInputError(f"the number of results must be a positive integer, got "
                                     f"{top_n!r}")
+        _check_method_params(params)
         session = self.session(key)
         gallery = session.gallery
         source_row = None if source_file is None else session.position_of(source_file)
@@ -745,6 +766,21 @@ class Explorer:
                                params)
         ranking = session.score(ranking, result.query_label, result.n_positives, result.top_n)
         return result.with_ranking(ranking)
+
+
+def _check_method_params(params: Mapping[str, Mapping[str, Any]] | None) -> None:
+    """Per-method parameters must name registered methods (a misspelt name would otherwise be
+    ignored silently and the method run with its defaults)."""
+    if params is None:
+        return
+    if not isinstance(params, Mapping):
+        raise InvalidInputError(f"params must map method names to their parameters, got "
+                                f"{type(params).__name__}")
+    known = [BASELINE, *list_rerankers()]
+    unknown = sorted(str(name) for name in params if name not in known)
+    if unknown:
+        raise InvalidInputError(f"params names no method {unknown}; the methods are "
+                                f"{', '.join(known)}")
 
 
 def default_allowed_roots() -> list[Path]:

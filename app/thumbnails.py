@@ -38,16 +38,33 @@ class ThumbnailCache:
     def get(self, source: Path, mark: Mark = None, side: int = RESULT_SIDE) -> Path:
         """The thumbnail of `source` (made now if missing); a placeholder if it cannot be read."""
         source = Path(source).absolute()  # gallery paths are already resolved
+        digest = self._digest(source)
+        path = self.root / digest[:2] / f"{digest}-{side}-{mark or 'plain'}.jpg"
+        if not path.is_file():
+            atomic_write_bytes(path, self._render(source, mark, side))
+        return path
+
+    def forget(self, source: Path) -> int:
+        """Delete every thumbnail of `source` (all sides and marks); returns how many.
+
+        Call it before the source itself is deleted: its size and time name its thumbnails.
+        """
+        digest = self._digest(Path(source).absolute())
+        removed = 0
+        for path in (self.root / digest[:2]).glob(f"{digest}-*.jpg"):
+            path.unlink(missing_ok=True)
+            removed += 1
+        return removed
+
+    @staticmethod
+    def _digest(source: Path) -> str:
+        """Names the thumbnails of one version of a file (path, size, modification time)."""
         try:
             stat = source.stat()
             identity = f"{source}|{stat.st_size}|{stat.st_mtime_ns}"
         except OSError:
             identity = f"{source}|missing"
-        digest = hashlib.sha256(identity.encode()).hexdigest()[:24]
-        path = self.root / digest[:2] / f"{digest}-{side}-{mark or 'plain'}.jpg"
-        if not path.is_file():
-            atomic_write_bytes(path, self._render(source, mark, side))
-        return path
+        return hashlib.sha256(identity.encode()).hexdigest()[:24]
 
     @staticmethod
     def _render(source: Path, mark: Mark, side: int) -> bytes:

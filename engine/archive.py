@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import stat
+import struct
 import tempfile
 import zipfile
 import zlib
@@ -53,6 +54,7 @@ MARKER_FILE = ".extracted.json"
 
 _MARKER_FORMAT = 1
 _CHUNK_BYTES = 1 << 20
+_CENTRAL_HEADER_BYTES = 46  # fixed part of a central-directory record
 _TEMPORARY_PREFIX = ".extracting-"
 _DRIVE_LETTER = re.compile(r"^[A-Za-z]:")
 # What zipfile raises when it opens a damaged or unsupported archive (NotImplementedError: a
@@ -142,6 +144,7 @@ def extract_zip(
             logger.info("reusing the extraction of %s at %s", archive.name, target)
             return previous
         try:
+            _check_entry_count(handle, archive.name, max_entries)
             with zipfile.ZipFile(handle) as opened:
                 return _extract_new(
                     opened,
@@ -257,6 +260,45 @@ def _extract_new(
     return ExtractedArchive(root=complete.root, skipped=complete.skipped, reused=False)
 
 
+def _check_entry_count(handle: IO[bytes], label: str, max_entries: int) -> None:
+    """Refuse an archive of more than `max_entries` entries before zipfile reads its directory.
+
+    zipfile builds an object for every central-directory record before anything can be counted:
+    a 1 GiB upload of empty entries (some 14 million) would take gigabytes of memory. Here the
+    records' fixed headers are walked in a stream, stopping just past the limit (the end
+    record's own count could be forged). An archive that cannot be walked is left to zipfile,
+    which refuses it with its own message.
+    """
+    # zipfile's end-record reader (private, but unchanged since Python 2.6) handles zip64 and
+    # archive comments; its field numbers are the module's _ECD_* constants.
+    end = zipfile._EndRecData(handle)
+    if not end:
+        return
+    size = end[zipfile._ECD_SIZE]
+    start = end[zipfile._ECD_LOCATION] - size
+    if end[zipfile._ECD_SIGNATURE] == zipfile.stringEndArchive64:
+        start -= zipfile.sizeEndCentDir64 + zipfile.sizeEndCentDir64Locator
+    count = walked = 0
+    if start >= 0:
+        handle.seek(start)
+        while walked < size and count <= max_entries:
+            header = handle.read(_CENTRAL_HEADER_BYTES)
+            if len(header) != _CENTRAL_HEADER_BYTES or header[:4] != b"PK\x01\x02":
+                break
+            variable = sum(struct.unpack_from("<3H", header, 28))  # name, extra, comment
+            handle.seek(variable, os.SEEK_CUR)
+            walked += _CENTRAL_HEADER_BYTES + variable
+            count += 1
+    handle.seek(0)
+    declared = end[zipfile._ECD_ENTRIES_TOTAL]
+    if count > max_entries:
+        many = (f"{declared:,} entries" if declared > max_entries
+                else f"more than {max_entries:,} entries (its end record claims {declared:,})")
+        raise InvalidInputError(
+            f"{label} has {many}; the limit is {max_entries:,}. Split it into smaller zips"
+        )
+
+
 def _plan(
     entries: list[zipfile.ZipInfo], label: str
 ) -> tuple[dict[str, zipfile.ZipInfo], dict[str, str]]:
@@ -361,26 +403,35 @@ def _copy_entry(
     The total is checked after every chunk, so a header that understates sizes cannot make the
     extraction exceed `max_extracted_bytes`.
     """
-    destination.parent.mkdir(parents=True, exist_ok=True)
     try:
         source = opened.open(info)
     except _READ_ERRORS as error:
         raise _corrupt(label, info, error) from error
-    with source, open(destination, "xb") as output:
-        while True:
-            try:
-                chunk = source.read(_CHUNK_BYTES)
-            except _READ_ERRORS as error:
-                raise _corrupt(label, info, error) from error
-            if not chunk:
-                return written
-            written += len(chunk)
-            if written > max_extracted_bytes:
-                raise InvalidInputError(
-                    f"{label} expands to more than {_human_bytes(max_extracted_bytes)} (the "
-                    f"limit) although its headers claim less; the archive is damaged or forged"
-                )
-            output.write(chunk)
+    with source:
+        try:
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            with open(destination, "xb") as output:
+                while True:
+                    try:
+                        chunk = source.read(_CHUNK_BYTES)
+                    except _READ_ERRORS as error:
+                        raise _corrupt(label, info, error) from error
+                    if not chunk:
+                        return written
+                    written += len(chunk)
+                    if written > max_extracted_bytes:
+                        raise InvalidInputError(
+                            f"{label} expands to more than {_human_bytes(max_extracted_bytes)} "
+                            "(the limit) although its headers claim less; the archive is "
+                            "damaged or forged"
+                        )
+                    output.write(chunk)
+        except OSError as error:  # writing: a name too long for the file system, a full disk
+            raise InvalidInputError(
+                f"{label}: entry {info.filename!r} cannot be written "
+                f"({error.strerror or error}); nothing was extracted. Shorten the names in the "
+                "zip, or upload it again later"
+            ) from error
 
 
 def _corrupt(label: str, info: zipfile.ZipInfo, error: BaseException) -> InvalidInputError:

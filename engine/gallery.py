@@ -1,12 +1,21 @@
 """A gallery: a folder of images, their labels, cached features, a faiss index and a kNN graph.
 
 Cache layout (one folder per gallery folder and backbone, under the cache root):
-    manifest.json   how the features were made, the file list fingerprint, counts
-    features.npz    files, sizes, mtimes, features (only decodable files), skipped files
+    manifest.json   how the features were made, the gallery fingerprint, counts, the size and
+                    sha256 of index.faiss and knn.npz, and a checksum of itself
+    features.npz    files, sizes, mtimes, features (only decodable files), skipped files, and a
+                    sha256 of those arrays
     index.faiss     the faiss index
-    knn.npz         the gallery kNN graph (self included)
+    knn.npz         the gallery kNN graph (self included), with a sha256 of its arrays
 Every file is written atomically, so a crash leaves the previous cache intact. Reopening a
-gallery embeds only files that are new or changed (by size and mtime).
+gallery embeds only files that are new or changed (by size and mtime); a long embedding run
+saves its features every `checkpoint_seconds`, so a killed run resumes where it saved.
+
+Every file is verified before it is used: features.npz by its own checksum (so it needs no
+manifest, and a crash between two writes cannot orphan an embedding run), then its backbone
+fingerprint, shapes, width, finiteness and unit norm; index.faiss and knn.npz by the sha256 the
+manifest records, the gallery fingerprint they were built for, and their shapes. A file that
+fails is rebuilt with a warning, never used.
 """
 
 from __future__ import annotations
@@ -14,9 +23,11 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -27,13 +38,29 @@ from engine.images import list_image_files
 from engine.index import SearchIndex
 from engine.rerank.base import GalleryContext, KnnGraph, RerankResult, check_features
 from engine.rerank.ops import knn_graph
-from engine.storage import atomic_save_npz, atomic_write_json, fingerprint, load_json, load_npz
+from engine.storage import (
+    atomic_save_checked_npz,
+    atomic_write_json,
+    fingerprint,
+    load_checked_npz,
+    load_json,
+    remove_stale_temporaries,
+    sha256_file,
+)
 
 logger = logging.getLogger(__name__)
 
 DEMO_GALLERY = Path(__file__).resolve().parent.parent / "assets" / "demo_gallery"
 DEFAULT_KNN_DEPTH = 64
 CACHE_VERSION = 2
+"""Part of the gallery fingerprint: bump it only when features change meaning (it re-keys every
+derived cache: scores, maps, learned state)."""
+MANIFEST_FORMAT = 3
+"""Layout of manifest.json (3: sizes and sha256 of index.faiss and knn.npz, its own checksum)."""
+CHECKPOINT_SECONDS = 30.0
+"""An embedding run saves its features at least this often (after a chunk of batches)."""
+CHECKPOINT_BATCHES = 4
+"""Extractor batches embedded between two checks of the checkpoint clock."""
 
 ProgressCallback = Callable[[float, str], None]
 
@@ -162,7 +189,8 @@ class Gallery:
     def open(cls, folder: str | os.PathLike = DEMO_GALLERY,
              extractor: FeatureExtractor | None = None, cache_root: str | os.PathLike | None = None,
              progress: ProgressCallback | None = None, knn_depth: int = DEFAULT_KNN_DEPTH,
-             index_kind: str = "flat", device: str = "auto") -> Gallery:
+             index_kind: str = "flat", device: str = "auto",
+             checkpoint_seconds: float = CHECKPOINT_SECONDS) -> Gallery:
         """Index a folder (or load its cache) and return the gallery.
 
         Args:
@@ -170,6 +198,8 @@ class Gallery:
             extractor: the backbone (default: the shared lite0 extractor).
             cache_root: where caches live (default `default_cache_root()`).
             progress: called with (fraction in [0, 1], message) while embedding.
+            checkpoint_seconds: save the features embedded so far at least this often, so that
+                a killed run resumes from there (0: after every chunk of batches).
         """
         root = Path(folder).resolve()
         if not root.is_dir():
@@ -183,8 +213,10 @@ class Gallery:
         mtimes = np.array([stat.st_mtime_ns for stat in stats], np.int64)
         cache_dir = (Path(cache_root) if cache_root else default_cache_root()) / "galleries" / (
             f"{root.name}-{fingerprint([str(root), meta.fingerprint])}")
+        for stale in remove_stale_temporaries(cache_dir):
+            logger.info("removed %s, left by an interrupted write", stale)
         features, kept, skipped = _embed_incrementally(
-            cache_dir, meta, extractor, root, files, sizes, mtimes, progress)
+            cache_dir, meta, extractor, root, files, sizes, mtimes, progress, checkpoint_seconds)
         if not kept:
             raise EmptyGalleryError(
                 f"gallery {root} has no decodable images ({len(skipped)} skipped): add .jpg/.png "
@@ -193,65 +225,71 @@ class Gallery:
         gallery_fingerprint = fingerprint({
             "version": CACHE_VERSION, "meta": meta.fingerprint,
             "files": [[files[i], int(sizes[i]), int(mtimes[i])] for i in kept]})
-        index, knn = _index_and_graph(cache_dir, gallery_fingerprint, features, knn_depth,
-                                      index_kind, device)
+        index, knn, checksums = _index_and_graph(cache_dir, gallery_fingerprint, features,
+                                                 knn_depth, index_kind, device)
         labels = read_labels(root, kept_files)
         label_array = None
         class_names: list[str] = []
         if labels is not None:
             label_array = np.array([labels.by_file.get(f, -1) for f in kept_files], np.int64)
             class_names = labels.class_names
-        atomic_write_json(cache_dir / "manifest.json", {
-            "version": CACHE_VERSION, "root": str(root), "meta": meta.to_dict(),
-            "fingerprint": gallery_fingerprint, "n_images": len(kept_files),
-            "n_skipped": len(skipped), "index_kind": index.kind, "knn_depth": knn.depth})
+        manifest = {
+            "version": CACHE_VERSION, "format": MANIFEST_FORMAT, "root": str(root),
+            "meta": meta.to_dict(), "fingerprint": gallery_fingerprint,
+            "n_images": len(kept_files), "n_skipped": len(skipped), "index_kind": index_kind,
+            "knn_depth": knn.depth, "files": checksums}
+        atomic_write_json(cache_dir / "manifest.json",
+                          {**manifest, "checksum": fingerprint(manifest)})
         return cls(root=root, files=kept_files, features=features, meta=meta,
                    fingerprint=gallery_fingerprint, cache_dir=cache_dir, index=index, knn=knn,
                    labels=label_array, class_names=class_names, skipped=skipped)
 
 
+CacheKey = tuple[str, int, int]
+"""(relative file name, size in bytes, mtime in ns): a cached row is reused while all three
+match."""
+
+
 def _embed_incrementally(cache_dir: Path, meta: FeatureMeta, extractor: FeatureExtractor,
                          root: Path, files: list[str], sizes: np.ndarray, mtimes: np.ndarray,
-                         progress: ProgressCallback | None
+                         progress: ProgressCallback | None, checkpoint_seconds: float
                          ) -> tuple[np.ndarray, list[int], dict[str, str]]:
-    """Features of every decodable file, reusing cached rows of unchanged files."""
-    cached: dict[tuple[str, int, int], np.ndarray] = {}
-    cached_skips: dict[tuple[str, int, int], str] = {}
+    """Features of every decodable file, reusing cached rows of unchanged files.
+
+    New files are embedded in chunks of `CHECKPOINT_BATCHES` batches; after a chunk, once
+    `checkpoint_seconds` have passed since the last save (and after the last chunk), every row
+    embedded so far is saved, so a killed run loses at most that much work.
+    """
     features_path = cache_dir / "features.npz"
-    if features_path.is_file():
-        try:
-            stored = load_npz(features_path)
-            if str(stored["meta_fingerprint"]) != meta.fingerprint:
-                raise CacheError("features were made with another backbone or preprocessing")
-            stored_features = check_features(stored["features"], "cached features", meta.dim)
-            for row, key in enumerate(zip(stored["files"].tolist(), stored["sizes"].tolist(),
-                                          stored["mtimes"].tolist(), strict=True)):
-                cached[key] = stored_features[row]
-            for key, reason in zip(zip(stored["skipped_files"].tolist(),
-                                       stored["skipped_sizes"].tolist(),
-                                       stored["skipped_mtimes"].tolist(), strict=True),
-                                   stored["skipped_reasons"].tolist(), strict=True):
-                cached_skips[key] = reason
-        except (CacheError, KeyError, ValueError) as error:  # ValueError: ragged arrays
-            logger.warning("ignoring the feature cache %s (%s); re-embedding", features_path,
-                           error)
-            cached, cached_skips = {}, {}
+    cached, cached_skips = _load_feature_cache(features_path, meta)
     keys = [(f, int(s), int(m)) for f, s, m in zip(files, sizes, mtimes, strict=True)]
     todo = [i for i, key in enumerate(keys) if key not in cached and key not in cached_skips]
     if todo:
         logger.info("embedding %d new or changed images of %s (%d cached)", len(todo), root,
                     len(keys) - len(todo))
+        chunk = CHECKPOINT_BATCHES * extractor.batch_size
+        saved_at = time.monotonic()
+        for begin in range(0, len(todo), chunk):
+            part = todo[begin:begin + chunk]
 
-        def report(done: int, total: int) -> None:
-            if progress is not None:
-                progress(done / total, f"embedding images {done}/{total}")
+            def report(done: int, total: int, begin: int = begin) -> None:
+                if progress is not None:
+                    progress((begin + done) / len(todo),
+                             f"embedding images {begin + done}/{len(todo)}")
 
-        new_features, new_kept, failures = extractor.embed_files(
-            [root / files[i] for i in todo], report)
-        for row, position in enumerate(new_kept):
-            cached[keys[todo[position]]] = new_features[row]
-        for position, reason in failures.items():
-            cached_skips[keys[todo[position]]] = reason
+            new_features, new_kept, failures = extractor.embed_files(
+                [root / files[i] for i in part], report)
+            for row, position in enumerate(new_kept):
+                cached[keys[part[position]]] = new_features[row]
+            for position, reason in failures.items():
+                cached_skips[keys[part[position]]] = reason
+            last = begin + chunk >= len(todo)
+            if last or time.monotonic() - saved_at >= checkpoint_seconds:
+                _save_feature_cache(features_path, meta, keys, cached, cached_skips)
+                saved_at = time.monotonic()
+                if not last:
+                    logger.info("saved a checkpoint of %s: %d of %d new images embedded", root,
+                                begin + len(part), len(todo))
     kept = [i for i, key in enumerate(keys) if key in cached]
     skipped = {keys[i][0]: cached_skips[keys[i]] for i, key in enumerate(keys)
                if key in cached_skips}
@@ -259,46 +297,154 @@ def _embed_incrementally(cache_dir: Path, meta: FeatureMeta, extractor: FeatureE
         logger.warning("skipped %s: %s", name, reason)
     features = (np.stack([cached[keys[i]] for i in kept]).astype(np.float32) if kept
                 else np.zeros((0, meta.dim), np.float32))
-    if todo:
-        skipped_keys = [keys[i] for i in range(len(keys)) if keys[i] in cached_skips]
-        atomic_save_npz(
-            features_path, meta_fingerprint=np.array(meta.fingerprint), features=features,
-            files=np.array([keys[i][0] for i in kept], dtype=str),
-            sizes=np.array([keys[i][1] for i in kept], np.int64),
-            mtimes=np.array([keys[i][2] for i in kept], np.int64),
-            skipped_files=np.array([k[0] for k in skipped_keys], dtype=str),
-            skipped_sizes=np.array([k[1] for k in skipped_keys], np.int64),
-            skipped_mtimes=np.array([k[2] for k in skipped_keys], np.int64),
-            skipped_reasons=np.array([cached_skips[k] for k in skipped_keys], dtype=str))
     return features, kept, skipped
+
+
+def _load_feature_cache(path: Path, meta: FeatureMeta
+                        ) -> tuple[dict[CacheKey, np.ndarray], dict[CacheKey, str]]:
+    """The cached feature of each (file, size, mtime) and the reason of each skipped one.
+
+    Empty, with a warning, unless the file passes every check: its checksum, the backbone
+    fingerprint, aligned arrays, and features of the backbone's width, finite and unit-norm.
+    """
+    if not path.is_file():
+        if (path.parent / "manifest.json").is_file():
+            logger.warning("the feature cache %s is missing; re-embedding", path)
+        return {}, {}
+    try:
+        stored = load_checked_npz(path)
+        if str(stored["meta_fingerprint"]) != meta.fingerprint:
+            raise CacheError("features were made with another backbone or preprocessing")
+        try:
+            features = check_features(stored["features"], "cached features", meta.dim)
+        except InvalidInputError as error:
+            raise CacheError(str(error)) from error
+        rows = list(zip(stored["files"].tolist(), stored["sizes"].tolist(),
+                        stored["mtimes"].tolist(), strict=True))
+        if len(rows) != features.shape[0]:
+            raise CacheError(f"{len(rows)} files but {features.shape[0]} feature rows")
+        cached = {(str(name), int(size), int(mtime)): features[row]
+                  for row, (name, size, mtime) in enumerate(rows)}
+        skips = zip(stored["skipped_files"].tolist(), stored["skipped_sizes"].tolist(),
+                    stored["skipped_mtimes"].tolist(), stored["skipped_reasons"].tolist(),
+                    strict=True)
+        cached_skips = {(str(name), int(size), int(mtime)): str(reason)
+                        for name, size, mtime, reason in skips}
+    except (CacheError, KeyError, ValueError) as error:  # ValueError: ragged arrays
+        logger.warning("ignoring the feature cache %s (%s); re-embedding", path, error)
+        return {}, {}
+    return cached, cached_skips
+
+
+def _save_feature_cache(path: Path, meta: FeatureMeta, keys: list[CacheKey],
+                        cached: dict[CacheKey, np.ndarray], cached_skips: dict[CacheKey, str]
+                        ) -> None:
+    """Write the rows and skips of the current files (in file order), checksummed."""
+    done = [key for key in keys if key in cached]
+    skipped = [key for key in keys if key in cached_skips]
+    features = (np.stack([cached[key] for key in done]).astype(np.float32) if done
+                else np.zeros((0, meta.dim), np.float32))
+    atomic_save_checked_npz(
+        path, meta_fingerprint=np.array(meta.fingerprint), features=features,
+        files=np.array([key[0] for key in done], dtype=str),
+        sizes=np.array([key[1] for key in done], np.int64),
+        mtimes=np.array([key[2] for key in done], np.int64),
+        skipped_files=np.array([key[0] for key in skipped], dtype=str),
+        skipped_sizes=np.array([key[1] for key in skipped], np.int64),
+        skipped_mtimes=np.array([key[2] for key in skipped], np.int64),
+        skipped_reasons=np.array([cached_skips[key] for key in skipped], dtype=str))
 
 
 def _index_and_graph(cache_dir: Path, gallery_fingerprint: str, features: np.ndarray,
                      knn_depth: int, index_kind: str, device: str
-                     ) -> tuple[SearchIndex, KnnGraph]:
-    """Load the cached index and kNN graph when they match the gallery, else build and save."""
-    index_path, knn_path = cache_dir / "index.faiss", cache_dir / "knn.npz"
+                     ) -> tuple[SearchIndex, KnnGraph, dict[str, dict[str, Any]]]:
+    """Load the cached index and kNN graph when they pass `_load_index_and_graph`'s checks,
+    else build and save them. Returns them and the {file: {bytes, sha256}} record of both for
+    the manifest."""
     depth = min(knn_depth, features.shape[0])
     try:
-        manifest = load_json(cache_dir / "manifest.json") if index_path.is_file() else {}
-        if not isinstance(manifest, dict):
-            raise CacheError("manifest.json is not a JSON object")
-        if (manifest.get("fingerprint") == gallery_fingerprint
-                and manifest.get("index_kind") == index_kind and index_path.is_file()
-                and knn_path.is_file() and manifest.get("knn_depth", 0) >= depth):
-            index = SearchIndex.load(index_path, device=device)
-            stored = load_npz(knn_path)
-            knn = KnnGraph(stored["indices"][:, :depth], stored["similarities"][:, :depth],
-                           stored["farthest"], canonical=True)
-            if index.size == features.shape[0] and knn.indices.shape[0] == features.shape[0]:
-                return index, knn
-    except (CacheError, KeyError, ValueError, IndexError) as error:
+        return _load_index_and_graph(cache_dir, gallery_fingerprint, features, depth,
+                                     index_kind, device)
+    except _Outdated as reason:
+        logger.info("building the index of %s (%s)", cache_dir, reason)
+    except (CacheError, KeyError, ValueError, IndexError, TypeError) as error:
         logger.warning("rebuilding the index of %s (%s)", cache_dir, error)
     index = SearchIndex(features, kind=index_kind, device=device)
     # The exact graph with canonical similarities, as the re-rankers would compute it, so they
     # can share it (an approximate index serves search only).
     knn = knn_graph(features, depth, resolve_device(device))
-    index.save(index_path)
-    atomic_save_npz(knn_path, indices=knn.indices, similarities=knn.similarities,
-                    farthest=knn.farthest)
-    return index, knn
+    index.save(cache_dir / "index.faiss")
+    atomic_save_checked_npz(cache_dir / "knn.npz", indices=knn.indices,
+                            similarities=knn.similarities, farthest=knn.farthest)
+    return index, knn, {name: _file_record(cache_dir / name) for name in INDEX_FILES}
+
+
+INDEX_FILES = ("index.faiss", "knn.npz")
+
+
+class _Outdated(CacheError):
+    """The cached index is intact but was built for other files or settings (or there is
+    none yet): rebuilt as a matter of course, not a warning."""
+
+
+def _file_record(path: Path) -> dict[str, Any]:
+    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def _load_index_and_graph(cache_dir: Path, gallery_fingerprint: str, features: np.ndarray,
+                          depth: int, index_kind: str, device: str
+                          ) -> tuple[SearchIndex, KnnGraph, dict[str, dict[str, Any]]]:
+    """The cached index and kNN graph; CacheError unless the manifest is intact (its own
+    checksum) and was written for this gallery, index kind and a deep enough graph (else
+    `_Outdated`), both files match its sizes and sha256s (read before faiss parses a byte), and
+    their shapes and values fit `features`."""
+    manifest_path = cache_dir / "manifest.json"
+    if not manifest_path.is_file():
+        if not any((cache_dir / name).exists() for name in INDEX_FILES):
+            raise _Outdated("a new gallery")
+        raise CacheError("manifest.json is missing")
+    manifest = load_json(manifest_path)
+    if not isinstance(manifest, dict):
+        raise CacheError("manifest.json is not a JSON object")
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise CacheError(f"manifest.json has format {manifest.get('format')!r}, not "
+                         f"{MANIFEST_FORMAT}")
+    checksum = manifest.pop("checksum", None)
+    if checksum != fingerprint(manifest):
+        raise CacheError("manifest.json does not match its checksum (edited or damaged)")
+    if manifest.get("fingerprint") != gallery_fingerprint:
+        raise _Outdated("the cached index was built for other files")
+    if manifest.get("index_kind") != index_kind:
+        raise _Outdated(f"the cached index is {manifest.get('index_kind')!r}, not "
+                        f"{index_kind!r}")
+    if not isinstance(manifest.get("knn_depth"), int) or manifest["knn_depth"] < depth:
+        raise _Outdated(f"the cached kNN graph is shallower than {depth}")
+    records = manifest.get("files")
+    if not isinstance(records, dict):
+        raise CacheError("manifest.json records no checksums")
+    for name in INDEX_FILES:
+        path, record = cache_dir / name, records.get(name)
+        if not path.is_file():
+            raise CacheError(f"{name} is missing")
+        if not isinstance(record, dict) or _file_record(path) != {
+                "bytes": record.get("bytes"), "sha256": record.get("sha256")}:
+            raise CacheError(f"{name} does not match the size and sha256 in manifest.json")
+    size, dim = features.shape
+    index = SearchIndex.load(cache_dir / "index.faiss", device=device)
+    if (index.size, index.dim) != (size, dim):
+        raise CacheError(f"the cached index holds {index.size} vectors of {index.dim} "
+                         f"dimensions, not {size} of {dim}")
+    stored = load_checked_npz(cache_dir / "knn.npz")
+    indices, similarities, farthest = (stored["indices"], stored["similarities"],
+                                       stored["farthest"])
+    if (indices.ndim != 2 or indices.shape[0] != size or indices.shape[1] < depth
+            or similarities.shape != indices.shape or farthest.shape != (size,)):
+        raise CacheError(f"the cached kNN graph has shapes {indices.shape}, "
+                         f"{similarities.shape}, {farthest.shape} for {size} images")
+    if not np.issubdtype(indices.dtype, np.integer) or (indices < 0).any() or (
+            indices >= size).any():
+        raise CacheError("the cached kNN graph names rows outside the gallery")
+    if not (np.isfinite(similarities).all() and np.isfinite(farthest).all()):
+        raise CacheError("the cached kNN graph has NaN or infinite similarities")
+    knn = KnnGraph(indices[:, :depth], similarities[:, :depth], farthest, canonical=True)
+    return index, knn, {name: records[name] for name in INDEX_FILES}

@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 import struct
 from pathlib import Path
 from typing import IO
@@ -58,6 +59,9 @@ _DECODE_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+
+# The pixel count in PIL's DecompressionBombError message ("Image size (N pixels) exceeds ...").
+_PIL_BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")
 
 
 def load_image(source: ImageSource, *, name: str | None = None) -> Image.Image:
@@ -215,9 +219,13 @@ def _decode(fp: Path | IO[bytes], label: str) -> Image.Image:
             f"{label}: not a recognised image (allowed formats: {', '.join(formats)})"
         ) from error
     except Image.DecompressionBombError as error:
+        # PIL refuses at its own, higher threshold while parsing the header; say it with the
+        # project's limit only, as _check_pixel_count does.
+        found = _PIL_BOMB_PIXELS.search(str(error))
+        size = f"{int(found.group(1)):,} pixels" if found else "the image's size"
         raise InvalidImageError(
-            f"{label}: refused before decoding, the image is too large ({error}); "
-            f"the limit is {MAX_IMAGE_PIXELS:,} pixels"
+            f"{label}: refused before decoding, the image is too large: {size} is more than "
+            f"the limit of {MAX_IMAGE_PIXELS:,}; downscale it first"
         ) from error
     except _DECODE_ERRORS as error:
         raise InvalidImageError(f"{label}: cannot be opened as an image ({error})") from error
@@ -246,7 +254,7 @@ def _normalise(image: Image.Image, label: str) -> Image.Image:
     """Size check, eager decode of the first frame, EXIF orientation, conversion to RGB."""
     width, height = image.size
     _check_pixel_count(width, height, label)
-    if getattr(image, "n_frames", 1) > 1 and image.tell() != 0:
+    if image.tell() != 0:  # (n_frames would scan every frame of a GIF)
         try:
             image.seek(0)
         except _DECODE_ERRORS as error:

@@ -2,7 +2,9 @@
 
 Every write goes to a temporary file in the destination folder, is flushed to disk and then
 renamed over the destination, so a crash leaves either the old file or the new one, never a
-half-written one.
+half-written one. A process killed mid-write (SIGKILL runs no clean-up) leaves its temporary
+behind; `remove_stale_temporaries` sweeps those. Checked .npz files carry a sha256 of their
+arrays, so a damaged file is detected on load however it was damaged.
 """
 
 from __future__ import annotations
@@ -13,14 +15,18 @@ import io
 import json
 import os
 import tempfile
+import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from engine.errors import CacheError, UnsafePathError
+
+TEMPORARY_SUFFIX = ".tmp"
+CHECKSUM_KEY = "checksum"
 
 
 @contextlib.contextmanager
@@ -29,7 +35,7 @@ def atomic_path(destination: str | os.PathLike) -> Iterator[Path]:
     destination = Path(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(
-        prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent
+        prefix=f".{destination.name}.", suffix=TEMPORARY_SUFFIX, dir=destination.parent
     )
     os.close(handle)
     temporary_path = Path(temporary)
@@ -59,6 +65,61 @@ def atomic_save_npz(destination: str | os.PathLike, **arrays: np.ndarray) -> Non
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     atomic_write_bytes(destination, buffer.getvalue())
+
+
+def arrays_checksum(arrays: Mapping[str, np.ndarray]) -> str:
+    """Hex sha256 over the names, dtypes, shapes and bytes of `arrays` (in name order)."""
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        array = np.ascontiguousarray(arrays[name])
+        digest.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def atomic_save_checked_npz(destination: str | os.PathLike, **arrays: np.ndarray) -> None:
+    """`atomic_save_npz` plus a `checksum` array (`arrays_checksum`) that
+    `load_checked_npz` verifies, so the file vouches for itself without a manifest."""
+    if CHECKSUM_KEY in arrays:
+        raise ValueError(f"{CHECKSUM_KEY!r} is reserved for the checksum")
+    atomic_save_npz(destination, **arrays, **{CHECKSUM_KEY: np.array(arrays_checksum(arrays))})
+
+
+def load_checked_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The arrays of a file written by `atomic_save_checked_npz` (checksum removed).
+
+    Raises CacheError when the file is unreadable, has no checksum (an older format) or its
+    arrays do not match the checksum (flipped bytes, an edited array).
+    """
+    arrays = load_npz(path)
+    stored = arrays.pop(CHECKSUM_KEY, None)
+    if stored is None or stored.shape != ():
+        raise CacheError(f"cache file {path} has no checksum (an older format); it will be "
+                         "rebuilt")
+    if str(stored) != arrays_checksum(arrays):
+        raise CacheError(f"cache file {path} does not match its checksum (damaged); it will be "
+                         "rebuilt")
+    return arrays
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, older_than_s: float = 3600.0
+                             ) -> list[Path]:
+    """Delete the temporaries `atomic_path` left in `folder` (not recursive) when a process was
+    killed mid-write; only ones untouched for `older_than_s`, so that a write in progress in
+    another process is left alone. Returns the removed paths."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    cutoff = time.time() - older_than_s
+    for path in folder.glob(f".*{TEMPORARY_SUFFIX}"):
+        try:
+            if path.is_file() and path.stat().st_mtime < cutoff:
+                path.unlink()
+                removed.append(path)
+        except FileNotFoundError:  # another process renamed or removed it meanwhile
+            continue
+    return removed
 
 
 def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:

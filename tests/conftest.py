@@ -78,3 +78,27 @@ def split_features(demo_features) -> tuple[np.ndarray, np.ndarray]:
     chosen = demo_features.features[rows]
     is_query = np.arange(len(rows)) % 10 == 0
     return chosen[is_query], chosen[~is_query]
+
+
+# -- the bad-input table (tests/test_bad_input.py) ----------------------------------------------
+_bad_input_rows: list[tuple[str, str, str, str]] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Collect the (input, where, outcome) rows a test recorded as its `bad_input` property."""
+    if report.when == "call":
+        _bad_input_rows.extend((*row, report.outcome) for name, row in report.user_properties
+                               if name == "bad_input")
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Print the bad inputs tried and what became of them as a Markdown table (in the CI log,
+    `-q` included), when tests/test_bad_input.py ran."""
+    if not _bad_input_rows:
+        return
+    terminalreporter.section("bad input: inputs tried and outcomes")
+    terminalreporter.write_line("| input | where | outcome | test |")
+    terminalreporter.write_line("|---|---|---|---|")
+    for what, where, outcome, result in _bad_input_rows:
+        cells = [text.replace("|", "\\|") for text in (what, where, outcome, result)]
+        terminalreporter.write_line(f"| {' | '.join(cells)} |")

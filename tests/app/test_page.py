@@ -379,6 +379,7 @@ def test_query_model_radio_switches_to_the_lite2_index(handlers: PageHandlers,
     assert updates[w["query_model"]]["value"] == "lite2"
     assert ("query: tf_efficientnet_lite2 · gallery: tf_efficientnet_lite2"
             in updates[w["header"]])
+    assert f"search: {session.gallery.index.backend} ·" in updates[w["header"]]
     with pytest.raises(gr.Error, match="query model"):
         handlers.switch_query_model(base.key, "lite7")
     back = handlers.switch_query_model(variant, "lite0")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -14,7 +15,7 @@ from engine import storage
 from engine.errors import EmptyGalleryError, InvalidInputError
 from engine.gallery import Gallery, read_labels
 from engine.rerank.base import GalleryContext
-from engine.storage import load_json, load_npz
+from engine.storage import load_checked_npz, load_json, load_npz
 
 # Oxford-17 numbering: image n has label (n - 1) // 80; three classes, four images each.
 FOLDERS = {"daffodil": [1, 2, 3, 4], "snowdrop": [81, 82, 83, 84], "lilyvalley": [161, 162, 163,
@@ -139,7 +140,7 @@ def test_cache_files_are_written(folder, cache_root, extractor):
 
 
 def test_reopen_uses_the_cache_and_embeds_only_new_files(folder, cache_root, extractor,
-                                                         embedded):
+                                                         embedded, caplog):
     first = open_gallery(folder, extractor, cache_root)
     assert count(embedded) == 15
     embedded.clear()
@@ -148,10 +149,13 @@ def test_reopen_uses_the_cache_and_embeds_only_new_files(folder, cache_root, ext
     assert second.files == first.files and second.fingerprint == first.fingerprint
     np.testing.assert_array_equal(second.features, first.features)
     assert sorted(second.skipped) == BAD_FILES  # remembered, not retried
-    # two new images: exactly those two are embedded
+    # two new images: exactly those two are embedded, the index rebuilt without a warning
     for number in (241, 242):
         shutil.copy(demo_image(number), folder / "daffodil" / f"new_{number}.jpg")
+    caplog.set_level(logging.INFO)
     third = open_gallery(folder, extractor, cache_root)
+    assert not warnings_of(caplog)
+    assert any("built for other files" in r.getMessage() for r in caplog.records)
     assert sorted(name for call in embedded for name in call) == ["new_241.jpg", "new_242.jpg"]
     assert third.size == 14 and third.fingerprint != first.fingerprint
     rows = [third.files.index(f) for f in first.files]
@@ -206,9 +210,9 @@ def test_feature_cache_of_another_backbone_is_ignored(folder, cache_root, extrac
                                                       caplog):
     first = open_gallery(folder, extractor, cache_root)
     features_path = first.cache_dir / "features.npz"
-    stored = load_npz(features_path)
+    stored = load_checked_npz(features_path)
     stored["meta_fingerprint"] = np.array("0123456789abcdef")
-    storage.atomic_save_npz(features_path, **stored)
+    storage.atomic_save_checked_npz(features_path, **stored)  # a consistent file, re-signed
     embedded.clear()
     caplog.set_level(logging.WARNING)
     open_gallery(folder, extractor, cache_root)
@@ -341,3 +345,315 @@ def test_manifest_that_is_not_an_object_is_rebuilt(folder, cache_root, extractor
         second = Gallery.open(folder, extractor=extractor, cache_root=cache_root)
     assert "not a JSON object" in caplog.text
     np.testing.assert_array_equal(second.knn.indices, first.knn.indices)
+
+
+# -- verification of every cache file on load ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def clean(extractor, tmp_path_factory) -> Gallery:
+    """The folder gallery built once from nothing: what every rebuild must equal."""
+    root = make_folder_gallery(tmp_path_factory.mktemp("clean") / "flowers")
+    return open_gallery(root, extractor, tmp_path_factory.mktemp("clean_cache"))
+
+
+def flip_byte_inside(path: Path, needle: bytes) -> None:
+    """Flip one bit in the middle of the first occurrence of `needle` in the file."""
+    data = bytearray(path.read_bytes())
+    at = data.find(needle)
+    assert at >= 0, f"{needle[:8]!r}... not found in {path.name}"
+    data[at + len(needle) // 2] ^= 0x04
+    path.write_bytes(bytes(data))
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def resign(cache_dir: Path, name: str, **arrays: np.ndarray) -> None:
+    """Rewrite a checked .npz with changed arrays and a valid checksum, and record it in the
+    manifest: a consistent-looking file, so that only the content checks can refuse it."""
+    stored = {**load_checked_npz(cache_dir / name), **arrays}
+    storage.atomic_save_checked_npz(cache_dir / name, **stored)
+    record_in_manifest(cache_dir, name)
+
+
+def record_in_manifest(cache_dir: Path, name: str) -> None:
+    edit_manifest(cache_dir, lambda manifest: manifest["files"].update({name: {
+        "bytes": (cache_dir / name).stat().st_size,
+        "sha256": storage.sha256_file(cache_dir / name)}}), resign=True)
+
+
+def edit_manifest(cache_dir: Path, change, resign: bool = False) -> None:
+    """Change the manifest's fields; with `resign`, update its checksum too (as the gallery
+    would write it), so that only the content checks can refuse it."""
+    manifest = load_json(cache_dir / "manifest.json")
+    change(manifest)
+    if resign:
+        manifest.pop("checksum")
+        manifest["checksum"] = storage.fingerprint(manifest)
+    (cache_dir / "manifest.json").write_text(json.dumps(manifest))
+
+
+def nan_features(cache_dir: Path) -> None:
+    features = load_checked_npz(cache_dir / "features.npz")["features"].copy()
+    features[3, 7] = np.nan
+    resign(cache_dir, "features.npz", features=features)
+
+
+def narrow_features(cache_dir: Path) -> None:
+    features = load_checked_npz(cache_dir / "features.npz")["features"][:, :640]
+    resign(cache_dir, "features.npz",
+           features=features / np.linalg.norm(features, axis=1, keepdims=True))
+
+
+def unnormalised_features(cache_dir: Path) -> None:
+    features = load_checked_npz(cache_dir / "features.npz")["features"]
+    resign(cache_dir, "features.npz", features=features * 2)
+
+
+def misaligned_features(cache_dir: Path) -> None:
+    files = load_checked_npz(cache_dir / "features.npz")["files"]
+    resign(cache_dir, "features.npz", files=files[:-1])
+
+
+def features_edited_checksum_kept(cache_dir: Path) -> None:
+    """Zip CRCs valid (numpy writes them) but the arrays no longer match the checksum."""
+    stored = load_npz(cache_dir / "features.npz")
+    stored["features"] = stored["features"][::-1].copy()
+    storage.atomic_save_npz(cache_dir / "features.npz", **stored)
+
+
+def features_of_an_older_format(cache_dir: Path) -> None:
+    stored = load_checked_npz(cache_dir / "features.npz")
+    storage.atomic_save_npz(cache_dir / "features.npz", **stored)  # no checksum
+
+
+def flipped_features(cache_dir: Path) -> None:
+    features = load_checked_npz(cache_dir / "features.npz")["features"]
+    flip_byte_inside(cache_dir / "features.npz", features[5].tobytes())
+
+
+def flipped_index(cache_dir: Path) -> None:
+    """A flipped bit in the stored vectors: faiss reads the file happily, only the manifest's
+    sha256 can tell."""
+    features = load_checked_npz(cache_dir / "features.npz")["features"]
+    flip_byte_inside(cache_dir / "index.faiss", features[5].tobytes())
+    from engine.index import SearchIndex
+
+    assert SearchIndex.load(cache_dir / "index.faiss", device="cpu").size == len(features)
+
+
+def flipped_knn(cache_dir: Path) -> None:
+    indices = load_checked_npz(cache_dir / "knn.npz")["indices"]
+    flip_byte_inside(cache_dir / "knn.npz", indices[2].tobytes())
+
+
+def knn_outside_the_gallery(cache_dir: Path) -> None:
+    indices = load_checked_npz(cache_dir / "knn.npz")["indices"].copy()
+    indices[0, 1] = 999
+    resign(cache_dir, "knn.npz", indices=indices)
+
+
+def knn_with_nan(cache_dir: Path) -> None:
+    similarities = load_checked_npz(cache_dir / "knn.npz")["similarities"].copy()
+    similarities[1, 2] = np.nan
+    resign(cache_dir, "knn.npz", similarities=similarities)
+
+
+def index_of_another_gallery(cache_dir: Path) -> None:
+    from engine.index import SearchIndex
+
+    features = load_checked_npz(cache_dir / "features.npz")["features"]
+    SearchIndex(features[:5], device="cpu").save(cache_dir / "index.faiss")
+    record_in_manifest(cache_dir, "index.faiss")
+
+
+def manifest_sha_edited(cache_dir: Path) -> None:
+    edit_manifest(cache_dir, lambda m: m["files"]["index.faiss"].update(sha256="0" * 64))
+
+
+def manifest_sha_edited_and_resigned(cache_dir: Path) -> None:
+    edit_manifest(cache_dir, lambda m: m["files"]["index.faiss"].update(sha256="0" * 64),
+                  resign=True)
+
+
+def manifest_fingerprint_edited(cache_dir: Path) -> None:
+    edit_manifest(cache_dir, lambda m: m.update(fingerprint="0123456789abcdef"))
+
+
+def manifest_without_file_checksums(cache_dir: Path) -> None:
+    edit_manifest(cache_dir, lambda m: m.pop("files"), resign=True)
+
+
+# (damage, what the warning says, whether the features must be embedded again)
+DAMAGE = {
+    "features flipped byte": (flipped_features, "ignoring the feature cache", True),
+    "features truncated": (lambda d: truncate(d / "features.npz"), "ignoring the feature cache",
+                           True),
+    "features missing": (lambda d: (d / "features.npz").unlink(), "missing", True),
+    "features with NaN": (nan_features, "NaN", True),
+    "features of the wrong width": (narrow_features, "640 dimensions", True),
+    "features not unit-norm": (unnormalised_features, "L2-normalised", True),
+    "features and files misaligned": (misaligned_features, "ignoring the feature cache", True),
+    "features edited, checksum kept": (features_edited_checksum_kept, "checksum", True),
+    "features without a checksum": (features_of_an_older_format, "no checksum", True),
+    "index flipped byte": (flipped_index, "index.faiss does not match", False),
+    "index truncated": (lambda d: truncate(d / "index.faiss"), "index.faiss does not match",
+                        False),
+    "index missing": (lambda d: (d / "index.faiss").unlink(), "index.faiss is missing", False),
+    "index of another gallery": (index_of_another_gallery, "holds 5 vectors", False),
+    "knn flipped byte": (flipped_knn, "knn.npz does not match", False),
+    "knn truncated": (lambda d: truncate(d / "knn.npz"), "knn.npz does not match", False),
+    "knn missing": (lambda d: (d / "knn.npz").unlink(), "knn.npz is missing", False),
+    "knn outside the gallery": (knn_outside_the_gallery, "outside the gallery", False),
+    "knn with NaN": (knn_with_nan, "NaN", False),
+    "manifest sha256 edited": (manifest_sha_edited, "manifest.json does not match", False),
+    "manifest sha256 edited, re-signed": (manifest_sha_edited_and_resigned,
+                                          "index.faiss does not match", False),
+    "manifest fingerprint edited": (manifest_fingerprint_edited, "manifest.json does not match",
+                                    False),
+    "manifest without file checksums": (manifest_without_file_checksums, "no checksums",
+                                        False),
+    "manifest of an older format": (lambda d: edit_manifest(d, lambda m: m.pop("format")),
+                                    "format None", False),
+    "manifest garbage": (lambda d: (d / "manifest.json").write_bytes(b"\x00{garbage"),
+                         "unreadable", False),
+    "manifest missing": (lambda d: (d / "manifest.json").unlink(), "manifest.json is missing",
+                         False),
+}
+
+
+def warnings_of(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.levelno >= logging.WARNING and not r.getMessage().startswith("skipped ")]
+
+
+@pytest.mark.parametrize("kind", list(DAMAGE))
+def test_a_damaged_cache_is_rebuilt_with_a_warning_never_used(kind, folder, cache_root,
+                                                              extractor, embedded, caplog,
+                                                              clean):
+    damage, says, re_embeds = DAMAGE[kind]
+    first = open_gallery(folder, extractor, cache_root)
+    damage(first.cache_dir)
+    embedded.clear()
+    caplog.set_level(logging.WARNING)
+    second = open_gallery(folder, extractor, cache_root)
+    warnings = warnings_of(caplog)
+    assert any(says in message for message in warnings), warnings
+    assert count(embedded) == (15 if re_embeds else 0)
+    # equal to a clean build: features, kNN graph, search
+    assert second.files == clean.files and second.fingerprint == first.fingerprint
+    np.testing.assert_allclose(second.features, clean.features, atol=1e-6)
+    np.testing.assert_array_equal(second.knn.indices, clean.knn.indices)
+    np.testing.assert_allclose(second.knn.similarities, clean.knn.similarities, atol=1e-6)
+    np.testing.assert_allclose(second.knn.farthest, clean.knn.farthest, atol=1e-6)
+    queries = clean.features[:6]
+    np.testing.assert_array_equal(second.search(queries, 8).indices,
+                                  clean.search(queries, 8).indices)
+    assert (storage.sha256_file(first.cache_dir / "index.faiss")
+            == storage.sha256_file(clean.cache_dir / "index.faiss"))  # the very same vectors
+    # the damaged file was replaced: the next open verifies everything and rebuilds nothing
+    caplog.clear()
+    embedded.clear()
+    third = open_gallery(folder, extractor, cache_root)
+    assert warnings_of(caplog) == [] and count(embedded) == 0
+    np.testing.assert_array_equal(third.features, second.features)
+    assert no_temp_files(first.cache_dir)
+
+
+def test_the_manifest_records_the_index_files_checksums(folder, cache_root, extractor):
+    gallery = open_gallery(folder, extractor, cache_root)
+    manifest = load_json(gallery.cache_dir / "manifest.json")
+    assert sorted(manifest["files"]) == ["index.faiss", "knn.npz"]
+    for name, record in manifest["files"].items():
+        path = gallery.cache_dir / name
+        assert record == {"bytes": path.stat().st_size, "sha256": storage.sha256_file(path)}
+    assert manifest["index_kind"] == "flat" and manifest["knn_depth"] == 12
+    # features.npz vouches for itself (its checksum is verified by load_checked_npz)
+    assert load_checked_npz(gallery.cache_dir / "features.npz")["features"].shape == (12, 1280)
+
+
+def test_every_cache_file_arrives_by_an_atomic_rename(folder, cache_root, extractor,
+                                                     monkeypatch):
+    renamed: list[tuple[str, str]] = []
+    original = os.replace
+
+    def spy(source, destination):
+        renamed.append((Path(source).name, Path(destination).name))
+        return original(source, destination)
+
+    monkeypatch.setattr(storage.os, "replace", spy)
+    gallery = open_gallery(folder, extractor, cache_root)
+    written = sorted(p.name for p in gallery.cache_dir.iterdir())
+    assert written == ["features.npz", "index.faiss", "knn.npz", "manifest.json"]
+    assert sorted({destination for _, destination in renamed}) == written
+    assert all(source.startswith(f".{destination}.") and source.endswith(".tmp")
+               for source, destination in renamed)
+
+
+def test_an_interrupted_embedding_resumes_from_its_checkpoint(folder, cache_root, extractor,
+                                                              monkeypatch, clean):
+    """Chunks of 4 files, a checkpoint after each: a crash in the third chunk keeps the first
+    eight files, and the next open embeds only the other seven."""
+    from engine import gallery as gallery_module
+
+    monkeypatch.setattr(extractor, "batch_size", 2)
+    monkeypatch.setattr(gallery_module, "CHECKPOINT_BATCHES", 2)
+    calls: list[int] = []
+    original = extractor.embed_files
+
+    def crashing(paths, progress=None):
+        calls.append(len(paths))
+        if len(calls) == 3:
+            raise OSError("simulated crash in the third chunk")
+        return original(paths, progress)
+
+    monkeypatch.setattr(extractor, "embed_files", crashing)
+    with pytest.raises(OSError, match="simulated crash"):
+        open_gallery(folder, extractor, cache_root, checkpoint_seconds=0)
+    assert calls == [4, 4, 4]
+    cache_dir = next((cache_root / "galleries").iterdir())
+    saved = load_checked_npz(cache_dir / "features.npz")
+    assert len(saved["files"]) + len(saved["skipped_files"]) == 8
+    assert not (cache_dir / "manifest.json").exists() and no_temp_files(cache_dir)
+    calls.clear()
+    monkeypatch.setattr(extractor, "embed_files",
+                        lambda paths, progress=None: calls.append(len(paths))
+                        or original(paths, progress))
+    resumed = open_gallery(folder, extractor, cache_root, checkpoint_seconds=0)
+    assert calls == [4, 3]
+    assert resumed.files == clean.files
+    np.testing.assert_allclose(resumed.features, clean.features, atol=1e-5)
+    np.testing.assert_array_equal(resumed.knn.indices, clean.knn.indices)
+
+
+def test_without_checkpoint_time_elapsed_the_features_are_saved_once(folder, cache_root,
+                                                                     extractor, monkeypatch):
+    from engine import gallery as gallery_module
+
+    monkeypatch.setattr(extractor, "batch_size", 2)
+    monkeypatch.setattr(gallery_module, "CHECKPOINT_BATCHES", 2)
+    saves: list[int] = []
+    original = storage.atomic_save_checked_npz
+
+    def spy(destination, **arrays):
+        if Path(destination).name == "features.npz":
+            saves.append(len(arrays["files"]))
+        return original(destination, **arrays)
+
+    monkeypatch.setattr(gallery_module, "atomic_save_checked_npz", spy)
+    open_gallery(folder, extractor, cache_root, checkpoint_seconds=3600)
+    assert saves == [12]
+
+
+def test_stale_temporaries_of_a_killed_write_are_removed(folder, cache_root, extractor):
+    first = open_gallery(folder, extractor, cache_root)
+    stale = first.cache_dir / ".features.npz.k1ll3d.tmp"
+    fresh = first.cache_dir / ".knn.npz.wr1t1ng.tmp"
+    stale.write_bytes(b"half of a file")
+    fresh.write_bytes(b"being written by another process")
+    hours_ago = stale.stat().st_mtime - 2 * 3600
+    os.utime(stale, (hours_ago, hours_ago))
+    second = open_gallery(folder, extractor, cache_root)
+    assert not stale.exists() and fresh.exists()
+    np.testing.assert_array_equal(second.features, first.features)

@@ -36,3 +36,95 @@ def test_extractor_cuda_matches_cpu():
     cpu = FeatureExtractor(device="cpu").embed(paths)
     gpu = FeatureExtractor(device="cuda").embed(paths)  # bf16 autocast: close, not equal
     assert (np.sum(cpu * gpu, axis=1) > 0.99).all()
+
+
+# -- search --------------------------------------------------------------------------------------
+def unit_rows(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
+    rows = rng.standard_normal((n, d)).astype(np.float32)
+    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
+def assert_exact(distances, indices, gallery, queries, k, atol=1e-5):
+    """The returned distances are the k smallest true ones and belong to the returned items
+    (any order among ties)."""
+    true = 1.0 - queries.astype(np.float64) @ gallery.astype(np.float64).T
+    assert distances.shape == indices.shape == (queries.shape[0], k)
+    np.testing.assert_allclose(distances, np.sort(true, axis=1)[:, :k], atol=atol)
+    np.testing.assert_allclose(np.take_along_axis(true, indices, 1), distances, atol=atol)
+    assert all(len(set(row.tolist())) == k for row in indices)
+
+
+@pytest.mark.parametrize("gallery_chunk", [65536, 3000])
+def test_search_torch_cuda_matches_faiss_cpu(gallery_chunk):
+    from engine.index import SearchIndex, TorchExactSearch
+
+    rng = np.random.default_rng(5)
+    gallery, queries = unit_rows(rng, 20000, 256), unit_rows(rng, 300, 256)
+    expected_distances, expected_indices = SearchIndex(gallery, device="cpu").search(queries, 20)
+    similarities, indices = TorchExactSearch(gallery, "cuda", "fp32",
+                                             gallery_chunk=gallery_chunk).search(queries, 20)
+    assert_exact(1.0 - similarities, indices, gallery, queries, 20)
+    np.testing.assert_allclose(1.0 - similarities, expected_distances, atol=1e-5)
+    assert (indices == expected_indices).mean() > 0.99  # the rest: near-ties within 1e-5
+    index = SearchIndex(gallery, device="cuda", backend="torch")
+    assert (index.backend, index.on_gpu) == ("torch-cuda exact (fp32)", True)
+    assert_exact(*index.search(queries, 20), gallery, queries, 20)
+
+
+def test_search_faiss_gpu_probe_is_consistent():
+    """Whatever faiss build is installed, the probe's verdict and the index agree with it."""
+    import engine.index as index_module
+    from engine.index import SearchIndex, faiss_gpu_probe
+
+    rng = np.random.default_rng(6)
+    gallery, queries = unit_rows(rng, 5000, 64), unit_rows(rng, 50, 64)
+    probe = faiss_gpu_probe("flat")
+    index = SearchIndex(gallery, device="cuda", backend="faiss")
+    if not index_module._faiss_gpu_build():
+        assert not probe.usable and "CPU-only" in probe.reason
+    if probe.usable:
+        assert index.backend.startswith("faiss-gpu flat (") and index.on_gpu
+        assert_exact(*index.search(queries, 10), gallery, queries, 10, atol=1e-4)
+    else:
+        assert probe.reason
+        assert (index.backend, index.on_gpu) == ("faiss-cpu flat", False)
+        assert index.backend_reason == probe.reason
+
+
+@pytest.mark.parametrize(("precision", "bound", "minimum"),
+                         [("bf16", 2.0**-8, 0.98), ("fp16", 2.0**-10, 0.99)])
+def test_search_reduced_precision_on_cuda(precision, bound, minimum):
+    """As test_index.py's CPU test (same data, bounds and thresholds), and the CUDA products
+    (cuBLAS, float32 out) equal the CPU's float32 products of the same rounded inputs."""
+    from engine.bench import synthetic_collection
+    from engine.index import SearchIndex
+
+    data, _ = synthetic_collection(4100, 1280, spread=0.6, seed=0)
+    gallery, queries = data[:4000], data[4000:]
+    _, exact = SearchIndex(gallery, device="cpu").search(queries, 10)
+    index = SearchIndex(gallery, device="cuda", precision=precision)
+    assert index.backend == f"torch-cuda exact ({precision})"
+    distances, indices = index.search(queries, 10)
+    assert np.mean([len(set(f) & set(e)) / 10 for f, e in zip(indices, exact, strict=True)]
+                   ) >= minimum
+    true = 1.0 - queries.astype(np.float64) @ gallery.astype(np.float64).T
+    assert np.abs(np.take_along_axis(true, indices, 1) - distances).max() <= bound + 1e-5
+    on_cpu, _ = SearchIndex(gallery, device="cpu", precision=precision).search(queries, 10)
+    np.testing.assert_allclose(distances, on_cpu, atol=2e-5)
+
+
+def test_search_auto_on_cuda_is_a_gpu_backend(tmp_path):
+    from engine.index import SearchIndex
+
+    rng = np.random.default_rng(7)
+    gallery, queries = unit_rows(rng, 3000, 128), unit_rows(rng, 40, 128)
+    index = SearchIndex(gallery)
+    assert index.backend.startswith(("faiss-gpu flat", "torch-cuda exact (fp32)")), index.backend
+    assert index.on_gpu
+    assert_exact(*index.search(queries, 10), gallery, queries, 10, atol=1e-4)
+    index.save(tmp_path / "index.faiss")
+    loaded = SearchIndex.load(tmp_path / "index.faiss")
+    assert loaded.backend == index.backend
+    assert_exact(*loaded.search(queries, 10), gallery, queries, 10, atol=1e-4)
+    approximate = SearchIndex(gallery, kind="ivf")  # approximate kinds stay faiss
+    assert approximate.backend.startswith(("faiss-gpu ivf", "faiss-cpu ivf"))

@@ -15,7 +15,6 @@ import queue
 import re
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +27,7 @@ import pytest
 from app.page import DEFAULT_CONCURRENCY, QUEUE_SIZE, build_app
 from app.session import Explorer
 from tests.app.conftest import CLASSES, PER_CLASS, demo_file, free_port
+from tests.child_output import QueuedOutput
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ def reset_peak(pid: int) -> bool:
     return True
 
 
-class Server:
+class Server(QueuedOutput):
     """launch.py in a child process; its output lines are queued by a thread, so the test
     waits for a line with a deadline instead of sleeping."""
 
@@ -113,20 +113,11 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}/"
         env = {**os.environ, "PYTHONPATH": str(REPO), "GRADIO_TEMP_DIR": str(temp),
                "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
-        self.process = subprocess.Popen(
+        super().__init__(subprocess.Popen(
             [sys.executable, str(REPO / "launch.py"), "--gallery", str(gallery), "--cache-dir",
              str(cache_root), "--allow-folder", str(allowed), "--device", "cpu", "--port",
              str(self.port), "--concurrency", str(DEFAULT_CONCURRENCY)],
-            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.lines: queue.Queue[str | None] = queue.Queue()
-        self.output: list[str] = []
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _pump(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self.lines.put(line.rstrip("\n"))
-        self.lines.put(None)
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
 
     def wait_for(self, pattern: str, deadline: float) -> None:
         """Read output until a line matches `pattern`; fail at the deadline or if it exits."""

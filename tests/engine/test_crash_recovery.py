@@ -17,7 +17,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from engine.index import SearchIndex
 from engine.rerank import create_reranker
 from engine.rerank.base import GalleryContext
 from engine.storage import load_checked_npz, load_json
+from tests.child_output import QueuedOutput
 
 logger = logging.getLogger(__name__)
 
@@ -69,23 +69,14 @@ print("done", flush=True)
 """
 
 
-class Child:
+class Child(QueuedOutput):
     """A child python whose output lines a thread queues, so the test waits for each line with
     a deadline instead of sleeping."""
 
     def __init__(self, code: str, *args: str) -> None:
-        self.process = subprocess.Popen(
+        super().__init__(subprocess.Popen(
             [sys.executable, "-c", code, *args], cwd=REPO, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
-        self.lines: queue.Queue[str | None] = queue.Queue()
-        self.output: list[str] = []
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _pump(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self.lines.put(line.rstrip("\n"))
-        self.lines.put(None)
+            stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}))
 
     def next_line(self, deadline: float) -> str | None:
         """The next output line, None once the child has closed its output."""

@@ -716,7 +716,8 @@ class PageHandlers:
                 sweep(method, grid, features, labels, TUNE_PROTOCOL, base,
                       progress=lambda done, total: events.put(("progress", (done, total))),
                       should_stop=stop.is_set,
-                      on_trial=lambda trial: events.put(("trial", trial)))
+                      on_trial=lambda trial: events.put(("trial", trial)),
+                      device=session.device)
             except EngineError as error:
                 events.put(("error", error))
             finally:

@@ -47,7 +47,8 @@ def sweep(name: str, grid: Mapping[str, Sequence[float]], features: np.ndarray,
           base: Mapping[str, Any] | None = None,
           progress: Callable[[int, int], None] | None = None,
           should_stop: Callable[[], bool] | None = None,
-          on_trial: Callable[[Trial], None] | None = None) -> list[Trial]:
+          on_trial: Callable[[Trial], None] | None = None,
+          device: str = "cpu") -> list[Trial]:
     """Score `name` at every combination of `grid` values on a fixed split of the collection.
 
     Args:
@@ -59,6 +60,7 @@ def sweep(name: str, grid: Mapping[str, Sequence[float]], features: np.ndarray,
         should_stop: polled between trials; when it returns True the sweep ends early and
             returns the trials done so far (cancel).
         on_trial: called with each finished trial (for live plots).
+        device: where each trial's re-ranker runs ("auto", "cpu", "cuda").
     Returns:
         One Trial per setting tried, in grid order.
     """
@@ -82,7 +84,7 @@ def sweep(name: str, grid: Mapping[str, Sequence[float]], features: np.ndarray,
                         len(combinations))
             break
         params = {**(base or {}), **dict(zip(grid, values, strict=True))}
-        reranker = create_reranker(name, device="cpu", **params).fit(context)
+        reranker = create_reranker(name, device=device, **params).fit(context)
         started = time.perf_counter()
         result = reranker.rerank(queries)
         seconds = time.perf_counter() - started

@@ -495,15 +495,42 @@ def cache_activations(network: QueryNetwork, images: Sequence[Any], split: int, 
     return ActivationCache(torch.cat(chunks), views, split)
 
 
-def _sgd_step(optimiser: torch.optim.Optimizer, loss: torch.Tensor, learning_rate: float
-              ) -> float:
-    """One optimiser step on `loss` at `learning_rate` (the schedule's value); returns the loss."""
-    for group in optimiser.param_groups:
-        group["lr"] = learning_rate
-    optimiser.zero_grad(set_to_none=True)
-    loss.backward()
-    optimiser.step()
-    return loss.item()
+class _TrainingLog:
+    """The step schedule and loss log that the cached and the full training loops share:
+    `total` steps (all epochs, or `max_steps`), warm-up then cosine learning rate, and the
+    mean loss of each epoch (of each step when `max_steps` cuts training short)."""
+
+    def __init__(self, n_images: int, config: SSPConfig, max_steps: int | None) -> None:
+        per_epoch = math.ceil(n_images / config.batch_size)
+        self.total = per_epoch * config.epochs if max_steps is None else min(
+            max_steps, per_epoch * config.epochs)
+        self.warmup = per_epoch * config.warmup_epochs
+        self.learning_rate, self.per_step = config.learning_rate, max_steps is not None
+        self.step = 0
+        self.history: list[float] = []
+        self.epoch_losses: list[float] = []
+
+    def optimise(self, optimiser: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+        """One optimiser step on `loss` at the schedule's learning rate."""
+        for group in optimiser.param_groups:
+            group["lr"] = self.learning_rate * lr_factor(self.step, self.total, self.warmup)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        self.epoch_losses.append(loss.item())
+        self.step += 1
+        if self.per_step:
+            self.history.append(self.epoch_losses[-1])
+
+    def end_epoch(self, progress: ProgressCallback | None) -> None:
+        mean = float(np.mean(self.epoch_losses))
+        if not self.per_step:
+            self.history.append(mean)
+            logger.debug("SSP epoch %d: loss %.5f", len(self.history), mean)
+        if progress is not None:
+            progress(self.step / self.total,
+                     f"SSP: training step {self.step}/{self.total}, loss {mean:.4f}")
+        self.epoch_losses = []
 
 
 def train_cached(network: QueryNetwork, cache: ActivationCache, targets: torch.Tensor,
@@ -519,38 +546,23 @@ def train_cached(network: QueryNetwork, cache: ActivationCache, targets: torch.T
     optimiser = _optimiser(parameters, config)
     generator = torch.Generator().manual_seed(config.seed)
     n = cache.n_images
-    per_epoch = math.ceil(n / config.batch_size)
-    total = per_epoch * config.epochs if max_steps is None else min(
-        max_steps, per_epoch * config.epochs)
-    warmup = per_epoch * config.warmup_epochs
+    log = _TrainingLog(n, config, max_steps)
     anchors, targets = anchors.to(device), targets.to(device)
-    history: list[float] = []
-    step = 0
-    while step < total:
+    while log.step < log.total:
         order = torch.randperm(n, generator=generator)
         chosen = torch.randint(cache.views, (n,), generator=generator)
-        epoch_losses = []
         for start in range(0, n, config.batch_size):
-            if step >= total:
+            if log.step >= log.total:
                 break
             owners = order[start:start + config.batch_size]
             rows = owners * cache.views + chosen[owners]
             batch = cache.activations[rows].to(device, torch.float32)
-            loss = ssp_loss(network.forward_from(batch, cache.split), targets[owners.to(device)],
-                            anchors, config.temperature)
-            epoch_losses.append(_sgd_step(optimiser, loss, config.learning_rate
-                                          * lr_factor(step, total, warmup)))
-            step += 1
-            if max_steps is not None:
-                history.append(epoch_losses[-1])
-        if max_steps is None:
-            history.append(float(np.mean(epoch_losses)))
-            logger.debug("SSP epoch %d: loss %.5f", len(history), history[-1])
-        if progress is not None:
-            progress(step / total, f"SSP: training step {step}/{total}, loss "
-                                   f"{np.mean(epoch_losses):.4f}")
+            log.optimise(optimiser, ssp_loss(network.forward_from(batch, cache.split),
+                                             targets[owners.to(device)], anchors,
+                                             config.temperature))
+        log.end_epoch(progress)
     network.requires_grad_(False).eval()
-    return history
+    return log.history
 
 
 # -- the full (GPU) path -------------------------------------------------------------------------
@@ -572,10 +584,7 @@ def train_full(network: QueryNetwork, images: Sequence[Any], targets: torch.Tens
     optimiser = _optimiser(parameters, config)
     generator = torch.Generator().manual_seed(config.seed)
     n = len(images)
-    per_epoch = math.ceil(n / config.batch_size)
-    total = per_epoch * config.epochs if max_steps is None else min(
-        max_steps, per_epoch * config.epochs)
-    warmup = per_epoch * config.warmup_epochs
+    log = _TrainingLog(n, config, max_steps)
     anchors, targets = anchors.to(device), targets.to(device)
     channels_last = device.type == "cuda"
     if channels_last:
@@ -584,18 +593,15 @@ def train_full(network: QueryNetwork, images: Sequence[Any], targets: torch.Tens
     def prepare(owners: torch.Tensor) -> torch.Tensor:
         return torch.stack([train_transform(load_image(images[int(i)])) for i in owners])
 
-    history: list[float] = []
-    step = 0
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(config.seed)  # torchvision's random transforms draw from the global one
     with contextlib.ExitStack() as cleanup, ThreadPoolExecutor(max(1, workers)) as pool:
         cleanup.callback(torch.random.set_rng_state, generator_state)
-        while step < total:
+        while log.step < log.total:
             order = torch.randperm(n, generator=generator)
             batches = [order[s:s + config.batch_size] for s in range(0, n, config.batch_size)]
-            batches = batches[:total - step]
+            batches = batches[:log.total - log.step]
             ahead = [pool.submit(prepare, owners) for owners in batches[:1]]
-            epoch_losses = []
             for number, owners in enumerate(batches):
                 if number + 1 < len(batches):
                     ahead.append(pool.submit(prepare, batches[number + 1]))
@@ -605,21 +611,13 @@ def train_full(network: QueryNetwork, images: Sequence[Any], targets: torch.Tens
                     batch = batch.contiguous(memory_format=torch.channels_last)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
                     query = network(batch)
-                loss = ssp_loss(query, targets[owners.to(device)], anchors, config.temperature)
-                epoch_losses.append(_sgd_step(optimiser, loss, config.learning_rate
-                                              * lr_factor(step, total, warmup)))
-                step += 1
-                if max_steps is not None:
-                    history.append(epoch_losses[-1])
-            if max_steps is None:
-                history.append(float(np.mean(epoch_losses)))
-            if progress is not None:
-                progress(step / total, f"SSP: training step {step}/{total}, loss "
-                                       f"{np.mean(epoch_losses):.4f}")
+                log.optimise(optimiser, ssp_loss(query, targets[owners.to(device)], anchors,
+                                                 config.temperature))
+            log.end_epoch(progress)
     network.requires_grad_(False).eval()
     if channels_last:
         network.to(memory_format=torch.contiguous_format)
-    return history
+    return log.history
 
 
 # -- the model -----------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ import torch
 from engine.errors import InvalidInputError
 from engine.rerank import register
 from engine.rerank.base import GalleryContext, Reranker, RerankParams, RerankResult, param
-from engine.rerank.ops import canonical_similarity, knn_graph
+from engine.rerank.ops import canonical_similarity, knn_graph, torch_canonical_similarity
 
 HISTORY_DEPTH = 20
 """Positions of each iteration's ranking kept in the result details."""
@@ -75,6 +75,46 @@ def euclidean_from_similarity(similarity: np.ndarray) -> np.ndarray:
     """Euclidean distance of unit vectors from their inner product, sqrt(2 - 2 s)."""
     return np.sqrt(np.maximum(2.0 - 2.0 * np.asarray(similarity, np.float64), 0.0)
                    ).astype(np.float32)
+
+
+def query_distances(queries: np.ndarray | torch.Tensor, gallery: np.ndarray | torch.Tensor
+                    ) -> np.ndarray | torch.Tensor:
+    """(Q, G) float32 Euclidean distances of unit queries to the gallery from canonical
+    similarities (float64 products rounded to float32), so both layouts give the same values.
+
+    A numpy gallery (float64, the CPU path) gives numpy; a torch gallery gives a tensor on its
+    device, the queries moved there.
+    """
+    if isinstance(gallery, torch.Tensor):
+        rows = torch.as_tensor(queries, device=gallery.device)
+        similarity = torch_canonical_similarity(rows, gallery).double()
+        return torch.sqrt(torch.clamp(2.0 - 2.0 * similarity, min=0.0)).float()
+    return euclidean_from_similarity(canonical_similarity(queries, gallery))
+
+
+def ascending_candidates(distances: np.ndarray | torch.Tensor,
+                         exclude: np.ndarray | torch.Tensor | None = None
+                         ) -> tuple[np.ndarray, np.ndarray] | tuple[torch.Tensor, torch.Tensor]:
+    """Each row's gallery ids by ascending distance (ties: smaller id first) and those
+    distances, row i without the id exclude[i] when given.
+
+    Args:
+        distances: (B, G) float32, numpy (sorted by numpy) or torch (sorted on its device).
+        exclude: (B,) ids of the same kind, or None.
+    Returns:
+        order (B, G or G - 1) int64 and the matching distances, of the input's kind.
+    """
+    rows = distances.shape[0]
+    if isinstance(distances, torch.Tensor):
+        values, order = torch.sort(distances, dim=1, stable=True)
+        if exclude is None:
+            return order, values
+        kept = order != exclude[:, None]
+        return order[kept].reshape(rows, -1), values[kept].reshape(rows, -1)
+    order = np.argsort(distances, axis=1, kind="stable")
+    if exclude is not None:
+        order = order[order != exclude[:, None]].reshape(rows, -1)
+    return order, np.take_along_axis(distances, order, axis=1)
 
 
 def sorted_lists(distances: np.ndarray, depth: int) -> np.ndarray:
@@ -127,14 +167,17 @@ def consensus(lists: torch.Tensor, voters: torch.Tensor, n_items: int, kg: int,
 
 
 def vote_matrix(lists: torch.Tensor, n_items: int, kg: int, dense_limit: int = DENSE_LIMIT
-                ) -> torch.Tensor | sp.csr_matrix:
+                ) -> torch.Tensor | sp.csr_matrix | None:
     """W[a, b] = alpha[R[a, b]]: the weight of b in a's list (KG non-zeros per row).
 
     Dense (torch, on the lists' device) up to `dense_limit` items: the consensus is then one
-    matrix product. Above, a scipy CSR matrix on the CPU, so memory follows G * KG, not G^2,
-    and a query's consensus sums only its voters' KG-long rows (O(KQ * KG)).
+    matrix product. Above, a scipy CSR matrix for lists on the CPU, so memory follows G * KG,
+    not G^2, and a query's consensus sums only its voters' KG-long rows (O(KQ * KG)); None for
+    lists on a GPU, where `consensus` gathers those same rows on the device instead.
     """
     size, depth = lists.shape
+    if size > dense_limit and lists.device.type != "cpu":
+        return None
     positions = torch.arange(depth, device=lists.device)
     ranks = positions - 1
     weights = (1.0 - ranks.to(torch.float32) / max(n_items - 1, 1))
@@ -177,7 +220,8 @@ def iterate(order: torch.Tensor, distances: torch.Tensor, lists: torch.Tensor, n
 
     order: (B, n) each query's candidate ids sorted by ascending distance; distances: (B, n) the
     matching ascending distances. votes: the gallery's `vote_matrix`, used when no item is
-    excluded (a gather over the voters' lists otherwise). Returns numpy orders, scores, history.
+    excluded and it was built (a gather over the voters' lists otherwise). Returns numpy
+    orders, scores, history.
     """
     def vote(voters: torch.Tensor) -> torch.Tensor:
         if votes is not None and exclude is None:
@@ -220,18 +264,24 @@ def clamped(params: ICFRRParams, n_items: int) -> tuple[int, int, dict[str, Any]
     return kg, kq, note
 
 
-def run(query_gallery: np.ndarray, lists: np.ndarray | torch.Tensor, params: ICFRRParams,
-        exclude: np.ndarray | None = None, device: torch.device | str = "cpu",
-        votes: torch.Tensor | sp.csr_matrix | None = None
+def run(query_gallery: np.ndarray | torch.Tensor, lists: np.ndarray | torch.Tensor,
+        params: ICFRRParams, exclude: np.ndarray | torch.Tensor | None = None,
+        device: torch.device | str = "cpu", votes: torch.Tensor | sp.csr_matrix | None = None
         ) -> tuple[ICFRROutput, dict[str, Any]]:
     """ICFRR for queries given by their distances to every gallery item.
 
-    query_gallery: (Q, G) distances. lists: (G, D) gallery lists (`sorted_lists` of the
+    query_gallery: (Q, G) distances; numpy is sorted on the host, a tensor on `device` (the
+    same order: both sorts are stable). lists: (G, D) gallery lists (`sorted_lists` of the
     gallery distances; D >= KG + 1, + 1 more when excluding). exclude: (Q,) gallery id of each
     query when it is itself a gallery item to leave out, else None. votes: the gallery's
     `vote_matrix` for G items when already built (the fitted re-ranker keeps it).
     """
-    query_gallery = np.asarray(query_gallery, np.float32)
+    if isinstance(query_gallery, torch.Tensor):
+        query_gallery = query_gallery.to(device, torch.float32)
+        if exclude is not None:
+            exclude = torch.as_tensor(exclude, device=device)
+    else:
+        query_gallery = np.asarray(query_gallery, np.float32)
     n_queries, size = query_gallery.shape
     n_items = size - (exclude is not None)
     if n_items < 1:
@@ -248,15 +298,12 @@ def run(query_gallery: np.ndarray, lists: np.ndarray | torch.Tensor, params: ICF
     outputs = []
     for start in range(0, n_queries, chunk):
         block = query_gallery[start:start + chunk]
-        rows = np.arange(start, start + len(block))
-        order = np.argsort(block, axis=1, kind="stable")
-        if exclude is not None:
-            order = order[order != exclude[rows][:, None]].reshape(len(block), n_items)
-        distances = np.take_along_axis(block, order, axis=1)
+        left_out = None if exclude is None else exclude[start:start + len(block)]
+        order, distances = ascending_candidates(block, left_out)
         outputs.append(iterate(
-            torch.from_numpy(order).to(device), torch.from_numpy(distances).to(device),
+            torch.as_tensor(order, device=device), torch.as_tensor(distances, device=device),
             lists_t, n_items, params, kg, kq,
-            None if exclude is None else torch.from_numpy(exclude[rows]).to(device),
+            None if left_out is None else torch.as_tensor(left_out, device=device),
             votes=votes))
     output = ICFRROutput(*(np.concatenate([getattr(o, name) for o in outputs])
                            for name in ("order", "score", "history")))
@@ -318,23 +365,21 @@ class ICFRR(Reranker):
             self.device)
         kg, _, _ = clamped(self.params, context.size)
         self._votes = vote_matrix(self._lists_t, context.size, kg)
-        # float64 once, so each query's canonical similarities do not convert the gallery
-        self._gallery64 = context.features.astype(np.float64)
-
-    def _query_distances(self, queries: np.ndarray, start: int, stop: int) -> np.ndarray:
-        return euclidean_from_similarity(
-            canonical_similarity(queries[start:stop], self._gallery64))
+        # float64 once, so each query's canonical similarities do not convert the gallery; on a
+        # GPU a tensor there, so the distances and their sort stay on the device
+        gallery64 = context.features.astype(np.float64)
+        self._gallery64 = (gallery64 if self.device.type == "cpu"
+                           else torch.from_numpy(gallery64).to(self.device))
 
     def _run(self, queries: np.ndarray | None, k: int
              ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-        features = self.gallery.features
-        source = features if queries is None else queries
+        source = self._gallery64 if queries is None else queries
         orders, scores, histories, details = [], [], [], {}
         for start in range(0, len(source), DISTANCE_CHUNK):
             stop = min(start + DISTANCE_CHUNK, len(source))
             exclude = None if queries is not None else np.arange(start, stop)
-            output, details = run(self._query_distances(source, start, stop), self._lists_t,
-                                  self.params, exclude, self.device,
+            output, details = run(query_distances(source[start:stop], self._gallery64),
+                                  self._lists_t, self.params, exclude, self.device,
                                   None if exclude is not None else self._votes)
             orders.append(output.order[:, :k])
             scores.append(output.score[:, :k])

@@ -34,8 +34,8 @@ from engine.errors import CacheError, InvalidInputError
 from engine.hypergraph import default_clusters, lhrr_from_features, reciprocal_edges, sgcc
 from engine.rerank import register
 from engine.rerank.base import GalleryContext, KnnGraph, Reranker, RerankParams, param
-from engine.rerank.ops import canonical_similarity, knn_graph, top_k_smallest
-from engine.storage import atomic_path, atomic_write_json, fingerprint, load_json
+from engine.rerank.ops import knn_graph, torch_canonical_similarity, torch_topk_largest
+from engine.storage import atomic_path, atomic_write_json, fingerprint, load_json, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +44,8 @@ DROPOUT = 0.5
 WEIGHT_DECAY = 5e-4
 TRIPLET_MARGIN = 1.0
 STATE_VERSION = 1
+FITTED = ("degree", "once", "hidden", "hidden_once", "embeddings")
+"""The fitted tensors of `train` that online queries read."""
 
 
 @dataclass(frozen=True)
@@ -158,9 +160,25 @@ def train(features: np.ndarray, edges: np.ndarray, labels: np.ndarray, classes: 
                    "hidden_once": hidden_once, "embeddings": embeddings}
 
 
-def unit_rows(array: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(array, axis=1, keepdims=True)
-    return (array / np.maximum(norms, 1e-12)).astype(np.float32)
+def unit_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to unit length (zero rows stay zero), float32."""
+    rows = rows.float()
+    return rows / rows.norm(dim=1, keepdim=True).clamp(min=1e-12)
+
+
+def rank_by_distance(distances: torch.Tensor, original: torch.Tensor, k: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the k smallest distances, ascending; ties go to the higher `original`, then
+    the smaller index (numpy's `lexsort((-original, distances))`, as two stable sorts).
+
+    Args:
+        distances, original: (Q, G) float32 on one device.
+    Returns:
+        indices (Q, k) int64 and the distances at them.
+    """
+    by_original = torch.sort(-original, dim=1, stable=True).indices
+    by_distance = torch.sort(distances.gather(1, by_original), dim=1, stable=True)
+    return by_original.gather(1, by_distance.indices[:, :k]), by_distance.values[:, :k]
 
 
 @register
@@ -228,13 +246,16 @@ class SGRR(Reranker):
         # Similarity of each gallery item to its (K + 1)-th nearest other item: a query that
         # beats it would be among that item's reciprocal neighbours.
         knn = self.gallery_knn(features, self.k_used + 2)
-        self._thresholds = knn.similarities[:, self.k_used + 1]
-        fitted = state["fitted"]
-        self._degree = fitted["degree"].cpu().numpy()
-        self._once = fitted["once"].cpu().numpy()
-        self._hidden = fitted["hidden"].cpu().numpy()
-        self._hidden_once = fitted["hidden_once"].cpu().numpy()
-        self._embeddings = fitted["embeddings"].cpu().numpy()
+        self._thresholds = torch.from_numpy(
+            np.ascontiguousarray(knn.similarities[:, self.k_used + 1])).to(self.device)
+        self._features = self._on_device(features)
+        # what online queries read, kept on the device they compute on
+        fitted = {name: state["fitted"][name].to(self.device) for name in FITTED}
+        self._degree = fitted["degree"]
+        self._once = fitted["once"]
+        self._hidden = fitted["hidden"]
+        self._hidden_once = fitted["hidden_once"]
+        self._embeddings = fitted["embeddings"]
         self._unit_embeddings = unit_rows(self._embeddings)
         self.pseudo_labels = state["pseudo_labels"]
         self.classes = int(state["classes"])
@@ -249,6 +270,8 @@ class SGRR(Reranker):
 
     # -- state on disk -----------------------------------------------------------------------
     def _save(self, path: Path, state: dict[str, Any]) -> None:
+        """Weights and fitted tensors as safetensors, then the manifest with their sha256
+        (written last, so a manifest always vouches for a complete weights file)."""
         from safetensors.torch import save_file
 
         tensors = {f"model.{name}": value.detach().cpu().contiguous()
@@ -256,15 +279,20 @@ class SGRR(Reranker):
         tensors.update({name: value.detach().cpu().contiguous()
                         for name, value in state["fitted"].items()})
         tensors["pseudo_labels"] = torch.from_numpy(state["pseudo_labels"].astype(np.int64))
+        weights = path.with_suffix(".safetensors")
         path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path.with_suffix(".safetensors")) as temporary:
+        with atomic_path(weights) as temporary:
             save_file(tensors, str(temporary))
         atomic_write_json(path.with_suffix(".json"), {
             "version": STATE_VERSION, "params": self.params.as_dict(),
             "classes": state["classes"], "k_used": state["k_used"],
-            "fit_seconds": getattr(self, "fit_seconds", None)})
+            "fit_seconds": getattr(self, "fit_seconds", None),
+            "weights_sha256": sha256_file(weights)})
 
     def _load(self, path: Path, context: GalleryContext) -> bool:
+        """Restore the state saved at `path`; False (retrain) when there is none or it is
+        unusable: damaged, of another gallery size, or not matching its manifest's sha256 (a
+        state saved before the checksum counts as stale)."""
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
@@ -273,13 +301,16 @@ class SGRR(Reranker):
             return False
         try:
             meta = load_json(manifest)
+            if "weights_sha256" not in meta:
+                raise CacheError("no weights checksum (saved by an older version)")
+            if sha256_file(weights) != meta["weights_sha256"]:
+                raise CacheError("the weights do not match their checksum")
             tensors = load_file(str(weights))
             model = SGCNet(context.features.shape[1], int(meta["classes"])).to(self.device)
             model.load_state_dict({name.removeprefix("model."): value
                                    for name, value in tensors.items()
                                    if name.startswith("model.")})
-            fitted = {name: tensors[name] for name in
-                      ("degree", "once", "hidden", "hidden_once", "embeddings")}
+            fitted = {name: tensors[name] for name in FITTED}
             if fitted["embeddings"].shape[0] != context.size:
                 raise CacheError("state of another gallery size")
             pseudo_labels = tensors["pseudo_labels"].numpy()
@@ -297,50 +328,53 @@ class SGRR(Reranker):
 
     # -- embeddings --------------------------------------------------------------------------------
     def gallery_embeddings(self) -> np.ndarray:
-        return self._unit_embeddings
+        return self._unit_embeddings.cpu().numpy()
 
     def query_embeddings(self, query_features: np.ndarray) -> np.ndarray:
         """Embed new queries with the trained GCN; each joins the graph with edges to the items
         among its K + 1 nearest (cosine) whose own K + 1 nearest it would enter (reciprocal
-        neighbours), the gallery's fitted propagation unchanged."""
-        queries = np.asarray(query_features, np.float32)
-        gallery = self.gallery.features
-        similarity = canonical_similarity(queries, gallery)
-        neighbours = top_k_smallest(-similarity, self.k_used + 1)[0]
+        neighbours), the gallery's fitted propagation unchanged. Returns (Q, c) unit rows."""
+        return self._embed_queries(self._on_device(query_features)).cpu().numpy()
+
+    def _on_device(self, features: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(features, np.float32)).to(self.device)
+
+    @torch.no_grad()
+    def _embed_queries(self, queries: torch.Tensor) -> torch.Tensor:
+        """`query_embeddings` on the device: (Q, d) float32 queries -> (Q, c) unit rows. The
+        propagation is accumulated in float64."""
+        similarity = torch_canonical_similarity(queries, self._features)
+        neighbours = torch_topk_largest(similarity, self.k_used + 1)[1]
         # Reciprocal, as the gallery's edges are: v is a neighbour when the query would also
         # enter v's own top K + 1 (at least the nearest item, so the query is connected).
-        linked = np.take_along_axis(similarity, neighbours, axis=1) >= self._thresholds[
-            neighbours]
+        linked = similarity.gather(1, neighbours) >= self._thresholds[neighbours]
         linked[:, 0] = True
-        degree = linked.sum(axis=1, keepdims=True) + 1.0          # self loop included
-        own = 1.0 / degree                                         # A[q, q]
-        cross = linked / np.sqrt(degree * self._degree[neighbours])  # A[q, v], 0 if not linked
-        once = own * queries + np.einsum("qk,qkd->qd", cross, gallery[neighbours])
-        propagated = own * once + np.einsum("qk,qkd->qd", cross, self._once[neighbours])
-        with torch.no_grad():
-            model = self._model
-            hidden = model.hidden(torch.from_numpy(propagated.astype(np.float32))
-                                  .to(self.device)).cpu().numpy()
-            hidden_once = own * hidden + np.einsum("qk,qkd->qd", cross,
-                                                   self._hidden[neighbours])
-            hidden_twice = own * hidden_once + np.einsum("qk,qkd->qd", cross,
-                                                         self._hidden_once[neighbours])
-            embeddings = model.second(torch.from_numpy(hidden_twice.astype(np.float32))
-                                      .to(self.device)).cpu().numpy()
-        return unit_rows(embeddings)
+        degree = linked.sum(dim=1, keepdim=True).double() + 1.0    # self loop included
+        own = 1.0 / degree                                          # A[q, q]
+        cross = linked / torch.sqrt(degree * self._degree[neighbours])  # A[q, v], 0 unlinked
+
+        def step(rows: torch.Tensor, gallery_rows: torch.Tensor) -> torch.Tensor:
+            """One propagation of the query row: A[q, q] rows + sum over v of A[q, v] g[v]."""
+            return own * rows + torch.einsum("qk,qkd->qd", cross,
+                                             gallery_rows[neighbours].double())
+
+        propagated = step(step(queries.double(), self._features), self._once)
+        hidden = self._model.hidden(propagated.float())
+        hidden_twice = step(step(hidden.double(), self._hidden), self._hidden_once)
+        return unit_rows(self._model.second(hidden_twice.float()))
 
     # -- ranking ---------------------------------------------------------------------------------
-    def _rank(self, query_embeddings: np.ndarray, gallery_embeddings: np.ndarray, k: int,
-              exclude_self: bool, query_features: np.ndarray
+    def _rank(self, query_embeddings: torch.Tensor, gallery_embeddings: torch.Tensor, k: int,
+              exclude_self: bool, query_features: torch.Tensor
               ) -> tuple[np.ndarray, np.ndarray]:
         """Cosine distances in the embedding space, best first; exact ties (a class collapses
         to nearly one point) go to the higher original cosine, then the smaller index."""
-        distances = (1.0 - query_embeddings @ gallery_embeddings.T).astype(np.float32)
-        original = canonical_similarity(query_features, self.gallery.features)
+        distances = 1.0 - query_embeddings @ gallery_embeddings.T
+        original = torch_canonical_similarity(query_features, self._features)
         if exclude_self:
-            np.fill_diagonal(distances, np.inf)
-        order = np.lexsort((-original, distances), axis=1)[:, :k]
-        return order.astype(np.int64), np.take_along_axis(distances, order, axis=1)
+            distances.fill_diagonal_(torch.inf)
+        indices, distances = rank_by_distance(distances, original, k)
+        return indices.cpu().numpy(), distances.cpu().numpy()
 
     def _rerank_batch(self, query_features: np.ndarray | None, k: int
                       ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
@@ -348,19 +382,20 @@ class SGRR(Reranker):
                    "clusters": self.classes, "K": self.k_used}
         if query_features is None:
             indices, distances = self._rank(self._unit_embeddings, self._unit_embeddings, k,
-                                            True, self.gallery.features)
+                                            True, self._features)
             return indices, distances, details
         # The authors' transductive pipeline: queries and gallery embedded together.
         union = np.concatenate([query_features, self.gallery.features])
         state = self._train(union, self.classes)
-        embeddings = unit_rows(state["fitted"]["embeddings"].cpu().numpy())
+        embeddings = unit_rows(state["fitted"]["embeddings"])
         queries, gallery = embeddings[:len(query_features)], embeddings[len(query_features):]
-        indices, distances = self._rank(queries, gallery, k, False, query_features)
+        indices, distances = self._rank(queries, gallery, k, False,
+                                        self._on_device(query_features))
         return indices, distances, details
 
     def _rerank_online(self, query_feature: np.ndarray, k: int
                        ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-        embedding = self.query_embeddings(query_feature[None, :])
-        indices, distances = self._rank(embedding, self._unit_embeddings, k, False,
-                                        query_feature[None, :])
+        query = self._on_device(query_feature[None, :])
+        indices, distances = self._rank(self._embed_queries(query), self._unit_embeddings, k,
+                                        False, query)
         return indices[0], distances[0], {"K": self.k_used, "clusters": self.classes}

@@ -21,8 +21,8 @@ Choices where the authors' code is silent or cannot run here (see `../shared/met
 a fixed number of training episodes (the authors kept the checkpoint best on the test set); a
 training set under 1,001 items gives every other item to the pool; a model for q_steps = s > 1
 continues training the (s - 1)-step model for a sixth of the episodes (the authors: 10,000 after
-60,000); with `after_k_reciprocal` the episodes' top-k come from k-reciprocal rankings of the
-training items, the lists the module will refine (the authors trained on cosine lists only).
+60,000). With `after_k_reciprocal` the same module, trained on cosine lists, refines the top-k
+of k-reciprocal re-ranking, as the authors' `test_ssr_kreciprocal.py` does.
 """
 
 from __future__ import annotations
@@ -48,7 +48,12 @@ from engine.rerank.base import (
     check_features,
     param,
 )
-from engine.rerank.ops import canonical_similarity, top_k_smallest
+from engine.rerank.ops import (
+    canonical_similarity,
+    top_k_smallest,
+    torch_canonical_similarity,
+    torch_topk_largest,
+)
 from engine.storage import atomic_path, atomic_write_json, fingerprint, load_json
 
 logger = logging.getLogger(__name__)
@@ -63,7 +68,8 @@ MOMENTUM = 0.9
 WEIGHT_DECAY = 5e-4
 INITIAL_SCALE = 10.0
 QUERY_CHUNK = 64
-K_RECIPROCAL_DEFAULTS = {"k1": 20, "k2": 6, "lambda_value": 0.3}
+INITIAL_CHUNK = 4096
+"""Query rows per block of the initial cosine ranking (4096 x G similarities at a time)."""
 
 
 @dataclass(frozen=True)
@@ -83,8 +89,15 @@ class SSRParams(RerankParams):
     episodes: int = param(3000, minimum=1, maximum=200000, step=100,
                           help="training episodes (one SGD step each)")
     after_k_reciprocal: bool = param(False, help="refine the top-k of k-reciprocal re-ranking "
-                                                 "(20, 6, 0.3) instead of the cosine ranking, "
-                                                 "the authors' best combination")
+                                                 "instead of the cosine ranking, the authors' "
+                                                 "best combination")
+    k1: int = param(20, minimum=1, maximum=500, step=1,
+                    help="k-reciprocal's k1, with after_k_reciprocal")
+    k2: int = param(6, minimum=1, maximum=500, step=1,
+                    help="k-reciprocal's k2, with after_k_reciprocal")
+    lambda_value: float = param(0.3, minimum=0.0, maximum=1.0, step=0.05,
+                                help="k-reciprocal's weight of the original distance, with "
+                                     "after_k_reciprocal")
     seed: int = param(0, minimum=0, maximum=2**31 - 1, step=1,
                       help="seed of initialisation and episode sampling")
 
@@ -204,6 +217,34 @@ def list_average_precision(relevant: np.ndarray) -> float:
     return float(np.mean(np.arange(1, hits.size + 1) / (hits + 1)))
 
 
+def cosine_ranking(queries: np.ndarray, gallery: np.ndarray, depth: int, exclude_self: bool,
+                   gallery_tensor: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(Q, depth) gallery ids by descending canonical cosine (ties: smaller id first) and their
+    distances 1 - cosine; `exclude_self` when the queries are the gallery's own rows. With
+    `gallery_tensor` the products and the top-k run in torch on its device (same result)."""
+    indices = np.empty((len(queries), depth), np.int64)
+    distances = np.empty((len(queries), depth), np.float32)
+    for begin in range(0, len(queries), INITIAL_CHUNK):
+        rows = slice(begin, begin + INITIAL_CHUNK)
+        if gallery_tensor is None:
+            similarity = canonical_similarity(queries[rows], gallery)
+            if exclude_self:
+                local = np.arange(len(similarity))
+                similarity[local, local + begin] = -np.inf
+            indices[rows], negated = top_k_smallest(-similarity, depth)
+            distances[rows] = 1.0 + negated
+        else:
+            device = gallery_tensor.device
+            similarity = torch_canonical_similarity(
+                torch.from_numpy(np.ascontiguousarray(queries[rows])).to(device), gallery_tensor)
+            if exclude_self:
+                local = torch.arange(similarity.shape[0], device=device)
+                similarity[local, local + begin] = -torch.inf
+            values, order = torch_topk_largest(similarity, depth)
+            indices[rows], distances[rows] = order.cpu().numpy(), (1.0 - values).cpu().numpy()
+    return indices, distances
+
+
 @dataclass(frozen=True)
 class Episode:
     query: int
@@ -214,25 +255,17 @@ class Episode:
 
 def sample_episode(features: np.ndarray, labels: np.ndarray, k: int, pool_size: int,
                    rng: np.random.Generator, max_ap: float = MAX_EPISODE_AP,
-                   min_positives: int = MIN_POSITIVES, rankings: np.ndarray | None = None
-                   ) -> Episode | None:
+                   min_positives: int = MIN_POSITIVES) -> Episode | None:
     """One episode as the authors draw it, or None when it fails their filter (AP of the top-k
-    < max_ap and more than min_positives positives). Labels -1 are unknown.
-
-    rankings: (n, >= k) each item's ranking of the others by the method SSR will refine (for
-    SSR after k-reciprocal); the episode's top-k is then the query's first k, over all items.
-    """
+    < max_ap and more than min_positives positives). Labels -1 are unknown."""
     n = len(features)
     query = int(rng.integers(n))
     if labels[query] < 0:
         return None
-    if rankings is not None:
-        top = rankings[query, :k]
-    else:
-        others = rng.choice(n - 1, size=pool_size, replace=False)
-        pool = others + (others >= query)  # skip the query itself
-        similarity = features[pool] @ features[query]
-        top = pool[np.argsort(-similarity, kind="stable")[:k]]
+    others = rng.choice(n - 1, size=pool_size, replace=False)
+    pool = others + (others >= query)  # skip the query itself
+    similarity = features[pool] @ features[query]
+    top = pool[np.argsort(-similarity, kind="stable")[:k]]
     known = labels[top] >= 0
     relevant = (labels[top] == labels[query]) & known
     if relevant.sum() <= min_positives or not (~relevant & known).any():
@@ -267,10 +300,10 @@ def make_optimiser(model: SubgraphRefiner) -> torch.optim.Optimizer:
 def train_refiner(features: np.ndarray, labels: np.ndarray, k: int, q_steps: int, lr_dni: float,
                   hidden: int, episodes: int, seed: int, device: torch.device,
                   start: SubgraphRefiner | None = None, progress: Any = None,
-                  max_ap: float = MAX_EPISODE_AP, min_positives: int = MIN_POSITIVES,
-                  rankings: np.ndarray | None = None) -> tuple[SubgraphRefiner, dict[str, Any]]:
+                  max_ap: float = MAX_EPISODE_AP, min_positives: int = MIN_POSITIVES
+                  ) -> tuple[SubgraphRefiner, dict[str, Any]]:
     """Train an SSR module on (n, d) unit features with (n,) labels (-1 unknown); `start` is a
-    model to continue from (its weights are copied); `rankings` as in `sample_episode`.
+    model to continue from (its weights are copied).
     Returns the model and a training log."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -295,8 +328,7 @@ def train_refiner(features: np.ndarray, labels: np.ndarray, k: int, q_steps: int
                 f"SSR found only {len(losses)} training episodes in {budget} draws that pass the "
                 f"authors' filter (top-{k} AP < {max_ap} with more than {min_positives} "
                 "positives): the training set is too small, too easy or has too few positives")
-        episode = sample_episode(features, labels, k, pool_size, rng, max_ap, min_positives,
-                                 rankings)
+        episode = sample_episode(features, labels, k, pool_size, rng, max_ap, min_positives)
         if episode is None:
             continue
         loss, order = training_step(model, optimiser, table, episode)
@@ -353,8 +385,9 @@ class SSR(Reranker):
         if self.params.after_k_reciprocal:
             from engine.rerank import create_reranker
 
-            self._k_reciprocal = create_reranker("k_reciprocal", device="cpu",
-                                                 **K_RECIPROCAL_DEFAULTS).fit(context)
+            self._k_reciprocal = create_reranker(
+                "k_reciprocal", device=str(self.device), k1=self.params.k1, k2=self.params.k2,
+                lambda_value=self.params.lambda_value).fit(context)
         self._gallery_tensor = torch.from_numpy(context.features).to(self.device)
         self.model, self.manifest = self.fit_or_load(training, context.state_dir)
         self.training_seconds = self.manifest["log"]["seconds"] + self.manifest.get(
@@ -393,7 +426,9 @@ class SSR(Reranker):
                     "labelled": training.labels is not None, "k": self.k_used,
                     "q_steps": q_steps, "lr_dni": self.params.lr_dni,
                     "hidden": self.params.hidden, "episodes": self.params.episodes,
-                    "after_k_reciprocal": self.params.after_k_reciprocal,
+                    # Episodes come from cosine lists whatever list the module refines; the
+                    # field stays so that states saved before this was so keep their names.
+                    "after_k_reciprocal": False,
                     "seed": self.params.seed, "dim": int(training.features.shape[1])}
         path = None if state_dir is None else Path(state_dir) / "ssr" / fingerprint(identity)
         return path, identity
@@ -422,20 +457,10 @@ class SSR(Reranker):
             self._report(0.0, "SSR: pseudo-labels from the LHRR hypergraph")
             labels, how = pseudo_labels(training.features)
             mode = f"{training.description}; {how}"
-        rankings = None
-        if self.params.after_k_reciprocal:
-            # Trained on the lists it will refine: each training item's k-reciprocal ranking
-            # of the other training items.
-            from engine.rerank import create_reranker
-
-            self._report(0.0, "SSR: k-reciprocal rankings of the training items")
-            rankings = create_reranker("k_reciprocal", device="cpu", **K_RECIPROCAL_DEFAULTS
-                                       ).fit(training.features).rerank(None, self.k_used).indices
-            mode = f"{mode}; episodes from k-reciprocal rankings"
         model, log = train_refiner(
             training.features, np.asarray(labels, np.int64), self.k_used, q_steps,
             self.params.lr_dni, self.params.hidden, episodes, self.params.seed, self.device,
-            start=start, progress=self._report, rankings=rankings)
+            start=start, progress=self._report)
         manifest = {**identity, "features_fingerprint": training.fingerprint,
                     "training_items": training.size, "mode": mode, "log": log,
                     "earlier_seconds": earlier}
@@ -455,12 +480,10 @@ class SSR(Reranker):
             result = self._k_reciprocal.rerank(query_features, depth)
             return result.indices, result.distances
         gallery = self.gallery.features
-        queries = gallery if query_features is None else query_features
-        similarity = canonical_similarity(queries, gallery)
-        if query_features is None:
-            np.fill_diagonal(similarity, -np.inf)
-        indices, negated = top_k_smallest(-similarity, depth)
-        return indices, (1.0 + negated).astype(np.float32)
+        return cosine_ranking(gallery if query_features is None else query_features, gallery,
+                              depth, exclude_self=query_features is None,
+                              gallery_tensor=None if self.device.type == "cpu"
+                              else self._gallery_tensor)
 
     def _refine(self, query_features: np.ndarray | None, k: int
                 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
@@ -484,7 +507,9 @@ class SSR(Reranker):
         ranked_distances = np.maximum.accumulate(
             np.concatenate([head_distances, distances[:, top:]], axis=1), axis=1)[:, :k]
         details = {"k": top, "q_steps": self.params.q_steps,
-                   "initial": "k-reciprocal (20, 6, 0.3)" if self._k_reciprocal else "cosine",
+                   "initial": (f"k-reciprocal ({self.params.k1}, {self.params.k2}, "
+                               f"{self.params.lambda_value:g})" if self._k_reciprocal
+                               else "cosine"),
                    "trained_on": self.manifest["mode"],
                    "refined_similarity": refined[0, order[0]].tolist()}
         return ranked, ranked_distances.astype(np.float32), details

@@ -128,3 +128,96 @@ def test_search_auto_on_cuda_is_a_gpu_backend(tmp_path):
     assert_exact(*loaded.search(queries, 10), gallery, queries, 10, atol=1e-4)
     approximate = SearchIndex(gallery, kind="ivf")  # approximate kinds stay faiss
     assert approximate.backend.startswith(("faiss-gpu ivf", "faiss-cpu ivf"))
+
+
+# -- ICFRR and SGRR ------------------------------------------------------------------------------
+def assert_same_ranking(on_gpu, on_cpu, atol=1e-5):
+    """The same distances position by position and the same items, but for a rare swap of
+    near-ties (float32 sums round differently on CUDA)."""
+    np.testing.assert_allclose(on_gpu.distances, on_cpu.distances, atol=atol)
+    assert (on_gpu.indices == on_cpu.indices).mean() > 0.99
+
+
+@pytest.mark.parametrize("dense_limit", [8192, 0])
+def test_icfrr_cuda_matches_cpu(split_features, monkeypatch, dense_limit):
+    """Batch, leave-one-out and online; the consensus by the dense vote matrix or, for a
+    gallery above `dense_limit`, by gathering the voters' lists on the device."""
+    import functools
+
+    from engine.rerank import icfrr
+
+    queries, gallery = split_features
+    monkeypatch.setattr(icfrr, "vote_matrix",
+                        functools.partial(icfrr.vote_matrix, dense_limit=dense_limit))
+    runs = (lambda r: r.rerank(queries), lambda r: r.rerank(None, 50),
+            lambda r: r.rerank(queries[:5], mode="online"))
+    cpu = create_reranker("icfrr", device="cpu", KG=20, KQ=20).fit(gallery)
+    expected = [run(cpu) for run in runs]
+    gpu = create_reranker("icfrr", device="cuda", KG=20, KQ=20).fit(gallery)
+    assert gpu._gallery64.is_cuda and gpu._lists_t.is_cuda
+    assert gpu._votes is None if dense_limit == 0 else gpu._votes.is_cuda
+    sorted_on = []
+    sort = icfrr.ascending_candidates
+
+    def recording(distances, exclude=None):
+        sorted_on.append(distances.device.type)
+        return sort(distances, exclude)
+
+    monkeypatch.setattr(icfrr, "ascending_candidates", recording)
+    for run, on_cpu in zip(runs, expected, strict=True):
+        assert_same_ranking(run(gpu), on_cpu)
+    assert set(sorted_on) == {"cuda"}
+
+
+def test_icfrr_cuda_original_order_is_the_cpus(split_features):
+    """Without iterations the result is the sorted canonical distances: exactly the CPU's."""
+    queries, gallery = split_features
+    for queries_or_none in (queries, None):
+        on_cpu = create_reranker("icfrr", device="cpu", n_times=0).fit(gallery).rerank(
+            queries_or_none)
+        on_gpu = create_reranker("icfrr", device="cuda", n_times=0).fit(gallery).rerank(
+            queries_or_none)
+        np.testing.assert_array_equal(on_gpu.indices, on_cpu.indices)
+        np.testing.assert_array_equal(on_gpu.distances, on_cpu.distances)
+
+
+def test_sgrr_cuda_matches_cpu(demo_features, tmp_path, monkeypatch):
+    """The state trained on the CPU, loaded on CUDA (checksum verified, no retraining): the
+    embeddings, leave-one-out and online rankings agree with the CPU's. (Training itself is
+    not compared: CUDA draws other dropout masks from the same seed.)"""
+    from engine.rerank import GalleryContext, sgrr
+
+    features, labels = demo_features.features, demo_features.labels
+    held_out = np.arange(len(features)) % 17 >= 14
+    gallery, queries = features[~held_out], features[held_out]
+
+    def fitted(device):
+        return create_reranker("sgrr", device=device, K=8, nll_epochs=30, triplet_epochs=30
+                               ).fit(GalleryContext(gallery, fingerprint="demo",
+                                                    state_dir=tmp_path,
+                                                    labels=labels[~held_out]))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("SGRR retrained on CUDA instead of loading the saved state")
+
+    cpu = fitted("cpu")
+    with monkeypatch.context() as patch:
+        patch.setattr(sgrr, "train", refuse)
+        gpu = fitted("cuda")
+    assert all(getattr(gpu, name).is_cuda for name in (
+        "_features", "_thresholds", "_degree", "_once", "_hidden", "_hidden_once",
+        "_embeddings", "_unit_embeddings"))
+    np.testing.assert_allclose(gpu.gallery_embeddings(), cpu.gallery_embeddings(), atol=1e-6)
+    np.testing.assert_allclose(gpu.query_embeddings(queries), cpu.query_embeddings(queries),
+                               atol=1e-5)
+    for on_gpu, on_cpu, query_embeddings in (
+            (gpu.rerank(None, 20), cpu.rerank(None, 20), cpu.gallery_embeddings()),
+            (gpu.rerank(queries, 20, mode="online"), cpu.rerank(queries, 20, mode="online"),
+             cpu.query_embeddings(queries))):
+        np.testing.assert_allclose(on_gpu.distances, on_cpu.distances, atol=1e-5)
+        # items swapped between near-ties are as close on the CPU's numbers
+        true = 1.0 - query_embeddings @ cpu.gallery_embeddings().T
+        np.testing.assert_allclose(np.take_along_axis(true, on_gpu.indices, 1),
+                                   on_gpu.distances, atol=1e-5)
+    transductive = gpu.rerank(queries[:4], 10)  # trains on the queries too, on CUDA
+    assert transductive.indices.shape == (4, 10)

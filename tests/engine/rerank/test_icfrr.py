@@ -16,10 +16,12 @@ from engine.protocols import every_tenth_split
 from engine.rerank import create_reranker, icfrr
 from engine.rerank.icfrr import (
     ICFRRParams,
+    ascending_candidates,
     consensus,
     consensus_from_votes,
     euclidean_from_similarity,
     icfrr_from_distances,
+    query_distances,
     run,
     sorted_lists,
     vote_matrix,
@@ -273,6 +275,79 @@ def test_sparse_vote_matrix_equals_dense(distances, monkeypatch, KG, KQ):
     np.testing.assert_array_equal(got.order, expected.order)
     np.testing.assert_allclose(got.score, expected.score, atol=1e-6)
     np.testing.assert_array_equal(got.history, expected.history)
+
+
+# -- the torch path (what runs on a GPU), here on the CPU, against the numpy path -----------------
+def test_torch_query_distances_equal_numpy(split_features):
+    queries, gallery = split_features
+    gallery64 = gallery.astype(np.float64)
+    expected = query_distances(queries, gallery64)
+    got = query_distances(queries, torch.from_numpy(gallery64))
+    assert isinstance(got, torch.Tensor) and got.dtype == torch.float32
+    np.testing.assert_allclose(got.numpy(), expected, atol=1e-7)
+    leave_one_out = query_distances(torch.from_numpy(gallery64[:5]), torch.from_numpy(gallery64))
+    np.testing.assert_allclose(leave_one_out.numpy(), query_distances(gallery64[:5], gallery64),
+                               atol=1e-7)
+
+
+@pytest.mark.parametrize("leave_one_out", [False, True])
+@pytest.mark.parametrize("decimals", [None, 2])
+def test_torch_sort_equals_numpy_sort(split_features, leave_one_out, decimals):
+    """Same order, ties (many when rounded to `decimals`) included, with and without self."""
+    queries, gallery = split_features
+    distances = query_distances(gallery if leave_one_out else queries, gallery.astype(np.float64))
+    if decimals is not None:
+        distances = np.round(distances, decimals)
+    exclude = np.arange(len(gallery)) if leave_one_out else None
+    order, values = ascending_candidates(distances, exclude)
+    order_t, values_t = ascending_candidates(
+        torch.from_numpy(distances), None if exclude is None else torch.from_numpy(exclude))
+    assert order.shape == (len(distances), len(gallery) - leave_one_out)
+    np.testing.assert_array_equal(order_t.numpy(), order)
+    np.testing.assert_array_equal(values_t.numpy(), values)
+
+
+@pytest.mark.parametrize(("KG", "KQ"), [(256, 250), (10, 15)])
+@pytest.mark.parametrize("leave_one_out", [False, True])
+def test_run_torch_distances_equal_numpy(split_features, distances, KG, KQ, leave_one_out):
+    queries, gallery = split_features
+    _, gg = distances
+    gallery64 = gallery.astype(np.float64)
+    rows = gallery64 if leave_one_out else queries
+    exclude = np.arange(len(gallery)) if leave_one_out else None
+    lists = sorted_lists(gg, KG + 2)
+    params = ICFRRParams(KG=KG, KQ=KQ, beta=2.0, n_times=5)
+    expected, _ = run(query_distances(rows, gallery64), lists, params, exclude)
+    got, _ = run(query_distances(rows, torch.from_numpy(gallery64)), lists, params, exclude)
+    np.testing.assert_array_equal(got.order, expected.order)
+    np.testing.assert_allclose(got.score, expected.score, atol=1e-6)
+    np.testing.assert_array_equal(got.history, expected.history)
+
+
+@pytest.mark.parametrize(("KG", "KQ"), [(256, 250), (10, 15)])
+def test_reranker_torch_path_equals_numpy_path(split_features, monkeypatch, KG, KQ):
+    """The re-ranker with its gallery as a tensor (as on a GPU) sorts with torch and gives the
+    numpy path's rankings: batch, leave-one-out and online."""
+    queries, gallery = split_features
+    reranker = create_reranker("icfrr", device="cpu", KG=KG, KQ=KQ).fit(gallery)
+
+    def rankings():
+        return [reranker.rerank(queries), reranker.rerank(None, 30),
+                reranker.rerank(queries[:4], mode="online")]
+
+    expected = rankings()
+    sorted_kinds = []
+
+    def recording(distances, exclude=None):
+        sorted_kinds.append(type(distances))
+        return ascending_candidates(distances, exclude)
+
+    monkeypatch.setattr(icfrr, "ascending_candidates", recording)
+    monkeypatch.setattr(reranker, "_gallery64", torch.from_numpy(reranker._gallery64))
+    for got, want in zip(rankings(), expected, strict=True):
+        np.testing.assert_array_equal(got.indices, want.indices)
+        np.testing.assert_allclose(got.distances, want.distances, atol=1e-6)
+    assert set(sorted_kinds) == {torch.Tensor}
 
 
 # -- input checks ----------------------------------------------------------------------------------

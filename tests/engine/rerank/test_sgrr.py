@@ -6,6 +6,8 @@ Training is kept small (tens to a couple of hundred epochs, K = 8) so the file r
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 
@@ -19,7 +21,15 @@ from engine.metrics import mean_average_precision
 from engine.rerank import GalleryContext, create_reranker
 from engine.rerank import sgrr as sgrr_module
 from engine.rerank.ops import knn_graph
-from engine.rerank.sgrr import SGCNet, SGRRParams, cluster_triplets, normalised_adjacency, train
+from engine.rerank.sgrr import (
+    SGCNet,
+    SGRRParams,
+    cluster_triplets,
+    normalised_adjacency,
+    rank_by_distance,
+    train,
+)
+from engine.storage import load_json
 
 CPU = torch.device("cpu")
 FAST = {"K": 8, "nll_epochs": 30, "triplet_epochs": 30}
@@ -138,6 +148,21 @@ def test_sgcnet_forward_equals_the_dense_formula():
                                expected)
 
 
+@pytest.mark.parametrize("k", [1, 7, 40])
+def test_rank_by_distance_breaks_ties_as_lexsort(k):
+    """Distance first, then the higher original similarity, then the smaller index: the
+    order of numpy's lexsort((-original, distances)), on rows full of ties in both keys."""
+    rng = np.random.default_rng(2)
+    distances = rng.integers(0, 5, (6, 40)).astype(np.float32) / 4
+    original = rng.integers(0, 3, (6, 40)).astype(np.float32) / 2
+    original[0] = 0.5  # a row whose ties fall through to the index
+    distances[1, :] = 0.25  # a row ordered by the original alone
+    indices, values = rank_by_distance(torch.from_numpy(distances), torch.from_numpy(original), k)
+    expected = np.lexsort((-original, distances), axis=1)[:, :k]
+    np.testing.assert_array_equal(indices.numpy(), expected)
+    np.testing.assert_array_equal(values.numpy(), np.take_along_axis(distances, expected, 1))
+
+
 # -- training ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def graph(demo):
@@ -200,7 +225,8 @@ def test_online_embedding_equals_the_dense_propagation(split):
     hypergraph = lhrr_from_features(gallery, reranker.params.K, reranker.params.T)
     edges = reciprocal_edges(hypergraph.ranked_lists, hypergraph.k)
     a_gallery = dense_adjacency(edges, g)
-    np.testing.assert_array_equal(reranker._degree, np.bincount(edges[0], minlength=g) + 1)
+    fitted_degree = reranker._degree.numpy()
+    np.testing.assert_array_equal(fitted_degree, np.bincount(edges[0], minlength=g) + 1)
     # the query's edges: its K + 1 most similar items that it would also enter the K + 1
     # nearest of (against their (K + 1)-th nearest other item), the nearest one always
     threshold = knn_graph(gallery, k + 2).similarities[:, k + 1]
@@ -223,7 +249,7 @@ def test_online_embedding_equals_the_dense_propagation(split):
         m[:g, :g] = a_gallery
         degree = len(linked) + 1
         m[g, g] = 1.0 / degree
-        m[g, linked] = 1.0 / np.sqrt(degree * reranker._degree[linked])
+        m[g, linked] = 1.0 / np.sqrt(degree * fitted_degree[linked])
         x = np.vstack([gallery, query[None, :]]).astype(np.float64)
         hidden = np.maximum((m @ m @ x) @ w1.T + b1, 0.0)
         z = m @ (m @ hidden) @ w2.T + b2
@@ -247,12 +273,12 @@ def test_online_embedding_of_an_item_with_its_own_edges_is_its_embedding(split, 
         own = edges[1, edges[0] == item]
         assert 1 <= len(own) <= k
         # K + 1 candidates: i's neighbours, padded with i itself, which the thresholds refuse
-        candidates = np.concatenate([own, np.full(k + 1 - len(own), item)])[None, :]
-        thresholds = np.full(len(gallery), np.inf, np.float32)
-        thresholds[own] = -np.inf
+        candidates = torch.from_numpy(np.concatenate([own, np.full(k + 1 - len(own), item)]))
+        thresholds = torch.full((len(gallery),), torch.inf)
+        thresholds[own] = -torch.inf
         monkeypatch.setattr(reranker, "_thresholds", thresholds)
-        monkeypatch.setattr(sgrr_module, "top_k_smallest",
-                            lambda values, depth, rows=candidates: (rows, None))
+        monkeypatch.setattr(sgrr_module, "torch_topk_largest",
+                            lambda values, depth, rows=candidates[None, :]: (None, rows))
         embedding = reranker.query_embeddings(gallery[item][None, :])
         np.testing.assert_allclose(embedding[0], reranker.gallery_embeddings()[item], atol=ATOL)
 
@@ -374,24 +400,40 @@ def test_other_parameters_or_gallery_retrain(small, tmp_path, monkeypatch, chang
     assert len(list((tmp_path / "sgrr").glob("*.safetensors"))) == 2
 
 
-@pytest.mark.parametrize("damage", ["safetensors", "json", "truncate"])
+@pytest.mark.parametrize("damage", ["safetensors", "json", "truncate", "one byte",
+                                    "no checksum"])
 def test_corrupt_state_retrains_with_a_warning(small, tmp_path, monkeypatch, caplog, damage):
+    """A damaged state, one whose weights differ from their manifest's sha256 (one flipped
+    byte still parses as safetensors) or an older one without the checksum is retrained and
+    rewritten, never used."""
     features, labels = small
     first = make().fit(context(features, labels, state_dir=tmp_path))
     weights = next((tmp_path / "sgrr").glob("*.safetensors"))
+    manifest = weights.with_suffix(".json")
+    saved = weights.read_bytes()
+    assert load_json(manifest)["weights_sha256"] == hashlib.sha256(saved).hexdigest()
     if damage == "safetensors":
         weights.write_bytes(b"this is not a safetensors file at all")
     elif damage == "truncate":
-        weights.write_bytes(weights.read_bytes()[:100])
+        weights.write_bytes(saved[:100])
+    elif damage == "one byte":
+        weights.write_bytes(saved[:-1] + bytes([saved[-1] ^ 0x01]))
+    elif damage == "no checksum":
+        manifest.write_text(json.dumps({key: value for key, value in load_json(manifest).items()
+                                        if key != "weights_sha256"}))
     else:
-        weights.with_suffix(".json").write_text("{not json")
+        manifest.write_text("{not json")
     counting = Counting()
     monkeypatch.setattr(sgrr_module, "train", counting)
     with caplog.at_level(logging.WARNING, logger="engine.rerank.sgrr"):
         second = make().fit(context(features, labels, state_dir=tmp_path))
     assert counting.calls == 1
     assert "retraining SGRR" in caplog.text
+    if damage in ("one byte", "no checksum"):
+        assert "checksum" in caplog.text
     np.testing.assert_array_equal(second.gallery_embeddings(), first.gallery_embeddings())
+    assert weights.read_bytes() == saved
+    assert load_json(manifest)["weights_sha256"] == hashlib.sha256(saved).hexdigest()
     # the state was written again and loads
     monkeypatch.setattr(sgrr_module, "train", refuse)
     third = make().fit(context(features, labels, state_dir=tmp_path))

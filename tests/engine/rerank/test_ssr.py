@@ -13,6 +13,7 @@ from engine.errors import CacheError, InvalidInputError
 from engine.rerank import GalleryContext, TrainingSet, create_reranker
 from engine.rerank.ssr import (
     SubgraphRefiner,
+    cosine_ranking,
     info_nce,
     list_average_precision,
     load_refiner,
@@ -139,23 +140,6 @@ def test_episodes_pass_the_authors_filter(demo_features):
     assert accepted > 10
 
 
-def test_episodes_from_given_rankings_take_their_top_k(demo_features):
-    """SSR after k-reciprocal trains on the lists it will refine: the episode's top-k is the
-    query's first k of the given ranking, not the cosine order."""
-    rng = np.random.default_rng(1)
-    features, labels = demo_features.features, demo_features.labels
-    n = len(features)
-    rankings = np.stack([np.roll(np.setdiff1d(np.arange(n), [row]), row) for row in range(n)])
-    found = 0
-    for _ in range(300):
-        episode = sample_episode(features, labels, 30, n - 1, rng, max_ap=1.1, min_positives=0,
-                                 rankings=rankings)
-        if episode is not None:
-            found += 1
-            np.testing.assert_array_equal(episode.top, rankings[episode.query, :30])
-    assert found > 0
-
-
 def test_a_tiny_model_overfits_a_few_episodes(demo_features):
     rng = np.random.default_rng(0)
     features, labels = demo_features.features, demo_features.labels
@@ -278,17 +262,35 @@ def test_labels_asked_of_an_unlabelled_gallery(demo_features):
             demo_features.features[:200])
 
 
-def test_after_k_reciprocal_refines_its_top_k(held_out):
+def test_after_k_reciprocal_refines_its_top_k_with_the_cosine_trained_module(
+        held_out, tmp_path, monkeypatch):
+    """The authors' combination: the module trained on cosine lists re-orders the top-k of
+    k-reciprocal re-ranking (with the given k1, k2, lambda); the tail keeps that order."""
+    import engine.rerank.ssr as ssr_module
+
     context, queries, _ = held_out
-    k_reciprocal = create_reranker("k_reciprocal", k1=20, k2=6, lambda_value=0.3).fit(
+    context = GalleryContext(context.features, labels=context.labels,
+                             training=context.training, state_dir=tmp_path)
+    plain = create_reranker("ssr", device="cpu", train_classes=6, **QUICK).fit(context)
+    monkeypatch.setattr(ssr_module, "train_refiner", lambda *a, **k: pytest.fail("retrained"))
+    k_reciprocal = create_reranker("k_reciprocal", k1=10, k2=3, lambda_value=0.5).fit(
         context.features)
     initial = k_reciprocal.rerank(queries, context.size).indices
     reranker = create_reranker("ssr", device="cpu", train_classes=6, after_k_reciprocal=True,
-                               **QUICK).fit(context)
+                               k1=10, k2=3, lambda_value=0.5, **QUICK).fit(context)
     result = reranker.rerank(queries, context.size)
     k = reranker.k_used
     np.testing.assert_array_equal(result.indices[:, k:], initial[:, k:])
-    assert result.details["initial"].startswith("k-reciprocal")
+    for row in range(len(queries)):
+        assert set(result.indices[row, :k]) == set(initial[row, :k])
+    assert result.details["initial"] == "k-reciprocal (10, 3, 0.5)"
+    query = torch.from_numpy(queries)
+    database = torch.from_numpy(context.features[initial[:, :k]])
+    with torch.no_grad():
+        expected = plain.model(query, database).numpy()
+    order = np.argsort(-expected, axis=1, kind="stable")
+    np.testing.assert_array_equal(result.indices[:, :k],
+                                  np.take_along_axis(initial[:, :k], order, axis=1))
 
 
 def test_refinement_helps_held_out_classes(held_out):
@@ -312,3 +314,21 @@ def test_refined_similarities_are_cosines_of_unit_features():
     expected = torch.einsum("bd,bkd->bk", F.normalize(query, dim=-1),
                             F.normalize(database, dim=-1))
     torch.testing.assert_close(model(query, database), expected)
+
+
+@pytest.mark.parametrize("exclude_self", [False, True])
+def test_cosine_ranking_in_torch_equals_numpy(demo_features, exclude_self, monkeypatch):
+    """The initial ranking the GPU path computes in torch is the CPU path's, ties included
+    (duplicated rows make exact ties), also across row blocks."""
+    import engine.rerank.ssr as ssr_module
+
+    monkeypatch.setattr(ssr_module, "INITIAL_CHUNK", 7)
+    gallery = np.concatenate([demo_features.features[:40], demo_features.features[:5]])
+    queries = gallery if exclude_self else demo_features.features[40:60]
+    on_numpy = cosine_ranking(queries, gallery, 20, exclude_self)
+    on_torch = cosine_ranking(queries, gallery, 20, exclude_self,
+                              gallery_tensor=torch.from_numpy(gallery))
+    np.testing.assert_array_equal(on_torch[0], on_numpy[0])
+    np.testing.assert_allclose(on_torch[1], on_numpy[1], atol=1e-6)
+    if exclude_self:
+        assert not (on_numpy[0] == np.arange(len(gallery))[:, None]).any()

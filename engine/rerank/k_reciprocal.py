@@ -4,12 +4,15 @@ Final distance d*(q, g) = (1 - lambda) d_J(q, g) + lambda d'(q, g), where d' is 
 Euclidean distance normalised by each row's maximum, and d_J is the Jaccard distance between the
 locally expanded k-reciprocal encodings of q and g. All queries and gallery items are nodes of
 one graph (the method is transductive). Sparse throughout: only the k-neighbourhoods are stored.
+
+Batch re-ranking runs with numpy/scipy on the CPU and with the torch twins of the same functions
+(`ops.torch_*`) on a GPU; the online mode and the fitted gallery structures stay on the CPU.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import scipy.sparse as sp
@@ -32,7 +35,19 @@ from engine.rerank.ops import (
     reciprocal_mask,
     squared_from_similarity,
     top_k_smallest,
+    torch_canonical_similarity,
+    torch_csc,
+    torch_csr_rows,
+    torch_jaccard_overlap,
+    torch_k_reciprocal_encoding,
+    torch_k_reciprocal_expansion,
+    torch_local_query_expansion,
+    torch_neighbour_lists,
+    torch_pair_squared_distances,
+    torch_topk_largest,
 )
+
+GPU_CELLS_PER_CHUNK = 1 << 25  # (query chunk x gallery) cells of the final distances per step
 
 
 @dataclass(frozen=True)
@@ -55,6 +70,16 @@ def _encode(features: np.ndarray, lists: NeighbourLists, k1: int, k2: int,
     return local_query_expansion(encoding, lists.indices, k2, rows_needed)
 
 
+def _encode_torch(features: torch.Tensor, lists: NeighbourLists, k1: int, k2: int
+                  ) -> torch.Tensor:
+    """`_encode` with the torch twins: V_qe of every node as a sparse CSR tensor."""
+    n = features.shape[0]
+    row_ids, member_ids = torch_k_reciprocal_expansion(lists.indices, k1)
+    squared = torch_pair_squared_distances(features, row_ids, member_ids, lists)
+    encoding = torch_k_reciprocal_encoding(row_ids, member_ids, squared, lists.row_max, n, n)
+    return torch_local_query_expansion(encoding, lists.indices, k2)
+
+
 @register
 class KReciprocalReranker(Reranker):
     """k-reciprocal re-ranking with the reference code's exact arithmetic (squared distances)."""
@@ -62,12 +87,15 @@ class KReciprocalReranker(Reranker):
     name = "k_reciprocal"
     title = "k-reciprocal (Zhong et al. 2017)"
     Params = KReciprocalParams
+    runs_on_gpu: ClassVar[bool] = True
+    """Batch mode runs on `self.device`; `_fit` and the online mode always use the CPU (numpy
+    and scipy.sparse), whatever the device: they patch a few sparse rows per query."""
 
-    def _effective(self, n_nodes: int) -> tuple[int, int, dict[str, Any]]:
+    def _effective(self, n_nodes: int, device: str = "cpu") -> tuple[int, int, dict[str, Any]]:
         k1 = min(self.params.k1, n_nodes - 1)
         k2 = min(self.params.k2, k1 + 1)
         details: dict[str, Any] = {"k1": k1, "k2": k2, "lambda_value": self.params.lambda_value,
-                                   "device": "cpu"}
+                                   "device": device}
         if (k1, k2) != (self.params.k1, self.params.k2):
             details["clamped"] = (f"k1={self.params.k1}, k2={self.params.k2} clamped to "
                                   f"k1={k1}, k2={k2} for a graph of {n_nodes} nodes")
@@ -76,6 +104,7 @@ class KReciprocalReranker(Reranker):
     def _fit(self, context: GalleryContext) -> None:
         """Precompute the gallery-only graph: lists, reciprocal sets, V and V_qe.
 
+        On the CPU with numpy/scipy whatever `self.device` is (only the online mode uses them).
         Everything is stored in the node numbering of an online query (query = node 0, gallery
         item j = node j + 1), so a query only recomputes the rows its presence changes.
         """
@@ -118,7 +147,16 @@ class KReciprocalReranker(Reranker):
         return ((1.0 - lam) * jaccard_distance(overlap)
                 + lam * squared / normaliser[:, None]).astype(np.float32)
 
+    def _final_torch(self, overlap: torch.Tensor, squared: torch.Tensor, row_max: torch.Tensor
+                     ) -> torch.Tensor:
+        """`_final` on tensors, with the same float32 operations in the same order."""
+        lam = self.params.lambda_value
+        normaliser = torch.where(row_max > 0, row_max, 1.0)
+        return (1.0 - lam) * (1.0 - overlap / (2.0 - overlap)) + lam * squared / normaliser[:, None]
+
     def _rerank_batch(self, query_features: np.ndarray | None, k: int):
+        if self.device.type != "cpu":
+            return self._rerank_batch_torch(query_features, k, self.device)
         gallery = self.gallery.features
         leave_one_out = query_features is None
         features = gallery if leave_one_out else np.vstack([query_features, gallery])
@@ -142,6 +180,47 @@ class KReciprocalReranker(Reranker):
             indices[rows], distances[rows] = top_k_smallest(final, k)
         return indices, distances, details
 
+    def _rerank_batch_torch(self, query_features: np.ndarray | None, k: int,
+                            device: torch.device):
+        """`_rerank_batch` with the torch twins of its functions, every step on `device`.
+
+        The numpy path's numbers up to float rounding (exp, sum order) and the same neighbour
+        lists, R* sets and tie rule (the CUDA path; on the CPU it runs in the tests). Lists,
+        R* sets, V and V_qe are sparse tensors on the device, and each query
+        chunk's (chunk, G) block of final distances is built, masked and cut to k there.
+        """
+        gallery = self.gallery.features
+        leave_one_out = query_features is None
+        nodes = gallery if leave_one_out else np.vstack([query_features, gallery])
+        n_queries = gallery.shape[0] if leave_one_out else query_features.shape[0]
+        offset = 0 if leave_one_out else n_queries
+        size = gallery.shape[0]
+        k1, k2, details = self._effective(nodes.shape[0], str(device))
+        features = torch.from_numpy(nodes).to(device)
+        lists = torch_neighbour_lists(features, max(k1 + 1, k2))
+        expanded = _encode_torch(features, lists, k1, k2)
+        gallery_qe = torch_csc(torch_csr_rows(
+            expanded, torch.arange(offset, offset + size, device=device)))
+        features64 = features.double()
+        gallery64 = features64[offset:]
+        row_max = lists.row_max
+        indices = np.empty((n_queries, k), np.int64)
+        distances = np.empty((n_queries, k), np.float32)
+        chunk = max(1, GPU_CELLS_PER_CHUNK // size)
+        for start in range(0, n_queries, chunk):
+            stop = min(start + chunk, n_queries)
+            rows = torch.arange(start, stop, device=device)
+            overlap = torch_jaccard_overlap(torch_csr_rows(expanded, rows), gallery_qe)
+            squared = squared_from_similarity(
+                torch_canonical_similarity(features64[start:stop], gallery64))
+            final = self._final_torch(overlap, squared, row_max[start:stop])
+            if leave_one_out:
+                final[torch.arange(stop - start, device=device), rows] = torch.inf
+            values, order = torch_topk_largest(-final, k)  # ties: smaller index first
+            indices[start:stop] = order.cpu().numpy()
+            distances[start:stop] = (-values).cpu().numpy()
+        return indices, distances, details
+
     def _rerank_online(self, query_feature: np.ndarray, k: int):
         """Exactly the batch result for this single query, recomputing only what it changes.
 
@@ -149,7 +228,8 @@ class KReciprocalReranker(Reranker):
         where it is closer than the list's last entry and raises row maxima it exceeds: the
         lists a batch run over (query + gallery) builds. Rows whose reciprocal sets, candidate
         half-sets and row maximum are all unchanged keep their precomputed encoding, so only
-        the query's neighbourhood is re-encoded.
+        the query's neighbourhood is re-encoded. Always on the CPU (numpy/scipy), also for a
+        reranker on CUDA: patching a few sparse rows gains nothing from a GPU.
         """
         gallery = self.gallery.features
         size = gallery.shape[0]

@@ -15,6 +15,8 @@ import torch
 from engine.rerank.base import KnnGraph
 
 ROW_CHUNK = 1024
+EXPANSION_ELEMENTS = 1 << 25
+"""Elements of one chunk's membership test in `k_reciprocal_expansion` (32 MiB of bools)."""
 REFINE_CHUNK = 256
 FLOAT32_SLACK = 1e-5  # bound on float32 inner-product error for unit vectors
 
@@ -60,8 +62,11 @@ def canonical_similarity(rows: np.ndarray, columns: np.ndarray) -> np.ndarray:
     return np.minimum(product, 1.0).astype(np.float32)
 
 
-def squared_from_similarity(similarity: np.ndarray) -> np.ndarray:
-    """Squared Euclidean distance of unit vectors, 2 - 2 cos, in float32, clipped at 0."""
+def squared_from_similarity(similarity: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+    """Squared Euclidean distance of unit vectors, 2 - 2 cos, in float32, clipped at 0 (a
+    tensor stays a tensor on its device)."""
+    if isinstance(similarity, torch.Tensor):
+        return (2.0 - 2.0 * similarity.float()).clamp(min=0.0)
     return np.maximum(np.float32(2.0) - np.float32(2.0) * similarity, np.float32(0.0))
 
 
@@ -70,20 +75,21 @@ class NeighbourLists:
     """Neighbour lists of every node, most similar first (self first), and each row's farthest.
 
     indices: (n, depth) int64; similarities: (n, depth) float32 canonical similarities;
-    farthest: (n,) float32 smallest similarity of each row over all n nodes.
+    farthest: (n,) float32 smallest similarity of each row over all n nodes. All numpy, or all
+    torch tensors on one device (`torch_neighbour_lists`).
     """
 
-    indices: np.ndarray
-    similarities: np.ndarray
-    farthest: np.ndarray
+    indices: np.ndarray | torch.Tensor
+    similarities: np.ndarray | torch.Tensor
+    farthest: np.ndarray | torch.Tensor
 
     @property
-    def distances(self) -> np.ndarray:
+    def distances(self) -> np.ndarray | torch.Tensor:
         """(n, depth) squared distances 2 - 2 cos, ascending."""
         return squared_from_similarity(self.similarities)
 
     @property
-    def row_max(self) -> np.ndarray:
+    def row_max(self) -> np.ndarray | torch.Tensor:
         """(n,) largest squared distance of each row (the k-reciprocal normaliser)."""
         return squared_from_similarity(self.farthest)
 
@@ -146,9 +152,11 @@ def k_reciprocal_expansion(lists: np.ndarray, k1: int, rows: np.ndarray | None =
     n = lists.shape[0]
     rows = np.arange(n) if rows is None else np.asarray(rows, dtype=np.int64)
     width, half_width = k1 + 1, half_neighbourhood(k1) + 1
+    # the membership test below is (rows, W, H, W): bound it, not just the row count
+    row_chunk = max(1, min(ROW_CHUNK, EXPANSION_ELEMENTS // (width * width * half_width)))
     row_parts, member_parts = [], []
-    for start in range(0, len(rows), ROW_CHUNK):
-        chunk = rows[start:start + ROW_CHUNK]
+    for start in range(0, len(rows), row_chunk):
+        chunk = rows[start:start + row_chunk]
         forward = lists[chunk, :width]                                   # (r, W)
         reciprocal = reciprocal_mask(lists, width, chunk)                # (r, W)
         candidate_half = lists[forward, :half_width]                     # (r, W, H)
@@ -429,3 +437,257 @@ def pair_squared_distances(features: np.ndarray, row_ids: np.ndarray, member_ids
         result[np.flatnonzero(missing)[part]] = squared_from_similarity(dots)
     result[row_ids == member_ids] = 0.0
     return result
+
+
+# ---------------------------------------------------------------------------------------------
+# torch twins of the k-reciprocal pipeline (any device; the CUDA path of k-reciprocal re-ranking)
+#
+# Same numbers as the numpy/scipy functions above, vectorised over rows and chunked so that no
+# intermediate grows past about TORCH_CHUNK_ELEMENTS elements. Encodings are torch sparse CSR
+# tensors (the inverted index of a target set a sparse CSC tensor), never N x N dense matrices.
+
+TORCH_CHUNK_ELEMENTS = 1 << 22
+
+
+def _rows_per_chunk(per_row: int) -> int:
+    return max(1, TORCH_CHUNK_ELEMENTS // max(1, per_row))
+
+
+def torch_neighbour_lists(features: torch.Tensor, depth: int) -> NeighbourLists:
+    """Torch twin of `neighbour_lists` (the same lists, ties and farthest similarities as
+    `knn_graph`), computed and kept on the features' device. features: (n, d) float32."""
+    similarities, indices = torch_topk_similar(features, min(depth, features.shape[0]))
+    return NeighbourLists(indices, similarities, torch_farthest_similarity(features))
+
+
+def torch_reciprocal_mask(lists: torch.Tensor, width: int, rows: torch.Tensor | None = None
+                          ) -> torch.Tensor:
+    """Torch twin of `reciprocal_mask`: (len(rows), width) bool, mask[r, a] = True when node
+    lists[r, a] has node r among its first `width` entries."""
+    if rows is None:
+        rows = torch.arange(lists.shape[0], device=lists.device)
+    head = lists[:, :width]
+    mask = torch.zeros((len(rows), width), dtype=torch.bool, device=lists.device)
+    step = _rows_per_chunk(width * width)
+    for start in range(0, len(rows), step):
+        part = rows[start:start + step]
+        mask[start:start + step] = (head[head[part]] == part[:, None, None]).any(dim=2)
+    return mask
+
+
+def torch_k_reciprocal_expansion(lists: torch.Tensor, k1: int, rows: torch.Tensor | None = None
+                                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch twin of `k_reciprocal_expansion`: the expanded sets R*(i) as (row, member) pairs.
+
+    Args:
+        lists: (n, >= k1 + 1) int64 ascending neighbour lists over all n nodes.
+        rows: the rows to expand (default all).
+    Returns:
+        (row_ids, member_ids): parallel int64 tensors listing each (row, member) pair once,
+        sorted by row then member (exactly the numpy function's pairs).
+    """
+    n, device = lists.shape[0], lists.device
+    rows = torch.arange(n, device=device) if rows is None else rows.to(device, torch.int64)
+    width, half_width = k1 + 1, half_neighbourhood(k1) + 1
+    head, half_head = lists[:, :width], lists[:, :half_width]
+    half_mask = torch_reciprocal_mask(lists, half_width)                  # (n, H) all nodes
+    keys = []
+    for chunk in rows.split(_rows_per_chunk(width * width)):
+        forward = head[chunk]                                            # (r, W)
+        reciprocal = (head[forward] == chunk[:, None, None]).any(dim=2)  # (r, W)
+        candidate_half = half_head[forward]                              # (r, W, H)
+        candidate_half_mask = half_mask[forward]
+        members = torch.where(reciprocal, forward, -1).sort(dim=1).values  # R(i, k1), sorted
+        flat = candidate_half.reshape(len(chunk), -1)
+        found = torch.searchsorted(members, flat).clamp(max=width - 1)
+        in_set = (members.gather(1, found) == flat).reshape(candidate_half.shape)
+        overlap = (in_set & candidate_half_mask).sum(dim=2)
+        half_size = candidate_half_mask.sum(dim=2)
+        # float64 as numpy computes it, so the 2/3 boundary falls identically
+        selected = reciprocal & (overlap.double() > (2.0 / 3.0) * half_size.double())
+        expansion_mask = selected[..., None] & candidate_half_mask
+        chunk_keys = torch.cat([
+            chunk[:, None].expand_as(forward)[reciprocal] * n + forward[reciprocal],
+            chunk[:, None, None].expand_as(candidate_half)[expansion_mask] * n
+            + candidate_half[expansion_mask]])
+        keys.append(torch.unique(chunk_keys))
+    keys = torch.unique(torch.cat(keys)) if keys else torch.zeros(0, dtype=torch.int64,
+                                                                   device=device)
+    return keys // n, keys % n
+
+
+def torch_pair_squared_distances(features: torch.Tensor, row_ids: torch.Tensor,
+                                 member_ids: torch.Tensor,
+                                 lists: NeighbourLists | None = None) -> torch.Tensor:
+    """Torch twin of `pair_squared_distances`: (P,) float32 squared distances of the pairs,
+    the listed distance where the member is in the row's list, canonical products for the rest
+    (float64 accumulation, see `torch_canonical_similarity`), self pairs exactly 0."""
+    result = torch.empty(len(row_ids), dtype=torch.float32, device=features.device)
+    missing = torch.ones(len(row_ids), dtype=torch.bool, device=features.device)
+    if lists is not None:
+        listed = lists.distances
+        step = _rows_per_chunk(lists.indices.shape[1])
+        for start in range(0, len(row_ids), step):
+            rows, members = row_ids[start:start + step], member_ids[start:start + step]
+            hits = lists.indices[rows] == members[:, None]
+            found = hits.any(dim=1)
+            position = hits.to(torch.uint8).argmax(dim=1)
+            result[start:start + step] = listed[rows, position]
+            missing[start:start + step] = ~found
+    todo = torch.nonzero(missing).flatten()
+    step = max(1024, TORCH_CHUNK_ELEMENTS // (2 * features.shape[1]))
+    for part in todo.split(step):
+        dots = (features[row_ids[part]].double() * features[member_ids[part]].double()
+                ).sum(dim=1).clamp(max=1.0).float()
+        result[part] = squared_from_similarity(dots)
+    result[row_ids == member_ids] = 0.0
+    return result
+
+
+def torch_k_reciprocal_encoding(row_ids: torch.Tensor, member_ids: torch.Tensor,
+                                squared_distance: torch.Tensor, row_max: torch.Tensor,
+                                n_rows: int, n_columns: int) -> torch.Tensor:
+    """Torch twin of `k_reciprocal_encoding`: V as a (n_rows, n_columns) float32 sparse CSR
+    tensor whose rows sum to 1 (rows without pairs are empty).
+
+    Args:
+        row_ids, member_ids: (row, member) pairs of R*, each pair at most once (as from
+            `torch_k_reciprocal_expansion`).
+        squared_distance: (P,) float32 squared distance of each pair.
+        row_max: per-row maximum squared distance, indexed by row id.
+    """
+    normaliser = torch.where(row_max > 0, row_max, 1.0)  # all-identical rows: d' = 0
+    weights = torch.exp(-(squared_distance / normaliser[row_ids]))
+    totals = torch.zeros(n_rows, dtype=torch.float64, device=weights.device)
+    totals.index_add_(0, row_ids, weights.double())  # float64 sums, as np.bincount
+    values = (weights.double() / totals[row_ids]).float()
+    order = torch.argsort(row_ids * n_columns + member_ids)
+    return _csr(row_ids[order], member_ids[order], values[order], (n_rows, n_columns))
+
+
+def _csr(row_ids: torch.Tensor, column_ids: torch.Tensor, values: torch.Tensor,
+         shape: tuple[int, int]) -> torch.Tensor:
+    """A sparse CSR tensor from triplets sorted by (row, column), each position once."""
+    counts = torch.bincount(row_ids, minlength=shape[0])
+    crow = torch.zeros(shape[0] + 1, dtype=torch.int64, device=values.device)
+    crow[1:] = counts.cumsum(0)
+    return torch.sparse_csr_tensor(crow, column_ids, values, shape, check_invariants=False)
+
+
+def _csr_triplets(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(row_ids, column_ids, values) of a sparse CSR tensor, in storage order."""
+    crow = matrix.crow_indices()
+    rows = torch.arange(matrix.shape[0], device=crow.device).repeat_interleave(crow.diff())
+    return rows, matrix.col_indices(), matrix.values()
+
+
+def _segments(starts: torch.Tensor, lengths: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """For segments [starts[s], starts[s] + lengths[s]): (segment id, position) of every item."""
+    total = int(lengths.sum())
+    segment = torch.arange(len(lengths), device=lengths.device).repeat_interleave(
+        lengths, output_size=total)
+    first = lengths.cumsum(0) - lengths
+    positions = torch.arange(total, device=lengths.device) - first[segment] + starts[segment]
+    return segment, positions
+
+
+def torch_csr_rows(matrix: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Rows `rows` (any order, repeats allowed) of a sparse CSR tensor, as a sparse CSR tensor."""
+    crow = matrix.crow_indices()
+    rows = rows.to(crow.device, torch.int64)
+    lengths = crow[rows + 1] - crow[rows]
+    segment, positions = _segments(crow[rows], lengths)
+    return _csr(segment, matrix.col_indices()[positions], matrix.values()[positions],
+                (len(rows), matrix.shape[1]))
+
+
+def torch_csc(matrix: torch.Tensor) -> torch.Tensor:
+    """The same (n_rows, n_columns) matrix as a sparse CSC tensor (rows sorted in each column):
+    the inverted index `torch_jaccard_overlap` walks."""
+    rows, columns, values = _csr_triplets(matrix)
+    n_rows, n_columns = matrix.shape
+    order = torch.argsort(columns * n_rows + rows)
+    counts = torch.bincount(columns, minlength=n_columns)
+    ccol = torch.zeros(n_columns + 1, dtype=torch.int64, device=values.device)
+    ccol[1:] = counts.cumsum(0)
+    return torch.sparse_csc_tensor(ccol, rows[order], values[order], (n_rows, n_columns),
+                                   check_invariants=False)
+
+
+def torch_local_query_expansion(encoding: torch.Tensor, lists: torch.Tensor, k2: int,
+                                rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Torch twin of `local_query_expansion`: V_qe[i] = mean of V[m] over the first k2 entries
+    m of i's list, as a sparse CSR tensor with one row per entry of `rows` (default all).
+
+    Gathers the nonzeros of the k2 source rows of each output row and sums them by
+    (output row, column) key; products in float32 as scipy's, sums in float64.
+    """
+    rows = (torch.arange(lists.shape[0], device=lists.device) if rows is None
+            else rows.to(lists.device, torch.int64))
+    if k2 <= 1:
+        return torch_csr_rows(encoding, rows)
+    crow, columns, values = encoding.crow_indices(), encoding.col_indices(), encoding.values()
+    n_columns = encoding.shape[1]
+    weight = torch.tensor(1.0 / k2, dtype=torch.float32, device=values.device)
+    row_lengths = crow.diff()
+    average_nnz = max(1, int(row_lengths.float().mean().ceil()) if len(row_lengths) else 1)
+    parts_rows, parts_columns, parts_values = [], [], []
+    step = _rows_per_chunk(k2 * average_nnz)
+    for start in range(0, len(rows), step):
+        sources = lists[rows[start:start + step], :k2].reshape(-1)
+        segment, positions = _segments(crow[sources], row_lengths[sources])
+        keys = (segment // k2 + start) * n_columns + columns[positions]
+        unique, inverse = torch.unique(keys, return_inverse=True)
+        sums = torch.zeros(len(unique), dtype=torch.float64, device=values.device)
+        sums.index_add_(0, inverse, (values[positions] * weight).double())
+        parts_rows.append(unique // n_columns)
+        parts_columns.append(unique % n_columns)
+        parts_values.append(sums.float())
+    if not parts_rows:
+        return torch_csr_rows(encoding, rows)  # no rows: an empty matrix
+    return _csr(torch.cat(parts_rows), torch.cat(parts_columns), torch.cat(parts_values),
+                (len(rows), n_columns))
+
+
+def torch_jaccard_overlap(query_rows: torch.Tensor, target_columns: torch.Tensor,
+                          max_pairs: int = TORCH_CHUNK_ELEMENTS) -> torch.Tensor:
+    """Torch twin of `jaccard_overlap`: sum_l min(Q[i, l], T[j, l]) for every query row i and
+    target row j, by the inverted index of T (each query entry meets the postings of its
+    column), accumulated with `index_add_` into the dense block.
+
+    Args:
+        query_rows: (nq, n) sparse CSR; target_columns: (nt, n) sparse CSC (`torch_csc`).
+        max_pairs: bound on the (query entry, posting) pairs held at once.
+    Returns:
+        (nq, nt) float32 overlap on the inputs' device (sums in float64, as np.bincount).
+    """
+    n_queries, n_targets = query_rows.shape[0], target_columns.shape[0]
+    device = query_rows.values().device
+    overlap = torch.zeros((n_queries, n_targets), dtype=torch.float32, device=device)
+    query_row_ids, query_columns, query_values = _csr_triplets(query_rows)
+    ccol, postings, posting_values = (target_columns.ccol_indices(),
+                                      target_columns.row_indices(), target_columns.values())
+    column_lengths = ccol.diff()
+    pair_counts = column_lengths[query_columns]                       # per query entry
+    per_row = torch.zeros(n_queries, dtype=torch.int64, device=device)
+    per_row.index_add_(0, query_row_ids, pair_counts)
+    # row groups of at most max_pairs pairs (or one row) and of at most max_pairs cells
+    per_row = per_row.cpu().numpy()
+    crow = query_rows.crow_indices().cpu().numpy()
+    cell_rows = max(1, max_pairs // max(1, n_targets))
+    start = 0
+    while start < n_queries:
+        budget = np.cumsum(per_row[start:start + cell_rows])
+        stop = start + max(1, int(np.searchsorted(budget, max_pairs, side="right")))
+        entries = slice(int(crow[start]), int(crow[stop]))
+        lengths = pair_counts[entries]
+        entry, positions = _segments(ccol[query_columns[entries]], lengths)
+        if len(positions):
+            minima = torch.minimum(query_values[entries][entry], posting_values[positions])
+            keys = (query_row_ids[entries][entry] - start) * n_targets + postings[positions]
+            sums = torch.zeros((stop - start) * n_targets, dtype=torch.float64, device=device)
+            sums.index_add_(0, keys, minima.double())
+            overlap[start:stop] = sums.view(stop - start, n_targets).float()
+        start = stop
+    return overlap

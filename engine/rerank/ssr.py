@@ -473,11 +473,12 @@ class SSR(Reranker):
             self.progress(fraction, message)
 
     # -- ranking ---------------------------------------------------------------------------
-    def _initial(self, query_features: np.ndarray | None, depth: int
+    def _initial(self, query_features: np.ndarray | None, depth: int, mode: str
                  ) -> tuple[np.ndarray, np.ndarray]:
-        """(Q, depth) initial ranking and its distances: cosine, or k-reciprocal's."""
+        """(Q, depth) initial ranking and its distances: cosine, or k-reciprocal's (in the
+        same mode: an online query joins the fitted gallery graph, a batch re-builds it)."""
         if self._k_reciprocal is not None:
-            result = self._k_reciprocal.rerank(query_features, depth)
+            result = self._k_reciprocal.rerank(query_features, depth, mode=mode)
             return result.indices, result.distances
         gallery = self.gallery.features
         return cosine_ranking(gallery if query_features is None else query_features, gallery,
@@ -485,11 +486,11 @@ class SSR(Reranker):
                               gallery_tensor=None if self.device.type == "cpu"
                               else self._gallery_tensor)
 
-    def _refine(self, query_features: np.ndarray | None, k: int
+    def _refine(self, query_features: np.ndarray | None, k: int, mode: str = "batch"
                 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
         gallery = self.gallery.features
         top = self.k_used
-        indices, distances = self._initial(query_features, max(k, top))
+        indices, distances = self._initial(query_features, max(k, top), mode)
         queries = gallery if query_features is None else query_features
         refined = np.empty((len(queries), top), np.float32)
         for begin in range(0, len(queries), QUERY_CHUNK):
@@ -520,7 +521,7 @@ class SSR(Reranker):
 
     def _rerank_online(self, query_feature: np.ndarray, k: int
                        ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-        indices, distances, details = self._refine(query_feature[None, :], k)
+        indices, distances, details = self._refine(query_feature[None, :], k, "online")
         return indices[0], distances[0], details
 
 

@@ -221,3 +221,66 @@ def test_sgrr_cuda_matches_cpu(demo_features, tmp_path, monkeypatch):
                                    on_gpu.distances, atol=1e-5)
     transductive = gpu.rerank(queries[:4], 10)  # trains on the queries too, on CUDA
     assert transductive.indices.shape == (4, 10)
+
+
+# -- k-reciprocal --------------------------------------------------------------------------------
+def assert_k_reciprocal_agrees(on_gpu, on_cpu):
+    """The CPU's distances position by position and its items, but for a rare swap of
+    near-ties (float64 products and float32 exp round differently on CUDA); exact ties in
+    ascending gallery index, as on the CPU."""
+    np.testing.assert_allclose(on_gpu.distances, on_cpu.distances, atol=1e-5)
+    assert (on_gpu.indices == on_cpu.indices).mean() > 0.99
+    same = np.diff(on_gpu.distances, axis=1) == 0
+    assert (np.diff(on_gpu.indices, axis=1)[same] > 0).all()
+
+
+@pytest.mark.parametrize(("k1", "k2", "lambda_value"), [(20, 6, 0.3), (10, 1, 0.0)])
+def test_k_reciprocal_cuda_batch_matches_cpu(split_features, monkeypatch, k1, k2,
+                                             lambda_value):
+    """New queries and leave-one-out, top-k and full rankings; the overlap is computed on the
+    device, and the same (duplicate-laden) data gives the CPU's rankings."""
+    from engine.rerank import k_reciprocal
+
+    queries, gallery = split_features
+    gallery = np.vstack([gallery, gallery[:6]])  # exact duplicates: exact ties
+    queries = np.vstack([queries, gallery[:3]])
+    params = {"k1": k1, "k2": k2, "lambda_value": lambda_value}
+    cpu = create_reranker("k_reciprocal", device="cpu", **params).fit(gallery)
+    gpu = create_reranker("k_reciprocal", device="cuda", **params).fit(gallery)
+    assert gpu.device.type == "cuda"
+    overlap_on = []
+    overlap = k_reciprocal.torch_jaccard_overlap
+
+    def recording(query_rows, target_columns, *args):
+        overlap_on.append(query_rows.device.type)
+        return overlap(query_rows, target_columns, *args)
+
+    monkeypatch.setattr(k_reciprocal, "torch_jaccard_overlap", recording)
+    for query_features, k in ((queries, 40), (None, 40), (queries, len(gallery)),
+                              (None, len(gallery) - 1)):
+        on_gpu = gpu.rerank(query_features, k)
+        assert on_gpu.details["device"].startswith("cuda")
+        assert_k_reciprocal_agrees(on_gpu, cpu.rerank(query_features, k))
+    assert set(overlap_on) == {"cuda"}
+
+
+def test_k_reciprocal_cuda_online_still_works(split_features):
+    """A reranker on CUDA fits (also from a shared kNN graph) and answers online on the CPU:
+    exactly the CPU reranker's online result and, up to near-ties, its own CUDA batch."""
+    from engine.rerank import GalleryContext
+    from engine.rerank.ops import knn_graph
+
+    queries, gallery = split_features
+    cpu = create_reranker("k_reciprocal", device="cpu").fit(gallery)
+    for context in (GalleryContext(gallery), GalleryContext(gallery, knn=knn_graph(gallery, 30))):
+        gpu = create_reranker("k_reciprocal", device="cuda").fit(context)
+        online = gpu.rerank(queries[:4], 20, mode="online")
+        expected = cpu.rerank(queries[:4], 20, mode="online")
+        np.testing.assert_array_equal(online.indices, expected.indices)
+        np.testing.assert_array_equal(online.distances, expected.distances)
+        for query, indices, distances in zip(queries[:4], online.indices, online.distances,
+                                             strict=True):
+            batch = gpu.rerank(query[None, :], 20)
+            assert batch.details["device"].startswith("cuda")
+            np.testing.assert_allclose(batch.distances[0], distances, atol=1e-5)
+            assert (batch.indices[0] == indices).mean() >= 0.95

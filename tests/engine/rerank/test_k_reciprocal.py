@@ -333,3 +333,153 @@ def test_jaccard_distance_formula():
     assert np.maximum(a, b).sum() == pytest.approx(2 - m)
     np.testing.assert_allclose(jaccard_distance(np.array([m, 1.0, 0.0])),
                                [1 - m / np.maximum(a, b).sum(), 0.0, 1.0])
+
+
+# -- the torch twins (the CUDA batch path), run on the CPU against the numpy/scipy path -----------
+def torch_ops():
+    import torch
+
+    from engine.rerank import ops
+
+    return torch, ops
+
+
+def nodes_with_duplicates(split_features) -> np.ndarray:
+    """Real queries + gallery, and exact copies of some gallery rows (exact ties)."""
+    queries, gallery = split_features
+    return np.vstack([queries, gallery, gallery[:8], gallery[:2]])
+
+
+@pytest.mark.parametrize(("k1", "k2"), [(20, 6), (7, 1), (1, 2)])
+def test_torch_twins_match_numpy(split_features, k1, k2):
+    torch, ops = torch_ops()
+    features = nodes_with_duplicates(split_features)
+    n = features.shape[0]
+    depth = max(k1 + 1, k2)
+    lists = neighbour_lists(features, depth)
+    tensor = torch.from_numpy(features)
+    twin = ops.torch_neighbour_lists(tensor, depth)
+    np.testing.assert_array_equal(twin.indices.numpy(), lists.indices)
+    np.testing.assert_array_equal(twin.similarities.numpy(), lists.similarities)
+    np.testing.assert_array_equal(twin.row_max.numpy(), lists.row_max)
+    indices = twin.indices
+    for width in (1, k1 + 1, half_neighbourhood(k1) + 1):
+        np.testing.assert_array_equal(ops.torch_reciprocal_mask(indices, width).numpy(),
+                                      reciprocal_mask(lists.indices, width))
+    # R* sets: exactly the same pairs, in the same order; also for a subset of rows
+    rows, members = k_reciprocal_expansion(lists.indices, k1)
+    twin_rows, twin_members = ops.torch_k_reciprocal_expansion(indices, k1)
+    np.testing.assert_array_equal(twin_rows.numpy(), rows)
+    np.testing.assert_array_equal(twin_members.numpy(), members)
+    subset = np.array([n - 1, 3, 0, 25])
+    expected = k_reciprocal_expansion(lists.indices, k1, subset)
+    got = ops.torch_k_reciprocal_expansion(indices, k1, torch.from_numpy(subset))
+    for a, b in zip(got, expected, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b)
+    # pair distances, encoding, query expansion, overlap
+    twin_rows, twin_members = torch.from_numpy(rows), torch.from_numpy(members)
+    squared = pair_squared_distances(features, rows, members, lists)
+    twin_squared = ops.torch_pair_squared_distances(tensor, twin_rows, twin_members, twin)
+    np.testing.assert_allclose(twin_squared.numpy(), squared, atol=1e-6)
+    assert (twin_squared[twin_rows == twin_members] == 0).all()
+    np.testing.assert_allclose(ops.torch_pair_squared_distances(tensor, twin_rows,
+                                                                twin_members).numpy(),
+                               squared, atol=1e-6)  # every pair from the features
+    encoding = k_reciprocal_encoding(rows, members, squared, lists.row_max, n, n)
+    twin_encoding = ops.torch_k_reciprocal_encoding(twin_rows, twin_members, twin_squared,
+                                                    twin.row_max, n, n)
+    assert twin_encoding.layout == torch.sparse_csr and twin_encoding.dtype == torch.float32
+    np.testing.assert_allclose(twin_encoding.to_dense().numpy(), encoding.toarray(), atol=1e-6)
+    # rows sum to 1, but for the empty R* of a triplicate that k1 = 1 leaves out of its own N
+    np.testing.assert_allclose(twin_encoding.to_dense().sum(dim=1).numpy(),
+                               np.isin(np.arange(n), rows), atol=1e-6)
+    expanded = local_query_expansion(encoding, lists.indices, k2)
+    twin_expanded = ops.torch_local_query_expansion(twin_encoding, indices, k2)
+    np.testing.assert_allclose(twin_expanded.to_dense().numpy(), expanded.toarray(), atol=1e-6)
+    assert twin_expanded.values().numel() == expanded.nnz  # the same support
+    picked = np.array([5, n - 1, 5, 0])
+    np.testing.assert_allclose(
+        ops.torch_local_query_expansion(twin_encoding, indices, k2,
+                                        torch.from_numpy(picked)).to_dense().numpy(),
+        local_query_expansion(encoding, lists.indices, k2, picked).toarray(), atol=1e-6)
+    queries, targets = slice(0, 30), slice(20, n)
+    overlap = jaccard_overlap(expanded[queries], expanded[targets].tocsc())
+    twin_targets = ops.torch_csc(ops.torch_csr_rows(twin_expanded, torch.arange(20, n)))
+    twin_queries = ops.torch_csr_rows(twin_expanded, torch.arange(0, 30))
+    for max_pairs in (1, 500, 1 << 22):  # one row at a time, a few rows, all at once
+        twin_overlap = ops.torch_jaccard_overlap(twin_queries, twin_targets, max_pairs)
+        assert twin_overlap.dtype == torch.float32 and twin_overlap.shape == overlap.shape
+        np.testing.assert_allclose(twin_overlap.numpy(), overlap, atol=1e-6)
+
+
+def test_torch_twins_in_small_chunks(split_features, monkeypatch):
+    """The row chunking of the twins (a few rows per step) changes nothing."""
+    torch, ops = torch_ops()
+    features = nodes_with_duplicates(split_features)
+    twin = ops.torch_neighbour_lists(torch.from_numpy(features), 21)
+    rows, members = ops.torch_k_reciprocal_expansion(twin.indices, 20)
+    squared = ops.torch_pair_squared_distances(torch.from_numpy(features), rows, members, twin)
+    encoding = ops.torch_k_reciprocal_encoding(rows, members, squared, twin.row_max,
+                                               len(features), len(features))
+    expanded = ops.torch_local_query_expansion(encoding, twin.indices, 6)
+    monkeypatch.setattr(ops, "TORCH_CHUNK_ELEMENTS", 2000)
+    small_rows, small_members = ops.torch_k_reciprocal_expansion(twin.indices, 20)
+    assert torch.equal(small_rows, rows) and torch.equal(small_members, members)
+    assert torch.equal(ops.torch_pair_squared_distances(torch.from_numpy(features), rows,
+                                                        members, twin), squared)
+    assert torch.equal(ops.torch_reciprocal_mask(twin.indices, 21),
+                       torch.from_numpy(reciprocal_mask(twin.indices.numpy(), 21)))
+    small = ops.torch_local_query_expansion(encoding, twin.indices, 6)
+    assert torch.equal(small.crow_indices(), expanded.crow_indices())
+    assert torch.equal(small.col_indices(), expanded.col_indices())
+    np.testing.assert_allclose(small.values().numpy(), expanded.values().numpy(), atol=1e-7)
+
+
+def assert_same_batch(reranker, query_features, k, monkeypatch=None, cells=None):
+    """The torch pipeline (on the CPU) gives the numpy path's ranking."""
+    torch, _ = torch_ops()
+    from engine.rerank import k_reciprocal
+
+    expected_indices, expected_distances, expected_details = reranker._rerank_batch(
+        query_features, k)
+    if cells is not None:
+        monkeypatch.setattr(k_reciprocal, "GPU_CELLS_PER_CHUNK", cells)
+    indices, distances, details = reranker._rerank_batch_torch(query_features, k,
+                                                               torch.device("cpu"))
+    assert indices.dtype == np.int64 and distances.dtype == np.float32
+    np.testing.assert_array_equal(indices, expected_indices)
+    np.testing.assert_allclose(distances, expected_distances, atol=1e-6)
+    assert details == expected_details
+
+
+@pytest.mark.parametrize(("k1", "k2", "lambda_value"),
+                         [(20, 6, 0.3), (10, 1, 0.0), (7, 8, 1.0), (25, 3, 0.5)])
+def test_torch_batch_matches_cpu_path(split_features, monkeypatch, k1, k2, lambda_value):
+    queries, gallery = split_features
+    gallery = np.vstack([gallery, gallery[:6]])  # exact duplicates inside the gallery
+    queries = np.vstack([queries, gallery[:3]])  # and queries equal to gallery items
+    reranker = create_reranker("k_reciprocal", device="cpu", k1=k1, k2=k2,
+                               lambda_value=lambda_value).fit(gallery)
+    assert reranker.device.type == "cpu"
+    assert_same_batch(reranker, None, 40)
+    assert_same_batch(reranker, queries, 40)
+    assert_same_batch(reranker, queries, len(gallery))  # the full ranking
+    # several query chunks of the (chunk x G) block
+    assert_same_batch(reranker, None, len(gallery) - 1, monkeypatch, cells=7 * len(gallery))
+
+
+def test_torch_batch_matches_cpu_path_on_a_small_graph(split_features):
+    queries, gallery = split_features
+    gallery = np.vstack([gallery[:10], gallery[:2]])
+    reranker = create_reranker("k_reciprocal", device="cpu", k1=20, k2=6).fit(gallery)
+    assert_same_batch(reranker, queries[:3], 12)  # 15 nodes: k1 clamped to 14
+    assert_same_batch(reranker, None, 11)         # 12 nodes: k1 clamped to 11
+    assert "clamped" in reranker._rerank_batch_torch(None, 5, reranker.device)[2]
+
+
+def test_k_reciprocal_declares_gpu_and_reports_its_device(split_features):
+    queries, gallery = split_features
+    reranker = create_reranker("k_reciprocal", device="cpu").fit(gallery)
+    assert type(reranker).runs_on_gpu
+    assert reranker.rerank(queries[:2], 5).details["device"] == "cpu"
+    assert reranker.rerank(queries[:1], 5, mode="online").details["device"] == "cpu"

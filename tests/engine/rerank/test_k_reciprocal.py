@@ -210,6 +210,23 @@ def test_expansion_matches_plain_sets(k1, source):
         assert set(sub_members[sub_rows == i].tolist()) == loop_expansion(lists, i, k1)
 
 
+def test_expansion_in_small_chunks_gives_the_same_pairs(monkeypatch):
+    """The membership test is chunked by its (rows, W, H, W) size, so a wide k1 stays within
+    memory; the pairs do not depend on the chunking."""
+    import engine.rerank.ops as ops
+
+    rng = np.random.default_rng(3)
+    clustered = np.repeat(rng.standard_normal((4, 8)), 15, axis=0)
+    lists = neighbour_lists(unit(clustered + 0.5 * rng.standard_normal((60, 8))), 60).indices
+    whole = k_reciprocal_expansion(lists, 30)
+    monkeypatch.setattr(ops, "EXPANSION_ELEMENTS", 31 * 31 * 16 * 3)  # three rows a chunk
+    chunked = k_reciprocal_expansion(lists, 30)
+    np.testing.assert_array_equal(chunked[0], whole[0])
+    np.testing.assert_array_equal(chunked[1], whole[1])
+    for i in (0, 17, 59):
+        assert set(whole[1][whole[0] == i].tolist()) == loop_expansion(lists, i, 30)
+
+
 def test_reciprocal_mask_matches_a_loop():
     rng = np.random.default_rng(0)
     lists = random_lists(rng, 12, self_first=True)

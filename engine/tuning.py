@@ -120,7 +120,8 @@ def load_presets(*folders: Path | None) -> dict[str, dict[str, Any]]:
     """Presets by method from `presets.json` in each folder; later folders override earlier ones.
 
     A damaged file is skipped with a warning; an entry naming an unknown method or holding
-    parameters its Params class refuses is skipped with a warning too.
+    parameters its Params class refuses is skipped with a warning too. Parameters an entry
+    leaves out (e.g. ones added after it was saved) take the method's defaults.
     """
     presets: dict[str, dict[str, Any]] = {}
     for folder in folders:
@@ -135,8 +136,7 @@ def load_presets(*folders: Path | None) -> dict[str, dict[str, Any]]:
             continue
         for method, entry in stored.items():
             try:
-                params = dict(entry["params"])
-                get_reranker_class(method).Params(**params)
+                params = get_reranker_class(method).Params(**dict(entry["params"])).as_dict()
             except (KeyError, TypeError, ValueError) as error:  # unknown name, bad params
                 logger.warning("ignoring the %s preset in %s (%s)", method, folder, error)
                 continue

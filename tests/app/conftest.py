@@ -14,7 +14,6 @@ import pytest
 
 from app.session import Explorer
 from engine.gallery import DEMO_GALLERY
-from engine.rerank import get_reranker_class
 
 PER_CLASS = 8
 TINY_SSR = {"k": 10, "hidden": 32, "episodes": 40}
@@ -40,9 +39,9 @@ def make_gallery(root: Path, per_class: int = PER_CLASS, ssr_preset: bool = Fals
         writer.writeheader()
         writer.writerows(rows)
     if ssr_preset:
-        # SSR trains at the first fit: a short run (a preset, as a user would set one).
-        ssr = {**get_reranker_class("ssr").Params().as_dict(), **TINY_SSR}
-        (root / "presets.json").write_text(json.dumps({"ssr": {"params": ssr,
+        # SSR trains at the first fit: a short run (a preset, as a user would set one). It
+        # names only the parameters it changes, like a preset saved before later ones existed.
+        (root / "presets.json").write_text(json.dumps({"ssr": {"params": TINY_SSR,
                                                                "note": "tiny test run"}}))
     return root
 

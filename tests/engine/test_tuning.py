@@ -10,7 +10,7 @@ import pytest
 from engine.errors import InvalidInputError
 from engine.metrics import evaluate
 from engine.protocols import make_split
-from engine.rerank import create_reranker
+from engine.rerank import create_reranker, get_reranker_class
 from engine.tuning import (
     PRESETS_FILE,
     best_trial,
@@ -67,6 +67,11 @@ def test_presets_round_trip_and_override(tmp_path, caplog):
     assert presets["gnn"] == {"k1": 30, "k2": 7, "lambda_value": 0.3}  # the cache wins, whole
     assert presets["k_reciprocal"]["k1"] == 15
     assert load_presets(shipped)["gnn"]["lambda_value"] == 0.1
+    # a preset saved before a parameter existed: the missing ones take the defaults
+    (shipped / PRESETS_FILE).write_text(json.dumps({"ssr": {"params": {"k": 50}}}))
+    older = load_presets(shipped)["ssr"]
+    assert older == {**get_reranker_class("ssr").Params().as_dict(), "k": 50}
+    assert older["k1"] == 20 and older["lambda_value"] == 0.3
     assert resolve_params("gnn", presets) == (presets["gnn"], "preset")
     params, source = resolve_params("gnn", {})
     assert source == "authors' defaults" and params["k1"] == 26

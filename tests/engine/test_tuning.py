@@ -8,6 +8,7 @@ import logging
 import pytest
 
 from engine.errors import InvalidInputError
+from engine.gallery import DEMO_GALLERY
 from engine.metrics import evaluate
 from engine.protocols import make_split
 from engine.rerank import create_reranker, get_reranker_class
@@ -91,3 +92,14 @@ def test_presets_round_trip_and_override(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         assert load_presets(cache) == {}
     assert "ignoring" in caplog.text
+
+
+def test_the_shipped_demo_presets_load_whole():
+    """Every entry of the demo gallery's presets.json is valid and, with the defaults filled in,
+    gives each parameter the page builds a control for."""
+    presets = load_presets(DEMO_GALLERY)
+    stored = json.loads((DEMO_GALLERY / PRESETS_FILE).read_text())
+    assert set(presets) == set(stored)
+    for name, params in presets.items():
+        controls = {spec["name"] for spec in get_reranker_class(name).Params.describe()}
+        assert set(params) == controls, name

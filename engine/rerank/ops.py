@@ -130,8 +130,12 @@ def reciprocal_mask(lists: np.ndarray, width: int, rows: np.ndarray | None = Non
     """
     rows = np.arange(lists.shape[0]) if rows is None else rows
     head = lists[:, :width]
-    candidates = head[rows]                                  # (r, width)
-    return (head[candidates] == rows[:, None, None]).any(axis=2)
+    mask = np.empty((len(rows), width), dtype=bool)
+    step = max(1, EXPANSION_ELEMENTS // (width * width))    # bounds the (r, width, width) test
+    for start in range(0, len(rows), step):
+        part = rows[start:start + step]
+        mask[start:start + step] = (head[head[part]] == part[:, None, None]).any(axis=2)
+    return mask
 
 
 def k_reciprocal_expansion(lists: np.ndarray, k1: int, rows: np.ndarray | None = None
@@ -150,29 +154,38 @@ def k_reciprocal_expansion(lists: np.ndarray, k1: int, rows: np.ndarray | None =
         sorted by row then member.
     """
     n = lists.shape[0]
-    rows = np.arange(n) if rows is None else np.asarray(rows, dtype=np.int64)
+    rows = np.arange(n) if rows is None else np.unique(np.asarray(rows, dtype=np.int64))
     width, half_width = k1 + 1, half_neighbourhood(k1) + 1
-    # the membership test below is (rows, W, H, W): bound it, not just the row count
-    row_chunk = max(1, min(ROW_CHUNK, EXPANSION_ELEMENTS // (width * width * half_width)))
-    row_parts, member_parts = [], []
+    # R(c, h) of every candidate c once, not once per row listing c
+    candidates = np.unique(lists[rows, :width])
+    candidate_half_masks = reciprocal_mask(lists, half_width, candidates)  # (u, H)
+    position = np.zeros(n, dtype=np.int64)
+    position[candidates] = np.arange(len(candidates))
+    # a chunk holds a few (rows, W, H) int64 arrays and a (rows, n) bool mask: bound them
+    row_chunk = max(1, min(ROW_CHUNK, EXPANSION_ELEMENTS // (4 * width * half_width),
+                           EXPANSION_ELEMENTS // n))
+    keys = [np.zeros(0, dtype=np.int64)]
     for start in range(0, len(rows), row_chunk):
         chunk = rows[start:start + row_chunk]
+        local = np.arange(len(chunk))
         forward = lists[chunk, :width]                                   # (r, W)
         reciprocal = reciprocal_mask(lists, width, chunk)                # (r, W)
         candidate_half = lists[forward, :half_width]                     # (r, W, H)
-        candidate_half_mask = reciprocal_mask(lists, half_width, forward.ravel()
-                                              ).reshape(candidate_half.shape)
-        members = np.where(reciprocal, forward, -1)                      # R(i, k1), -1 padded
-        in_set = (candidate_half[..., None] == members[:, None, None, :]).any(axis=3)
+        candidate_half_mask = candidate_half_masks[position[forward]]    # (r, W, H)
+        in_reciprocal = np.zeros((len(chunk), n), dtype=bool)            # R(i, k1) per row
+        in_reciprocal[np.broadcast_to(local[:, None], forward.shape)[reciprocal],
+                      forward[reciprocal]] = True
+        in_set = in_reciprocal[local[:, None, None], candidate_half]     # (r, W, H)
         overlap = (in_set & candidate_half_mask).sum(axis=2)             # (r, W)
         half_size = candidate_half_mask.sum(axis=2)
         selected = reciprocal & (overlap > (2.0 / 3.0) * half_size)
         expansion_mask = selected[..., None] & candidate_half_mask
         chunk_rows = np.broadcast_to(chunk[:, None], forward.shape)
-        row_parts += [chunk_rows[reciprocal],
-                      np.broadcast_to(chunk[:, None, None], candidate_half.shape)[expansion_mask]]
-        member_parts += [forward[reciprocal], candidate_half[expansion_mask]]
-    keys = np.unique(np.concatenate(row_parts) * n + np.concatenate(member_parts))
+        chunk_keys = [chunk_rows[reciprocal] * n + forward[reciprocal],
+                      np.broadcast_to(chunk[:, None, None], candidate_half.shape)[expansion_mask]
+                      * n + candidate_half[expansion_mask]]
+        keys.append(np.unique(np.concatenate(chunk_keys)))  # rows ascend: chunks stay sorted
+    keys = np.concatenate(keys)
     return keys // n, keys % n
 
 

@@ -152,16 +152,23 @@ class KReciprocalReranker(Reranker):
         """`_final` on tensors, with the same float32 operations in the same order."""
         lam = self.params.lambda_value
         normaliser = torch.where(row_max > 0, row_max, 1.0)
-        return (1.0 - lam) * (1.0 - overlap / (2.0 - overlap)) + lam * squared / normaliser[:, None]
+        return (1.0 - lam) * jaccard_distance(overlap) + lam * squared / normaliser[:, None]
+
+    def _batch_nodes(self, query_features: np.ndarray | None) -> tuple[np.ndarray, int, int]:
+        """The graph's nodes for a batch (the queries, then the gallery; the gallery alone when
+        leaving one out), the number of queries and the node id of gallery item 0."""
+        gallery = self.gallery.features
+        if query_features is None:
+            return gallery, gallery.shape[0], 0
+        n_queries = query_features.shape[0]
+        return np.vstack([query_features, gallery]), n_queries, n_queries
 
     def _rerank_batch(self, query_features: np.ndarray | None, k: int):
         if self.device.type != "cpu":
             return self._rerank_batch_torch(query_features, k, self.device)
         gallery = self.gallery.features
         leave_one_out = query_features is None
-        features = gallery if leave_one_out else np.vstack([query_features, gallery])
-        n_queries = gallery.shape[0] if leave_one_out else query_features.shape[0]
-        offset = 0 if leave_one_out else n_queries
+        features, n_queries, offset = self._batch_nodes(query_features)
         k1, k2, details = self._effective(features.shape[0])
         lists = neighbour_lists(features, max(k1 + 1, k2))
         expanded = _encode(features, lists, k1, k2, np.arange(features.shape[0]))
@@ -189,12 +196,9 @@ class KReciprocalReranker(Reranker):
         R* sets, V and V_qe are sparse tensors on the device, and each query
         chunk's (chunk, G) block of final distances is built, masked and cut to k there.
         """
-        gallery = self.gallery.features
         leave_one_out = query_features is None
-        nodes = gallery if leave_one_out else np.vstack([query_features, gallery])
-        n_queries = gallery.shape[0] if leave_one_out else query_features.shape[0]
-        offset = 0 if leave_one_out else n_queries
-        size = gallery.shape[0]
+        nodes, n_queries, offset = self._batch_nodes(query_features)
+        size = self.gallery.size
         k1, k2, details = self._effective(nodes.shape[0], str(device))
         features = torch.from_numpy(nodes).to(device)
         lists = torch_neighbour_lists(features, max(k1 + 1, k2))

@@ -258,8 +258,9 @@ def jaccard_overlap(query_rows: sp.csr_matrix, target_columns: sp.csc_matrix,
     return overlap
 
 
-def jaccard_distance(overlap: np.ndarray) -> np.ndarray:
-    """d_J = 1 - m / (2 - m) for rows of V that each sum to 1 (so sum max = 2 - sum min)."""
+def jaccard_distance(overlap: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+    """d_J = 1 - m / (2 - m) for rows of V that each sum to 1 (so sum max = 2 - sum min); a
+    tensor stays a tensor."""
     return 1.0 - overlap / (2.0 - overlap)
 
 
@@ -507,7 +508,7 @@ def torch_k_reciprocal_expansion(lists: torch.Tensor, k1: int, rows: torch.Tenso
     keys = []
     for chunk in rows.split(_rows_per_chunk(width * width)):
         forward = head[chunk]                                            # (r, W)
-        reciprocal = (head[forward] == chunk[:, None, None]).any(dim=2)  # (r, W)
+        reciprocal = torch_reciprocal_mask(lists, width, chunk)          # (r, W)
         candidate_half = half_head[forward]                              # (r, W, H)
         candidate_half_mask = half_mask[forward]
         members = torch.where(reciprocal, forward, -1).sort(dim=1).values  # R(i, k1), sorted

@@ -9,14 +9,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
+import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from app.session import GallerySession
+    from engine.jobs import JobQueue
 
 logger = logging.getLogger("launch")
 
@@ -101,70 +103,69 @@ class TqdmProgress:
             self._bar = None
 
 
-def prepare(session: GallerySession, progress: TqdmProgress) -> None:
-    """What a gallery needs before the page is useful: its embedding map and Compare scores
-    (each computed once and cached; later starts only load them)."""
-    for space, _ in session.map_spaces():
-        session.embedding_map(space, progress=progress)
-        progress.close()
-    if session.gallery.labels is not None:
-        for method, _ in session.methods():
-            session.scores(method)
-
-
-def warm_up(session: GallerySession) -> None:
-    """Off the start-up path: each method's leave-one-out run (what gallery picks read) and the
-    embedding map's model (imports umap and compiles its transform), so that the first pick
-    and the first upload do not pay for them."""
-    try:
-        for method, _ in session.methods():
-            session.leave_one_out(method)
-        for space, _ in session.map_spaces():
-            layout = session.embedding_map(space, fit=False)
-            if layout is not None:
-                layout.warm_up()
-        logger.info("warm-up done")
-    except Exception:  # a failed warm-up only delays the first queries
-        logger.exception("warm-up failed")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # Heavy imports here, so that `--help` answers at once.
-    import threading
-
+    # faiss's loader logs every SIMD module it tries (and fails) to load; users read those
+    # INFO lines as errors. The backend chosen is logged once, by the index.
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    # Heavy imports here, so that `--help` answers at once. Everything the page imports is
+    # imported now, in this thread, before any background job starts: two threads importing
+    # the same modules at once can deadlock in Python's import locks.
     from app.page import build_app, launch_options
     from app.session import Explorer
     from engine.errors import EngineError
     from engine.gallery import DEMO_GALLERY
+    from engine.jobs import JobQueue
+    from engine.threads import configure_threads
 
+    configure_threads()
+    # --prepare-only has nothing to serve: its jobs may take every core.
+    jobs = JobQueue(budget=contextlib.nullcontext if args.prepare_only else None)
     progress = TqdmProgress()
     try:
         explorer = Explorer.load(args.gallery or DEMO_GALLERY, device=args.device,
                                  cache_root=args.cache_dir, progress=progress,
-                                 allowed_roots=[] if args.public else args.allow_folder)
+                                 allowed_roots=[] if args.public else args.allow_folder,
+                                 jobs=jobs)
         session = explorer.session(None)
-        prepare(session, progress)
         for query_model in args.query_models:
-            prepare(explorer.with_query_model(session.key, query_model, progress=progress),
-                    progress)
-            progress.close()
+            explorer.prepare_query_model(session.key, query_model)
     except EngineError as error:
         logger.error("cannot start: %s", error)
         return 2
     finally:
         progress.close()
+    logger.info("gallery %s: %d images, features and index ready (cache %s, search: %s)",
+                session.gallery.root, session.gallery.size, session.gallery.cache_dir,
+                session.gallery.index.backend)
     if args.prepare_only:
-        logger.info("gallery %s ready (%d images, cache %s)", session.gallery.root,
-                    session.gallery.size, session.gallery.cache_dir)
+        jobs.run_pending()
+        failed = [job for job in jobs.jobs() if job.state == "failed"]
+        for job in failed:
+            logger.error("%s failed: %s", job.title, job.error)
+        logger.info("gallery %s prepared (%d background jobs, %d failed)", session.gallery.root,
+                    len(jobs.jobs()), len(failed))
         return 0
-    threading.Thread(target=warm_up, args=(session,), name="warm-up", daemon=True).start()
     demo = build_app(explorer, concurrency_limit=args.concurrency, public=args.public)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share,
-                **launch_options(explorer, public=args.public))
+                prevent_thread_lock=True, **launch_options(explorer, public=args.public))
+    logger.info("serving on http://%s:%d; preparing the rest in the background (%d jobs)",
+                args.host, args.port, len(jobs.jobs()))
+    jobs.start()
+    threading.Thread(target=_report_when_idle, args=(jobs,), name="background-report",
+                     daemon=True).start()
+    demo.block_thread()
     return 0
+
+
+def _report_when_idle(jobs: JobQueue) -> None:
+    """Log once when the background jobs queued at start are all done."""
+    jobs.wait_idle()
+    failed = [job.title for job in jobs.jobs() if job.state == "failed"]
+    logger.info("background preparation done%s", f" ({', '.join(failed)} failed)" if failed
+                else "")
 
 
 if __name__ == "__main__":

@@ -65,6 +65,8 @@ QUEUE_SIZE = 64
 """Events waiting at most (all groups); one more is refused at once ("queue full") rather than
 left waiting: 64 queries of about 1 s, 2 at a time, is already a half-minute wait. It also
 bounds the server's memory, as a waiting event holds only its inputs."""
+JOB_REFRESH_SECONDS = 2.0
+"""How often the page redraws the background jobs' states (only what changed is sent)."""
 BROWSE_PAGE = 48
 MAX_SLIDER_STEPS = 5000
 EDGE_K = 10
@@ -130,6 +132,7 @@ class MethodWidgets:
     controls: list[gr.components.Component]
     param_names: list[str]
     source: gr.Markdown
+    state: gr.Markdown
     baseline: gr.Gallery
     reranked: gr.Gallery
     metrics: gr.Markdown
@@ -390,14 +393,21 @@ class PageHandlers:
     def _method_updates(self, session: GallerySession, result: QueryResult, method: str
                         ) -> dict[Any, Any]:
         tab = self.tabs[method]
+        baseline_items = gr.Gallery(value=self._items(session, result, BASELINE, False),
+                                    label=f"{BASELINE_LABEL} · top {result.top_n}")
+        if method in result.not_ready:
+            return {tab.baseline: baseline_items,
+                    tab.reranked: gr.Gallery(value=[], label=f"{method_title(method)}: "
+                                             "not ready yet"),
+                    tab.metrics: f"**Not ready yet:** {result.not_ready[method]}. The "
+                                 "baseline is shown; search again when it is ready."}
         if method not in result.rankings:
             message = session.unavailable.get(method, "not run")
             return {tab.metrics: f"**Unavailable on this gallery:** {message}"}
         ranking = result.rankings[method]
         baseline = result.rankings[BASELINE]
         return {
-            tab.baseline: gr.Gallery(value=self._items(session, result, BASELINE, False),
-                                     label=f"{BASELINE_LABEL} · top {result.top_n}"),
+            tab.baseline: baseline_items,
             tab.reranked: gr.Gallery(value=self._items(session, result, method, True),
                                      label=f"{ranking.title} · top {result.top_n}"),
             tab.metrics: self.metrics_text(result, baseline, ranking)
@@ -410,8 +420,8 @@ class PageHandlers:
         updates = {}
         for method, gallery in self.w["compare_rows"].items():
             if method not in result.rankings:
-                updates[gallery] = gr.Gallery(value=[], label=f"{method_title(method)}: "
-                                              "unavailable")
+                why = "not ready yet" if method in result.not_ready else "unavailable"
+                updates[gallery] = gr.Gallery(value=[], label=f"{method_title(method)}: {why}")
                 continue
             ranking = result.rankings[method]
             label = f"{ranking.title}"
@@ -572,7 +582,9 @@ class PageHandlers:
                 updates[control] = gr.update(value=params[name])
             updates[tab.baseline] = gr.Gallery(value=[])
             updates[tab.reranked] = gr.Gallery(value=[])
-            updates[tab.metrics] = session.unavailable.get(method, "")
+            updates[tab.metrics] = ""
+            updates[tab.state] = session.state_text(method)
+        updates[self.w["background"]] = background_text(session)
         for gallery_widget in self.w["compare_rows"].values():
             updates[gallery_widget] = gr.Gallery(value=[])
         return updates
@@ -640,9 +652,10 @@ class PageHandlers:
                 request: gr.Request | None = None) -> dict[Any, Any]:
         report = _gradio_progress(progress)
         with engine_errors_as_gradio():
-            for space, _ in session.map_spaces():
+            # with a job queue, the map and scores are queued there when the gallery opens
+            for space, _ in session.map_spaces() if session.jobs is None else []:
                 session.embedding_map(space, progress=report)
-            if session.gallery.labels is not None:
+            if session.gallery.labels is not None and session.jobs is None:
                 for index, (method, _) in enumerate(session.methods()):
                     report(index / len(session.methods()), f"scoring {method_title(method)}")
                     session.scores(method)
@@ -650,6 +663,39 @@ class PageHandlers:
         updates[self.w["gallery"]] = gr.Dropdown(choices=self.gallery_choices(request),
                                                  value=session.key)
         updates[self.w["gallery_status"]] = opened_text(session, show_root=self.public is None)
+        return updates
+
+    # -- background work -------------------------------------------------------------------------
+    def refresh_states(self, key: str, seen: tuple | None, view: QueryView | None,
+                       plot_method: str, space: str) -> dict[Any, Any]:
+        """The timer's tick: while background jobs change, redraw each tab's state, the
+        background line and the Compare table; when a map becomes ready, the map and its
+        choices. Nothing is sent when nothing changed."""
+        jobs = self.explorer.jobs
+        try:
+            session = self.explorer.session(key)
+        except EngineError:
+            return {}
+        if jobs is None:
+            return {}
+        spaces = tuple(name for name, _ in session.map_spaces()
+                       if session.embedding_map(name, fit=False) is not None)
+        now = (session.key, jobs.version, spaces)
+        if seen == now:
+            return {}
+        updates: dict[Any, Any] = {self.w["jobs_seen"]: now,
+                                   self.w["background"]: background_text(session)}
+        for method in self.method_names:
+            updates[self.tabs[method].state] = session.state_text(method)
+        updates[self.w["compare_table"]] = self.compare_rows(session)
+        if seen is None or seen[0] != session.key or seen[2] != spaces:
+            choices = [(title, name) for name, title in session.map_spaces()]
+            shown = space if space in dict(choices) else "backbone"
+            updates[self.w["space"]] = gr.Radio(choices=choices, value=shown)
+            if view is None or view.result.gallery_key != session.key:
+                updates[self.w["map_plot"]] = self.map_figure(session, None, BASELINE, shown)
+            else:
+                updates[self.w["map_plot"]] = self.map_figure(session, view, plot_method, shown)
         return updates
 
     # -- compare ---------------------------------------------------------------------------------
@@ -785,6 +831,27 @@ def tune_text(trials: Sequence[Trial], total: int) -> str:
             f"at `{setting}` · on the {TUNE_PROTOCOL_TEXT}")
 
 
+def background_text(session: GallerySession) -> str:
+    """One line on the background work of a gallery: what runs now and how much waits."""
+    jobs = session.jobs
+    if jobs is None:
+        return ""
+    mine = [job for job in jobs.jobs() if job.key[0] == session.key]
+    running = [job for job in mine if job.state == "running"]
+    waiting = [job for job in mine if job.state == "waiting"]
+    failed = [job for job in mine if job.state == "failed"]
+    if not running and not waiting:
+        done = f"Background preparation done ({len(mine) - len(failed)} jobs"
+        return done + (f", {len(failed)} failed)." if failed else ").") if mine else ""
+    parts = [f"**Preparing in the background** ({len(mine) - len(running) - len(waiting)} of "
+             f"{len(mine)} done)"]
+    parts += [f"now: {job.describe()}" for job in running]
+    if waiting:
+        parts.append(f"then {len(waiting)} more: " + ", ".join(job.title for job in waiting[:4])
+                     + (", ..." if len(waiting) > 4 else ""))
+    return " · ".join(parts)
+
+
 def header_text(explorer: Explorer, session: GallerySession) -> str:
     gallery = session.gallery
     classes = f", {len(gallery.class_names)} classes" if gallery.labels is not None else ""
@@ -877,7 +944,10 @@ def build_app(explorer: Explorer, concurrency_limit: int = DEFAULT_CONCURRENCY,
             value=session.query_model, label="Query model (which network embeds the query and "
             "which the gallery; lite2 and SSP build their index and model on first use)",
             elem_id="query-model")
+        w["background"] = gr.Markdown(background_text(session), elem_id="background")
         w["state"] = gr.State(None)
+        w["jobs_seen"] = gr.State(None)
+        w["timer"] = gr.Timer(JOB_REFRESH_SECONDS, active=explorer.jobs is not None)
         w["picked"] = gr.State(None)
         with gr.Row(equal_height=False):
             with gr.Column(scale=2, min_width=300):
@@ -921,11 +991,11 @@ def build_app(explorer: Explorer, concurrency_limit: int = DEFAULT_CONCURRENCY,
                 with gr.Tab(method_title(name), id=name, elem_id=f"tab-{name}"):
                     source_md = gr.Markdown(handlers.source_text(name, params, source),
                                             elem_classes=["method-source"])
+                    state_md = gr.Markdown(session.state_text(name), elem_id=f"state-{name}")
                     with gr.Row():
                         controls = [_control(spec, params[spec["name"]]) for spec in specs]
                         reset = gr.Button("Reset to preset / defaults", scale=0)
-                    metrics = gr.Markdown(session.unavailable.get(name, ""),
-                                          elem_id=f"metrics-{name}")
+                    metrics = gr.Markdown("", elem_id=f"metrics-{name}")
                     with gr.Row(equal_height=False):
                         baseline = gr.Gallery(label=BASELINE_LABEL, columns=5, height=300,
                                               object_fit="cover", interactive=False,
@@ -957,7 +1027,8 @@ def build_app(explorer: Explorer, concurrency_limit: int = DEFAULT_CONCURRENCY,
                         tune_plot = gr.Plot(label="mAP and P@1 per setting")
                         tune_best = gr.State(None)
                 handlers.tabs[name] = MethodWidgets(
-                    name, controls, [spec["name"] for spec in specs], source_md, baseline,
+                    name, controls, [spec["name"] for spec in specs], source_md, state_md,
+                    baseline,
                     reranked, metrics, reset, first, first_values, second, second_values, run,
                     cancel, tune_plot, tune_summary, tune_best, use_best, save_best)
             with gr.Tab("Compare", id="compare", elem_id="tab-compare"):
@@ -1062,10 +1133,18 @@ def _wire(handlers: PageHandlers, demo: gr.Blocks) -> None:
                        w["json"], w["timings"], w["imagenet"], w["map_plot"], w["space"],
                        w["browser"], w["page"], w["query_model"],
                        *w["compare_rows"].values()]
+    gallery_outputs.append(w["background"])
     for tab in handlers.tabs.values():
-        gallery_outputs += [tab.source, *tab.controls, tab.baseline, tab.reranked, tab.metrics]
+        gallery_outputs += [tab.source, tab.state, *tab.controls, tab.baseline, tab.reranked,
+                            tab.metrics]
     w["gallery"].input(handlers.switch_gallery, w["gallery"], gallery_outputs,
                        api_visibility="private")
+    w["timer"].tick(handlers.refresh_states,
+                    [w["gallery"], w["jobs_seen"], w["state"], *plot_inputs],
+                    [w["jobs_seen"], w["background"], w["compare_table"], w["space"],
+                     w["map_plot"], *[tab.state for tab in handlers.tabs.values()]],
+                    api_visibility="private", concurrency_id="refresh", concurrency_limit=4,
+                    show_progress="hidden")
     w["query_model"].input(handlers.switch_query_model, [w["gallery"], w["query_model"]],
                            [*gallery_outputs, w["gallery"]], api_visibility="private",
                            concurrency_id="index", concurrency_limit=1)

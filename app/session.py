@@ -13,7 +13,9 @@ fill under locks). No UI code: the page (`app.page`), `launch.py` and tests use 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import threading
@@ -40,6 +42,7 @@ from engine.evaluation import (
     without_self,
 )
 from engine.gallery import DEMO_GALLERY, Gallery, ProgressCallback, default_cache_root
+from engine.jobs import DONE, FAILED, JobProgress, JobQueue
 from engine.metrics import average_precision
 from engine.rerank import Reranker, get_reranker_class, list_rerankers
 from engine.storage import fingerprint
@@ -123,6 +126,8 @@ class QueryResult:
     feature: the query's (d,) feature. imagenet: the backbone head's top-3 (label, probability).
     rankings: by method, the baseline first. timings: seconds per stage ("embed", then methods).
     embedded_by: which model embedded the query and which the gallery.
+    not_ready: by method, why it has no ranking yet (its background job's state: waiting,
+        training 41 %, ...); such a method is missing from `rankings`.
     """
 
     gallery_key: str
@@ -138,6 +143,7 @@ class QueryResult:
     top_n: int
     leave_out: bool
     embedded_by: str = ""
+    not_ready: dict[str, str] = field(default_factory=dict)
 
     def top(self, method: str) -> tuple[np.ndarray, np.ndarray]:
         """The first `top_n` (indices, distances) of a method's ranking."""
@@ -146,8 +152,18 @@ class QueryResult:
 
     def with_ranking(self, ranking: Ranking) -> QueryResult:
         """A copy with one method's ranking (and its timing) replaced."""
+        not_ready = {name: text for name, text in self.not_ready.items()
+                     if name != ranking.method}
         return dataclasses.replace(self, rankings={**self.rankings, ranking.method: ranking},
-                                   timings={**self.timings, ranking.method: ranking.seconds})
+                                   timings={**self.timings, ranking.method: ranking.seconds},
+                                   not_ready=not_ready)
+
+    def without(self, method: str, reason: str) -> QueryResult:
+        """A copy in which `method` has no ranking, for `reason` (not ready yet)."""
+        rankings = {name: ranking for name, ranking in self.rankings.items() if name != method}
+        timings = {stage: seconds for stage, seconds in self.timings.items() if stage != method}
+        return dataclasses.replace(self, rankings=rankings, timings=timings,
+                                   not_ready={**self.not_ready, method: reason})
 
     def as_dict(self, gallery: Gallery) -> dict[str, Any]:
         """A JSON-ready summary: per method the top-N file names, classes and distances."""
@@ -168,6 +184,7 @@ class QueryResult:
                       "imagenet_top3": [{"label": label, "probability": round(p, 6)}
                                         for label, p in self.imagenet]},
             "methods": methods,
+            "not_ready": dict(self.not_ready),
             "timings_ms": {stage: round(s * 1000, 2) for stage, s in self.timings.items()},
         }
 
@@ -187,6 +204,11 @@ class _LruCache:
         self._values: OrderedDict[Any, Any] = OrderedDict()
         self._lock = threading.Lock()
         self._building: dict[Any, threading.Lock] = {}
+
+    def peek(self, key: Any) -> Any:
+        """The value of `key` if it is built, else None (never waits for a build)."""
+        with self._lock:
+            return self._values.get(key)
 
     def get(self, key: Any, build: Callable[[], Any]) -> Any:
         with self._lock:
@@ -216,12 +238,18 @@ class GallerySession:
 
     Re-rankers are fitted per parameter setting on first use and kept (LRU); leave-one-out
     rankings likewise; whole-gallery scores are cached on disk beside the gallery cache.
+
+    With a job queue (`jobs`), the slow work runs there (see `schedule`) and a query never
+    waits for it: a method whose fit is queued or running is left out of the query's rankings
+    with its job's state, and a gallery pick whose leave-one-out run is not made yet is ranked
+    online. Without one, everything is computed on first use, in the asking thread.
     """
 
     def __init__(self, key: str, gallery: Gallery, device: str = "auto",
                  methods: Sequence[str] | None = None, query_model: str = DEFAULT_QUERY_MODEL,
-                 base_key: str | None = None) -> None:
+                 base_key: str | None = None, jobs: JobQueue | None = None) -> None:
         self.key = key
+        self.jobs = jobs
         self.base_key = base_key or key
         self.query_model = query_model
         self.query_encoder: Any = None
@@ -315,11 +343,110 @@ class GallerySession:
         """Fit every method with its default setting; a method whose fit fails is recorded in
         `unavailable` (with the engine's message) instead of stopping the page."""
         for method in self.method_names:
-            try:
-                self.reranker(method, progress=progress)
-            except EngineError as error:
-                logger.error("%s is unavailable on %s: %s", method, self.key, error)
-                self.unavailable[method] = str(error)
+            with contextlib.suppress(EngineError):
+                self._fit_or_mark_unavailable(method, None, progress)
+
+    def _fit_or_mark_unavailable(self, method: str, params: Mapping[str, Any] | None,
+                                 progress: ProgressCallback | None) -> Reranker:
+        """Fit `method`; when its default setting (params None) fails, record the method as
+        unavailable here (shown in its tab) before passing the error on."""
+        try:
+            return self.reranker(method, params, progress=progress)
+        except Exception as error:  # recorded, then raised again: any failure of a fit counts
+            logger.error("%s is unavailable on %s: %s", method, self.key, error)
+            if params is None:
+                self.unavailable[method] = str(error) or type(error).__name__
+            raise
+
+    # -- background preparation ------------------------------------------------------------------
+    def schedule(self) -> None:
+        """Queue what the page needs beyond features and index, in a fixed order: the fits of
+        the methods that do not learn (seconds), the backbone's embedding map, the fits (or
+        training) of the methods that learn, the maps of their embedding spaces, then every
+        method's Compare scores (labelled galleries) and leave-one-out run (what gallery picks
+        read). Each piece is saved where it always is, so a restart resumes from what was
+        done."""
+        if self.jobs is None:
+            raise InvalidInputError("this gallery has no background job queue")
+        classes = {name: get_reranker_class(name) for name in self.method_names}
+        for name in [n for n in self.method_names if not classes[n].learns]:
+            self._submit_fit(name)
+        self._submit(("map", "backbone"), "Embedding map",
+                     lambda progress: self.embedding_map("backbone", progress=progress))
+        for name in [n for n in self.method_names if classes[n].learns]:
+            self._submit_fit(name)
+            self._submit(("map", name), f"Embedding map of {method_title(name)}",
+                         functools.partial(self._learned_map, name))
+        for method, _ in [(BASELINE, BASELINE_TITLE), *[(n, "") for n in self.method_names]]:
+            if self.gallery.labels is not None:
+                self._submit(("scores", method), f"{method_title(method)} scores",
+                             functools.partial(self._scores_job, method))
+            self.leave_one_out(method, wait=False)
+
+    def _submit(self, what: tuple[Any, ...], title: str, work: Callable[[JobProgress], Any]):
+        assert self.jobs is not None
+        return self.jobs.submit((self.key, *what), title, work)
+
+    def _fit_job_key(self, method: str, validated: Mapping[str, Any]) -> tuple[Any, ...]:
+        return ("fit", method, _params_key(validated))
+
+    def _submit_fit(self, method: str, params: Mapping[str, Any] | None = None):
+        validated, _ = self.resolve(method, params)
+        title = method_title(method)
+        return self._submit(self._fit_job_key(method, validated), title,
+                            lambda progress: self._fit_or_mark_unavailable(
+                                method, None if params is None else validated, progress))
+
+    def _learned_map(self, method: str, progress: JobProgress) -> EmbeddingMap | None:
+        if method in self.unavailable or self.fitted(method) is None:
+            return None
+        if self.reranker(method).gallery_embeddings() is None:
+            return None
+        return self.embedding_map(method, progress=progress)
+
+    def _scores_job(self, method: str, progress: JobProgress) -> MethodScores | None:
+        if method in self.unavailable:
+            return None
+        progress(0.0, "scoring every image against the others")
+        return self.scores(method)
+
+    def fitted(self, method: str, params: Mapping[str, Any] | None = None) -> Reranker | None:
+        """The method fitted with `params` if it is in memory now, else None (never fits)."""
+        validated, _ = self.resolve(method, params)
+        return self._fitted.peek((method, _params_key(validated)))
+
+    def not_ready(self, method: str, params: Mapping[str, Any] | None = None) -> str | None:
+        """Why `method` cannot answer a query at once, or None when it can (fitted, or cheap
+        to fit now, or there is no job queue).
+
+        A method whose fit at this setting is queued or running is not ready (its job's state
+        says how far it is); so is a method that learns at a setting never fitted (its
+        training is queued now). A failed fit raises its error again.
+        """
+        if method == BASELINE or self.jobs is None or self.fitted(method, params) is not None:
+            return None
+        validated, _ = self.resolve(method, params)
+        job = self.jobs.get((self.key, *self._fit_job_key(method, validated)))
+        if job is None:
+            if not get_reranker_class(method).learns:
+                return None
+            job = self._submit_fit(method, validated)
+        if job.state == DONE:
+            return None
+        if job.state == FAILED:
+            raise InvalidInputError(f"{method_title(method)} could not be fitted: {job.error}")
+        return self.jobs.describe(job.key)
+
+    def state_text(self, method: str) -> str:
+        """The state of a method's default setting on this gallery, for its tab: ready,
+        unavailable (why), or its background job's state."""
+        if method in self.unavailable:
+            return f"**Unavailable on this gallery:** {self.unavailable[method]}"
+        if self.jobs is None or self.fitted(method) is not None:
+            return "Ready."
+        validated, _ = self.resolve(method, None)
+        text = self.jobs.describe((self.key, *self._fit_job_key(method, validated)))
+        return "Ready." if text is None or text.endswith(": ready") else text
 
     def save_preset(self, method: str, params: Mapping[str, Any], note: str = "") -> dict:
         """Store `params` as this gallery's preset for `method` (beside the gallery cache)."""
@@ -333,9 +460,12 @@ class GallerySession:
         available = self.gallery.size - (1 if leave_one_out else 0)
         return available if self.full_rankings else min(PARTIAL_DEPTH, available)
 
-    def leave_one_out(self, method: str, params: Mapping[str, Any] | None = None
-                      ) -> LeaveOneOutRankings:
-        """Every gallery item's ranking of the others by `method` (batch mode), cached."""
+    def leave_one_out(self, method: str, params: Mapping[str, Any] | None = None, *,
+                      wait: bool = True) -> LeaveOneOutRankings | None:
+        """Every gallery item's ranking of the others by `method` (batch mode), cached.
+
+        With wait=False: the run if it is made, else None (and, with a job queue, the run is
+        queued there)."""
         if self.gallery.size < 2:
             raise InvalidInputError("a leave-one-out ranking needs at least 2 gallery images")
         depth = self.depth(leave_one_out=True)
@@ -358,6 +488,13 @@ class GallerySession:
                 return LeaveOneOutRankings(result.indices, result.distances,
                                            time.perf_counter() - started, dict(result.details))
 
+        if not wait:
+            found = self._leave_one_out.peek(key)
+            if found is None and self.jobs is not None:
+                self._submit(("leave-one-out", *key), f"{method_title(method)} leave-one-out",
+                             lambda progress: None if method in self.unavailable
+                             else self._leave_one_out.get(key, build))
+            return found
         return self._leave_one_out.get(key, build)
 
     def scores(self, method: str, params: Mapping[str, Any] | None = None,
@@ -385,13 +522,16 @@ class GallerySession:
     # -- embedding maps ----------------------------------------------------------------------------
     def map_spaces(self) -> list[tuple[str, str]]:
         """(space name, title) of the feature spaces the embedding map can show: the backbone's,
-        and that of each method that learns its own embeddings."""
+        and that of each method that learns its own embeddings (with a job queue: once it is
+        fitted)."""
         spaces = [("backbone", f"backbone features ({self.gallery.meta.backbone})")]
         for method in self.method_names:
             if method in self.unavailable:
                 continue
             try:
-                if self.reranker(method).gallery_embeddings() is not None:
+                reranker = (self.reranker(method) if self.jobs is None
+                            else self.fitted(method))
+                if reranker is not None and reranker.gallery_embeddings() is not None:
                     spaces.append((method, f"{method_title(method)} embeddings"))
             except EngineError:
                 continue
@@ -408,19 +548,20 @@ class GallerySession:
     def embedding_map(self, space: str = "backbone", progress: ProgressCallback | None = None,
                       fit: bool = True) -> EmbeddingMap | None:
         """The 2-D map of a feature space (fitted once per gallery and cached on disk); with
-        fit=False, None when it has not been computed yet."""
-        with self._map_lock:
-            if space in self._maps:
-                return self._maps[space]
-            key = fingerprint([self.gallery.fingerprint, space, self._space_key(space)])
-            found = EmbeddingMap.load(self.gallery.cache_dir, space, key)
-            if found is None and fit:
-                found = EmbeddingMap.load_or_fit(self._space_features(space),
-                                                 self.gallery.cache_dir, space, key,
-                                                 progress=progress)
-            if found is not None:
-                self._maps[space] = found
+        fit=False, None when it has not been computed yet (never waiting for a fit)."""
+        found = self._maps.get(space)
+        if found is not None:
             return found
+        key = fingerprint([self.gallery.fingerprint, space, self._space_key(space)])
+        found = EmbeddingMap.load(self.gallery.cache_dir, space, key)
+        if found is None and fit:
+            with self._map_lock:  # one fit at a time; readers do not take this lock
+                found = self._maps.get(space) or EmbeddingMap.load_or_fit(
+                    self._space_features(space), self.gallery.cache_dir, space, key,
+                    progress=progress)
+        if found is not None:
+            found = self._maps.setdefault(space, found)
+        return found
 
     def _space_key(self, space: str) -> Any:
         return None if space == "backbone" else self.params_for(space)[0]
@@ -503,8 +644,10 @@ class GallerySession:
         else:
             validated, source = self.resolve(method, params)
             title = method_title(method)
+        rankings = None
         if drop is not None and self.full_rankings and not self.asymmetric:
-            rankings = self.leave_one_out(method, validated)
+            rankings = self.leave_one_out(method, validated, wait=self.jobs is None)
+        if rankings is not None:
             per_query = rankings.seconds / self.gallery.size
             return Ranking(method, title, rankings.indices[drop], rankings.distances[drop],
                            per_query, "leave-one-out", validated, source,
@@ -541,13 +684,16 @@ class Explorer:
 
     allowed_roots: folders under which `open_folder` may open galleries (server paths typed in
     the page); uploaded zips are extracted under the cache root.
+    jobs: where slow work runs (see `GallerySession.schedule`); None computes it on first use.
     """
 
     def __init__(self, extractor: FeatureExtractor, *, device: str = "auto",
                  cache_root: str | os.PathLike | None = None,
                  allowed_roots: Sequence[str | os.PathLike] | None = None,
-                 methods: Sequence[str] | None = None, ssp_config: Any = None) -> None:
+                 methods: Sequence[str] | None = None, ssp_config: Any = None,
+                 jobs: JobQueue | None = None) -> None:
         self.extractor = extractor
+        self.jobs = jobs
         self.device = device
         self.ssp_config = ssp_config
         """SSPConfig of the asymmetric query model (None: the engine's default recipe)."""
@@ -565,10 +711,11 @@ class Explorer:
              cache_root: str | os.PathLike | None = None,
              progress: ProgressCallback | None = None,
              allowed_roots: Sequence[str | os.PathLike] | None = None,
-             methods: Sequence[str] | None = None) -> Explorer:
-        """The explorer with its first gallery open (indexed, or loaded from its cache)."""
+             methods: Sequence[str] | None = None, jobs: JobQueue | None = None) -> Explorer:
+        """The explorer with its first gallery open (indexed, or loaded from its cache; with
+        `jobs`, the rest of its preparation queued there)."""
         explorer = cls(get_extractor(device=device), device=device, cache_root=cache_root,
-                       allowed_roots=allowed_roots, methods=methods)
+                       allowed_roots=allowed_roots, methods=methods, jobs=jobs)
         explorer.open_folder(folder, progress=progress, check_allowed=False)
         return explorer
 
@@ -627,7 +774,8 @@ class Explorer:
                                    cache_root=self.cache_root, progress=progress,
                                    device=self.device)
             session = GallerySession(variant_key, gallery, self.device, self.method_names,
-                                     query_model=query_model, base_key=base.key)
+                                     query_model=query_model, base_key=base.key,
+                                     jobs=self.jobs)
             if spec.asymmetric:
                 from engine.ssp import fit_or_load
 
@@ -635,7 +783,7 @@ class Explorer:
                     [gallery.path_of(row) for row in range(gallery.size)], gallery.state_dir,
                     gallery_features=gallery.features, gallery_meta=gallery.meta,
                     config=self.ssp_config, device=self.device, progress=progress)
-            session.fit_defaults(progress)
+            self._prepare(session, progress)
             with self._lock:
                 self.galleries[variant_key] = session
             return session
@@ -670,13 +818,32 @@ class Explorer:
             gallery = Gallery.open(root, extractor=self.extractor, cache_root=self.cache_root,
                                    progress=progress, device=self.device)
             key = gallery.cache_dir.name
-            session = GallerySession(key, gallery, self.device, self.method_names)
-            session.fit_defaults(progress)
+            session = GallerySession(key, gallery, self.device, self.method_names,
+                                     jobs=self.jobs)
+            self._prepare(session, progress)
             with self._lock:
                 self.galleries[key] = session
             logger.info("opened gallery %s: %d images, %d classes, %d skipped", root,
                         gallery.size, len(gallery.class_names), len(gallery.skipped))
             return session
+
+    def _prepare(self, session: GallerySession, progress: ProgressCallback | None) -> None:
+        """Fit a new session's methods now, or, with a job queue, queue all its preparation."""
+        if self.jobs is None:
+            session.fit_defaults(progress)
+        else:
+            session.schedule()
+
+    def prepare_query_model(self, key: str | None, query_model: str) -> None:
+        """Queue `with_query_model` (indexing with the gallery model, training SSP) as a
+        background job; its session's own preparation is queued when it opens."""
+        if self.jobs is None:
+            raise InvalidInputError("this explorer has no background job queue")
+        base = self.session(key)
+        self.jobs.submit((base.key, "query model", query_model),
+                         f"Query model {QUERY_MODELS[query_model].title}",
+                         lambda progress: self.with_query_model(base.key, query_model,
+                                                                progress=progress))
 
     def open_zip(self, archive: str | os.PathLike, *,
                  progress: ProgressCallback | None = None) -> GallerySession:
@@ -748,20 +915,28 @@ class Explorer:
                 leave_out and source_row is not None)
         query_name = None if query_label is None else gallery.class_names[query_label]
         rankings: dict[str, Ranking] = {}
+        not_ready: dict[str, str] = {}
         for method, _ in session.methods():
-            ranking = session.rank(method, feature, source_row, leave_out,
-                                   None if params is None else params.get(method))
+            chosen = None if params is None else params.get(method)
+            reason = session.not_ready(method, chosen)
+            if reason is not None:
+                not_ready[method] = reason
+                continue
+            ranking = session.rank(method, feature, source_row, leave_out, chosen)
             rankings[method] = session.score(ranking, query_label, n_positives, top_n)
             timings[method] = ranking.seconds
         return QueryResult(session.key, source_row, source_file, query_label, query_name,
                            n_positives, feature, imagenet, rankings, timings,
                            min(top_n, len(rankings[BASELINE].indices)), leave_out,
-                           session.embedded_by)
+                           session.embedded_by, not_ready)
 
     def rerank(self, result: QueryResult, method: str, params: Mapping[str, Any] | None
                ) -> QueryResult:
         """The same query with one method re-run at new parameters."""
         session = self.session(result.gallery_key)
+        reason = session.not_ready(method, params)
+        if reason is not None:
+            return result.without(method, reason)
         ranking = session.rank(method, result.feature, result.source_row, result.leave_out,
                                params)
         ranking = session.score(ranking, result.query_label, result.n_positives, result.top_n)

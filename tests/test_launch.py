@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -25,10 +26,12 @@ REPO = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO / "Dockerfile"
 SERVE_DEADLINE_S = 300
 # What a start logs when it computes instead of loading (engine/gallery.py, embedding_map.py,
-# rerank/ssr.py, rerank/sgrr.py, ssp.py), or when its warm-up fails (launch.py).
+# rerank/ssr.py, rerank/sgrr.py, ssp.py), or when a background job fails (engine/jobs.py).
 RECOMPUTING = re.compile(r"embedding \d+ new or changed images|re-embedding|building the index|"
                          r"fitting the embedding map|refitting|retraining|"
-                         r"SSP query model trained|warm-up failed")
+                         r"SSP query model trained|background job .* failed")
+SERVING = "preparing the rest in the background"
+PREPARED = "background preparation done"
 
 
 # -- the command line --------------------------------------------------------------------------
@@ -183,9 +186,11 @@ def files_of(folder: Path) -> dict[str, tuple[int, int]]:
             for path in folder.rglob("*") if path.is_file()}
 
 
-def serve_until_warm(command: list[str], log: Path) -> tuple[float, str]:
-    """Run `launch.py` until the page answers and the warm-up is done; returns the seconds to
-    the first answer and the log. The process is stopped in any case."""
+def serve_until_warm(command: list[str], log: Path,
+                     on_serving: Any = None) -> tuple[float, str]:
+    """Run `launch.py` until the page answers and its background preparation is done; returns
+    the seconds to the first answer and the log. `on_serving(url)` is called once the page
+    answers. The process is stopped in any case."""
     port = launch.parse_args(command).port
     started = time.monotonic()
     ready = None
@@ -201,9 +206,11 @@ def serve_until_warm(command: list[str], log: Path) -> tuple[float, str]:
                 try:
                     if httpx.get(f"http://127.0.0.1:{port}/", timeout=5).status_code == 200:
                         ready = time.monotonic() - started
+                        if on_serving is not None:
+                            on_serving(f"http://127.0.0.1:{port}/")
                 except httpx.HTTPError:
                     pass
-            if ready is not None and "warm-up done" in log.read_text():
+            if ready is not None and PREPARED in log.read_text():
                 break
             pause.wait(0.2)  # the poll's interval
         else:
@@ -263,3 +270,40 @@ def test_a_baked_cache_is_served_without_recomputing(tmp_path: Path, which: str)
            and not name.startswith(("thumbnails/", "public-uploads/"))]
     assert new == [], "the start computed state the bake did not"
     assert seconds < SERVE_DEADLINE_S
+
+
+def test_every_start_serves_and_prepares_the_rest_in_the_background(tmp_path: Path) -> None:
+    """Several starts in a row, the first from an empty cache: each serves the page (no import
+    may race a background job), before its background preparation ends when there is work
+    left, and a query made at once gets the baseline and, for every method, a ranking or its
+    state."""
+    from gradio_client import Client, handle_file
+
+    gallery = make_gallery(tmp_path / "tiny", ssr_preset=True)
+    where = ["--gallery", str(gallery), "--cache-dir", str(tmp_path / "cache"), "--device",
+             "cpu"]
+    answers = []
+
+    def query_at_once(url: str) -> None:
+        answers.append(Client(url, verbose=False).predict(
+            handle_file(str(gallery / "image_0001.jpg")), None, False,
+            api_name="/query"))
+
+    for start in range(3):
+        log_path = tmp_path / f"start-{start}.log"
+        seconds, log = serve_until_warm(["--port", str(free_port()), *where], log_path,
+                                        query_at_once)
+        assert seconds < SERVE_DEADLINE_S
+        assert "Traceback" not in log and "DeadlockError" not in log, log[-3000:]
+        assert log.index(SERVING) < log.index(PREPARED)
+        if start == 0:
+            assert "background: " in log  # the first start had work left to do
+        else:
+            assert not RECOMPUTING.search(log), RECOMPUTING.search(log)
+    from engine.rerank import list_rerankers
+
+    assert len(answers) == 3
+    for answer in answers:
+        assert "baseline" in answer["methods"]
+        assert set(answer["methods"]) | set(answer["not_ready"]) == {"baseline",
+                                                                     *list_rerankers()}

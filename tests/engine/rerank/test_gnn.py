@@ -7,12 +7,13 @@ import inspect
 import numpy as np
 import pytest
 import torch
+from tie_aware import U32, assert_order_matches
 
 from engine.rerank import create_reranker
 from engine.rerank.gnn import propagate
 from engine.rerank.ops import torch_topk_largest, torch_topk_similar
 
-ATOL = 1e-5
+FEATURE_DIM = 1280  # lite0 features
 
 
 def dense_knn(features: np.ndarray, k1: int) -> tuple[np.ndarray, np.ndarray]:
@@ -63,28 +64,28 @@ def gnn_reference(queries: np.ndarray | None, gallery: np.ndarray, k1: int, k2: 
     return distances
 
 
-def assert_matches_reference(result, ref: np.ndarray) -> None:
-    """Distances equal at the returned indices; order equal except float ties."""
-    finite = np.isfinite(ref)
-    sorted_ref = np.sort(ref, axis=1)[:, : result.indices.shape[1]]
-    np.testing.assert_allclose(result.distances, sorted_ref, atol=ATOL)
-    np.testing.assert_allclose(np.take_along_axis(ref, result.indices, 1), result.distances,
-                               atol=ATOL)
-    assert np.take_along_axis(finite, result.indices, 1).all()
-    k = result.indices.shape[1]
-    expected = np.argsort(ref, axis=1, kind="stable")[:, :k]
-    with np.errstate(invalid="ignore"):  # inf - inf on the leave-one-out diagonal
-        gaps = np.diff(np.sort(ref, axis=1), axis=1)
-    # a position is unambiguous when its reference value is > ATOL from both neighbours
-    clear = np.ones(ref.shape, dtype=bool)
-    clear[:, 1:] &= gaps > ATOL
-    clear[:, :-1] &= gaps > ATOL
-    clear = clear[:, :k]
-    np.testing.assert_array_equal(result.indices[clear], expected[clear])
-    assert clear.any()  # the comparison is not vacuous
-    # exact ties (k2 = 1, lambda = 0 gives integer scores) come in ascending gallery index
-    same = np.diff(result.distances, axis=1) == 0
-    assert (np.diff(result.indices, axis=1)[same] > 0).all()
+def gnn_atol(n_nodes: int, k1: int, k2: int, lambda_value: float, dim: int) -> float:
+    """Largest error of the engine's float32 distance 1 - score against the float64 reference.
+
+    The graph term: with k2 = 1, counts of shared neighbours, exact in float32 (one rounding of
+    (1 - lambda) * count <= k1). Otherwise two layers, each a k2-term weighted sum of A + A^T
+    ((k2 + 2) U32 relative) and a norm over <= n entries (n / 2 + 2), then a score summing <= n
+    products of unit rows (n U32 plus twice the rows' relative error), so at most
+    (4 k2 + 3 n + 16) U32. The cosine term: a float32 dot product of unit vectors, dim U32.
+    """
+    graph = (k1 + 2) * U32 if k2 == 1 else (4 * k2 + 3 * n_nodes + 16) * U32
+    return (1 - lambda_value) * graph + lambda_value * (dim + 2) * U32 + 2 * U32
+
+
+def assert_matches_reference(result, ref: np.ndarray, k1: int, k2: int,
+                             lambda_value: float = 0.3, n_nodes: int | None = None) -> int:
+    """Distances equal the reference at the returned indices; order equal up to float ties
+    (`tie_aware`); exact ties (duplicates; k2 = 1, lambda = 0 gives integer scores) in
+    ascending gallery index. n_nodes: the graph's nodes (default queries + gallery)."""
+    n_nodes = sum(ref.shape) if n_nodes is None else n_nodes
+    return assert_order_matches(result.indices, ref, values=result.distances,
+                                atol=gnn_atol(n_nodes, k1, k2, lambda_value, FEATURE_DIM),
+                                ties_by_index=True)
 
 
 def gnn(**params):
@@ -92,49 +93,53 @@ def gnn(**params):
 
 
 @pytest.mark.parametrize("lambda_value", [0.3, 0.0])
-def test_batch_matches_dense_reference(split_features, lambda_value):
-    queries, gallery = split_features
+def test_batch_matches_dense_reference(oracle_split_features, lambda_value):
+    queries, gallery = oracle_split_features
     result = gnn(lambda_value=lambda_value).fit(gallery).rerank(queries)
     assert (result.details["k1"], result.details["k2"]) == (26, 7)
-    assert_matches_reference(result, gnn_reference(queries, gallery, 26, 7, lambda_value))
+    assert_matches_reference(result, gnn_reference(queries, gallery, 26, 7, lambda_value),
+                             26, 7, lambda_value)
 
 
 @pytest.mark.parametrize(("k1", "k2"), [(10, 3), (5, 5), (40, 12)])
-def test_batch_matches_dense_reference_other_sizes(split_features, k1, k2):
-    queries, gallery = split_features
+def test_batch_matches_dense_reference_other_sizes(oracle_split_features, k1, k2):
+    queries, gallery = oracle_split_features
     result = gnn(k1=k1, k2=k2).fit(gallery).rerank(queries)
-    assert_matches_reference(result, gnn_reference(queries, gallery, k1, k2, 0.3))
+    assert_matches_reference(result, gnn_reference(queries, gallery, k1, k2, 0.3), k1, k2)
 
 
 @pytest.mark.parametrize("lambda_value", [0.3, 0.0])
-def test_k2_one_scores_raw_binary_rows(split_features, lambda_value):
+def test_k2_one_scores_raw_binary_rows(oracle_split_features, lambda_value):
     """No propagation: the graph score counts shared kNN neighbours (rows not normalised)."""
-    queries, gallery = split_features
+    queries, gallery = oracle_split_features
     result = gnn(k1=15, k2=1, lambda_value=lambda_value).fit(gallery).rerank(queries)
     ref = gnn_reference(queries, gallery, 15, 1, lambda_value)
-    assert_matches_reference(result, ref)
+    assert_matches_reference(result, ref, 15, 1, lambda_value)
     # a query shares at most k1 neighbours with anything: scores reach (1 - lambda) * k1 at most
-    assert result.distances.min() >= 1.0 - (1 - lambda_value) * 15 - lambda_value - ATOL
+    atol = gnn_atol(len(queries) + len(gallery), 15, 1, lambda_value, FEATURE_DIM)
+    assert result.distances.min() >= 1.0 - (1 - lambda_value) * 15 - lambda_value - atol
     if lambda_value == 0.0:  # integer counts
         np.testing.assert_allclose(result.distances, np.round(result.distances), atol=1e-5)
 
 
-def test_online_matches_dense_reference(split_features):
-    queries, gallery = split_features
+def test_online_matches_dense_reference(oracle_split_features):
+    queries, gallery = oracle_split_features
     reranker = gnn().fit(gallery)
     for query in queries[:4]:
         result = reranker.rerank_online(query)
-        assert_matches_reference(result, gnn_reference(query[None, :], gallery, 26, 7, 0.3))
+        assert_matches_reference(result, gnn_reference(query[None, :], gallery, 26, 7, 0.3),
+                                 26, 7)
 
 
-def test_leave_one_out_matches_dense_reference_and_never_returns_self(split_features):
-    _, gallery = split_features
+def test_leave_one_out_matches_dense_reference_and_never_returns_self(oracle_split_features):
+    _, gallery = oracle_split_features
     reranker = gnn(k1=12, k2=4).fit(gallery)
     result = reranker.rerank(None)
     n = len(gallery)
     assert result.indices.shape == (n, n - 1)
     assert not (result.indices == np.arange(n)[:, None]).any()
-    assert_matches_reference(result, gnn_reference(None, gallery, 12, 4, 0.3))
+    assert_matches_reference(result, gnn_reference(None, gallery, 12, 4, 0.3), 12, 4,
+                             n_nodes=n)
     top = reranker.rerank(None, 5)
     assert not (top.indices == np.arange(n)[:, None]).any()
 
@@ -150,11 +155,12 @@ def test_duplicates_match_dense_reference(split_features, k1, k2, mode):
     reranker = gnn(k1=k1, k2=k2).fit(gallery)
     if mode == "batch":
         assert_matches_reference(reranker.rerank(queries),
-                                 gnn_reference(queries, gallery, k1, k2, 0.3))
+                                 gnn_reference(queries, gallery, k1, k2, 0.3), k1, k2)
     else:
         for query in queries:
             assert_matches_reference(reranker.rerank_online(query),
-                                     gnn_reference(query[None, :], gallery, k1, k2, 0.3))
+                                     gnn_reference(query[None, :], gallery, k1, k2, 0.3),
+                                     k1, k2)
 
 
 def test_leave_one_out_never_returns_self_with_duplicates(split_features):
@@ -173,7 +179,7 @@ def test_clamped_graph_matches_reference(split_features):
     # 12 nodes: k1 = 26 is clamped to 12, k2 = 7 stays
     assert (result.details["k1"], result.details["k2"]) == (12, 7)
     assert "clamped" in result.details
-    assert_matches_reference(result, gnn_reference(queries[:3], gallery, 12, 7, 0.3))
+    assert_matches_reference(result, gnn_reference(queries[:3], gallery, 12, 7, 0.3), 12, 7)
 
 
 # -- propagate on random data --------------------------------------------------------------------
@@ -257,13 +263,13 @@ def test_torch_topk_similar_matches_stable_sort():
 
 
 @pytest.mark.parametrize("lambda_value", [0.3, 0.0])
-def test_patched_online_matches_batch(split_features, monkeypatch, lambda_value):
+def test_patched_online_matches_batch(oracle_split_features, monkeypatch, lambda_value):
     """The patched online path (used above the dense size) equals batch with the single query,
     duplicates of gallery items among the queries included."""
     from engine.rerank.gnn import GNNReranker
 
     monkeypatch.setattr(GNNReranker, "patch_min_nodes", 0)
-    queries, gallery = split_features
+    queries, gallery = oracle_split_features
     gallery = np.vstack([gallery, gallery[:4]])  # exact duplicates
     reranker = gnn(lambda_value=lambda_value).fit(gallery)
     assert reranker._propagation is not None
@@ -271,4 +277,5 @@ def test_patched_online_matches_batch(split_features, monkeypatch, lambda_value)
         online = reranker.rerank_online(query)
         assert online.details["rows_recomputed"] > 0
         assert_matches_reference(online,
-                                 gnn_reference(query[None, :], gallery, 26, 7, lambda_value))
+                                 gnn_reference(query[None, :], gallery, 26, 7, lambda_value),
+                                 26, 7, lambda_value)

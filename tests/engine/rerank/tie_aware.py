@@ -26,7 +26,12 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["assert_order_matches", "pinned_positions"]
+__all__ = ["U32", "assert_order_matches", "pinned_positions"]
+
+U32 = 2.0 ** -24
+"""float32 unit roundoff: one rounding moves a value by at most U32 * |value|; a sum of n terms
+is off by at most about n * U32 * (sum of |terms|), a dot product of unit vectors of dimension
+d by d * U32."""
 
 
 def _as_rows(array: np.ndarray) -> np.ndarray:

@@ -27,6 +27,7 @@ from engine.gallery import CHECKPOINT_BATCHES, Gallery
 from engine.index import SearchIndex
 from engine.rerank import create_reranker
 from engine.rerank.base import GalleryContext
+from engine.rerank.ssr import progress_interval
 from engine.storage import load_checked_npz, load_json
 from tests.child_output import QueuedOutput
 
@@ -204,18 +205,23 @@ def test_a_killed_indexing_run_resumes_to_a_clean_build(kills, per_class, tmp_pa
 # -- training ------------------------------------------------------------------------------------
 
 FAST_SSR = {"k": 10, "hidden": 16, "episodes": 200, "q_steps": 1}
-"""A progress line at the start and every 100 episodes: three lines to be killed at."""
+"""A progress line at the start and every 1 % of the episodes: 101 lines to be killed at."""
 TWO_STEP_SSR = {"k": 10, "hidden": 32, "episodes": 300, "q_steps": 2}
 """The one-step module (300 episodes) is trained and saved first, then the two-step module
-starts from it (50 episodes): five progress lines, the last one after the first save."""
+starts from it (50 episodes): the two-step module's first line comes after the first save."""
+
+
+def step_lines(episodes: int) -> int:
+    """How many progress lines one step of SSR's fit prints: one (pseudo-labels) and one per
+    `progress_interval` episodes (the last episode always)."""
+    return 1 + -(-episodes // progress_interval(episodes))
 
 
 def progress_lines(params: dict[str, int]) -> int:
-    """How many progress lines SSR's fit prints: one (pseudo-labels) and one per 100 episodes
-    for each step (a step past the first trains episodes // 6)."""
-    lines = 1 + params["episodes"] // 100
+    """How many progress lines SSR's fit prints (a step past the first trains episodes // 6)."""
+    lines = step_lines(params["episodes"])
     if params["q_steps"] > 1:
-        lines += 1 + params["episodes"] // 6 // 100
+        lines += step_lines(params["episodes"] // 6)
     return lines
 
 
@@ -257,9 +263,9 @@ def test_a_killed_training_run_leaves_state_that_loads_and_resumes(kills, params
     for round_ in range(kills):
         saved = len(list(state_dir.rglob("*.json"))) - previous_files
         lines = progress_lines(params) if saved == 0 else 1
-        # With two steps, the first kill comes after the first step is saved (the last line:
-        # the second step's pseudo-labels); later ones at any line the child will print.
-        line = (lines if round_ == 0 and params["q_steps"] > 1
+        # With two steps, the first kill comes after the first step is saved (at the second
+        # step's pseudo-labels line); later ones at any line the child will print.
+        line = (step_lines(params["episodes"]) + 1 if round_ == 0 and params["q_steps"] > 1
                 else int(rng.integers(1, lines + 1)))
         outcomes.append((line, kill_at_progress_line(
             SSR_CHILD, [str(features_file), str(state_dir), json.dumps(params)], line)))

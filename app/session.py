@@ -364,8 +364,8 @@ class GallerySession:
         the methods that do not learn (seconds), the backbone's embedding map, the fits (or
         training) of the methods that learn, the maps of their embedding spaces, then every
         method's Compare scores (labelled galleries) and leave-one-out run (what gallery picks
-        read). Each piece is saved where it always is, so a restart resumes from what was
-        done."""
+        read), and last the map's projection of new queries. Each piece is saved where it
+        always is, so a restart resumes from what was done."""
         if self.jobs is None:
             raise InvalidInputError("this gallery has no background job queue")
         classes = {name: get_reranker_class(name) for name in self.method_names}
@@ -382,6 +382,15 @@ class GallerySession:
                 self._submit(("scores", method), f"{method_title(method)} scores",
                              functools.partial(self._scores_job, method))
             self.leave_one_out(method, wait=False)
+        self._submit(("map projection", "backbone"), "Embedding map projection",
+                     self._warm_up_map)
+
+    def _warm_up_map(self, progress: JobProgress) -> None:
+        """Load the map's model and compile its `transform` (numba), so that the first upload
+        is placed on the map without paying for it."""
+        layout = self.embedding_map("backbone", fit=False)
+        if layout is not None:
+            layout.warm_up()
 
     def _submit(self, what: tuple[Any, ...], title: str, work: Callable[[JobProgress], Any]):
         assert self.jobs is not None

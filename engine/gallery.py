@@ -11,6 +11,13 @@ Every file is written atomically, so a crash leaves the previous cache intact. R
 gallery embeds only files that are new or changed (by size and mtime); a long embedding run
 saves its features every `checkpoint_seconds`, so a killed run resumes where it saved.
 
+A gallery folder may ship its features (`shipped_features_path`: the demo does, so that a
+fresh clone serves in seconds instead of embedding 1360 images first). They seed the feature
+cache for files whose name, size and content sha256 match, once they pass the checks of any
+cache (checksum, backbone fingerprint, width, unit norm) and a spot check: `SPOT_CHECKS` of
+those files embedded now must agree with the shipped rows (cosine >= `SPOT_CHECK_COSINE`). A
+file that fails is ignored with a warning, and the images are embedded as usual.
+
 Every file is verified before it is used: features.npz by its own checksum (so it needs no
 manifest, and a crash between two writes cannot orphan an embedding run), then its backbone
 fingerprint, shapes, width, finiteness and unit norm; index.faiss and knn.npz by the sha256 the
@@ -61,8 +68,18 @@ CHECKPOINT_SECONDS = 30.0
 """An embedding run saves its features at least this often (after a chunk of batches)."""
 CHECKPOINT_BATCHES = 4
 """Extractor batches embedded between two checks of the checkpoint clock."""
+SPOT_CHECKS = 2
+"""Shipped features re-embedded at load to check they match the installed backbone."""
+SPOT_CHECK_COSINE = 0.999
+"""Agreement asked of a re-embedded image: float32 features of the same network differ between
+CPUs by ~1e-6 in cosine; another preprocessing or weights by far more than 1e-3."""
 
 ProgressCallback = Callable[[float, str], None]
+
+
+def shipped_features_path(folder: Path, backbone: str) -> Path:
+    """Where a gallery folder ships its features for `backbone` (see the module docstring)."""
+    return folder / "features" / f"{backbone}.npz"
 
 
 def default_cache_root() -> Path:
@@ -265,6 +282,11 @@ def _embed_incrementally(cache_dir: Path, meta: FeatureMeta, extractor: FeatureE
     keys = [(f, int(s), int(m)) for f, s, m in zip(files, sizes, mtimes, strict=True)]
     todo = [i for i, key in enumerate(keys) if key not in cached and key not in cached_skips]
     if todo:
+        seeded = _seed_from_shipped(root, files, todo, keys, cached, meta, extractor)
+        if seeded:
+            todo = [i for i in todo if keys[i] not in cached]
+            _save_feature_cache(features_path, meta, keys, cached, cached_skips)
+    if todo:
         logger.info("embedding %d new or changed images of %s (%d cached)", len(todo), root,
                     len(keys) - len(todo))
         chunk = CHECKPOINT_BATCHES * extractor.batch_size
@@ -298,6 +320,66 @@ def _embed_incrementally(cache_dir: Path, meta: FeatureMeta, extractor: FeatureE
     features = (np.stack([cached[keys[i]] for i in kept]).astype(np.float32) if kept
                 else np.zeros((0, meta.dim), np.float32))
     return features, kept, skipped
+
+
+def _seed_from_shipped(root: Path, files: list[str], todo: list[int], keys: list[CacheKey],
+                       cached: dict[CacheKey, np.ndarray], meta: FeatureMeta,
+                       extractor: FeatureExtractor) -> int:
+    """Fill `cached` with the shipped features of the `todo` files that match them by name,
+    size and content sha256, once the shipped file passes its checks; returns how many."""
+    path = shipped_features_path(root, meta.backbone)
+    if not path.is_file():
+        return 0
+    try:
+        shipped = load_checked_npz(path)
+        if str(shipped["meta_fingerprint"]) != meta.fingerprint:
+            raise CacheError("they were made with another backbone, weights or preprocessing")
+        try:
+            features = check_features(shipped["features"], "shipped features", meta.dim)
+        except InvalidInputError as error:
+            raise CacheError(str(error)) from error
+        rows = {str(name): (int(size), str(digest), row) for row, (name, size, digest) in
+                enumerate(zip(shipped["files"].tolist(), shipped["sizes"].tolist(),
+                              shipped["sha256"].tolist(), strict=True))}
+        if len(rows) != features.shape[0]:
+            raise CacheError(f"{len(rows)} files but {features.shape[0]} feature rows")
+        matched = {}
+        for i in todo:
+            size, digest, row = rows.get(files[i], (-1, "", -1))
+            if size == keys[i][1] and digest == sha256_file(root / files[i]):
+                matched[i] = row
+        if not matched:
+            return 0
+        probes = list(matched)[:: max(1, len(matched) // SPOT_CHECKS)][:SPOT_CHECKS]
+        fresh, kept, _ = extractor.embed_files([root / files[i] for i in probes])
+        agreement = [float(fresh[n] @ features[matched[probes[k]]])
+                     for n, k in enumerate(kept)]
+        if len(agreement) < len(probes) or min(agreement) < SPOT_CHECK_COSINE:
+            raise CacheError(f"re-embedded images agree only to cosine {agreement} with the "
+                             "shipped features")
+    except (CacheError, KeyError, ValueError, OSError) as error:
+        logger.warning("not using the shipped features %s (%s); embedding the images", path,
+                       error)
+        return 0
+    for i, row in matched.items():
+        cached[keys[i]] = features[row]
+    logger.info("took %d features from %s (checked: %d re-embedded images agree to cosine "
+                ">= %.6f)", len(matched), path, len(probes), min(agreement))
+    return len(matched)
+
+
+def save_shipped_features(gallery: Gallery) -> Path:
+    """Write the features of `gallery` into its folder (`shipped_features_path`), keyed by
+    file name, size and content sha256, for `_seed_from_shipped` on other machines."""
+    path = shipped_features_path(gallery.root, gallery.meta.backbone)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    paths = [gallery.root / name for name in gallery.files]
+    atomic_save_checked_npz(
+        path, meta_fingerprint=np.array(gallery.meta.fingerprint),
+        features=gallery.features.astype(np.float32), files=np.array(gallery.files, dtype=str),
+        sizes=np.array([p.stat().st_size for p in paths], np.int64),
+        sha256=np.array([sha256_file(p) for p in paths], dtype=str))
+    return path
 
 
 def _load_feature_cache(path: Path, meta: FeatureMeta

@@ -146,14 +146,14 @@ class Server(QueuedOutput):
 @pytest.fixture(scope="module")
 def served(explorer: Explorer, tiny_gallery: Path, app_root: Path,
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """launch.py serving the tiny gallery from the explorer's cache, warmed up (its warm-up
-    thread done)."""
+    """launch.py serving the tiny gallery from the explorer's cache, with its background
+    preparation done (every method ready, every leave-one-out run made)."""
     server = Server(tiny_gallery, app_root / "cache", app_root,
                     tmp_path_factory.mktemp("gradio_temp"))
     try:
         deadline = time.monotonic() + START_DEADLINE_S
         server.wait_for(r"Running on local URL", deadline)
-        server.wait_for(r"warm-up (done|failed)", deadline)
+        server.wait_for(r"background preparation done", deadline)
         yield server
     finally:
         server.stop()

@@ -13,7 +13,14 @@ import pytest
 
 from engine import storage
 from engine.errors import EmptyGalleryError, InvalidInputError
-from engine.gallery import Gallery, read_labels
+from engine.gallery import (
+    SPOT_CHECK_COSINE,
+    SPOT_CHECKS,
+    Gallery,
+    read_labels,
+    save_shipped_features,
+    shipped_features_path,
+)
 from engine.rerank.base import GalleryContext
 from engine.storage import load_checked_npz, load_json, load_npz
 
@@ -657,3 +664,79 @@ def test_stale_temporaries_of_a_killed_write_are_removed(folder, cache_root, ext
     second = open_gallery(folder, extractor, cache_root)
     assert not stale.exists() and fresh.exists()
     np.testing.assert_array_equal(second.features, first.features)
+
+
+# -- features shipped with a gallery -----------------------------------------------------------
+def ship(folder: Path, extractor, tmp_path: Path) -> tuple[Gallery, Path]:
+    """Embed the folder once (its own cache) and ship its features into it."""
+    gallery = open_gallery(folder, extractor, tmp_path / "shipping-cache")
+    return gallery, save_shipped_features(gallery)
+
+
+def test_shipped_features_seed_a_fresh_cache_after_a_spot_check(folder, cache_root, extractor,
+                                                                 embedded, tmp_path, caplog):
+    shipped_gallery, path = ship(folder, extractor, tmp_path)
+    assert path == shipped_features_path(folder.resolve(), extractor.meta.backbone)
+    embedded.clear()
+    for image in folder.rglob("*.jpg"):  # a fresh clone: same bytes, new modification times
+        os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**9))
+    with caplog.at_level(logging.INFO, logger="engine.gallery"):
+        gallery = open_gallery(folder, extractor, cache_root)
+    good = len(shipped_gallery.files)
+    # the spot check re-embeds SPOT_CHECKS good images; the bad files are tried as usual
+    assert count(embedded) == SPOT_CHECKS + len(BAD_FILES)
+    assert "took 12 features from" in caplog.text
+    assert gallery.files == shipped_gallery.files and gallery.size == good == 12
+    np.testing.assert_array_equal(gallery.features, shipped_gallery.features)
+
+
+def test_a_changed_image_is_embedded_not_taken_from_the_shipped_file(folder, cache_root,
+                                                                      extractor, embedded,
+                                                                      tmp_path):
+    ship(folder, extractor, tmp_path)
+    changed = folder / "daffodil" / demo_image(1).name
+    shutil.copy(demo_image(5), changed)  # same name, other picture
+    embedded.clear()
+    gallery = open_gallery(folder, extractor, cache_root)
+    assert sum(call.count(changed.name) for call in embedded) == 1
+    fresh = gallery.features[gallery.files.index(f"daffodil/{changed.name}")]
+    np.testing.assert_allclose(fresh, extractor.embed([demo_image(5)])[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("damage", ["swapped rows", "another backbone", "edited bytes"])
+def test_shipped_features_that_fail_a_check_are_not_used(folder, cache_root, extractor,
+                                                         embedded, tmp_path, caplog, damage):
+    gallery, path = ship(folder, extractor, tmp_path)
+    stored = load_checked_npz(path)
+    if damage == "swapped rows":  # checksummed, but not what the backbone computes now
+        stored["features"] = np.roll(stored["features"], 1, axis=0)
+        storage.atomic_save_checked_npz(path, **stored)
+    elif damage == "another backbone":
+        stored["meta_fingerprint"] = np.array("another backbone")
+        storage.atomic_save_checked_npz(path, **stored)
+    else:
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+    embedded.clear()
+    with caplog.at_level(logging.WARNING, logger="engine.gallery"):
+        reopened = open_gallery(folder, extractor, cache_root)
+    assert "not using the shipped features" in caplog.text
+    assert count(embedded) >= gallery.size + len(BAD_FILES)
+    np.testing.assert_allclose(reopened.features, gallery.features, atol=1e-5)
+
+
+def test_the_demo_gallery_ships_checked_features_of_every_image(extractor):
+    """The shipped demo features load, cover every demo image by name, size and sha256, and
+    agree with the installed backbone on a few images."""
+    demo = DEMO_IMAGES.parent
+    stored = load_checked_npz(shipped_features_path(demo, extractor.meta.backbone))
+    assert str(stored["meta_fingerprint"]) == extractor.meta.fingerprint
+    files = stored["files"].tolist()
+    assert files == sorted(p.relative_to(demo).as_posix() for p in DEMO_IMAGES.glob("*.jpg"))
+    for row in (0, 700, len(files) - 1):
+        image = demo / files[row]
+        assert int(stored["sizes"][row]) == image.stat().st_size
+        assert str(stored["sha256"][row]) == storage.sha256_file(image)
+        fresh = extractor.embed([image])[0]
+        assert float(fresh @ stored["features"][row]) >= SPOT_CHECK_COSINE

@@ -5,7 +5,10 @@ Written from the method notes (dense matrices, plain loops); deliberately unopti
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
+from tie_aware import U32, assert_order_matches
 
 
 def k_reciprocal_reference(q_g_dist: np.ndarray, q_q_dist: np.ndarray, g_g_dist: np.ndarray,
@@ -59,13 +62,22 @@ def euclidean(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.sqrt(np.maximum(squared, 0.0)).astype(np.float32)
 
 
-def _icfrr_ranks_and_weights(gg: np.ndarray, KG: int) -> tuple[np.ndarray, np.ndarray]:
+def _icfrr_ranks_and_weights(gg: np.ndarray, KG: int, lists: np.ndarray | None = None
+                             ) -> tuple[np.ndarray, np.ndarray]:
     """ICFRR's dense R (b's position in a's ascending gg list, minus one: self -1) and the
-    position weights alpha = linspace(1, 0, G) with alpha[KG:] = 0 (alpha[-1] is the last)."""
+    position weights alpha = linspace(1, 0, G) with alpha[KG:] = 0 (alpha[-1] is the last).
+
+    lists: (G, D) the first D entries of each ascending list, when given (beyond them R = G - 1,
+    weight 0; D > KG keeps every weighted position); None sorts the rows of gg stably.
+    """
     size = gg.shape[0]
     ranks = np.zeros((size, size), np.int64)
     for a in range(size):
-        ranks[a] = np.argsort(np.argsort(gg[a], kind="stable"), kind="stable") - 1
+        if lists is None:
+            ranks[a] = np.argsort(np.argsort(gg[a], kind="stable"), kind="stable") - 1
+        else:
+            ranks[a] = size - 1
+            ranks[a, lists[a]] = np.arange(lists.shape[1]) - 1
     alpha = np.linspace(1.0, 0.0, size)
     alpha[KG:] = 0.0
     return ranks, alpha
@@ -276,3 +288,78 @@ def sgcc_reference(edges: list[dict[int, float]], confidence: list[float], n_clu
         labels[item] = best
     return (np.array(labels, dtype=np.int64), np.array(leaders, dtype=np.int64),
             np.array(score))
+
+
+def icfrr_step_reference(qg: np.ndarray, gg: np.ndarray, KG: int, KQ: int, beta: float,
+                         orders: list[np.ndarray], paper_literal: bool = False,
+                         lists: np.ndarray | None = None) -> np.ndarray:
+    """The scores, by gallery item, of the ICFRR iteration that follows the given orders.
+
+    An implementation in float32 may order items whose exact scores tie within its rounding
+    either way, and with the per-position prior such a swap changes every later iteration; so
+    an iterative method is checked a step at a time, each step from the implementation's own
+    previous orders.
+
+    orders: the orders (Q, G) after iterations 0 .. t - 1 (orders[0] sorts qg ascending).
+    Returns (Q, G) float64: the scores of iteration t, larger is better. The per-position
+    prior: item orders[-1][q, p] scores base[p] + beta * delta(item), the voters
+    orders[-1][q, :KQ]. Paper-literal: s = -qg + beta * (sum over the given orders of their
+    voters' delta). lists: the gallery lists R is taken from (an implementation's own, checked
+    to sort gg up to ties: items at equal distance may come in either order), else gg's stable
+    sort; see `_icfrr_ranks_and_weights`.
+    """
+    qg, gg = np.asarray(qg, np.float64), np.asarray(gg, np.float64)
+    ranks, alpha = _icfrr_ranks_and_weights(gg, KG, lists)
+    n_queries, size = qg.shape
+    scores = np.zeros((n_queries, size))
+    for q in range(n_queries):
+        if paper_literal:
+            s = -qg[q]
+            for order in orders:
+                s = s + beta * _icfrr_delta(ranks, alpha, order[q, :KQ])
+            scores[q] = s
+            continue
+        order = orders[-1][q]
+        base = -np.sort(qg[q], kind="stable")
+        delta = _icfrr_delta(ranks, alpha, order[:KQ])
+        scores[q, order] = base + beta * delta[order]
+    return scores
+
+
+def icfrr_atol(beta: float, kq: int, steps: int = 1) -> float:
+    """Largest error of a float32 ICFRR score against the float64 oracle's.
+
+    delta sums kq terms 1/kq * alpha (each off by 3 U32: float32 1/kq, 1 - r/(n - 1) and their
+    product) in float32: off by (kq + 3) U32 at most, as delta <= 1; beta * delta and the sum
+    with the (exact) base round once each, the score staying within 2 + steps * beta. The
+    per-position prior adds one update to the base (steps = 1); paper-literal accumulates one
+    per iteration (steps = t).
+    """
+    return steps * (beta * (kq + 4) + 2 + steps * beta) * U32
+
+
+def assert_icfrr_steps(run: Callable[[int], tuple[np.ndarray, np.ndarray]], qg: np.ndarray,
+                       gg: np.ndarray, KG: int, KQ: int, beta: float, n_times: int,
+                       paper_literal: bool = False, lists: np.ndarray | None = None,
+                       label: str = "") -> list[np.ndarray]:
+    """Check an ICFRR implementation an iteration at a time against the oracle.
+
+    run(t) gives the implementation's full result after t iterations, (order (Q, G), scores
+    (Q, G), larger is better). Iteration 0 must sort qg ascending, stably, exactly (the same
+    float32 distances); iteration t must be the oracle's step from the implementation's own
+    orders 0 .. t - 1 (`icfrr_step_reference`), up to float ties (`tie_aware`, `icfrr_atol`).
+    KG and KQ are the values used (clamped); lists: the implementation's gallery lists, when
+    not gg's stable sort (see `icfrr_step_reference`). Returns the orders of iterations
+    0 .. n_times.
+    """
+    orders = [run(0)[0]]
+    np.testing.assert_array_equal(orders[0], np.argsort(qg, axis=1, kind="stable"),
+                                  err_msg=f"{label}: iteration 0")
+    for t in range(1, n_times + 1):
+        order, score = run(t)
+        expected = icfrr_step_reference(qg, gg, KG, KQ, beta, orders, paper_literal, lists)
+        assert_order_matches(order, expected, values=score, larger_is_better=True,
+                             atol=icfrr_atol(beta, KQ, t if paper_literal else 1),
+                             label=f"{label} iteration {t}")
+        orders.append(order)
+    return orders

@@ -8,12 +8,19 @@ import numpy as np
 import pytest
 import scipy.sparse
 import torch
-from oracles import icfrr_paper_literal_reference, icfrr_reference
+from oracles import (
+    assert_icfrr_steps,
+    icfrr_atol,
+    icfrr_paper_literal_reference,
+    icfrr_reference,
+    icfrr_step_reference,
+)
+from tie_aware import U32, assert_order_matches
 
 from engine.errors import InvalidInputError
 from engine.metrics import mean_average_precision
 from engine.protocols import every_tenth_split
-from engine.rerank import create_reranker, icfrr
+from engine.rerank import GalleryContext, create_reranker, icfrr
 from engine.rerank.icfrr import (
     ICFRRParams,
     ascending_candidates,
@@ -26,7 +33,7 @@ from engine.rerank.icfrr import (
     sorted_lists,
     vote_matrix,
 )
-from engine.rerank.ops import canonical_similarity
+from engine.rerank.ops import canonical_similarity, knn_graph
 
 ATOL = 1e-5
 
@@ -132,19 +139,83 @@ def used(KG: int, KQ: int, size: int) -> tuple[int, int]:
 SETTINGS = [(256, 250), (32, 32), (10, 15), (5, 3)]
 
 
+@pytest.fixture
+def oracle_distances(oracle_split_features) -> tuple[np.ndarray, np.ndarray]:
+    """`distances` of the original features, then of the features perturbed by a few ulps."""
+    queries, gallery = oracle_split_features
+    return (euclidean_from_similarity(canonical_similarity(queries, gallery)),
+            euclidean_from_similarity(canonical_similarity(gallery, gallery)))
+
+
+def by_item(order: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Scores listed in `order` (as the oracles return them) as scores by gallery item."""
+    result = np.empty(scores.shape)
+    np.put_along_axis(result, order, scores, axis=1)
+    return result
+
+
+def same_path(orders: list[np.ndarray], history: list[np.ndarray]) -> np.ndarray:
+    """(Q,) bool: the queries whose orders equal the oracle's own before the last iteration."""
+    return np.all([(a == b).all(axis=1) for a, b in zip(orders[:-1], history[:-1], strict=True)],
+                  axis=0) if len(orders) > 1 else np.ones(len(orders[0]), bool)
+
+
+def checked_lists(reranker, gallery: np.ndarray) -> np.ndarray:
+    """The re-ranker's gallery lists (from the kNN graph: sorted by similarity, where the
+    oracle sorts float32 distances, which can tie where the similarities do not), checked to
+    sort the gallery up to float ties (canonical similarities are rounded once: U32)."""
+    gallery64 = gallery.astype(np.float64)
+    assert_order_matches(reranker._lists, gallery64 @ gallery64.T, atol=U32,
+                         larger_is_better=True)
+    return reranker._lists
+
+
+def without_item(lists: np.ndarray, i: int) -> np.ndarray:
+    """Gallery lists of the gallery without item i (renumbered), as leave-one-out sees them."""
+    kept = [row[row != i][:lists.shape[1] - 1] for a, row in enumerate(lists) if a != i]
+    kept = np.stack(kept)
+    return kept - (kept > i)
+
+
+def assert_history(history: np.ndarray, orders: list[np.ndarray]) -> None:
+    """The details' history holds the first positions of each iteration's order (the runs with
+    fewer iterations do the same arithmetic, so exactly)."""
+    assert history.shape[1] == len(orders)
+    for t, order in enumerate(orders):
+        np.testing.assert_array_equal(history[:, t], order[:, :history.shape[2]])
+
+
 @pytest.mark.parametrize(("KG", "KQ"), SETTINGS)
 @pytest.mark.parametrize("beta", [0.5, 2.0])
 @pytest.mark.parametrize("n_times", [0, 1, 5])
-def test_from_distances_equals_reference(distances, KG, KQ, beta, n_times):
-    qg, gg = distances
-    result = icfrr_from_distances(qg, gg, KG=KG, KQ=KQ, beta=beta, n_times=n_times)
-    order, scores, history = icfrr_reference(qg, gg, *used(KG, KQ, len(gg)), beta, n_times)
-    np.testing.assert_array_equal(result.indices, order)
-    np.testing.assert_allclose(-result.distances, scores, atol=ATOL)
-    steps = result.details["history"]
+def test_from_distances_equals_reference(oracle_distances, KG, KQ, beta, n_times):
+    qg, gg = oracle_distances
+    kg, kq = used(KG, KQ, len(gg))
+    results = [icfrr_from_distances(qg, gg, KG=KG, KQ=KQ, beta=beta, n_times=t)
+               for t in range(n_times + 1)]
+    orders = assert_icfrr_steps(lambda t: (results[t].indices, -results[t].distances), qg, gg,
+                                kg, kq, beta, n_times)
+    steps = results[-1].details["history"]
     assert steps.shape == (len(qg), n_times + 1, icfrr.HISTORY_DEPTH)
-    for t in range(n_times + 1):
-        np.testing.assert_array_equal(steps[:, t], history[t][:, :steps.shape[2]])
+    assert_history(steps, orders)
+    # the oracle's own run: queries that took its path through the earlier iterations (all
+    # but near-ties) end in its final ranking, up to ties
+    order, scores, history = icfrr_reference(qg, gg, kg, kq, beta, n_times)
+    path = same_path(orders, history)
+    assert path.any()
+    assert_order_matches(results[-1].indices[path], by_item(order, scores)[path],
+                         values=-results[-1].distances[path], larger_is_better=True,
+                         atol=icfrr_atol(beta, kq))
+
+
+def test_step_reference_follows_the_reference(distances):
+    """The step oracle, fed the reference's own orders, gives the reference's scores."""
+    qg, gg = distances
+    for paper_literal, oracle in ((False, icfrr_reference),
+                                  (True, icfrr_paper_literal_reference)):
+        order, scores, history = oracle(qg, gg, 10, 15, 2.0, 3)
+        stepped = icfrr_step_reference(qg, gg, 10, 15, 2.0, history[:3], paper_literal)
+        np.testing.assert_allclose(stepped, by_item(order, scores), rtol=0, atol=1e-12)
 
 
 def test_from_distances_top_k(distances):
@@ -156,57 +227,90 @@ def test_from_distances_top_k(distances):
 
 
 @pytest.mark.parametrize(("KG", "KQ"), SETTINGS)
-def test_reranker_equals_reference(split_features, distances, KG, KQ):
-    queries, gallery = split_features
-    qg, gg = distances
-    reranker = create_reranker("icfrr", device="cpu", KG=KG, KQ=KQ).fit(gallery)
-    order, scores, history = icfrr_reference(qg, gg, *used(KG, KQ, len(gallery)), 0.5, 5)
-    batch = reranker.rerank(queries)
-    np.testing.assert_array_equal(batch.indices, order)
-    np.testing.assert_allclose(-batch.distances, scores, atol=ATOL)  # distance = -score
-    assert (np.diff(batch.distances, axis=1) >= 0).all()
-    for t in range(6):
-        np.testing.assert_array_equal(batch.details["history"][:, t], history[t][:, :20])
-    top = reranker.rerank(queries, 12)
-    np.testing.assert_array_equal(top.indices, order[:, :12])
-    # online, one query at a time, equals batch (distances to float32 rounding: the consensus
-    # is one matrix product whose summation order depends on the batch size)
-    online = reranker.rerank(queries, mode="online")
-    np.testing.assert_array_equal(online.indices, batch.indices)
-    np.testing.assert_allclose(online.distances, batch.distances, atol=1e-6)
-    for q, details in enumerate(online.details["per_query"]):
-        np.testing.assert_array_equal(details["history"], batch.details["history"][q])
+def test_reranker_equals_reference(oracle_split_features, KG, KQ):
+    queries, gallery = oracle_split_features
+    qg = euclidean_from_similarity(canonical_similarity(queries, gallery))
+    gg = euclidean_from_similarity(canonical_similarity(gallery, gallery))
+    kg, kq = used(KG, KQ, len(gallery))
+    context = GalleryContext(gallery, knn=knn_graph(gallery, len(gallery)))  # built once
+    rerankers = [create_reranker("icfrr", device="cpu", KG=KG, KQ=KQ, n_times=t).fit(context)
+                 for t in range(6)]
+    batches = [reranker.rerank(queries) for reranker in rerankers]
+    lists = checked_lists(rerankers[-1], gallery)
+    orders = assert_icfrr_steps(lambda t: (batches[t].indices, -batches[t].distances), qg, gg,
+                                kg, kq, 0.5, 5, lists=lists, label="batch")
+    batch = batches[-1]
+    assert (np.diff(batch.distances, axis=1) >= 0).all()  # distance = -score
+    assert_history(batch.details["history"], orders)
+    top = rerankers[-1].rerank(queries, 12)
+    np.testing.assert_array_equal(top.indices, batch.indices[:, :12])
+    # online, one query at a time: the consensus is a matrix-vector product whose float32
+    # sums round unlike the batch's, so near-ties may part; checked against the oracle too
+    onlines = [reranker.rerank(queries[:5], mode="online") for reranker in rerankers]
+    online_orders = assert_icfrr_steps(lambda t: (onlines[t].indices, -onlines[t].distances),
+                                       qg[:5], gg, kg, kq, 0.5, 5, lists=lists, label="online")
+    for q, details in enumerate(onlines[-1].details["per_query"]):
+        assert_history(details["history"][None], [order[q:q + 1] for order in online_orders])
 
 
 @pytest.mark.parametrize(("KG", "KQ"), [(256, 250), (10, 15), (5, 3)])
-def test_leave_one_out_equals_reference_without_the_item(split_features, distances, KG, KQ):
-    _, gallery = split_features
-    _, gg = distances
+def test_leave_one_out_equals_reference_without_the_item(oracle_split_features, KG, KQ):
+    _, gallery = oracle_split_features
+    gg = euclidean_from_similarity(canonical_similarity(gallery, gallery))
     size = len(gallery)
-    result = create_reranker("icfrr", device="cpu", KG=KG, KQ=KQ, beta=2.0).fit(gallery).rerank(
-        None)
+    reranker = create_reranker("icfrr", device="cpu", KG=KG, KQ=KQ, beta=2.0).fit(gallery)
+    result = reranker.rerank(None)
     assert result.indices.shape == (size, size - 1)
-    for i in (0, 7, 93, size - 1):
+    rows = np.array([0, 7, 93, size - 1])
+    # the re-ranker's leave-one-out core for these rows alone (each row is computed on its own)
+    gallery64 = gallery.astype(np.float64)
+
+    def leave_one_out(t: int) -> icfrr.ICFRROutput:
+        params = ICFRRParams(KG=KG, KQ=KQ, beta=2.0, n_times=t)
+        return run(query_distances(gallery64[rows], gallery64), reranker._lists_t, params,
+                   rows)[0]
+
+    outputs = [leave_one_out(t) for t in range(6)]
+    lists = checked_lists(reranker, gallery)
+    np.testing.assert_array_equal(result.indices[rows], outputs[-1].order)
+    np.testing.assert_array_equal(-result.distances[rows], outputs[-1].score)
+    for row, i in enumerate(rows):
         kept = np.delete(np.arange(size), i)
-        order, scores, _ = icfrr_reference(np.delete(gg[i], i)[None], gg[np.ix_(kept, kept)],
-                                           *used(KG, KQ, size - 1), 2.0, 5)
-        np.testing.assert_array_equal(result.indices[i], kept[order[0]])
-        np.testing.assert_allclose(-result.distances[i], scores[0], atol=ATOL)
+
+        def step(t: int, row: int = row, i: int = i) -> tuple[np.ndarray, np.ndarray]:
+            order = outputs[t].order[row:row + 1]
+            return order - (order > i), outputs[t].score[row:row + 1]  # ids without item i
+
+        assert_icfrr_steps(step, np.delete(gg[i], i)[None], gg[np.ix_(kept, kept)],
+                           *used(KG, KQ, size - 1), 2.0, 5, lists=without_item(lists, i),
+                           label=f"item {i} left out")
 
 
 @pytest.mark.parametrize(("KG", "KQ"), [(256, 250), (10, 15)])
-def test_paper_literal_equals_its_reference(split_features, distances, KG, KQ):
-    queries, gallery = split_features
-    qg, gg = distances
+def test_paper_literal_equals_its_reference(oracle_split_features, KG, KQ):
+    queries, gallery = oracle_split_features
+    qg = euclidean_from_similarity(canonical_similarity(queries, gallery))
+    gg = euclidean_from_similarity(canonical_similarity(gallery, gallery))
     kg, kq = used(KG, KQ, len(gg))
+    results = [icfrr_from_distances(qg, gg, KG=KG, KQ=KQ, n_times=t, paper_literal=True)
+               for t in range(6)]
+    orders = assert_icfrr_steps(lambda t: (results[t].indices, -results[t].distances), qg, gg,
+                                kg, kq, 0.5, 5, paper_literal=True)
+    result = results[-1]
+    assert_history(result.details["history"], orders)
     order, scores, history = icfrr_paper_literal_reference(qg, gg, kg, kq, 0.5, 5)
-    result = icfrr_from_distances(qg, gg, KG=KG, KQ=KQ, n_times=5, paper_literal=True)
-    np.testing.assert_array_equal(result.indices, order)
-    np.testing.assert_allclose(-result.distances, scores, atol=ATOL)
-    for t in range(6):
-        np.testing.assert_array_equal(result.details["history"][:, t], history[t][:, :20])
-    reranker = create_reranker("icfrr", device="cpu", KG=KG, KQ=KQ, paper_literal=True)
-    np.testing.assert_array_equal(reranker.fit(gallery).rerank(queries).indices, order)
+    path = same_path(orders, history)
+    assert path.any()
+    assert_order_matches(result.indices[path], by_item(order, scores)[path],
+                         values=-result.distances[path], larger_is_better=True,
+                         atol=icfrr_atol(0.5, kq, 5))
+    context = GalleryContext(gallery, knn=knn_graph(gallery, len(gallery)))  # built once
+    rerankers = [create_reranker("icfrr", device="cpu", KG=KG, KQ=KQ, n_times=t,
+                                 paper_literal=True).fit(context) for t in range(6)]
+    batches = [reranker.rerank(queries) for reranker in rerankers]
+    assert_icfrr_steps(lambda t: (batches[t].indices, -batches[t].distances), qg, gg, kg, kq,
+                       0.5, 5, paper_literal=True, lists=checked_lists(rerankers[-1], gallery),
+                       label="re-ranker")
     # not the authors' per-position semantics
     default = icfrr_from_distances(qg, gg, KG=KG, KQ=KQ, beta=0.5, n_times=5)
     assert (default.indices != result.indices).any(axis=1).any()
@@ -261,20 +365,29 @@ def test_sparse_vote_matrix_equals_dense(distances, monkeypatch, KG, KQ):
     sparse = vote_matrix(lists_t, size, kg, dense_limit=0)
     assert dense.layout == torch.strided and isinstance(sparse, scipy.sparse.csr_matrix)
     np.testing.assert_array_equal(sparse.toarray(), dense.numpy())
-    voters = torch.from_numpy(np.argsort(qg, axis=1, kind="stable")[:, :min(KQ, size)])
+    kq = min(KQ, size)
+    voters = torch.from_numpy(np.argsort(qg, axis=1, kind="stable")[:, :kq])
+    atol = 2 * (kq + 3) * U32  # two float32 sums of kq terms <= 1/kq each (see icfrr_atol)
     np.testing.assert_allclose(consensus_from_votes(sparse, voters).numpy(),
-                               consensus_from_votes(dense, voters).numpy(), atol=1e-6)
+                               consensus_from_votes(dense, voters).numpy(), atol=atol)
     np.testing.assert_allclose(consensus(lists_t, voters, size, kg).numpy(),
-                               consensus_from_votes(dense, voters).numpy(), atol=1e-6)
-    params = ICFRRParams(KG=KG, KQ=KQ, beta=2.0, n_times=5)
-    expected, _ = run(qg, lists, params)
+                               consensus_from_votes(dense, voters).numpy(), atol=atol)
+
+    def runs() -> list[icfrr.ICFRROutput]:
+        return [run(qg, lists, ICFRRParams(KG=KG, KQ=KQ, beta=2.0, n_times=t))[0]
+                for t in range(6)]
+
+    dense_runs = runs()
     # run() calls vote_matrix with its default limit: force the sparse layout
     monkeypatch.setattr(icfrr, "vote_matrix",
                         functools.partial(icfrr.vote_matrix, dense_limit=0))
-    got, _ = run(qg, lists, params)
-    np.testing.assert_array_equal(got.order, expected.order)
-    np.testing.assert_allclose(got.score, expected.score, atol=1e-6)
-    np.testing.assert_array_equal(got.history, expected.history)
+    sparse_runs = runs()
+    # the layouts sum in other orders, so near-ties may part: each against the oracle
+    for label, outputs in (("dense", dense_runs), ("sparse", sparse_runs)):
+        orders = assert_icfrr_steps(lambda t, outputs=outputs: (outputs[t].order,
+                                                                outputs[t].score),
+                                    qg, gg, kg, kq, 2.0, 5, label=label)
+        assert_history(outputs[-1].history, orders)
 
 
 # -- the torch path (what runs on a GPU), here on the CPU, against the numpy path -----------------

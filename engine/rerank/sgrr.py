@@ -6,7 +6,9 @@ SIBGRAPI 2024).
 2. SGCC leader clustering turns the most confident items into c pseudo-labelled clusters.
 3. A two-layer simplified GCN (SGConv, 2 hops each, hidden 32, ReLU, dropout 0.5) on the
    reciprocal LHRR kNN graph is trained on those pseudo-labels (NLL), then with a triplet margin
-   loss on cluster triplets; its c-dimensional outputs are the new embeddings.
+   loss on cluster triplets; its c-dimensional outputs (the logits) are the new embeddings.
+   Both losses read the network's log-softmax, as the authors' `SGCNet.forward` returns it: the
+   triplet stage pulls log-probabilities together, not logits (`epoch_loss`).
 4. The gallery is ranked by cosine similarity of the embeddings.
 
 Batch mode is the authors' transductive pipeline on all items at once. Online mode embeds a new
@@ -43,7 +45,8 @@ HIDDEN = 32
 DROPOUT = 0.5
 WEIGHT_DECAY = 5e-4
 TRIPLET_MARGIN = 1.0
-STATE_VERSION = 1
+STATE_VERSION = 2
+"""2: the triplet stage reads log-softmax rows (1 read the logits); states of 1 retrain."""
 FITTED = ("degree", "once", "hidden", "hidden_once", "embeddings")
 """The fitted tensors of `train` that online queries read."""
 
@@ -69,8 +72,13 @@ class SGRRParams(RerankParams):
 
 
 class SGCNet(torch.nn.Module):
-    """Two SGConv layers: z = A^2 (dropout(relu(A^2 x W1 + b1))) W2 + b2, A the GCN-normalised
-    adjacency with self loops. The first layer's propagation A^2 x is an input (fixed)."""
+    """The authors' network (`sgrr/network.py`: two torch_geometric `SGConv(K=2)` layers, ReLU,
+    dropout 0.5 between them) with the first layer's propagation taken out, as it is fixed:
+
+        z = M^2 dropout(relu((M^2 x) W1 + b1)) W2 + b2,
+
+    M the normalised adjacency (`normalised_adjacency`). `forward` returns z, the logits (the
+    authors' `model.embedding`); the log-softmax their forward returns is `epoch_loss`'s."""
 
     def __init__(self, dim: int, classes: int, hidden: int = HIDDEN) -> None:
         super().__init__()
@@ -87,21 +95,37 @@ class SGCNet(torch.nn.Module):
 
 def normalised_adjacency(edges: np.ndarray, n: int, device: torch.device
                          ) -> tuple[torch.Tensor, torch.Tensor]:
-    """D^-1/2 (A + I) D^-1/2 as a sparse tensor, and the degrees (self loop included)."""
+    """SGConv's propagation matrix M = D^-1/2 (A + I) D^-1/2 (one hop is M @ x) and the degrees.
+
+    The conventions of torch_geometric's `gcn_norm`, so that a hop equals `SGConv`'s on any edge
+    list: edge (s, t) carries s's row to t (M[t, s]); D counts each node's incoming edges plus its
+    loop; every edge weighs 1 (an edge listed twice counts twice); a self loop already in `edges` is
+    replaced by the one loop added. SGRR's reciprocal graph is symmetric, so there direction does
+    not matter.
+
+    Args:
+        edges: (2, E) int [sources; targets].
+    Returns:
+        M, (n, n) coalesced sparse float32 on `device`, and the degrees (n,) float32 (loop
+        included).
+    """
     loops = np.arange(n)
-    rows = np.concatenate([edges[0], loops])
-    columns = np.concatenate([edges[1], loops])
-    degree = np.bincount(rows, minlength=n).astype(np.float32)
-    values = 1.0 / np.sqrt(degree[rows] * degree[columns])
+    between = edges[0] != edges[1]
+    sources = np.concatenate([edges[0][between], loops])
+    targets = np.concatenate([edges[1][between], loops])
+    degree = np.bincount(targets, minlength=n).astype(np.float32)
+    values = 1.0 / np.sqrt(degree[sources] * degree[targets])
     adjacency = torch.sparse_coo_tensor(
-        torch.from_numpy(np.stack([rows, columns])), torch.from_numpy(values.astype(np.float32)),
-        (n, n), check_invariants=False).coalesce().to(device)
+        torch.from_numpy(np.stack([targets, sources])),
+        torch.from_numpy(values.astype(np.float32)), (n, n), check_invariants=False
+    ).coalesce().to(device)
     return adjacency, torch.from_numpy(degree).to(device)
 
 
 def cluster_triplets(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """(3, T) anchor, positive, negative: every ordered pair inside each cluster, with one
-    negative drawn uniformly from the items outside that cluster (unlabelled ones included)."""
+    negative drawn uniformly from the items outside that cluster (unlabelled ones included).
+    Drawn once per training, as the authors' `_make_triplets` does before training starts."""
     n = len(labels)
     triplets = []
     for cluster in np.unique(labels[labels >= 0]):
@@ -117,45 +141,88 @@ def cluster_triplets(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray
     return np.concatenate(triplets, axis=1) if triplets else np.zeros((3, 0), np.int64)
 
 
+@dataclass(frozen=True)
+class TrainingGraph:
+    """What every training epoch reads, on one device.
+
+    propagated: (n, d) float32 M^2 x, the first layer's fixed propagation; adjacency: (n, n)
+    sparse M; labels: (n,) int64 pseudo-labels, -1 unlabelled; triplets: (3, T) int64 anchors,
+    positives, negatives (`cluster_triplets`, the same every epoch).
+    """
+
+    propagated: torch.Tensor
+    adjacency: torch.Tensor
+    labels: torch.Tensor
+    triplets: torch.Tensor
+
+
+def epoch_loss(model: SGCNet, graph: TrainingGraph, stage: str) -> torch.Tensor:
+    """One epoch's loss, as the authors' `_nll_loss` and `_triplet_loss` compute it from the
+    output of their forward, log_softmax(z) over all nodes:
+
+    - "nll": mean negative log-likelihood of the pseudo-labelled nodes (labels >= 0);
+    - "triplet": mean triplet margin loss (margin 1, Euclidean distance) of the log-softmax rows
+      of `graph.triplets` (log-probabilities, not the logits that become the embeddings).
+    """
+    log_probabilities = F.log_softmax(model(graph.propagated, graph.adjacency), dim=1)
+    if stage == "nll":
+        labelled = graph.labels >= 0
+        return F.nll_loss(log_probabilities[labelled], graph.labels[labelled])
+    if stage == "triplet":
+        anchors, positives, negatives = graph.triplets
+        return F.triplet_margin_loss(log_probabilities[anchors], log_probabilities[positives],
+                                     log_probabilities[negatives], margin=TRIPLET_MARGIN)
+    raise ValueError(f"unknown training stage {stage!r}")
+
+
+def optimiser_for(model: SGCNet, learning_rate: float) -> torch.optim.Adam:
+    """The authors' optimiser: Adam with weight decay 5e-4 on every parameter (biases and the
+    output layer included), kept for both stages."""
+    return torch.optim.Adam(model.parameters(), lr=learning_rate, weight_decay=WEIGHT_DECAY)
+
+
 def train(features: np.ndarray, edges: np.ndarray, labels: np.ndarray, classes: int,
           params: SGRRParams, device: torch.device, progress: Any = None
           ) -> tuple[SGCNet, dict[str, torch.Tensor]]:
-    """Train the GCN in two stages (one Adam for both) and return it with its fitted tensors:
-    degrees, A x, the hidden layer h, A h and the embeddings (what online queries read)."""
+    """Train the GCN as the authors' `_train_gcn` does: one Adam (weight decay on every
+    parameter) for `nll_epochs` of NLL then `triplet_epochs` of triplet loss, full batch, in
+    training mode, one optimiser step per epoch; then embed in eval mode. Returns the network
+    and its fitted tensors: degrees, M x, the hidden layer h, M h and the embeddings z (what
+    online queries read).
+
+    The triplet stage is skipped when no cluster has two members (the authors' mean over no
+    triplets is NaN).
+    """
     torch.manual_seed(params.seed)
     rng = np.random.default_rng(params.seed)
     n, dim = features.shape
     adjacency, degree = normalised_adjacency(edges, n, device)
-    x = torch.from_numpy(features).to(device)
+    x = torch.from_numpy(np.ascontiguousarray(features, np.float32)).to(device)
     once = torch.sparse.mm(adjacency, x)
-    propagated = torch.sparse.mm(adjacency, once)
     model = SGCNet(dim, classes).to(device)
-    optimiser = torch.optim.Adam(model.parameters(), lr=params.learning_rate,
-                                 weight_decay=WEIGHT_DECAY)
-    target = torch.from_numpy(np.array(labels, np.int64)).to(device)
-    labelled = target >= 0
-    triplets = torch.from_numpy(cluster_triplets(labels, rng)).to(device)
+    optimiser = optimiser_for(model, params.learning_rate)
+    graph = TrainingGraph(
+        propagated=torch.sparse.mm(adjacency, once), adjacency=adjacency,
+        labels=torch.from_numpy(np.array(labels, np.int64)).to(device),
+        triplets=torch.from_numpy(cluster_triplets(labels, rng)).to(device))
+    stages = ["nll"] * params.nll_epochs
+    if graph.triplets.shape[1]:
+        stages += ["triplet"] * params.triplet_epochs
+    elif params.triplet_epochs:
+        logger.info("SGRR: no cluster has two members; the triplet stage is skipped")
     total = params.nll_epochs + params.triplet_epochs
     model.train()
-    for epoch in range(total):
+    for epoch, stage in enumerate(stages):
         optimiser.zero_grad()
-        embeddings = model(propagated, adjacency)
-        if epoch < params.nll_epochs:
-            loss = F.nll_loss(F.log_softmax(embeddings[labelled], dim=1), target[labelled])
-        elif triplets.shape[1]:
-            loss = F.triplet_margin_loss(embeddings[triplets[0]], embeddings[triplets[1]],
-                                         embeddings[triplets[2]], margin=TRIPLET_MARGIN)
-        else:
-            break
-        loss.backward()
+        epoch_loss(model, graph, stage).backward()
         optimiser.step()
         if progress is not None and (epoch + 1) % 50 == 0:
             progress((epoch + 1) / total, f"training the GCN {epoch + 1}/{total}")
     model.eval()
     with torch.no_grad():
-        hidden = model.hidden(propagated)
+        hidden = model.hidden(graph.propagated)
         hidden_once = torch.sparse.mm(adjacency, hidden)
-        embeddings = model(propagated, adjacency)
+        embeddings = model(graph.propagated, adjacency)
     return model, {"degree": degree, "once": once, "hidden": hidden,
                    "hidden_once": hidden_once, "embeddings": embeddings}
 

@@ -447,15 +447,22 @@ class GallerySession:
         return self.jobs.describe(job.key)
 
     def state_text(self, method: str) -> str:
-        """The state of a method's default setting on this gallery, for its tab: ready,
-        unavailable (why), or its background job's state."""
+        """The state of a method on this gallery, for its tab: ready, unavailable (why), its
+        fit's background job's state, and any other job of it (scores, leave-one-out run, map)
+        that failed."""
         if method in self.unavailable:
             return f"**Unavailable on this gallery:** {self.unavailable[method]}"
-        if self.jobs is None or self.fitted(method) is not None:
-            return "Ready."
-        validated, _ = self.resolve(method, None)
-        text = self.jobs.describe((self.key, *self._fit_job_key(method, validated)))
-        return "Ready." if text is None or text.endswith(": ready") else text
+        text = "Ready."
+        if self.jobs is not None and self.fitted(method) is None:
+            validated, _ = self.resolve(method, None)
+            described = self.jobs.describe((self.key, *self._fit_job_key(method, validated)))
+            text = text if described is None or described.endswith(": ready") else described
+        if self.jobs is not None:
+            failed = [job.describe() for job in self.jobs.jobs()
+                      if job.state == FAILED and job.key[0] == self.key
+                      and job.key[1] != "fit" and method in job.key[2:3]]
+            text = " · ".join([text, *failed])
+        return text
 
     def save_preset(self, method: str, params: Mapping[str, Any], note: str = "") -> dict:
         """Store `params` as this gallery's preset for `method` (beside the gallery cache)."""

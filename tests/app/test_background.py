@@ -122,3 +122,23 @@ def test_the_page_shows_each_tab_state_and_refreshes_only_on_change(queued: Expl
     assert all(after[handlers.tabs[name].state] == "Ready." for name in list_rerankers())
     assert len(after[w["compare_table"]]) == 1 + len(list_rerankers())
     assert w["map_plot"] in after  # the map became ready
+
+
+def test_a_failed_scoring_job_shows_in_its_method_tab_only(
+        queued: Explorer, monkeypatch: pytest.MonkeyPatch) -> None:
+    session = queued.session(None)
+    method = list_rerankers()[0]
+    scores = type(session).scores
+
+    def failing(self, name, params=None, cached_only=False):
+        if name == method and not cached_only:
+            raise MemoryError("no memory left for the leave-one-out run")
+        return scores(self, name, params, cached_only)
+
+    monkeypatch.setattr(type(session), "scores", failing)
+    queued.jobs.run_pending()
+    assert "scores: failed: no memory left" in session.state_text(method)
+    assert session.state_text(method).startswith("Ready.")
+    assert all(session.state_text(other) == "Ready." for other in list_rerankers()[1:])
+    result = queued.query(None, UPLOAD, query_class="snowdrop")
+    assert set(result.rankings) == {BASELINE, *list_rerankers()}

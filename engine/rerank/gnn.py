@@ -14,12 +14,13 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 
 from engine.rerank import register
+from engine.rerank._gnn_online import GalleryPropagation, SmallGraphPropagation
 from engine.rerank.base import GalleryContext, Reranker, RerankParams, param
 from engine.rerank.ops import (
+    canonical_similarity,
     lists_with_query,
     normalise_sparse_rows,
     sparse_rows,
@@ -27,6 +28,7 @@ from engine.rerank.ops import (
     torch_topk_largest,
     torch_topk_similar,
 )
+from engine.threads import query_threads
 
 SCORE_CHUNK = 1024
 DENSE_NODE_LIMIT = 4096
@@ -140,131 +142,6 @@ def _sparse_row_slice(matrix: torch.Tensor, start: int, stop: int) -> torch.Tens
                                    check_invariants=False, is_coalesced=True)
 
 
-def _adjacency_rows(lists: np.ndarray, n: int) -> sp.csr_matrix:
-    """Binary rows: row r has ones at the node ids lists[r]."""
-    width = lists.shape[1]
-    indptr = np.arange(lists.shape[0] + 1, dtype=np.int64) * width
-    return sp.csr_matrix((np.ones(lists.size, np.float32), lists.ravel(), indptr),
-                         shape=(lists.shape[0], n))
-
-
-def _weight_rows(lists: np.ndarray, similarities: np.ndarray, k2: int,
-                 columns: np.ndarray | None = None, n: int | None = None) -> sp.csr_matrix:
-    """Propagation weights: row r has s^2 at its first k2 neighbours (optionally renumbered)."""
-    ids = lists[:, :k2] if columns is None else np.searchsorted(columns, lists[:, :k2])
-    indptr = np.arange(lists.shape[0] + 1, dtype=np.int64) * k2
-    return sp.csr_matrix(((similarities[:, :k2] ** 2).astype(np.float32).ravel(),
-                          ids.ravel(), indptr),
-                         shape=(lists.shape[0], n if columns is None else len(columns)))
-
-
-def _normalise_rows(matrix: sp.csr_matrix) -> sp.csr_matrix:
-    norms = np.sqrt(np.asarray(matrix.multiply(matrix).sum(axis=1)).ravel())
-    return (sp.diags((1.0 / np.where(norms > 0, norms, 1.0)).astype(np.float32)) @ matrix
-            ).tocsr()
-
-
-def _rows(stored: sp.csr_matrix, fresh: sp.csr_matrix, fresh_ids: np.ndarray,
-          wanted: np.ndarray) -> sp.csr_matrix:
-    """Rows `wanted` of a matrix equal to `stored` except rows `fresh_ids` (sorted), which are
-    the rows of `fresh`."""
-    position = np.searchsorted(fresh_ids, wanted).clip(max=len(fresh_ids) - 1)
-    is_fresh = fresh_ids[position] == wanted
-    kept = sp.diags((~is_fresh).astype(np.float32)) @ stored[wanted]
-    pick = sp.csr_matrix((np.ones(is_fresh.sum(), np.float32),
-                          (np.flatnonzero(is_fresh), position[is_fresh])),
-                         shape=(len(wanted), len(fresh_ids)))
-    return (kept + pick @ fresh).tocsr()
-
-
-class GalleryPropagation:
-    """The gallery-only graph propagated once, so an online query recomputes only the rows its
-    arrival changes (exactly; CPU, scipy).
-
-    Nodes are numbered as for an online query: the query is node 0 (an empty row here), gallery
-    item j is node j + 1. Adding the query changes the kNN lists of the rows that take it in
-    (each drops its last entry); each layer then changes only the rows whose first k2
-    neighbours have changed rows, plus, through A + A^T, the columns of changed rows.
-    """
-
-    def __init__(self, neighbours: np.ndarray, similarities: np.ndarray, k1: int, k2: int
-                 ) -> None:
-        size = neighbours.shape[0]
-        n = size + 1
-        self.k1, self.k2, self.n = k1, k2, n
-        lists = np.vstack([np.zeros((1, k1), np.int64), neighbours[:, :k1] + 1])
-        weights = np.vstack([np.zeros((1, k1), np.float32), similarities[:, :k1]])
-        self.lists = lists
-        empty = sp.csr_matrix((1, n), dtype=np.float32)  # the query's row, not there yet
-        adjacency = sp.vstack([empty, _adjacency_rows(lists[1:], n)]).tocsr()
-        weight = sp.vstack([empty, _weight_rows(lists[1:], weights[1:], k2, n=n)]).tocsr()
-        self.adjacency_t = adjacency.T.tocsr()
-        self.b0 = (adjacency + self.adjacency_t).tocsr()
-        self.a1 = _normalise_rows(weight @ self.b0)
-        self.a1_t = self.a1.T.tocsr()
-        self.b1 = (self.a1 + self.a1_t).tocsr()
-        self.a2_columns = _normalise_rows(weight @ self.b1).tocsc()
-
-    def graph_scores(self, lists: np.ndarray, similarities: np.ndarray
-                     ) -> tuple[np.ndarray, int]:
-        """<A2[query], A2[node]> for every node, given the (n, k1) lists with the query in.
-
-        Returns the (n,) scores and how many rows of the last layer were recomputed.
-        """
-        n = self.n
-        took_query = np.flatnonzero((lists[1:] == 0).any(axis=1)) + 1
-        dropped = self.lists[took_query, self.k1 - 1]
-        changed0 = np.unique(np.concatenate([[0], took_query, dropped, lists[0]]))
-        # rows of B0 = A0 + A0^T that change: their own list, or their column of A0
-        forward = _adjacency_rows(lists[changed0], n)
-        backward = self.adjacency_t[changed0].tocoo()
-        stale = np.isin(backward.col, took_query)
-        stale[stale] = (dropped[np.searchsorted(took_query, backward.col[stale])]
-                        == changed0[backward.row[stale]])
-        rows = [backward.row[~stale], np.searchsorted(changed0, lists[0]),
-                np.full(len(took_query), np.searchsorted(changed0, 0))]
-        cols = [backward.col[~stale], np.zeros(len(lists[0]), np.int64), took_query]
-        backward = sp.csr_matrix((np.ones(sum(map(len, rows)), np.float32),
-                                  (np.concatenate(rows), np.concatenate(cols))),
-                                 shape=(len(changed0), n))
-        b0_fresh = (forward + backward).tocsr()
-        changed1 = self._affected(lists, changed0)
-        a1_fresh = self._layer(lists, similarities, changed1, self.b0, b0_fresh, changed0)
-        # rows of B1 = A1 + A1^T that change: changed rows of A1 and their (old and new) columns
-        touched = np.unique(np.concatenate([changed1, self.a1[changed1].indices,
-                                            a1_fresh.indices]))
-        a1_rows = _rows(self.a1, a1_fresh, changed1, touched)
-        old_t = self.a1_t[touched].tocoo()
-        keep = ~np.isin(old_t.col, changed1)
-        new_t = a1_fresh.T.tocsr()[touched].tocoo()
-        a1_t_rows = sp.csr_matrix(
-            (np.concatenate([old_t.data[keep], new_t.data]),
-             (np.concatenate([old_t.row[keep], new_t.row]),
-              np.concatenate([old_t.col[keep], changed1[new_t.col]]))),
-            shape=(len(touched), n))
-        b1_fresh = (a1_rows + a1_t_rows).tocsr()
-        changed2 = self._affected(lists, touched)
-        a2_fresh = self._layer(lists, similarities, changed2, self.b1, b1_fresh, touched)
-        query_row = a2_fresh[np.searchsorted(changed2, 0)]
-        scores = np.asarray(self.a2_columns[:, query_row.indices] @ query_row.data).ravel()
-        scores[changed2] = (a2_fresh @ query_row.T).toarray().ravel()
-        return scores.astype(np.float32), len(changed2)
-
-    def _affected(self, lists: np.ndarray, changed: np.ndarray) -> np.ndarray:
-        """Rows whose first k2 neighbours include a changed row (the query's row included)."""
-        marked = np.zeros(self.n, bool)
-        marked[changed] = True
-        return np.flatnonzero(marked[lists[:, :self.k2]].any(axis=1))
-
-    def _layer(self, lists: np.ndarray, similarities: np.ndarray, rows: np.ndarray,
-               stored: sp.csr_matrix, fresh: sp.csr_matrix, fresh_ids: np.ndarray
-               ) -> sp.csr_matrix:
-        """normalise(W B)[rows], with B = `stored` except rows `fresh_ids` taken from `fresh`."""
-        needed = np.unique(lists[rows, :self.k2])
-        weights = _weight_rows(lists[rows], similarities[rows], self.k2, columns=needed)
-        return _normalise_rows(weights @ _rows(stored, fresh, fresh_ids, needed))
-
-
 @register
 class GNNReranker(Reranker):
     """GNN re-ranking; distances are 1 - score (score in [-lambda, 1])."""
@@ -274,6 +151,8 @@ class GNNReranker(Reranker):
     Params = GNNParams
     runs_on_gpu = True
     patch_min_nodes: ClassVar[int] = DENSE_NODE_LIMIT
+    """Graphs of more nodes patch online queries with the sparse `GalleryPropagation`; smaller
+    ones with `SmallGraphPropagation` (dense (n, n) tables: 2 x 64 MiB at 4,096 nodes)."""
 
     def _effective(self, n_nodes: int) -> tuple[int, int, dict[str, Any]]:
         k1 = min(self.params.k1, n_nodes)
@@ -298,14 +177,18 @@ class GNNReranker(Reranker):
         else:
             self._gallery_similarities, self._gallery_neighbours = torch_topk_similar(
                 self._gallery, depth)
-        # Above the dense size, CPU online queries patch a propagated gallery graph instead of
-        # propagating the whole graph again (below it, dense propagation is faster).
-        self._propagation = None
-        if (self.device.type == "cpu" and context.size + 1 > self.patch_min_nodes
-                and context.size >= k1 and self.params.k2 > 1):
-            self._propagation = GalleryPropagation(
-                self._gallery_neighbours.numpy(), self._gallery_similarities.numpy(), k1,
-                min(self.params.k2, k1))
+        # CPU online queries patch the propagated gallery graph instead of propagating every
+        # row again: up to `patch_min_nodes` nodes through the small-graph path, above it the
+        # sparse one.
+        self._propagation: GalleryPropagation | SmallGraphPropagation | None = None
+        self._gallery64 = None
+        if self.device.type == "cpu" and context.size >= k1 and self.params.k2 > 1:
+            patch = (GalleryPropagation if context.size + 1 > self.patch_min_nodes
+                     else SmallGraphPropagation)
+            self._propagation = patch(self._gallery_neighbours.numpy(),
+                                      self._gallery_similarities.numpy(), k1,
+                                      min(self.params.k2, k1))
+            self._gallery64 = context.features.astype(np.float64)  # canonical similarities
 
     def _rerank_batch(self, query_features: np.ndarray | None, k: int):
         gallery = self._gallery
@@ -324,14 +207,21 @@ class GNNReranker(Reranker):
         """Batch with this single query, reusing the gallery's precomputed kNN graph.
 
         The query is node 0, gallery item j node j + 1 (`ops.lists_with_query`): only the
-        query's own similarities are computed, then the graph is propagated as in batch.
+        query's own similarities are computed. On the CPU the propagated gallery graph is
+        patched (`_gnn_online`): only the rows the query changes are propagated again; on a
+        GPU (or a graph too small to patch) the graph is propagated as in batch. One query's
+        steps are small, so they run on one thread (`engine.threads.query_threads`).
         """
         gallery = self._gallery
         size = gallery.shape[0]
         k1, k2, details = self._effective(size + 1)
-        with torch.inference_mode():
+        with torch.inference_mode(), query_threads():
             query = torch.from_numpy(query_feature).to(self.device)
-            to_query = torch_canonical_similarity(gallery, query[None, :])[:, 0]
+            if self._gallery64 is not None:
+                to_query = torch.from_numpy(
+                    canonical_similarity(self._gallery64, query_feature[None, :])[:, 0])
+            else:
+                to_query = torch_canonical_similarity(gallery, query[None, :])[:, 0]
             all_neighbours, all_similarities = lists_with_query(
                 self._gallery_neighbours, self._gallery_similarities, to_query, k1)
             if self._propagation is not None:

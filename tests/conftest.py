@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tie_aware import perturb_ulps
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_DIR = REPO_ROOT / "assets" / "demo_gallery"
@@ -80,26 +81,10 @@ def split_features(demo_features) -> tuple[np.ndarray, np.ndarray]:
     return chosen[is_query], chosen[~is_query]
 
 
-PERTURBATION_ULPS = 3
-"""Largest move, in units in the last place, of each value of the perturbed features."""
-
-
-def perturb_ulps(features: np.ndarray, max_ulps: int = PERTURBATION_ULPS, seed: int = 0
-                 ) -> np.ndarray:
-    """float32 unit rows with every value moved by a seeded random -max_ulps..max_ulps ulps,
-    then re-normalised: the same collection as another CPU's BLAS kernels may embed it, so
-    other pairs of items are near-tied."""
-    rng = np.random.default_rng(seed)
-    features = np.asarray(features, np.float32)
-    steps = rng.integers(-max_ulps, max_ulps + 1, features.shape).astype(np.float32)
-    moved = features + steps * np.spacing(np.abs(features))
-    norms = np.linalg.norm(moved.astype(np.float64), axis=1, keepdims=True)
-    return (moved / norms).astype(np.float32)
-
-
 @pytest.fixture(scope="session")
 def perturbed_split_features(split_features) -> tuple[np.ndarray, np.ndarray]:
-    """`split_features` with each value moved by a few ulps (`perturb_ulps`), seeded."""
+    """`split_features` with each value moved by a few ulps (`tie_aware.perturb_ulps`),
+    seeded."""
     queries, gallery = split_features
     return perturb_ulps(queries, seed=1), perturb_ulps(gallery, seed=2)
 

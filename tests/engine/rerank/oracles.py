@@ -144,6 +144,42 @@ def icfrr_paper_literal_reference(qg: np.ndarray, gg: np.ndarray, KG: int, KQ: i
     return history[-1], scores, history
 
 
+def icfrr_step_reference(qg: np.ndarray, gg: np.ndarray, KG: int, KQ: int, beta: float,
+                         orders: list[np.ndarray], paper_literal: bool = False,
+                         lists: np.ndarray | None = None) -> np.ndarray:
+    """The scores, by gallery item, of the ICFRR iteration that follows the given orders.
+
+    An implementation in float32 may order items whose exact scores tie within its rounding
+    either way, and with the per-position prior such a swap changes every later iteration; so
+    an iterative method is checked a step at a time, each step from the implementation's own
+    previous orders.
+
+    orders: the orders (Q, G) after iterations 0 .. t - 1 (orders[0] sorts qg ascending).
+    Returns (Q, G) float64: the scores of iteration t, larger is better. The per-position
+    prior: item orders[-1][q, p] scores base[p] + beta * delta(item), the voters
+    orders[-1][q, :KQ]. Paper-literal: s = -qg + beta * (sum over the given orders of their
+    voters' delta). lists: the gallery lists R is taken from (an implementation's own, checked
+    to sort gg up to ties: items at equal distance may come in either order), else gg's stable
+    sort; see `_icfrr_ranks_and_weights`.
+    """
+    qg, gg = np.asarray(qg, np.float64), np.asarray(gg, np.float64)
+    ranks, alpha = _icfrr_ranks_and_weights(gg, KG, lists)
+    n_queries, size = qg.shape
+    scores = np.zeros((n_queries, size))
+    for q in range(n_queries):
+        if paper_literal:
+            s = -qg[q]
+            for order in orders:
+                s = s + beta * _icfrr_delta(ranks, alpha, order[q, :KQ])
+            scores[q] = s
+            continue
+        order = orders[-1][q]
+        base = -np.sort(qg[q], kind="stable")
+        delta = _icfrr_delta(ranks, alpha, order[:KQ])
+        scores[q, order] = base + beta * delta[order]
+    return scores
+
+
 # ---------------------------------------------------------------------------------------------
 # LHRR and SGCC (SGRR's hypergraph steps): the authors' sgrr/sgcc/lhrr/source.cpp and
 # sgrr/sgcc/clustering.py in plain loops over dicts, with engine.hypergraph's numbers (float32
@@ -290,40 +326,36 @@ def sgcc_reference(edges: list[dict[int, float]], confidence: list[float], n_clu
             np.array(score))
 
 
-def icfrr_step_reference(qg: np.ndarray, gg: np.ndarray, KG: int, KQ: int, beta: float,
-                         orders: list[np.ndarray], paper_literal: bool = False,
-                         lists: np.ndarray | None = None) -> np.ndarray:
-    """The scores, by gallery item, of the ICFRR iteration that follows the given orders.
+# ---------------------------------------------------------------------------------------------
+# Bounds on an implementation's float32 error against the oracles (the `atol` of `tie_aware`)
 
-    An implementation in float32 may order items whose exact scores tie within its rounding
-    either way, and with the per-position prior such a swap changes every later iteration; so
-    an iterative method is checked a step at a time, each step from the implementation's own
-    previous orders.
 
-    orders: the orders (Q, G) after iterations 0 .. t - 1 (orders[0] sorts qg ascending).
-    Returns (Q, G) float64: the scores of iteration t, larger is better. The per-position
-    prior: item orders[-1][q, p] scores base[p] + beta * delta(item), the voters
-    orders[-1][q, :KQ]. Paper-literal: s = -qg + beta * (sum over the given orders of their
-    voters' delta). lists: the gallery lists R is taken from (an implementation's own, checked
-    to sort gg up to ties: items at equal distance may come in either order), else gg's stable
-    sort; see `_icfrr_ranks_and_weights`.
+def gnn_atol(n_nodes: int, k1: int, k2: int, lambda_value: float, dim: int) -> float:
+    """Largest error of GNN's float32 distance 1 - score against the float64 reference
+    (test_gnn.py's dense one).
+
+    The graph term: with k2 = 1, counts of shared neighbours, exact in float32 (one rounding of
+    (1 - lambda) * count <= k1). Otherwise two layers, each a k2-term weighted sum of A + A^T
+    ((k2 + 2) U32 relative) and a norm over <= n entries (n / 2 + 2), then a score summing <= n
+    products of unit rows (n U32 plus twice the rows' relative error), so at most
+    (4 k2 + 3 n + 16) U32. The cosine term: a float32 dot product of unit vectors, dim U32.
     """
-    qg, gg = np.asarray(qg, np.float64), np.asarray(gg, np.float64)
-    ranks, alpha = _icfrr_ranks_and_weights(gg, KG, lists)
-    n_queries, size = qg.shape
-    scores = np.zeros((n_queries, size))
-    for q in range(n_queries):
-        if paper_literal:
-            s = -qg[q]
-            for order in orders:
-                s = s + beta * _icfrr_delta(ranks, alpha, order[q, :KQ])
-            scores[q] = s
-            continue
-        order = orders[-1][q]
-        base = -np.sort(qg[q], kind="stable")
-        delta = _icfrr_delta(ranks, alpha, order[:KQ])
-        scores[q, order] = base + beta * delta[order]
-    return scores
+    graph = (k1 + 2) * U32 if k2 == 1 else (4 * k2 + 3 * n_nodes + 16) * U32
+    return (1 - lambda_value) * graph + lambda_value * (dim + 2) * U32 + 2 * U32
+
+
+def k_reciprocal_atol(n_nodes: int, k2: int, lambda_value: float) -> float:
+    """Largest error of k-reciprocal's distance against `k_reciprocal_reference` (both float32).
+
+    The reference's encoding: d' from float32 squares and a division (4 U32), float32 exp
+    (<= 2 ulps) and a row sum of <= n terms, (n + 10) U32 relative; the query expansion's mean
+    of k2 rows adds (k2 + 1) U32; the overlap sums <= n minima (m <= 1) in float32: m is off by
+    (2 n + k2 + 11) U32, and the engine's (float64 sums, fewer roundings) by no more. d_J =
+    1 - m / (2 - m) has slope <= 2 in m, so d_J is off by 4 (2 n + k2 + 11) + 3 U32; d' by
+    8 U32 (both sides' roundings); the final sum rounds once more.
+    """
+    jaccard = (4 * (2 * n_nodes + k2 + 11) + 3) * U32
+    return (1 - lambda_value) * jaccard + (8 * lambda_value + 2) * U32
 
 
 def icfrr_atol(beta: float, kq: int, steps: int = 1) -> float:

@@ -7,7 +7,8 @@ import inspect
 import numpy as np
 import pytest
 import torch
-from tie_aware import U32, assert_order_matches
+from oracles import gnn_atol
+from tie_aware import assert_order_matches
 
 from engine.rerank import create_reranker
 from engine.rerank.gnn import propagate
@@ -62,19 +63,6 @@ def gnn_reference(queries: np.ndarray | None, gallery: np.ndarray, k1: int, k2: 
     if queries is None:
         np.fill_diagonal(distances, np.inf)
     return distances
-
-
-def gnn_atol(n_nodes: int, k1: int, k2: int, lambda_value: float, dim: int) -> float:
-    """Largest error of the engine's float32 distance 1 - score against the float64 reference.
-
-    The graph term: with k2 = 1, counts of shared neighbours, exact in float32 (one rounding of
-    (1 - lambda) * count <= k1). Otherwise two layers, each a k2-term weighted sum of A + A^T
-    ((k2 + 2) U32 relative) and a norm over <= n entries (n / 2 + 2), then a score summing <= n
-    products of unit rows (n U32 plus twice the rows' relative error), so at most
-    (4 k2 + 3 n + 16) U32. The cosine term: a float32 dot product of unit vectors, dim U32.
-    """
-    graph = (k1 + 2) * U32 if k2 == 1 else (4 * k2 + 3 * n_nodes + 16) * U32
-    return (1 - lambda_value) * graph + lambda_value * (dim + 2) * U32 + 2 * U32
 
 
 def assert_matches_reference(result, ref: np.ndarray, k1: int, k2: int,

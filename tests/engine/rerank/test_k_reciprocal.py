@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.sparse as sp
-from oracles import euclidean, k_reciprocal_reference
+from oracles import euclidean, k_reciprocal_atol, k_reciprocal_reference
 from tie_aware import U32, assert_order_matches
 
 from engine.rerank import create_reranker
@@ -27,20 +27,6 @@ def reference(queries: np.ndarray, gallery: np.ndarray, k1: int, k2: int,
               lambda_value: float) -> np.ndarray:
     return k_reciprocal_reference(euclidean(queries, gallery), euclidean(queries, queries),
                                   euclidean(gallery, gallery), k1, k2, lambda_value)
-
-
-def k_reciprocal_atol(n_nodes: int, k2: int, lambda_value: float) -> float:
-    """Largest error of the engine's distance against the reference's (both float32).
-
-    The reference's encoding: d' from float32 squares and a division (4 U32), float32 exp
-    (<= 2 ulps) and a row sum of <= n terms, (n + 10) U32 relative; the query expansion's mean
-    of k2 rows adds (k2 + 1) U32; the overlap sums <= n minima (m <= 1) in float32: m is off by
-    (2 n + k2 + 11) U32, and the engine's (float64 sums, fewer roundings) by no more. d_J =
-    1 - m / (2 - m) has slope <= 2 in m, so d_J is off by 4 (2 n + k2 + 11) + 3 U32; d' by
-    8 U32 (both sides' roundings); the final sum rounds once more.
-    """
-    jaccard = (4 * (2 * n_nodes + k2 + 11) + 3) * U32
-    return (1 - lambda_value) * jaccard + (8 * lambda_value + 2) * U32
 
 
 def assert_matches_reference(result, ref: np.ndarray, k2: int, lambda_value: float) -> int:

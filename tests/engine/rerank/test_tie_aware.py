@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from tie_aware import assert_order_matches, pinned_positions
+from tie_aware import assert_order_matches, perturb_ulps, pinned_positions
 
 #                      0    1     2         3     4    5
 REFERENCE = np.array([0.1, 0.5, 0.3, 0.3 + 1e-7, 0.9, np.inf])  # 2 and 3 tie within 2 * 1e-6
@@ -73,3 +73,16 @@ def test_rejects_a_vacuous_comparison():
     with pytest.raises(AssertionError, match="vacuous"):
         assert_order_matches([2, 0, 1], np.zeros(3), atol=ATOL)
     assert assert_order_matches([2, 0, 1], np.zeros(3), atol=ATOL, min_pinned=0) == 0
+
+
+def test_perturb_ulps_moves_each_value_a_few_ulps_and_keeps_unit_rows():
+    rng = np.random.default_rng(0)
+    features = rng.standard_normal((20, 64)).astype(np.float32)
+    features /= np.linalg.norm(features, axis=1, keepdims=True)
+    moved = perturb_ulps(features, max_ulps=3, seed=5)
+    assert moved.dtype == np.float32
+    ulps = np.abs(moved.view(np.int32).astype(np.int64) - features.view(np.int32))
+    assert ulps.max() <= 3 + 2  # the move, then the re-normalisation's rounding
+    assert (ulps > 0).mean() > 0.5
+    np.testing.assert_allclose(np.linalg.norm(moved.astype(np.float64), axis=1), 1.0, atol=1e-6)
+    np.testing.assert_array_equal(perturb_ulps(features, max_ulps=3, seed=5), moved)

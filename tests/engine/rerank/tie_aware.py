@@ -15,6 +15,9 @@ such errors can produce:
 - items whose reference score is infinite on the worse side (+inf when smaller is better:
   leave-one-out's self) are never returned.
 
+`perturb_ulps` moves features by a few ulps, so the same comparisons run where other pairs of
+items are near-tied (as on another CPU).
+
 It returns the number of positions whose item the reference pins exactly (its score more than
 2 * atol from every other item's) and asserts there are at least `min_pinned`, so a comparison
 on scores that are all tied cannot pass vacuously.
@@ -26,7 +29,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["U32", "assert_order_matches", "pinned_positions"]
+__all__ = ["U32", "assert_order_matches", "perturb_ulps", "pinned_positions"]
 
 U32 = 2.0 ** -24
 """float32 unit roundoff: one rounding moves a value by at most U32 * |value|; a sum of n terms
@@ -149,3 +152,20 @@ def assert_order_matches(indices: np.ndarray, reference: np.ndarray, *, atol: fl
         f"{prefix}only {compared} positions pinned by the reference (need {min_pinned}): "
         f"the comparison would be vacuous")
     return compared
+
+
+PERTURBATION_ULPS = 3
+"""Largest move, in units in the last place, of each value of perturbed features."""
+
+
+def perturb_ulps(features: np.ndarray, max_ulps: int = PERTURBATION_ULPS, seed: int = 0
+                 ) -> np.ndarray:
+    """float32 unit rows with every value moved by a seeded random -max_ulps..max_ulps ulps,
+    then re-normalised: the same collection as another CPU's BLAS kernels may embed it, so
+    other pairs of items are near-tied."""
+    rng = np.random.default_rng(seed)
+    features = np.asarray(features, np.float32)
+    steps = rng.integers(-max_ulps, max_ulps + 1, features.shape).astype(np.float32)
+    moved = features + steps * np.spacing(np.abs(features))
+    norms = np.linalg.norm(moved.astype(np.float64), axis=-1, keepdims=True)
+    return (moved / norms).astype(np.float32)

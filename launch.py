@@ -110,11 +110,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     # faiss's loader logs every SIMD module it tries (and fails) to load; users read those
     # INFO lines as errors. The backend chosen is logged once, by the index.
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    # Gradio checks its own start-up with httpx requests, each logged at INFO.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     # Heavy imports here, so that `--help` answers at once. Everything the page imports is
     # imported now, in this thread, before any background job starts: two threads importing
     # the same modules at once can deadlock in Python's import locks.
     from app.page import build_app, launch_options
     from app.session import Explorer
+    from engine.device import resolve_device
     from engine.errors import EngineError
     from engine.gallery import DEMO_GALLERY
     from engine.jobs import JobQueue
@@ -137,9 +140,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     finally:
         progress.close()
-    logger.info("gallery %s: %d images, features and index ready (cache %s, search: %s)",
+    logger.info("gallery %s: %d images, features and index ready (cache %s, device %s)",
                 session.gallery.root, session.gallery.size, session.gallery.cache_dir,
-                session.gallery.index.backend)
+                resolve_device(args.device))
     if args.prepare_only:
         jobs.run_pending()
         failed = [job for job in jobs.jobs() if job.state == "failed"]

@@ -211,7 +211,7 @@ class JobQueue:
             job.message = message
             self._version += 1
 
-        logger.info("background: %s", job.title)
+        logger.debug("background job started: %s", job.title)
         try:
             with self._job_budget():
                 result = job.work(report)
@@ -228,7 +228,7 @@ class JobQueue:
             job.finished = time.monotonic()
             self._version += 1
             self._wake.notify_all()
-        logger.info("background: %s done in %.1f s", job.title, job.finished - job.started)
+        logger.info("background job done in %.1f s: %s", job.finished - job.started, job.title)
 
     @contextlib.contextmanager
     def _job_budget(self) -> Iterator[None]:

@@ -395,3 +395,21 @@ def assert_icfrr_steps(run: Callable[[int], tuple[np.ndarray, np.ndarray]], qg: 
                              label=f"{label} iteration {t}")
         orders.append(order)
     return orders
+
+
+def checked_gallery_lists(lists: np.ndarray, gallery: np.ndarray) -> np.ndarray:
+    """An implementation's gallery lists (from the kNN graph: sorted by similarity, where the
+    oracles sort float32 distances, which can tie where the similarities do not), checked to
+    sort the gallery up to float ties (canonical similarities are rounded once: U32), so an
+    oracle may take R from them (`icfrr_step_reference`)."""
+    lists = np.asarray(lists)
+    gallery64 = np.asarray(gallery, np.float64)
+    assert_order_matches(lists, gallery64 @ gallery64.T, atol=U32, larger_is_better=True)
+    return lists
+
+
+def lists_without_item(lists: np.ndarray, i: int) -> np.ndarray:
+    """Gallery lists of the gallery without item i (renumbered), as leave-one-out sees them."""
+    kept = np.stack([row[row != i][:lists.shape[1] - 1]
+                     for a, row in enumerate(lists) if a != i])
+    return kept - (kept > i)

@@ -10,10 +10,12 @@ import scipy.sparse
 import torch
 from oracles import (
     assert_icfrr_steps,
+    checked_gallery_lists,
     icfrr_atol,
     icfrr_paper_literal_reference,
     icfrr_reference,
     icfrr_step_reference,
+    lists_without_item,
 )
 from tie_aware import U32, assert_order_matches
 
@@ -160,23 +162,6 @@ def same_path(orders: list[np.ndarray], history: list[np.ndarray]) -> np.ndarray
                   axis=0) if len(orders) > 1 else np.ones(len(orders[0]), bool)
 
 
-def checked_lists(reranker, gallery: np.ndarray) -> np.ndarray:
-    """The re-ranker's gallery lists (from the kNN graph: sorted by similarity, where the
-    oracle sorts float32 distances, which can tie where the similarities do not), checked to
-    sort the gallery up to float ties (canonical similarities are rounded once: U32)."""
-    gallery64 = gallery.astype(np.float64)
-    assert_order_matches(reranker._lists, gallery64 @ gallery64.T, atol=U32,
-                         larger_is_better=True)
-    return reranker._lists
-
-
-def without_item(lists: np.ndarray, i: int) -> np.ndarray:
-    """Gallery lists of the gallery without item i (renumbered), as leave-one-out sees them."""
-    kept = [row[row != i][:lists.shape[1] - 1] for a, row in enumerate(lists) if a != i]
-    kept = np.stack(kept)
-    return kept - (kept > i)
-
-
 def assert_history(history: np.ndarray, orders: list[np.ndarray]) -> None:
     """The details' history holds the first positions of each iteration's order (the runs with
     fewer iterations do the same arithmetic, so exactly)."""
@@ -236,7 +221,7 @@ def test_reranker_equals_reference(oracle_split_features, KG, KQ):
     rerankers = [create_reranker("icfrr", device="cpu", KG=KG, KQ=KQ, n_times=t).fit(context)
                  for t in range(6)]
     batches = [reranker.rerank(queries) for reranker in rerankers]
-    lists = checked_lists(rerankers[-1], gallery)
+    lists = checked_gallery_lists(rerankers[-1]._lists, gallery)
     orders = assert_icfrr_steps(lambda t: (batches[t].indices, -batches[t].distances), qg, gg,
                                 kg, kq, 0.5, 5, lists=lists, label="batch")
     batch = batches[-1]
@@ -271,7 +256,7 @@ def test_leave_one_out_equals_reference_without_the_item(oracle_split_features, 
                    rows)[0]
 
     outputs = [leave_one_out(t) for t in range(6)]
-    lists = checked_lists(reranker, gallery)
+    lists = checked_gallery_lists(reranker._lists, gallery)
     np.testing.assert_array_equal(result.indices[rows], outputs[-1].order)
     np.testing.assert_array_equal(-result.distances[rows], outputs[-1].score)
     for row, i in enumerate(rows):
@@ -282,7 +267,7 @@ def test_leave_one_out_equals_reference_without_the_item(oracle_split_features, 
             return order - (order > i), outputs[t].score[row:row + 1]  # ids without item i
 
         assert_icfrr_steps(step, np.delete(gg[i], i)[None], gg[np.ix_(kept, kept)],
-                           *used(KG, KQ, size - 1), 2.0, 5, lists=without_item(lists, i),
+                           *used(KG, KQ, size - 1), 2.0, 5, lists=lists_without_item(lists, i),
                            label=f"item {i} left out")
 
 
@@ -308,9 +293,9 @@ def test_paper_literal_equals_its_reference(oracle_split_features, KG, KQ):
     rerankers = [create_reranker("icfrr", device="cpu", KG=KG, KQ=KQ, n_times=t,
                                  paper_literal=True).fit(context) for t in range(6)]
     batches = [reranker.rerank(queries) for reranker in rerankers]
+    lists = checked_gallery_lists(rerankers[-1]._lists, gallery)
     assert_icfrr_steps(lambda t: (batches[t].indices, -batches[t].distances), qg, gg, kg, kq,
-                       0.5, 5, paper_literal=True, lists=checked_lists(rerankers[-1], gallery),
-                       label="re-ranker")
+                       0.5, 5, paper_literal=True, lists=lists, label="re-ranker")
     # not the authors' per-position semantics
     default = icfrr_from_distances(qg, gg, KG=KG, KQ=KQ, beta=0.5, n_times=5)
     assert (default.indices != result.indices).any(axis=1).any()

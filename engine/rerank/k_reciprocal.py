@@ -46,6 +46,7 @@ from engine.rerank.ops import (
     torch_pair_squared_distances,
     torch_topk_largest,
 )
+from engine.threads import query_threads
 
 GPU_CELLS_PER_CHUNK = 1 << 25  # (query chunk x gallery) cells of the final distances per step
 
@@ -125,11 +126,17 @@ class KReciprocalReranker(Reranker):
             return
         width, half = k1 + 1, half_neighbourhood(k1) + 1
         node_lists = lists.indices + 1
-        self._reciprocal_sets = _member_sets(node_lists, reciprocal_mask(lists.indices, width),
-                                             width)
-        self._half_sets = _member_sets(node_lists, reciprocal_mask(lists.indices, half), half)
+        masks = reciprocal_mask(lists.indices, width), reciprocal_mask(lists.indices, half)
+        self._reciprocal_sets = _member_sets(node_lists, masks[0], width)
+        self._half_sets = _member_sets(node_lists, masks[1], half)
+        # the masks in node numbering, with a row for the query (recomputed per query)
+        self._reciprocal_masks = tuple(np.vstack([np.zeros((1, mask.shape[1]), bool), mask])
+                                       for mask in masks)
         row_ids, member_ids = k_reciprocal_expansion(lists.indices, k1)
         squared = pair_squared_distances(context.features, row_ids, member_ids, lists)
+        # R* pair distances by node key, so a query looks up the pairs it keeps
+        self._pair_keys = (row_ids + 1) * (size + 1) + member_ids + 1
+        self._pair_squared = squared
         encoding = k_reciprocal_encoding(row_ids + 1, member_ids + 1, squared,
                                          np.concatenate([[1.0], lists.row_max]), size + 1,
                                          size + 1)
@@ -233,46 +240,67 @@ class KReciprocalReranker(Reranker):
         lists a batch run over (query + gallery) builds. Rows whose reciprocal sets, candidate
         half-sets and row maximum are all unchanged keep their precomputed encoding, so only
         the query's neighbourhood is re-encoded. Always on the CPU (numpy/scipy), also for a
-        reranker on CUDA: patching a few sparse rows gains nothing from a GPU.
+        reranker on CUDA: patching a few sparse rows gains nothing from a GPU; and on one
+        thread (`engine.threads.query_threads`): split over two, each small step waits for
+        the second thread, which on a busy machine costs more than the step.
         """
         gallery = self.gallery.features
         size = gallery.shape[0]
         k1, k2, details = self._effective(size + 1)
-        lists, to_query = self._lists_with_query(query_feature, max(k1 + 1, k2))
-        features = np.vstack([query_feature[None, :], gallery])
-        if not self._patchable:
-            expanded = _encode(features, lists, k1, k2, np.arange(size + 1))
-            overlap = jaccard_overlap(expanded[:1], expanded.tocsc())[0]
-            dirty_rows = np.arange(size + 1)
-        else:
-            dirty_rows, overlap = self._patched_overlap(features, lists, k1, k2)
-        final = self._final(overlap[None, 1:], to_query[None, :], lists.row_max[:1])
-        indices, distances = top_k_smallest(final, k)
+        with query_threads():
+            lists, to_query = self._lists_with_query(query_feature, max(k1 + 1, k2))
+            if not self._patchable:
+                features = np.vstack([query_feature[None, :], gallery])
+                expanded = _encode(features, lists, k1, k2, np.arange(size + 1))
+                overlap = jaccard_overlap(expanded[:1], expanded.tocsc())[0]
+                dirty_rows = np.arange(size + 1)
+            else:
+                dirty_rows, overlap = self._patched_overlap(query_feature, to_query, lists, k1,
+                                                            k2)
+            final = self._final(overlap[None, 1:], to_query[None, :], lists.row_max[:1])
+            indices, distances = top_k_smallest(final, k)
         details = {**details, "rows_reencoded": int(dirty_rows.size)}
         return indices[0], distances[0], details
 
-    def _patched_overlap(self, features: np.ndarray, lists: NeighbourLists, k1: int, k2: int
+    def _patched_overlap(self, query_feature: np.ndarray, to_query: np.ndarray,
+                         lists: NeighbourLists, k1: int, k2: int
                          ) -> tuple[np.ndarray, np.ndarray]:
         """Jaccard overlap of the query (node 0) with every node, re-encoding only the rows the
         query changes: those whose reciprocal set, a candidate's half-set or row maximum moved.
+
+        A row's reciprocal mask over its first w entries can change only if its own first w
+        entries or those of one of them changed, i.e. if the query is among them: only those
+        rows' masks are recomputed, the others are the ones stored at fit.
         """
-        size = features.shape[0] - 1
+        size = lists.indices.shape[0] - 1
         width, half = k1 + 1, half_neighbourhood(k1) + 1
         stored_farthest = np.concatenate([[-np.inf], self._gallery_lists.farthest])
         max_changed = lists.farthest < stored_farthest
-        reciprocal = reciprocal_mask(lists.indices, width)
-        set_changed = (_member_sets(lists.indices, reciprocal, width)[1:]
-                       != self._reciprocal_sets).any(axis=1)
-        half_changed = (_member_sets(lists.indices, reciprocal_mask(lists.indices, half), half
-                                     )[1:] != self._half_sets).any(axis=1)
-        half_changed = np.concatenate([[True], half_changed])
+        changed_sets = []
+        for mask_width, stored_mask, stored_sets in (
+                (width, self._reciprocal_masks[0], self._reciprocal_sets),
+                (half, self._reciprocal_masks[1], self._half_sets)):
+            head = lists.indices[:, :mask_width]
+            moved = (head == 0).any(axis=1)
+            moved[0] = True
+            rows = np.flatnonzero(moved | moved[head].any(axis=1))
+            mask = stored_mask.copy()
+            mask[rows] = reciprocal_mask(lists.indices, mask_width, rows)
+            changed = np.zeros(size + 1, bool)
+            gallery_rows = rows[rows > 0]
+            changed[gallery_rows] = (
+                _member_sets(lists.indices[gallery_rows], mask[gallery_rows], mask_width)
+                != stored_sets[gallery_rows - 1]).any(axis=1)
+            changed_sets.append((mask, changed))
+        (reciprocal, set_changed), (half_mask, half_changed) = changed_sets
+        half_changed[0] = True
         candidates_changed = (half_changed[lists.indices[:, :width]] & reciprocal).any(axis=1)
-        dirty = max_changed | candidates_changed
-        dirty[1:] |= set_changed
+        dirty = max_changed | candidates_changed | set_changed
         dirty[0] = True
         dirty_rows = np.flatnonzero(dirty)
-        row_ids, member_ids = k_reciprocal_expansion(lists.indices, k1, dirty_rows)
-        squared = pair_squared_distances(features, row_ids, member_ids, lists)
+        row_ids, member_ids = k_reciprocal_expansion(lists.indices, k1, dirty_rows,
+                                                     masks=(reciprocal, half_mask))
+        squared = self._pair_distances(row_ids, member_ids, to_query)
         fresh = k_reciprocal_encoding(row_ids, member_ids, squared, lists.row_max, size + 1,
                                       size + 1)
         encoding = sp.diags((~dirty).astype(np.float32)) @ self._encoding + fresh
@@ -286,6 +314,30 @@ class KReciprocalReranker(Reranker):
         overlap = jaccard_overlap(query_row, self._expanded_columns)[0]
         overlap[changed_rows] = jaccard_overlap(query_row, expanded.tocsc())[0]
         return dirty_rows, overlap
+
+    def _pair_distances(self, row_ids: np.ndarray, member_ids: np.ndarray,
+                        to_query: np.ndarray) -> np.ndarray:
+        """Squared distances of (row, member) node pairs: the query's from `to_query` (its
+        squared distances to the gallery), gallery pairs from the fit's R* pairs where there,
+        the rest from canonical (float64) products; self pairs exactly 0."""
+        n = self.gallery.size + 1
+        result = np.zeros(len(row_ids), np.float32)
+        with_query = (row_ids == 0) | (member_ids == 0)
+        other = row_ids[with_query] + member_ids[with_query]
+        result[with_query] = to_query[np.maximum(other - 1, 0)]
+        rest = np.flatnonzero(~with_query & (row_ids != member_ids))
+        keys = row_ids[rest] * n + member_ids[rest]
+        found = np.searchsorted(self._pair_keys, keys).clip(max=len(self._pair_keys) - 1)
+        known = self._pair_keys[found] == keys
+        result[rest[known]] = self._pair_squared[found[known]]
+        rest = rest[~known]
+        for start in range(0, len(rest), 8192):
+            part = rest[start:start + 8192]
+            dots = np.einsum("ij,ij->i", self._gallery64[row_ids[part] - 1],
+                             self._gallery64[member_ids[part] - 1])
+            result[part] = squared_from_similarity(np.minimum(dots, 1.0).astype(np.float32))
+        result[(row_ids == member_ids)] = 0.0
+        return result
 
     def _lists_with_query(self, query_feature: np.ndarray, depth: int
                           ) -> tuple[NeighbourLists, np.ndarray]:

@@ -138,7 +138,8 @@ def reciprocal_mask(lists: np.ndarray, width: int, rows: np.ndarray | None = Non
     return mask
 
 
-def k_reciprocal_expansion(lists: np.ndarray, k1: int, rows: np.ndarray | None = None
+def k_reciprocal_expansion(lists: np.ndarray, k1: int, rows: np.ndarray | None = None,
+                           masks: tuple[np.ndarray, np.ndarray] | None = None
                            ) -> tuple[np.ndarray, np.ndarray]:
     """The expanded k-reciprocal set R*(i) of each row (Zhong et al. 2017, eqs. 3-6).
 
@@ -149,6 +150,8 @@ def k_reciprocal_expansion(lists: np.ndarray, k1: int, rows: np.ndarray | None =
     Args:
         lists: (n, >= k1 + 1) ascending neighbour lists over all n nodes.
         rows: the rows to expand (default all).
+        masks: `reciprocal_mask(lists, k1 + 1)` and `reciprocal_mask(lists, h + 1)` of every
+            row when already known (an online query patches stored ones), else computed.
     Returns:
         (row_ids, member_ids): parallel int64 arrays listing each (row, member) pair once,
         sorted by row then member.
@@ -158,7 +161,8 @@ def k_reciprocal_expansion(lists: np.ndarray, k1: int, rows: np.ndarray | None =
     width, half_width = k1 + 1, half_neighbourhood(k1) + 1
     # R(c, h) of every candidate c once, not once per row listing c
     candidates = np.unique(lists[rows, :width])
-    candidate_half_masks = reciprocal_mask(lists, half_width, candidates)  # (u, H)
+    candidate_half_masks = (reciprocal_mask(lists, half_width, candidates) if masks is None
+                            else masks[1][candidates])                   # (u, H)
     position = np.zeros(n, dtype=np.int64)
     position[candidates] = np.arange(len(candidates))
     # a chunk holds a few (rows, W, H) int64 arrays and a (rows, n) bool mask: bound them
@@ -169,7 +173,8 @@ def k_reciprocal_expansion(lists: np.ndarray, k1: int, rows: np.ndarray | None =
         chunk = rows[start:start + row_chunk]
         local = np.arange(len(chunk))
         forward = lists[chunk, :width]                                   # (r, W)
-        reciprocal = reciprocal_mask(lists, width, chunk)                # (r, W)
+        reciprocal = (reciprocal_mask(lists, width, chunk) if masks is None
+                      else masks[0][chunk])                              # (r, W)
         candidate_half = lists[forward, :half_width]                     # (r, W, H)
         candidate_half_mask = candidate_half_masks[position[forward]]    # (r, W, H)
         in_reciprocal = np.zeros((len(chunk), n), dtype=bool)            # R(i, k1) per row

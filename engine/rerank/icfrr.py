@@ -31,6 +31,7 @@ from engine.errors import InvalidInputError
 from engine.rerank import register
 from engine.rerank.base import GalleryContext, Reranker, RerankParams, RerankResult, param
 from engine.rerank.ops import canonical_similarity, knn_graph, torch_canonical_similarity
+from engine.threads import query_threads
 
 HISTORY_DEPTH = 20
 """Positions of each iteration's ranking kept in the result details."""
@@ -394,5 +395,9 @@ class ICFRR(Reranker):
 
     def _rerank_online(self, query_feature: np.ndarray, k: int
                        ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-        indices, distances, details = self._run(query_feature[None, :], k)
+        """One query as a batch of one, on one thread (`engine.threads.query_threads`): its
+        (1, G) products and sorts are too small to gain from a second thread, and on a busy
+        machine each would wait for it."""
+        with query_threads():
+            indices, distances, details = self._run(query_feature[None, :], k)
         return indices[0], distances[0], {**details, "history": details["history"][0]}

@@ -6,12 +6,20 @@
     python -m engine.bench --gallery ../shared/datasets/oxford17 --protocol oxford17-heldout \
         --methods k_reciprocal ssr:train_classes=9 ssr:train_classes=9,after_k_reciprocal=true
     python -m engine.bench --gallery ../shared/datasets/oxford17 --asymmetric   # SSP table
+    python -m engine.bench --online --busy                  # online latency, quiet and busy
+    python -m engine.bench --online --synthetic 2000 --spread 2.5 --busy
 
 Prints one table. Batch seconds are for all gallery images as queries against the rest
 (leave-one-out, transductive); online ms/query is the median over single queries against the
 fitted gallery; fit seconds cover precomputation and, for methods that learn, training; peak
 memory is the largest resident-set growth (CPU) or CUDA allocation during that method's fit and
 batch runs.
+
+`--online` prints the online table instead: each training-free method with its authors'
+defaults and with the demo gallery's preset, fitted on the collection less 50 held-out items,
+and the median ms of single held-out queries; with `--busy` the same queries again while a
+second CPU-bound process (a pure-Python loop, one core) runs. The process runs under
+`engine.threads.configure_threads()`, as the app does.
 """
 
 from __future__ import annotations
@@ -19,7 +27,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -32,7 +42,14 @@ import numpy as np
 from engine.evaluation import without_self
 from engine.metrics import evaluate
 from engine.protocols import PROTOCOLS, Split, make_split
-from engine.rerank import GalleryContext, TrainingSet, create_reranker, list_rerankers
+from engine.rerank import (
+    GalleryContext,
+    TrainingSet,
+    create_reranker,
+    get_reranker_class,
+    list_rerankers,
+)
+from engine.threads import configure_threads
 
 logger = logging.getLogger("engine.bench")
 
@@ -196,6 +213,128 @@ def run(features: np.ndarray, labels: np.ndarray, protocol: str, methods: Sequen
     return rows
 
 
+@dataclass
+class OnlineRow:
+    method: str
+    parameters: str
+    fit_seconds: float
+    quiet_ms: float
+    quiet_cpu_ms: float = 0.0
+    busy_ms: float | None = None
+
+
+BUSY_LOOP = "while True: pass"
+"""The second CPU-bound process of `--busy`: a pure-Python loop, one core, no thread pools."""
+
+
+@contextlib.contextmanager
+def busy_process() -> Iterator[str]:
+    """Run a CPU-bound child process (`BUSY_LOOP`) for the block; yields its description."""
+    child = subprocess.Popen([sys.executable, "-c", BUSY_LOOP])
+    try:
+        time.sleep(0.5)  # scheduled and spinning before the first timing
+        yield "a pure-Python busy loop in a second process"
+    finally:
+        child.kill()
+        child.wait()
+
+
+def held_out_rows(n: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """`count` query rows spread evenly over n items (every class of a sorted collection gets
+    some) and the gallery rows left."""
+    count = max(1, min(count, n - 2))
+    queries = np.unique(np.linspace(0, n - 1, count).round().astype(np.int64))
+    return queries, np.setdiff1d(np.arange(n), queries)
+
+
+def training_free_methods() -> list[str]:
+    """Registered methods that do not learn (fit precomputes only)."""
+    return [name for name in list_rerankers() if not get_reranker_class(name).learns]
+
+
+def online_specs(methods: Sequence[str], presets: dict[str, dict[str, object]]
+                 ) -> list[tuple[str, str]]:
+    """(spec, label) per method: its authors' defaults, then its preset when there is one."""
+    specs = []
+    for method in methods:
+        name, _ = parse_method(method)
+        specs.append((method, "authors' defaults" if method == name else "given"))
+        if method == name and name in presets:
+            values = ",".join(f"{key}={str(value).lower() if isinstance(value, bool) else value}"
+                              for key, value in presets[name].items())
+            specs.append((f"{name}:{values}", "demo preset"))
+    return specs
+
+
+def median_online_ms(reranker, queries: np.ndarray, k: int) -> tuple[float, float]:
+    """Median wall ms and median CPU ms of the calling thread (`time.thread_time`) of
+    `rerank(query, k, mode="online")` over the queries, after a warm-up.
+
+    An online query runs on its calling thread only (`engine.threads.query_threads`), so its
+    CPU time is about what it takes on an idle core, whatever else the machine runs.
+    """
+    reranker.rerank(queries[:1], k, mode="online")
+    wall, cpu = [], []
+    for query in queries:
+        started, started_cpu = time.perf_counter(), time.thread_time()
+        reranker.rerank(query[None, :], k, mode="online")
+        wall.append(time.perf_counter() - started)
+        cpu.append(time.thread_time() - started_cpu)
+    return 1000 * statistics.median(wall), 1000 * statistics.median(cpu)
+
+
+def run_online(features: np.ndarray, specs: Sequence[tuple[str, str]], top: int | None,
+               device: str, online_queries: int = ONLINE_QUERIES, busy: bool = False
+               ) -> tuple[list[OnlineRow], str]:
+    """The online table's rows: every spec fitted on the collection less `online_queries`
+    held-out items, then timed on those (quiet, and with `busy_process` when `busy`).
+
+    Returns the rows and a note of the load: the 1-minute load average before each pass and
+    what the busy pass ran beside.
+    """
+    query_rows, gallery_rows = held_out_rows(len(features), online_queries)
+    queries = features[query_rows]
+    context = GalleryContext(features[gallery_rows])
+    k = len(gallery_rows) if top is None else min(top, len(gallery_rows))
+    fitted, rows = [], []
+    for spec, label in specs:
+        name, params = parse_method(spec)
+        started = time.perf_counter()
+        reranker = create_reranker(name, device=device, **params).fit(context)
+        fitted.append(reranker)
+        values = spec.partition(":")[2]
+        shown = {"authors' defaults": label, "given": values}.get(label, f"{label}: {values}")
+        rows.append(OnlineRow(name, shown, time.perf_counter() - started, 0.0))
+    note = f"load average {os.getloadavg()[0]:.2f} before the quiet pass"
+    for row, reranker in zip(rows, fitted, strict=True):
+        row.quiet_ms, row.quiet_cpu_ms = median_online_ms(reranker, queries, k)
+    if busy:
+        with busy_process() as description:
+            note += f"; busy pass beside {description} (load {os.getloadavg()[0]:.2f})"
+            for row, reranker in zip(rows, fitted, strict=True):
+                row.busy_ms = median_online_ms(reranker, queries, k)[0]
+    note += f"; {len(gallery_rows)} gallery items, {len(queries)} held-out queries, top {k}"
+    return rows, note
+
+
+def format_online_table(rows: Sequence[OnlineRow], title: str) -> str:
+    """The online rows as a Markdown table (a busy column only when it was measured)."""
+    busy = any(row.busy_ms is not None for row in rows)
+    headers = ["method", "parameters", "fit s", "online ms/query (quiet)",
+               "CPU ms/query (quiet)"]
+    if busy:
+        headers += ["online ms/query (busy)", "busy / quiet"]
+    lines = []
+    for row in rows:
+        line = [row.method, row.parameters, f"{row.fit_seconds:.2f}", f"{row.quiet_ms:.2f}",
+                f"{row.quiet_cpu_ms:.2f}"]
+        if busy:
+            ratio = None if row.busy_ms is None else row.busy_ms / row.quiet_ms
+            line += [cell(row.busy_ms, ".2f"), cell(ratio, ".2f")]
+        lines.append(line)
+    return markdown_table(title, headers, lines)
+
+
 def parse_method(spec: str) -> tuple[str, dict[str, float | bool]]:
     """'gnn' or 'gnn:lambda_value=0,k1=20' or 'ssr:after_k_reciprocal=true' -> (name,
     parameter overrides)."""
@@ -271,6 +410,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--online-queries", type=int, default=None, metavar="N",
                         help=f"queries timed online (default {ONLINE_QUERIES}; 5 for --synthetic)")
     parser.add_argument("--cache-dir", type=Path, default=None)
+    parser.add_argument("--online", action="store_true",
+                        help="print the online latency table instead: training-free methods "
+                        "(or --methods) with the authors' defaults and the demo presets, "
+                        "median ms of single held-out queries")
+    parser.add_argument("--busy", action="store_true",
+                        help="with --online: also time the queries beside a second CPU-bound "
+                        "process (a pure-Python loop)")
     parser.add_argument("--asymmetric", action="store_true",
                         help="print the asymmetric query-model table instead (SSP against "
                         "symmetric lite0/lite2, untrained and ridge maps; engine.bench_asymmetric)")
@@ -286,10 +432,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             forwarded += ["--cache-dir", str(args.cache_dir)]
         return bench_asymmetric.main(forwarded)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    budget = configure_threads()
 
     from engine.device import resolve_device
 
     device = str(resolve_device(args.device))
+    if args.online:
+        return _main_online(args, device, budget.describe())
     methods = args.methods or list_rerankers()
     if args.synthetic:
         features, labels = synthetic_collection(args.synthetic, args.dim, spread=args.spread)
@@ -319,6 +468,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = run(features, labels, args.protocol, methods, top, device, online_queries,
                state_dir)
     print(format_table(rows, title))
+    return 0
+
+
+def _main_online(args: argparse.Namespace, device: str, budget: str) -> int:
+    from engine.gallery import DEMO_GALLERY
+    from engine.tuning import load_presets
+
+    if args.synthetic:
+        features, _ = synthetic_collection(args.synthetic, args.dim, spread=args.spread)
+        source = f"synthetic N={args.synthetic}, d={args.dim}, spread {args.spread}"
+    else:
+        from engine.gallery import Gallery
+
+        folder = args.gallery or DEMO_GALLERY
+        gallery = Gallery.open(folder, cache_root=args.cache_dir, device=args.device)
+        features = gallery.features
+        source = f"{Path(folder).name} ({gallery.size} images, {gallery.meta.backbone})"
+    specs = online_specs(args.methods or training_free_methods(), load_presets(DEMO_GALLERY))
+    rows, note = run_online(features, specs, args.top, device,
+                            args.online_queries or ONLINE_QUERIES, args.busy)
+    title = (f"Online ms/query (median over single queries), {source}, device {device}, "
+             f"{note}; threads: {budget}")
+    print(format_online_table(rows, title))
     return 0
 
 

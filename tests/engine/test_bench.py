@@ -75,3 +75,34 @@ def test_parse_method():
         "ssr", {"after_k_reciprocal": True, "k": 50})
     assert bench.parse_method("ssr:after_k_reciprocal=False") == (
         "ssr", {"after_k_reciprocal": False})
+
+
+def test_held_out_rows_spread_queries_and_leave_the_rest_as_gallery():
+    queries, gallery = bench.held_out_rows(100, 10)
+    assert len(queries) == 10 and len(gallery) == 90
+    assert np.intersect1d(queries, gallery).size == 0
+    assert queries[0] == 0 and queries[-1] == 99
+
+
+def test_online_specs_add_each_methods_preset():
+    specs = bench.online_specs(["gnn", "icfrr", "k_reciprocal:k1=5"],
+                               {"gnn": {"k1": 32, "lambda_value": 0.0, "flag": True}})
+    assert specs == [("gnn", "authors' defaults"),
+                     ("gnn:k1=32,lambda_value=0.0,flag=true", "demo preset"),
+                     ("icfrr", "authors' defaults"), ("k_reciprocal:k1=5", "given")]
+    assert "sgrr" not in bench.training_free_methods()
+    assert {"gnn", "icfrr", "k_reciprocal"} <= set(bench.training_free_methods())
+
+
+def test_run_online_times_quiet_and_busy_passes():
+    features, _ = bench.synthetic_collection(80, 16, n_classes=4, seed=5)
+    rows, note = bench.run_online(features, [("gnn", "authors' defaults"),
+                                             ("k_reciprocal:k1=5", "given")],
+                                  None, "cpu", online_queries=4, busy=True)
+    assert [(row.method, row.parameters) for row in rows] == [
+        ("gnn", "authors' defaults"), ("k_reciprocal", "k1=5")]
+    for row in rows:
+        assert row.quiet_ms > 0 and row.quiet_cpu_ms > 0 and row.busy_ms > 0
+    assert "76 gallery items, 4 held-out queries, top 76" in note and "busy" in note
+    table = bench.format_online_table(rows, "title")
+    assert "busy / quiet" in table and table.count("\n| ") == len(rows) + 1

@@ -322,6 +322,20 @@ def _embed_incrementally(cache_dir: Path, meta: FeatureMeta, extractor: FeatureE
     return features, kept, skipped
 
 
+def _load_features_file(path: Path, meta: FeatureMeta, what: str
+                        ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The arrays of a features file and its checked features; CacheError unless its checksum
+    holds, it was made by `meta`'s backbone and preprocessing, and its features have the
+    backbone's width and are finite unit rows."""
+    stored = load_checked_npz(path)
+    if str(stored["meta_fingerprint"]) != meta.fingerprint:
+        raise CacheError("features were made with another backbone, weights or preprocessing")
+    try:
+        return stored, check_features(stored["features"], what, meta.dim)
+    except InvalidInputError as error:
+        raise CacheError(str(error)) from error
+
+
 def _seed_from_shipped(root: Path, files: list[str], todo: list[int], keys: list[CacheKey],
                        cached: dict[CacheKey, np.ndarray], meta: FeatureMeta,
                        extractor: FeatureExtractor) -> int:
@@ -331,13 +345,7 @@ def _seed_from_shipped(root: Path, files: list[str], todo: list[int], keys: list
     if not path.is_file():
         return 0
     try:
-        shipped = load_checked_npz(path)
-        if str(shipped["meta_fingerprint"]) != meta.fingerprint:
-            raise CacheError("they were made with another backbone, weights or preprocessing")
-        try:
-            features = check_features(shipped["features"], "shipped features", meta.dim)
-        except InvalidInputError as error:
-            raise CacheError(str(error)) from error
+        shipped, features = _load_features_file(path, meta, "shipped features")
         rows = {str(name): (int(size), str(digest), row) for row, (name, size, digest) in
                 enumerate(zip(shipped["files"].tolist(), shipped["sizes"].tolist(),
                               shipped["sha256"].tolist(), strict=True))}
@@ -394,13 +402,7 @@ def _load_feature_cache(path: Path, meta: FeatureMeta
             logger.warning("the feature cache %s is missing; re-embedding", path)
         return {}, {}
     try:
-        stored = load_checked_npz(path)
-        if str(stored["meta_fingerprint"]) != meta.fingerprint:
-            raise CacheError("features were made with another backbone or preprocessing")
-        try:
-            features = check_features(stored["features"], "cached features", meta.dim)
-        except InvalidInputError as error:
-            raise CacheError(str(error)) from error
+        stored, features = _load_features_file(path, meta, "cached features")
         rows = list(zip(stored["files"].tolist(), stored["sizes"].tolist(),
                         stored["mtimes"].tolist(), strict=True))
         if len(rows) != features.shape[0]:

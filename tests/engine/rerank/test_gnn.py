@@ -110,8 +110,8 @@ def test_k2_one_scores_raw_binary_rows(oracle_split_features, lambda_value):
         np.testing.assert_allclose(result.distances, np.round(result.distances), atol=1e-5)
 
 
-def test_online_matches_dense_reference(oracle_split_features):
-    queries, gallery = oracle_split_features
+def test_online_matches_dense_reference(split_features):
+    queries, gallery = split_features
     reranker = gnn().fit(gallery)
     for query in queries[:4]:
         result = reranker.rerank_online(query)
@@ -251,13 +251,13 @@ def test_torch_topk_similar_matches_stable_sort():
 
 
 @pytest.mark.parametrize("lambda_value", [0.3, 0.0])
-def test_patched_online_matches_batch(oracle_split_features, monkeypatch, lambda_value):
+def test_patched_online_matches_batch(split_features, monkeypatch, lambda_value):
     """The patched online path (used above the dense size) equals batch with the single query,
     duplicates of gallery items among the queries included."""
     from engine.rerank.gnn import GNNReranker
 
     monkeypatch.setattr(GNNReranker, "patch_min_nodes", 0)
-    queries, gallery = oracle_split_features
+    queries, gallery = split_features
     gallery = np.vstack([gallery, gallery[:4]])  # exact duplicates
     reranker = gnn(lambda_value=lambda_value).fit(gallery)
     assert reranker._propagation is not None

@@ -170,9 +170,16 @@ def assert_history(history: np.ndarray, orders: list[np.ndarray]) -> None:
         np.testing.assert_array_equal(history[:, t], order[:, :history.shape[2]])
 
 
+def variants(cases: list[tuple], perturbed: list[tuple]) -> list[tuple]:
+    """Parameters of an oracle test: every case on the original features, and the cases listed
+    on the perturbed ones (indirect values of `oracle_split_features`), to keep time down."""
+    return [("original", *case) for case in cases] + [("perturbed", *case) for case in perturbed]
+
+
 @pytest.mark.parametrize(("KG", "KQ"), SETTINGS)
 @pytest.mark.parametrize("beta", [0.5, 2.0])
-@pytest.mark.parametrize("n_times", [0, 1, 5])
+@pytest.mark.parametrize(("oracle_split_features", "n_times"),
+                         variants([(0,), (1,), (5,)], [(5,)]), indirect=["oracle_split_features"])
 def test_from_distances_equals_reference(oracle_distances, KG, KQ, beta, n_times):
     qg, gg = oracle_distances
     kg, kq = used(KG, KQ, len(gg))
@@ -211,7 +218,9 @@ def test_from_distances_top_k(distances):
     np.testing.assert_array_equal(top.distances, full.distances[:, :7])
 
 
-@pytest.mark.parametrize(("KG", "KQ"), SETTINGS)
+@pytest.mark.parametrize(("oracle_split_features", "KG", "KQ"),
+                         variants(SETTINGS, [(256, 250), (5, 3)]),
+                         indirect=["oracle_split_features"])
 def test_reranker_equals_reference(oracle_split_features, KG, KQ):
     queries, gallery = oracle_split_features
     qg = euclidean_from_similarity(canonical_similarity(queries, gallery))
@@ -238,7 +247,9 @@ def test_reranker_equals_reference(oracle_split_features, KG, KQ):
         assert_history(details["history"][None], [order[q:q + 1] for order in online_orders])
 
 
-@pytest.mark.parametrize(("KG", "KQ"), [(256, 250), (10, 15), (5, 3)])
+@pytest.mark.parametrize(("oracle_split_features", "KG", "KQ"),
+                         variants([(256, 250), (10, 15), (5, 3)], [(10, 15)]),
+                         indirect=["oracle_split_features"])
 def test_leave_one_out_equals_reference_without_the_item(oracle_split_features, KG, KQ):
     _, gallery = oracle_split_features
     gg = euclidean_from_similarity(canonical_similarity(gallery, gallery))
@@ -271,7 +282,9 @@ def test_leave_one_out_equals_reference_without_the_item(oracle_split_features, 
                            label=f"item {i} left out")
 
 
-@pytest.mark.parametrize(("KG", "KQ"), [(256, 250), (10, 15)])
+@pytest.mark.parametrize(("oracle_split_features", "KG", "KQ"),
+                         variants([(256, 250), (10, 15)], [(10, 15)]),
+                         indirect=["oracle_split_features"])
 def test_paper_literal_equals_its_reference(oracle_split_features, KG, KQ):
     queries, gallery = oracle_split_features
     qg = euclidean_from_similarity(canonical_similarity(queries, gallery))

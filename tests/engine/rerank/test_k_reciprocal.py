@@ -44,8 +44,9 @@ def unit(x: np.ndarray) -> np.ndarray:
 
 
 # -- the reference on real features --------------------------------------------------------------
-@pytest.mark.parametrize(("k1", "k2", "lambda_value"),
-                         [(20, 6, 0.3), (10, 1, 0.0), (7, 4, 1.0), (25, 3, 0.5)])
+@pytest.mark.parametrize(("oracle_split_features", "k1", "k2", "lambda_value"), [
+    *[("original", *case) for case in [(20, 6, 0.3), (10, 1, 0.0), (7, 4, 1.0), (25, 3, 0.5)]],
+    ("perturbed", 20, 6, 0.3), ("perturbed", 10, 1, 0.0)], indirect=["oracle_split_features"])
 def test_batch_matches_reference_on_real_features(oracle_split_features, k1, k2, lambda_value):
     queries, gallery = oracle_split_features
     reranker = create_reranker("k_reciprocal", k1=k1, k2=k2, lambda_value=lambda_value)

@@ -46,10 +46,12 @@ arenas, the connections. Measured on the 2-core CPU: 73 to 78 MB for 5 x 4 queri
 126 MB for 20 x 10; the limit is twice that, far below what keeping one decoded image per query
 would cost over 200 queries."""
 SECOND_ROUND_SLACK_MB = 64
-"""How much higher the second round's peak may be than the first's: the one-off costs are
-mostly paid, so a server that does not accumulate per query stays about level (measured: +32 MB
-after 5 x 4 queries, -1 MB after 20 x 10); a leak of 1 MB per query would exceed this over
-200 queries."""
+"""How much higher the third round's peak may be than the second's: by then the one-off costs
+are paid, so a server that does not accumulate per query stays about level; a leak of 1 MB per
+query would exceed this over 200 queries. (Round two is not compared with round one: on a busy
+machine round two can still start worker threads, and with them allocator arenas, that round
+one did not need; measured +65 MB after 5 x 4 queries at load average 7, +32 MB on a quieter
+machine.)"""
 
 
 def without_timings(answer: dict[str, Any]) -> dict[str, Any]:
@@ -221,9 +223,9 @@ def run_load(url: str, plan: list[list[Query]]) -> tuple[list[list[Answer]], flo
 def test_concurrent_clients_get_the_answers_of_queries_run_alone(
         clients: int, per_client: int, served: Server, alone: dict[Query, dict[str, Any]]
         ) -> None:
-    """Two rounds of the same load: no errors, every answer equal to the query's answer when
+    """Three rounds of the same load: no errors, every answer equal to the query's answer when
     run alone, the peak memory of the first round within PEAK_GROWTH_LIMIT_MB of the
-    warmed-up size, and the second round's peak within SECOND_ROUND_SLACK_MB of the first's
+    warmed-up size, and the third round's peak within SECOND_ROUND_SLACK_MB of the second's
     (memory reaches a plateau instead of growing with every query)."""
     pool = list(alone)
     plan = [[pool[(client * per_client + i) % len(pool)] for i in range(per_client)]
@@ -233,7 +235,7 @@ def test_concurrent_clients_get_the_answers_of_queries_run_alone(
     pid = served.process.pid
     start = memory_kb(pid)["VmRSS"]
     peaks = []
-    for round_ in (1, 2):
+    for round_ in (1, 2, 3):
         before = memory_kb(pid)
         if not reset_peak(pid):
             pytest.skip("the server's peak memory cannot be reset (/proc/PID/clear_refs)")
@@ -255,5 +257,5 @@ def test_concurrent_clients_get_the_answers_of_queries_run_alone(
         assert not different, different[:1]
         assert sum(len(answers) for answers in results) == clients * per_client
     assert (peaks[0] - start) / 1024 < PEAK_GROWTH_LIMIT_MB
-    assert (peaks[1] - peaks[0]) / 1024 < SECOND_ROUND_SLACK_MB
+    assert (peaks[2] - peaks[1]) / 1024 < SECOND_ROUND_SLACK_MB
     assert served.process.poll() is None

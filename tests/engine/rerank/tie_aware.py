@@ -15,12 +15,12 @@ such errors can produce:
 - items whose reference score is infinite on the worse side (+inf when smaller is better:
   leave-one-out's self) are never returned.
 
-`perturb_ulps` moves features by a few ulps, so the same comparisons run where other pairs of
-items are near-tied (as on another CPU).
+`assert_order_matches` returns the number of positions whose item the reference pins exactly
+(its score more than 2 * atol from every other item's) and asserts there are at least
+`min_pinned`, so a comparison on scores that are all tied cannot pass vacuously.
 
-It returns the number of positions whose item the reference pins exactly (its score more than
-2 * atol from every other item's) and asserts there are at least `min_pinned`, so a comparison
-on scores that are all tied cannot pass vacuously.
+`perturb_ulps` moves features by a few ulps, so the same comparisons also run where other pairs
+of items are near-tied (as on another CPU's bits).
 
 Import it as `tie_aware` (the `pythonpath` of pyproject.toml includes tests/engine/rerank).
 """

@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -157,14 +158,29 @@ class PublicUploads:
         return len(mine)
 
     def _delete(self, upload: Upload) -> None:
-        """Close the upload's galleries, then delete their thumbnails, caches and files."""
+        """Close the upload's galleries, then delete their thumbnails, caches and files. While
+        a background job of theirs is still running (it cannot be stopped, and would write
+        into the cache again), the caches are deleted by a job queued right after it."""
         closed = self.explorer.close(upload.key)
         if closed:
             gallery = closed[0].gallery  # the variants show the same files
             for row in range(gallery.size):
                 self._thumbnails.forget(gallery.path_of(row))
-        for session in closed:
-            shutil.rmtree(session.gallery.cache_dir, ignore_errors=True)
+        caches = [session.gallery.cache_dir for session in closed]
+
+        def delete_caches(progress: object = None) -> None:
+            for cache in caches:
+                shutil.rmtree(cache, ignore_errors=True)
+
+        keys = {session.key for session in closed}
+        jobs = self.explorer.jobs
+        if jobs is not None and jobs.running(lambda key: isinstance(key, tuple)
+                                             and key[0] in keys) is not None:
+            jobs.submit(("delete", upload.key, time.monotonic_ns()),
+                        "Deleting a closed upload's caches",
+                        delete_caches, first=True)
+        else:
+            delete_caches()
         shutil.rmtree(upload.folder, ignore_errors=True)
 
 

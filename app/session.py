@@ -872,7 +872,8 @@ class Explorer:
     def close(self, key: str) -> list[GallerySession]:
         """Forget an open gallery and the query-model variants opened from it (a public page
         closes a visitor's upload this way); returns them, so that the caller can delete their
-        files. The first gallery, the one the page starts on, stays open."""
+        files. The first gallery, the one the page starts on, stays open. Their waiting
+        background jobs are dropped (one running now finishes: see `JobQueue.running`)."""
         with self._lock:
             if key == self.default_key:
                 raise InvalidInputError("the gallery the page starts on cannot be closed")
@@ -882,6 +883,9 @@ class Explorer:
                 del self.galleries[session.key]
                 self._variant_locks.pop(session.key, None)
                 self._open_locks.pop(session.gallery.root, None)
+        if self.jobs is not None:
+            keys = {session.key for session in closed} | {key}
+            self.jobs.drop(lambda job_key: isinstance(job_key, tuple) and job_key[0] in keys)
         return closed
 
     # -- queries ---------------------------------------------------------------------------------

@@ -113,16 +113,16 @@ class JobQueue:
 
     # -- submitting and reading ------------------------------------------------------------------
     def submit(self, key: Hashable, title: str, work: Callable[[JobProgress], Any],
-               *, retry: bool = False) -> Job:
+               *, retry: bool = False, first: bool = False) -> Job:
         """Queue `work` under `key` unless a job of that key exists (then return that one; with
-        `retry`, a failed one is queued again)."""
+        `retry`, a failed one is queued again). `first` puts it at the head of the queue."""
         with self._lock:
             job = self._jobs.get(key)
             if job is not None and not (retry and job.state == FAILED):
                 return job
             job = Job(key, title, work)
             self._jobs[key] = job
-            self._queue.append(job)
+            self._queue.insert(0, job) if first else self._queue.append(job)
             self._version += 1
             self._wake.notify()
             return job
@@ -143,6 +143,22 @@ class JobQueue:
         """The job's one-line state, None when no such job was submitted."""
         job = self.get(key)
         return None if job is None else job.describe(self.position(key))
+
+    def drop(self, belongs: Callable[[Hashable], bool]) -> None:
+        """Forget the jobs whose key `belongs` (a closed gallery's): the waiting ones never
+        run. One that is running cannot be stopped: it finishes, and `running` names it."""
+        with self._lock:
+            self._queue = [job for job in self._queue if not belongs(job.key)]
+            for job in [job for key, job in self._jobs.items() if belongs(key)]:
+                if job.state != RUNNING:
+                    del self._jobs[job.key]
+            self._version += 1
+
+    def running(self, belongs: Callable[[Hashable], bool] | None = None) -> Job | None:
+        """The job running now (only if its key `belongs`), else None."""
+        with self._lock:
+            return next((job for job in self._jobs.values() if job.state == RUNNING
+                         and (belongs is None or belongs(job.key))), None)
 
     def jobs(self) -> list[Job]:
         """Every job submitted so far, in submission order."""

@@ -4,6 +4,7 @@ ends (deleted then, with its caches and thumbnails), under size and count limits
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -392,3 +393,37 @@ def test_a_served_upload_is_deleted_when_its_tab_closes(
         pause.wait(0.1)  # the poll's interval
     assert public.uploads(owner) == []
     assert not upload.folder.parent.exists()
+
+
+def test_a_closed_upload_drops_its_jobs_and_its_caches_outlive_a_running_one(
+        explorer: Explorer, tmp_path: Path) -> None:
+    """With background jobs: a visitor leaves while one of their upload's jobs runs. Its
+    waiting jobs never run, and its caches are deleted once the running job has finished (it
+    would write into them again), by a job queued right after it."""
+    from engine.jobs import JobQueue
+
+    jobs = JobQueue(budget=contextlib.nullcontext)
+    own = Explorer(explorer.extractor, device="cpu", cache_root=explorer.cache_root,
+                   allowed_roots=[], jobs=jobs)
+    own.open_folder(explorer.session(None).gallery.root, check_allowed=False)
+    uploads = PublicUploads(own, LIMITS)
+    cache_dir = uploads.open_zip(small_zip(tmp_path, "carols"), "carol").gallery.cache_dir
+    [upload] = uploads.uploads("carol")
+    queued = [job.key for job in jobs.jobs() if job.key[0] == upload.key]
+    assert queued  # its preparation waits in the queue
+    release, ran = threading.Event(), []
+    jobs.submit((upload.key, "fit", "stand-in"), "a long training",
+                lambda progress: (ran.append("training"), release.wait(DEADLINE_S)),
+                first=True)
+    jobs.start()
+    deadline = time.monotonic() + DEADLINE_S
+    while not ran and time.monotonic() < deadline:
+        release.wait(0.01)
+    uploads.release("carol")
+    assert cache_dir.exists()  # the running job may still write there
+    assert all(jobs.get(key) is None for key in queued)
+    release.set()
+    assert jobs.wait_idle(timeout=DEADLINE_S)
+    assert not cache_dir.exists()
+    assert not any(job.key[0] == upload.key and job.state == "done"
+                   and job.key[1:] != ("fit", "stand-in") for job in jobs.jobs())

@@ -83,3 +83,22 @@ def test_the_worker_runs_jobs_in_the_background_under_the_budget() -> None:
     assert jobs.wait_idle(timeout=30)
     assert entered == ["background-jobs"]
     assert jobs.get("slow").state == DONE and jobs.get("slow").message == "half"
+
+
+def test_dropped_jobs_never_run_and_a_running_one_is_named() -> None:
+    jobs, ran, release = JobQueue(budget=contextlib.nullcontext), [], threading.Event()
+    jobs.submit(("closed", "fit"), "busy", lambda progress: release.wait(30))
+    jobs.submit(("closed", "map"), "map", lambda progress: ran.append("map"))
+    jobs.submit(("open", "map"), "other map", lambda progress: ran.append("other"))
+    jobs.start()
+    closed = lambda key: key[0] == "closed"  # noqa: E731
+    while jobs.running(closed) is None:
+        release.wait(0.01)
+    jobs.drop(closed)
+    assert jobs.running(closed).title == "busy"  # it cannot be stopped
+    jobs.submit("after", "right after the running one",
+                lambda progress: ran.append("after"), first=True)
+    release.set()
+    assert jobs.wait_idle(timeout=30)
+    assert ran == ["after", "other"]
+    assert jobs.get(("closed", "map")) is None and jobs.running() is None

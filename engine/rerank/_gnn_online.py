@@ -280,8 +280,10 @@ class SmallGraphPropagation:
         scaled = self.w * s[old[:, :k2]]                                 # W diag(s) on heads
         total = self.p_norms + 2.0 * (scaled * self.g).sum(axis=1)
         total += np.einsum("ji,jik,jk->j", scaled, self.gram, scaled)    # |dU|^2
-        p_changed, sv = self.p_t[changed], s_changed[:, None] * self.v_t[changed]
-        total += (sv * (2.0 * p_changed + sv)).sum(axis=0)               # 2 <P, sV> + |sV|^2
+        sv = self.v_t[changed]
+        sv *= s_changed[:, None].astype(np.float32)                       # s V on columns C
+        total += np.einsum("cj,cj->j", sv, 2.0 * self.p_t[changed] + sv,  # 2 <P, sV> + |sV|^2
+                           dtype=np.float64)
         pair_rows, pair_heads = np.nonzero(scaled)
         pair_weights = scaled[pair_rows, pair_heads]
         pair_nodes = np.searchsorted(changed, old[pair_rows, pair_heads])
@@ -292,7 +294,10 @@ class SmallGraphPropagation:
                                                     position[a1_rows.indices[kept]])),
                               shape=(len(changed), len(changed)))         # A1[C, C]
         pairs = sp.csr_matrix((pair_weights, (pair_rows, pair_nodes)), shape=(n, len(changed)))
-        total += 2.0 * np.asarray((pairs @ block).multiply(sv.T).sum(axis=1)).ravel()  # <dU, sV>
+        # 2 <dU, sV>, gathered by column c of C so that each reads one row of sV
+        by_column = (block.T @ pairs.T).tocsr()                          # dU[:, C]^T
+        total += 2.0 * np.bincount(by_column.indices, weights=by_column.data * sv.ravel()[
+            _csr_rows_of_entries(by_column) * n + by_column.indices], minlength=n)
         z = (self.weight @ (change_rows + change_t)).tocsr()
         z_rows, z_columns, z_values = _csr_rows_of_entries(z), z.indices, z.data
         total += np.bincount(z_rows, weights=z_values * (2.0 * self.p_t[z_columns, z_rows]

@@ -338,8 +338,8 @@ def torch_topk_similar(features: torch.Tensor, k: int, chunk: int = 2048, margin
     canonically (`torch_canonical_similarity`) and the top k chosen from those, with ties
     broken by index, so duplicates and online/batch runs agree exactly.
 
-    A node's similarity to itself is exactly 1, so it leads its own list (an exact duplicate
-    ties with it and follows by index order).
+    Every node leads its own list, at similarity exactly 1: an exact duplicate (similarity 1
+    too) follows it, whatever their indices; other ties go to the smaller index.
 
     Returns (similarities (n, k) descending, indices (n, k) int64) on the features' device.
     """
@@ -362,7 +362,7 @@ def torch_topk_similar(features: torch.Tensor, k: int, chunk: int = 2048, margin
                       rows64[part:part + REFINE_CHUNK, :, None])[:, :, 0]
             for part in range(0, candidates.shape[0], REFINE_CHUNK)]).clamp(max=1.0).float()
         row_ids = torch.arange(start, start + rows.shape[0], device=features.device)
-        refined[candidates == row_ids[:, None]] = 1.0
+        refined[candidates == row_ids[:, None]] = torch.inf  # self first (1 after the choice)
         values, order = torch_topk_largest(refined, k, margin=width)
         order = candidates.gather(1, order)
         if width < n:
@@ -372,9 +372,9 @@ def torch_topk_similar(features: torch.Tensor, k: int, chunk: int = 2048, margin
             if unsafe.any():
                 redo = torch.nonzero(unsafe).flatten()
                 exact = torch_canonical_similarity(rows[redo], features)
-                exact[torch.arange(redo.shape[0]), row_ids[redo]] = 1.0
+                exact[torch.arange(redo.shape[0]), row_ids[redo]] = torch.inf
                 values[redo], order[redo] = torch_topk_largest(exact, k)
-        similarities.append(values)
+        similarities.append(values.clamp(max=1.0))
         indices.append(order)
     return torch.cat(similarities), torch.cat(indices)
 
@@ -385,8 +385,9 @@ def lists_with_query(neighbours: torch.Tensor, similarities: torch.Tensor,
 
     Node 0 is the query, gallery item j is node j + 1. The query's list is itself then its most
     similar gallery items; each gallery list gets the query inserted where it sorts (before
-    equal similarities, as node 0 has the smallest id) and loses its last entry: exactly the
-    lists a batch run over query + gallery builds.
+    equal similarities, as node 0 has the smallest id, but after the item itself, which leads
+    its list even when the query duplicates it) and loses its last entry: exactly the lists a
+    batch run over query + gallery builds.
 
     Args:
         neighbours, similarities: (G, >= depth - 1) gallery lists (self first), descending.
@@ -399,7 +400,7 @@ def lists_with_query(neighbours: torch.Tensor, similarities: torch.Tensor,
     if neighbours.shape[1] < depth:  # every gallery item is listed: leave one free slot
         neighbours = torch.nn.functional.pad(neighbours, (0, 1), value=-1)
         similarities = torch.nn.functional.pad(similarities, (0, 1), value=-torch.inf)
-    position = (similarities > to_query[:, None]).sum(dim=1, keepdim=True)
+    position = (similarities > to_query[:, None]).sum(dim=1, keepdim=True).clamp(min=1)
     columns = torch.arange(depth, device=neighbours.device)[None, :]
     after, inserted = columns > position, columns == position
     neighbours = torch.where(inserted, 0, torch.where(after, neighbours.roll(1, 1), neighbours))

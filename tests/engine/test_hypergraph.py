@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from oracles import lhrr_reference, merge_candidates_reference, sgcc_reference
 from tie_aware import U32, assert_order_matches
 
@@ -24,7 +25,14 @@ from engine.hypergraph import (
     sgcc,
 )
 from engine.metrics import evaluate
-from engine.rerank.ops import knn_graph
+from engine.rerank.ops import (
+    canonical_similarity,
+    knn_graph,
+    lists_with_query,
+    neighbour_lists,
+    torch_neighbour_lists,
+    torch_topk_similar,
+)
 
 SUBSET = 120  # items of the oracle comparisons, spread over all 17 classes
 
@@ -147,14 +155,20 @@ def test_lhrr_blocks_match_one_block(subset, monkeypatch):
 
 
 def test_lhrr_duplicates_match_reference(subset):
-    # exact duplicates tie with the item itself: the smaller id comes first in the kNN list,
-    # so some lists do not start with their item
+    # Exact duplicates tie with the item itself. The kNN graph puts the item first; the
+    # authors' BallTree may list the duplicate first instead (the C++ then swaps the item to
+    # the front after its first re-sort): both kinds of list match the reference.
     features = np.concatenate([subset[:60], subset[:12]])
     lists = knn_graph(features, 20).indices
-    assert (lists[:, 0] != np.arange(len(features))).any()
-    graph = lhrr(lists, 5)
-    assert_matches_reference(graph, lhrr_reference(lists, 5))
-    assert (graph.ranked_lists[:, 0] == np.arange(len(features))).all()
+    items = np.arange(len(features))
+    assert (lists[:, 0] == items).all()
+    duplicate_first = lists.copy()
+    duplicate_first[:12, :2] = lists[:12, 1::-1]      # item i < 12: its duplicate 60 + i first
+    assert (duplicate_first[:12, 0] == items[:12] + 60).all()
+    for initial in (lists, duplicate_first):
+        graph = lhrr(initial, 5)
+        assert_matches_reference(graph, lhrr_reference(initial, 5))
+        assert (graph.ranked_lists[:, 0] == items).all()
 
 
 def test_lhrr_lists_without_their_item(subset, caplog):
@@ -266,6 +280,88 @@ def test_sgcc_rejects_bad_parameters(subset):
     for fraction in (-0.1, 1.5):
         with pytest.raises(InvalidInputError):
             sgcc(graph, 3, fraction)
+
+
+# -- the kNN lists LHRR starts from: the item itself first, duplicates or not ------------------
+def gallery_with_duplicates(subset: np.ndarray) -> np.ndarray:
+    """60 real features plus exact copies: rows 60..65 repeat rows 0..5, rows 30, 40 and 66
+    are one image, and rows 67..78 are twelve more copies of row 50 (more copies than some
+    lists are deep): items with copies of a smaller and of a larger index."""
+    rows = np.concatenate([np.arange(60), np.arange(6), [40], np.full(12, 50)])
+    features = subset[rows].copy()
+    features[30] = features[66]
+    return features
+
+
+def self_first_reference(features: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
+    """(indices, similarities) by a stable sort: the item first, then canonical similarity
+    descending, ties to the smaller index."""
+    similarity = np.minimum(features.astype(np.float64) @ features.T.astype(np.float64), 1.0
+                            ).astype(np.float32)
+    key = -similarity.astype(np.float64)
+    np.fill_diagonal(key, -np.inf)
+    np.fill_diagonal(similarity, 1.0)
+    order = np.argsort(key, axis=1, kind="stable")[:, :depth]
+    return order, np.take_along_axis(similarity, order, axis=1)
+
+
+@pytest.mark.parametrize("builder", ["knn_graph", "neighbour_lists", "torch_neighbour_lists",
+                                     "torch_topk_similar, small chunks, no margin"])
+@pytest.mark.parametrize("depth", [1, 2, 5, 30])
+def test_knn_lists_put_the_item_first_with_exact_duplicates(subset, builder, depth):
+    """Each item leads its own list at similarity 1, whatever its duplicates' indices; the
+    rest follow by similarity, exact ties (the duplicates) by index. Without a margin the
+    candidates of the twelve copies of row 50 need not hold the item itself: the exact redo
+    must still put it first."""
+    features = gallery_with_duplicates(subset)
+    if builder == "knn_graph":
+        graph = knn_graph(features, depth)
+        indices, similarities = graph.indices, graph.similarities
+    elif builder == "neighbour_lists":
+        lists = neighbour_lists(features, depth)
+        indices, similarities = lists.indices, lists.similarities
+    elif builder == "torch_neighbour_lists":
+        lists = torch_neighbour_lists(torch.from_numpy(features), depth)
+        indices, similarities = lists.indices.numpy(), lists.similarities.numpy()
+    else:
+        found = torch_topk_similar(torch.from_numpy(features), depth, chunk=7, margin=0)
+        indices, similarities = found[1].numpy(), found[0].numpy()
+    items = np.arange(len(features))
+    np.testing.assert_array_equal(indices[:, 0], items)
+    np.testing.assert_array_equal(similarities[:, 0], 1.0)
+    expected, expected_similarities = self_first_reference(features, depth)
+    np.testing.assert_array_equal(indices, expected)
+    np.testing.assert_array_equal(similarities, expected_similarities)
+    if depth >= 5:  # copies with a smaller index than the item come after it, not first
+        assert indices[66, :3].tolist() == [66, 30, 40] and indices[60, :2].tolist() == [60, 0]
+        assert indices[78, :5].tolist() == [78, 50, 67, 68, 69]
+
+
+def test_lists_with_query_keep_the_item_first(subset):
+    """A query that duplicates gallery items joins their lists right after the item itself
+    (and before its other copies): the lists a batch run over query + gallery builds."""
+    gallery = gallery_with_duplicates(subset)
+    depth = 8
+    similarities, neighbours = torch_topk_similar(torch.from_numpy(gallery), depth)
+    for row in (0, 30, 50, 66, 12):
+        query = gallery[row]
+        to_query = torch.from_numpy(canonical_similarity(gallery, query[None, :])[:, 0])
+        lists, values = lists_with_query(neighbours, similarities, to_query, depth)
+        union = torch.from_numpy(np.vstack([query[None, :], gallery]))
+        batch_values, batch = torch_topk_similar(union, depth)
+        np.testing.assert_array_equal(lists.numpy(), batch.numpy(), err_msg=f"query {row}")
+        np.testing.assert_array_equal(values.numpy(), batch_values.numpy())
+        assert (lists[:, 0] == torch.arange(len(gallery) + 1)).all()
+        assert lists[row + 1, 1] == 0  # the query right after the item it duplicates
+
+
+def test_lhrr_from_features_with_duplicates_starts_from_self_first_lists(subset, caplog):
+    features = gallery_with_duplicates(subset)
+    with caplog.at_level(logging.WARNING, logger="engine.hypergraph"):
+        graph = lhrr_from_features(features, 5)
+    assert "do not contain their own item" not in caplog.text
+    lists = knn_graph(features, 20).indices
+    assert_matches_reference(graph, lhrr_reference(lists, 5))
 
 
 # -- GCN graph and number of clusters -------------------------------------------------------------

@@ -1,5 +1,7 @@
-"""SGRR: the pure pieces against dense formulas worked by hand, the online embedding against a
-dense (G + 1)-node propagation, and the re-ranker (state, clusters, rankings) on real features.
+"""SGRR: the pure pieces against dense formulas worked by hand, the GCN and its training against
+the authors' own code (torch_geometric's SGConv, their losses and schedule), the online embedding
+against a dense (G + 1)-node propagation, and the re-ranker (state, clusters, rankings) on real
+features.
 
 Training is kept small (tens to a couple of hundred epochs, K = 8) so the file runs in seconds.
 """
@@ -14,14 +16,14 @@ import re
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from tie_aware import assert_order_matches
-from torch_geometric.nn import SGConv
+from tie_aware import U32, assert_order_matches
 
 from engine.errors import InvalidInputError
 from engine.hypergraph import default_clusters, lhrr_from_features, reciprocal_edges, sgcc
@@ -41,11 +43,13 @@ from engine.rerank.sgrr import (
 )
 from engine.storage import load_json
 
+with warnings.catch_warnings():  # torch_geometric 2.8.1 calls the deprecated torch.jit.script
+    warnings.simplefilter("ignore", FutureWarning)
+    from torch_geometric.nn import SGConv  # the authors' layer: the oracle (requirements-dev)
+
 CPU = torch.device("cpu")
 FAST = {"K": 8, "nll_epochs": 30, "triplet_epochs": 30}
 ATOL = 1e-5
-U32 = 2.0**-24
-"""float32's unit roundoff."""
 FLOAT32_RTOL = 1e-5
 """Two float32 computations of one quantity in another summation order (sparse products over
 ~10 neighbours, 1280-term dot products): a few u = 6e-8 per operation, well under 1e-5 of the

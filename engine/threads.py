@@ -3,9 +3,12 @@ for foreground work, for one background job, and for one online query.
 
 Torch, OpenBLAS and numba each start their own pool, and OpenMP workers spin-wait after every
 parallel region. On a small machine that runs queries beside background jobs (training,
-scoring), the pools oversubscribe the cores: measured on 2 busy cores, SGRR's GCN training took
-70 s with torch's 2 threads and 9.6 s with 1, and a k-reciprocal query whose small steps crossed
-torch's intra-op threshold waited for a second thread on every step.
+scoring), the pools oversubscribe the cores. Measured on the 2-core development machine beside a
+second CPU-bound process (a pure-Python loop) and other users' jobs (load 5 to 6): SGRR's fit on
+the demo gallery (GCN training) took 288 and 410 s with torch's 2 threads, spending 188 and 147
+CPU s (the workers spin), and 30 and 53 s (11 and 13 CPU s) with 1; one online query of
+k-reciprocal went from 50 ms to 4 ms once its small steps stopped crossing torch's intra-op
+threshold into a two-thread split.
 
 What is per host thread and what is process-wide (measured in this environment: torch 2.14 with
 its OpenMP runtime and MKL, numpy's OpenBLAS, faiss-cpu's OpenMP OpenBLAS, numba 0.68; counting

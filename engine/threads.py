@@ -6,9 +6,9 @@ parallel region. On a small machine that runs queries beside background jobs (tr
 scoring), the pools oversubscribe the cores. Measured on the 2-core development machine beside a
 second CPU-bound process (a pure-Python loop) and other users' jobs (load 5 to 6): SGRR's fit on
 the demo gallery (GCN training) took 288 and 410 s with torch's 2 threads, spending 188 and 147
-CPU s (the workers spin), and 30 and 53 s (11 and 13 CPU s) with 1; one online query of
-k-reciprocal went from 50 ms to 4 ms once its small steps stopped crossing torch's intra-op
-threshold into a two-thread split.
+CPU s (the workers spin), and 30 and 53 s (11 and 13 CPU s) with 1. An online query's small
+steps crossed torch's intra-op threshold into a two-thread split, each waiting for the second
+thread (with the online paths' other changes, k-reciprocal's demo query went from 33 to 4 ms).
 
 What is per host thread and what is process-wide (measured in this environment: torch 2.14 with
 its OpenMP runtime and MKL, numpy's OpenBLAS, faiss-cpu's OpenMP OpenBLAS, numba 0.68; counting

@@ -59,9 +59,10 @@ logger = logging.getLogger(__name__)
 
 DEMO_GALLERY = Path(__file__).resolve().parent.parent / "assets" / "demo_gallery"
 DEFAULT_KNN_DEPTH = 64
-CACHE_VERSION = 2
-"""Part of the gallery fingerprint: bump it only when features change meaning (it re-keys every
-derived cache: scores, maps, learned state)."""
+CACHE_VERSION = 3
+"""Part of the gallery fingerprint: bump it only when features or the kNN graph change meaning
+(it re-keys every derived cache: scores, maps, learned state). 3: each item first in its own kNN
+list, ahead of exact duplicates."""
 MANIFEST_FORMAT = 3
 """Layout of manifest.json (3: sizes and sha256 of index.faiss and knn.npz, its own checksum)."""
 CHECKPOINT_SECONDS = 30.0
@@ -530,5 +531,7 @@ def _load_index_and_graph(cache_dir: Path, gallery_fingerprint: str, features: n
         raise CacheError("the cached kNN graph names rows outside the gallery")
     if not (np.isfinite(similarities).all() and np.isfinite(farthest).all()):
         raise CacheError("the cached kNN graph has NaN or infinite similarities")
+    if not (indices[:, 0] == np.arange(size)).all():
+        raise _Outdated("the cached kNN graph does not list every item first in its own list")
     knn = KnnGraph(indices[:, :depth], similarities[:, :depth], farthest, canonical=True)
     return index, knn, {name: records[name] for name in INDEX_FILES}

@@ -740,3 +740,19 @@ def test_the_demo_gallery_ships_checked_features_of_every_image(extractor):
         assert str(stored["sha256"][row]) == storage.sha256_file(image)
         fresh = extractor.embed([image])[0]
         assert float(fresh @ stored["features"][row]) >= SPOT_CHECK_COSINE
+
+
+def test_a_knn_graph_cached_before_items_came_first_is_rebuilt(folder, cache_root, extractor,
+                                                                embedded, caplog):
+    """Graphs cached before every list began with its own item (ties went to the smaller
+    index, so an exact duplicate could come first) are rebuilt, not used."""
+    first = open_gallery(folder, extractor, cache_root)
+    indices = load_checked_npz(first.cache_dir / "knn.npz")["indices"].copy()
+    indices[3, [0, 1]] = indices[3, [1, 0]]
+    resign(first.cache_dir, "knn.npz", indices=indices)
+    embedded.clear()
+    with caplog.at_level(logging.INFO, logger="engine.gallery"):
+        second = open_gallery(folder, extractor, cache_root)
+    assert "does not list every item first" in caplog.text
+    assert count(embedded) == 0
+    np.testing.assert_array_equal(second.knn.indices[:, 0], np.arange(second.size))

@@ -58,6 +58,20 @@ def _rows(stored: sp.csr_matrix, fresh: sp.csr_matrix, fresh_ids: np.ndarray,
     return (kept + pick @ fresh).tocsr()
 
 
+def _query_layout(neighbours: np.ndarray, similarities: np.ndarray, k1: int, k2: int
+                  ) -> tuple[int, np.ndarray, np.ndarray, sp.csr_matrix, sp.csr_matrix]:
+    """The gallery graph numbered as for an online query (the query is node 0, an empty row
+    until it arrives; gallery item j is node j + 1): the node count n, the (n, k1) lists and
+    similarities, the binary kNN adjacency and the k2-row weight matrix."""
+    n = neighbours.shape[0] + 1
+    lists = np.vstack([np.zeros((1, k1), np.int64), neighbours[:, :k1] + 1])
+    weights = np.vstack([np.zeros((1, k1), np.float32), similarities[:, :k1]])
+    empty = sp.csr_matrix((1, n), dtype=np.float32)  # the query's row, not there yet
+    adjacency = sp.vstack([empty, _adjacency_rows(lists[1:], n)]).tocsr()
+    weight = sp.vstack([empty, _weight_rows(lists[1:], weights[1:], k2, n=n)]).tocsr()
+    return n, lists, weights, adjacency, weight
+
+
 class GalleryPropagation:
     """The gallery-only graph propagated once, so an online query recomputes only the rows its
     arrival changes (exactly; CPU, scipy).
@@ -70,15 +84,9 @@ class GalleryPropagation:
 
     def __init__(self, neighbours: np.ndarray, similarities: np.ndarray, k1: int, k2: int
                  ) -> None:
-        size = neighbours.shape[0]
-        n = size + 1
-        self.k1, self.k2, self.n = k1, k2, n
-        lists = np.vstack([np.zeros((1, k1), np.int64), neighbours[:, :k1] + 1])
-        weights = np.vstack([np.zeros((1, k1), np.float32), similarities[:, :k1]])
-        self.lists = lists
-        empty = sp.csr_matrix((1, n), dtype=np.float32)  # the query's row, not there yet
-        adjacency = sp.vstack([empty, _adjacency_rows(lists[1:], n)]).tocsr()
-        weight = sp.vstack([empty, _weight_rows(lists[1:], weights[1:], k2, n=n)]).tocsr()
+        self.k1, self.k2 = k1, k2
+        self.n, self.lists, _, adjacency, weight = _query_layout(neighbours, similarities,
+                                                                 k1, k2)
         self.adjacency_t = adjacency.T.tocsr()
         self.b0 = (adjacency + self.adjacency_t).tocsr()
         self.a1 = _normalise_rows(weight @ self.b0)
@@ -185,16 +193,11 @@ class SmallGraphPropagation:
 
     def __init__(self, neighbours: np.ndarray, similarities: np.ndarray, k1: int, k2: int
                  ) -> None:
-        size = neighbours.shape[0]
-        n = size + 1
-        self.k1, self.k2, self.n = k1, k2, n
-        lists = np.vstack([np.zeros((1, k1), np.int64), neighbours[:, :k1] + 1])
-        weights = np.vstack([np.zeros((1, k1), np.float32), similarities[:, :k1]])
-        self.lists = lists
+        self.k1, self.k2 = k1, k2
+        self.n, self.lists, weights, adjacency, self.weight = _query_layout(
+            neighbours, similarities, k1, k2)
+        n = self.n
         self.w = (weights[:, :k2] ** 2).astype(np.float32)                # (n, k2) W's values
-        empty = sp.csr_matrix((1, n), dtype=np.float32)  # the query's row, not there yet
-        adjacency = sp.vstack([empty, _adjacency_rows(lists[1:], n)]).tocsr()
-        self.weight = sp.vstack([empty, _weight_rows(lists[1:], weights[1:], k2, n=n)]).tocsr()
         self.b0 = (adjacency + adjacency.T).tocsr()
         p1 = (self.weight @ self.b0).tocsr()
         self.n1 = np.sqrt(np.bincount(_csr_rows_of_entries(p1),
@@ -208,7 +211,7 @@ class SmallGraphPropagation:
         self.p_t = np.ascontiguousarray((b1 @ weight_t).toarray(), np.float32)   # P^T (B1 = B1^T)
         self.v_t = np.ascontiguousarray((self.a1 @ weight_t).toarray(), np.float32)  # V^T
         self.p_norms = np.einsum("cj,cj->j", self.p_t, self.p_t, dtype=np.float64)
-        heads = lists[:, :k2]
+        heads = self.lists[:, :k2]
         self.g = np.empty((n, k2))                                        # <P[j], A1[m_i]>
         for i in range(k2):
             rows = self.a1[heads[:, i]].tocoo()

@@ -347,7 +347,7 @@ def train_refiner(features: np.ndarray, labels: np.ndarray, k: int, q_steps: int
         after.append(list_average_precision(episode.relevant[order][episode.known[order]]))
         done = len(losses)
         if progress is not None and (done % every == 0 or done == episodes):
-            progress(done / episodes, f"SSR: training episode {done}/{episodes}")
+            progress(done / episodes, f"training episode {done}/{episodes}")
     model.eval()
     tail = max(1, episodes // 10)
     log = {"episodes": episodes, "draws": attempts, "seconds": time.perf_counter() - started,
@@ -465,7 +465,7 @@ class SSR(Reranker):
             earlier = before["log"]["seconds"] + before.get("earlier_seconds", 0.0)
         labels, mode = training.labels, training.description
         if labels is None:
-            self._report(0.0, "SSR: pseudo-labels from the LHRR hypergraph")
+            self._report(0.0, "pseudo-labels from the LHRR hypergraph")
             labels, how = pseudo_labels(training.features)
             mode = f"{training.description}; {how}"
         model, log = train_refiner(

@@ -363,8 +363,9 @@ def test_cosine_ranking_in_torch_equals_numpy(demo_features, exclude_self, monke
 
 
 def test_training_reports_progress_every_percent_and_the_last_episode(monkeypatch):
-    """A page shows "episode 1230 of 3000, 41 %": a report every 1 % of the episodes (at least
-    every 50), each with the fraction done, and one for the last episode whatever the step."""
+    """A job's line reads "SSR (...): training episode 1230/3000, 41%, about 3 min left" (its
+    title, then this message): a report every 1 % of the episodes (at least every 50), each
+    with the fraction done, and one for the last episode whatever the step."""
     import engine.rerank.ssr as ssr_module
 
     assert [ssr_module.progress_interval(n) for n in (1, 30, 250, 1000, 3000, 200000)] == [
@@ -377,4 +378,4 @@ def test_training_reports_progress_every_percent_and_the_last_episode(monkeypatc
     ssr_module.train_refiner(features, labels, k=12, q_steps=1, lr_dni=1e-2,
                              hidden=16, episodes=30, seed=0, device=torch.device("cpu"),
                              progress=lambda fraction, message: reports.append((fraction, message)))
-    assert reports == [(n / 30, f"SSR: training episode {n}/30") for n in (7, 14, 21, 28, 30)]
+    assert reports == [(n / 30, f"training episode {n}/30") for n in (7, 14, 21, 28, 30)]

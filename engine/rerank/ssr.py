@@ -58,7 +58,9 @@ from engine.storage import atomic_path, atomic_write_json, fingerprint, load_jso
 
 logger = logging.getLogger(__name__)
 
-STATE_VERSION = 2
+STATE_VERSION = 3
+"""3: episodes and subgraph views ordered by canonical cosines (self first in its own view);
+a module trained on float32 orders (2) is retrained."""
 POOL_SIZE = 1000
 MAX_EPISODE_AP = 0.8
 MIN_POSITIVES = 5
@@ -141,18 +143,56 @@ class SyntheticGradient(torch.nn.Module):
         return self.output(rows).reshape(views.shape)
 
 
-def subgraph_views(nodes: torch.Tensor) -> torch.Tensor:
+def subgraph_order(query: torch.Tensor, database: torch.Tensor,
+                   database_order: torch.Tensor | None = None) -> torch.Tensor:
+    """The order of every subgraph view: for each reference r of [query, d_1..d_k], the
+    database items 0..k-1 in descending canonical cosine to r.
+
+    Canonical as elsewhere in the engine (`ops.canonical_similarity`): products and norms in
+    float64, the cosine rounded once to float32; ties go to the smaller index, and a database
+    reference comes first in its own order. The float32 cosines that the views carry differ in
+    the last bits between BLAS kernels and batch sizes, and a near-tie resolved the other way
+    moves two items within a view (a jump in the refined score, not a rounding); the rounded
+    float64 cosines are the same bits everywhere, barring a float32 rounding boundary.
+    Computed without gradient, on the inputs' device.
+
+    Args:
+        query: (B, d) float32 or float64.
+        database: (B, k, d) float32, or float64 (converted once by a caller that orders the
+            same database twice).
+        database_order: (B, k, k) the database rows of an earlier order of this database,
+            when only the query has moved since: only the query's row is computed.
+    Returns:
+        (B, k + 1, k) int64, row 0 the query's.
+    """
+    with torch.no_grad():
+        query = query.detach().double()[:, None, :]
+        database = database.detach().double()
+        norms = torch.linalg.vector_norm(database, dim=-1).clamp(min=1e-12)[:, None, :]
+        query_norm = torch.linalg.vector_norm(query, dim=-1, keepdim=True).clamp(min=1e-12)
+        to_query = ((query @ database.transpose(1, 2)) / (query_norm * norms)).clamp(max=1.0)
+        query_order = torch.sort(to_query.float(), dim=2, descending=True, stable=True).indices
+        if database_order is None:
+            block = ((database @ database.transpose(1, 2)) / (norms.transpose(1, 2) * norms)
+                     ).clamp(max=1.0).float()
+            block.diagonal(dim1=1, dim2=2).fill_(torch.inf)
+            database_order = torch.sort(block, dim=2, descending=True, stable=True).indices
+        return torch.cat([query_order, database_order], dim=1)
+
+
+def subgraph_views(nodes: torch.Tensor, order: torch.Tensor | None = None) -> torch.Tensor:
     """(B, k + 1, d) features [query, d_1..d_k] -> (B, k + 1, 2k + 1) views, one per reference.
 
     Row r is [S(r, q), S(r, d_(1..k)), S(q, d_(1..k))] with d_(j) the database items in
-    descending similarity to r (ties: the earlier item first); S is the cosine. One batched
+    `order` (default `subgraph_order`: descending canonical cosine to r, ties to the earlier
+    item, r itself first); S is the float32 cosine, which carries the gradient. One batched
     gather builds all views; the ordering itself carries no gradient.
     """
     unit = F.normalize(nodes, dim=-1, eps=1e-12)
     similarity = unit @ unit.transpose(1, 2)
     to_database = similarity[:, :, 1:]
-    with torch.no_grad():
-        order = torch.sort(to_database, dim=2, descending=True, stable=True).indices
+    if order is None:
+        order = subgraph_order(nodes[:, 0], nodes[:, 1:])
     own = to_database.gather(2, order)
     from_query = to_database[:, :1, :].expand_as(to_database).gather(2, order)
     return torch.cat([similarity[:, :, :1], own, from_query], dim=2)
@@ -181,14 +221,20 @@ class SubgraphRefiner(torch.nn.Module):
             if not database.requires_grad:
                 database = database.detach().requires_grad_(True)
             for _ in range(self.q_steps):
-                query = self._step(query, database, query, self.query_gradient, training)
+                database64 = database.detach().double()
+                order = subgraph_order(query, database64)
+                query = self._step(query, database, query, self.query_gradient, training,
+                                   order)
+                # only the query has moved: the database rows keep their order
+                order = subgraph_order(query, database64, order[:, 1:])
                 database = self._step(query, database, database, self.database_gradient,
-                                      training)
+                                      training, order)
         return query, database
 
     def _step(self, query: torch.Tensor, database: torch.Tensor, moved: torch.Tensor,
-              network: SyntheticGradient, training: bool) -> torch.Tensor:
-        views = subgraph_views(torch.cat([query[:, None, :], database], dim=1))
+              network: SyntheticGradient, training: bool, order: torch.Tensor
+              ) -> torch.Tensor:
+        views = subgraph_views(torch.cat([query[:, None, :], database], dim=1), order)
         gradient = torch.autograd.grad(views, moved, grad_outputs=network(views),
                                        create_graph=training)[0]
         updated = moved - self.lr_dni * gradient
@@ -260,15 +306,17 @@ def sample_episode(features: np.ndarray, labels: np.ndarray, k: int, pool_size: 
                    rng: np.random.Generator, max_ap: float = MAX_EPISODE_AP,
                    min_positives: int = MIN_POSITIVES) -> Episode | None:
     """One episode as the authors draw it, or None when it fails their filter (AP of the top-k
-    < max_ap and more than min_positives positives). Labels -1 are unknown."""
+    < max_ap and more than min_positives positives). Labels -1 are unknown. The top-k is the
+    pool's k most similar items by canonical cosine (ties: the smaller id first)."""
     n = len(features)
     query = int(rng.integers(n))
     if labels[query] < 0:
         return None
     others = rng.choice(n - 1, size=pool_size, replace=False)
-    pool = others + (others >= query)  # skip the query itself
-    similarity = features[pool] @ features[query]
-    top = pool[np.argsort(-similarity, kind="stable")[:k]]
+    pool = np.sort(others + (others >= query))  # skip the query itself; ascending ids
+    # canonical cosines, ties to the smaller id: the same top-k on every CPU
+    similarity = canonical_similarity(features[query][None, :], features[pool])
+    top = pool[top_k_smallest(-similarity, k)[0][0]]
     known = labels[top] >= 0
     relevant = (labels[top] == labels[query]) & known
     if relevant.sum() <= min_positives or not (~relevant & known).any():

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from tie_aware import U32, assert_order_matches, perturb_ulps
+from tie_aware import PERTURBATION_ULPS, U32, assert_order_matches, perturb_ulps
 
 from engine.errors import CacheError, InvalidInputError
 from engine.rerank import GalleryContext, TrainingSet, create_reranker
@@ -21,6 +21,7 @@ from engine.rerank.ssr import (
     make_optimiser,
     sample_episode,
     save_refiner,
+    subgraph_order,
     subgraph_views,
     training_step,
 )
@@ -65,6 +66,102 @@ def test_views_of_a_hand_worked_case():
                 [0.0, 1.0, c, 0.0, c],   # r = d1: d1, d2
                 [c, 1.0, c, c, 0.0]]     # r = d2: d2, d1
     np.testing.assert_allclose(subgraph_views(nodes)[0].numpy(), expected, atol=1e-6)
+
+
+def order_by_loop(nodes: np.ndarray) -> np.ndarray:
+    """The canonical subgraph order of one query's (k + 1, d) nodes, one reference at a time:
+    cosines normalised and multiplied in float64, rounded to float32, the reference itself
+    first, then descending, ties to the smaller index. Returns (k + 1, k) database positions."""
+    unit_nodes = nodes.astype(np.float64)
+    unit_nodes /= np.linalg.norm(unit_nodes, axis=1, keepdims=True)
+    similarity = np.minimum(unit_nodes @ unit_nodes[1:].T, 1.0).astype(np.float32)
+    k = len(nodes) - 1
+    rows = []
+    for reference in range(k + 1):
+        key = -similarity[reference].astype(np.float64)
+        if reference > 0:
+            key[reference - 1] = -np.inf
+        rows.append(np.lexsort((np.arange(k), key)))
+    return np.stack(rows)
+
+
+def order_of(nodes: np.ndarray) -> np.ndarray:
+    """`subgraph_order` of (B, k + 1, d) nodes [query, d_1..d_k]."""
+    tensor = torch.from_numpy(nodes)
+    return subgraph_order(tensor[:, 0], tensor[:, 1:]).numpy()
+
+
+def near_tie_nodes(n: int, dim: int = 64, seed: int = 0) -> np.ndarray:
+    """(n, 4, dim) float32 nodes [q, d_0, d_1, d_2] where d_1 and d_2 tie in exact arithmetic
+    as seen from d_0 (d_0 plus half of one of two orthonormal directions orthogonal to d_0),
+    but not as seen from q (q = d_0 + the first direction): whichever of d_1, d_2 comes first in
+    d_0's view decides which of S(q, d_1) = 0.85 and S(q, d_2) = 0.63 sits where."""
+    rng = np.random.default_rng(seed)
+    draws = rng.standard_normal((n, 3, dim))
+    d0 = unit(draws[:, 0].astype(np.float64))
+    first = draws[:, 1] - (draws[:, 1] * d0).sum(1, keepdims=True) * d0
+    first = unit(first.astype(np.float64))
+    second = (draws[:, 2] - (draws[:, 2] * d0).sum(1, keepdims=True) * d0
+              - (draws[:, 2] * first).sum(1, keepdims=True) * first)
+    second = unit(second.astype(np.float64))
+    return np.stack([d0 + first, d0, d0 + 0.5 * first, d0 + 0.5 * second], 1).astype(np.float32)
+
+
+def test_subgraph_order_is_canonical():
+    """Random nodes, nodes with exact duplicates (a reference duplicated too: it still comes
+    first in its own view) and exact ties: the order equals the loop's exactly, not up to
+    ties, so every CPU and every batch size orders a view the same way."""
+    rng = np.random.default_rng(0)
+    nodes = rng.standard_normal((4, 9, 16)).astype(np.float32)
+    nodes[1, 5] = nodes[1, 2]                 # duplicate database items
+    nodes[2, 3] = nodes[2, 0]                 # a database item that duplicates the query
+    nodes[3, 4] = 2.0 * nodes[3, 7]           # the same direction, another norm: a tie
+    order = order_of(nodes)
+    assert order.shape == (4, 9, 8) and order.dtype == np.int64
+    for query in range(4):
+        np.testing.assert_array_equal(order[query], order_by_loop(nodes[query]))
+    # node 5 duplicates node 2 (database positions 4 and 1): each comes first in its own view
+    np.testing.assert_array_equal(order[1, 5, :2], [4, 1])
+    np.testing.assert_array_equal(order[1, 2, :2], [1, 4])
+    # the query moved, the database not: the database rows are kept, the query's redone
+    moved = nodes.copy()
+    moved[:, 0] = nodes[:, 4]
+    np.testing.assert_array_equal(
+        subgraph_order(torch.from_numpy(moved[:, 0]), torch.from_numpy(nodes[:, 1:]).double(),
+                       torch.from_numpy(order[:, 1:])).numpy(), order_of(moved))
+    for query in range(4):  # one query at a time: the same orders
+        np.testing.assert_array_equal(order_of(nodes[query:query + 1])[0], order[query])
+
+
+def test_views_of_a_near_tie_follow_the_canonical_order():
+    """d_1 and d_2 tie as seen from d_0 up to the float32 cosines' last bits, which the old
+    float32 sort followed (and BLAS kernels compute differently): in many of these cases it put
+    d_2 first where the canonical order puts d_1 (their float64 cosines round to the same
+    float32, or d_1's is larger), moving S(q, d_1) and S(q, d_2) in d_0's view by 0.2. The
+    views follow the canonical order, in a batch and one query at a time."""
+    nodes = near_tie_nodes(256)
+    tensor = torch.from_numpy(nodes)
+    order = order_of(nodes)
+    for query in range(len(nodes)):
+        np.testing.assert_array_equal(order[query], order_by_loop(nodes[query]))
+    unit_nodes = F.normalize(tensor, dim=-1)
+    float32_order = torch.sort((unit_nodes @ unit_nodes.transpose(1, 2))[:, :, 1:], dim=2,
+                               descending=True, stable=True).indices.numpy()
+    flipped = np.flatnonzero((float32_order[:, 1] != order[:, 1]).any(axis=1))
+    assert flipped.size > 10, "no near-tie that float32 orders the other way: a vacuous test"
+    views = subgraph_views(tensor).numpy()
+    cosine = nodes / np.linalg.norm(nodes.astype(np.float64), axis=-1, keepdims=True)
+    cosine = np.einsum("bid,bjd->bij", cosine, cosine)
+    for query in flipped[:20]:
+        # d_0's view, [S(d_0, q), S(d_0, d_(1..3)), S(q, d_(1..3))], in the canonical order
+        database = 1 + order[query, 1]
+        expected = np.concatenate([[cosine[query, 1, 0]], cosine[query, 1, database],
+                                   cosine[query, 0, database]])
+        np.testing.assert_allclose(views[query, 1], expected, atol=1e-6)
+        old = 1 + float32_order[query, 1]
+        assert np.abs(cosine[query, 0, old] - cosine[query, 0, database]).max() > 0.1
+        single = subgraph_views(tensor[query:query + 1]).numpy()[0]
+        np.testing.assert_allclose(single, views[query], atol=1e-6)
 
 
 def test_one_update_is_the_vector_jacobian_product():
@@ -224,6 +321,80 @@ def test_the_tail_keeps_its_order(held_out, tail_state, perturbed):
     assert "labels of classes 0-5" in result.details["trained_on"]
 
 
+def recorded_orders(reranker, queries: np.ndarray, mode: str, monkeypatch
+                    ) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The ranking of `queries` and, per query, the subgraph order of the query step (the
+    views of the unrefined features: (k + 1, k)), as `subgraph_order` computed them."""
+    import engine.rerank.ssr as ssr_module
+
+    calls = []
+
+    def recording(query, database, database_order=None):
+        order = subgraph_order(query, database, database_order)
+        calls.append(order.numpy())
+        return order
+
+    monkeypatch.setattr(ssr_module, "subgraph_order", recording)
+    if mode == "batch":
+        indices = reranker.rerank(queries, reranker.gallery.size).indices
+    else:
+        indices = np.concatenate([reranker.rerank(query[None, :], reranker.gallery.size,
+                                                  mode="online").indices for query in queries])
+    monkeypatch.undo()
+    # per call of the module (a chunk of queries, or one), a query step then a database step
+    return indices, [order for chunk in calls[::2] for order in chunk]
+
+
+def test_rankings_and_views_do_not_depend_on_the_last_bits(held_out, tail_state, monkeypatch):
+    """Batch and online, on the features and on the features moved by a few ulps: the
+    subgraph views hold the same items in the same order (canonical cosines, the same bits on
+    every CPU: this outcome does not depend on the machine), and the rankings agree up to
+    float ties. A view that changed order would move the refined scores by about 1e-3, past
+    the tolerance."""
+    context, queries, _ = held_out
+    context = GalleryContext(context.features, labels=context.labels,
+                             training=context.training, state_dir=tail_state)
+    moved = GalleryContext(perturb_ulps(context.features, seed=3), labels=context.labels,
+                           training=context.training, state_dir=tail_state)
+    moved_queries = perturb_ulps(queries, seed=4)
+    original = create_reranker("ssr", device="cpu", train_classes=6, **QUICK).fit(context)
+    perturbed = create_reranker("ssr", device="cpu", train_classes=6, **QUICK).fit(moved)
+    # The refined cosines (2 dim + 4) U32 from the exact ones per run (as in the contract),
+    # plus the perturbation: each value moved by <= PERTURBATION_ULPS ulps (2 U32 |x| each)
+    # and renormalised moves a unit row by <= 2 (2 PERTURBATION_ULPS + 1) U32, a cosine by
+    # twice that; the feature update scales the moves by lr_dni times the networks' slope,
+    # far below this bound.
+    dim = queries.shape[1]
+    atol = 2 * (2 * dim + 4) * U32 + 4 * (2 * PERTURBATION_ULPS + 1) * U32
+    k = original.k_used
+    runs = {}
+    for name, reranker, rows in (("original", original, queries),
+                                 ("perturbed", perturbed, moved_queries)):
+        for mode in ("batch", "online"):
+            runs[name, mode] = recorded_orders(reranker, rows, mode, monkeypatch)
+    reference_indices, reference_orders = runs["original", "batch"]
+    # the reference's scores: 1 - the refined cosine on the head, 1 - the exact cosine after
+    # it (offset: the tail comes after the head whatever its cosines)
+    result = original.rerank(queries, context.size)
+    reference = 11.0 - queries.astype(np.float64) @ context.features.astype(np.float64).T
+    np.put_along_axis(reference, result.indices[:, :k], result.distances[:, :k], axis=1)
+    # the views of the batch run are those of the loop (float64, as on any CPU)
+    initial = cosine_ranking(queries, context.features, k, exclude_self=False)[0]
+    for row, order in enumerate(reference_orders):
+        nodes = np.concatenate([queries[row][None], context.features[initial[row]]])
+        np.testing.assert_array_equal(order, order_by_loop(nodes), err_msg=f"query {row}")
+    compared = 0
+    for (name, mode), (indices, orders) in runs.items():
+        label = f"{name} {mode}"
+        assert len(orders) == len(queries), label
+        for row, (order, expected) in enumerate(zip(orders, reference_orders, strict=True)):
+            np.testing.assert_array_equal(order, expected, err_msg=f"{label}: query {row}")
+        np.testing.assert_array_equal(np.sort(indices[:, :k], axis=1),
+                                      np.sort(reference_indices[:, :k], axis=1), err_msg=label)
+        compared += assert_order_matches(indices, reference, atol=atol, label=label)
+    assert compared > len(runs) * len(queries) * k // 2
+
+
 def test_saved_state_is_loaded_not_retrained(held_out, tmp_path, monkeypatch):
     context, queries, _ = held_out
     context = GalleryContext(context.features, labels=context.labels,
@@ -249,6 +420,23 @@ def test_saved_state_is_loaded_not_retrained(held_out, tmp_path, monkeypatch):
     with pytest.raises(AssertionError, match="retrained"):
         create_reranker("ssr", device="cpu", train_classes=6, **QUICK).fit(GalleryContext(
             context.features, training=other, state_dir=tmp_path))
+
+
+def test_state_of_an_earlier_version_is_retrained(held_out, tmp_path, monkeypatch):
+    """A module saved by an earlier STATE_VERSION (2: trained on float32-ordered episodes and
+    views) is not loaded: the same parameters train and save a new one beside it."""
+    import engine.rerank.ssr as ssr_module
+
+    context, _, _ = held_out
+    context = GalleryContext(context.features, training=context.training, state_dir=tmp_path)
+    monkeypatch.setattr(ssr_module, "STATE_VERSION", ssr_module.STATE_VERSION - 1)
+    create_reranker("ssr", device="cpu", train_classes=6, **QUICK).fit(context)
+    monkeypatch.undo()
+    current = create_reranker("ssr", device="cpu", train_classes=6, **QUICK).fit(context)
+    versions = sorted(json.loads(path.read_text())["version"]
+                      for path in (tmp_path / "ssr").glob("*.json"))
+    assert versions == [ssr_module.STATE_VERSION - 1, ssr_module.STATE_VERSION]
+    assert current.manifest["version"] == ssr_module.STATE_VERSION
 
 
 def test_a_manifest_of_other_features_means_retraining(held_out, tmp_path):

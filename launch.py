@@ -105,13 +105,9 @@ class TqdmProgress:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # faiss's loader logs every SIMD module it tries (and fails) to load; users read those
-    # INFO lines as errors. The backend chosen is logged once, by the index.
-    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
-    # Gradio checks its own start-up with httpx requests, each logged at INFO.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    from engine.logs import configure_logging
+
+    configure_logging(logging.DEBUG if args.verbose else logging.INFO)
     # Heavy imports here, so that `--help` answers at once. Everything the page imports is
     # imported now, in this thread, before any background job starts: two threads importing
     # the same modules at once can deadlock in Python's import locks.

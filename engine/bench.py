@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.evaluation import without_self
+from engine.logs import configure_logging
 from engine.metrics import evaluate
 from engine.protocols import PROTOCOLS, Split, make_split
 from engine.rerank import (
@@ -431,7 +432,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.cache_dir:
             forwarded += ["--cache-dir", str(args.cache_dir)]
         return bench_asymmetric.main(forwarded)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging(fmt="%(levelname)s %(name)s: %(message)s")
     budget = configure_threads()
 
     from engine.device import resolve_device

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from engine.errors import InvalidInputError
+from engine.logs import configure_logging
 from engine.protocols import PROTOCOLS, make_split
 
 logger = logging.getLogger("engine.bench_asymmetric")
@@ -253,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="SSPConfig overrides, e.g. epochs=20 views=4")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging(fmt="%(levelname)s %(name)s: %(message)s")
 
     from engine.device import resolve_device
     from engine.ssp import SSPConfig

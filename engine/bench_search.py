@@ -30,6 +30,7 @@ import torch
 from engine.bench import cell, markdown_table, synthetic_collection
 from engine.device import resolve_device
 from engine.index import PRECISIONS, SearchIndex, faiss_gpu_probe
+from engine.logs import configure_logging
 
 logger = logging.getLogger("engine.bench_search")
 
@@ -149,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("sizes, k and --online-queries must be positive")
     if args.k > args.gallery_size:
         parser.error("--k must not exceed --gallery-size")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging(fmt="%(levelname)s %(name)s: %(message)s")
     device = resolve_device(args.device)
     features, _ = synthetic_collection(args.gallery_size + args.queries, args.dim,
                                        spread=args.spread, seed=args.seed)

@@ -377,7 +377,7 @@ class GallerySession:
             self._submit_fit(name)
             self._submit(("map", name), f"Embedding map of {method_title(name)}",
                          functools.partial(self._learned_map, name))
-        for method, _ in [(BASELINE, BASELINE_TITLE), *[(n, "") for n in self.method_names]]:
+        for method in [BASELINE, *self.method_names]:
             if self.gallery.labels is not None:
                 self._submit(("scores", method), f"{method_title(method)} scores",
                              functools.partial(self._scores_job, method))

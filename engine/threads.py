@@ -56,6 +56,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 
@@ -158,18 +159,32 @@ def _limit_blas(count: int) -> bool:
     return True
 
 
+def _imported(name: str) -> ModuleType | None:
+    """The module `name` when its import has finished, else None.
+
+    Another thread may be importing it right now (umap imports numba in a background job): the
+    module is then already in `sys.modules` but half built, without `get_num_threads`.
+    Importing it here instead would wait for that import (25 s for numba).
+    """
+    module = sys.modules.get(name)
+    if module is None or getattr(getattr(module, "__spec__", None), "_initializing", False):
+        return None
+    return module
+
+
 @contextlib.contextmanager
 def limit_threads(count: int) -> Iterator[None]:
     """Run the block with at most `count` torch, faiss (OpenMP) and numba threads on the
     calling thread, then restore that thread's counts. Other threads are not affected (BLAS is
     process-wide and left as `configure_threads` set it).
 
-    faiss and numba are set only when already imported (importing them costs seconds).
+    faiss and numba are set only once their import has finished (importing them costs seconds;
+    another thread may be importing them).
     """
     count = max(1, int(count))
     previous_torch = torch.get_num_threads()
-    faiss = sys.modules.get("faiss")
-    numba = sys.modules.get("numba")
+    faiss = _imported("faiss")
+    numba = _imported("numba")
     previous_faiss = faiss.omp_get_max_threads() if faiss is not None else None
     previous_numba = numba.get_num_threads() if numba is not None else None
     if previous_torch != count:

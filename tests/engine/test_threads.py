@@ -65,3 +65,45 @@ def test_configure_threads_sets_the_process_once():
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result == {"same": True, "torch": 2, "interop": 1, "blas": [1], "background": 1}
     assert done.stderr.count("thread budget:") == 1
+
+
+def test_a_limit_while_another_thread_imports_numba_leaves_the_half_built_module_alone(
+        tmp_path, monkeypatch):
+    """CI failure: a query's `limit_threads` ran while a background job imported umap, found
+    the half-built numba in `sys.modules` and called its missing `get_num_threads`."""
+    (tmp_path / "numba.py").write_text(
+        "import threading\n"
+        "started = threading.Event()\n"
+        "finish = threading.Event()\n"
+        "import sys\n"
+        "sys.modules[__name__].started_import = started\n"
+        "sys.modules[__name__].finish_import = finish\n"
+        "started.set()\n"
+        "finish.wait(10)\n"
+        "calls = [4]\n"
+        "def get_num_threads():\n"
+        "    return calls[-1]\n"
+        "def set_num_threads(n):\n"
+        "    calls.append(n)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "numba", raising=False)
+    importer = threading.Thread(target=__import__, args=("numba",))
+    importer.start()
+    try:
+        for _ in range(1000):
+            half_built = sys.modules.get("numba")
+            if half_built is not None and hasattr(half_built, "started_import"):
+                break
+            threading.Event().wait(0.01)
+        assert half_built.started_import.wait(10)
+        assert not hasattr(half_built, "get_num_threads")
+        with threads.limit_threads(1):
+            assert torch.get_num_threads() == 1
+    finally:
+        half_built.finish_import.set()
+        importer.join(10)
+    finished = sys.modules["numba"]
+    assert finished.__file__ == str(tmp_path / "numba.py")
+    with threads.limit_threads(1):
+        pass
+    assert finished.calls == [4, 1, 4]

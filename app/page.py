@@ -28,7 +28,11 @@ import numpy as np
 
 from app import plots
 from app.public import PublicUploads, UploadLimits, refuse_folder
-from app.session import (
+from app.thumbnails import PREVIEW_SIDE, ThumbnailCache
+from engine.errors import EngineError, InvalidInputError
+from engine.evaluation.scores import scores_table
+from engine.evaluation.tuning import Trial, best_trial, sweep
+from engine.explorer.session import (
     BASELINE,
     CUSTOM,
     DEFAULT_TOP_N,
@@ -39,13 +43,9 @@ from app.session import (
     Ranking,
     method_title,
 )
-from app.thumbnails import PREVIEW_SIDE, ThumbnailCache
-from engine.errors import EngineError, InvalidInputError
-from engine.evaluation import scores_table
-from engine.images import MAX_FILE_BYTES, load_image
-from engine.neighbourhood import NeighbourhoodGraph, neighbourhood_graph
+from engine.features.images import MAX_FILE_BYTES, load_image
 from engine.rerank import get_reranker_class, list_rerankers
-from engine.tuning import Trial, best_trial, sweep
+from engine.views.neighbourhood import NeighbourhoodGraph, neighbourhood_graph
 
 logger = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ import plotly.colors
 import plotly.graph_objects as go
 
 from engine.errors import InvalidInputError
-from engine.neighbourhood import NeighbourhoodGraph
-from engine.tuning import Trial, best_trial
+from engine.evaluation.tuning import Trial, best_trial
+from engine.views.neighbourhood import NeighbourhoodGraph
 
 PALETTE = tuple(plotly.colors.qualitative.Dark24)
 """Class colours, cycled by label (24 distinct hues: Oxford-17 needs no repeat)."""
@@ -200,7 +200,8 @@ def sweep_figure(trials: Sequence[Trial], swept: Sequence[str] | str) -> go.Figu
     """mAP (solid) and P@1 (dashed) of a sweep against the first swept parameter.
 
     With a second swept parameter there is one mAP / P@1 pair of lines per value of it (same
-    colour for a pair). The best-mAP trial (`engine.tuning.best_trial`) is marked with a star.
+    colour for a pair). The best-mAP trial (`engine.evaluation.tuning.best_trial`) is marked
+    with a star.
     No trials: an empty figure that says so.
     """
     names = [swept] if isinstance(swept, str) else list(swept)

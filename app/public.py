@@ -20,12 +20,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.session import Explorer, GallerySession
 from app.thumbnails import ThumbnailCache
-from engine.archive import extract_zip
+from engine.core.storage import load_json
 from engine.errors import CacheError, EngineError, InvalidInputError, UnsafePathError
-from engine.gallery import ProgressCallback
-from engine.storage import load_json
+from engine.explorer.session import Explorer, GallerySession
+from engine.search.archive import extract_zip
+from engine.search.gallery import ProgressCallback
 
 logger = logging.getLogger(__name__)
 

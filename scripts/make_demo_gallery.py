@@ -1,6 +1,6 @@
 """Build the built-in demo gallery (assets/demo_gallery) from the Oxford 17 flower photos.
 
-Every photo listed in the source `labels.csv` is decoded with `engine.images.load_image`,
+Every photo listed in the source `labels.csv` is decoded with `engine.features.images.load_image`,
 downscaled so that its longer side is `--max-side` pixels and written as a JPEG with the same file
 name (no EXIF or ICC data) into `<dest>/images/`. The script also writes `<dest>/labels.csv`
 (`file,label,class_name`, `file` relative to the images folder), `<dest>/examples.txt` (one query
@@ -24,9 +24,9 @@ from tqdm import tqdm
 # Run as a plain script from anywhere: make the repository root importable.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from engine.core.storage import atomic_write_bytes, safe_join
 from engine.errors import InvalidImageError, InvalidInputError
-from engine.images import load_image, make_thumbnail
-from engine.storage import atomic_write_bytes, safe_join
+from engine.features.images import load_image, make_thumbnail
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 logger = logging.getLogger("make_demo_gallery")

@@ -1,5 +1,5 @@
 """Write a gallery's features into its folder, so that a fresh clone loads them instead of
-embedding every image (`engine.gallery.shipped_features_path`; checked at load, see
+embedding every image (`engine.search.gallery.shipped_features_path`; checked at load, see
 `engine/gallery.py`). Rerun it whenever the images or the backbone change.
 
     python scripts/ship_gallery_features.py                       # the demo gallery, lite0
@@ -17,8 +17,13 @@ from pathlib import Path
 # Run as a plain script from anywhere: make the repository root importable.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.backbone import DEFAULT_BACKBONE, get_extractor
-from engine.gallery import DEMO_GALLERY, Gallery, save_shipped_features, shipped_features_path
+from engine.features.backbone import DEFAULT_BACKBONE, get_extractor
+from engine.search.gallery import (
+    DEMO_GALLERY,
+    Gallery,
+    save_shipped_features,
+    shipped_features_path,
+)
 
 
 def main() -> int:

@@ -17,9 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.gallery import DEMO_GALLERY, Gallery
+from engine.evaluation.tuning import PRESETS_FILE, best_trial, save_preset, sweep
 from engine.rerank import get_reranker_class, list_rerankers
-from engine.tuning import PRESETS_FILE, best_trial, save_preset, sweep
+from engine.search.gallery import DEMO_GALLERY, Gallery
 
 PROTOCOL = "oxford17-split"
 SIZE_GRIDS = {

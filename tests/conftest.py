@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 from tie_aware import perturb_ulps
 
+from tests.galleries import app_root, explorer, tiny_gallery  # noqa: F401  (shared fixtures)
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_DIR = REPO_ROOT / "assets" / "demo_gallery"
 DEMO_IMAGES = DEMO_DIR / "images"
@@ -48,7 +50,7 @@ def demo_image(number: int) -> Path:
 @pytest.fixture(scope="session")
 def extractor():
     """The default lite0 extractor on the CPU, shared by the whole session."""
-    from engine.backbone import get_extractor
+    from engine.features.backbone import get_extractor
 
     return get_extractor(device="cpu")
 

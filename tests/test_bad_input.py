@@ -27,20 +27,20 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from app.session import BASELINE, Explorer, GallerySession
 from app.thumbnails import ThumbnailCache
-from engine import images
-from engine.archive import MAX_EXTRACTED_BYTES, extract_zip
 from engine.errors import (
     EmptyGalleryError,
     InvalidImageError,
     InvalidInputError,
     UnsafePathError,
 )
-from engine.images import load_image
+from engine.evaluation.tuning import PRESETS_FILE
+from engine.explorer.session import BASELINE, Explorer, GallerySession
+from engine.features import images
+from engine.features.images import load_image
 from engine.rerank import create_reranker
-from engine.tuning import PRESETS_FILE
-from tests.app.conftest import demo_file, make_gallery
+from engine.search.archive import MAX_EXTRACTED_BYTES, extract_zip
+from tests.galleries import demo_file, make_gallery
 
 METHOD = "k_reciprocal"
 """The one re-ranker the explorer here runs (fast to fit; the contract is the same for all)."""

@@ -19,8 +19,9 @@ import httpx
 import pytest
 
 import launch
-from engine.gallery import DEMO_GALLERY
-from tests.app.conftest import free_port, make_gallery
+from engine.search.gallery import DEMO_GALLERY
+from tests.app.conftest import free_port
+from tests.galleries import make_gallery
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO / "Dockerfile"

@@ -10,19 +10,11 @@ import importlib
 import pkgutil
 from typing import Any
 
+from engine.core.types import GalleryContext, KnnGraph, RerankResult, TrainingSet
 from engine.errors import InvalidInputError, UnknownNameError
-from engine.rerank.base import (
-    GalleryContext,
-    KnnGraph,
-    Reranker,
-    RerankParams,
-    RerankResult,
-    TrainingSet,
-    param,
-)
+from engine.rerank.base import Reranker, RerankParams, param
 
 _REGISTRY: dict[str, type[Reranker]] = {}
-_INFRASTRUCTURE = {"base", "ops"}
 _discovered = False
 
 
@@ -43,7 +35,7 @@ def _discover() -> None:
     if _discovered:
         return
     for module in pkgutil.iter_modules(__path__):
-        if module.name not in _INFRASTRUCTURE and not module.name.startswith("_"):
+        if not module.name.startswith("_"):  # `base` registers nothing; helpers are `_*.py`
             importlib.import_module(f"{__name__}.{module.name}")
     _discovered = True
 

@@ -16,19 +16,19 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from engine.rerank import register
-from engine.rerank._gnn_online import GalleryPropagation, SmallGraphPropagation
-from engine.rerank.base import GalleryContext, Reranker, RerankParams, param
-from engine.rerank.ops import (
+from engine.core.knn import (
     canonical_similarity,
     lists_with_query,
-    normalise_sparse_rows,
-    sparse_rows,
     torch_canonical_similarity,
     torch_topk_largest,
     torch_topk_similar,
 )
-from engine.threads import query_threads
+from engine.core.threads import query_threads
+from engine.core.types import GalleryContext
+from engine.rerank import register
+from engine.rerank._gnn import normalise_sparse_rows, sparse_rows
+from engine.rerank._gnn_online import GalleryPropagation, SmallGraphPropagation
+from engine.rerank.base import Reranker, RerankParams, param
 
 SCORE_CHUNK = 1024
 DENSE_NODE_LIMIT = 4096
@@ -206,11 +206,11 @@ class GNNReranker(Reranker):
     def _rerank_online(self, query_feature: np.ndarray, k: int):
         """Batch with this single query, reusing the gallery's precomputed kNN graph.
 
-        The query is node 0, gallery item j node j + 1 (`ops.lists_with_query`): only the
+        The query is node 0, gallery item j node j + 1 (`knn.lists_with_query`): only the
         query's own similarities are computed. On the CPU the propagated gallery graph is
         patched (`_gnn_online`): only the rows the query changes are propagated again; on a
         GPU (or a graph too small to patch) the graph is propagated as in batch. One query's
-        steps are small, so they run on one thread (`engine.threads.query_threads`).
+        steps are small, so they run on one thread (`engine.core.threads.query_threads`).
         """
         gallery = self._gallery
         size = gallery.shape[0]

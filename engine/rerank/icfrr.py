@@ -27,11 +27,12 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from engine.core.knn import canonical_similarity, knn_graph, torch_canonical_similarity
+from engine.core.threads import query_threads
+from engine.core.types import GalleryContext, RerankResult
 from engine.errors import InvalidInputError
 from engine.rerank import register
-from engine.rerank.base import GalleryContext, Reranker, RerankParams, RerankResult, param
-from engine.rerank.ops import canonical_similarity, knn_graph, torch_canonical_similarity
-from engine.threads import query_threads
+from engine.rerank.base import Reranker, RerankParams, param
 
 HISTORY_DEPTH = 20
 """Positions of each iteration's ranking kept in the result details."""
@@ -395,7 +396,7 @@ class ICFRR(Reranker):
 
     def _rerank_online(self, query_feature: np.ndarray, k: int
                        ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-        """One query as a batch of one, on one thread (`engine.threads.query_threads`): its
+        """One query as a batch of one, on one thread (`engine.core.threads.query_threads`): its
         (1, G) products and sorts are too small to gain from a second thread, and on a busy
         machine each would wait for it."""
         with query_threads():

@@ -6,7 +6,8 @@ locally expanded k-reciprocal encodings of q and g. All queries and gallery item
 one graph (the method is transductive). Sparse throughout: only the k-neighbourhoods are stored.
 
 Batch re-ranking runs with numpy/scipy on the CPU and with the torch twins of the same functions
-(`ops.torch_*`) on a GPU; the online mode and the fitted gallery structures stay on the CPU.
+(`torch_*` in `_k_reciprocal.py`) on a GPU; the online mode and the fitted gallery
+structures stay on the CPU.
 """
 
 from __future__ import annotations
@@ -18,35 +19,38 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from engine.rerank import register
-from engine.rerank.base import GalleryContext, Reranker, RerankParams, param
-from engine.rerank.ops import (
+from engine.core.knn import (
     NeighbourLists,
     canonical_similarity,
+    lists_with_query,
+    neighbour_lists,
+    reciprocal_mask,
+    squared_from_similarity,
+    top_k_smallest,
+    torch_canonical_similarity,
+    torch_neighbour_lists,
+    torch_topk_largest,
+)
+from engine.core.threads import query_threads
+from engine.core.types import GalleryContext
+from engine.rerank import register
+from engine.rerank._k_reciprocal import (
     half_neighbourhood,
     jaccard_distance,
     jaccard_overlap,
     k_reciprocal_encoding,
     k_reciprocal_expansion,
-    lists_with_query,
     local_query_expansion,
-    neighbour_lists,
     pair_squared_distances,
-    reciprocal_mask,
-    squared_from_similarity,
-    top_k_smallest,
-    torch_canonical_similarity,
     torch_csc,
     torch_csr_rows,
     torch_jaccard_overlap,
     torch_k_reciprocal_encoding,
     torch_k_reciprocal_expansion,
     torch_local_query_expansion,
-    torch_neighbour_lists,
     torch_pair_squared_distances,
-    torch_topk_largest,
 )
-from engine.threads import query_threads
+from engine.rerank.base import Reranker, RerankParams, param
 
 GPU_CELLS_PER_CHUNK = 1 << 25  # (query chunk x gallery) cells of the final distances per step
 
@@ -241,7 +245,7 @@ class KReciprocalReranker(Reranker):
         half-sets and row maximum are all unchanged keep their precomputed encoding, so only
         the query's neighbourhood is re-encoded. Always on the CPU (numpy/scipy), also for a
         reranker on CUDA: patching a few sparse rows gains nothing from a GPU; and on one
-        thread (`engine.threads.query_threads`): split over two, each small step waits for
+        thread (`engine.core.threads.query_threads`): split over two, each small step waits for
         the second thread, which on a busy machine costs more than the step.
         """
         gallery = self.gallery.features
@@ -342,7 +346,7 @@ class KReciprocalReranker(Reranker):
     def _lists_with_query(self, query_feature: np.ndarray, depth: int
                           ) -> tuple[NeighbourLists, np.ndarray]:
         """Neighbour lists over (query + gallery) from the stored gallery lists
-        (`ops.lists_with_query`), and the query's squared distances to the gallery."""
+        (`knn.lists_with_query`), and the query's squared distances to the gallery."""
         stored = self._gallery_lists
         to_query = canonical_similarity(self._gallery64, query_feature[None])[:, 0]
         indices, similarities = lists_with_query(

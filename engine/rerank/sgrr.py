@@ -2,7 +2,7 @@
 SIBGRAPI 2024).
 
 1. LHRR, a rank-based hypergraph manifold step, gives each item a reliable ranked list and a
-   hyperedge (`engine.hypergraph`).
+   hyperedge (`engine.rerank._hypergraph`).
 2. SGCC leader clustering turns the most confident items into c pseudo-labelled clusters.
 3. A two-layer simplified GCN (SGConv, 2 hops each, hidden 32, ReLU, dropout 0.5) on the
    reciprocal LHRR kNN graph is trained on those pseudo-labels (NLL), then with a triplet margin
@@ -32,12 +32,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from engine.core.knn import knn_graph, torch_canonical_similarity, torch_topk_largest
+from engine.core.storage import atomic_path, atomic_write_json, fingerprint, load_json, sha256_file
+from engine.core.types import GalleryContext, KnnGraph
 from engine.errors import CacheError, InvalidInputError
-from engine.hypergraph import default_clusters, lhrr_from_features, reciprocal_edges, sgcc
 from engine.rerank import register
-from engine.rerank.base import GalleryContext, KnnGraph, Reranker, RerankParams, param
-from engine.rerank.ops import knn_graph, torch_canonical_similarity, torch_topk_largest
-from engine.storage import atomic_path, atomic_write_json, fingerprint, load_json, sha256_file
+from engine.rerank._hypergraph import default_clusters, lhrr_from_features, reciprocal_edges, sgcc
+from engine.rerank.base import Reranker, RerankParams, param
 
 logger = logging.getLogger(__name__)
 

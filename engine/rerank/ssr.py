@@ -14,7 +14,7 @@ there are), the query's top-k in that pool, kept when the top-k's AP < 0.8 and i
 5 positives; an InfoNCE-style loss with a learnable scale; SGD (lr 1e-3, momentum 0.9, weight
 decay 5e-4), one episode per step. Positives come from labels (classes 0..train_classes-1 of the
 training items) or, with no labels, from pseudo-labels: the LHRR hypergraph's SGCC clusters
-(`engine.hypergraph`, as SGRR uses), unclustered items left out of the loss. Similarities are
+(`_hypergraph.py`, as SGRR uses), unclustered items left out of the loss. Similarities are
 computed per episode, never for the whole training set at once.
 
 Choices where the authors' code is silent or cannot run here (see `../shared/methods/ssr.md`):
@@ -38,23 +38,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engine.errors import CacheError, InvalidInputError
-from engine.rerank import register
-from engine.rerank.base import (
-    GalleryContext,
-    Reranker,
-    RerankParams,
-    TrainingSet,
-    check_features,
-    param,
-)
-from engine.rerank.ops import (
+from engine.core.knn import (
     canonical_similarity,
     top_k_smallest,
     torch_canonical_similarity,
     torch_topk_largest,
 )
-from engine.storage import atomic_path, atomic_write_json, fingerprint, load_json
+from engine.core.storage import atomic_path, atomic_write_json, fingerprint, load_json
+from engine.core.types import GalleryContext, TrainingSet, check_features
+from engine.errors import CacheError, InvalidInputError
+from engine.rerank import register
+from engine.rerank.base import Reranker, RerankParams, param
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +142,7 @@ def subgraph_order(query: torch.Tensor, database: torch.Tensor,
     """The order of every subgraph view: for each reference r of [query, d_1..d_k], the
     database items 0..k-1 in descending canonical cosine to r.
 
-    Canonical as elsewhere in the engine (`ops.canonical_similarity`): products and norms in
+    Canonical as elsewhere in the engine (`knn.canonical_similarity`): products and norms in
     float64, the cosine rounded once to float32; ties go to the smaller index, and a database
     reference comes first in its own order. The float32 cosines that the views carry differ in
     the last bits between BLAS kernels and batch sizes, and a near-tie resolved the other way
@@ -408,7 +402,7 @@ def train_refiner(features: np.ndarray, labels: np.ndarray, k: int, q_steps: int
 def pseudo_labels(features: np.ndarray) -> tuple[np.ndarray, str]:
     """Label-free positives: SGCC clusters of the LHRR hypergraph (neighbourhood about one
     cluster, every item kept), -1 where an item joins no cluster."""
-    from engine.hypergraph import default_clusters, lhrr_from_features, sgcc
+    from engine.rerank._hypergraph import default_clusters, lhrr_from_features, sgcc
 
     n = len(features)
     clusters = default_clusters(n)

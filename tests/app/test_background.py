@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from app.page import PageHandlers, background_text, build_app
-from app.session import BASELINE, Explorer
-from engine.jobs import FAILED, JobQueue
+from engine.core.jobs import FAILED, JobQueue
+from engine.explorer.session import BASELINE, Explorer
 from engine.rerank import get_reranker_class, list_rerankers
-from tests.app.conftest import PER_CLASS, demo_file
+from tests.galleries import PER_CLASS, demo_file
 
 UPLOAD = demo_file(1, PER_CLASS)  # a snowdrop that is not in the tiny gallery
 

@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 
 from app.page import BASELINE_LABEL
-from app.session import BASELINE_TITLE, DEFAULT_TOP_N, method_title
+from engine.explorer.session import BASELINE_TITLE, DEFAULT_TOP_N, method_title
 from engine.rerank import list_rerankers
-from tests.app.conftest import CLASSES, PER_CLASS, demo_file
+from tests.galleries import CLASSES, PER_CLASS, demo_file
 
 CHROMIUM = Path(os.environ.get("RETRIEVAL_EXPLORER_CHROMIUM", "/usr/bin/chromium"))
 # Playwright cannot download its own browser here; without the background-networking flags

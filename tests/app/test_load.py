@@ -25,9 +25,10 @@ from typing import Any
 import pytest
 
 from app.page import DEFAULT_CONCURRENCY, QUEUE_SIZE, build_app
-from app.session import Explorer
-from tests.app.conftest import CLASSES, PER_CLASS, demo_file, free_port
+from engine.explorer.session import Explorer
+from tests.app.conftest import free_port
 from tests.child_output import QueuedOutput
+from tests.galleries import CLASSES, PER_CLASS, demo_file
 
 logger = logging.getLogger(__name__)
 

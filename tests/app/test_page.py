@@ -29,11 +29,11 @@ from app.page import (
     launch_options,
     rank_change,
 )
-from app.session import BASELINE, CUSTOM, Explorer, GallerySession, method_title
 from app.thumbnails import FRAME_COLOURS
+from engine.evaluation.tuning import PRESETS_FILE, best_trial, sweep
+from engine.explorer.session import BASELINE, CUSTOM, Explorer, GallerySession, method_title
 from engine.rerank import list_rerankers
-from engine.tuning import PRESETS_FILE, best_trial, sweep
-from tests.app.conftest import CLASSES, PER_CLASS, demo_file, make_gallery
+from tests.galleries import CLASSES, PER_CLASS, demo_file, make_gallery
 
 REPO = Path(__file__).resolve().parents[2]
 METHODS = [BASELINE, *list_rerankers()]

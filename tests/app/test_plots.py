@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from app.plots import PALETTE, class_colour, embedding_figure, knn_figure, sweep_figure
+from engine.core.knn import knn_graph
 from engine.errors import InvalidInputError
-from engine.neighbourhood import neighbourhood_graph
-from engine.rerank.ops import knn_graph
-from engine.tuning import Trial
+from engine.evaluation.tuning import Trial
+from engine.views.neighbourhood import neighbourhood_graph
 
 CLASS_NAMES = ["daffodil", "snowdrop", "lily", "bluebell"]
 SIZE = 60

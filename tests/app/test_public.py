@@ -22,11 +22,12 @@ import pytest
 
 from app.page import PageHandlers, build_app, launch_options
 from app.public import FOLDERS_DISABLED, PublicUploads, UploadLimits
-from app.session import Explorer, GallerySession
 from app.thumbnails import ThumbnailCache
 from engine.errors import InvalidInputError, UnknownNameError
-from engine.gallery import DEMO_GALLERY
-from tests.app.conftest import CLASSES, free_port, make_gallery
+from engine.explorer.session import Explorer, GallerySession
+from engine.search.gallery import DEMO_GALLERY
+from tests.app.conftest import free_port
+from tests.galleries import CLASSES, make_gallery
 
 REPO = Path(__file__).resolve().parents[2]
 LIMITS = UploadLimits(archive_bytes=2 << 20, extracted_bytes=4 << 20, entries=40,
@@ -400,7 +401,7 @@ def test_a_closed_upload_drops_its_jobs_and_its_caches_outlive_a_running_one(
     """With background jobs: a visitor leaves while one of their upload's jobs runs. Its
     waiting jobs never run, and its caches are deleted once the running job has finished (it
     would write into them again), by a job queued right after it."""
-    from engine.jobs import JobQueue
+    from engine.core.jobs import JobQueue
 
     jobs = JobQueue(budget=contextlib.nullcontext)
     own = Explorer(explorer.extractor, device="cpu", cache_root=explorer.cache_root,

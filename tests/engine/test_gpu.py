@@ -14,8 +14,8 @@ from oracles import (
 )
 from tie_aware import U32, assert_order_matches
 
-from engine.gallery import DEMO_GALLERY
 from engine.rerank import create_reranker
+from engine.search.gallery import DEMO_GALLERY
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -50,7 +50,7 @@ def test_gnn_cuda_online_matches_batch(split_features):
 
 
 def test_extractor_cuda_matches_cpu():
-    from engine.backbone import FeatureExtractor
+    from engine.features.backbone import FeatureExtractor
 
     paths = [DEMO_GALLERY / "images" / f"image_{n:04d}.jpg" for n in range(1, 1360, 170)]
     cpu = FeatureExtractor(device="cpu").embed(paths)
@@ -80,7 +80,7 @@ def assert_exact(distances, indices, gallery, queries, k):
 
 @pytest.mark.parametrize("gallery_chunk", [65536, 3000])
 def test_search_torch_cuda_matches_faiss_cpu(gallery_chunk):
-    from engine.index import SearchIndex, TorchExactSearch
+    from engine.search.index import SearchIndex, TorchExactSearch
 
     rng = np.random.default_rng(5)
     gallery, queries = unit_rows(rng, 20000, 256), unit_rows(rng, 300, 256)
@@ -98,8 +98,8 @@ def test_search_torch_cuda_matches_faiss_cpu(gallery_chunk):
 
 def test_search_faiss_gpu_probe_is_consistent():
     """Whatever faiss build is installed, the probe's verdict and the index agree with it."""
-    import engine.index as index_module
-    from engine.index import SearchIndex, faiss_gpu_probe
+    import engine.search.index as index_module
+    from engine.search.index import SearchIndex, faiss_gpu_probe
 
     rng = np.random.default_rng(6)
     gallery, queries = unit_rows(rng, 5000, 64), unit_rows(rng, 50, 64)
@@ -121,8 +121,8 @@ def test_search_faiss_gpu_probe_is_consistent():
 def test_search_reduced_precision_on_cuda(precision, bound, minimum):
     """As test_index.py's CPU test (same data, bounds and thresholds), and the CUDA products
     (cuBLAS, float32 out) equal the CPU's float32 products of the same rounded inputs."""
-    from engine.bench import synthetic_collection
-    from engine.index import SearchIndex
+    from engine.bench.measure import synthetic_collection
+    from engine.search.index import SearchIndex
 
     data, _ = synthetic_collection(4100, 1280, spread=0.6, seed=0)
     gallery, queries = data[:4000], data[4000:]
@@ -139,7 +139,7 @@ def test_search_reduced_precision_on_cuda(precision, bound, minimum):
 
 
 def test_search_auto_on_cuda_is_a_gpu_backend(tmp_path):
-    from engine.index import SearchIndex
+    from engine.search.index import SearchIndex
 
     rng = np.random.default_rng(7)
     gallery, queries = unit_rows(rng, 3000, 128), unit_rows(rng, 40, 128)
@@ -320,8 +320,8 @@ def test_k_reciprocal_cuda_online_still_works(split_features):
     """A reranker on CUDA fits (also from a shared kNN graph) and answers online on the CPU:
     exactly the CPU reranker's online result (the same CPU code) and, up to float ties, its
     own CUDA batch."""
+    from engine.core.knn import knn_graph
     from engine.rerank import GalleryContext
-    from engine.rerank.ops import knn_graph
 
     queries, gallery = split_features
     cpu = create_reranker("k_reciprocal", device="cpu").fit(gallery)

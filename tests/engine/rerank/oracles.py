@@ -182,7 +182,7 @@ def icfrr_step_reference(qg: np.ndarray, gg: np.ndarray, KG: int, KQ: int, beta:
 
 # ---------------------------------------------------------------------------------------------
 # LHRR and SGCC (SGRR's hypergraph steps): the authors' sgrr/sgcc/lhrr/source.cpp and
-# sgrr/sgcc/clustering.py in plain loops over dicts, with engine.hypergraph's numbers (float32
+# sgrr/sgcc/clustering.py in plain loops over dicts, with _hypergraph.py's numbers (float32
 # rounding where the C++ stores a float, ties by the smaller id in the sorts the C++ leaves
 # unspecified; see that module's docstring).
 

@@ -413,8 +413,8 @@ def test_duplicate_gallery_items(name, features):
 @pytest.mark.parametrize("name", list_rerankers())
 def test_shared_gallery_graph_gives_the_same_results(name, split_features):
     """Fitting on the gallery's cached kNN graph equals fitting on bare features."""
+    from engine.core.knn import knn_graph
     from engine.rerank import GalleryContext
-    from engine.rerank.ops import knn_graph
 
     queries, gallery = split_features
     context = GalleryContext(gallery, knn=knn_graph(gallery, 64))

@@ -10,9 +10,9 @@ import torch
 from oracles import gnn_atol
 from tie_aware import assert_order_matches
 
+from engine.core.knn import torch_topk_largest, torch_topk_similar
 from engine.rerank import create_reranker
 from engine.rerank.gnn import propagate
-from engine.rerank.ops import torch_topk_largest, torch_topk_similar
 
 FEATURE_DIM = 1280  # lite0 features
 

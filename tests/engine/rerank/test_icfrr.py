@@ -19,9 +19,10 @@ from oracles import (
 )
 from tie_aware import U32, assert_order_matches
 
+from engine.core.knn import canonical_similarity, knn_graph
 from engine.errors import InvalidInputError
-from engine.metrics import mean_average_precision
-from engine.protocols import every_tenth_split
+from engine.evaluation.metrics import mean_average_precision
+from engine.evaluation.protocols import every_tenth_split
 from engine.rerank import GalleryContext, create_reranker, icfrr
 from engine.rerank.icfrr import (
     ICFRRParams,
@@ -35,7 +36,6 @@ from engine.rerank.icfrr import (
     sorted_lists,
     vote_matrix,
 )
-from engine.rerank.ops import canonical_similarity, knn_graph
 
 ATOL = 1e-5
 

@@ -8,18 +8,17 @@ import scipy.sparse as sp
 from oracles import euclidean, k_reciprocal_atol, k_reciprocal_reference
 from tie_aware import U32, assert_order_matches
 
+from engine.core.knn import neighbour_lists, reciprocal_mask, top_k_smallest
+from engine.rerank import _k_reciprocal as kr_ops
 from engine.rerank import create_reranker
-from engine.rerank.ops import (
+from engine.rerank._k_reciprocal import (
     half_neighbourhood,
     jaccard_distance,
     jaccard_overlap,
     k_reciprocal_encoding,
     k_reciprocal_expansion,
     local_query_expansion,
-    neighbour_lists,
     pair_squared_distances,
-    reciprocal_mask,
-    top_k_smallest,
 )
 
 
@@ -203,13 +202,13 @@ def test_expansion_matches_plain_sets(k1, source):
 def test_expansion_in_small_chunks_gives_the_same_pairs(monkeypatch):
     """The membership test is chunked by its (rows, W, H, W) size, so a wide k1 stays within
     memory; the pairs do not depend on the chunking."""
-    import engine.rerank.ops as ops
+    from engine.core import knn
 
     rng = np.random.default_rng(3)
     clustered = np.repeat(rng.standard_normal((4, 8)), 15, axis=0)
     lists = neighbour_lists(unit(clustered + 0.5 * rng.standard_normal((60, 8))), 60).indices
     whole = k_reciprocal_expansion(lists, 30)
-    monkeypatch.setattr(ops, "EXPANSION_ELEMENTS", 31 * 31 * 16 * 3)  # three rows a chunk
+    monkeypatch.setattr(knn, "EXPANSION_ELEMENTS", 31 * 31 * 16 * 3)  # three rows a chunk
     chunked = k_reciprocal_expansion(lists, 30)
     np.testing.assert_array_equal(chunked[0], whole[0])
     np.testing.assert_array_equal(chunked[1], whole[1])
@@ -347,9 +346,9 @@ def test_jaccard_distance_formula():
 def torch_ops():
     import torch
 
-    from engine.rerank import ops
+    from engine.core import knn
 
-    return torch, ops
+    return torch, knn
 
 
 def nodes_with_duplicates(split_features) -> np.ndarray:
@@ -360,41 +359,41 @@ def nodes_with_duplicates(split_features) -> np.ndarray:
 
 @pytest.mark.parametrize(("k1", "k2"), [(20, 6), (7, 1), (1, 2)])
 def test_torch_twins_match_numpy(split_features, k1, k2):
-    torch, ops = torch_ops()
+    torch, knn = torch_ops()
     features = nodes_with_duplicates(split_features)
     n = features.shape[0]
     depth = max(k1 + 1, k2)
     lists = neighbour_lists(features, depth)
     tensor = torch.from_numpy(features)
-    twin = ops.torch_neighbour_lists(tensor, depth)
+    twin = knn.torch_neighbour_lists(tensor, depth)
     np.testing.assert_array_equal(twin.indices.numpy(), lists.indices)
     np.testing.assert_array_equal(twin.similarities.numpy(), lists.similarities)
     np.testing.assert_array_equal(twin.row_max.numpy(), lists.row_max)
     indices = twin.indices
     for width in (1, k1 + 1, half_neighbourhood(k1) + 1):
-        np.testing.assert_array_equal(ops.torch_reciprocal_mask(indices, width).numpy(),
+        np.testing.assert_array_equal(knn.torch_reciprocal_mask(indices, width).numpy(),
                                       reciprocal_mask(lists.indices, width))
     # R* sets: exactly the same pairs, in the same order; also for a subset of rows
     rows, members = k_reciprocal_expansion(lists.indices, k1)
-    twin_rows, twin_members = ops.torch_k_reciprocal_expansion(indices, k1)
+    twin_rows, twin_members = kr_ops.torch_k_reciprocal_expansion(indices, k1)
     np.testing.assert_array_equal(twin_rows.numpy(), rows)
     np.testing.assert_array_equal(twin_members.numpy(), members)
     subset = np.array([n - 1, 3, 0, 25])
     expected = k_reciprocal_expansion(lists.indices, k1, subset)
-    got = ops.torch_k_reciprocal_expansion(indices, k1, torch.from_numpy(subset))
+    got = kr_ops.torch_k_reciprocal_expansion(indices, k1, torch.from_numpy(subset))
     for a, b in zip(got, expected, strict=True):
         np.testing.assert_array_equal(a.numpy(), b)
     # pair distances, encoding, query expansion, overlap
     twin_rows, twin_members = torch.from_numpy(rows), torch.from_numpy(members)
     squared = pair_squared_distances(features, rows, members, lists)
-    twin_squared = ops.torch_pair_squared_distances(tensor, twin_rows, twin_members, twin)
+    twin_squared = kr_ops.torch_pair_squared_distances(tensor, twin_rows, twin_members, twin)
     np.testing.assert_allclose(twin_squared.numpy(), squared, atol=1e-6)
     assert (twin_squared[twin_rows == twin_members] == 0).all()
-    np.testing.assert_allclose(ops.torch_pair_squared_distances(tensor, twin_rows,
+    np.testing.assert_allclose(kr_ops.torch_pair_squared_distances(tensor, twin_rows,
                                                                 twin_members).numpy(),
                                squared, atol=1e-6)  # every pair from the features
     encoding = k_reciprocal_encoding(rows, members, squared, lists.row_max, n, n)
-    twin_encoding = ops.torch_k_reciprocal_encoding(twin_rows, twin_members, twin_squared,
+    twin_encoding = kr_ops.torch_k_reciprocal_encoding(twin_rows, twin_members, twin_squared,
                                                     twin.row_max, n, n)
     assert twin_encoding.layout == torch.sparse_csr and twin_encoding.dtype == torch.float32
     np.testing.assert_allclose(twin_encoding.to_dense().numpy(), encoding.toarray(), atol=1e-6)
@@ -402,42 +401,42 @@ def test_torch_twins_match_numpy(split_features, k1, k2):
     np.testing.assert_allclose(twin_encoding.to_dense().sum(dim=1).numpy(),
                                np.isin(np.arange(n), rows), atol=1e-6)
     expanded = local_query_expansion(encoding, lists.indices, k2)
-    twin_expanded = ops.torch_local_query_expansion(twin_encoding, indices, k2)
+    twin_expanded = kr_ops.torch_local_query_expansion(twin_encoding, indices, k2)
     np.testing.assert_allclose(twin_expanded.to_dense().numpy(), expanded.toarray(), atol=1e-6)
     assert twin_expanded.values().numel() == expanded.nnz  # the same support
     picked = np.array([5, n - 1, 5, 0])
     np.testing.assert_allclose(
-        ops.torch_local_query_expansion(twin_encoding, indices, k2,
+        kr_ops.torch_local_query_expansion(twin_encoding, indices, k2,
                                         torch.from_numpy(picked)).to_dense().numpy(),
         local_query_expansion(encoding, lists.indices, k2, picked).toarray(), atol=1e-6)
     queries, targets = slice(0, 30), slice(20, n)
     overlap = jaccard_overlap(expanded[queries], expanded[targets].tocsc())
-    twin_targets = ops.torch_csc(ops.torch_csr_rows(twin_expanded, torch.arange(20, n)))
-    twin_queries = ops.torch_csr_rows(twin_expanded, torch.arange(0, 30))
+    twin_targets = kr_ops.torch_csc(kr_ops.torch_csr_rows(twin_expanded, torch.arange(20, n)))
+    twin_queries = kr_ops.torch_csr_rows(twin_expanded, torch.arange(0, 30))
     for max_pairs in (1, 500, 1 << 22):  # one row at a time, a few rows, all at once
-        twin_overlap = ops.torch_jaccard_overlap(twin_queries, twin_targets, max_pairs)
+        twin_overlap = kr_ops.torch_jaccard_overlap(twin_queries, twin_targets, max_pairs)
         assert twin_overlap.dtype == torch.float32 and twin_overlap.shape == overlap.shape
         np.testing.assert_allclose(twin_overlap.numpy(), overlap, atol=1e-6)
 
 
 def test_torch_twins_in_small_chunks(split_features, monkeypatch):
     """The row chunking of the twins (a few rows per step) changes nothing."""
-    torch, ops = torch_ops()
+    torch, knn = torch_ops()
     features = nodes_with_duplicates(split_features)
-    twin = ops.torch_neighbour_lists(torch.from_numpy(features), 21)
-    rows, members = ops.torch_k_reciprocal_expansion(twin.indices, 20)
-    squared = ops.torch_pair_squared_distances(torch.from_numpy(features), rows, members, twin)
-    encoding = ops.torch_k_reciprocal_encoding(rows, members, squared, twin.row_max,
+    twin = knn.torch_neighbour_lists(torch.from_numpy(features), 21)
+    rows, members = kr_ops.torch_k_reciprocal_expansion(twin.indices, 20)
+    squared = kr_ops.torch_pair_squared_distances(torch.from_numpy(features), rows, members, twin)
+    encoding = kr_ops.torch_k_reciprocal_encoding(rows, members, squared, twin.row_max,
                                                len(features), len(features))
-    expanded = ops.torch_local_query_expansion(encoding, twin.indices, 6)
-    monkeypatch.setattr(ops, "TORCH_CHUNK_ELEMENTS", 2000)
-    small_rows, small_members = ops.torch_k_reciprocal_expansion(twin.indices, 20)
+    expanded = kr_ops.torch_local_query_expansion(encoding, twin.indices, 6)
+    monkeypatch.setattr(knn, "TORCH_CHUNK_ELEMENTS", 2000)
+    small_rows, small_members = kr_ops.torch_k_reciprocal_expansion(twin.indices, 20)
     assert torch.equal(small_rows, rows) and torch.equal(small_members, members)
-    assert torch.equal(ops.torch_pair_squared_distances(torch.from_numpy(features), rows,
+    assert torch.equal(kr_ops.torch_pair_squared_distances(torch.from_numpy(features), rows,
                                                         members, twin), squared)
-    assert torch.equal(ops.torch_reciprocal_mask(twin.indices, 21),
+    assert torch.equal(knn.torch_reciprocal_mask(twin.indices, 21),
                        torch.from_numpy(reciprocal_mask(twin.indices.numpy(), 21)))
-    small = ops.torch_local_query_expansion(encoding, twin.indices, 6)
+    small = kr_ops.torch_local_query_expansion(encoding, twin.indices, 6)
     assert torch.equal(small.crow_indices(), expanded.crow_indices())
     assert torch.equal(small.col_indices(), expanded.col_indices())
     np.testing.assert_allclose(small.values().numpy(), expanded.values().numpy(), atol=1e-7)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from tie_aware import U32, assert_order_matches
 
-from engine.bench import synthetic_collection
+from engine.bench.measure import synthetic_collection
 from engine.rerank import create_reranker
 
 SIZE = 2000

@@ -25,12 +25,13 @@ import torch
 import torch.nn.functional as F
 from tie_aware import U32, assert_order_matches
 
+from engine.core.knn import knn_graph
+from engine.core.storage import load_json
 from engine.errors import InvalidInputError
-from engine.hypergraph import default_clusters, lhrr_from_features, reciprocal_edges, sgcc
-from engine.metrics import mean_average_precision
+from engine.evaluation.metrics import mean_average_precision
 from engine.rerank import GalleryContext, create_reranker
 from engine.rerank import sgrr as sgrr_module
-from engine.rerank.ops import knn_graph
+from engine.rerank._hypergraph import default_clusters, lhrr_from_features, reciprocal_edges, sgcc
 from engine.rerank.sgrr import (
     SGCNet,
     SGRRParams,
@@ -41,7 +42,6 @@ from engine.rerank.sgrr import (
     rank_by_distance,
     train,
 )
-from engine.storage import load_json
 
 with warnings.catch_warnings():  # torch_geometric 2.8.1 calls the deprecated torch.jit.script
     warnings.simplefilter("ignore", FutureWarning)
@@ -546,7 +546,7 @@ def test_training_equals_the_authors_loop(graph):
 
 def test_engine_never_imports_torch_geometric():
     """torch_geometric is the tests' oracle (requirements-dev.txt), not a dependency."""
-    code = ("import engine.rerank.sgrr, engine.hypergraph, sys; "
+    code = ("import engine.rerank.sgrr, engine.rerank._hypergraph, sys; "
             "assert 'torch_geometric' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
     engine_dir = Path(sgrr_module.__file__).resolve().parents[1]

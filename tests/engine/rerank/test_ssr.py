@@ -511,7 +511,7 @@ def test_after_k_reciprocal_refines_its_top_k_with_the_cosine_trained_module(
 
 def test_refinement_helps_held_out_classes(held_out):
     """Trained with labels on other classes, SSR improves mAP on the held-out ones."""
-    from engine.metrics import evaluate
+    from engine.evaluation.metrics import evaluate
 
     context, queries, query_labels = held_out
     reranker = create_reranker("ssr", device="cpu", train_classes=6, k=40, hidden=64,

@@ -1,0 +1,393 @@
+"""Benchmark: accuracy, batch time, online latency and peak memory of every re-ranker.
+
+    python -m engine.bench                                  # demo gallery, leave-one-out
+    python -m engine.bench --gallery ../shared/datasets/oxford17 --protocol oxford17-split
+    python -m engine.bench --synthetic 20000 --methods gnn  # scale run on clustered features
+    python -m engine.bench --gallery ../shared/datasets/oxford17 --protocol oxford17-heldout \
+        --methods k_reciprocal ssr:train_classes=9 ssr:train_classes=9,after_k_reciprocal=true
+    python -m engine.bench --gallery ../shared/datasets/oxford17 --asymmetric   # SSP table
+    python -m engine.bench --online --busy                  # online latency, quiet and busy
+    python -m engine.bench --online --synthetic 2000 --spread 2.5 --busy
+
+Prints one table. Batch seconds are for all gallery images as queries against the rest
+(leave-one-out, transductive); online ms/query is the median over single queries against the
+fitted gallery; fit seconds cover precomputation and, for methods that learn, training; peak
+memory is the largest resident-set growth (CPU) or CUDA allocation during that method's fit and
+batch runs.
+
+`--online` prints the online table instead: each training-free method with its authors'
+defaults and with the demo gallery's preset, fitted on the collection less 50 held-out items,
+and the median ms of single held-out queries; with `--busy` the same queries again while a
+second CPU-bound process (a pure-Python loop, one core) runs. The process runs under
+`engine.core.threads.configure_threads()`, as the app does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from engine.bench.measure import busy_process, peak_memory, synthetic_collection
+from engine.bench.tables import cell, markdown_table
+from engine.core.logs import configure_logging
+from engine.core.threads import configure_threads
+from engine.evaluation.metrics import evaluate
+from engine.evaluation.protocols import PROTOCOLS, Split, make_split
+from engine.evaluation.scores import without_self
+from engine.rerank import (
+    GalleryContext,
+    TrainingSet,
+    create_reranker,
+    get_reranker_class,
+    list_rerankers,
+)
+
+logger = logging.getLogger("engine.bench.rerankers")
+
+ONLINE_QUERIES = 50
+
+
+@dataclass
+class Row:
+    method: str
+    map: float
+    p1: float
+    p5: float
+    batch_seconds: float | None
+    online_ms: float | None
+    peak_mib: float | None
+    gpu_mib: float | None = None
+    fit_seconds: float | None = None
+
+
+def _scores(indices: np.ndarray, split: Split, labels: np.ndarray) -> tuple[float, float, float]:
+    gallery_labels = labels[split.gallery_rows]
+    scores = evaluate(indices, split.query_labels(labels), gallery_labels, ks=(1, 5),
+                      n_positives=split.n_positives)
+    return scores.map, scores.precision_at[1], scores.precision_at[5]
+
+
+def _baseline(features: np.ndarray, split: Split, k: int) -> np.ndarray:
+    from engine.search.index import exact_knn
+
+    gallery = features[split.gallery_rows]
+    if split.leave_one_out:
+        similarities, indices = exact_knn(gallery, k + 1)
+        return without_self(indices, similarities, k)[0]
+    _, indices = exact_knn(gallery, k, queries=features[split.query_rows])
+    return indices
+
+
+def run(features: np.ndarray, labels: np.ndarray, protocol: str, methods: Sequence[str],
+        top: int | None, device: str, online_queries: int = ONLINE_QUERIES,
+        state_dir: Path | None = None) -> list[Row]:
+    """Evaluate the baseline and each method on one collection; return the table rows.
+
+    state_dir: where methods that learn keep their trained state (a saved state is loaded; its
+    training time, from the manifest, is then what the "fit s" column shows)."""
+    split = make_split(protocol, labels)
+    gallery = features[split.gallery_rows]
+    available = len(gallery) - 1 if split.leave_one_out else len(gallery)
+    k = available if top is None else min(top, available)
+    rows = [Row("baseline (cosine)", *_scores(_baseline(features, split, k), split, labels),
+                None, None, None)]
+    queries = None if split.leave_one_out else features[split.query_rows]
+    online_set = (gallery if queries is None else queries)[:online_queries]
+    # Gallery labels go to `fit` only as a class count (SGRR's number of clusters); no method
+    # trains on them. A protocol that holds training items out offers them (with labels) to
+    # the methods that learn; only SSR with train_classes > 0 reads those labels.
+    training = None
+    if split.training_rows is not None:
+        training = TrainingSet(features[split.training_rows], labels[split.training_rows],
+                               f"the {split.name} training items ({len(split.training_rows)})")
+    context = GalleryContext(gallery, labels=labels[split.gallery_rows], training=training,
+                             state_dir=state_dir)
+    for spec in methods:
+        name, params = parse_method(spec)
+        with peak_memory(device) as memory:
+            started = time.perf_counter()
+            reranker = create_reranker(name, device=device, **params).fit(context)
+            fit_seconds = time.perf_counter() - started
+            result = reranker.rerank(queries, k)
+            started = time.perf_counter()
+            reranker.rerank(None, min(k, len(gallery) - 1))
+            batch_seconds = time.perf_counter() - started
+        row = Row(spec, *_scores(result.indices, split, labels), batch_seconds, None, None)
+        row.fit_seconds = getattr(reranker, "training_seconds", None) or fit_seconds
+        row.peak_mib = memory.get("rss")
+        row.gpu_mib = memory.get("gpu")
+        reranker.rerank(online_set[:1], k, mode="online")  # warm-up
+        timings = []
+        for query in online_set:
+            started = time.perf_counter()
+            reranker.rerank(query[None, :], k, mode="online")
+            timings.append(time.perf_counter() - started)
+        row.online_ms = 1000 * statistics.median(timings)
+        rows.append(row)
+    return rows
+
+
+@dataclass
+class OnlineRow:
+    method: str
+    parameters: str
+    fit_seconds: float
+    quiet_ms: float
+    quiet_cpu_ms: float = 0.0
+    busy_ms: float | None = None
+
+
+def held_out_rows(n: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """`count` query rows spread evenly over n items (every class of a sorted collection gets
+    some) and the gallery rows left."""
+    count = max(1, min(count, n - 2))
+    queries = np.unique(np.linspace(0, n - 1, count).round().astype(np.int64))
+    return queries, np.setdiff1d(np.arange(n), queries)
+
+
+def training_free_methods() -> list[str]:
+    """Registered methods that do not learn (fit precomputes only)."""
+    return [name for name in list_rerankers() if not get_reranker_class(name).learns]
+
+
+def online_specs(methods: Sequence[str], presets: dict[str, dict[str, object]]
+                 ) -> list[tuple[str, str]]:
+    """(spec, label) per method: its authors' defaults, then its preset when there is one."""
+    specs = []
+    for method in methods:
+        name, _ = parse_method(method)
+        specs.append((method, "authors' defaults" if method == name else "given"))
+        if method == name and name in presets:
+            values = ",".join(f"{key}={str(value).lower() if isinstance(value, bool) else value}"
+                              for key, value in presets[name].items())
+            specs.append((f"{name}:{values}", "demo preset"))
+    return specs
+
+
+def median_online_ms(reranker, queries: np.ndarray, k: int) -> tuple[float, float]:
+    """Median wall ms and median CPU ms of the calling thread (`time.thread_time`) of
+    `rerank(query, k, mode="online")` over the queries, after a warm-up.
+
+    An online query runs on its calling thread only (`engine.core.threads.query_threads`), so its
+    CPU time is about what it takes on an idle core, whatever else the machine runs.
+    """
+    reranker.rerank(queries[:1], k, mode="online")
+    wall, cpu = [], []
+    for query in queries:
+        started, started_cpu = time.perf_counter(), time.thread_time()
+        reranker.rerank(query[None, :], k, mode="online")
+        wall.append(time.perf_counter() - started)
+        cpu.append(time.thread_time() - started_cpu)
+    return 1000 * statistics.median(wall), 1000 * statistics.median(cpu)
+
+
+def run_online(features: np.ndarray, specs: Sequence[tuple[str, str]], top: int | None,
+               device: str, online_queries: int = ONLINE_QUERIES, busy: bool = False
+               ) -> tuple[list[OnlineRow], str]:
+    """The online table's rows: every spec fitted on the collection less `online_queries`
+    held-out items, then timed on those (quiet, and with `busy_process` when `busy`).
+
+    Returns the rows and a note of the load: the 1-minute load average before each pass and
+    what the busy pass ran beside.
+    """
+    query_rows, gallery_rows = held_out_rows(len(features), online_queries)
+    queries = features[query_rows]
+    context = GalleryContext(features[gallery_rows])
+    k = len(gallery_rows) if top is None else min(top, len(gallery_rows))
+    fitted, rows = [], []
+    for spec, label in specs:
+        name, params = parse_method(spec)
+        started = time.perf_counter()
+        reranker = create_reranker(name, device=device, **params).fit(context)
+        fitted.append(reranker)
+        values = spec.partition(":")[2]
+        shown = {"authors' defaults": label, "given": values}.get(label, f"{label}: {values}")
+        rows.append(OnlineRow(name, shown, time.perf_counter() - started, 0.0))
+    note = f"load average {os.getloadavg()[0]:.2f} before the quiet pass"
+    for row, reranker in zip(rows, fitted, strict=True):
+        row.quiet_ms, row.quiet_cpu_ms = median_online_ms(reranker, queries, k)
+    if busy:
+        with busy_process() as description:
+            note += f"; busy pass beside {description} (load {os.getloadavg()[0]:.2f})"
+            for row, reranker in zip(rows, fitted, strict=True):
+                row.busy_ms = median_online_ms(reranker, queries, k)[0]
+    note += f"; {len(gallery_rows)} gallery items, {len(queries)} held-out queries, top {k}"
+    return rows, note
+
+
+def format_online_table(rows: Sequence[OnlineRow], title: str) -> str:
+    """The online rows as a Markdown table (a busy column only when it was measured)."""
+    busy = any(row.busy_ms is not None for row in rows)
+    headers = ["method", "parameters", "fit s", "online ms/query (quiet)",
+               "CPU ms/query (quiet)"]
+    if busy:
+        headers += ["online ms/query (busy)", "busy / quiet"]
+    lines = []
+    for row in rows:
+        line = [row.method, row.parameters, f"{row.fit_seconds:.2f}", f"{row.quiet_ms:.2f}",
+                f"{row.quiet_cpu_ms:.2f}"]
+        if busy:
+            ratio = None if row.busy_ms is None else row.busy_ms / row.quiet_ms
+            line += [cell(row.busy_ms, ".2f"), cell(ratio, ".2f")]
+        lines.append(line)
+    return markdown_table(title, headers, lines)
+
+
+def parse_method(spec: str) -> tuple[str, dict[str, float | bool]]:
+    """'gnn' or 'gnn:lambda_value=0,k1=20' or 'ssr:after_k_reciprocal=true' -> (name,
+    parameter overrides)."""
+    name, _, overrides = spec.partition(":")
+    params: dict[str, float | bool] = {}
+    for item in filter(None, overrides.split(",")):
+        key, _, value = item.partition("=")
+        if value.strip().lower() in ("true", "false"):
+            params[key.strip()] = value.strip().lower() == "true"
+            continue
+        number = float(value)
+        params[key.strip()] = int(number) if number.is_integer() and "." not in value else number
+    return name, params
+
+
+def format_table(rows: Sequence[Row], title: str) -> str:
+    """The benchmark's rows as a Markdown table."""
+    headers = ("method", "mAP", "P@1", "P@5", "fit s", "batch s", "online ms/query",
+               "peak MiB (RSS)", "peak MiB (GPU)")
+    return markdown_table(title, headers, [
+        (row.method, f"{row.map:.4f}", f"{row.p1:.4f}", f"{row.p5:.4f}",
+         cell(row.fit_seconds, ".2f"), cell(row.batch_seconds, ".3f"),
+         cell(row.online_ms, ".2f"), cell(row.peak_mib, ".0f"), cell(row.gpu_mib, ".0f"))
+        for row in rows])
+
+
+def extraction_speed(folder: Path, count: int, device: str) -> tuple[float, int]:
+    """Images per second of FeatureExtractor.embed on `count` files of `folder` (decode included),
+    after one warm-up batch."""
+    from engine.features.backbone import get_extractor
+    from engine.features.images import list_image_files
+
+    files = list_image_files(folder)[:count]
+    extractor = get_extractor(device=device)
+    extractor.embed(files[: extractor.batch_size])
+    started = time.perf_counter()
+    extractor.embed(files)
+    return len(files) / (time.perf_counter() - started), len(files)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m engine.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--gallery", type=Path, help="image folder (default: the demo gallery)")
+    source.add_argument("--synthetic", type=int, metavar="N",
+                        help="N clustered random features instead of images")
+    parser.add_argument("--dim", type=int, default=1280, help="feature size for --synthetic")
+    parser.add_argument("--spread", type=float, default=0.6,
+                        help="cluster noise for --synthetic (see synthetic_collection)")
+    parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default="leave-one-out")
+    parser.add_argument("--methods", nargs="+", default=None,
+                        help="re-rankers to run, optionally with parameters, e.g. "
+                        "gnn:lambda_value=0 "
+                        f"(default all: {', '.join(list_rerankers())})")
+    parser.add_argument("--top", type=int, default=None,
+                        help="ranking length (default: full ranking; 100 for --synthetic)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--extraction", type=int, default=0, metavar="N",
+                        help="also time feature extraction on N images of the gallery")
+    parser.add_argument("--online-queries", type=int, default=None, metavar="N",
+                        help=f"queries timed online (default {ONLINE_QUERIES}; 5 for --synthetic)")
+    parser.add_argument("--cache-dir", type=Path, default=None)
+    parser.add_argument("--online", action="store_true",
+                        help="print the online latency table instead: training-free methods "
+                        "(or --methods) with the authors' defaults and the demo presets, "
+                        "median ms of single held-out queries")
+    parser.add_argument("--busy", action="store_true",
+                        help="with --online: also time the queries beside a second CPU-bound "
+                        "process (a pure-Python loop)")
+    parser.add_argument("--asymmetric", action="store_true",
+                        help="print the asymmetric query-model table instead (SSP against "
+                        "symmetric lite0/lite2, untrained and ridge maps; engine.bench.asymmetric)")
+    args = parser.parse_args(argv)
+    if args.asymmetric:
+        from engine.bench import asymmetric as bench_asymmetric
+        from engine.search.gallery import DEMO_GALLERY
+
+        protocol = "oxford17-heldout" if args.protocol == "leave-one-out" else args.protocol
+        forwarded = ["--gallery", str(args.gallery or DEMO_GALLERY), "--protocol", protocol,
+                     "--device", args.device]
+        if args.cache_dir:
+            forwarded += ["--cache-dir", str(args.cache_dir)]
+        return bench_asymmetric.main(forwarded)
+    configure_logging(fmt="%(levelname)s %(name)s: %(message)s")
+    budget = configure_threads()
+
+    from engine.core.device import resolve_device
+
+    device = str(resolve_device(args.device))
+    if args.online:
+        return _main_online(args, device, budget.describe())
+    methods = args.methods or list_rerankers()
+    if args.synthetic:
+        features, labels = synthetic_collection(args.synthetic, args.dim, spread=args.spread)
+        title = (f"synthetic N={args.synthetic}, d={args.dim}, spread {args.spread}, "
+                 f"protocol {args.protocol}, device {device}")
+        top = args.top or 100
+        state_dir = None
+    else:
+        from engine.search.gallery import DEMO_GALLERY, Gallery
+
+        folder = args.gallery or DEMO_GALLERY
+        gallery = Gallery.open(folder, cache_root=args.cache_dir, device=args.device,
+                               progress=lambda fraction, message: logger.info(message)
+                               if int(fraction * 100) % 10 == 0 else None)
+        if gallery.labels is None:
+            parser.error(f"{folder} has no labels (labels.csv or class sub-folders)")
+        features, labels = gallery.features, gallery.labels
+        state_dir = gallery.state_dir / "bench"
+        title = (f"{Path(folder).name} ({gallery.size} images, {gallery.meta.backbone}), "
+                 f"protocol {args.protocol}, device {device}")
+        top = args.top
+        if args.extraction:
+            speed, count = extraction_speed(Path(folder), args.extraction, args.device)
+            print(f"feature extraction: {speed:.1f} images/s over {count} images "
+                  f"(JPEG decode + resize + {gallery.meta.backbone}, {device})")
+    online_queries = args.online_queries or (5 if args.synthetic else ONLINE_QUERIES)
+    rows = run(features, labels, args.protocol, methods, top, device, online_queries,
+               state_dir)
+    print(format_table(rows, title))
+    return 0
+
+
+def _main_online(args: argparse.Namespace, device: str, budget: str) -> int:
+    from engine.evaluation.tuning import load_presets
+    from engine.search.gallery import DEMO_GALLERY
+
+    if args.synthetic:
+        features, _ = synthetic_collection(args.synthetic, args.dim, spread=args.spread)
+        source = f"synthetic N={args.synthetic}, d={args.dim}, spread {args.spread}"
+    else:
+        from engine.search.gallery import Gallery
+
+        folder = args.gallery or DEMO_GALLERY
+        gallery = Gallery.open(folder, cache_root=args.cache_dir, device=args.device)
+        features = gallery.features
+        source = f"{Path(folder).name} ({gallery.size} images, {gallery.meta.backbone})"
+    specs = online_specs(args.methods or training_free_methods(), load_presets(DEMO_GALLERY))
+    rows, note = run_online(features, specs, args.top, device,
+                            args.online_queries or ONLINE_QUERIES, args.busy)
+    title = (f"Online ms/query (median over single queries), {source}, device {device}, "
+             f"{note}; threads: {budget}")
+    print(format_online_table(rows, title))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

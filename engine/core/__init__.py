@@ -1,0 +1,3 @@
+"""The bottom floor every concept uses: shared types, kNN primitives, storage, device, threads,
+background jobs, logging.
+"""

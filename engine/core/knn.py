@@ -1,0 +1,305 @@
+"""kNN primitives every concept shares: exact top-k with deterministic ties, canonical
+similarities, neighbour lists and reciprocal masks, in numpy and their torch twins.
+
+Conventions: features are float32 L2-normalised rows, similarity is the inner product, and a
+function returning a pair returns faiss's order, (values, indices). Everything is vectorised
+over rows and bounded by the neighbourhood sizes (never an N x N dense matrix).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from engine.core.types import KnnGraph
+
+EXPANSION_ELEMENTS = 1 << 25
+"""Elements of one chunk of a reciprocal-membership test (32 MiB of bools): `reciprocal_mask`
+and k-reciprocal's expansion."""
+REFINE_CHUNK = 256
+
+FLOAT32_SLACK = 1e-5  # bound on float32 inner-product error for unit vectors
+
+
+def top_k_smallest(values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the k smallest entries, ascending, ties broken by the smaller column index.
+
+    Deterministic even with exact ties at the k-th value (duplicate images give those), so two
+    code paths that see the same numbers pick the same neighbours.
+
+    Args:
+        values: (n, m) float.
+    Returns:
+        indices (n, k) int64 and the values (n, k) at them.
+    """
+    n, m = values.shape
+    if k >= m:
+        indices = np.argsort(values, axis=1, kind="stable")[:, :k]
+    else:
+        threshold = np.partition(values, k - 1, axis=1)[:, k - 1]
+        rows, columns = np.nonzero(values <= threshold[:, None])  # >= k per row, col-sorted
+        order = np.lexsort((columns, values[rows, columns], rows))
+        rows, columns = rows[order], columns[order]
+        starts = np.searchsorted(rows, np.arange(n))
+        rank_in_row = np.arange(rows.size) - starts[rows]
+        keep = rank_in_row < k
+        indices = columns[keep].reshape(n, k)
+    return indices.astype(np.int64), np.take_along_axis(values, indices, axis=1)
+
+
+def canonical_similarity(rows: np.ndarray, columns: np.ndarray) -> np.ndarray:
+    """Inner products accumulated in float64, rounded to float32 and capped at 1.
+
+    Float32 products depend on the BLAS path (matrix-vector vs matrix-matrix, block edges), so
+    two exact duplicates, or one pair computed in a batch and again online, can differ in the
+    last bit and flip a tie. Rounding a float64 result to float32 gives the same value for the
+    same pair whichever way it was computed (barring a one-in-a-billion rounding boundary).
+    Every similarity that decides a neighbour list comes from here or its torch twin.
+
+    Returns (len(rows), len(columns)) float32.
+    """
+    product = np.asarray(rows, np.float64) @ np.asarray(columns, np.float64).T
+    return np.minimum(product, 1.0).astype(np.float32)
+
+
+def squared_from_similarity(similarity: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+    """Squared Euclidean distance of unit vectors, 2 - 2 cos, in float32, clipped at 0 (a
+    tensor stays a tensor on its device)."""
+    if isinstance(similarity, torch.Tensor):
+        return (2.0 - 2.0 * similarity.float()).clamp(min=0.0)
+    return np.maximum(np.float32(2.0) - np.float32(2.0) * similarity, np.float32(0.0))
+
+
+@dataclass(frozen=True)
+class NeighbourLists:
+    """Neighbour lists of every node, most similar first (self first), and each row's farthest.
+
+    indices: (n, depth) int64; similarities: (n, depth) float32 canonical similarities;
+    farthest: (n,) float32 smallest similarity of each row over all n nodes. All numpy, or all
+    torch tensors on one device (`torch_neighbour_lists`).
+    """
+
+    indices: np.ndarray | torch.Tensor
+    similarities: np.ndarray | torch.Tensor
+    farthest: np.ndarray | torch.Tensor
+
+    @property
+    def distances(self) -> np.ndarray | torch.Tensor:
+        """(n, depth) squared distances 2 - 2 cos, ascending."""
+        return squared_from_similarity(self.similarities)
+
+    @property
+    def row_max(self) -> np.ndarray | torch.Tensor:
+        """(n,) largest squared distance of each row (the k-reciprocal normaliser)."""
+        return squared_from_similarity(self.farthest)
+
+    @classmethod
+    def from_graph(cls, graph: KnnGraph, depth: int) -> NeighbourLists:
+        return cls(graph.indices[:, :depth], graph.similarities[:, :depth], graph.farthest)
+
+
+def knn_graph(features: np.ndarray, depth: int, device: str | torch.device = "cpu"
+              ) -> KnnGraph:
+    """The exact kNN graph of `features` with canonical similarities (see `torch_topk_similar`).
+
+    Shared by the gallery cache, the plots and every re-ranker, so they all see the same lists.
+    Returns a KnnGraph of depth min(depth, n) with each row's farthest similarity.
+    """
+    tensor = torch.from_numpy(np.ascontiguousarray(features, np.float32)).to(device)
+    similarities, indices = torch_topk_similar(tensor, min(depth, tensor.shape[0]))
+    farthest = torch_farthest_similarity(tensor)
+    return KnnGraph(indices=indices.cpu().numpy(), similarities=similarities.cpu().numpy(),
+                    farthest=farthest.cpu().numpy(), canonical=True)
+
+
+def neighbour_lists(features: np.ndarray, depth: int) -> NeighbourLists:
+    """Exact neighbour lists over all rows of `features` (see `knn_graph`)."""
+    return NeighbourLists.from_graph(knn_graph(features, depth), depth)
+
+
+def reciprocal_mask(lists: np.ndarray, width: int, rows: np.ndarray | None = None) -> np.ndarray:
+    """mask[r, a] = True when node lists[r, a] has node r among its first `width` entries.
+
+    lists: (n, >= width) neighbour lists; rows: which rows to evaluate (default all).
+    Returns (len(rows), width) bool.
+    """
+    rows = np.arange(lists.shape[0]) if rows is None else rows
+    head = lists[:, :width]
+    mask = np.empty((len(rows), width), dtype=bool)
+    step = max(1, EXPANSION_ELEMENTS // (width * width))    # bounds the (r, width, width) test
+    for start in range(0, len(rows), step):
+        part = rows[start:start + step]
+        mask[start:start + step] = (head[head[part]] == part[:, None, None]).any(axis=2)
+    return mask
+
+
+def torch_topk_largest(scores: torch.Tensor, k: int, margin: int = 8
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the k largest entries, descending, ties broken by the smaller column index.
+
+    torch.topk orders ties arbitrarily; duplicate images make exact ties, and two code paths
+    must pick the same neighbours. Takes k + margin candidates, orders them by (value desc,
+    index asc), and falls back to a full stable sort for rows whose ties reach past them.
+    """
+    m = scores.shape[1]
+    width = min(k + margin, m)
+    values, order = scores.topk(width, dim=1, largest=True, sorted=True)
+    by_index = order.sort(dim=1, stable=True)
+    values = values.gather(1, by_index.indices)
+    order = by_index.values
+    resorted = values.sort(dim=1, descending=True, stable=True)
+    values, order = resorted.values, order.gather(1, resorted.indices)
+    if width < m:
+        unsafe = values[:, width - 1] >= values[:, k - 1]  # a tie may continue past width
+        if unsafe.any():
+            rows = torch.nonzero(unsafe).flatten()
+            full = scores[rows].sort(dim=1, descending=True, stable=True)
+            values[rows], order[rows] = full.values[:, :width], full.indices[:, :width]
+    return values[:, :k], order[:, :k]
+
+
+def torch_canonical_similarity(rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """Torch twin of `canonical_similarity`: float64 accumulation, float32, capped at 1."""
+    return (rows.double() @ columns.double().T).clamp(max=1.0).float()
+
+
+def _flat_index(features: torch.Tensor):
+    """A faiss exact inner-product index over CPU features (None on other devices)."""
+    if features.device.type != "cpu":
+        return None
+    import faiss
+
+    index = faiss.IndexFlatIP(features.shape[1])
+    index.add(features.contiguous().numpy())
+    return index
+
+
+def torch_farthest_similarity(features: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+    """Each row's smallest canonical similarity to any row: (n,) float32."""
+    index = _flat_index(features)
+    farthest = []
+    for start in range(0, features.shape[0], chunk):
+        rows = features[start:start + chunk]
+        if index is not None:
+            _, found = index.search(-rows.contiguous().numpy(), 1)
+            candidate = torch.from_numpy(found[:, 0])
+        else:
+            candidate = (rows @ features.T).argmin(dim=1)
+        farthest.append((rows.double() * features[candidate].double()).sum(dim=1)
+                        .clamp(max=1.0).float())
+    return torch.cat(farthest)
+
+
+def torch_topk_similar(features: torch.Tensor, k: int, chunk: int = 2048, margin: int = 8
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k inner products of every row against all rows (self included), in row chunks.
+
+    A float32 pass proposes k + margin candidates per row; their similarities are recomputed
+    canonically (`torch_canonical_similarity`) and the top k chosen from those, with ties
+    broken by index, so duplicates and online/batch runs agree exactly.
+
+    Every node leads its own list, at similarity exactly 1: an exact duplicate (similarity 1
+    too) follows it, whatever their indices; other ties go to the smaller index.
+
+    Returns (similarities (n, k) descending, indices (n, k) int64) on the features' device.
+    """
+    n = features.shape[0]
+    width = min(k + margin, n)
+    index = _flat_index(features)
+    features64 = features.double()
+    similarities, indices = [], []
+    for start in range(0, n, chunk):
+        rows = features[start:start + chunk]
+        if index is not None:  # faiss: BLAS + a heap in C++, much faster than torch on a CPU
+            _, found = index.search(rows.numpy(), width)
+            candidates = torch.from_numpy(found)
+        else:
+            _, candidates = (rows @ features.T).topk(width, dim=1, largest=True, sorted=False)
+        candidates = candidates.sort(dim=1).values  # position order = node order, for ties
+        rows64 = features64[start:start + chunk]
+        refined = torch.cat([  # gathers of (rows, width, d) float64, kept to ~100 MB
+            torch.bmm(features64[candidates[part:part + REFINE_CHUNK]],
+                      rows64[part:part + REFINE_CHUNK, :, None])[:, :, 0]
+            for part in range(0, candidates.shape[0], REFINE_CHUNK)]).clamp(max=1.0).float()
+        row_ids = torch.arange(start, start + rows.shape[0], device=features.device)
+        refined[candidates == row_ids[:, None]] = torch.inf  # self first (1 after the choice)
+        values, order = torch_topk_largest(refined, k, margin=width)
+        order = candidates.gather(1, order)
+        if width < n:
+            # Rows whose weakest candidate comes within float32 error of the k-th value may
+            # have tied or misordered items outside the candidates: redo them exactly.
+            unsafe = refined.min(dim=1).values >= values[:, k - 1] - FLOAT32_SLACK
+            if unsafe.any():
+                redo = torch.nonzero(unsafe).flatten()
+                exact = torch_canonical_similarity(rows[redo], features)
+                exact[torch.arange(redo.shape[0]), row_ids[redo]] = torch.inf
+                values[redo], order[redo] = torch_topk_largest(exact, k)
+        similarities.append(values.clamp(max=1.0))
+        indices.append(order)
+    return torch.cat(similarities), torch.cat(indices)
+
+
+def lists_with_query(neighbours: torch.Tensor, similarities: torch.Tensor,
+                     to_query: torch.Tensor, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kNN lists of (query + gallery) from the gallery's own lists, without recomputing them.
+
+    Node 0 is the query, gallery item j is node j + 1. The query's list is itself then its most
+    similar gallery items; each gallery list gets the query inserted where it sorts (before
+    equal similarities, as node 0 has the smallest id, but after the item itself, which leads
+    its list even when the query duplicates it) and loses its last entry: exactly the lists a
+    batch run over query + gallery builds.
+
+    Args:
+        neighbours, similarities: (G, >= depth - 1) gallery lists (self first), descending.
+        to_query: (G,) canonical similarity of each gallery item to the query.
+    Returns:
+        (G + 1, depth) node ids and similarities.
+    """
+    size = neighbours.shape[0]
+    neighbours, similarities = neighbours[:, :depth] + 1, similarities[:, :depth]
+    if neighbours.shape[1] < depth:  # every gallery item is listed: leave one free slot
+        neighbours = torch.nn.functional.pad(neighbours, (0, 1), value=-1)
+        similarities = torch.nn.functional.pad(similarities, (0, 1), value=-torch.inf)
+    position = (similarities > to_query[:, None]).sum(dim=1, keepdim=True).clamp(min=1)
+    columns = torch.arange(depth, device=neighbours.device)[None, :]
+    after, inserted = columns > position, columns == position
+    neighbours = torch.where(inserted, 0, torch.where(after, neighbours.roll(1, 1), neighbours))
+    similarities = torch.where(inserted, to_query[:, None].expand(size, depth),
+                               torch.where(after, similarities.roll(1, 1), similarities))
+    query_similarities, query_order = torch_topk_largest(to_query[None, :], depth - 1)
+    query_row = torch.cat([torch.zeros(1, dtype=neighbours.dtype, device=neighbours.device),
+                           query_order[0] + 1])
+    query_row_similarities = torch.cat([torch.ones(1, dtype=similarities.dtype,
+                                                   device=similarities.device),
+                                        query_similarities[0]])
+    return (torch.cat([query_row[None, :], neighbours]),
+            torch.cat([query_row_similarities[None, :], similarities]))
+TORCH_CHUNK_ELEMENTS = 1 << 22
+
+
+def rows_per_chunk(per_row: int) -> int:
+    return max(1, TORCH_CHUNK_ELEMENTS // max(1, per_row))
+
+
+def torch_neighbour_lists(features: torch.Tensor, depth: int) -> NeighbourLists:
+    """Torch twin of `neighbour_lists` (the same lists, ties and farthest similarities as
+    `knn_graph`), computed and kept on the features' device. features: (n, d) float32."""
+    similarities, indices = torch_topk_similar(features, min(depth, features.shape[0]))
+    return NeighbourLists(indices, similarities, torch_farthest_similarity(features))
+
+
+def torch_reciprocal_mask(lists: torch.Tensor, width: int, rows: torch.Tensor | None = None
+                          ) -> torch.Tensor:
+    """Torch twin of `reciprocal_mask`: (len(rows), width) bool, mask[r, a] = True when node
+    lists[r, a] has node r among its first `width` entries."""
+    if rows is None:
+        rows = torch.arange(lists.shape[0], device=lists.device)
+    head = lists[:, :width]
+    mask = torch.zeros((len(rows), width), dtype=torch.bool, device=lists.device)
+    step = rows_per_chunk(width * width)
+    for start in range(0, len(rows), step):
+        part = rows[start:start + step]
+        mask[start:start + step] = (head[head[part]] == part[:, None, None]).any(dim=2)
+    return mask

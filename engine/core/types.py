@@ -1,0 +1,139 @@
+"""The types every concept shares: a ranking result, the gallery kNN graph, what a method is
+fitted on, and the feature check.
+
+Conventions (one for the whole project):
+- Features are float32, L2-normalised rows; similarity is the inner product.
+- A ranking is `RerankResult(indices, distances)` of shape (n_queries, k), best first, and a
+  smaller distance is closer; the baseline search returns one too. Per-method extras for the UI
+  ride in `RerankResult.details`.
+- Indices refer to gallery rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engine.errors import InvalidInputError
+
+UNIT_NORM_TOLERANCE = 1e-3
+
+
+@dataclass(frozen=True)
+class KnnGraph:
+    """Top-K neighbours of every gallery item (itself first, at similarity exactly 1).
+
+    indices: (G, K) int64 gallery rows, most similar first (ties: smaller index first).
+    similarities: (G, K) float32 canonical inner products (`knn.canonical_similarity`).
+    farthest: (G,) float32 smallest similarity of each row (k-reciprocal's normaliser), or None.
+    canonical: True when built by `knn.knn_graph` (exact, canonical similarities); only such a
+        graph may stand in for a re-ranker's own neighbour search.
+    """
+
+    indices: np.ndarray
+    similarities: np.ndarray
+    farthest: np.ndarray | None = None
+    canonical: bool = False
+
+    @property
+    def depth(self) -> int:
+        return int(self.indices.shape[1])
+
+
+@dataclass(frozen=True)
+class TrainingSet:
+    """Items a learning method may learn from besides the gallery (a protocol's held-out
+    training classes, say): features (n, d) L2-normalised, labels (n,) int or None (-1 =
+    unlabelled), and a short description the UI shows."""
+
+    features: np.ndarray
+    labels: np.ndarray | None = None
+    description: str = ""
+
+    @property
+    def size(self) -> int:
+        return int(self.features.shape[0])
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies the exact features and labels (learned state is keyed on it)."""
+        import hashlib
+
+        digest = hashlib.sha256(np.ascontiguousarray(self.features, np.float32).tobytes())
+        if self.labels is not None:
+            digest.update(np.ascontiguousarray(self.labels, np.int64).tobytes())
+        return digest.hexdigest()[:16]
+
+
+@dataclass
+class GalleryContext:
+    """What `Reranker.fit` receives: the gallery features and the structures shared by methods.
+
+    features: (G, d) float32 L2-normalised rows.
+    knn: the gallery kNN graph from the index (computed once and cached), or None.
+    fingerprint: identifies how the features were made and which images they are; learned state
+        is keyed on it.
+    state_dir: folder beside the gallery cache where learned methods keep their state.
+    labels: optional (G,) int labels (only some learned methods may use them).
+    training: optional held-out items a learning method may train on instead of the gallery.
+    """
+
+    features: np.ndarray
+    knn: KnnGraph | None = None
+    fingerprint: str = ""
+    state_dir: Path | None = None
+    labels: np.ndarray | None = None
+    training: TrainingSet | None = None
+
+    @property
+    def size(self) -> int:
+        return int(self.features.shape[0])
+
+
+@dataclass(frozen=True)
+class RerankResult:
+    """The one ranking type: (n_queries, k) gallery indices and distances, best first.
+
+    indices: int64, unique per row. distances: float32, finite, ascending (smaller is closer).
+    details: method extras for the UI (clamped parameters, intermediate scores, ...).
+    """
+
+    indices: np.ndarray
+    distances: np.ndarray
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+
+def check_features(features: Any, name: str, dim: int | None = None, *,
+                   unit_norm: bool = True) -> np.ndarray:
+    """Validate a (n, d) feature matrix (a (d,) vector is one row) and return it as contiguous
+    float32; with `unit_norm`, rows must be L2-normalised."""
+    array = np.asarray(features)
+    if array.ndim == 1:
+        array = array[None, :]
+    if array.ndim != 2:
+        raise InvalidInputError(f"{name} must be a 2-D (n, d) array, got shape {array.shape}")
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise InvalidInputError(f"{name} is empty (shape {array.shape})")
+    if not np.issubdtype(array.dtype, np.number):
+        raise InvalidInputError(f"{name} must be numeric, got dtype {array.dtype}")
+    if dim is not None and array.shape[1] != dim:
+        raise InvalidInputError(
+            f"{name} has {array.shape[1]} dimensions but the gallery has {dim}: were they made "
+            "with another backbone?")
+    array = np.ascontiguousarray(array, dtype=np.float32)
+    if not np.isfinite(array).all():
+        bad = np.flatnonzero(~np.isfinite(array).all(axis=1))
+        raise InvalidInputError(
+            f"{name} contains NaN or infinite values in rows {bad[:10].tolist()}"
+            f"{' ...' if bad.size > 10 else ''}; re-extract those features")
+    norms = np.linalg.norm(array, axis=1)
+    if unit_norm and (np.abs(norms - 1.0) > UNIT_NORM_TOLERANCE).any():
+        bad = np.flatnonzero(np.abs(norms - 1.0) > UNIT_NORM_TOLERANCE)
+        raise InvalidInputError(
+            f"{name} must be L2-normalised (cosine = inner product); rows {bad[:10].tolist()} "
+            f"have norms {np.round(norms[bad[:3]], 4).tolist()}: divide each row by its norm")
+    return array

@@ -1,0 +1,3 @@
+"""Scoring rankings: metrics, evaluation protocols, whole-gallery scores, parameter sweeps and
+presets.
+"""

@@ -1,0 +1,162 @@
+"""Whole-gallery scores of one method: every gallery item a query against the rest.
+
+The explorer's Compare table and its per-query numbers for gallery picks come from here, so the
+AP a user sees for one picked image is exactly that image's term in the table's mAP. Scores are
+cached as JSON beside the gallery cache, keyed on the gallery fingerprint, the method and its
+parameters, so they are computed once per gallery and setting.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engine.core.storage import atomic_write_json, fingerprint, load_json
+from engine.errors import CacheError, InvalidInputError
+from engine.evaluation.metrics import evaluate
+from engine.evaluation.protocols import leave_one_out
+
+logger = logging.getLogger(__name__)
+
+SCORES_FILE = "scores.json"
+ONLINE_TIMING_QUERIES = 20
+
+
+@dataclass(frozen=True)
+class LeaveOneOutRankings:
+    """Each gallery item's ranking of the other items: (G, depth) indices and distances, and
+    the method's details (arrays with one row per query, e.g. ICFRR's iteration history)."""
+
+    indices: np.ndarray
+    distances: np.ndarray
+    seconds: float
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+    def details_of(self, row: int) -> dict[str, Any]:
+        """The details of one query: its row of every per-query array, and the run's text
+        notes (what a learned method learned from, say)."""
+        size = len(self.indices)
+        rows = {name: value[row] for name, value in self.details.items()
+                if isinstance(value, np.ndarray) and value.ndim >= 1 and len(value) == size}
+        notes = {name: value for name, value in self.details.items() if isinstance(value, str)}
+        return {**notes, **rows}
+
+
+@dataclass(frozen=True)
+class MethodScores:
+    """One method's leave-one-out scores on a gallery (NaN when the gallery has no labels).
+
+    online_ms: median time of one online query against the fitted gallery.
+    """
+
+    method: str
+    params: dict[str, Any]
+    map: float
+    p1: float
+    p5: float
+    online_ms: float
+    batch_seconds: float
+    n_queries: int
+
+
+def without_self(indices: np.ndarray, distances: np.ndarray, depth: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Drop each row's own index (row i is query i) wherever it landed, keep `depth` columns.
+
+    Duplicate images may outrank the query itself, so the query is removed by index, not by
+    position; a row that does not contain itself keeps its first `depth` entries.
+    """
+    keep = indices != np.arange(len(indices))[:, None]
+    order = np.argsort(~keep, axis=1, kind="stable")[:, :depth]
+    return (np.take_along_axis(indices, order, axis=1),
+            np.take_along_axis(distances, order, axis=1))
+
+
+def median_ms(rank_one: Callable[[np.ndarray], Any], queries: np.ndarray) -> float:
+    """Median milliseconds of `rank_one(query[None, :])` over the queries, after one warm-up."""
+    if len(queries) == 0:
+        raise InvalidInputError("timing needs at least one query")
+    rank_one(queries[:1])
+    timings = []
+    for query in queries:
+        started = time.perf_counter()
+        rank_one(query[None, :])
+        timings.append(time.perf_counter() - started)
+    return 1000 * statistics.median(timings)
+
+
+def timing_queries(features: np.ndarray, count: int = ONLINE_TIMING_QUERIES) -> np.ndarray:
+    """`count` gallery rows spread evenly over the gallery, used as online timing queries."""
+    rows = np.unique(np.linspace(0, len(features) - 1, min(count, len(features))).astype(int))
+    return features[rows]
+
+
+def score_rankings(method: str, params: Mapping[str, Any], rankings: LeaveOneOutRankings,
+                   labels: np.ndarray | None, online_ms: float) -> MethodScores:
+    """mAP, P@1 and P@5 of leave-one-out rankings against the gallery's labels."""
+    n_queries = len(rankings.indices)
+    if labels is None or (labels < 0).all():
+        nan = float("nan")
+        return MethodScores(method, dict(params), nan, nan, nan, online_ms, rankings.seconds,
+                            n_queries)
+    split = leave_one_out(labels)
+    depth = rankings.indices.shape[1]
+    scores = evaluate(rankings.indices, labels, labels, ks=(1, min(5, depth)),
+                      n_positives=split.n_positives)
+    return MethodScores(method, dict(params), scores.map, scores.precision_at[1],
+                        scores.precision_at[min(5, depth)], online_ms, rankings.seconds,
+                        n_queries - scores.n_excluded)
+
+
+class ScoreCache:
+    """Scores by (gallery fingerprint, method, parameters) in `folder/scores.json`.
+
+    A damaged file is treated as empty (and replaced on the next write); writes are atomic.
+    """
+
+    def __init__(self, folder: Path, gallery_fingerprint: str) -> None:
+        self.path = Path(folder) / SCORES_FILE
+        self.gallery_fingerprint = gallery_fingerprint
+
+    def key(self, method: str, params: Mapping[str, Any]) -> str:
+        return fingerprint([self.gallery_fingerprint, method, dict(params)])
+
+    def _read(self) -> dict[str, Any]:
+        if not self.path.is_file():
+            return {}
+        try:
+            stored = load_json(self.path)
+        except CacheError as error:
+            logger.warning("ignoring the score cache %s (%s)", self.path, error)
+            return {}
+        return stored if isinstance(stored, dict) else {}
+
+    def get(self, method: str, params: Mapping[str, Any]) -> MethodScores | None:
+        entry = self._read().get(self.key(method, params))
+        try:
+            return None if entry is None else MethodScores(**entry)
+        except TypeError:  # written by another version
+            return None
+
+    def put(self, scores: MethodScores) -> None:
+        stored = self._read()
+        stored[self.key(scores.method, scores.params)] = asdict(scores)
+        atomic_write_json(self.path, stored)
+
+
+def scores_table(rows: Sequence[MethodScores], titles: Mapping[str, str]) -> list[list[Any]]:
+    """Rows for a table: method title, mAP, P@1, P@5, online ms/query, batch s, parameters."""
+    def rounded(value: float, digits: int) -> float | None:
+        return None if np.isnan(value) else round(float(value), digits)
+
+    return [[titles.get(row.method, row.method), rounded(row.map, 4), rounded(row.p1, 4),
+             rounded(row.p5, 4), round(row.online_ms, 2), round(row.batch_seconds, 3),
+             ", ".join(f"{name}={value}" for name, value in row.params.items()) or "-"]
+            for row in rows]

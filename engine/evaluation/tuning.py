@@ -1,0 +1,171 @@
+"""Parameter sweeps on a labelled gallery, and per-gallery parameter presets.
+
+A sweep runs one method over a grid of parameter values on a fixed query split of the gallery
+(batch mode, as the method's authors evaluate it) and scores each setting. The best setting can
+be saved as the gallery's preset: a small JSON next to the gallery cache (`presets.json`), which
+overrides a `presets.json` shipped inside the gallery folder. Presets are validated through the
+method's parameter dataclass, so a preset outside the declared ranges is refused, not used.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engine.core.knn import knn_graph
+from engine.core.storage import atomic_write_json, load_json
+from engine.errors import CacheError, InvalidInputError
+from engine.evaluation.metrics import evaluate
+from engine.evaluation.protocols import Split, make_split
+from engine.rerank import GalleryContext, create_reranker, get_reranker_class
+
+logger = logging.getLogger(__name__)
+
+PRESETS_FILE = "presets.json"
+MAX_TRIALS = 400
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One setting of a sweep: the full parameters, mAP, P@1 and the batch seconds it took."""
+
+    params: dict[str, Any]
+    map: float
+    p1: float
+    seconds: float
+
+
+def sweep(name: str, grid: Mapping[str, Sequence[float]], features: np.ndarray,
+          labels: np.ndarray, protocol: str = "oxford17-split",
+          base: Mapping[str, Any] | None = None,
+          progress: Callable[[int, int], None] | None = None,
+          should_stop: Callable[[], bool] | None = None,
+          on_trial: Callable[[Trial], None] | None = None,
+          device: str = "cpu") -> list[Trial]:
+    """Score `name` at every combination of `grid` values on a fixed split of the collection.
+
+    Args:
+        grid: parameter name -> values (one or two names for the page's plots, any number here).
+        features, labels: the labelled collection, rows in file order.
+        protocol: how queries and gallery are drawn (`engine.evaluation.protocols`).
+        base: parameters held fixed (default: the method's defaults).
+        progress: called with (trials done, trials in all) after each trial.
+        should_stop: polled between trials; when it returns True the sweep ends early and
+            returns the trials done so far (cancel).
+        on_trial: called with each finished trial (for live plots).
+        device: where each trial's re-ranker runs ("auto", "cpu", "cuda").
+    Returns:
+        One Trial per setting tried, in grid order.
+    """
+    cls = get_reranker_class(name)
+    known = {spec["name"] for spec in cls.Params.describe()}
+    unknown = (set(grid) | set(base or {})) - known
+    if unknown:
+        raise InvalidInputError(f"{name} has no parameter(s) {sorted(unknown)}; "
+                                f"it takes {sorted(known)}")
+    if not grid or any(len(values) == 0 for values in grid.values()):
+        raise InvalidInputError("a sweep needs at least one value for each swept parameter")
+    combinations = list(itertools.product(*grid.values()))
+    if len(combinations) > MAX_TRIALS:
+        raise InvalidInputError(f"{len(combinations)} settings requested; at most {MAX_TRIALS}")
+    split = make_split(protocol, labels)
+    context, queries = _split_context(features, labels, split)
+    trials: list[Trial] = []
+    for done, values in enumerate(combinations, start=1):
+        if should_stop is not None and should_stop():
+            logger.info("sweep of %s stopped after %d of %d settings", name, done - 1,
+                        len(combinations))
+            break
+        params = {**(base or {}), **dict(zip(grid, values, strict=True))}
+        reranker = create_reranker(name, device=device, **params).fit(context)
+        started = time.perf_counter()
+        result = reranker.rerank(queries)
+        seconds = time.perf_counter() - started
+        scores = evaluate(result.indices, split.query_labels(labels),
+                          labels[split.gallery_rows], ks=(1,), n_positives=split.n_positives)
+        trials.append(Trial(reranker.params.as_dict(), scores.map, scores.precision_at[1],
+                            seconds))
+        if on_trial is not None:
+            on_trial(trials[-1])
+        if progress is not None:
+            progress(done, len(combinations))
+    return trials
+
+
+def _split_context(features: np.ndarray, labels: np.ndarray, split: Split
+                   ) -> tuple[GalleryContext, np.ndarray | None]:
+    """The split's gallery (with its labels, which a method may use as a class count) and its
+    kNN graph computed once for every trial, and its queries."""
+    gallery = np.ascontiguousarray(features[split.gallery_rows])
+    context = GalleryContext(gallery, knn=knn_graph(gallery, 64),
+                             labels=labels[split.gallery_rows])
+    return context, (None if split.leave_one_out else features[split.query_rows])
+
+
+def best_trial(trials: Sequence[Trial]) -> Trial:
+    """The trial with the highest mAP (ties: higher P@1, then the earlier trial)."""
+    if not trials:
+        raise InvalidInputError("no trials to choose from")
+    return max(trials, key=lambda trial: (trial.map, trial.p1))
+
+
+def load_presets(*folders: Path | None) -> dict[str, dict[str, Any]]:
+    """Presets by method from `presets.json` in each folder; later folders override earlier ones.
+
+    A damaged file is skipped with a warning; an entry naming an unknown method or holding
+    parameters its Params class refuses is skipped with a warning too. Parameters an entry
+    leaves out (e.g. ones added after it was saved) take the method's defaults.
+    """
+    presets: dict[str, dict[str, Any]] = {}
+    for folder in folders:
+        if folder is None or not (Path(folder) / PRESETS_FILE).is_file():
+            continue
+        try:
+            stored = load_json(Path(folder) / PRESETS_FILE)
+            if not isinstance(stored, dict):
+                raise CacheError("not a JSON object")
+        except CacheError as error:
+            logger.warning("ignoring %s (%s)", Path(folder) / PRESETS_FILE, error)
+            continue
+        for method, entry in stored.items():
+            try:
+                params = get_reranker_class(method).Params(**dict(entry["params"])).as_dict()
+            except (KeyError, TypeError, ValueError) as error:  # unknown name, bad params
+                logger.warning("ignoring the %s preset in %s (%s)", method, folder, error)
+                continue
+            presets[method] = params
+    return presets
+
+
+def save_preset(folder: Path, name: str, params: Mapping[str, Any],
+                note: str = "") -> dict[str, Any]:
+    """Validate `params` for method `name` and store them as its preset in folder/presets.json
+    (written atomically; other methods' presets are kept). Returns the stored parameters."""
+    validated = get_reranker_class(name).Params(**dict(params)).as_dict()
+    path = Path(folder) / PRESETS_FILE
+    stored: dict[str, Any] = {}
+    if path.is_file():
+        try:
+            loaded = load_json(path)
+            stored = loaded if isinstance(loaded, dict) else {}
+        except CacheError as error:
+            logger.warning("replacing the unreadable %s (%s)", path, error)
+    stored[name] = {"params": validated, "note": note}
+    atomic_write_json(path, stored)
+    return validated
+
+
+def resolve_params(name: str, presets: Mapping[str, Mapping[str, Any]]
+                   ) -> tuple[dict[str, Any], str]:
+    """The parameters a method runs with on a gallery and where they come from: the gallery's
+    preset ("preset") or the paper's defaults ("authors' defaults")."""
+    if name in presets:
+        return dict(presets[name]), "preset"
+    return get_reranker_class(name).Params().as_dict(), "authors' defaults"

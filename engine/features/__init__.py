@@ -1,0 +1,1 @@
+"""From images to features: safe image decoding and the timm backbone."""

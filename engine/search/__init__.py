@@ -1,0 +1,3 @@
+"""Galleries and search: the faiss / torch index, the gallery with its caches, zip extraction and
+allowed folders.
+"""

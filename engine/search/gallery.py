@@ -1,0 +1,537 @@
+"""A gallery: a folder of images, their labels, cached features, a faiss index and a kNN graph.
+
+Cache layout (one folder per gallery folder and backbone, under the cache root):
+    manifest.json   how the features were made, the gallery fingerprint, counts, the size and
+                    sha256 of index.faiss and knn.npz, and a checksum of itself
+    features.npz    files, sizes, mtimes, features (only decodable files), skipped files, and a
+                    sha256 of those arrays
+    index.faiss     the faiss index
+    knn.npz         the gallery kNN graph (self included), with a sha256 of its arrays
+Every file is written atomically, so a crash leaves the previous cache intact. Reopening a
+gallery embeds only files that are new or changed (by size and mtime); a long embedding run
+saves its features every `checkpoint_seconds`, so a killed run resumes where it saved.
+
+A gallery folder may ship its features (`shipped_features_path`: the demo does, so that a
+fresh clone serves in seconds instead of embedding 1360 images first). They seed the feature
+cache for files whose name, size and content sha256 match, once they pass the checks of any
+cache (checksum, backbone fingerprint, width, unit norm) and a spot check: `SPOT_CHECKS` of
+those files embedded now must agree with the shipped rows (cosine >= `SPOT_CHECK_COSINE`). A
+file that fails is ignored with a warning, and the images are embedded as usual.
+
+Every file is verified before it is used: features.npz by its own checksum (so it needs no
+manifest, and a crash between two writes cannot orphan an embedding run), then its backbone
+fingerprint, shapes, width, finiteness and unit norm; index.faiss and knn.npz by the sha256 the
+manifest records, the gallery fingerprint they were built for, and their shapes. A file that
+fails is rebuilt with a warning, never used.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engine.core.device import resolve_device
+from engine.core.knn import knn_graph
+from engine.core.storage import (
+    atomic_save_checked_npz,
+    atomic_write_json,
+    fingerprint,
+    load_checked_npz,
+    load_json,
+    remove_stale_temporaries,
+    sha256_file,
+)
+from engine.core.types import GalleryContext, KnnGraph, RerankResult, check_features
+from engine.errors import CacheError, EmptyGalleryError, InvalidInputError
+from engine.features.backbone import FeatureExtractor, FeatureMeta, get_extractor
+from engine.features.images import list_image_files
+from engine.search.index import SearchIndex
+
+logger = logging.getLogger(__name__)
+
+DEMO_GALLERY = Path(__file__).resolve().parents[2] / "assets" / "demo_gallery"
+DEFAULT_KNN_DEPTH = 64
+CACHE_VERSION = 3
+"""Part of the gallery fingerprint: bump it only when features or the kNN graph change meaning
+(it re-keys every derived cache: scores, maps, learned state). 3: each item first in its own kNN
+list, ahead of exact duplicates."""
+MANIFEST_FORMAT = 3
+"""Layout of manifest.json (3: sizes and sha256 of index.faiss and knn.npz, its own checksum)."""
+CHECKPOINT_SECONDS = 30.0
+"""An embedding run saves its features at least this often (after a chunk of batches)."""
+CHECKPOINT_BATCHES = 4
+"""Extractor batches embedded between two checks of the checkpoint clock."""
+SPOT_CHECKS = 2
+"""Shipped features re-embedded at load to check they match the installed backbone."""
+SPOT_CHECK_COSINE = 0.999
+"""Agreement asked of a re-embedded image: float32 features of the same network differ between
+CPUs by ~1e-6 in cosine; another preprocessing or weights by far more than 1e-3."""
+
+ProgressCallback = Callable[[float, str], None]
+
+
+def shipped_features_path(folder: Path, backbone: str) -> Path:
+    """Where a gallery folder ships its features for `backbone` (see the module docstring)."""
+    return folder / "features" / f"{backbone}.npz"
+
+
+def default_cache_root() -> Path:
+    """$RETRIEVAL_EXPLORER_CACHE, else ~/.cache/retrieval-explorer."""
+    configured = os.environ.get("RETRIEVAL_EXPLORER_CACHE")
+    return Path(configured) if configured else Path.home() / ".cache" / "retrieval-explorer"
+
+
+@dataclass(frozen=True)
+class Labels:
+    """Per-file integer labels (-1 = unlabelled) and the class name of each label."""
+
+    by_file: dict[str, int]
+    class_names: list[str]
+
+
+def read_labels(folder: Path, files: list[str]) -> Labels | None:
+    """Labels from `labels.csv` (file,label[,class_name]) or from first-level sub-folder names.
+
+    A labels.csv `file` may be relative to the folder or to an `images/` sub-folder. Label
+    values are kept as names and numbered densely in sorted order (numerically when all are
+    integers); an empty or negative label marks a file as unlabelled. Returns None when neither
+    source exists.
+    """
+    csv_path = folder / "labels.csv"
+    if csv_path.is_file():
+        try:
+            with open(csv_path, newline="", encoding="utf-8-sig") as handle:
+                rows = list(csv.reader(handle))
+        except (OSError, UnicodeDecodeError, csv.Error) as error:
+            raise InvalidInputError(f"{csv_path} is unreadable: {error}") from error
+        header = [cell.strip().lower() for cell in rows[0]] if rows else []
+        if "file" not in header or "label" not in header:
+            raise InvalidInputError(f"{csv_path} needs a header with 'file' and 'label' columns")
+        file_at, label_at = header.index("file"), header.index("label")
+        name_at = header.index("class_name") if "class_name" in header else None
+        known = set(files)
+        raw: dict[str, str] = {}
+        names: dict[str, str] = {}
+        for line, row in enumerate(rows[1:], start=2):
+            if not any(cell.strip() for cell in row):
+                continue
+            if len(row) <= max(file_at, label_at):
+                raise InvalidInputError(f"{csv_path} line {line} has no label: {row}")
+            name = row[file_at].strip().replace("\\", "/")
+            label = row[label_at].strip()
+            if not label or label.startswith("-"):
+                continue  # unlabelled
+            for candidate in (name, f"images/{name}", name.removeprefix("images/")):
+                if candidate in known:
+                    raw[candidate] = label
+                    if name_at is not None and len(row) > name_at and row[name_at].strip():
+                        names[label] = row[name_at].strip()
+                    break
+        if not raw:
+            raise InvalidInputError(f"no file named in {csv_path} is a labelled gallery image")
+        return _number_labels(raw, names)
+    nested = {name: name.split("/")[0] for name in files if "/" in name}
+    if nested and len(nested) == len(files) and len(set(nested.values())) > 1:
+        return _number_labels(nested, {})
+    return None
+
+
+def _number_labels(raw: dict[str, str], names: dict[str, str]) -> Labels:
+    """Dense label numbers 0..C-1 in sorted order (numeric order when every value is an int)."""
+    values = sorted(set(raw.values()),
+                    key=(int if all(v.isdigit() for v in raw.values()) else str))
+    numbers = {value: position for position, value in enumerate(values)}
+    class_names = [names.get(value, value) for value in values]
+    return Labels({file: numbers[value] for file, value in raw.items()}, class_names)
+
+
+@dataclass
+class Gallery:
+    """An indexed image folder. Build it with `Gallery.open(folder)`.
+
+    files: relative posix paths of the embedded images, row-aligned with `features`.
+    labels: (G,) int64 with -1 for unlabelled files, or None when the gallery has no labels.
+    skipped: {relative path: reason} for files that could not be decoded.
+    """
+
+    root: Path
+    files: list[str]
+    features: np.ndarray
+    meta: FeatureMeta
+    fingerprint: str
+    cache_dir: Path
+    index: SearchIndex
+    knn: KnnGraph
+    labels: np.ndarray | None = None
+    class_names: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def size(self) -> int:
+        return len(self.files)
+
+    @property
+    def state_dir(self) -> Path:
+        """Where learned re-rankers keep their state for this gallery."""
+        return self.cache_dir / "state"
+
+    def path_of(self, position: int) -> Path:
+        return self.root / self.files[position]
+
+    def class_of(self, position: int) -> str | None:
+        if self.labels is None or self.labels[position] < 0:
+            return None
+        return self.class_names[int(self.labels[position])]
+
+    def context(self) -> GalleryContext:
+        """What re-rankers fit on: features, the shared kNN graph, fingerprint, state folder."""
+        return GalleryContext(features=self.features, knn=self.knn, fingerprint=self.fingerprint,
+                              state_dir=self.state_dir, labels=self.labels)
+
+    def search(self, query_features: np.ndarray, k: int) -> RerankResult:
+        """Baseline ranking in the project's one result type: (Q, k) indices and distances
+        (1 - cosine), best first."""
+        distances, indices = self.index.search(query_features, k)
+        return RerankResult(indices=indices, distances=distances,
+                            details={"index": self.index.kind, "on_gpu": self.index.on_gpu})
+
+    @classmethod
+    def open(cls, folder: str | os.PathLike = DEMO_GALLERY,
+             extractor: FeatureExtractor | None = None, cache_root: str | os.PathLike | None = None,
+             progress: ProgressCallback | None = None, knn_depth: int = DEFAULT_KNN_DEPTH,
+             index_kind: str = "flat", device: str = "auto",
+             checkpoint_seconds: float = CHECKPOINT_SECONDS) -> Gallery:
+        """Index a folder (or load its cache) and return the gallery.
+
+        Args:
+            folder: images, searched recursively; labels from labels.csv or sub-folders.
+            extractor: the backbone (default: the shared lite0 extractor).
+            cache_root: where caches live (default `default_cache_root()`).
+            progress: called with (fraction in [0, 1], message) while embedding.
+            checkpoint_seconds: save the features embedded so far at least this often, so that
+                a killed run resumes from there (0: after every chunk of batches).
+        """
+        root = Path(folder).resolve()
+        if not root.is_dir():
+            raise InvalidInputError(f"gallery folder {root} does not exist or is not a folder")
+        extractor = extractor or get_extractor(device=device)
+        meta = extractor.meta
+        paths = list_image_files(root)
+        files = [path.relative_to(root).as_posix() for path in paths]
+        stats = [path.stat() for path in paths]
+        sizes = np.array([stat.st_size for stat in stats], np.int64)
+        mtimes = np.array([stat.st_mtime_ns for stat in stats], np.int64)
+        cache_dir = (Path(cache_root) if cache_root else default_cache_root()) / "galleries" / (
+            f"{root.name}-{fingerprint([str(root), meta.fingerprint])}")
+        for stale in remove_stale_temporaries(cache_dir):
+            logger.info("removed %s, left by an interrupted write", stale)
+        features, kept, skipped = _embed_incrementally(
+            cache_dir, meta, extractor, root, files, sizes, mtimes, progress, checkpoint_seconds)
+        if not kept:
+            raise EmptyGalleryError(
+                f"gallery {root} has no decodable images ({len(skipped)} skipped): add .jpg/.png "
+                "files")
+        kept_files = [files[i] for i in kept]
+        gallery_fingerprint = fingerprint({
+            "version": CACHE_VERSION, "meta": meta.fingerprint,
+            "files": [[files[i], int(sizes[i]), int(mtimes[i])] for i in kept]})
+        index, knn, checksums = _index_and_graph(cache_dir, gallery_fingerprint, features,
+                                                 knn_depth, index_kind, device)
+        labels = read_labels(root, kept_files)
+        label_array = None
+        class_names: list[str] = []
+        if labels is not None:
+            label_array = np.array([labels.by_file.get(f, -1) for f in kept_files], np.int64)
+            class_names = labels.class_names
+        manifest = {
+            "version": CACHE_VERSION, "format": MANIFEST_FORMAT, "root": str(root),
+            "meta": meta.to_dict(), "fingerprint": gallery_fingerprint,
+            "n_images": len(kept_files), "n_skipped": len(skipped), "index_kind": index_kind,
+            "knn_depth": knn.depth, "files": checksums}
+        atomic_write_json(cache_dir / "manifest.json",
+                          {**manifest, "checksum": fingerprint(manifest)})
+        return cls(root=root, files=kept_files, features=features, meta=meta,
+                   fingerprint=gallery_fingerprint, cache_dir=cache_dir, index=index, knn=knn,
+                   labels=label_array, class_names=class_names, skipped=skipped)
+
+
+CacheKey = tuple[str, int, int]
+"""(relative file name, size in bytes, mtime in ns): a cached row is reused while all three
+match."""
+
+
+def _embed_incrementally(cache_dir: Path, meta: FeatureMeta, extractor: FeatureExtractor,
+                         root: Path, files: list[str], sizes: np.ndarray, mtimes: np.ndarray,
+                         progress: ProgressCallback | None, checkpoint_seconds: float
+                         ) -> tuple[np.ndarray, list[int], dict[str, str]]:
+    """Features of every decodable file, reusing cached rows of unchanged files.
+
+    New files are embedded in chunks of `CHECKPOINT_BATCHES` batches; after a chunk, once
+    `checkpoint_seconds` have passed since the last save (and after the last chunk), every row
+    embedded so far is saved, so a killed run loses at most that much work.
+    """
+    features_path = cache_dir / "features.npz"
+    cached, cached_skips = _load_feature_cache(features_path, meta)
+    keys = [(f, int(s), int(m)) for f, s, m in zip(files, sizes, mtimes, strict=True)]
+    todo = [i for i, key in enumerate(keys) if key not in cached and key not in cached_skips]
+    if todo:
+        seeded = _seed_from_shipped(root, files, todo, keys, cached, meta, extractor)
+        if seeded:
+            todo = [i for i in todo if keys[i] not in cached]
+            _save_feature_cache(features_path, meta, keys, cached, cached_skips)
+    if todo:
+        logger.info("embedding %d new or changed images of %s (%d cached)", len(todo), root,
+                    len(keys) - len(todo))
+        chunk = CHECKPOINT_BATCHES * extractor.batch_size
+        saved_at = time.monotonic()
+        for begin in range(0, len(todo), chunk):
+            part = todo[begin:begin + chunk]
+
+            def report(done: int, total: int, begin: int = begin) -> None:
+                if progress is not None:
+                    progress((begin + done) / len(todo),
+                             f"embedding images {begin + done}/{len(todo)}")
+
+            new_features, new_kept, failures = extractor.embed_files(
+                [root / files[i] for i in part], report)
+            for row, position in enumerate(new_kept):
+                cached[keys[part[position]]] = new_features[row]
+            for position, reason in failures.items():
+                cached_skips[keys[part[position]]] = reason
+            last = begin + chunk >= len(todo)
+            if last or time.monotonic() - saved_at >= checkpoint_seconds:
+                _save_feature_cache(features_path, meta, keys, cached, cached_skips)
+                saved_at = time.monotonic()
+                if not last:
+                    logger.info("saved a checkpoint of %s: %d of %d new images embedded", root,
+                                begin + len(part), len(todo))
+    kept = [i for i, key in enumerate(keys) if key in cached]
+    skipped = {keys[i][0]: cached_skips[keys[i]] for i, key in enumerate(keys)
+               if key in cached_skips}
+    for name, reason in skipped.items():
+        logger.warning("skipped %s: %s", name, reason)
+    features = (np.stack([cached[keys[i]] for i in kept]).astype(np.float32) if kept
+                else np.zeros((0, meta.dim), np.float32))
+    return features, kept, skipped
+
+
+def _load_features_file(path: Path, meta: FeatureMeta, what: str
+                        ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The arrays of a features file and its checked features; CacheError unless its checksum
+    holds, it was made by `meta`'s backbone and preprocessing, and its features have the
+    backbone's width and are finite unit rows."""
+    stored = load_checked_npz(path)
+    if str(stored["meta_fingerprint"]) != meta.fingerprint:
+        raise CacheError("features were made with another backbone, weights or preprocessing")
+    try:
+        return stored, check_features(stored["features"], what, meta.dim)
+    except InvalidInputError as error:
+        raise CacheError(str(error)) from error
+
+
+def _seed_from_shipped(root: Path, files: list[str], todo: list[int], keys: list[CacheKey],
+                       cached: dict[CacheKey, np.ndarray], meta: FeatureMeta,
+                       extractor: FeatureExtractor) -> int:
+    """Fill `cached` with the shipped features of the `todo` files that match them by name,
+    size and content sha256, once the shipped file passes its checks; returns how many."""
+    path = shipped_features_path(root, meta.backbone)
+    if not path.is_file():
+        return 0
+    try:
+        shipped, features = _load_features_file(path, meta, "shipped features")
+        rows = {str(name): (int(size), str(digest), row) for row, (name, size, digest) in
+                enumerate(zip(shipped["files"].tolist(), shipped["sizes"].tolist(),
+                              shipped["sha256"].tolist(), strict=True))}
+        if len(rows) != features.shape[0]:
+            raise CacheError(f"{len(rows)} files but {features.shape[0]} feature rows")
+        matched = {}
+        for i in todo:
+            size, digest, row = rows.get(files[i], (-1, "", -1))
+            if size == keys[i][1] and digest == sha256_file(root / files[i]):
+                matched[i] = row
+        if not matched:
+            return 0
+        probes = list(matched)[:: max(1, len(matched) // SPOT_CHECKS)][:SPOT_CHECKS]
+        fresh, kept, _ = extractor.embed_files([root / files[i] for i in probes])
+        agreement = [float(fresh[n] @ features[matched[probes[k]]])
+                     for n, k in enumerate(kept)]
+        if len(agreement) < len(probes) or min(agreement) < SPOT_CHECK_COSINE:
+            raise CacheError(f"re-embedded images agree only to cosine {agreement} with the "
+                             "shipped features")
+    except (CacheError, KeyError, ValueError, OSError) as error:
+        logger.warning("not using the shipped features %s (%s); embedding the images", path,
+                       error)
+        return 0
+    for i, row in matched.items():
+        cached[keys[i]] = features[row]
+    logger.info("took %d features from %s (checked: %d re-embedded images agree to cosine "
+                ">= %.6f)", len(matched), path, len(probes), min(agreement))
+    return len(matched)
+
+
+def save_shipped_features(gallery: Gallery) -> Path:
+    """Write the features of `gallery` into its folder (`shipped_features_path`), keyed by
+    file name, size and content sha256, for `_seed_from_shipped` on other machines."""
+    path = shipped_features_path(gallery.root, gallery.meta.backbone)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    paths = [gallery.root / name for name in gallery.files]
+    atomic_save_checked_npz(
+        path, meta_fingerprint=np.array(gallery.meta.fingerprint),
+        features=gallery.features.astype(np.float32), files=np.array(gallery.files, dtype=str),
+        sizes=np.array([p.stat().st_size for p in paths], np.int64),
+        sha256=np.array([sha256_file(p) for p in paths], dtype=str))
+    return path
+
+
+def _load_feature_cache(path: Path, meta: FeatureMeta
+                        ) -> tuple[dict[CacheKey, np.ndarray], dict[CacheKey, str]]:
+    """The cached feature of each (file, size, mtime) and the reason of each skipped one.
+
+    Empty, with a warning, unless the file passes every check: its checksum, the backbone
+    fingerprint, aligned arrays, and features of the backbone's width, finite and unit-norm.
+    """
+    if not path.is_file():
+        if (path.parent / "manifest.json").is_file():
+            logger.warning("the feature cache %s is missing; re-embedding", path)
+        return {}, {}
+    try:
+        stored, features = _load_features_file(path, meta, "cached features")
+        rows = list(zip(stored["files"].tolist(), stored["sizes"].tolist(),
+                        stored["mtimes"].tolist(), strict=True))
+        if len(rows) != features.shape[0]:
+            raise CacheError(f"{len(rows)} files but {features.shape[0]} feature rows")
+        cached = {(str(name), int(size), int(mtime)): features[row]
+                  for row, (name, size, mtime) in enumerate(rows)}
+        skips = zip(stored["skipped_files"].tolist(), stored["skipped_sizes"].tolist(),
+                    stored["skipped_mtimes"].tolist(), stored["skipped_reasons"].tolist(),
+                    strict=True)
+        cached_skips = {(str(name), int(size), int(mtime)): str(reason)
+                        for name, size, mtime, reason in skips}
+    except (CacheError, KeyError, ValueError) as error:  # ValueError: ragged arrays
+        logger.warning("ignoring the feature cache %s (%s); re-embedding", path, error)
+        return {}, {}
+    return cached, cached_skips
+
+
+def _save_feature_cache(path: Path, meta: FeatureMeta, keys: list[CacheKey],
+                        cached: dict[CacheKey, np.ndarray], cached_skips: dict[CacheKey, str]
+                        ) -> None:
+    """Write the rows and skips of the current files (in file order), checksummed."""
+    done = [key for key in keys if key in cached]
+    skipped = [key for key in keys if key in cached_skips]
+    features = (np.stack([cached[key] for key in done]).astype(np.float32) if done
+                else np.zeros((0, meta.dim), np.float32))
+    atomic_save_checked_npz(
+        path, meta_fingerprint=np.array(meta.fingerprint), features=features,
+        files=np.array([key[0] for key in done], dtype=str),
+        sizes=np.array([key[1] for key in done], np.int64),
+        mtimes=np.array([key[2] for key in done], np.int64),
+        skipped_files=np.array([key[0] for key in skipped], dtype=str),
+        skipped_sizes=np.array([key[1] for key in skipped], np.int64),
+        skipped_mtimes=np.array([key[2] for key in skipped], np.int64),
+        skipped_reasons=np.array([cached_skips[key] for key in skipped], dtype=str))
+
+
+def _index_and_graph(cache_dir: Path, gallery_fingerprint: str, features: np.ndarray,
+                     knn_depth: int, index_kind: str, device: str
+                     ) -> tuple[SearchIndex, KnnGraph, dict[str, dict[str, Any]]]:
+    """Load the cached index and kNN graph when they pass `_load_index_and_graph`'s checks,
+    else build and save them. Returns them and the {file: {bytes, sha256}} record of both for
+    the manifest."""
+    depth = min(knn_depth, features.shape[0])
+    try:
+        return _load_index_and_graph(cache_dir, gallery_fingerprint, features, depth,
+                                     index_kind, device)
+    except _Outdated as reason:
+        logger.info("building the index of %s (%s)", cache_dir, reason)
+    except (CacheError, KeyError, ValueError, IndexError, TypeError) as error:
+        logger.warning("rebuilding the index of %s (%s)", cache_dir, error)
+    index = SearchIndex(features, kind=index_kind, device=device)
+    # The exact graph with canonical similarities, as the re-rankers would compute it, so they
+    # can share it (an approximate index serves search only).
+    knn = knn_graph(features, depth, resolve_device(device))
+    index.save(cache_dir / "index.faiss")
+    atomic_save_checked_npz(cache_dir / "knn.npz", indices=knn.indices,
+                            similarities=knn.similarities, farthest=knn.farthest)
+    return index, knn, {name: _file_record(cache_dir / name) for name in INDEX_FILES}
+
+
+INDEX_FILES = ("index.faiss", "knn.npz")
+
+
+class _Outdated(CacheError):
+    """The cached index is intact but was built for other files or settings (or there is
+    none yet): rebuilt as a matter of course, not a warning."""
+
+
+def _file_record(path: Path) -> dict[str, Any]:
+    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def _load_index_and_graph(cache_dir: Path, gallery_fingerprint: str, features: np.ndarray,
+                          depth: int, index_kind: str, device: str
+                          ) -> tuple[SearchIndex, KnnGraph, dict[str, dict[str, Any]]]:
+    """The cached index and kNN graph; CacheError unless the manifest is intact (its own
+    checksum) and was written for this gallery, index kind and a deep enough graph (else
+    `_Outdated`), both files match its sizes and sha256s (read before faiss parses a byte), and
+    their shapes and values fit `features`."""
+    manifest_path = cache_dir / "manifest.json"
+    if not manifest_path.is_file():
+        if not any((cache_dir / name).exists() for name in INDEX_FILES):
+            raise _Outdated("a new gallery")
+        raise CacheError("manifest.json is missing")
+    manifest = load_json(manifest_path)
+    if not isinstance(manifest, dict):
+        raise CacheError("manifest.json is not a JSON object")
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise CacheError(f"manifest.json has format {manifest.get('format')!r}, not "
+                         f"{MANIFEST_FORMAT}")
+    checksum = manifest.pop("checksum", None)
+    if checksum != fingerprint(manifest):
+        raise CacheError("manifest.json does not match its checksum (edited or damaged)")
+    if manifest.get("fingerprint") != gallery_fingerprint:
+        raise _Outdated("the cached index was built for other files")
+    if manifest.get("index_kind") != index_kind:
+        raise _Outdated(f"the cached index is {manifest.get('index_kind')!r}, not "
+                        f"{index_kind!r}")
+    if not isinstance(manifest.get("knn_depth"), int) or manifest["knn_depth"] < depth:
+        raise _Outdated(f"the cached kNN graph is shallower than {depth}")
+    records = manifest.get("files")
+    if not isinstance(records, dict):
+        raise CacheError("manifest.json records no checksums")
+    for name in INDEX_FILES:
+        path, record = cache_dir / name, records.get(name)
+        if not path.is_file():
+            raise CacheError(f"{name} is missing")
+        if not isinstance(record, dict) or _file_record(path) != {
+                "bytes": record.get("bytes"), "sha256": record.get("sha256")}:
+            raise CacheError(f"{name} does not match the size and sha256 in manifest.json")
+    size, dim = features.shape
+    index = SearchIndex.load(cache_dir / "index.faiss", device=device)
+    if (index.size, index.dim) != (size, dim):
+        raise CacheError(f"the cached index holds {index.size} vectors of {index.dim} "
+                         f"dimensions, not {size} of {dim}")
+    stored = load_checked_npz(cache_dir / "knn.npz")
+    indices, similarities, farthest = (stored["indices"], stored["similarities"],
+                                       stored["farthest"])
+    if (indices.ndim != 2 or indices.shape[0] != size or indices.shape[1] < depth
+            or similarities.shape != indices.shape or farthest.shape != (size,)):
+        raise CacheError(f"the cached kNN graph has shapes {indices.shape}, "
+                         f"{similarities.shape}, {farthest.shape} for {size} images")
+    if not np.issubdtype(indices.dtype, np.integer) or (indices < 0).any() or (
+            indices >= size).any():
+        raise CacheError("the cached kNN graph names rows outside the gallery")
+    if not (np.isfinite(similarities).all() and np.isfinite(farthest).all()):
+        raise CacheError("the cached kNN graph has NaN or infinite similarities")
+    if not (indices[:, 0] == np.arange(size)).all():
+        raise _Outdated("the cached kNN graph does not list every item first in its own list")
+    knn = KnnGraph(indices[:, :depth], similarities[:, :depth], farthest, canonical=True)
+    return index, knn, {name: records[name] for name in INDEX_FILES}

@@ -1,5 +1,5 @@
 """The Gradio explorer page; it only calls `engine`."""
 
-from engine.explorer.session import BASELINE, Explorer, GallerySession, QueryResult, Ranking
+from engine import BASELINE, Explorer, GallerySession, QueryResult, Ranking
 
 __all__ = ["BASELINE", "Explorer", "GallerySession", "QueryResult", "Ranking"]

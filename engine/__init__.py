@@ -1,4 +1,26 @@
-"""Retrieval Explorer engine: features, gallery index, metrics and re-rankers (no UI code)."""
+"""Retrieval Explorer engine: features, galleries and search, re-ranking methods, evaluation,
+plot data and the explorer that ties them together (no UI code).
+
+This module is the engine's public face; the page (`app/`) imports only from here and from
+`engine.errors`. Names load on first use, so `import engine` stays cheap (no torch, faiss or
+timm until a name that needs them is used).
+
+- explorer: `Explorer` (a backbone and its open galleries), `GallerySession` (one gallery's
+  fitted methods, scores, maps, presets), `QueryResult`, `Ranking`, `QUERY_MODELS`.
+- galleries and images: `Gallery`, `DEMO_GALLERY`, `extract_zip`, `load_image`,
+  `make_thumbnail`, `MAX_FILE_BYTES`.
+- re-ranking: `list_rerankers`, `create_reranker`, `get_reranker_class`.
+- evaluation: `evaluate`, `scores_table`, `sweep`, `Trial`, `best_trial`.
+- views: `neighbourhood_graph`, `NeighbourhoodGraph`.
+- runtime: `JobQueue`, `configure_threads`, `configure_logging`, `resolve_device`, and the
+  small file helpers the page's caches use (`atomic_write_bytes`, `load_json`).
+- errors: every error the engine raises derives from `EngineError`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 from engine.errors import (
     CacheError,
@@ -14,6 +36,41 @@ from engine.errors import (
 
 __version__ = "0.1.0"
 
+_PUBLIC: dict[str, str] = {
+    "BASELINE": "engine.explorer",
+    "CUSTOM": "engine.explorer",
+    "DEFAULT_TOP_N": "engine.explorer",
+    "QUERY_MODELS": "engine.explorer",
+    "Explorer": "engine.explorer",
+    "GallerySession": "engine.explorer",
+    "QueryResult": "engine.explorer",
+    "Ranking": "engine.explorer",
+    "method_title": "engine.explorer",
+    "DEMO_GALLERY": "engine.search.gallery",
+    "Gallery": "engine.search.gallery",
+    "ProgressCallback": "engine.search.gallery",
+    "extract_zip": "engine.search.archive",
+    "MAX_FILE_BYTES": "engine.features.images",
+    "load_image": "engine.features.images",
+    "make_thumbnail": "engine.features.images",
+    "create_reranker": "engine.rerank",
+    "get_reranker_class": "engine.rerank",
+    "list_rerankers": "engine.rerank",
+    "evaluate": "engine.evaluation.metrics",
+    "scores_table": "engine.evaluation.scores",
+    "Trial": "engine.evaluation.tuning",
+    "best_trial": "engine.evaluation.tuning",
+    "sweep": "engine.evaluation.tuning",
+    "NeighbourhoodGraph": "engine.views.neighbourhood",
+    "neighbourhood_graph": "engine.views.neighbourhood",
+    "JobQueue": "engine.core.jobs",
+    "configure_threads": "engine.core.threads",
+    "configure_logging": "engine.core.logs",
+    "resolve_device": "engine.core.device",
+    "atomic_write_bytes": "engine.core.storage",
+    "load_json": "engine.core.storage",
+}
+
 __all__ = [
     "CacheError",
     "EmptyGalleryError",
@@ -24,4 +81,19 @@ __all__ = [
     "NotFittedError",
     "UnknownNameError",
     "UnsafePathError",
+    *_PUBLIC,
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module 'engine' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_PUBLIC))
+

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from engine.asymmetric.query_models import DEFAULT_QUERY_MODEL, QUERY_MODELS
 from engine.core.jobs import DONE, FAILED, JobProgress, JobQueue
 from engine.core.storage import fingerprint
 from engine.errors import EngineError, InvalidInputError, UnknownNameError
@@ -63,29 +64,6 @@ FITTED_CACHE_SIZE = 16
 LEAVE_ONE_OUT_CACHE_SIZE = 8
 
 CUSTOM = "custom"
-
-
-@dataclass(frozen=True)
-class QueryModel:
-    """How queries and gallery are embedded: one backbone on both sides (symmetric), or a light
-    query model trained into a larger gallery model's space (asymmetric, SSP)."""
-
-    name: str
-    title: str
-    query_side: str
-    gallery_backbone: str | None   # None: the explorer's own backbone
-    asymmetric: bool = False
-
-
-QUERY_MODELS: dict[str, QueryModel] = {
-    "lite0": QueryModel("lite0", "symmetric lite0", "tf_efficientnet_lite0", None),
-    "lite2": QueryModel("lite2", "symmetric lite2", "tf_efficientnet_lite2",
-                        "tf_efficientnet_lite2"),
-    "ssp": QueryModel("ssp", "asymmetric lite0 → lite2 (SSP)",
-                      "tf_efficientnet_lite0 + SSP head", "tf_efficientnet_lite2",
-                      asymmetric=True),
-}
-DEFAULT_QUERY_MODEL = "lite0"
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,8 @@ timm until a name that needs them is used).
 - galleries and images: `Gallery`, `DEMO_GALLERY`, `extract_zip`, `load_image`,
   `make_thumbnail`, `MAX_FILE_BYTES`.
 - re-ranking: `list_rerankers`, `create_reranker`, `get_reranker_class`.
-- evaluation: `evaluate`, `scores_table`, `sweep`, `Trial`, `best_trial`.
+- evaluation: `evaluate`, `scores_table`, `sweep`, `SweepRun` (a sweep in a background thread,
+  read as it goes and cancellable), `SweepProgress`, `Trial`, `best_trial`.
 - views: `neighbourhood_graph`, `NeighbourhoodGraph`.
 - runtime: `JobQueue`, `configure_threads`, `configure_logging`, `resolve_device`, and the
   small file helpers the page's caches use (`atomic_write_bytes`, `load_json`).
@@ -58,6 +59,8 @@ _PUBLIC: dict[str, str] = {
     "list_rerankers": "engine.rerank",
     "evaluate": "engine.evaluation.metrics",
     "scores_table": "engine.evaluation.scores",
+    "SweepProgress": "engine.evaluation.tuning",
+    "SweepRun": "engine.evaluation.tuning",
     "Trial": "engine.evaluation.tuning",
     "best_trial": "engine.evaluation.tuning",
     "sweep": "engine.evaluation.tuning",

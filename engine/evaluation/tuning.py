@@ -1,7 +1,8 @@
 """Parameter sweeps on a labelled gallery, and per-gallery parameter presets.
 
 A sweep runs one method over a grid of parameter values on a fixed query split of the gallery
-(batch mode, as the method's authors evaluate it) and scores each setting. The best setting can
+(batch mode, as the method's authors evaluate it) and scores each setting; `SweepRun` runs one in
+a background thread that a page can read as it goes and cancel. The best setting can
 be saved as the gallery's preset: a small JSON next to the gallery cache (`presets.json`), which
 overrides a `presets.json` shipped inside the gallery folder. Presets are validated through the
 method's parameter dataclass, so a preset outside the declared ranges is refused, not used.
@@ -11,8 +12,11 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
+import queue
+import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,6 +101,80 @@ def sweep(name: str, grid: Mapping[str, Sequence[float]], features: np.ndarray,
         if progress is not None:
             progress(done, len(combinations))
     return trials
+
+
+@dataclass(frozen=True)
+class SweepProgress:
+    """How far a `SweepRun` is: `done` of `total` settings finished."""
+
+    done: int
+    total: int
+
+
+class SweepRun:
+    """`sweep` in a background thread (named "sweep-<method>"), read as a stream of events,
+    and cancellable.
+
+    Iterating starts the thread and yields, per finished setting, its `Trial` and then a
+    `SweepProgress`; it ends when the sweep does. An error the sweep raises (a bad grid, a value
+    outside a parameter's range) is raised by the iteration. `cancel()` (from any thread) stops
+    the sweep after the setting in progress; leaving the iteration early (break, `close()` of a
+    generator reading it, an exception) cancels too, so a page whose event is cancelled stops
+    the thread by closing its generator. A run is iterated once.
+
+    Args: as `sweep` (less its callbacks).
+    """
+
+    def __init__(self, name: str, grid: Mapping[str, Sequence[float]], features: np.ndarray,
+                 labels: np.ndarray, protocol: str = "oxford17-split",
+                 base: Mapping[str, Any] | None = None, device: str = "cpu") -> None:
+        self.name = name
+        self.total = math.prod(len(values) for values in grid.values())
+        """Settings in the grid (the sweep refuses more than MAX_TRIALS)."""
+        self._stop = threading.Event()
+        self._events: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._thread = threading.Thread(
+            target=self._run, args=(name, grid, features, labels, protocol, base),
+            kwargs={"device": device}, name=f"sweep-{name}", daemon=True)
+
+    @property
+    def cancelled(self) -> bool:
+        return self._stop.is_set()
+
+    def cancel(self) -> None:
+        """Stop after the setting in progress (the trials done so far stay reported)."""
+        self._stop.set()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the thread to end; True when it has."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def __iter__(self) -> Iterator[Trial | SweepProgress]:
+        if self._thread.ident is not None:
+            raise RuntimeError("a sweep run is read once; start a new one")
+        self._thread.start()
+        try:
+            while True:
+                kind, payload = self._events.get()
+                if kind == "error":
+                    raise payload
+                if kind == "done":
+                    return
+                yield payload
+        finally:
+            self.cancel()
+
+    def _run(self, *args: Any, device: str) -> None:
+        try:
+            sweep(*args, device=device, should_stop=self._stop.is_set,
+                  on_trial=lambda trial: self._events.put(("event", trial)),
+                  progress=lambda done, total: self._events.put(
+                      ("event", SweepProgress(done, total))))
+        except Exception as error:  # raised again in the reading thread
+            self._events.put(("error", error))
+        finally:
+            self._events.put(("done", None))
 
 
 def _split_context(features: np.ndarray, labels: np.ndarray, split: Split

@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
+from typing import Any
 
 import pytest
 
 from engine.errors import InvalidInputError
+from engine.evaluation import tuning
 from engine.evaluation.metrics import evaluate
 from engine.evaluation.protocols import make_split
 from engine.evaluation.tuning import (
     PRESETS_FILE,
+    SweepProgress,
+    SweepRun,
+    Trial,
     best_trial,
     load_presets,
     resolve_params,
@@ -46,6 +52,68 @@ def test_sweep_can_be_cancelled(demo_features):
     trials = sweep("k_reciprocal", {"k1": [5, 10, 20]}, demo_features.features,
                    demo_features.labels, should_stop=lambda: len(calls.append(1) or calls) > 1)
     assert len(trials) == 1 and trials[0].params["k1"] == 5
+
+
+def test_a_sweep_run_streams_the_trials_of_sweep(demo_features):
+    features, labels = demo_features.features, demo_features.labels
+    run = SweepRun("k_reciprocal", {"k1": [5, 10]}, features, labels)
+    assert run.total == 2
+    events = list(run)
+    assert run.join(10)
+    trials = [event for event in events if isinstance(event, Trial)]
+    assert [type(event) for event in events] == [Trial, SweepProgress] * 2
+    assert [event for event in events if isinstance(event, SweepProgress)] == [
+        SweepProgress(1, 2), SweepProgress(2, 2)]
+    expected = sweep("k_reciprocal", {"k1": [5, 10]}, features, labels)
+    assert [(t.params, t.map, t.p1) for t in trials] == [(t.params, t.map, t.p1)
+                                                         for t in expected]
+    with pytest.raises(RuntimeError, match="read once"):
+        list(run)
+
+
+@pytest.fixture()
+def gated(monkeypatch: pytest.MonkeyPatch) -> tuple[list[Any], threading.Event]:
+    """`sweep` held after each trial until the returned event is set; the trials it made."""
+    trials: list[Any] = []
+    resume = threading.Event()
+    unpatched = tuning.sweep
+
+    def gated_sweep(*args: Any, on_trial: Any, **kwargs: Any) -> Any:
+        def record(trial: Any) -> None:
+            trials.append(trial)
+            on_trial(trial)
+            assert resume.wait(10)
+
+        return unpatched(*args, on_trial=record, **kwargs)
+
+    monkeypatch.setattr(tuning, "sweep", gated_sweep)
+    return trials, resume
+
+
+@pytest.mark.parametrize("how", ["cancel", "close"])
+def test_a_sweep_run_stops_after_the_setting_in_progress(demo_features, gated, how):
+    trials, resume = gated
+    run = SweepRun("k_reciprocal", {"k1": [5, 6, 7, 8]}, demo_features.features,
+                   demo_features.labels)
+    events = iter(run)
+    assert isinstance(next(events), Trial)
+    if how == "cancel":
+        run.cancel()
+        resume.set()
+        assert list(events) == [SweepProgress(1, 4)]  # the setting in progress is reported
+    else:
+        events.close()  # what a page's generator does when its event is cancelled
+        resume.set()
+    assert run.cancelled
+    assert run.join(10)
+    assert len(trials) == 1
+
+
+def test_a_sweep_run_raises_the_sweeps_errors(demo_features):
+    run = SweepRun("gnn", {"nope": [1]}, demo_features.features, demo_features.labels)
+    with pytest.raises(InvalidInputError, match="no parameter"):
+        list(run)
+    assert run.join(10)
 
 
 def test_sweep_refuses_bad_grids(demo_features):

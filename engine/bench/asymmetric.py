@@ -96,14 +96,14 @@ def asymmetric_rows(folder: str | Path, protocol: str, *, config: Any = None,
     Args:
         folder: labelled image folder (labels.csv or class sub-folders).
         protocol: a protocol with separate queries (oxford17-heldout, oxford17-split).
-        config: engine.asymmetric.ssp.SSPConfig of the query model (default: the CPU recipe).
+        config: engine.asymmetric.SSPConfig of the query model (default: the CPU recipe).
         device: "cpu", "cuda" or "auto" for extraction, training and timing.
         cache_root: gallery caches (default: the engine's).
         state_dir: where the SSP state goes (default: the lite2 gallery's state folder).
         timing_images: query images timed one at a time (0: no timing).
         retrain: train SSP even when a saved state matches.
     """
-    from engine.asymmetric.ssp import (
+    from engine.asymmetric import (
         GALLERY_BACKBONE,
         SSPConfig,
         apply_ridge,
@@ -218,7 +218,7 @@ def format_asymmetric_table(rows: Sequence[AsymmetricRow], title: str) -> str:
 
 def _config_overrides(items: Sequence[str]) -> dict[str, Any]:
     """'epochs=20' ... -> typed SSPConfig overrides."""
-    from engine.asymmetric.ssp import SSPConfig
+    from engine.asymmetric import SSPConfig
 
     types = {spec.name: spec.type for spec in dataclasses.fields(SSPConfig)}
     overrides: dict[str, Any] = {}
@@ -256,7 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configure_logging(fmt="%(levelname)s %(name)s: %(message)s")
 
-    from engine.asymmetric.ssp import SSPConfig
+    from engine.asymmetric import SSPConfig
     from engine.core.device import resolve_device
 
     config = SSPConfig(**_config_overrides(args.set))

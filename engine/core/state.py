@@ -1,7 +1,7 @@
 """Saved learned state: one layout for every method that learns and every cache that records
 files by checksum.
 
-A state saved at `path` (a stem without suffix) is
+A state saved at `path` (a stem: the suffixes are appended to its name) is
 
     path.safetensors  the tensors, when there are any (safetensors: no code runs on load)
     path.json         the manifest: the caller's metadata at the top level, plus
@@ -72,13 +72,15 @@ class LoadedState:
 
 
 def manifest_path(path: str | os.PathLike) -> Path:
-    """The manifest of the state saved at `path`."""
-    return Path(path).with_suffix(MANIFEST_SUFFIX)
+    """The manifest of the state saved at `path` (`path` + ".json")."""
+    path = Path(path)
+    return path.with_name(path.name + MANIFEST_SUFFIX)
 
 
 def tensors_path(path: str | os.PathLike) -> Path:
-    """The tensors file of the state saved at `path`."""
-    return Path(path).with_suffix(TENSORS_SUFFIX)
+    """The tensors file of the state saved at `path` (`path` + ".safetensors")."""
+    path = Path(path)
+    return path.with_name(path.name + TENSORS_SUFFIX)
 
 
 def file_record(path: Path) -> dict[str, Any]:
@@ -89,11 +91,12 @@ def file_record(path: Path) -> dict[str, Any]:
 def save_state(path: str | os.PathLike, *, kind: str, version: int, fingerprint: str,
                tensors: Mapping[str, Any] | None = None,
                files: Sequence[str | os.PathLike] = (),
-               metadata: Mapping[str, Any] | None = None) -> Path:
-    """Save a state at `path` (a stem: `path.safetensors` and `path.json`).
+               metadata: Mapping[str, Any] | None = None,
+               file_records: Mapping[str, Mapping[str, Any]] | None = None) -> Path:
+    """Save a state at `path` (a stem: `path` + ".safetensors" and `path` + ".json").
 
     Args:
-        path: where the state lives, without suffix; its folder is created.
+        path: where the state lives, without the suffixes; its folder is created.
         kind: what the state is; `load_state` refuses a state of another kind.
         version: the caller's format version; bump it when what it saves changes, so that
             older states are rebuilt rather than misread.
@@ -105,6 +108,8 @@ def save_state(path: str | os.PathLike, *, kind: str, version: int, fingerprint:
             size and sha256 so that `load_state` refuses them if they change.
         metadata: JSON-serialisable fields stored at the top level of the manifest (not the
             names in `RESERVED`).
+        file_records: name -> {bytes, sha256} of extra files just verified by `load_state`
+            (its `manifest["files"]`), recorded as given instead of hashed again.
     Returns:
         The manifest's path.
     """
@@ -121,6 +126,8 @@ def save_state(path: str | os.PathLike, *, kind: str, version: int, fingerprint:
         if extra.resolve().parent != folder.resolve():
             raise UnsafePathError(f"{extra} is not in the state's folder {folder}")
         records[extra.name] = file_record(extra)
+    for name, record in (file_records or {}).items():
+        records[name] = {"bytes": record["bytes"], "sha256": record["sha256"]}
     manifest = {**metadata, "format": version, "kind": kind, "fingerprint": fingerprint,
                 "files": records}
     if tensors is not None:

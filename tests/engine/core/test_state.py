@@ -203,3 +203,18 @@ def test_loading_deletes_nothing(tmp_path):
     with pytest.raises(CacheError):
         load(tmp_path / "s")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.json", "s.safetensors"]
+
+
+def test_a_dotted_stem_keeps_its_name(tmp_path):
+    """The suffixes are appended: `maps/x.umap` -> `maps/x.umap.json`, never `maps/x.json`."""
+    save(tmp_path / "x.umap")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.umap.json", "x.umap.safetensors"]
+    assert load(tmp_path / "x.umap").manifest["note"] == "hello"
+
+
+def test_known_file_records_are_written_as_given(tmp_path):
+    (tmp_path / "index.bin").write_bytes(b"an index")
+    record = state_module.file_record(tmp_path / "index.bin")
+    save(tmp_path / "manifest", tensors=None, file_records={"index.bin": record})
+    assert load(tmp_path / "manifest", files=["index.bin"]).manifest["files"] == {
+        "index.bin": record}

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from engine.core.jobs import JobQueue
+    from engine import JobQueue
 
 logger = logging.getLogger("launch")
 
@@ -70,7 +70,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def _query_models(text: str) -> list[str]:
     """'lite2,ssp' -> ['lite2', 'ssp'] ('' -> []), checked against the known query models."""
-    from engine.explorer.session import QUERY_MODELS
+    from engine import QUERY_MODELS
 
     names = [name.strip() for name in text.split(",") if name.strip()]
     unknown = [name for name in names if name not in QUERY_MODELS]
@@ -105,19 +105,15 @@ class TqdmProgress:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    from engine.core.logs import configure_logging
+    from engine import configure_logging
 
     configure_logging(logging.DEBUG if args.verbose else logging.INFO)
     # Heavy imports here, so that `--help` answers at once. Everything the page imports is
     # imported now, in this thread, before any background job starts: two threads importing
     # the same modules at once can deadlock in Python's import locks.
     from app.page import build_app, launch_options
-    from engine.core.device import resolve_device
-    from engine.core.jobs import JobQueue
-    from engine.core.threads import configure_threads
+    from engine import DEMO_GALLERY, Explorer, JobQueue, configure_threads, resolve_device
     from engine.errors import EngineError
-    from engine.explorer.session import Explorer
-    from engine.search.gallery import DEMO_GALLERY
 
     configure_threads()
     # --prepare-only has nothing to serve: its jobs may take every core.

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.explorer.session import Explorer
+from engine.explorer import Explorer
 from engine.search.gallery import DEMO_GALLERY
 
 PER_CLASS = 8

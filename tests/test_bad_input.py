@@ -35,7 +35,7 @@ from engine.errors import (
     UnsafePathError,
 )
 from engine.evaluation.tuning import PRESETS_FILE
-from engine.explorer.session import BASELINE, Explorer, GallerySession
+from engine.explorer import BASELINE, Explorer, GallerySession
 from engine.features import images
 from engine.features.images import load_image
 from engine.rerank import create_reranker

@@ -1,17 +1,17 @@
 """The explorer: a backbone with its open galleries, each with fitted methods, scores, maps and
 presets. What the page drives."""
 
-from engine.explorer.session import (
+from engine.asymmetric.query_models import QUERY_MODELS
+from engine.explorer.explorer import Explorer
+from engine.explorer.results import (
     BASELINE,
     CUSTOM,
     DEFAULT_TOP_N,
-    QUERY_MODELS,
-    Explorer,
-    GallerySession,
     QueryResult,
     Ranking,
     method_title,
 )
+from engine.explorer.session import GallerySession
 
 __all__ = ["BASELINE", "CUSTOM", "DEFAULT_TOP_N", "QUERY_MODELS", "Explorer", "GallerySession",
            "QueryResult", "Ranking", "method_title"]

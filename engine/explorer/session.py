@@ -1,14 +1,6 @@
-"""What the explorer holds for the whole process: the backbone, the open galleries, fitted methods.
-
-Everything here is loaded once and shared by every request; a request only reads it (caches
-fill under locks). No UI code: the page (`app.page`), `launch.py` and tests use the same objects.
-
-- `Explorer`: the backbone and every open gallery (the demo, folders on the server, uploaded
-  zips), by key.
-- `GallerySession`: one gallery with its presets, fitted re-rankers (per parameter setting),
-  leave-one-out rankings, whole-gallery scores and embedding map.
-- `QueryResult`: one query's rankings by every method, with per-query AP and P@N when the query
-  has a class.
+"""`GallerySession`: one open gallery with its presets, fitted re-rankers (per parameter
+setting), leave-one-out rankings, whole-gallery scores and embedding map, shared by every
+request (caches fill under locks). With a job queue the slow work runs in the background.
 """
 
 from __future__ import annotations
@@ -17,13 +9,9 @@ import contextlib
 import dataclasses
 import functools
 import logging
-import os
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,7 +19,7 @@ import numpy as np
 from engine.asymmetric.query_models import DEFAULT_QUERY_MODEL, QUERY_MODELS
 from engine.core.jobs import DONE, FAILED, JobProgress, JobQueue
 from engine.core.storage import fingerprint
-from engine.errors import EngineError, InvalidInputError, UnknownNameError
+from engine.errors import EngineError, InvalidInputError
 from engine.evaluation.metrics import average_precision
 from engine.evaluation.scores import (
     LeaveOneOutRankings,
@@ -43,18 +31,22 @@ from engine.evaluation.scores import (
     without_self,
 )
 from engine.evaluation.tuning import load_presets, resolve_params, save_preset
-from engine.features.backbone import FeatureExtractor, get_extractor
+from engine.explorer._cache import _LruCache, _params_key
+from engine.explorer.results import (
+    BASELINE,
+    BASELINE_TITLE,
+    CUSTOM,
+    DEFAULT_TOP_N,
+    QueryResult,
+    Ranking,
+    method_title,
+)
 from engine.rerank import Reranker, get_reranker_class, list_rerankers
-from engine.search.archive import extract_zip, resolve_allowed_folder
-from engine.search.gallery import DEMO_GALLERY, Gallery, ProgressCallback, default_cache_root
+from engine.search.gallery import DEMO_GALLERY, Gallery, ProgressCallback
 from engine.views.embedding_map import EmbeddingMap
 
 logger = logging.getLogger(__name__)
 
-BASELINE = "baseline"
-"""Name of the plain faiss ranking (no re-ranker may use it)."""
-BASELINE_TITLE = "Baseline (faiss, cosine)"
-DEFAULT_TOP_N = 10
 MAX_EXAMPLES = 8
 FULL_RANKING_LIMIT = 5000
 """Galleries up to this size get full rankings (exact AP) and leave-one-out gallery picks."""
@@ -62,153 +54,6 @@ PARTIAL_DEPTH = 1000
 """Ranking depth for larger galleries (AP is then AP@1000)."""
 FITTED_CACHE_SIZE = 16
 LEAVE_ONE_OUT_CACHE_SIZE = 8
-
-CUSTOM = "custom"
-
-
-@dataclass(frozen=True)
-class Ranking:
-    """One method's answer to one query.
-
-    indices / distances: the ranking (the whole gallery up to `FULL_RANKING_LIMIT`), best first.
-    seconds: what it cost (a re-ranker's online call, or its share of the leave-one-out run).
-    how: "online" (one query against the fitted gallery) or "leave-one-out" (the gallery
-        pick's row of the whole-gallery run, the same run the Compare table scores).
-    params / params_source: the parameters and where they came from ("authors' defaults",
-        "preset" or "custom").
-    ap / precision: per-query AP over the ranking and precision at the top N, when the query's
-        class is known; relevant: (depth,) bool hits, likewise.
-    """
-
-    method: str
-    title: str
-    indices: np.ndarray
-    distances: np.ndarray
-    seconds: float
-    how: str
-    params: dict[str, Any] = field(default_factory=dict)
-    params_source: str = ""
-    details: Mapping[str, Any] = field(default_factory=dict)
-    relevant: np.ndarray | None = None
-    ap: float | None = None
-    precision: float | None = None
-
-
-@dataclass(frozen=True)
-class QueryResult:
-    """Everything one query produced.
-
-    source_row / source_file: the gallery image the query is (None for an upload).
-    query_label / query_class: the query's class (a pick's label, or the class given for an
-        upload), None when unknown. n_positives: gallery items of that class (the pick excluded).
-    feature: the query's (d,) feature. imagenet: the backbone head's top-3 (label, probability).
-    rankings: by method, the baseline first. timings: seconds per stage ("embed", then methods).
-    embedded_by: which model embedded the query and which the gallery.
-    not_ready: by method, why it has no ranking yet (its background job's state: waiting,
-        training 41 %, ...); such a method is missing from `rankings`.
-    """
-
-    gallery_key: str
-    source_row: int | None
-    source_file: str | None
-    query_label: int | None
-    query_class: str | None
-    n_positives: int | None
-    feature: np.ndarray
-    imagenet: list[tuple[str, float]]
-    rankings: dict[str, Ranking]
-    timings: dict[str, float]
-    top_n: int
-    leave_out: bool
-    embedded_by: str = ""
-    not_ready: dict[str, str] = field(default_factory=dict)
-
-    def top(self, method: str) -> tuple[np.ndarray, np.ndarray]:
-        """The first `top_n` (indices, distances) of a method's ranking."""
-        ranking = self.rankings[method]
-        return ranking.indices[:self.top_n], ranking.distances[:self.top_n]
-
-    def with_ranking(self, ranking: Ranking) -> QueryResult:
-        """A copy with one method's ranking (and its timing) replaced."""
-        not_ready = {name: text for name, text in self.not_ready.items()
-                     if name != ranking.method}
-        return dataclasses.replace(self, rankings={**self.rankings, ranking.method: ranking},
-                                   timings={**self.timings, ranking.method: ranking.seconds},
-                                   not_ready=not_ready)
-
-    def without(self, method: str, reason: str) -> QueryResult:
-        """A copy in which `method` has no ranking, for `reason` (not ready yet)."""
-        rankings = {name: ranking for name, ranking in self.rankings.items() if name != method}
-        timings = {stage: seconds for stage, seconds in self.timings.items() if stage != method}
-        return dataclasses.replace(self, rankings=rankings, timings=timings,
-                                   not_ready={**self.not_ready, method: reason})
-
-    def as_dict(self, gallery: Gallery) -> dict[str, Any]:
-        """A JSON-ready summary: per method the top-N file names, classes and distances."""
-        methods = {}
-        for name, ranking in self.rankings.items():
-            indices, distances = self.top(name)
-            methods[name] = {
-                "title": ranking.title,
-                "files": [gallery.files[row] for row in indices.tolist()],
-                "classes": [gallery.class_of(row) for row in indices.tolist()],
-                "distances": [round(float(d), 6) for d in distances],
-                "ms": round(ranking.seconds * 1000, 2), "how": ranking.how,
-                "params": ranking.params, "params_source": ranking.params_source,
-                "ap": ranking.ap, f"p@{self.top_n}": ranking.precision,
-            }
-        return {
-            "query": {"file": self.source_file, "class": self.query_class,
-                      "imagenet_top3": [{"label": label, "probability": round(p, 6)}
-                                        for label, p in self.imagenet]},
-            "methods": methods,
-            "not_ready": dict(self.not_ready),
-            "timings_ms": {stage: round(s * 1000, 2) for stage, s in self.timings.items()},
-        }
-
-
-def method_title(name: str) -> str:
-    if name == BASELINE:
-        return BASELINE_TITLE
-    cls = get_reranker_class(name)
-    return cls.title or name
-
-
-class _LruCache:
-    """A small thread-safe LRU map whose values are built once per key, even under concurrency."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._values: OrderedDict[Any, Any] = OrderedDict()
-        self._lock = threading.Lock()
-        self._building: dict[Any, threading.Lock] = {}
-
-    def peek(self, key: Any) -> Any:
-        """The value of `key` if it is built, else None (never waits for a build)."""
-        with self._lock:
-            return self._values.get(key)
-
-    def get(self, key: Any, build: Callable[[], Any]) -> Any:
-        with self._lock:
-            if key in self._values:
-                self._values.move_to_end(key)
-                return self._values[key]
-            gate = self._building.setdefault(key, threading.Lock())
-        with gate:
-            with self._lock:
-                if key in self._values:
-                    return self._values[key]
-            value = build()
-            with self._lock:
-                self._values[key] = value
-                self._building.pop(key, None)
-                while len(self._values) > self.size:
-                    self._values.popitem(last=False)
-            return value
-
-
-def _params_key(params: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
-    return tuple(sorted(params.items()))
 
 
 class GallerySession:
@@ -308,9 +153,7 @@ class GallerySession:
         def build() -> Reranker:
             started = time.perf_counter()
             reranker = get_reranker_class(method)(device=self.device, **validated)
-            if reranker.learns and progress is not None:
-                reranker.progress = progress
-            reranker.fit(self.gallery.context())
+            reranker.fit(self.gallery.context(), progress=progress)
             logger.info("fitted %s on %s in %.2f s", method, self.key,
                         time.perf_counter() - started)
             return reranker
@@ -673,290 +516,3 @@ class GallerySession:
         return dataclasses.replace(ranking, relevant=relevant, ap=ap, precision=precision)
 
 
-class Explorer:
-    """The backbone and every open gallery of the process.
-
-    allowed_roots: folders under which `open_folder` may open galleries (server paths typed in
-    the page); uploaded zips are extracted under the cache root.
-    jobs: where slow work runs (see `GallerySession.schedule`); None computes it on first use.
-    """
-
-    def __init__(self, extractor: FeatureExtractor, *, device: str = "auto",
-                 cache_root: str | os.PathLike | None = None,
-                 allowed_roots: Sequence[str | os.PathLike] | None = None,
-                 methods: Sequence[str] | None = None, ssp_config: Any = None,
-                 jobs: JobQueue | None = None) -> None:
-        self.extractor = extractor
-        self.jobs = jobs
-        self.device = device
-        self.ssp_config = ssp_config
-        """SSPConfig of the asymmetric query model (None: the engine's default recipe)."""
-        self.cache_root = Path(cache_root) if cache_root else default_cache_root()
-        self.allowed_roots = [Path(root).expanduser().resolve() for root in (
-            allowed_roots if allowed_roots is not None else default_allowed_roots())]
-        self.method_names = methods
-        self.galleries: dict[str, GallerySession] = {}
-        self._lock = threading.Lock()
-        self._variant_locks: dict[str, threading.Lock] = {}
-        self._open_locks: dict[Path, threading.Lock] = {}
-
-    @classmethod
-    def load(cls, folder: str | os.PathLike = DEMO_GALLERY, *, device: str = "auto",
-             cache_root: str | os.PathLike | None = None,
-             progress: ProgressCallback | None = None,
-             allowed_roots: Sequence[str | os.PathLike] | None = None,
-             methods: Sequence[str] | None = None, jobs: JobQueue | None = None) -> Explorer:
-        """The explorer with its first gallery open (indexed, or loaded from its cache; with
-        `jobs`, the rest of its preparation queued there)."""
-        explorer = cls(get_extractor(device=device), device=device, cache_root=cache_root,
-                       allowed_roots=allowed_roots, methods=methods, jobs=jobs)
-        explorer.open_folder(folder, progress=progress, check_allowed=False)
-        return explorer
-
-    @property
-    def thumbnail_root(self) -> Path:
-        return self.cache_root / "thumbnails"
-
-    @property
-    def upload_root(self) -> Path:
-        return self.cache_root / "uploads"
-
-    @property
-    def default_key(self) -> str:
-        return next(iter(self.galleries))
-
-    def choices(self) -> list[tuple[str, str]]:
-        """(title, key) of every open gallery, in the order they were opened."""
-        # a copy: galleries open and close in other threads
-        return [(session.title, key) for key, session in list(self.galleries.items())]
-
-    def session(self, key: str | None) -> GallerySession:
-        """An open gallery by key (the first one when key is empty)."""
-        if not key:
-            return self.galleries[self.default_key]
-        try:
-            return self.galleries[key]
-        except KeyError:
-            raise UnknownNameError(f"no open gallery {key!r}; open it again") from None
-
-    def with_query_model(self, key: str | None, query_model: str, *,
-                         progress: ProgressCallback | None = None) -> GallerySession:
-        """The gallery of `key` as `query_model` sees it (see `QUERY_MODELS`).
-
-        "lite0" is the gallery as opened. "lite2" indexes the same folder with lite2 (once,
-        cached like any gallery) and embeds queries with lite2. "ssp" searches that lite2 index
-        with queries embedded by the SSP query model, trained on the gallery's images (labels
-        unused) on first use and saved beside the lite2 gallery cache. Re-rankers are fitted
-        here too, so the page's progress bar covers all the waiting. The new session joins the
-        gallery choices.
-        """
-        if query_model not in QUERY_MODELS:
-            raise InvalidInputError(f"no query model {query_model!r}; choose one of "
-                                    f"{', '.join(QUERY_MODELS)}")
-        base = self.session(self.session(key).base_key)
-        spec = QUERY_MODELS[query_model]
-        if spec.gallery_backbone is None:
-            return base
-        variant_key = f"{base.key}@{query_model}"
-        with self._lock:
-            gate = self._variant_locks.setdefault(variant_key, threading.Lock())
-        with gate:
-            if variant_key in self.galleries:
-                return self.galleries[variant_key]
-            gallery_extractor = get_extractor(spec.gallery_backbone, device=self.device)
-            gallery = Gallery.open(base.gallery.root, extractor=gallery_extractor,
-                                   cache_root=self.cache_root, progress=progress,
-                                   device=self.device)
-            session = GallerySession(variant_key, gallery, self.device, self.method_names,
-                                     query_model=query_model, base_key=base.key,
-                                     jobs=self.jobs)
-            if spec.asymmetric:
-                from engine.asymmetric.ssp import fit_or_load
-
-                session.query_encoder = fit_or_load(
-                    [gallery.path_of(row) for row in range(gallery.size)], gallery.state_dir,
-                    gallery_features=gallery.features, gallery_meta=gallery.meta,
-                    config=self.ssp_config, device=self.device, progress=progress)
-            self._prepare(session, progress)
-            with self._lock:
-                self.galleries[variant_key] = session
-            return session
-
-    def embed_query(self, session: GallerySession, image: Any
-                    ) -> tuple[np.ndarray, list[tuple[str, float]]]:
-        """The query's feature in the session's gallery space, and ImageNet top-3 of the
-        backbone that embedded it (none for the SSP query model, which has no classifier)."""
-        if session.query_encoder is not None:
-            return session.query_encoder.embed([image])[0], []
-        backbone = QUERY_MODELS[session.query_model].gallery_backbone
-        extractor = (self.extractor if backbone is None
-                     else get_extractor(backbone, device=self.device))
-        return extractor.embed_and_classify(image)
-
-    def open_folder(self, folder: str | os.PathLike, *, progress: ProgressCallback | None = None,
-                    check_allowed: bool = True) -> GallerySession:
-        """Open (index, or load from cache) a gallery folder; reopening is instant.
-
-        With `check_allowed`, the folder must lie inside one of `allowed_roots`.
-        """
-        if check_allowed:
-            root = resolve_allowed_folder(folder, self.allowed_roots)
-        else:
-            root = Path(folder).expanduser().resolve()
-        with self._lock:
-            gate = self._open_locks.setdefault(root, threading.Lock())
-        with gate:
-            for session in self.galleries.values():
-                if session.gallery.root == root and session.key == session.base_key:
-                    return session
-            gallery = Gallery.open(root, extractor=self.extractor, cache_root=self.cache_root,
-                                   progress=progress, device=self.device)
-            key = gallery.cache_dir.name
-            session = GallerySession(key, gallery, self.device, self.method_names,
-                                     jobs=self.jobs)
-            self._prepare(session, progress)
-            with self._lock:
-                self.galleries[key] = session
-            logger.info("opened gallery %s: %d images, %d classes, %d skipped", root,
-                        gallery.size, len(gallery.class_names), len(gallery.skipped))
-            return session
-
-    def _prepare(self, session: GallerySession, progress: ProgressCallback | None) -> None:
-        """Fit a new session's methods now, or, with a job queue, queue all its preparation."""
-        if self.jobs is None:
-            session.fit_defaults(progress)
-        else:
-            session.schedule()
-
-    def prepare_query_model(self, key: str | None, query_model: str) -> None:
-        """Queue `with_query_model` (indexing with the gallery model, training SSP) as a
-        background job; its session's own preparation is queued when it opens."""
-        if self.jobs is None:
-            raise InvalidInputError("this explorer has no background job queue")
-        base = self.session(key)
-        self.jobs.submit((base.key, "query model", query_model),
-                         f"Query model {QUERY_MODELS[query_model].title}",
-                         lambda progress: self.with_query_model(base.key, query_model,
-                                                                progress=progress))
-
-    def open_zip(self, archive: str | os.PathLike, *,
-                 progress: ProgressCallback | None = None) -> GallerySession:
-        """Extract an uploaded zip (safely, content-addressed) and open it as a gallery."""
-        extracted = extract_zip(archive, self.upload_root)
-        for name, reason in extracted.skipped.items():
-            logger.info("zip entry %s not extracted: %s", name, reason)
-        return self.open_folder(extracted.root, progress=progress, check_allowed=False)
-
-    def close(self, key: str) -> list[GallerySession]:
-        """Forget an open gallery and the query-model variants opened from it (a public page
-        closes a visitor's upload this way); returns them, so that the caller can delete their
-        files. The first gallery, the one the page starts on, stays open. Their waiting
-        background jobs are dropped (one running now finishes: see `JobQueue.running`)."""
-        with self._lock:
-            if key == self.default_key:
-                raise InvalidInputError("the gallery the page starts on cannot be closed")
-            closed = [session for name, session in self.galleries.items()
-                      if name == key or session.base_key == key]
-            for session in closed:
-                del self.galleries[session.key]
-                self._variant_locks.pop(session.key, None)
-                self._open_locks.pop(session.gallery.root, None)
-        if self.jobs is not None:
-            keys = {session.key for session in closed} | {key}
-            self.jobs.drop(lambda job_key: isinstance(job_key, tuple) and job_key[0] in keys)
-        return closed
-
-    # -- queries ---------------------------------------------------------------------------------
-    def query(self, key: str | None, image: Any = None, *, source_file: str | None = None,
-              query_class: str | None = None, params: Mapping[str, Mapping[str, Any]] | None = None,
-              top_n: int = DEFAULT_TOP_N, leave_out: bool = True) -> QueryResult:
-        """Embed one image and rank the gallery with the baseline and every method.
-
-        Args:
-            key: the gallery (empty: the first one).
-            image: a path, bytes, array or PIL image; None when `source_file` is given.
-            source_file: the gallery file the query is (a pick); gives the query its class.
-            query_class: the class of an uploaded query, to score its rankings (optional).
-            params: per method, the parameters to run (default: preset or authors' defaults).
-            top_n: results shown per method; the rankings themselves go deeper (full up to
-                `FULL_RANKING_LIMIT`) so that AP is over the whole ranking.
-            leave_out: drop a pick's own image from its results (leave-one-out).
-        """
-        if isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 1:
-            raise InvalidInputError(f"the number of results must be a positive integer, got "
-                                    f"{top_n!r}")
-        _check_method_params(params)
-        session = self.session(key)
-        gallery = session.gallery
-        source_row = None if source_file is None else session.position_of(source_file)
-        if image is None:
-            if source_row is None:
-                raise InvalidInputError("give a query image or the name of a gallery image")
-            image = gallery.path_of(source_row)
-        leave_out = bool(leave_out) and source_row is not None
-        if gallery.size - leave_out < 1:
-            raise InvalidInputError("the gallery has no other image to return")
-        timings: dict[str, float] = {}
-        started = time.perf_counter()
-        feature, imagenet = self.embed_query(session, image)
-        timings["embed"] = time.perf_counter() - started
-        if source_row is not None:
-            if not session.asymmetric:
-                feature = gallery.features[source_row]  # the row every method was fitted on
-            query_label = None if gallery.labels is None else int(gallery.labels[source_row])
-            query_label = None if query_label is not None and query_label < 0 else query_label
-        else:
-            query_label = session.label_of_class(query_class)
-        n_positives = None
-        if query_label is not None and gallery.labels is not None:
-            n_positives = int((gallery.labels == query_label).sum()) - int(
-                leave_out and source_row is not None)
-        query_name = None if query_label is None else gallery.class_names[query_label]
-        rankings: dict[str, Ranking] = {}
-        not_ready: dict[str, str] = {}
-        for method, _ in session.methods():
-            chosen = None if params is None else params.get(method)
-            reason = session.not_ready(method, chosen)
-            if reason is not None:
-                not_ready[method] = reason
-                continue
-            ranking = session.rank(method, feature, source_row, leave_out, chosen)
-            rankings[method] = session.score(ranking, query_label, n_positives, top_n)
-            timings[method] = ranking.seconds
-        return QueryResult(session.key, source_row, source_file, query_label, query_name,
-                           n_positives, feature, imagenet, rankings, timings,
-                           min(top_n, len(rankings[BASELINE].indices)), leave_out,
-                           session.embedded_by, not_ready)
-
-    def rerank(self, result: QueryResult, method: str, params: Mapping[str, Any] | None
-               ) -> QueryResult:
-        """The same query with one method re-run at new parameters."""
-        session = self.session(result.gallery_key)
-        reason = session.not_ready(method, params)
-        if reason is not None:
-            return result.without(method, reason)
-        ranking = session.rank(method, result.feature, result.source_row, result.leave_out,
-                               params)
-        ranking = session.score(ranking, result.query_label, result.n_positives, result.top_n)
-        return result.with_ranking(ranking)
-
-
-def _check_method_params(params: Mapping[str, Mapping[str, Any]] | None) -> None:
-    """Per-method parameters must name registered methods (a misspelt name would otherwise be
-    ignored silently and the method run with its defaults)."""
-    if params is None:
-        return
-    if not isinstance(params, Mapping):
-        raise InvalidInputError(f"params must map method names to their parameters, got "
-                                f"{type(params).__name__}")
-    known = [BASELINE, *list_rerankers()]
-    unknown = sorted(str(name) for name in params if name not in known)
-    if unknown:
-        raise InvalidInputError(f"params names no method {unknown}; the methods are "
-                                f"{', '.join(known)}")
-
-
-def default_allowed_roots() -> list[Path]:
-    """Folders a gallery may be opened from when none are configured: the home folder, the
-    working folder and the shipped demo gallery."""
-    return [Path.home(), Path.cwd(), DEMO_GALLERY]

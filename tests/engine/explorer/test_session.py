@@ -13,13 +13,8 @@ import pytest
 
 from engine.errors import InvalidInputError, UnknownNameError, UnsafePathError
 from engine.evaluation.tuning import PRESETS_FILE
-from engine.explorer.session import (
-    BASELINE,
-    CUSTOM,
-    Explorer,
-    GallerySession,
-    _LruCache,
-)
+from engine.explorer import BASELINE, CUSTOM, Explorer, GallerySession
+from engine.explorer._cache import _LruCache
 from engine.rerank import get_reranker_class, list_rerankers
 from tests.galleries import CLASSES, PER_CLASS, demo_file, make_gallery
 
@@ -393,7 +388,7 @@ def test_lru_cache_evicts_the_least_recently_used() -> None:
 def test_query_models_embed_each_side_with_its_model(tiny_gallery, app_root):
     """lite2: both sides lite2; SSP: queries by the SSP query model (a pick too), gallery by
     lite2; lite0 is the gallery as opened."""
-    from engine.asymmetric.ssp import SSPConfig
+    from engine.asymmetric import SSPConfig
 
     explorer = Explorer.load(tiny_gallery, device="cpu", cache_root=app_root / "cache",
                              allowed_roots=[app_root], methods=["gnn"])

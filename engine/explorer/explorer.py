@@ -1,0 +1,319 @@
+"""`Explorer`: what the explorer holds for the whole process: the backbone and every open
+gallery (the demo, folders on the server, uploaded zips), by key; queries run through it.
+
+Everything here is loaded once and shared by every request. No UI code: the page, `launch.py`
+and tests use the same objects.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engine.asymmetric.query_models import QUERY_MODELS
+from engine.core.jobs import JobQueue
+from engine.errors import InvalidInputError, UnknownNameError
+from engine.explorer.results import BASELINE, DEFAULT_TOP_N, QueryResult, Ranking
+from engine.explorer.session import GallerySession
+from engine.features.backbone import FeatureExtractor, get_extractor
+from engine.rerank import list_rerankers
+from engine.search.archive import extract_zip, resolve_allowed_folder
+from engine.search.gallery import DEMO_GALLERY, Gallery, ProgressCallback, default_cache_root
+
+logger = logging.getLogger(__name__)
+
+
+class Explorer:
+    """The backbone and every open gallery of the process.
+
+    allowed_roots: folders under which `open_folder` may open galleries (server paths typed in
+    the page); uploaded zips are extracted under the cache root.
+    jobs: where slow work runs (see `GallerySession.schedule`); None computes it on first use.
+    """
+
+    def __init__(self, extractor: FeatureExtractor, *, device: str = "auto",
+                 cache_root: str | os.PathLike | None = None,
+                 allowed_roots: Sequence[str | os.PathLike] | None = None,
+                 methods: Sequence[str] | None = None, ssp_config: Any = None,
+                 jobs: JobQueue | None = None) -> None:
+        self.extractor = extractor
+        self.jobs = jobs
+        self.device = device
+        self.ssp_config = ssp_config
+        """SSPConfig of the asymmetric query model (None: the engine's default recipe)."""
+        self.cache_root = Path(cache_root) if cache_root else default_cache_root()
+        self.allowed_roots = [Path(root).expanduser().resolve() for root in (
+            allowed_roots if allowed_roots is not None else default_allowed_roots())]
+        self.method_names = methods
+        self.galleries: dict[str, GallerySession] = {}
+        self._lock = threading.Lock()
+        self._variant_locks: dict[str, threading.Lock] = {}
+        self._open_locks: dict[Path, threading.Lock] = {}
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike = DEMO_GALLERY, *, device: str = "auto",
+             cache_root: str | os.PathLike | None = None,
+             progress: ProgressCallback | None = None,
+             allowed_roots: Sequence[str | os.PathLike] | None = None,
+             methods: Sequence[str] | None = None, jobs: JobQueue | None = None) -> Explorer:
+        """The explorer with its first gallery open (indexed, or loaded from its cache; with
+        `jobs`, the rest of its preparation queued there)."""
+        explorer = cls(get_extractor(device=device), device=device, cache_root=cache_root,
+                       allowed_roots=allowed_roots, methods=methods, jobs=jobs)
+        explorer.open_folder(folder, progress=progress, check_allowed=False)
+        return explorer
+
+    @property
+    def thumbnail_root(self) -> Path:
+        return self.cache_root / "thumbnails"
+
+    @property
+    def upload_root(self) -> Path:
+        return self.cache_root / "uploads"
+
+    @property
+    def default_key(self) -> str:
+        return next(iter(self.galleries))
+
+    def choices(self) -> list[tuple[str, str]]:
+        """(title, key) of every open gallery, in the order they were opened."""
+        # a copy: galleries open and close in other threads
+        return [(session.title, key) for key, session in list(self.galleries.items())]
+
+    def session(self, key: str | None) -> GallerySession:
+        """An open gallery by key (the first one when key is empty)."""
+        if not key:
+            return self.galleries[self.default_key]
+        try:
+            return self.galleries[key]
+        except KeyError:
+            raise UnknownNameError(f"no open gallery {key!r}; open it again") from None
+
+    def with_query_model(self, key: str | None, query_model: str, *,
+                         progress: ProgressCallback | None = None) -> GallerySession:
+        """The gallery of `key` as `query_model` sees it (see `QUERY_MODELS`).
+
+        "lite0" is the gallery as opened. "lite2" indexes the same folder with lite2 (once,
+        cached like any gallery) and embeds queries with lite2. "ssp" searches that lite2 index
+        with queries embedded by the SSP query model, trained on the gallery's images (labels
+        unused) on first use and saved beside the lite2 gallery cache. Re-rankers are fitted
+        here too, so the page's progress bar covers all the waiting. The new session joins the
+        gallery choices.
+        """
+        if query_model not in QUERY_MODELS:
+            raise InvalidInputError(f"no query model {query_model!r}; choose one of "
+                                    f"{', '.join(QUERY_MODELS)}")
+        base = self.session(self.session(key).base_key)
+        spec = QUERY_MODELS[query_model]
+        if spec.gallery_backbone is None:
+            return base
+        variant_key = f"{base.key}@{query_model}"
+        with self._lock:
+            gate = self._variant_locks.setdefault(variant_key, threading.Lock())
+        with gate:
+            if variant_key in self.galleries:
+                return self.galleries[variant_key]
+            gallery_extractor = get_extractor(spec.gallery_backbone, device=self.device)
+            gallery = Gallery.open(base.gallery.root, extractor=gallery_extractor,
+                                   cache_root=self.cache_root, progress=progress,
+                                   device=self.device)
+            session = GallerySession(variant_key, gallery, self.device, self.method_names,
+                                     query_model=query_model, base_key=base.key,
+                                     jobs=self.jobs)
+            if spec.asymmetric:
+                from engine.asymmetric import fit_or_load
+
+                session.query_encoder = fit_or_load(
+                    [gallery.path_of(row) for row in range(gallery.size)], gallery.state_dir,
+                    gallery_features=gallery.features, gallery_meta=gallery.meta,
+                    config=self.ssp_config, device=self.device, progress=progress)
+            self._prepare(session, progress)
+            with self._lock:
+                self.galleries[variant_key] = session
+            return session
+
+    def embed_query(self, session: GallerySession, image: Any
+                    ) -> tuple[np.ndarray, list[tuple[str, float]]]:
+        """The query's feature in the session's gallery space, and ImageNet top-3 of the
+        backbone that embedded it (none for the SSP query model, which has no classifier)."""
+        if session.query_encoder is not None:
+            return session.query_encoder.embed([image])[0], []
+        backbone = QUERY_MODELS[session.query_model].gallery_backbone
+        extractor = (self.extractor if backbone is None
+                     else get_extractor(backbone, device=self.device))
+        return extractor.embed_and_classify(image)
+
+    def open_folder(self, folder: str | os.PathLike, *, progress: ProgressCallback | None = None,
+                    check_allowed: bool = True) -> GallerySession:
+        """Open (index, or load from cache) a gallery folder; reopening is instant.
+
+        With `check_allowed`, the folder must lie inside one of `allowed_roots`.
+        """
+        if check_allowed:
+            root = resolve_allowed_folder(folder, self.allowed_roots)
+        else:
+            root = Path(folder).expanduser().resolve()
+        with self._lock:
+            gate = self._open_locks.setdefault(root, threading.Lock())
+        with gate:
+            for session in self.galleries.values():
+                if session.gallery.root == root and session.key == session.base_key:
+                    return session
+            gallery = Gallery.open(root, extractor=self.extractor, cache_root=self.cache_root,
+                                   progress=progress, device=self.device)
+            key = gallery.cache_dir.name
+            session = GallerySession(key, gallery, self.device, self.method_names,
+                                     jobs=self.jobs)
+            self._prepare(session, progress)
+            with self._lock:
+                self.galleries[key] = session
+            logger.info("opened gallery %s: %d images, %d classes, %d skipped", root,
+                        gallery.size, len(gallery.class_names), len(gallery.skipped))
+            return session
+
+    def _prepare(self, session: GallerySession, progress: ProgressCallback | None) -> None:
+        """Fit a new session's methods now, or, with a job queue, queue all its preparation."""
+        if self.jobs is None:
+            session.fit_defaults(progress)
+        else:
+            session.schedule()
+
+    def prepare_query_model(self, key: str | None, query_model: str) -> None:
+        """Queue `with_query_model` (indexing with the gallery model, training SSP) as a
+        background job; its session's own preparation is queued when it opens."""
+        if self.jobs is None:
+            raise InvalidInputError("this explorer has no background job queue")
+        base = self.session(key)
+        self.jobs.submit((base.key, "query model", query_model),
+                         f"Query model {QUERY_MODELS[query_model].title}",
+                         lambda progress: self.with_query_model(base.key, query_model,
+                                                                progress=progress))
+
+    def open_zip(self, archive: str | os.PathLike, *,
+                 progress: ProgressCallback | None = None) -> GallerySession:
+        """Extract an uploaded zip (safely, content-addressed) and open it as a gallery."""
+        extracted = extract_zip(archive, self.upload_root)
+        for name, reason in extracted.skipped.items():
+            logger.info("zip entry %s not extracted: %s", name, reason)
+        return self.open_folder(extracted.root, progress=progress, check_allowed=False)
+
+    def close(self, key: str) -> list[GallerySession]:
+        """Forget an open gallery and the query-model variants opened from it (a public page
+        closes a visitor's upload this way); returns them, so that the caller can delete their
+        files. The first gallery, the one the page starts on, stays open. Their waiting
+        background jobs are dropped (one running now finishes: see `JobQueue.running`)."""
+        with self._lock:
+            if key == self.default_key:
+                raise InvalidInputError("the gallery the page starts on cannot be closed")
+            closed = [session for name, session in self.galleries.items()
+                      if name == key or session.base_key == key]
+            for session in closed:
+                del self.galleries[session.key]
+                self._variant_locks.pop(session.key, None)
+                self._open_locks.pop(session.gallery.root, None)
+        if self.jobs is not None:
+            keys = {session.key for session in closed} | {key}
+            self.jobs.drop(lambda job_key: isinstance(job_key, tuple) and job_key[0] in keys)
+        return closed
+
+    # -- queries ---------------------------------------------------------------------------------
+    def query(self, key: str | None, image: Any = None, *, source_file: str | None = None,
+              query_class: str | None = None, params: Mapping[str, Mapping[str, Any]] | None = None,
+              top_n: int = DEFAULT_TOP_N, leave_out: bool = True) -> QueryResult:
+        """Embed one image and rank the gallery with the baseline and every method.
+
+        Args:
+            key: the gallery (empty: the first one).
+            image: a path, bytes, array or PIL image; None when `source_file` is given.
+            source_file: the gallery file the query is (a pick); gives the query its class.
+            query_class: the class of an uploaded query, to score its rankings (optional).
+            params: per method, the parameters to run (default: preset or authors' defaults).
+            top_n: results shown per method; the rankings themselves go deeper (full up to
+                `FULL_RANKING_LIMIT`) so that AP is over the whole ranking.
+            leave_out: drop a pick's own image from its results (leave-one-out).
+        """
+        if isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 1:
+            raise InvalidInputError(f"the number of results must be a positive integer, got "
+                                    f"{top_n!r}")
+        _check_method_params(params)
+        session = self.session(key)
+        gallery = session.gallery
+        source_row = None if source_file is None else session.position_of(source_file)
+        if image is None:
+            if source_row is None:
+                raise InvalidInputError("give a query image or the name of a gallery image")
+            image = gallery.path_of(source_row)
+        leave_out = bool(leave_out) and source_row is not None
+        if gallery.size - leave_out < 1:
+            raise InvalidInputError("the gallery has no other image to return")
+        timings: dict[str, float] = {}
+        started = time.perf_counter()
+        feature, imagenet = self.embed_query(session, image)
+        timings["embed"] = time.perf_counter() - started
+        if source_row is not None:
+            if not session.asymmetric:
+                feature = gallery.features[source_row]  # the row every method was fitted on
+            query_label = None if gallery.labels is None else int(gallery.labels[source_row])
+            query_label = None if query_label is not None and query_label < 0 else query_label
+        else:
+            query_label = session.label_of_class(query_class)
+        n_positives = None
+        if query_label is not None and gallery.labels is not None:
+            n_positives = int((gallery.labels == query_label).sum()) - int(
+                leave_out and source_row is not None)
+        query_name = None if query_label is None else gallery.class_names[query_label]
+        rankings: dict[str, Ranking] = {}
+        not_ready: dict[str, str] = {}
+        for method, _ in session.methods():
+            chosen = None if params is None else params.get(method)
+            reason = session.not_ready(method, chosen)
+            if reason is not None:
+                not_ready[method] = reason
+                continue
+            ranking = session.rank(method, feature, source_row, leave_out, chosen)
+            rankings[method] = session.score(ranking, query_label, n_positives, top_n)
+            timings[method] = ranking.seconds
+        return QueryResult(session.key, source_row, source_file, query_label, query_name,
+                           n_positives, feature, imagenet, rankings, timings,
+                           min(top_n, len(rankings[BASELINE].indices)), leave_out,
+                           session.embedded_by, not_ready)
+
+    def rerank(self, result: QueryResult, method: str, params: Mapping[str, Any] | None
+               ) -> QueryResult:
+        """The same query with one method re-run at new parameters."""
+        session = self.session(result.gallery_key)
+        reason = session.not_ready(method, params)
+        if reason is not None:
+            return result.without(method, reason)
+        ranking = session.rank(method, result.feature, result.source_row, result.leave_out,
+                               params)
+        ranking = session.score(ranking, result.query_label, result.n_positives, result.top_n)
+        return result.with_ranking(ranking)
+
+
+def _check_method_params(params: Mapping[str, Mapping[str, Any]] | None) -> None:
+    """Per-method parameters must name registered methods (a misspelt name would otherwise be
+    ignored silently and the method run with its defaults)."""
+    if params is None:
+        return
+    if not isinstance(params, Mapping):
+        raise InvalidInputError(f"params must map method names to their parameters, got "
+                                f"{type(params).__name__}")
+    known = [BASELINE, *list_rerankers()]
+    unknown = sorted(str(name) for name in params if name not in known)
+    if unknown:
+        raise InvalidInputError(f"params names no method {unknown}; the methods are "
+                                f"{', '.join(known)}")
+
+
+def default_allowed_roots() -> list[Path]:
+    """Folders a gallery may be opened from when none are configured: the home folder, the
+    working folder and the shipped demo gallery."""
+    return [Path.home(), Path.cwd(), DEMO_GALLERY]

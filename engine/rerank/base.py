@@ -108,6 +108,11 @@ class Reranker(ABC):
     Params: ClassVar[type[RerankParams]] = RerankParams
     learns: ClassVar[bool] = False
     runs_on_gpu: ClassVar[bool] = False
+    """The method computes on a CUDA device when one is asked for (`device="cuda"` or "auto");
+    False keeps it on the CPU whatever is asked. The GPU tests run every method that sets it."""
+    quick_params: ClassVar[dict[str, Any]] = {}
+    """Small parameters for fast tests and smoke runs (keyword overrides of `Params`): a run
+    that checks shapes and behaviour, not what the method's defaults achieve."""
     progress: Any = None
     """For methods that learn: an optional (fraction, message) callback their fit reports to."""
     min_gallery: ClassVar[int] = 2

@@ -198,7 +198,7 @@ class QueryModel:
     # -- state on disk ---------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
         """Write `path`.safetensors (trained weights, anchors) and then `path`.json (manifest),
-        each atomically; the manifest names the weights file's sha256."""
+        each atomically; the manifest records the weights file's sha256."""
         save_query_model(self, path)
 
     @classmethod

@@ -1,7 +1,8 @@
-"""SSP's saved state: the trained modules' weights and the anchors in safetensors, and a JSON
-manifest with both models' feature fingerprints, the training-set fingerprint, the PQ config and
-the hyperparameters. Each file is written atomically; on load any mismatch with what the caller
-expects raises CacheError, so the caller retrains instead of using a wrong model."""
+"""SSP's saved state, in the engine's one layout (`engine.core.state`): the trained modules'
+weights and the anchors as tensors, and a manifest with both models' feature fingerprints, the
+training-set fingerprint, the PQ config and the hyperparameters. On load, any damage or mismatch
+with what the caller expects raises CacheError, so the caller retrains instead of using a wrong
+model."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from engine.asymmetric.anchors import PQ_ITERATIONS, PQ_RESTARTS
 from engine.asymmetric.config import SSPConfig
@@ -25,16 +25,20 @@ from engine.asymmetric.training import (
     WARMUP_START,
     WEIGHT_DECAY,
 )
-from engine.core.storage import atomic_path, atomic_write_json, fingerprint, load_json, sha256_file
+from engine.core.state import load_state, save_state
+from engine.core.storage import fingerprint
 from engine.errors import CacheError
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    import torch
+
     from engine.asymmetric.model import QueryModel
     from engine.features.backbone import FeatureMeta
 
-STATE_VERSION = 1
+STATE_KIND = "ssp"
+STATE_VERSION = 2           # 2: the layout of engine.core.state (1: its own manifest)
 
 
 def training_fingerprint(gallery_features: np.ndarray) -> str:
@@ -69,67 +73,51 @@ class SavedQueryModel:
 
 
 def save_query_model(model: QueryModel, path: str | Path) -> None:
-    """Write `path`.safetensors (trained weights, anchors) and then `path`.json (manifest),
-    each atomically; the manifest names the weights file's sha256."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
+    """Save `model` at `path` with `engine.core.state.save_state`: the trained modules'
+    weights and the anchors in `path`.safetensors, the manifest in `path`.json."""
     split = 0 if _saves_everything(model.query_meta) else _frozen_stages_of(model)
     prefixes = sorted(model.network.trained_modules(split))
-    state = model.network.state_dict()
-    tensors = {f"network.{name}": value.detach().cpu().contiguous()
-               for name, value in state.items()
+    tensors = {f"network.{name}": value for name, value in model.network.state_dict().items()
                if any(name == p or name.startswith(p + ".") for p in prefixes)}
-    tensors["anchors"] = torch.from_numpy(np.ascontiguousarray(model.anchors))
-    weights = path.with_suffix(".safetensors")
-    weights.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(weights) as temporary:
-        save_file(tensors, str(temporary))
-    atomic_write_json(path.with_suffix(".json"), {
-        "version": STATE_VERSION,
-        "method": "ssp",
-        "query_meta": model.query_meta.to_dict(),
-        "query_fingerprint": model.query_meta.fingerprint,
-        "gallery_meta": model.gallery_meta.to_dict(),
-        "gallery_fingerprint": model.gallery_meta.fingerprint,
-        "training_fingerprint": model.training_fingerprint,
-        "pq": {"subspaces": model.config.subspaces, "centroids": model.config.centroids,
-               "dim": model.dim, "iterations": PQ_ITERATIONS, "restarts": PQ_RESTARTS,
-               "seed": model.config.seed},
-        "config": model.config.as_dict(),
-        "hyperparameters": {"optimiser": "SGD", "nesterov": True, "momentum": MOMENTUM,
-                            "weight_decay": WEIGHT_DECAY, "warmup_start": WARMUP_START,
-                            "schedule": "linear warm-up, cosine to 0",
-                            "crop_scale": list(CROP_SCALE),
-                            "color_jitter": list(COLOR_JITTER),
-                            "color_jitter_p": COLOR_JITTER_P},
-        "saved_prefixes": prefixes,
-        "weights_sha256": sha256_file(weights),
-        "train_seconds": model.train_seconds,
-        "losses": model.losses,
-        "details": model.details,
-    })
+    tensors["anchors"] = model.anchors
+    save_state(path, kind=STATE_KIND, version=STATE_VERSION, fingerprint=model.fingerprint,
+               tensors=tensors, metadata={
+                   "query_meta": model.query_meta.to_dict(),
+                   "query_fingerprint": model.query_meta.fingerprint,
+                   "gallery_meta": model.gallery_meta.to_dict(),
+                   "gallery_fingerprint": model.gallery_meta.fingerprint,
+                   "training_fingerprint": model.training_fingerprint,
+                   "pq": {"subspaces": model.config.subspaces,
+                          "centroids": model.config.centroids, "dim": model.dim,
+                          "iterations": PQ_ITERATIONS, "restarts": PQ_RESTARTS,
+                          "seed": model.config.seed},
+                   "config": model.config.as_dict(),
+                   "hyperparameters": {"optimiser": "SGD", "nesterov": True,
+                                       "momentum": MOMENTUM, "weight_decay": WEIGHT_DECAY,
+                                       "warmup_start": WARMUP_START,
+                                       "schedule": "linear warm-up, cosine to 0",
+                                       "crop_scale": list(CROP_SCALE),
+                                       "color_jitter": list(COLOR_JITTER),
+                                       "color_jitter_p": COLOR_JITTER_P},
+                   "saved_prefixes": prefixes,
+                   "train_seconds": model.train_seconds,
+                   "losses": model.losses,
+                   "details": model.details,
+               })
 
 
 def read_query_model(path: str | Path, *, gallery_meta: FeatureMeta | None = None,
                      training_fingerprint: str | None = None,
                      config: SSPConfig | None = None) -> SavedQueryModel:
-    """Read a saved query model; raise CacheError when it is missing or damaged, or when it was
-    made with another query backbone (weights, preprocessing), another gallery model, other
-    training images or another config than the ones given."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+    """Read a saved query model; raise CacheError when it is missing or damaged (see
+    `engine.core.state.load_state`), or when it was made with another query backbone (weights,
+    preprocessing), another gallery model, other training images or another config than the
+    ones given."""
     from engine.features.backbone import FeatureMeta
 
-    path = Path(path)
-    weights, manifest_path = path.with_suffix(".safetensors"), path.with_suffix(".json")
-    if not (weights.is_file() and manifest_path.is_file()):
-        raise CacheError(f"no saved SSP query model at {path}")
-    manifest = load_json(manifest_path)
     try:
-        if not isinstance(manifest, dict) or manifest.get("version") != STATE_VERSION:
-            raise CacheError("the manifest has another format version")
+        state = load_state(path, kind=STATE_KIND, version=STATE_VERSION, fingerprint=None)
+        manifest, tensors = state.manifest, dict(state.tensors)
         saved_config = SSPConfig(**manifest["config"])
         if config is not None and saved_config != config:
             raise CacheError("it was trained with another SSP config")
@@ -152,9 +140,6 @@ def read_query_model(path: str | Path, *, gallery_meta: FeatureMeta | None = Non
             raise CacheError(
                 f"the query backbone {saved_config.query_backbone} now has other weights "
                 "or preprocessing than when it was trained")
-        if sha256_file(weights) != manifest["weights_sha256"]:
-            raise CacheError("the weights file does not match its manifest")
-        tensors = load_file(str(weights))
         anchors = tensors.pop("anchors").numpy()
         pq = manifest["pq"]
         if anchors.shape != (pq["subspaces"], pq["centroids"],
@@ -162,16 +147,15 @@ def read_query_model(path: str | Path, *, gallery_meta: FeatureMeta | None = Non
             raise CacheError(f"anchors of shape {anchors.shape} do not fit the PQ config")
         network = QueryNetwork(copy.deepcopy(extractor.model).float(), saved_gallery.dim,
                                saved_config.gem_p)
-        state = network.state_dict()
+        state_dict = network.state_dict()
         prefixes = manifest["saved_prefixes"]
-        expected = {name for name in state
+        expected = {name for name in state_dict
                     if any(name == p or name.startswith(p + ".") for p in prefixes)}
         loaded = {name.removeprefix("network."): value for name, value in tensors.items()}
         if set(loaded) != expected:
             raise CacheError("the weights file holds other tensors than the network's")
         network.load_state_dict(loaded, strict=False)
-    except (KeyError, TypeError, ValueError, RuntimeError, OSError,
-            SafetensorError) as error:
+    except (KeyError, TypeError, ValueError, RuntimeError, OSError) as error:
         raise CacheError(f"the saved SSP query model {path} is unusable ({error})"
                          ) from error
     return SavedQueryModel(network, saved_config, extractor.meta, extractor.transform,

@@ -12,6 +12,7 @@ import pytest
 
 from engine.asymmetric.config import SSPConfig
 from engine.asymmetric.model import QueryModel, fit_or_load
+from engine.core.storage import fingerprint
 from engine.errors import CacheError
 from engine.features.backbone import get_extractor
 from tests.engine.asymmetric.ssp_data import (
@@ -91,7 +92,8 @@ def test_mismatched_or_damaged_state_is_refused_and_retrained(trained, tmp_path,
     # the query backbone's weights changed since the state was written
     manifest = json.loads(manifest_path.read_text())
     manifest["query_fingerprint"] = "not-the-current-lite0"
-    manifest_path.write_text(json.dumps(manifest))
+    manifest.pop("checksum")  # an intact state, written when lite0 had other weights
+    manifest_path.write_text(json.dumps({**manifest, "checksum": fingerprint(manifest)}))
     with pytest.raises(CacheError, match="other weights"):
         QueryModel.load(path)
     model = fit_or_load(trained["images"], state_dir, **arguments)
@@ -119,3 +121,20 @@ def test_random_init_trunks_save_the_whole_network(tmp_path):
     assert "trunk.conv_stem" in json.loads(manifest_path.read_text())["saved_prefixes"]
     loaded = QueryModel.load(manifest_path.with_suffix(""), gallery_meta=meta)
     np.testing.assert_array_equal(model.embed(images[:2]), loaded.embed(images[:2]))
+
+
+def test_a_state_in_the_first_layout_is_refused_not_misread(trained, tmp_path):
+    """States written before the engine's one layout (format 1: `version`, `weights_sha256`)
+    raise CacheError, so fit_or_load retrains."""
+    import shutil
+
+    state_dir = tmp_path / "state"
+    shutil.copytree(trained["state_dir"], state_dir)
+    _, manifest_path = saved_paths(state_dir)
+    manifest = json.loads(manifest_path.read_text())
+    for field in ("format", "kind", "fingerprint", "files", "tensors", "checksum"):
+        manifest.pop(field, None)
+    manifest_path.write_text(json.dumps({**manifest, "version": 1, "method": "ssp",
+                                         "weights_sha256": "0" * 64}))
+    with pytest.raises(CacheError):
+        QueryModel.load(manifest_path.with_suffix(""))

@@ -6,7 +6,7 @@ name (no EXIF or ICC data) into `<dest>/images/`. The script also writes `<dest>
 (`file,label,class_name`, `file` relative to the images folder), `<dest>/examples.txt` (one query
 image per line) and `<dest>/README.md` with the dataset credit.
 
-    python scripts/make_demo_gallery.py --source /work/shared/datasets/oxford17 \
+    python scripts/make_demo_gallery.py --source path/to/oxford17 \
         --dest assets/demo_gallery --max-side 256 --quality 85
 """
 

@@ -23,8 +23,8 @@ gallery encoder, so a phone-sized model can query a gallery indexed with the big
    conv_head + head trained for 20 epochs at lr 0.05 (batch 64, 2 warm-up epochs) on 2 cached
    views per image (the evaluation view and one augmented), BatchNorm statistics frozen.
 
-It avoids three pitfalls of the authors' code: a subspace count hard-coded apart from the PQ's,
-centroids that are never assigned, and fp16 logits in the loss.
+It avoids three pitfalls of the authors' code (docs/methods/ssp.md): a subspace count
+hard-coded apart from the PQ's, centroids that are never assigned, and fp16 logits in the loss.
 
 `QueryModel` and `fit_or_load` (`model`) train, embed and reuse the model; its state
 (`persistence`) is saved and loaded instead of retraining, and any mismatch retrains.

@@ -1,6 +1,6 @@
 """Asymmetric retrieval benchmark: a light query model against a gallery indexed with a big one.
 
-    python -m engine.bench.asymmetric --gallery ../shared/datasets/oxford17 \
+    python -m engine.bench.asymmetric --gallery path/to/oxford17 \
         --protocol oxford17-heldout
 
 Rows (queries -> gallery):

@@ -1,11 +1,11 @@
 """Benchmark: accuracy, batch time, online latency and peak memory of every re-ranker.
 
     python -m engine.bench                                  # demo gallery, leave-one-out
-    python -m engine.bench --gallery ../shared/datasets/oxford17 --protocol oxford17-split
+    python -m engine.bench --gallery path/to/oxford17 --protocol oxford17-split
     python -m engine.bench --synthetic 20000 --methods gnn  # scale run on clustered features
-    python -m engine.bench --gallery ../shared/datasets/oxford17 --protocol oxford17-heldout \
+    python -m engine.bench --gallery path/to/oxford17 --protocol oxford17-heldout \
         --methods k_reciprocal ssr:train_classes=9 ssr:train_classes=9,after_k_reciprocal=true
-    python -m engine.bench --gallery ../shared/datasets/oxford17 --asymmetric   # SSP table
+    python -m engine.bench --gallery path/to/oxford17 --asymmetric   # SSP table
     python -m engine.bench --online --busy                  # online latency, quiet and busy
     python -m engine.bench --online --synthetic 2000 --spread 2.5 --busy
 

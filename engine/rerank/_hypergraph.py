@@ -21,7 +21,7 @@ SGCC (`sgrr/sgcc/clustering.py`) picks c leaders by conf(i) h(i, i) penalised by
 leaders already chosen, then assigns the best-scored fraction of the collection greedily to the
 cluster whose members' hyperedges hold it most.
 
-Where the method notes (shared/methods/sgrr.md) leave a detail open, the authors' code decides:
+Where the paper leaves a detail open (docs/methods/sgrr.md), the authors' code decides:
 
 - Hyperedges keep members whose membership is 0 (reached only through a K-th position, where
   w(K) = 0). They add nothing to the sums but, in the Cartesian product, their pairs become

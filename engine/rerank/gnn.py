@@ -5,7 +5,8 @@ A kNN graph over queries and gallery (k1 neighbours, self included) gives a bina
 Twice: A <- A + A^T, then every row becomes the sum of its k2 nearest neighbours' rows weighted
 by their squared cosine, and is L2-normalised. The score is
 (1 - lambda) <A_q, A_g> + lambda <x_q, x_g>; lambda = 0 is the paper's version. Pure PyTorch with
-sparse tensors (no custom CUDA op): memory grows with the edges, not with N^2.
+sparse tensors (no custom CUDA op): memory grows with the edges, not with N^2. The paper, the
+authors' code and the choices made here: docs/methods/gnn.md.
 """
 
 from __future__ import annotations

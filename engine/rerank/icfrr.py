@@ -16,6 +16,7 @@ gives other numbers, so the code's semantics are the default.
 
 Only the first KG + 1 entries of each gallery list carry weight, so the gallery structure is
 each item's top-(KG + 2) list (one spare for leave-one-out), never the dense G x G rank matrix.
+The paper, the authors' code and the choices made here: docs/methods/icfrr.md.
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ one graph (the method is transductive). Sparse throughout: only the k-neighbourh
 
 Batch re-ranking runs with numpy/scipy on the CPU and with the torch twins of the same functions
 (`torch_*` in `_k_reciprocal.py`) on a GPU; the online mode and the fitted gallery
-structures stay on the CPU.
+structures stay on the CPU. The paper, the authors' code and the choices made here:
+docs/methods/k_reciprocal.md.
 """
 
 from __future__ import annotations

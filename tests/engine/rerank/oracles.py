@@ -1,6 +1,7 @@
 """Slow, literal implementations of the methods' definitions, used as test oracles.
 
-Written from the method notes (dense matrices, plain loops); deliberately unoptimised.
+Written from the methods as docs/methods/ describes them (dense matrices, plain loops);
+deliberately unoptimised.
 """
 
 from __future__ import annotations

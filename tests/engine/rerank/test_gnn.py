@@ -1,4 +1,4 @@
-"""GNN re-ranking against a dense reference written from the method notes."""
+"""GNN re-ranking against a dense reference written from the method (docs/methods/gnn.md)."""
 
 from __future__ import annotations
 

@@ -29,6 +29,7 @@ from engine.errors import CacheError, InvalidInputError
 from engine.evaluation.metrics import evaluate
 from engine.evaluation.protocols import Split, make_split
 from engine.rerank import GalleryContext, create_reranker, get_reranker_class
+from engine.rerank.setting import default_setting
 
 logger = logging.getLogger(__name__)
 
@@ -69,11 +70,7 @@ def sweep(name: str, grid: Mapping[str, Sequence[float]], features: np.ndarray,
         One Trial per setting tried, in grid order.
     """
     cls = get_reranker_class(name)
-    known = {spec["name"] for spec in cls.Params.describe()}
-    unknown = (set(grid) | set(base or {})) - known
-    if unknown:
-        raise InvalidInputError(f"{name} has no parameter(s) {sorted(unknown)}; "
-                                f"it takes {sorted(known)}")
+    cls.Params.check_names(name, set(grid) | set(base or {}))
     if not grid or any(len(values) == 0 for values in grid.values()):
         raise InvalidInputError("a sweep needs at least one value for each swept parameter")
     combinations = list(itertools.product(*grid.values()))
@@ -244,6 +241,5 @@ def resolve_params(name: str, presets: Mapping[str, Mapping[str, Any]]
                    ) -> tuple[dict[str, Any], str]:
     """The parameters a method runs with on a gallery and where they come from: the gallery's
     preset ("preset") or the paper's defaults ("authors' defaults")."""
-    if name in presets:
-        return dict(presets[name]), "preset"
-    return get_reranker_class(name).Params().as_dict(), "authors' defaults"
+    setting = default_setting(name, presets)
+    return dict(setting.params), setting.source

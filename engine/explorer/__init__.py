@@ -5,13 +5,13 @@ from engine.asymmetric.query_models import QUERY_MODELS
 from engine.explorer.explorer import Explorer
 from engine.explorer.results import (
     BASELINE,
-    CUSTOM,
     DEFAULT_TOP_N,
     QueryResult,
     Ranking,
     method_title,
 )
 from engine.explorer.session import GallerySession
+from engine.rerank.setting import CUSTOM
 
 __all__ = ["BASELINE", "CUSTOM", "DEFAULT_TOP_N", "QUERY_MODELS", "Explorer", "GallerySession",
            "QueryResult", "Ranking", "method_title"]

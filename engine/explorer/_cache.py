@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 
@@ -40,9 +40,3 @@ class _LruCache:
                 while len(self._values) > self.size:
                     self._values.popitem(last=False)
             return value
-
-
-def _params_key(params: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
-    return tuple(sorted(params.items()))
-
-

@@ -272,12 +272,12 @@ class Explorer:
         rankings: dict[str, Ranking] = {}
         not_ready: dict[str, str] = {}
         for method, _ in session.methods():
-            chosen = None if params is None else params.get(method)
-            reason = session.not_ready(method, chosen)
+            setting = session.setting(method, None if params is None else params.get(method))
+            reason = session.not_ready(method, setting)
             if reason is not None:
                 not_ready[method] = reason
                 continue
-            ranking = session.rank(method, feature, source_row, leave_out, chosen)
+            ranking = session.rank(method, feature, source_row, leave_out, setting)
             rankings[method] = session.score(ranking, query_label, n_positives, top_n)
             timings[method] = ranking.seconds
         return QueryResult(session.key, source_row, source_file, query_label, query_name,
@@ -289,11 +289,12 @@ class Explorer:
                ) -> QueryResult:
         """The same query with one method re-run at new parameters."""
         session = self.session(result.gallery_key)
-        reason = session.not_ready(method, params)
+        setting = session.setting(method, params)
+        reason = session.not_ready(method, setting)
         if reason is not None:
             return result.without(method, reason)
         ranking = session.rank(method, result.feature, result.source_row, result.leave_out,
-                               params)
+                               setting)
         ranking = session.score(ranking, result.query_label, result.n_positives, result.top_n)
         return result.with_ranking(ranking)
 

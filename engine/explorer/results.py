@@ -18,7 +18,6 @@ BASELINE = "baseline"
 BASELINE_TITLE = "Baseline (faiss, cosine)"
 DEFAULT_TOP_N = 10
 
-CUSTOM = "custom"
 
 
 @dataclass(frozen=True)

@@ -30,22 +30,26 @@ from engine.evaluation.scores import (
     timing_queries,
     without_self,
 )
-from engine.evaluation.tuning import load_presets, resolve_params, save_preset
-from engine.explorer._cache import _LruCache, _params_key
+from engine.evaluation.tuning import load_presets, save_preset
+from engine.explorer._cache import _LruCache
 from engine.explorer.results import (
     BASELINE,
     BASELINE_TITLE,
-    CUSTOM,
     DEFAULT_TOP_N,
     QueryResult,
     Ranking,
     method_title,
 )
 from engine.rerank import Reranker, get_reranker_class, list_rerankers
+from engine.rerank.setting import MethodSetting, resolve_setting
 from engine.search.gallery import DEMO_GALLERY, Gallery, ProgressCallback
 from engine.views.embedding_map import EmbeddingMap
 
 logger = logging.getLogger(__name__)
+
+Params = Mapping[str, Any] | MethodSetting | None
+"""A method's parameters: a name -> value mapping, an already resolved setting, or None for
+the gallery's default setting."""
 
 MAX_EXAMPLES = 8
 FULL_RANKING_LIMIT = 5000
@@ -121,44 +125,40 @@ class GallerySession:
             (name, method_title(name)) for name in self.method_names
             if name not in self.unavailable]
 
+    def setting(self, method: str, params: Params = None) -> MethodSetting:
+        """The setting of `method` here: `params` validated (None: the gallery's preset, else
+        the authors' defaults), with its source. A query resolves each method's setting once
+        and passes it to the calls below, which accept it in place of `params`."""
+        if method == BASELINE:
+            return MethodSetting(BASELINE)
+        return resolve_setting(method, params, self.presets)
+
     def params_for(self, method: str) -> tuple[dict[str, Any], str]:
         """The parameters a method runs with by default here, and their source."""
-        return resolve_params(method, self.presets)
+        setting = self.setting(method)
+        return dict(setting.params), setting.source
 
-    def resolve(self, method: str, params: Mapping[str, Any] | None
-                ) -> tuple[dict[str, Any], str]:
+    def resolve(self, method: str, params: Params) -> tuple[dict[str, Any], str]:
         """Validated parameters (the default setting when None) and their source; a setting
         that differs from the preset or the authors' defaults is "custom"."""
-        default, source = self.params_for(method)
-        if params is None:
-            return default, source
-        if not isinstance(params, Mapping):
-            raise InvalidInputError(f"the parameters of {method} must be a mapping of name to "
-                                    f"value, got {type(params).__name__}")
-        cls = get_reranker_class(method)
-        known = {spec["name"] for spec in cls.Params.describe()}
-        unknown = set(params) - known
-        if unknown:
-            raise InvalidInputError(f"{method} has no parameter(s) {sorted(unknown)}; "
-                                    f"it takes {sorted(known)}")
-        validated = cls.Params(**dict(params)).as_dict()
-        return validated, (source if validated == default else CUSTOM)
+        setting = self.setting(method, params)
+        return dict(setting.params), setting.source
 
-    def reranker(self, method: str, params: Mapping[str, Any] | None = None,
+    def reranker(self, method: str, params: Params = None,
                  progress: ProgressCallback | None = None) -> Reranker:
         """The method fitted on this gallery with `params` (fitted once per setting; a method
         that learns loads its saved state or trains, reporting to `progress`)."""
-        validated, _ = self.resolve(method, params)
+        setting = self.setting(method, params)
 
         def build() -> Reranker:
             started = time.perf_counter()
-            reranker = get_reranker_class(method)(device=self.device, **validated)
+            reranker = get_reranker_class(method)(device=self.device, **setting.params)
             reranker.fit(self.gallery.context(), progress=progress)
             logger.info("fitted %s on %s in %.2f s", method, self.key,
                         time.perf_counter() - started)
             return reranker
 
-        return self._fitted.get((method, _params_key(validated)), build)
+        return self._fitted.get(setting.key, build)
 
     def fit_defaults(self, progress: ProgressCallback | None = None) -> None:
         """Fit every method with its default setting; a method whose fit fails is recorded in
@@ -167,15 +167,16 @@ class GallerySession:
             with contextlib.suppress(EngineError):
                 self._fit_or_mark_unavailable(method, None, progress)
 
-    def _fit_or_mark_unavailable(self, method: str, params: Mapping[str, Any] | None,
+    def _fit_or_mark_unavailable(self, method: str, params: Params,
                                  progress: ProgressCallback | None) -> Reranker:
-        """Fit `method`; when its default setting (params None) fails, record the method as
-        unavailable here (shown in its tab) before passing the error on."""
+        """Fit `method`; when its default setting fails, record the method as unavailable here
+        (shown in its tab) before passing the error on."""
+        setting = self.setting(method, params)
         try:
-            return self.reranker(method, params, progress=progress)
+            return self.reranker(method, setting, progress=progress)
         except Exception as error:  # recorded, then raised again: any failure of a fit counts
             logger.error("%s is unavailable on %s: %s", method, self.key, error)
-            if params is None:
+            if setting.is_default:
                 self.unavailable[method] = str(error) or type(error).__name__
             raise
 
@@ -217,15 +218,15 @@ class GallerySession:
         assert self.jobs is not None
         return self.jobs.submit((self.key, *what), title, work)
 
-    def _fit_job_key(self, method: str, validated: Mapping[str, Any]) -> tuple[Any, ...]:
-        return ("fit", method, _params_key(validated))
+    @staticmethod
+    def _fit_job_key(setting: MethodSetting) -> tuple[Any, ...]:
+        return ("fit", setting.method, setting.key[1])
 
-    def _submit_fit(self, method: str, params: Mapping[str, Any] | None = None):
-        validated, _ = self.resolve(method, params)
-        title = method_title(method)
-        return self._submit(self._fit_job_key(method, validated), title,
+    def _submit_fit(self, method: str, params: Params = None):
+        setting = self.setting(method, params)
+        return self._submit(self._fit_job_key(setting), method_title(method),
                             lambda progress: self._fit_or_mark_unavailable(
-                                method, None if params is None else validated, progress))
+                                method, setting, progress))
 
     def _learned_map(self, method: str, progress: JobProgress) -> EmbeddingMap | None:
         if method in self.unavailable or self.fitted(method) is None:
@@ -240,12 +241,11 @@ class GallerySession:
         progress(0.0, "scoring every image against the others")
         return self.scores(method)
 
-    def fitted(self, method: str, params: Mapping[str, Any] | None = None) -> Reranker | None:
+    def fitted(self, method: str, params: Params = None) -> Reranker | None:
         """The method fitted with `params` if it is in memory now, else None (never fits)."""
-        validated, _ = self.resolve(method, params)
-        return self._fitted.peek((method, _params_key(validated)))
+        return self._fitted.peek(self.setting(method, params).key)
 
-    def not_ready(self, method: str, params: Mapping[str, Any] | None = None) -> str | None:
+    def not_ready(self, method: str, params: Params = None) -> str | None:
         """Why `method` cannot answer a query at once, or None when it can (fitted, or cheap
         to fit now, or there is no job queue).
 
@@ -253,14 +253,16 @@ class GallerySession:
         says how far it is); so is a method that learns at a setting never fitted (its
         training is queued now). A failed fit raises its error again.
         """
-        if method == BASELINE or self.jobs is None or self.fitted(method, params) is not None:
+        if method == BASELINE or self.jobs is None:
             return None
-        validated, _ = self.resolve(method, params)
-        job = self.jobs.get((self.key, *self._fit_job_key(method, validated)))
+        setting = self.setting(method, params)
+        if self.fitted(method, setting) is not None:
+            return None
+        job = self.jobs.get((self.key, *self._fit_job_key(setting)))
         if job is None:
             if not get_reranker_class(method).learns:
                 return None
-            job = self._submit_fit(method, validated)
+            job = self._submit_fit(method, setting)
         if job.state == DONE:
             return None
         if job.state == FAILED:
@@ -275,8 +277,7 @@ class GallerySession:
             return f"**Unavailable on this gallery:** {self.unavailable[method]}"
         text = "Ready."
         if self.jobs is not None and self.fitted(method) is None:
-            validated, _ = self.resolve(method, None)
-            described = self.jobs.describe((self.key, *self._fit_job_key(method, validated)))
+            described = self.jobs.describe((self.key, *self._fit_job_key(self.setting(method))))
             text = text if described is None or described.endswith(": ready") else described
         if self.jobs is not None:
             failed = [job.describe() for job in self.jobs.jobs()
@@ -287,7 +288,7 @@ class GallerySession:
 
     def save_preset(self, method: str, params: Mapping[str, Any], note: str = "") -> dict:
         """Store `params` as this gallery's preset for `method` (beside the gallery cache)."""
-        self.resolve(method, params)  # unknown names and out-of-range values: a typed error
+        self.setting(method, params)  # unknown names and out-of-range values: a typed error
         stored = save_preset(self.gallery.state_dir, method, params, note)
         self.presets = load_presets(self.gallery.root, self.gallery.state_dir)
         return stored
@@ -297,7 +298,7 @@ class GallerySession:
         available = self.gallery.size - (1 if leave_one_out else 0)
         return available if self.full_rankings else min(PARTIAL_DEPTH, available)
 
-    def leave_one_out(self, method: str, params: Mapping[str, Any] | None = None, *,
+    def leave_one_out(self, method: str, params: Params = None, *,
                       wait: bool = True) -> LeaveOneOutRankings | None:
         """Every gallery item's ranking of the others by `method` (batch mode), cached.
 
@@ -315,11 +316,11 @@ class GallerySession:
                 indices, distances = without_self(result.indices, result.distances, depth)
                 return LeaveOneOutRankings(indices, distances, time.perf_counter() - started)
         else:
-            validated, _ = self.resolve(method, params)
-            key = (method, _params_key(validated))
+            setting = self.setting(method, params)
+            key = setting.key
 
             def build() -> LeaveOneOutRankings:
-                reranker = self.reranker(method, validated)
+                reranker = self.reranker(method, setting)
                 started = time.perf_counter()
                 result = reranker.rerank(None, depth)
                 return LeaveOneOutRankings(result.indices, result.distances,
@@ -334,23 +335,24 @@ class GallerySession:
             return found
         return self._leave_one_out.get(key, build)
 
-    def scores(self, method: str, params: Mapping[str, Any] | None = None,
+    def scores(self, method: str, params: Params = None,
                cached_only: bool = False) -> MethodScores | None:
         """Leave-one-out mAP, P@1, P@5 and online ms/query of a method (disk-cached).
 
         With `cached_only`, returns None instead of computing missing scores.
         """
-        validated = {} if method == BASELINE else self.resolve(method, params)[0]
+        setting = self.setting(method, params)
+        validated = dict(setting.params)
         stored = self._scores.get(method, validated)
         if stored is not None or cached_only:
             return stored
-        rankings = self.leave_one_out(method, validated)
+        rankings = self.leave_one_out(method, setting)
         queries = timing_queries(self.gallery.features)
         k = min(DEFAULT_TOP_N, self.gallery.size)
         if method == BASELINE:
             online = median_ms(lambda query: self.gallery.search(query, k), queries)
         else:
-            reranker = self.reranker(method, validated)
+            reranker = self.reranker(method, setting)
             online = median_ms(lambda query: reranker.rerank(query, k, mode="online"), queries)
         scores = score_rankings(method, validated, rankings, self.gallery.labels, online)
         self._scores.put(scores)
@@ -467,7 +469,7 @@ class GallerySession:
 
     # -- one query -------------------------------------------------------------------------------
     def rank(self, method: str, feature: np.ndarray, source_row: int | None, leave_out: bool,
-             params: Mapping[str, Any] | None = None) -> Ranking:
+             params: Params = None) -> Ranking:
         """One method's ranking of one query, without per-query scores (see `score`).
 
         A gallery pick left out of its own results takes its row of the method's leave-one-out
@@ -476,14 +478,11 @@ class GallerySession:
         """
         drop = source_row if leave_out else None
         depth = self.depth(leave_one_out=drop is not None)
-        if method == BASELINE:
-            validated, source, title = {}, "", BASELINE_TITLE
-        else:
-            validated, source = self.resolve(method, params)
-            title = method_title(method)
+        setting = self.setting(method, params)
+        validated, source, title = dict(setting.params), setting.source, method_title(method)
         rankings = None
         if drop is not None and self.full_rankings and not self.asymmetric:
-            rankings = self.leave_one_out(method, validated, wait=self.jobs is None)
+            rankings = self.leave_one_out(method, setting, wait=self.jobs is None)
         if rankings is not None:
             per_query = rankings.seconds / self.gallery.size
             return Ranking(method, title, rankings.indices[drop], rankings.distances[drop],
@@ -494,8 +493,8 @@ class GallerySession:
         if method == BASELINE:
             result = self.gallery.search(feature[None, :], fetch)
         else:
-            result = self.reranker(method, validated).rerank(feature[None, :], fetch,
-                                                             mode="online")
+            result = self.reranker(method, setting).rerank(feature[None, :], fetch,
+                                                           mode="online")
         seconds = time.perf_counter() - started
         indices, distances = result.indices[0], result.distances[0]
         if drop is not None:

@@ -422,3 +422,24 @@ def test_query_models_embed_each_side_with_its_model(tiny_gallery, app_root):
     assert pick.embedded_by == ("query: tf_efficientnet_lite0 + SSP head · gallery: "
                                 "tf_efficientnet_lite2")
     assert {lite2.key, ssp.key} <= {key for _, key in explorer.choices()}
+
+
+def test_a_query_validates_each_methods_parameters_once(explorer, monkeypatch):
+    """The query resolves each method's setting once and passes it down (fit, leave-one-out
+    run, ranking): one `from_mapping` call per method with explicit parameters."""
+    from engine.rerank.base import RerankParams
+
+    session = explorer.session(None)
+    params = {method: session.params_for(method)[0] for method, _ in session.methods()
+              if method != BASELINE}
+    checked: list[str] = []
+    original = RerankParams.from_mapping.__func__
+
+    def counting(cls, method, mapping):
+        checked.append(method)
+        return original(cls, method, mapping)
+
+    monkeypatch.setattr(RerankParams, "from_mapping", classmethod(counting))
+    result = explorer.query(None, source_file=session.gallery.files[0], params=params)
+    assert sorted(checked) == sorted(params)
+    assert set(params) <= set(result.rankings)

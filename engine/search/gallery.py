@@ -1,8 +1,9 @@
 """A gallery: a folder of images, their labels, cached features, a faiss index and a kNN graph.
 
 Cache layout (one folder per gallery folder and backbone, under the cache root):
-    manifest.json   how the features were made, the gallery fingerprint, counts, the size and
-                    sha256 of index.faiss and knn.npz, and a checksum of itself
+    manifest.json   an `engine.core.state` manifest: how the features were made, the gallery
+                    fingerprint, counts, the size and sha256 of index.faiss and knn.npz, and a
+                    checksum of itself
     features.npz    files, sizes, mtimes, features (only decodable files), skipped files, and a
                     sha256 of those arrays
     index.faiss     the faiss index
@@ -40,12 +41,11 @@ import numpy as np
 
 from engine.core.device import resolve_device
 from engine.core.knn import knn_graph
+from engine.core.state import StaleStateError, file_record, load_state, save_state
 from engine.core.storage import (
     atomic_save_checked_npz,
-    atomic_write_json,
     fingerprint,
     load_checked_npz,
-    load_json,
     remove_stale_temporaries,
     sha256_file,
 )
@@ -63,8 +63,11 @@ CACHE_VERSION = 3
 """Part of the gallery fingerprint: bump it only when features or the kNN graph change meaning
 (it re-keys every derived cache: scores, maps, learned state). 3: each item first in its own kNN
 list, ahead of exact duplicates."""
-MANIFEST_FORMAT = 3
-"""Layout of manifest.json (3: sizes and sha256 of index.faiss and knn.npz, its own checksum)."""
+MANIFEST_FORMAT = 4
+"""Layout of manifest.json, an `engine.core.state` manifest (4: written by `save_state`, with
+its kind; 3: sizes and sha256 of index.faiss and knn.npz, its own checksum)."""
+INDEX_STATE = "gallery-index"
+"""The kind of state manifest.json holds."""
 CHECKPOINT_SECONDS = 30.0
 """An embedding run saves its features at least this often (after a chunk of batches)."""
 CHECKPOINT_BATCHES = 4
@@ -251,13 +254,11 @@ class Gallery:
         if labels is not None:
             label_array = np.array([labels.by_file.get(f, -1) for f in kept_files], np.int64)
             class_names = labels.class_names
-        manifest = {
-            "version": CACHE_VERSION, "format": MANIFEST_FORMAT, "root": str(root),
-            "meta": meta.to_dict(), "fingerprint": gallery_fingerprint,
-            "n_images": len(kept_files), "n_skipped": len(skipped), "index_kind": index_kind,
-            "knn_depth": knn.depth, "files": checksums}
-        atomic_write_json(cache_dir / "manifest.json",
-                          {**manifest, "checksum": fingerprint(manifest)})
+        save_state(cache_dir / "manifest", kind=INDEX_STATE, version=MANIFEST_FORMAT,
+                   fingerprint=gallery_fingerprint, file_records=checksums, metadata={
+                       "version": CACHE_VERSION, "root": str(root), "meta": meta.to_dict(),
+                       "n_images": len(kept_files), "n_skipped": len(skipped),
+                       "index_kind": index_kind, "knn_depth": knn.depth})
         return cls(root=root, files=kept_files, features=features, meta=meta,
                    fingerprint=gallery_fingerprint, cache_dir=cache_dir, index=index, knn=knn,
                    labels=label_array, class_names=class_names, skipped=skipped)
@@ -461,7 +462,7 @@ def _index_and_graph(cache_dir: Path, gallery_fingerprint: str, features: np.nda
     index.save(cache_dir / "index.faiss")
     atomic_save_checked_npz(cache_dir / "knn.npz", indices=knn.indices,
                             similarities=knn.similarities, farthest=knn.farthest)
-    return index, knn, {name: _file_record(cache_dir / name) for name in INDEX_FILES}
+    return index, knn, {name: file_record(cache_dir / name) for name in INDEX_FILES}
 
 
 INDEX_FILES = ("index.faiss", "knn.npz")
@@ -472,48 +473,28 @@ class _Outdated(CacheError):
     none yet): rebuilt as a matter of course, not a warning."""
 
 
-def _file_record(path: Path) -> dict[str, Any]:
-    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
-
-
 def _load_index_and_graph(cache_dir: Path, gallery_fingerprint: str, features: np.ndarray,
                           depth: int, index_kind: str, device: str
                           ) -> tuple[SearchIndex, KnnGraph, dict[str, dict[str, Any]]]:
-    """The cached index and kNN graph; CacheError unless the manifest is intact (its own
-    checksum) and was written for this gallery, index kind and a deep enough graph (else
-    `_Outdated`), both files match its sizes and sha256s (read before faiss parses a byte), and
-    their shapes and values fit `features`."""
-    manifest_path = cache_dir / "manifest.json"
-    if not manifest_path.is_file():
+    """The cached index and kNN graph; CacheError unless the manifest is intact (`load_state`:
+    its own checksum, both files match its sizes and sha256s, read before faiss parses a byte)
+    and was written for this gallery, index kind and a deep enough graph (else `_Outdated`),
+    and the files' shapes and values fit `features`."""
+    if not (cache_dir / "manifest.json").is_file():
         if not any((cache_dir / name).exists() for name in INDEX_FILES):
             raise _Outdated("a new gallery")
         raise CacheError("manifest.json is missing")
-    manifest = load_json(manifest_path)
-    if not isinstance(manifest, dict):
-        raise CacheError("manifest.json is not a JSON object")
-    if manifest.get("format") != MANIFEST_FORMAT:
-        raise CacheError(f"manifest.json has format {manifest.get('format')!r}, not "
-                         f"{MANIFEST_FORMAT}")
-    checksum = manifest.pop("checksum", None)
-    if checksum != fingerprint(manifest):
-        raise CacheError("manifest.json does not match its checksum (edited or damaged)")
-    if manifest.get("fingerprint") != gallery_fingerprint:
-        raise _Outdated("the cached index was built for other files")
+    try:
+        manifest = load_state(cache_dir / "manifest", kind=INDEX_STATE, version=MANIFEST_FORMAT,
+                              fingerprint=gallery_fingerprint, files=INDEX_FILES).manifest
+    except StaleStateError as error:
+        raise _Outdated("the cached index was built for other files") from error
     if manifest.get("index_kind") != index_kind:
         raise _Outdated(f"the cached index is {manifest.get('index_kind')!r}, not "
                         f"{index_kind!r}")
     if not isinstance(manifest.get("knn_depth"), int) or manifest["knn_depth"] < depth:
         raise _Outdated(f"the cached kNN graph is shallower than {depth}")
-    records = manifest.get("files")
-    if not isinstance(records, dict):
-        raise CacheError("manifest.json records no checksums")
-    for name in INDEX_FILES:
-        path, record = cache_dir / name, records.get(name)
-        if not path.is_file():
-            raise CacheError(f"{name} is missing")
-        if not isinstance(record, dict) or _file_record(path) != {
-                "bytes": record.get("bytes"), "sha256": record.get("sha256")}:
-            raise CacheError(f"{name} does not match the size and sha256 in manifest.json")
+    records = manifest["files"]
     size, dim = features.shape
     index = SearchIndex.load(cache_dir / "index.faiss", device=device)
     if (index.size, index.dim) != (size, dim):

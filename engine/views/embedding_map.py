@@ -4,7 +4,10 @@ Cache layout (under `cache_dir/maps/`, one pair of files per feature space `name
     {name}.npz       coordinates (G, 2) float32, the key, the fit parameters (JSON) and the rows
                      the model was fitted on
     {name}.umap.pkl  the fitted umap.UMAP, pickled, to project new points with `transform`
-Both are written atomically, the model first, so a crash never leaves an npz without its model.
+    {name}.umap.json its `engine.core.state` manifest: the pickle's size and sha256, checked
+                     before it is unpickled, and the key and parameters it was fitted with
+Each is written atomically, the model and its manifest first, so a crash never leaves an npz
+without its model.
 A key or parameter mismatch means refit; a damaged file is logged and refitted, never a crash.
 
 `import umap` costs seconds to tens of seconds (numba), so it happens only inside the functions
@@ -29,13 +32,17 @@ from typing import Any
 
 import numpy as np
 
-from engine.core.storage import atomic_path, atomic_save_npz, load_npz
+from engine.core.state import load_state, save_state
+from engine.core.storage import atomic_path, atomic_save_npz, fingerprint, load_npz
 from engine.core.types import check_features
 from engine.errors import CacheError, InvalidInputError, MissingDependencyError
 
 logger = logging.getLogger(__name__)
 
-MAP_VERSION = 1
+MAP_VERSION = 2
+"""2: the model's sha256 is recorded in a state manifest (maps of 1 are refitted)."""
+MODEL_STATE = "embedding-map-model"
+"""The kind of state the model's manifest holds."""
 MIN_POINTS = 3
 TRANSFORM_CHUNK = 4096
 SMALL_BATCH = 256  # transforms of at most this many points run numba on one thread
@@ -104,6 +111,16 @@ def _map_paths(cache_dir: str | os.PathLike, name: str) -> tuple[Path, Path]:
     return folder / f"{name}.npz", folder / f"{name}.umap.pkl"
 
 
+def _model_state(model_path: Path) -> Path:
+    """The state stem of the model's manifest: `{name}.umap` (manifest `{name}.umap.json`)."""
+    return model_path.with_name(model_path.name.removesuffix(".pkl"))
+
+
+def _model_fingerprint(key: str, parameters: dict[str, Any]) -> str:
+    """What a model file was fitted on: the map's key and fit parameters."""
+    return fingerprint({"key": key, "parameters": parameters})
+
+
 def fit_parameters(n_points: int, dim: int, *, seed: int, n_neighbors: int, min_dist: float,
                    max_points: int) -> dict[str, Any]:
     """Everything a layout depends on besides the key; a cached map with others is refitted.
@@ -155,9 +172,12 @@ def _fit(features: np.ndarray, parameters: dict[str, Any],
 
 def _save(npz_path: Path, model_path: Path, key: str, parameters: dict[str, Any], model: Any,
           coordinates: np.ndarray, rows: np.ndarray) -> None:
-    """Write the model, then the coordinates (so an npz always has its model beside it)."""
+    """Write the model and its manifest (the pickle's sha256), then the coordinates (so an npz
+    always has its model beside it)."""
     with atomic_path(model_path) as temporary, open(temporary, "wb") as handle:
         pickle.dump(model, handle, protocol=pickle.HIGHEST_PROTOCOL)
+    save_state(_model_state(model_path), kind=MODEL_STATE, version=MAP_VERSION,
+               fingerprint=_model_fingerprint(key, parameters), files=[model_path.name])
     atomic_save_npz(npz_path, coordinates=coordinates, key=np.array(key),
                     parameters=np.array(json.dumps(parameters, sort_keys=True)),
                     sample_rows=rows)
@@ -241,10 +261,17 @@ class EmbeddingMap:
         return self._model
 
     def _read_model(self, model_path: Path) -> Any:
-        """Unpickle the model and check it is the one that made these coordinates."""
+        """Unpickle the model once its manifest vouches for it, and check it is the one that
+        made these coordinates."""
+        # Pickle, because umap's `transform` needs the whole fitted estimator (its
+        # nearest-neighbour search index, the fuzzy graph, the training data), which has no
+        # array form to save instead. Unpickling runs code, so the file's sha256, recorded in
+        # its manifest when `_save` wrote it, is checked first: only the bytes this module
+        # wrote for this key and these parameters are ever unpickled.
+        load_state(_model_state(model_path), kind=MODEL_STATE, version=MAP_VERSION,
+                   fingerprint=_model_fingerprint(self.key, self.parameters),
+                   files=[model_path.name])
         umap = _import_umap()
-        # The pickle is only ever our own file, written by `_save` into our cache folder; never
-        # point a map at a folder that others can write to.
         try:
             with open(model_path, "rb") as handle:
                 model = pickle.load(handle)

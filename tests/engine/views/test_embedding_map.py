@@ -273,3 +273,46 @@ def test_import_does_not_import_umap():
     completed = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True,
                                text=True, timeout=120)
     assert completed.returncode == 0, completed.stderr
+
+
+def test_a_tampered_model_is_refused_before_it_is_unpickled(small_features, tmp_path,
+                                                            fit_calls, monkeypatch, caplog):
+    """The pickle's sha256 is recorded in its manifest when written; a file that does not match
+    is never unpickled (unpickling runs code): a map from `load` raises CacheError, one from
+    `load_or_fit` refits."""
+    import pickle
+
+    import engine.views.embedding_map as embedding_map_module
+
+    fitted = EmbeddingMap.load_or_fit(small_features, tmp_path, key="a")
+    expected = fitted.transform(small_features[:4])
+    manifest = tmp_path / "maps" / "backbone.umap.json"
+    assert manifest.is_file()
+    (tmp_path / "maps" / "backbone.umap.pkl").write_bytes(pickle.dumps({"not": "the model"}))
+    unpickled: list[object] = []
+    original = pickle.load
+    monkeypatch.setattr(embedding_map_module.pickle, "load",
+                        lambda handle: unpickled.append(handle) or original(handle))
+    loaded = EmbeddingMap.load(tmp_path, "backbone", "a")
+    assert loaded is not None
+    with pytest.raises(CacheError, match="does not match the size and sha256"):
+        loaded.transform(small_features[0])
+    reloaded = EmbeddingMap.load_or_fit(small_features, tmp_path, key="a")
+    fits_before = len(fit_calls)
+    with caplog.at_level(logging.WARNING, logger="engine.views.embedding_map"):
+        projected = reloaded.transform(small_features[:4])
+    assert unpickled == []
+    assert len(fit_calls) == fits_before + 1 and "refitting the embedding map" in caplog.text
+    np.testing.assert_allclose(projected, expected, atol=1e-4)
+    # the refit wrote a model its manifest vouches for: a fresh map unpickles it, no refit
+    again = EmbeddingMap.load(tmp_path, "backbone", "a")
+    again.transform(small_features[:2])
+    assert len(unpickled) == 1 and len(fit_calls) == fits_before + 1
+
+
+def test_a_model_without_its_manifest_is_not_unpickled(small_features, tmp_path):
+    EmbeddingMap.load_or_fit(small_features, tmp_path, key="a")
+    (tmp_path / "maps" / "backbone.umap.json").unlink()
+    loaded = EmbeddingMap.load(tmp_path, "backbone", "a")
+    with pytest.raises(CacheError, match="no saved"):
+        loaded.transform(small_features[0])

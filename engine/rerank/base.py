@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -77,6 +78,26 @@ class RerankParams:
         return dataclasses.asdict(self)
 
     @classmethod
+    def check_names(cls, method: str, names: Any) -> None:
+        """The one unknown-parameter check: every name in `names` must be a field."""
+        known = {spec.name for spec in dataclasses.fields(cls)}
+        unknown = set(names) - known
+        if unknown:
+            raise InvalidInputError(
+                f"{method} has no parameter(s) {sorted(unknown)}; it takes {sorted(known)}")
+
+    @classmethod
+    def from_mapping(cls, method: str, params: Any) -> RerankParams:
+        """Validated parameters from a name -> value mapping (missing names take their
+        defaults); anything else, unknown names and out-of-range values raise
+        InvalidInputError."""
+        if not isinstance(params, Mapping):
+            raise InvalidInputError(f"the parameters of {method} must be a mapping of name to "
+                                    f"value, got {type(params).__name__}")
+        cls.check_names(method, params)
+        return cls(**dict(params))
+
+    @classmethod
     def describe(cls) -> list[dict[str, Any]]:
         """One dict per field: name, type, default, min, max, step, help (for building controls)."""
         return [{"name": spec.name, "type": spec.type if isinstance(spec.type, str)
@@ -113,8 +134,6 @@ class Reranker(ABC):
     quick_params: ClassVar[dict[str, Any]] = {}
     """Small parameters for fast tests and smoke runs (keyword overrides of `Params`): a run
     that checks shapes and behaviour, not what the method's defaults achieve."""
-    progress: Any = None
-    """For methods that learn: an optional (fraction, message) callback their fit reports to."""
     min_gallery: ClassVar[int] = 2
     """Fewest gallery items the method can work with (fit refuses fewer, with a clear error)."""
     online_is_batch: ClassVar[bool] = True
@@ -131,18 +150,14 @@ class Reranker(ABC):
         if params is not None and overrides:
             raise InvalidInputError("pass either a Params object or keyword overrides, not both")
         if params is None:
-            known = {spec.name for spec in dataclasses.fields(self.Params)}
-            unknown = set(overrides) - known
-            if unknown:
-                raise InvalidInputError(
-                    f"{self.name} has no parameter(s) {sorted(unknown)}; it takes {sorted(known)}")
-            params = self.Params(**overrides)
+            params = self.Params.from_mapping(self.name, overrides)
         elif not isinstance(params, self.Params):
             raise InvalidInputError(f"{self.name} expects {self.Params.__name__}, "
                                     f"got {type(params).__name__}")
         self.params = params
         self.device = self._resolve_device(device)
         self._context: GalleryContext | None = None
+        self._progress: Callable[[float, str], None] | None = None
 
     @classmethod
     def _resolve_device(cls, device: str) -> Any:
@@ -164,17 +179,33 @@ class Reranker(ABC):
             raise NotFittedError(f"{self.name} is not fitted: call fit(gallery) first")
         return self._context
 
-    def fit(self, gallery: GalleryContext | np.ndarray) -> Reranker:
-        """Give the method its gallery (features or a full context) and precompute what it needs."""
+    def fit(self, gallery: GalleryContext | np.ndarray,
+            progress: Callable[[float, str], None] | None = None) -> Reranker:
+        """Give the method its gallery (features or a full context) and precompute what it needs.
+
+        `progress` is an optional (fraction, message) callback that a method that learns reports
+        its training to (`_report`), for this fit only. The caller's context and arrays are not
+        modified: the method keeps its own context, with checked float32 features.
+        """
         context = gallery if isinstance(gallery, GalleryContext) else GalleryContext(gallery)
-        context.features = check_features(context.features, "gallery features")
+        context = dataclasses.replace(
+            context, features=check_features(context.features, "gallery features"))
         if context.size < max(2, self.min_gallery):
             raise InvalidInputError(
                 f"{self.name} needs a gallery of at least {max(2, self.min_gallery)} items, "
                 f"got {context.size}")
-        self._fit(context)
+        self._progress = progress
+        try:
+            self._fit(context)
+        finally:
+            self._progress = None
         self._context = context
         return self
+
+    def _report(self, fraction: float, message: str) -> None:
+        """Report training progress to the callback given to the running `fit`, if any."""
+        if self._progress is not None:
+            self._progress(fraction, message)
 
     def rerank(self, query_features: np.ndarray | None, k: int | None = None, *,
                mode: Mode = "batch") -> RerankResult:

@@ -16,7 +16,7 @@ query with the trained network without moving the gallery: the query joins the g
 to its K nearest gallery items (cosine), and its two propagation hops read the gallery's fitted
 intermediate features. The trained state (network, pseudo-labels, embeddings) is saved beside
 the gallery cache, keyed on the gallery fingerprint and the parameters, and loaded instead of
-retraining.
+retraining. The paper, the authors' code and the choices made here: docs/methods/sgrr.md.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from engine.core.knn import knn_graph, torch_canonical_similarity, torch_topk_largest
-from engine.core.storage import atomic_path, atomic_write_json, fingerprint, load_json, sha256_file
+from engine.core.state import MissingStateError, load_state, save_state
+from engine.core.storage import fingerprint
 from engine.core.types import GalleryContext, KnnGraph
 from engine.errors import CacheError, InvalidInputError
 from engine.rerank import register
@@ -46,8 +47,10 @@ HIDDEN = 32
 DROPOUT = 0.5
 WEIGHT_DECAY = 5e-4
 TRIPLET_MARGIN = 1.0
-STATE_VERSION = 2
-"""2: the triplet stage reads log-softmax rows (1 read the logits); states of 1 retrain."""
+STATE_VERSION = 3
+"""3: saved by `engine.core.state` (manifest with its own checksum, kind and format); 2: the
+triplet stage reads log-softmax rows (1 read the logits). States of an earlier version
+retrain."""
 FITTED = ("degree", "once", "hidden", "hidden_once", "embeddings")
 """The fitted tensors of `train` that online queries read."""
 
@@ -258,6 +261,7 @@ class SGRR(Reranker):
     Params: ClassVar[type[RerankParams]] = SGRRParams
     learns: ClassVar[bool] = True
     runs_on_gpu: ClassVar[bool] = True
+    quick_params: ClassVar[dict[str, Any]] = {"nll_epochs": 40, "triplet_epochs": 40}
     min_gallery: ClassVar[int] = 4       # LHRR's lists are 4K deep, K >= 1
     online_is_batch: ClassVar[bool] = False
     exact_neighbours: ClassVar[bool] = False
@@ -268,7 +272,7 @@ class SGRR(Reranker):
         classes = self._classes(context)
         key = self._state_key(context, classes)
         path = None if context.state_dir is None else Path(context.state_dir) / "sgrr" / key
-        if path is not None and self._load(path, context):
+        if path is not None and self._load(path, key, context):
             logger.info("loaded the trained SGRR state %s", path.name)
             return
         started = time.perf_counter()
@@ -276,7 +280,7 @@ class SGRR(Reranker):
         self._set_state(context.features, state)
         self.fit_seconds = time.perf_counter() - started
         if path is not None:
-            self._save(path, state)
+            self._save(path, key, state)
 
     def _classes(self, context: GalleryContext) -> int:
         if self.params.clusters:
@@ -297,7 +301,7 @@ class SGRR(Reranker):
             raise InvalidInputError(f"SGRR needs at least 4 gallery images, got {n}")
         if classes < 2 or classes > n:
             raise InvalidInputError(f"SGRR needs between 2 and {n} clusters, got {classes}")
-        report = self.progress or (lambda fraction, message: None)
+        report = self._report
         report(0.0, "SGRR: LHRR hypergraph")
         hypergraph = lhrr_from_features(features, self.params.K, self.params.T)
         report(0.2, "SGRR: clustering")
@@ -337,43 +341,30 @@ class SGRR(Reranker):
         return knn_graph(features, min(depth, len(features)), self.device)
 
     # -- state on disk -----------------------------------------------------------------------
-    def _save(self, path: Path, state: dict[str, Any]) -> None:
-        """Weights and fitted tensors as safetensors, then the manifest with their sha256
-        (written last, so a manifest always vouches for a complete weights file)."""
-        from safetensors.torch import save_file
-
-        tensors = {f"model.{name}": value.detach().cpu().contiguous()
-                   for name, value in state["model"].state_dict().items()}
-        tensors.update({name: value.detach().cpu().contiguous()
-                        for name, value in state["fitted"].items()})
+    def _save(self, path: Path, key: str, state: dict[str, Any]) -> None:
+        """Weights, fitted tensors and pseudo-labels with `save_state`, keyed on `key`."""
+        tensors = {f"model.{name}": value for name, value in state["model"].state_dict().items()}
+        tensors.update(state["fitted"])
         tensors["pseudo_labels"] = torch.from_numpy(state["pseudo_labels"].astype(np.int64))
-        weights = path.with_suffix(".safetensors")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(weights) as temporary:
-            save_file(tensors, str(temporary))
-        atomic_write_json(path.with_suffix(".json"), {
-            "version": STATE_VERSION, "params": self.params.as_dict(),
-            "classes": state["classes"], "k_used": state["k_used"],
-            "fit_seconds": getattr(self, "fit_seconds", None),
-            "weights_sha256": sha256_file(weights)})
+        save_state(path, kind="sgrr", version=STATE_VERSION, fingerprint=key, tensors=tensors,
+                   metadata={"params": self.params.as_dict(), "classes": state["classes"],
+                             "k_used": state["k_used"],
+                             "fit_seconds": getattr(self, "fit_seconds", None)})
 
-    def _load(self, path: Path, context: GalleryContext) -> bool:
+    def _load(self, path: Path, key: str, context: GalleryContext) -> bool:
         """Restore the state saved at `path`; False (retrain) when there is none or it is
-        unusable: damaged, of another gallery size, or not matching its manifest's sha256 (a
-        state saved before the checksum counts as stale)."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        weights, manifest = path.with_suffix(".safetensors"), path.with_suffix(".json")
-        if not (weights.is_file() and manifest.is_file()):
+        unusable: damaged, of an older format, of another gallery size, or not matching its
+        manifest's checksums."""
+        try:
+            saved = load_state(path, kind="sgrr", version=STATE_VERSION, fingerprint=key)
+        except MissingStateError:
+            return False
+        except CacheError as error:
+            logger.warning("retraining SGRR: the saved state %s is unusable (%s)", path.name,
+                           error)
             return False
         try:
-            meta = load_json(manifest)
-            if "weights_sha256" not in meta:
-                raise CacheError("no weights checksum (saved by an older version)")
-            if sha256_file(weights) != meta["weights_sha256"]:
-                raise CacheError("the weights do not match their checksum")
-            tensors = load_file(str(weights))
+            meta, tensors = saved.manifest, saved.tensors
             model = SGCNet(context.features.shape[1], int(meta["classes"])).to(self.device)
             model.load_state_dict({name.removeprefix("model."): value
                                    for name, value in tensors.items()
@@ -383,9 +374,8 @@ class SGRR(Reranker):
                 raise CacheError("state of another gallery size")
             pseudo_labels = tensors["pseudo_labels"].numpy()
             k_used, classes = int(meta["k_used"]), int(meta["classes"])
-        except (CacheError, KeyError, TypeError, RuntimeError, OSError, ValueError,
-                SafetensorError) as error:
-            logger.warning("retraining SGRR: the saved state %s is unusable (%s)", weights,
+        except (CacheError, KeyError, TypeError, RuntimeError, ValueError) as error:
+            logger.warning("retraining SGRR: the saved state %s is unusable (%s)", path.name,
                            error)
             return False
         model.eval()

@@ -17,7 +17,7 @@ training items) or, with no labels, from pseudo-labels: the LHRR hypergraph's SG
 (`_hypergraph.py`, as SGRR uses), unclustered items left out of the loss. Similarities are
 computed per episode, never for the whole training set at once.
 
-Choices where the authors' code is silent or cannot run here (see `../shared/methods/ssr.md`):
+Choices where the authors' code is silent or cannot run here (docs/methods/ssr.md):
 a fixed number of training episodes (the authors kept the checkpoint best on the test set); a
 training set under 1,001 items gives every other item to the pool; a model for q_steps = s > 1
 continues training the (s - 1)-step model for a sixth of the episodes (the authors: 10,000 after
@@ -27,7 +27,6 @@ of k-reciprocal re-ranking, as the authors' `test_ssr_kreciprocal.py` does.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from dataclasses import dataclass
@@ -44,7 +43,8 @@ from engine.core.knn import (
     torch_canonical_similarity,
     torch_topk_largest,
 )
-from engine.core.storage import atomic_path, atomic_write_json, fingerprint, load_json
+from engine.core.state import MissingStateError, StaleStateError, load_state, save_state
+from engine.core.storage import fingerprint
 from engine.core.types import GalleryContext, TrainingSet, check_features
 from engine.errors import CacheError, InvalidInputError
 from engine.rerank import register
@@ -52,9 +52,10 @@ from engine.rerank.base import Reranker, RerankParams, param
 
 logger = logging.getLogger(__name__)
 
-STATE_VERSION = 3
-"""3: episodes and subgraph views ordered by canonical cosines (self first in its own view);
-a module trained on float32 orders (2) is retrained."""
+STATE_VERSION = 4
+"""4: saved by `engine.core.state` (manifest with its own checksum, kind and format); 3: episodes
+and subgraph views ordered by canonical cosines (self first in its own view). States of an
+earlier version are retrained."""
 POOL_SIZE = 1000
 MAX_EPISODE_AP = 0.8
 MIN_POSITIVES = 5
@@ -422,6 +423,7 @@ class SSR(Reranker):
     Params: ClassVar[type[RerankParams]] = SSRParams
     learns: ClassVar[bool] = True
     runs_on_gpu: ClassVar[bool] = True
+    quick_params: ClassVar[dict[str, Any]] = {"k": 10, "hidden": 16, "episodes": 20}
     min_gallery: ClassVar[int] = 20
     """Training episodes need a top-k with several positives and negatives."""
 
@@ -521,10 +523,6 @@ class SSR(Reranker):
             save_refiner(path, model, manifest)
         return model, manifest
 
-    def _report(self, fraction: float, message: str) -> None:
-        if self.progress is not None:
-            self.progress(fraction, message)
-
     # -- ranking ---------------------------------------------------------------------------
     def _initial(self, query_features: np.ndarray | None, depth: int, mode: str
                  ) -> tuple[np.ndarray, np.ndarray]:
@@ -580,17 +578,11 @@ class SSR(Reranker):
 
 # -- state on disk ---------------------------------------------------------------------------
 def save_refiner(path: Path, model: SubgraphRefiner, manifest: dict[str, Any]) -> None:
-    """Weights as safetensors and the manifest as JSON, both written atomically."""
-    from safetensors.torch import save_file
-
-    tensors = {name: value.detach().cpu().contiguous()
-               for name, value in model.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path.with_suffix(".safetensors")) as temporary:
-        save_file(tensors, str(temporary))
-    atomic_write_json(path.with_suffix(".json"), {
-        **manifest, "weights_sha256": hashlib.sha256(
-            path.with_suffix(".safetensors").read_bytes()).hexdigest()})
+    """Save the module's weights and `manifest` (which names the training features'
+    `features_fingerprint`) at `path` with `save_state`."""
+    save_state(path, kind="ssr", version=STATE_VERSION,
+               fingerprint=manifest["features_fingerprint"], tensors=model.state_dict(),
+               metadata=manifest)
 
 
 def load_refiner(path: Path, features_fingerprint: str, device: torch.device
@@ -600,24 +592,19 @@ def load_refiner(path: Path, features_fingerprint: str, device: torch.device
     Raises CacheError when the files are damaged or were trained on other features (a
     fingerprint mismatch): the caller retrains rather than use a wrong model.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    weights, manifest_path = path.with_suffix(".safetensors"), path.with_suffix(".json")
-    if not (weights.is_file() and manifest_path.is_file()):
-        return None
-    manifest = load_json(manifest_path)
-    if not isinstance(manifest, dict):
-        raise CacheError(f"{manifest_path} is not a JSON object")
-    if manifest.get("features_fingerprint") != features_fingerprint:
-        raise CacheError(f"the SSR state {path.name} was trained on other features "
-                         f"({manifest.get('features_fingerprint')} != {features_fingerprint})")
     try:
-        if hashlib.sha256(weights.read_bytes()).hexdigest() != manifest.get("weights_sha256"):
-            raise CacheError(f"{weights} does not match its manifest")
+        state = load_state(path, kind="ssr", version=STATE_VERSION,
+                           fingerprint=features_fingerprint)
+    except MissingStateError:
+        return None
+    except StaleStateError as error:
+        raise CacheError(f"the SSR state {path.name} was trained on other features ({error})"
+                         ) from error
+    manifest = state.manifest
+    try:
         model = SubgraphRefiner(manifest["k"], manifest["q_steps"], manifest["lr_dni"],
                                 manifest["hidden"])
-        model.load_state_dict(load_file(str(weights)))
-    except (KeyError, TypeError, ValueError, RuntimeError, OSError, SafetensorError) as error:
-        raise CacheError(f"the SSR state {weights} is unusable ({error})") from error
+        model.load_state_dict(state.tensors)
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        raise CacheError(f"the SSR state {path.name} is unusable ({error})") from error
     return model.to(device).eval(), manifest

@@ -63,9 +63,9 @@ from engine.core.types import GalleryContext
 
 features = np.load(sys.argv[1])["features"]
 ssr = create_reranker("ssr", device="cpu", **json.loads(sys.argv[3]))
-ssr.progress = lambda fraction, message: print("progress", message, flush=True)
 print("started", flush=True)
-ssr.fit(GalleryContext(features=features, fingerprint="crash-test", state_dir=Path(sys.argv[2])))
+ssr.fit(GalleryContext(features=features, fingerprint="crash-test", state_dir=Path(sys.argv[2])),
+        progress=lambda fraction, message: print("progress", message, flush=True))
 print("done", flush=True)
 """
 
@@ -229,8 +229,8 @@ def fit_ssr(features: np.ndarray, state_dir: Path, params: dict[str, int], **cha
             ) -> tuple[object, list[str]]:
     messages: list[str] = []
     ssr = create_reranker("ssr", device="cpu", **{**params, **changed})
-    ssr.progress = lambda fraction, message: messages.append(message)
-    ssr.fit(GalleryContext(features=features, fingerprint="crash-test", state_dir=state_dir))
+    ssr.fit(GalleryContext(features=features, fingerprint="crash-test", state_dir=state_dir),
+            progress=lambda fraction, message: messages.append(message))
     return ssr, messages
 
 

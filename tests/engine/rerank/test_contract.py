@@ -465,3 +465,63 @@ def test_all_identical_gallery_gives_a_valid_ranking(name, split_features):
     for mode in ("batch", "online"):
         result = make(name).fit(identical).rerank(gallery[:1], 3, mode=mode)
         assert np.isfinite(result.distances).all()
+
+
+# -- fit leaves its inputs alone and takes progress as an argument -----------------------------
+@pytest.fixture(scope="module")
+def full_context(demo_features) -> GalleryContext:
+    """A context with every field a method may read: features, the shared kNN graph, labels and
+    a labelled training set."""
+    from engine.core.knn import knn_graph
+    from engine.core.types import TrainingSet
+
+    rows = np.arange(len(demo_features.paths))
+    gallery, training = rows[::2][:N_GALLERY], rows[1::2][:N_GALLERY]
+    features = demo_features.features[gallery]
+    return GalleryContext(
+        features, knn=knn_graph(features, 32), fingerprint="contract",
+        labels=demo_features.labels[gallery].astype(np.int64),
+        training=TrainingSet(demo_features.features[training],
+                             demo_features.labels[training].astype(np.int64), "training"))
+
+
+def context_arrays(context: GalleryContext) -> dict[str, np.ndarray]:
+    return {"features": context.features, "knn.indices": context.knn.indices,
+            "knn.similarities": context.knn.similarities, "knn.farthest": context.knn.farthest,
+            "labels": context.labels, "training.features": context.training.features,
+            "training.labels": context.training.labels}
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_fit_and_rerank_leave_the_callers_arrays_bit_identical(name, full_context):
+    """`fit` (and `rerank`) never write into the caller's arrays or context: every array is
+    bit-identical afterwards, and the context still holds the very same objects."""
+    context = dataclasses.replace(full_context)
+    before = {key: value.copy() for key, value in context_arrays(context).items()}
+    objects = {key: id(value) for key, value in context_arrays(context).items()}
+    queries = full_context.training.features[:4]
+    queries_before = queries.copy()
+    reranker = make(name).fit(context)
+    reranker.rerank(queries, 10)
+    reranker.rerank(queries[:1], 10, mode="online")
+    after = context_arrays(context)
+    assert {key: id(value) for key, value in after.items()} == objects
+    for key, value in before.items():
+        assert after[key].dtype == value.dtype and after[key].shape == value.shape, key
+        assert after[key].tobytes() == value.tobytes(), f"{name} changed the caller's {key}"
+    assert queries.tobytes() == queries_before.tobytes()
+
+
+@pytest.mark.parametrize("name", [n for n in METHODS if get_reranker_class(n).learns])
+def test_progress_is_an_argument_of_fit(name, full_context):
+    """A method that learns reports its training to the callback given to `fit`, and keeps no
+    reference to it afterwards (no `progress` attribute set from outside)."""
+    reports: list[tuple[float, str]] = []
+    reranker = make(name)
+    assert not hasattr(reranker, "progress")
+    reranker.fit(full_context, progress=lambda fraction, message: reports.append(
+        (fraction, message)))
+    assert reports and all(0.0 <= fraction <= 1.0 for fraction, _ in reports)
+    count = len(reports)
+    reranker.rerank(full_context.training.features[:2], 5)
+    assert len(reports) == count

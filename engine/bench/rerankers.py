@@ -25,6 +25,7 @@ second CPU-bound process (a pure-Python loop, one core) runs. The process runs u
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import statistics
@@ -40,12 +41,10 @@ from engine.bench.measure import busy_process, peak_memory, synthetic_collection
 from engine.bench.tables import cell, markdown_table
 from engine.core.logs import configure_logging
 from engine.core.threads import configure_threads
-from engine.evaluation.metrics import evaluate
 from engine.evaluation.protocols import PROTOCOLS, Split, make_split
-from engine.evaluation.scores import without_self
+from engine.evaluation.scores import median_ms, run_split, score_split, split_context, without_self
 from engine.rerank import (
     GalleryContext,
-    TrainingSet,
     create_reranker,
     get_reranker_class,
     list_rerankers,
@@ -67,13 +66,6 @@ class Row:
     peak_mib: float | None
     gpu_mib: float | None = None
     fit_seconds: float | None = None
-
-
-def _scores(indices: np.ndarray, split: Split, labels: np.ndarray) -> tuple[float, float, float]:
-    gallery_labels = labels[split.gallery_rows]
-    scores = evaluate(indices, split.query_labels(labels), gallery_labels, ks=(1, 5),
-                      n_positives=split.n_positives)
-    return scores.map, scores.precision_at[1], scores.precision_at[5]
 
 
 def _baseline(features: np.ndarray, split: Split, k: int) -> np.ndarray:
@@ -98,40 +90,29 @@ def run(features: np.ndarray, labels: np.ndarray, protocol: str, methods: Sequen
     gallery = features[split.gallery_rows]
     available = len(gallery) - 1 if split.leave_one_out else len(gallery)
     k = available if top is None else min(top, available)
-    rows = [Row("baseline (cosine)", *_scores(_baseline(features, split, k), split, labels),
-                None, None, None)]
-    queries = None if split.leave_one_out else features[split.query_rows]
+    baseline = score_split(_baseline(features, split, k), split, labels)
+    rows = [Row("baseline (cosine)", baseline.map, baseline.precision_at[1],
+                baseline.precision_at[5], None, None, None)]
+    # Only SSR with train_classes > 0 reads the labels of a protocol's training items.
+    context, queries = split_context(features, labels, split, state_dir=state_dir)
     online_set = (gallery if queries is None else queries)[:online_queries]
-    # Gallery labels go to `fit` only as a class count (SGRR's number of clusters); no method
-    # trains on them. A protocol that holds training items out offers them (with labels) to
-    # the methods that learn; only SSR with train_classes > 0 reads those labels.
-    training = None
-    if split.training_rows is not None:
-        training = TrainingSet(features[split.training_rows], labels[split.training_rows],
-                               f"the {split.name} training items ({len(split.training_rows)})")
-    context = GalleryContext(gallery, labels=labels[split.gallery_rows], training=training,
-                             state_dir=state_dir)
     for spec in methods:
         name, params = parse_method(spec)
         with peak_memory(device) as memory:
             started = time.perf_counter()
             reranker = create_reranker(name, device=device, **params).fit(context)
             fit_seconds = time.perf_counter() - started
-            result = reranker.rerank(queries, k)
+            scores = run_split(reranker, split, labels, queries, k).scores
             started = time.perf_counter()
             reranker.rerank(None, min(k, len(gallery) - 1))
             batch_seconds = time.perf_counter() - started
-        row = Row(spec, *_scores(result.indices, split, labels), batch_seconds, None, None)
+        row = Row(spec, scores.map, scores.precision_at[1], scores.precision_at[5],
+                  batch_seconds, None, None)
         row.fit_seconds = getattr(reranker, "training_seconds", None) or fit_seconds
         row.peak_mib = memory.get("rss")
         row.gpu_mib = memory.get("gpu")
-        reranker.rerank(online_set[:1], k, mode="online")  # warm-up
-        timings = []
-        for query in online_set:
-            started = time.perf_counter()
-            reranker.rerank(query[None, :], k, mode="online")
-            timings.append(time.perf_counter() - started)
-        row.online_ms = 1000 * statistics.median(timings)
+        row.online_ms = median_ms(functools.partial(reranker.rerank, k=k, mode="online"),
+                                  online_set)
         rows.append(row)
     return rows
 

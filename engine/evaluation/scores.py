@@ -1,4 +1,6 @@
-"""Whole-gallery scores of one method: every gallery item a query against the rest.
+"""Scoring a method: the one pipeline the benchmark, the sweeps and the Compare table share
+(`split_context` -> fit -> `run_split` / `score_split`), and whole-gallery scores, every gallery
+item a query against the rest.
 
 The explorer's Compare table and its per-query numbers for gallery picks come from here, so the
 AP a user sees for one picked image is exactly that image's term in the table's mAP. Scores are
@@ -18,15 +20,65 @@ from typing import Any
 
 import numpy as np
 
+from engine.core.knn import knn_graph
 from engine.core.storage import atomic_write_json, fingerprint, load_json
+from engine.core.types import GalleryContext, RerankResult, TrainingSet
 from engine.errors import CacheError, InvalidInputError
-from engine.evaluation.metrics import evaluate
-from engine.evaluation.protocols import leave_one_out
+from engine.evaluation.metrics import RetrievalScores, evaluate
+from engine.evaluation.protocols import Split, leave_one_out
 
 logger = logging.getLogger(__name__)
 
 SCORES_FILE = "scores.json"
 ONLINE_TIMING_QUERIES = 20
+
+
+def split_context(features: np.ndarray, labels: np.ndarray, split: Split, *,
+                  knn_depth: int | None = None, offer_training: bool = True,
+                  state_dir: Path | None = None) -> tuple[GalleryContext, np.ndarray | None]:
+    """What a method is fitted on for a split, and the split's queries (None: leave-one-out).
+
+    The gallery's labels go to `fit` only as a class count (SGRR's number of clusters); no
+    method trains on them. With `offer_training`, a protocol that holds training items out
+    offers them (with labels) to the methods that learn. With `knn_depth`, the gallery's kNN
+    graph is computed once here, for every method fitted on the context (a sweep's trials).
+    """
+    gallery = np.ascontiguousarray(features[split.gallery_rows])
+    training = None
+    if offer_training and split.training_rows is not None:
+        training = TrainingSet(features[split.training_rows], labels[split.training_rows],
+                               f"the {split.name} training items ({len(split.training_rows)})")
+    context = GalleryContext(gallery, knn=None if knn_depth is None else knn_graph(gallery,
+                                                                                  knn_depth),
+                             labels=labels[split.gallery_rows], training=training,
+                             state_dir=state_dir)
+    return context, (None if split.leave_one_out else features[split.query_rows])
+
+
+def score_split(indices: np.ndarray, split: Split, labels: np.ndarray,
+                ks: Sequence[int] = (1, 5)) -> RetrievalScores:
+    """mAP and precision@ks of rankings of the split's queries (rows of `indices` in the
+    split's query order, gallery indices within the split's gallery)."""
+    return evaluate(indices, split.query_labels(labels), labels[split.gallery_rows], ks=ks,
+                    n_positives=split.n_positives)
+
+
+@dataclass(frozen=True)
+class SplitRun:
+    """A fitted method's batch rankings of a split's queries, their time and their scores."""
+
+    result: RerankResult
+    seconds: float
+    scores: RetrievalScores
+
+
+def run_split(reranker: Any, split: Split, labels: np.ndarray, queries: np.ndarray | None,
+              k: int | None = None, ks: Sequence[int] = (1, 5)) -> SplitRun:
+    """Rank the split's queries with a fitted method (batch mode), timed, and score them."""
+    started = time.perf_counter()
+    result = reranker.rerank(queries, k)
+    seconds = time.perf_counter() - started
+    return SplitRun(result, seconds, score_split(result.indices, split, labels, ks))
 
 
 @dataclass(frozen=True)
@@ -106,10 +158,8 @@ def score_rankings(method: str, params: Mapping[str, Any], rankings: LeaveOneOut
         nan = float("nan")
         return MethodScores(method, dict(params), nan, nan, nan, online_ms, rankings.seconds,
                             n_queries)
-    split = leave_one_out(labels)
     depth = rankings.indices.shape[1]
-    scores = evaluate(rankings.indices, labels, labels, ks=(1, min(5, depth)),
-                      n_positives=split.n_positives)
+    scores = score_split(rankings.indices, leave_one_out(labels), labels, ks=(1, min(5, depth)))
     return MethodScores(method, dict(params), scores.map, scores.precision_at[1],
                         scores.precision_at[min(5, depth)], online_ms, rankings.seconds,
                         n_queries - scores.n_excluded)

@@ -15,7 +15,6 @@ import logging
 import math
 import queue
 import threading
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,17 +22,18 @@ from typing import Any
 
 import numpy as np
 
-from engine.core.knn import knn_graph
 from engine.core.storage import atomic_write_json, load_json
 from engine.errors import CacheError, InvalidInputError
-from engine.evaluation.metrics import evaluate
-from engine.evaluation.protocols import Split, make_split
-from engine.rerank import GalleryContext, create_reranker, get_reranker_class
+from engine.evaluation.protocols import make_split
+from engine.evaluation.scores import run_split, split_context
+from engine.rerank import create_reranker, get_reranker_class
 from engine.rerank.setting import default_setting
 
 logger = logging.getLogger(__name__)
 
 PRESETS_FILE = "presets.json"
+KNN_DEPTH = 64
+"""Depth of the gallery kNN graph a sweep computes once for all its trials."""
 MAX_TRIALS = 400
 
 
@@ -77,7 +77,8 @@ def sweep(name: str, grid: Mapping[str, Sequence[float]], features: np.ndarray,
     if len(combinations) > MAX_TRIALS:
         raise InvalidInputError(f"{len(combinations)} settings requested; at most {MAX_TRIALS}")
     split = make_split(protocol, labels)
-    context, queries = _split_context(features, labels, split)
+    context, queries = split_context(features, labels, split, knn_depth=KNN_DEPTH,
+                                     offer_training=False)
     trials: list[Trial] = []
     for done, values in enumerate(combinations, start=1):
         if should_stop is not None and should_stop():
@@ -86,13 +87,9 @@ def sweep(name: str, grid: Mapping[str, Sequence[float]], features: np.ndarray,
             break
         params = {**(base or {}), **dict(zip(grid, values, strict=True))}
         reranker = create_reranker(name, device=device, **params).fit(context)
-        started = time.perf_counter()
-        result = reranker.rerank(queries)
-        seconds = time.perf_counter() - started
-        scores = evaluate(result.indices, split.query_labels(labels),
-                          labels[split.gallery_rows], ks=(1,), n_positives=split.n_positives)
-        trials.append(Trial(reranker.params.as_dict(), scores.map, scores.precision_at[1],
-                            seconds))
+        run = run_split(reranker, split, labels, queries, ks=(1,))
+        trials.append(Trial(reranker.params.as_dict(), run.scores.map,
+                            run.scores.precision_at[1], run.seconds))
         if on_trial is not None:
             on_trial(trials[-1])
         if progress is not None:
@@ -172,16 +169,6 @@ class SweepRun:
             self._events.put(("error", error))
         finally:
             self._events.put(("done", None))
-
-
-def _split_context(features: np.ndarray, labels: np.ndarray, split: Split
-                   ) -> tuple[GalleryContext, np.ndarray | None]:
-    """The split's gallery (with its labels, which a method may use as a class count) and its
-    kNN graph computed once for every trial, and its queries."""
-    gallery = np.ascontiguousarray(features[split.gallery_rows])
-    context = GalleryContext(gallery, knn=knn_graph(gallery, 64),
-                             labels=labels[split.gallery_rows])
-    return context, (None if split.leave_one_out else features[split.query_rows])
 
 
 def best_trial(trials: Sequence[Trial]) -> Trial:

@@ -32,7 +32,7 @@ def top_k_smallest(values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     Args:
         values: (n, m) float.
     Returns:
-        indices (n, k) int64 and the values (n, k) at them.
+        the values (n, k) and their column indices (n, k) int64 (faiss's order).
     """
     n, m = values.shape
     if k >= m:
@@ -46,7 +46,7 @@ def top_k_smallest(values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         rank_in_row = np.arange(rows.size) - starts[rows]
         keep = rank_in_row < k
         indices = columns[keep].reshape(n, k)
-    return indices.astype(np.int64), np.take_along_axis(values, indices, axis=1)
+    return np.take_along_axis(values, indices, axis=1), indices.astype(np.int64)
 
 
 def canonical_similarity(rows: np.ndarray, columns: np.ndarray) -> np.ndarray:
@@ -241,7 +241,7 @@ def torch_topk_similar(features: torch.Tensor, k: int, chunk: int = 2048, margin
     return torch.cat(similarities), torch.cat(indices)
 
 
-def lists_with_query(neighbours: torch.Tensor, similarities: torch.Tensor,
+def lists_with_query(similarities: torch.Tensor, neighbours: torch.Tensor,
                      to_query: torch.Tensor, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The kNN lists of (query + gallery) from the gallery's own lists, without recomputing them.
 
@@ -252,10 +252,10 @@ def lists_with_query(neighbours: torch.Tensor, similarities: torch.Tensor,
     batch run over query + gallery builds.
 
     Args:
-        neighbours, similarities: (G, >= depth - 1) gallery lists (self first), descending.
+        similarities, neighbours: (G, >= depth - 1) gallery lists (self first), descending.
         to_query: (G,) canonical similarity of each gallery item to the query.
     Returns:
-        (G + 1, depth) node ids and similarities.
+        (G + 1, depth) similarities and node ids (faiss's order).
     """
     size = neighbours.shape[0]
     neighbours, similarities = neighbours[:, :depth] + 1, similarities[:, :depth]
@@ -274,8 +274,8 @@ def lists_with_query(neighbours: torch.Tensor, similarities: torch.Tensor,
     query_row_similarities = torch.cat([torch.ones(1, dtype=similarities.dtype,
                                                    device=similarities.device),
                                         query_similarities[0]])
-    return (torch.cat([query_row[None, :], neighbours]),
-            torch.cat([query_row_similarities[None, :], similarities]))
+    return (torch.cat([query_row_similarities[None, :], similarities]),
+            torch.cat([query_row[None, :], neighbours]))
 TORCH_CHUNK_ELEMENTS = 1 << 22
 
 

@@ -378,7 +378,7 @@ def _iteration(lists: np.ndarray, k: int) -> tuple[np.ndarray, tuple]:
             shared = (pattern_transposed[start + low] @ pattern).toarray() > 0
             candidate[low] = shared & ~listed[low]
         candidate_value = np.where(candidate, cartesian, np.float32(-np.inf))
-        chosen, negated = top_k_smallest(-candidate_value, depth - 1)
+        negated, chosen = top_k_smallest(-candidate_value, depth - 1)
         result[block, 0] = rows[:, 0]
         result[block, 1:] = merge_candidates(tail, tail_values, chosen, -negated)
     return result, (members, memberships, confidence)

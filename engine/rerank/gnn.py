@@ -223,8 +223,8 @@ class GNNReranker(Reranker):
                     canonical_similarity(self._gallery64, query_feature[None, :])[:, 0])
             else:
                 to_query = torch_canonical_similarity(gallery, query[None, :])[:, 0]
-            all_neighbours, all_similarities = lists_with_query(
-                self._gallery_neighbours, self._gallery_similarities, to_query, k1)
+            all_similarities, all_neighbours = lists_with_query(
+                self._gallery_similarities, self._gallery_neighbours, to_query, k1)
             if self._propagation is not None:
                 graph, recomputed = self._propagation.graph_scores(all_neighbours.numpy(),
                                                                    all_similarities.numpy())

@@ -196,7 +196,7 @@ class KReciprocalReranker(Reranker):
             final = self._final(overlap, squared, lists.row_max[rows])
             if leave_one_out:
                 final[np.arange(final.shape[0]), np.arange(rows.start, rows.stop)] = np.inf
-            indices[rows], distances[rows] = top_k_smallest(final, k)
+            distances[rows], indices[rows] = top_k_smallest(final, k)
         return indices, distances, details
 
     def _rerank_batch_torch(self, query_features: np.ndarray | None, k: int,
@@ -263,7 +263,7 @@ class KReciprocalReranker(Reranker):
                 dirty_rows, overlap = self._patched_overlap(query_feature, to_query, lists, k1,
                                                             k2)
             final = self._final(overlap[None, 1:], to_query[None, :], lists.row_max[:1])
-            indices, distances = top_k_smallest(final, k)
+            distances, indices = top_k_smallest(final, k)
         details = {**details, "rows_reencoded": int(dirty_rows.size)}
         return indices[0], distances[0], details
 
@@ -350,8 +350,8 @@ class KReciprocalReranker(Reranker):
         (`knn.lists_with_query`), and the query's squared distances to the gallery."""
         stored = self._gallery_lists
         to_query = canonical_similarity(self._gallery64, query_feature[None])[:, 0]
-        indices, similarities = lists_with_query(
-            torch.from_numpy(stored.indices), torch.from_numpy(stored.similarities),
+        similarities, indices = lists_with_query(
+            torch.from_numpy(stored.similarities), torch.from_numpy(stored.indices),
             torch.from_numpy(to_query), depth)
         farthest = np.concatenate([[to_query.min()], np.minimum(stored.farthest, to_query)])
         lists = NeighbourLists(indices.numpy(), similarities.numpy(),

@@ -275,7 +275,7 @@ def cosine_ranking(queries: np.ndarray, gallery: np.ndarray, depth: int, exclude
             if exclude_self:
                 local = np.arange(len(similarity))
                 similarity[local, local + begin] = -np.inf
-            indices[rows], negated = top_k_smallest(-similarity, depth)
+            negated, indices[rows] = top_k_smallest(-similarity, depth)
             distances[rows] = 1.0 + negated
         else:
             device = gallery_tensor.device
@@ -311,7 +311,7 @@ def sample_episode(features: np.ndarray, labels: np.ndarray, k: int, pool_size: 
     pool = np.sort(others + (others >= query))  # skip the query itself; ascending ids
     # canonical cosines, ties to the smaller id: the same top-k on every CPU
     similarity = canonical_similarity(features[query][None, :], features[pool])
-    top = pool[top_k_smallest(-similarity, k)[0][0]]
+    top = pool[top_k_smallest(-similarity, k)[1][0]]
     known = labels[top] >= 0
     relevant = (labels[top] == labels[query]) & known
     if relevant.sum() <= min_positives or not (~relevant & known).any():

@@ -26,19 +26,13 @@ from engine.rerank import (
 
 METHODS = list_rerankers()
 N_GALLERY, N_QUERIES = 120, 6
-QUICK_PARAMS = {"sgrr": {"nll_epochs": 40, "triplet_epochs": 40},
-                "ssr": {"k": 10, "hidden": 16, "episodes": 20},
-                "icfrr": {"n_times": 1}}
-"""Shorter training for methods that learn: the contract is about shapes and behaviour, their
-own test files check what training gives. ICFRR iterates once: from the second iteration on,
-a float32 near-tie that online and batch resolve differently changes every later score (the
-per-position prior), so they need not agree up to ties; test_icfrr.py checks each iteration of
-both against the oracle."""
 
 
 def make(name: str, **params) -> Reranker:
+    """The method with its declared `quick_params` (shorter training, fewer iterations: the
+    contract is about shapes and behaviour; each method's own tests check what it computes)."""
     cls = get_reranker_class(name)
-    params = {**QUICK_PARAMS.get(name, {}), **params}
+    params = {**cls.quick_params, **params}
     # methods with a device argument run on the CPU here (a GPU test would be marked `gpu`)
     if "device" in inspect.signature(cls).parameters:
         return cls(device="cpu", **params)
@@ -165,6 +159,21 @@ def test_default_params(name):
             assert value <= entry["max"]
     assert reranker.params.as_dict() == {d["name"]: d["default"] for d in described}
     assert name in repr(reranker) or type(reranker).__name__ in repr(reranker)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_declared_capabilities_and_quick_params(name):
+    """Flags are booleans; `quick_params` are valid overrides (known names, inside the bounds)
+    that change something, and every method that learns declares a short run."""
+    cls = get_reranker_class(name)
+    for flag in ("learns", "runs_on_gpu", "online_is_batch", "exact_neighbours"):
+        assert isinstance(getattr(cls, flag), bool), flag
+    assert isinstance(cls.quick_params, dict)
+    quick = make(name).params
+    assert quick == cls.Params(**cls.quick_params)
+    assert (quick != cls.Params()) == bool(cls.quick_params)
+    if cls.learns:
+        assert cls.quick_params, f"{name} learns: declare quick_params for fast tests"
 
 
 def bound_cases() -> list[tuple[str, str, object]]:

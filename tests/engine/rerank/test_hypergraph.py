@@ -346,7 +346,7 @@ def test_lists_with_query_keep_the_item_first(subset):
     for row in (0, 30, 50, 66, 12):
         query = gallery[row]
         to_query = torch.from_numpy(canonical_similarity(gallery, query[None, :])[:, 0])
-        lists, values = lists_with_query(neighbours, similarities, to_query, depth)
+        values, lists = lists_with_query(similarities, neighbours, to_query, depth)
         union = torch.from_numpy(np.vstack([query[None, :], gallery]))
         batch_values, batch = torch_topk_similar(union, depth)
         np.testing.assert_array_equal(lists.numpy(), batch.numpy(), err_msg=f"query {row}")

@@ -292,7 +292,7 @@ def test_top_k_smallest_breaks_ties_by_index():
                         (3, [[1, 3, 0], [0, 1, 2], [5, 4, 3]]),
                         (4, [[1, 3, 0, 2], [0, 1, 2, 3], [5, 4, 3, 2]]),
                         (6, [[1, 3, 0, 2, 5, 4], [0, 1, 2, 3, 4, 5], [5, 4, 3, 2, 1, 0]])]:
-        indices, picked = top_k_smallest(values, k)
+        picked, indices = top_k_smallest(values, k)
         np.testing.assert_array_equal(indices, expected)
         assert indices.dtype == np.int64
         np.testing.assert_array_equal(picked, np.take_along_axis(values, indices, 1))
@@ -302,11 +302,11 @@ def test_top_k_smallest_breaks_ties_by_index():
 def test_top_k_smallest_equals_stable_argsort(k):
     rng = np.random.default_rng(k)
     values = rng.integers(0, 6, (30, 40)).astype(np.float32)  # many exact ties
-    indices, picked = top_k_smallest(values, k)
+    picked, indices = top_k_smallest(values, k)
     expected = np.argsort(values, axis=1, kind="stable")[:, :k]
     np.testing.assert_array_equal(indices, expected)
     np.testing.assert_array_equal(picked, np.take_along_axis(values, expected, 1))
-    np.testing.assert_array_equal(top_k_smallest(values, k)[0], indices)  # deterministic
+    np.testing.assert_array_equal(top_k_smallest(values, k)[1], indices)  # deterministic
 
 
 def random_stochastic_rows(rng: np.random.Generator, n_rows: int, n_columns: int,

@@ -29,6 +29,11 @@ logger = logging.getLogger(__name__)
 
 Mode = Literal["batch", "online"]
 
+COMMON_DETAILS: Mapping[str, str] = {
+    "per_query": "online mode with several queries: each query's details, in query order",
+}
+"""Detail keys `Reranker.rerank` adds for every method (see `Reranker.details_schema`)."""
+
 
 def param(default: Any, *, minimum: float | None = None, maximum: float | None = None,
           step: float | None = None, help: str = "") -> Any:
@@ -134,6 +139,10 @@ class Reranker(ABC):
     quick_params: ClassVar[dict[str, Any]] = {}
     """Small parameters for fast tests and smoke runs (keyword overrides of `Params`): a run
     that checks shapes and behaviour, not what the method's defaults achieve."""
+    details_schema: ClassVar[Mapping[str, str]] = {}
+    """The keys this method's `RerankResult.details` may hold, each with what it means: the
+    documented schema the page reads details through. `COMMON_DETAILS` are added by `rerank`
+    for every method; a contract test checks that no other key appears."""
     min_gallery: ClassVar[int] = 2
     """Fewest gallery items the method can work with (fit refuses fewer, with a clear error)."""
     online_is_batch: ClassVar[bool] = True

@@ -151,6 +151,14 @@ class GNNReranker(Reranker):
     title = "GNN re-ranking (Zhang et al.)"
     Params = GNNParams
     runs_on_gpu = True
+    details_schema: ClassVar[dict[str, str]] = {
+        "k1": "the kNN graph's size used (k1, clamped to the graph)",
+        "k2": "the propagation's neighbourhood used (k2, clamped to k1 + 1)",
+        "lambda_value": "weight of the original similarity in the final score",
+        "device": "where the batch ran (cpu, cuda:0, ...)",
+        "clamped": "why k1 / k2 were lowered (a gallery smaller than the neighbourhood)",
+        "rows_recomputed": "online: graph rows recomputed because the query entered them",
+    }
     patch_min_nodes: ClassVar[int] = DENSE_NODE_LIMIT
     """Graphs of more nodes patch online queries with the sparse `GalleryPropagation`; smaller
     ones with `SmallGraphPropagation` (dense (n, n) tables: 2 x 64 MiB at 4,096 nodes)."""

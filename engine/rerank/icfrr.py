@@ -355,6 +355,12 @@ class ICFRR(Reranker):
     Params: ClassVar[type[RerankParams]] = ICFRRParams
     runs_on_gpu: ClassVar[bool] = True
     quick_params: ClassVar[dict[str, Any]] = {"n_times": 1}
+    details_schema: ClassVar[dict[str, str]] = {
+        "history": "(queries, n_times + 1, h) int: the top-h ids after each iteration (the "
+                   "first row is the initial ranking); online: (n_times + 1, h)",
+        "distance": "what the distances are (minus the final ICFRR score)",
+        "clamped": "parameters lowered to fit the gallery, with the values used",
+    }
     """One iteration: from the second on, a float32 near-tie that the online and batch modes
     resolve differently changes every later score (the per-position prior), so quick runs that
     compare the two stay at one; test_icfrr.py checks every iteration against the oracle."""

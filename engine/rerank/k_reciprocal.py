@@ -93,6 +93,14 @@ class KReciprocalReranker(Reranker):
     name = "k_reciprocal"
     title = "k-reciprocal (Zhong et al. 2017)"
     Params = KReciprocalParams
+    details_schema: ClassVar[dict[str, str]] = {
+        "k1": "the neighbourhood size used (k1, clamped to the graph)",
+        "k2": "the query-expansion size used (k2, clamped to k1 + 1)",
+        "lambda_value": "weight of the original distance in the final one",
+        "device": "where the batch ran (cpu, cuda:0, ...)",
+        "clamped": "why k1 / k2 were lowered (a gallery smaller than the neighbourhood)",
+        "rows_reencoded": "online: gallery rows re-encoded because the query changed them",
+    }
     runs_on_gpu: ClassVar[bool] = True
     """Batch mode runs on `self.device`; `_fit` and the online mode always use the CPU (numpy
     and scipy.sparse), whatever the device: they patch a few sparse rows per query."""

@@ -262,6 +262,11 @@ class SGRR(Reranker):
     learns: ClassVar[bool] = True
     runs_on_gpu: ClassVar[bool] = True
     quick_params: ClassVar[dict[str, Any]] = {"nll_epochs": 40, "triplet_epochs": 40}
+    details_schema: ClassVar[dict[str, str]] = {
+        "pseudo_labelled": "batch: items the SGCC clusters labelled for training",
+        "clusters": "number of classes the GCN was trained for",
+        "K": "LHRR's neighbourhood size used (clamped to the gallery)",
+    }
     min_gallery: ClassVar[int] = 4       # LHRR's lists are 4K deep, K >= 1
     online_is_batch: ClassVar[bool] = False
     exact_neighbours: ClassVar[bool] = False

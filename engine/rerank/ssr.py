@@ -424,6 +424,13 @@ class SSR(Reranker):
     learns: ClassVar[bool] = True
     runs_on_gpu: ClassVar[bool] = True
     quick_params: ClassVar[dict[str, Any]] = {"k": 10, "hidden": 16, "episodes": 20}
+    details_schema: ClassVar[dict[str, str]] = {
+        "k": "size of the refined top-k subgraph",
+        "q_steps": "refinement steps run",
+        "initial": "the initial ranking refined (cosine, or k-reciprocal with its parameters)",
+        "trained_on": "what the refiner was trained on (the gallery, or held-out items)",
+        "refined_similarity": "the first query's refined similarities of its top-k, best first",
+    }
     min_gallery: ClassVar[int] = 20
     """Training episodes need a top-k with several positives and negatives."""
 

@@ -534,3 +534,22 @@ def test_progress_is_an_argument_of_fit(name, full_context):
     count = len(reports)
     reranker.rerank(full_context.training.features[:2], 5)
     assert len(reports) == count
+
+
+def test_details_hold_only_the_keys_each_method_documents(fitted, features):
+    """`details` follows the method's `details_schema` (plus the common keys) in every mode:
+    batch, leave-one-out, one online query and several."""
+    from engine.rerank.base import COMMON_DETAILS
+
+    schema = type(fitted).details_schema
+    assert schema and all(isinstance(text, str) and text for text in schema.values())
+    queries, _ = features
+    runs = [fitted.rerank(queries[:3], 5), fitted.rerank(None, 5),
+            fitted.rerank(queries[:1], 5, mode="online")]
+    several = fitted.rerank(queries[:2], 5, mode="online")
+    seen: set[str] = set()
+    for details in [run.details for run in runs] + list(several.details.get("per_query", [])):
+        assert set(details) <= set(schema), (fitted.name, sorted(set(details) - set(schema)))
+        seen |= set(details)
+    assert set(several.details) <= set(schema) | set(COMMON_DETAILS)
+    assert seen, f"{fitted.name} returned no details to check"

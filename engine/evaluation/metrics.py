@@ -1,5 +1,5 @@
-"""Retrieval metrics as pure numpy functions: AP and mAP, precision/recall@k, CMC, and the
-revisited Oxford/Paris protocol.
+"""Retrieval metrics as pure numpy functions: AP and mAP, precision/recall@k, CMC (the revisited
+Oxford/Paris protocol is in `revisited.py`, on the same relevance matrices).
 
 Conventions:
 - A ranking `indices` is an (n_queries, k) integer array of gallery indices, best first, unique
@@ -16,12 +16,8 @@ Conventions:
 
 from __future__ import annotations
 
-import builtins
-import io
-import pickle
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
 
@@ -30,28 +26,22 @@ import numpy as np
 from engine.errors import InvalidInputError
 
 __all__ = [
-    "PROTOCOLS",
     "ApMode",
     "MeanAveragePrecision",
     "RetrievalScores",
-    "RevisitedScores",
     "average_precision",
     "cmc",
     "evaluate",
-    "load_revisitop_gnd",
     "mean_average_precision",
     "precision_at_k",
     "recall_at_k",
     "relevance_from_labels",
     "relevance_from_lists",
-    "revisited_map",
 ]
 
 ApMode = Literal["step", "trapezoid"]
 AP_MODES: tuple[str, ...] = ("step", "trapezoid")
 
-PROTOCOLS: tuple[str, ...] = ("easy", "medium", "hard")
-"""The three settings of the revisited Oxford/Paris protocol, in the order the paper reports."""
 
 
 # -- result types ------------------------------------------------------------------------------
@@ -96,24 +86,6 @@ class RetrievalScores:
     n_queries: int
     n_excluded: int
     per_query_ap: np.ndarray
-
-
-@dataclass(frozen=True)
-class RevisitedScores:
-    """Revisited Oxford/Paris scores per protocol ("easy", "medium", "hard"), in percent (0-100).
-
-    map: protocol -> mAP (trapezoid AP, junk removed), as revisitop reports it.
-    mp_at: protocol -> {kappa: mP@kappa}.
-    n_excluded: protocol -> number of queries without positives in that protocol.
-    per_query_ap: protocol -> (n_queries,) float64 AP in percent, NaN where excluded.
-    n_queries: number of queries.
-    """
-
-    map: Mapping[str, float]
-    mp_at: Mapping[str, Mapping[int, float]]
-    n_excluded: Mapping[str, int]
-    per_query_ap: Mapping[str, np.ndarray]
-    n_queries: int
 
 
 # -- input checks ------------------------------------------------------------------------------
@@ -492,150 +464,3 @@ def evaluate(indices: Any, query_labels: Any, gallery_labels: Any,
     )
 
 
-# -- revisited Oxford / Paris ------------------------------------------------------------------
-def _protocol_lists(gnd: Sequence[Mapping[str, Any]],
-                    protocol: str) -> tuple[list[list[int]], list[list[int]]]:
-    """Positives and junk of every query under one protocol (Radenovic et al., CVPR 2018)."""
-    positives, junk = [], []
-    for entry in gnd:
-        easy, hard, extra = list(entry["easy"]), list(entry["hard"]), list(entry["junk"])
-        if protocol == "easy":
-            positives.append(easy)
-            junk.append(extra + hard)
-        elif protocol == "medium":
-            positives.append(easy + hard)
-            junk.append(extra)
-        else:
-            positives.append(hard)
-            junk.append(extra + easy)
-    return positives, junk
-
-
-def _check_gnd(gnd: Any, n_queries: int) -> None:
-    if isinstance(gnd, Mapping) or not isinstance(gnd, Sequence):
-        raise InvalidInputError(
-            "gnd must be the list of per-query dicts (the 'gnd' entry of the ground-truth file)")
-    if len(gnd) != n_queries:
-        raise InvalidInputError(
-            f"gnd has {len(gnd)} queries but indices has {n_queries} rows")
-    for i, entry in enumerate(gnd):
-        if not isinstance(entry, Mapping) or not {"easy", "hard", "junk"} <= set(entry):
-            raise InvalidInputError(f"gnd[{i}] must be a dict with keys 'easy', 'hard', 'junk'")
-
-
-def _revisited_precision(relevant: np.ndarray, kappa: int) -> np.ndarray:
-    """mP@kappa as revisitop computes it: kappa is clipped to the position of the last positive.
-
-    For each query, with pos the 1-based positions of its positives after junk removal,
-    kq = min(max(pos), kappa) and the score is |pos <= kq| / kq; 0 when no positive was ranked.
-    """
-    if relevant.shape[1] == 0:
-        return np.zeros(relevant.shape[0])
-    found = np.cumsum(relevant, axis=1)
-    any_found = relevant.any(axis=1)
-    last = relevant.shape[1] - np.argmax(relevant[:, ::-1], axis=1)  # 1-based, if any_found
-    clipped = np.minimum(last, kappa)
-    hits = np.take_along_axis(found, (clipped - 1)[:, None], axis=1)[:, 0]
-    return np.where(any_found, hits / clipped, 0.0)
-
-
-def revisited_map(indices: Any, gnd: Sequence[Mapping[str, Any]],
-                  kappas: Sequence[int] = (1, 5, 10)) -> RevisitedScores:
-    """The revisited Oxford/Paris evaluation (Radenovic et al., CVPR 2018), as revisitop's
-    `compute_map` run for the Easy, Medium and Hard protocols.
-
-    Easy: positives = easy, junk = junk + hard. Medium: positives = easy + hard, junk = junk.
-    Hard: positives = hard, junk = junk + easy. Junk is removed from the ranking, AP is the
-    trapezoid form over all positives of the query, and mP@kappa clips kappa to the position of
-    the last positive (revisitop semantics). A query without positives in a protocol is excluded
-    from that protocol's means and counted.
-
-    Args:
-        indices: (Q, k) int gallery indices, best first (normally k = the whole database, as in
-            revisitop; positives missing from a shorter ranking count as misses).
-        gnd: Q dicts with keys 'easy', 'hard', 'junk' (lists of gallery indices), e.g.
-            `load_revisitop_gnd(path)["gnd"]`.
-        kappas: cut-offs for mP@kappa, each >= 1.
-
-    Returns:
-        RevisitedScores with mAP and mP@kappa in percent.
-    """
-    array = _check_indices(indices)
-    _check_gnd(gnd, array.shape[0])
-    cutoffs = []
-    for kappa in kappas:
-        if isinstance(kappa, bool) or not isinstance(kappa, (int, np.integer)) or kappa < 1:
-            raise InvalidInputError(f"kappas must be integers >= 1, got {kappa!r}")
-        cutoffs.append(int(kappa))
-    maps, mp_at, excluded, per_query_ap = {}, {}, {}, {}
-    for protocol in PROTOCOLS:
-        positives, junk = _protocol_lists(gnd, protocol)
-        relevant = relevance_from_lists(array, positives, junk)
-        counts = np.array([len(p) for p in positives], dtype=np.int64)
-        keep = counts > 0
-        ap = _average_precision(relevant, _check_n_positives(counts, relevant), "trapezoid")
-        maps[protocol] = 100.0 * _mean_kept(ap, keep)
-        mp_at[protocol] = MappingProxyType(
-            {kappa: 100.0 * _mean_kept(_revisited_precision(relevant, kappa), keep)
-             for kappa in cutoffs})
-        excluded[protocol] = int((~keep).sum())
-        per_query_ap[protocol] = _frozen(100.0 * ap)
-    return RevisitedScores(map=MappingProxyType(maps), mp_at=MappingProxyType(mp_at),
-                           n_excluded=MappingProxyType(excluded),
-                           per_query_ap=MappingProxyType(per_query_ap),
-                           n_queries=int(array.shape[0]))
-
-
-_SAFE_BUILTINS = frozenset({"dict", "list", "str", "int", "float", "tuple"})
-
-
-class _GroundTruthUnpickler(pickle.Unpickler):
-    """Unpickles plain containers only: any class or function reference is refused."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if module == "builtins" and name in _SAFE_BUILTINS:
-            return getattr(builtins, name)
-        raise InvalidInputError(
-            f"refusing to unpickle {module}.{name}: a revisitop ground-truth file holds only "
-            "dicts, lists, strings and numbers")
-
-
-def load_revisitop_gnd(path: str | Path) -> dict[str, Any]:
-    """Load a revisitop ground-truth file (gnd_roxford5k.pkl, gnd_rparis6k.pkl) safely.
-
-    The pickle is read with an unpickler that builds only plain containers and numbers, so a
-    tampered file cannot run code. The structure is checked.
-
-    Returns:
-        {"imlist": list[str] database names, "qimlist": list[str] query names,
-         "gnd": list of per-query dicts with "easy", "hard", "junk" (lists of database indices)
-         and "bbx" (query box)}.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise InvalidInputError(f"ground-truth file {path} does not exist")
-    try:
-        data = _GroundTruthUnpickler(io.BytesIO(path.read_bytes())).load()
-    except InvalidInputError as error:
-        raise InvalidInputError(f"{path}: {error}") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
-            IndexError, KeyError) as error:
-        raise InvalidInputError(f"{path} is not a readable ground-truth pickle: {error}") from None
-    if not isinstance(data, dict) or not {"imlist", "qimlist", "gnd"} <= set(data):
-        raise InvalidInputError(f"{path} must hold a dict with keys 'imlist', 'qimlist', 'gnd'")
-    imlist, qimlist, gnd = data["imlist"], data["qimlist"], data["gnd"]
-    if not (isinstance(imlist, list) and isinstance(qimlist, list) and isinstance(gnd, list)):
-        raise InvalidInputError(f"{path}: 'imlist', 'qimlist' and 'gnd' must be lists")
-    if len(gnd) != len(qimlist):
-        raise InvalidInputError(
-            f"{path}: {len(gnd)} ground-truth entries for {len(qimlist)} queries")
-    for i, entry in enumerate(gnd):
-        if not isinstance(entry, dict):
-            raise InvalidInputError(f"{path}: gnd[{i}] is not a dict")
-        for key in ("easy", "hard", "junk"):
-            items = entry.get(key)
-            if not isinstance(items, list) or not all(
-                    isinstance(item, int) and 0 <= item < len(imlist) for item in items):
-                raise InvalidInputError(
-                    f"{path}: gnd[{i}]['{key}'] must be a list of indices into imlist")
-    return data

@@ -1,4 +1,5 @@
-"""Retrieval metrics: hand-worked cases, plain-loop oracles and the real revisitop ground truth."""
+"""engine.evaluation.metrics and .revisited: hand-worked cases, plain-loop oracles and the real
+revisitop ground truth."""
 
 from __future__ import annotations
 
@@ -11,18 +12,16 @@ import pytest
 
 from engine.errors import InvalidInputError
 from engine.evaluation.metrics import (
-    PROTOCOLS,
     average_precision,
     cmc,
     evaluate,
-    load_revisitop_gnd,
     mean_average_precision,
     precision_at_k,
     recall_at_k,
     relevance_from_labels,
     relevance_from_lists,
-    revisited_map,
 )
+from engine.evaluation.revisited import REVISITED_PROTOCOLS, load_revisitop_gnd, revisited_map
 
 # In CI the datasets sit beside the checkout: <repo>/../shared/datasets/revisitop.
 REVISITOP_DIR = Path(__file__).resolve().parents[3] / ".." / "shared" / "datasets" / "revisitop"
@@ -366,7 +365,7 @@ def test_real_ground_truth_loads_with_expected_shape(revisitop):
 def test_real_perfect_ranking_scores_100(revisitop):
     name, data = revisitop
     scores = revisited_map(perfect_ranking(data["gnd"], len(data["imlist"])), data["gnd"])
-    for protocol in PROTOCOLS:
+    for protocol in REVISITED_PROTOCOLS:
         assert scores.map[protocol] == pytest.approx(100.0)
         for kappa in (1, 5, 10):
             assert scores.mp_at[protocol][kappa] == pytest.approx(100.0)
@@ -433,7 +432,7 @@ def test_real_junk_is_ignored(revisitop):
         moved[i] = row
     assert not np.array_equal(moved, ranking)
     before, after = revisited_map(ranking, gnd), revisited_map(moved, gnd)
-    for protocol in PROTOCOLS:
+    for protocol in REVISITED_PROTOCOLS:
         np.testing.assert_allclose(after.per_query_ap[protocol], before.per_query_ap[protocol],
                                    rtol=1e-12)
         assert after.map[protocol] == pytest.approx(before.map[protocol], rel=1e-12)
@@ -451,7 +450,7 @@ def test_real_matches_revisitop_loop(revisitop):
     ranking = np.argsort(scores_matrix, axis=1)
     kappas = (1, 5, 10)
     scores = revisited_map(ranking, gnd, kappas=kappas)
-    for protocol in PROTOCOLS:
+    for protocol in REVISITED_PROTOCOLS:
         ok, junk = protocol_lists(gnd, protocol)
         expected_map, expected_aps, expected_pr = loop_compute_map(ranking, ok, junk, kappas)
         np.testing.assert_allclose(scores.per_query_ap[protocol] / 100, expected_aps, rtol=1e-10)

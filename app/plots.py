@@ -15,9 +15,8 @@ import numpy as np
 import plotly.colors
 import plotly.graph_objects as go
 
+from engine import NeighbourhoodGraph, Trial, best_trial
 from engine.errors import InvalidInputError
-from engine.evaluation.tuning import Trial, best_trial
-from engine.views.neighbourhood import NeighbourhoodGraph
 
 PALETTE = tuple(plotly.colors.qualitative.Dark24)
 """Class colours, cycled by label (24 distinct hues: Oxford-17 needs no repeat)."""

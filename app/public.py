@@ -21,11 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from app.thumbnails import ThumbnailCache
-from engine.core.storage import load_json
+from engine import Explorer, GallerySession, ProgressCallback, extract_zip, load_json
 from engine.errors import CacheError, EngineError, InvalidInputError, UnsafePathError
-from engine.explorer.session import Explorer, GallerySession
-from engine.search.archive import extract_zip
-from engine.search.gallery import ProgressCallback
 
 logger = logging.getLogger(__name__)
 

@@ -16,9 +16,8 @@ from typing import Literal
 
 from PIL import Image, ImageOps
 
-from engine.core.storage import atomic_write_bytes
+from engine import atomic_write_bytes, load_image, make_thumbnail
 from engine.errors import InvalidImageError
-from engine.features.images import load_image, make_thumbnail
 
 logger = logging.getLogger(__name__)
 

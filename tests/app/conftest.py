@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from engine.explorer.session import Explorer
+from engine.explorer import Explorer
 
 
 def free_port() -> int:

@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from app.page import PageHandlers, background_text, build_app
+from app.handlers import PageHandlers
+from app.page import build_app
+from app.text import background_text
 from engine.core.jobs import FAILED, JobQueue
-from engine.explorer.session import BASELINE, Explorer
+from engine.explorer import BASELINE, Explorer
 from engine.rerank import get_reranker_class, list_rerankers
 from tests.galleries import PER_CLASS, demo_file
 
@@ -105,23 +107,23 @@ def test_the_page_shows_each_tab_state_and_refreshes_only_on_change(queued: Expl
     handlers = PageHandlers(queued)
     build_app(queued, handlers=handlers)
     session = queued.session(None)
-    w = handlers.w
+    ui = handlers.ui
     first = handlers.refresh_states(session.key, None, None, BASELINE, "backbone")
     for method in list_rerankers():
-        assert "not ready yet" in first[handlers.tabs[method].state]
-    assert "Preparing in the background" in first[w["background"]]
-    assert handlers.refresh_states(session.key, first[w["jobs_seen"]], None, BASELINE,
+        assert "not ready yet" in first[handlers.ui.tabs[method].state]
+    assert "Preparing in the background" in first[ui.background]
+    assert handlers.refresh_states(session.key, first[ui.jobs_seen], None, BASELINE,
                                    "backbone") == {}
     view = handlers.search(session.key, str(UPLOAD), None, "snowdrop", True, 5, BASELINE,
-                           "backbone", *[control.value for control in handlers.all_controls()])
+                           "backbone", *[control.value for control in handlers.ui.all_controls()])
     method = list_rerankers()[0]
-    assert "Not ready yet" in view[handlers.tabs[method].metrics]
+    assert "Not ready yet" in view[handlers.ui.tabs[method].metrics]
     queued.jobs.run_pending()
-    after = handlers.refresh_states(session.key, first[w["jobs_seen"]], None, BASELINE,
+    after = handlers.refresh_states(session.key, first[ui.jobs_seen], None, BASELINE,
                                     "backbone")
-    assert all(after[handlers.tabs[name].state] == "Ready." for name in list_rerankers())
-    assert len(after[w["compare_table"]]) == 1 + len(list_rerankers())
-    assert w["map_plot"] in after  # the map became ready
+    assert all(after[handlers.ui.tabs[name].state] == "Ready." for name in list_rerankers())
+    assert len(after[ui.compare_table]) == 1 + len(list_rerankers())
+    assert ui.map_plot in after  # the map became ready
 
 
 def test_a_failed_scoring_job_shows_in_its_method_tab_only(

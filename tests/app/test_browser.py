@@ -18,8 +18,9 @@ from typing import Any
 
 import pytest
 
-from app.page import BASELINE_LABEL
-from engine.explorer.session import BASELINE_TITLE, DEFAULT_TOP_N, method_title
+from app.text import BASELINE_LABEL
+from engine.explorer import DEFAULT_TOP_N, method_title
+from engine.explorer.results import BASELINE_TITLE
 from engine.rerank import list_rerankers
 from tests.galleries import CLASSES, PER_CLASS, demo_file
 

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from app.page import DEFAULT_CONCURRENCY, QUEUE_SIZE, build_app
-from engine.explorer.session import Explorer
+from engine.explorer import Explorer
 from tests.app.conftest import free_port
 from tests.child_output import QueuedOutput
 from tests.galleries import CLASSES, PER_CLASS, demo_file

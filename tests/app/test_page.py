@@ -16,22 +16,15 @@ import plotly.graph_objects as go
 import pytest
 from PIL import Image
 
-from app import page
-from app.page import (
-    ALL_CLASSES,
-    BASELINE_LABEL,
-    NO_CLASS,
-    NO_PARAMETER,
-    TUNE_PROTOCOL,
-    PageHandlers,
-    QueryView,
-    build_app,
-    launch_options,
-    rank_change,
-)
+import app.handlers
+from app.handlers import TUNE_PROTOCOL, PageHandlers
+from app.page import build_app, launch_options
+from app.render import QueryView
+from app.text import ALL_CLASSES, BASELINE_LABEL, NO_CLASS, NO_PARAMETER, rank_change
 from app.thumbnails import FRAME_COLOURS
+from engine.evaluation import tuning
 from engine.evaluation.tuning import PRESETS_FILE, best_trial, sweep
-from engine.explorer.session import BASELINE, CUSTOM, Explorer, GallerySession, method_title
+from engine.explorer import BASELINE, CUSTOM, Explorer, GallerySession, method_title
 from engine.rerank import list_rerankers
 from tests.galleries import CLASSES, PER_CLASS, demo_file, make_gallery
 
@@ -73,14 +66,14 @@ def controls(handlers: PageHandlers, session: GallerySession,
     values = []
     for method in handlers.method_names:
         params = {**session.params_for(method)[0], **changed.get(method, {})}
-        values += [params[name] for name in handlers.tabs[method].param_names]
+        values += [params[name] for name in handlers.ui.tabs[method].param_names]
     return values
 
 
 def tab_values(handlers: PageHandlers, session: GallerySession, method: str,
                **changed: Any) -> list[Any]:
     params = {**session.params_for(method)[0], **changed}
-    return [params[name] for name in handlers.tabs[method].param_names]
+    return [params[name] for name in handlers.ui.tabs[method].param_names]
 
 
 class Progress:
@@ -107,20 +100,20 @@ def thumbnail_of(explorer: Explorer, item: dict[str, Any]) -> Path:
 # -- a gallery pick ----------------------------------------------------------------------------
 def test_pick_shows_every_method_side_by_side(handlers: PageHandlers, session: GallerySession,
                                               picked: dict[Any, Any]) -> None:
-    w = handlers.w
-    view = picked[w["state"]]
+    ui = handlers.ui
+    view = picked[ui.state]
     assert isinstance(view, QueryView)
     result = view.result
     assert result.source_file == session.gallery.files[3] and result.top_n == TOP
-    assert picked[w["picked"]] == session.gallery.files[3]
-    assert picked[w["query_class"]]["value"] == NO_CLASS
-    assert set(picked[w["imagenet"]]) == {label for label, _ in result.imagenet}
-    assert "embed" in picked[w["timings"]]
-    assert picked[w["json"]]["query"]["class"] == "daffodil"
+    assert picked[ui.picked] == session.gallery.files[3]
+    assert picked[ui.query_class]["value"] == NO_CLASS
+    assert set(picked[ui.imagenet]) == {label for label, _ in result.imagenet}
+    assert "embed" in picked[ui.timings]
+    assert picked[ui.json]["query"]["class"] == "daffodil"
     baseline = result.rankings[BASELINE]
     baseline_rank = {row: rank for rank, row in enumerate(baseline.indices.tolist(), start=1)}
     for method in list_rerankers():
-        tab = handlers.tabs[method]
+        tab = handlers.ui.tabs[method]
         ranking = result.rankings[method]
         left, right = captions(picked[tab.baseline]), captions(picked[tab.reranked])
         assert len(left) == len(right) == TOP
@@ -140,11 +133,11 @@ def test_pick_shows_every_method_side_by_side(handlers: PageHandlers, session: G
         assert f"**P@{TOP}** {baseline.precision:.2f} → **{ranking.precision:.2f}**" in metrics
         assert "leave-one-out" in metrics
         assert ("preset" if method == "ssr" else "authors' defaults") in picked[tab.source]
-    assert "Learned from labels" not in picked[handlers.tabs["gnn"].metrics]
-    assert "Learned from the gallery without labels" in picked[handlers.tabs["ssr"].metrics]
-    assert isinstance(picked[w["knn_plot"]], go.Figure)
-    assert isinstance(picked[w["map_plot"]], go.Figure)
-    for method, row_gallery in w["compare_rows"].items():
+    assert "Learned from labels" not in picked[handlers.ui.tabs["gnn"].metrics]
+    assert "Learned from the gallery without labels" in picked[handlers.ui.tabs["ssr"].metrics]
+    assert isinstance(picked[ui.knn_plot], go.Figure)
+    assert isinstance(picked[ui.map_plot], go.Figure)
+    for method, row_gallery in ui.compare_rows.items():
         assert f"AP {result.rankings[method].ap:.3f}" in picked[row_gallery].label
         assert len(picked[row_gallery].value) == TOP
 
@@ -152,11 +145,11 @@ def test_pick_shows_every_method_side_by_side(handlers: PageHandlers, session: G
 def test_thumbnails_come_from_the_cache_with_a_coloured_frame(
         handlers: PageHandlers, explorer: Explorer, session: GallerySession,
         picked: dict[Any, Any]) -> None:
-    query_image = Path(picked[handlers.w["query_image"]])
+    query_image = Path(picked[handlers.ui.query_image])
     assert query_image.is_relative_to(explorer.thumbnail_root)
     seen = set()
     for method in list_rerankers():
-        tab = handlers.tabs[method]
+        tab = handlers.ui.tabs[method]
         for update in (picked[tab.baseline], picked[tab.reranked]):
             for item in update.value:
                 assert not Path(item["image"]["path"]).is_relative_to(session.gallery.root)
@@ -173,7 +166,7 @@ def test_thumbnails_come_from_the_cache_with_a_coloured_frame(
 
 def test_replot_keeps_the_knn_node_positions(handlers: PageHandlers, session: GallerySession,
                                              picked: dict[Any, Any]) -> None:
-    view = picked[handlers.w["state"]]
+    view = picked[handlers.ui.state]
 
     def nodes(figure: go.Figure) -> dict[str, tuple[float, float]]:
         found = {}
@@ -185,7 +178,7 @@ def test_replot_keeps_the_knn_node_positions(handlers: PageHandlers, session: Ga
 
     plots = {method: handlers.replot(view, session.key, method, "backbone")
              for method in (BASELINE, "k_reciprocal")}
-    figures = {method: updates[handlers.w["knn_plot"]] for method, updates in plots.items()}
+    figures = {method: updates[handlers.ui.knn_plot] for method, updates in plots.items()}
     baseline, reranked = nodes(figures[BASELINE]), nodes(figures["k_reciprocal"])
     expected = {session.gallery.files[row] for row in view.result.top(BASELINE)[0]}
     assert set(baseline) == expected
@@ -195,18 +188,18 @@ def test_replot_keeps_the_knn_node_positions(handlers: PageHandlers, session: Ga
         assert baseline[file] == reranked[file]
     assert figures[BASELINE].layout.xaxis.range == figures["k_reciprocal"].layout.xaxis.range
     for updates in plots.values():
-        assert isinstance(updates[handlers.w["map_plot"]], go.Figure)
+        assert isinstance(updates[handlers.ui.map_plot], go.Figure)
 
 
 def test_rerank_method_changes_that_method_only(handlers: PageHandlers,
                                                 session: GallerySession,
                                                 picked: dict[Any, Any]) -> None:
-    w = handlers.w
-    view = picked[w["state"]]
+    ui = handlers.ui
+    view = picked[ui.state]
     updates = handlers.rerank_method("k_reciprocal", session.key, view, BASELINE, "backbone",
                                      *tab_values(handlers, session, "k_reciprocal", k1=4, k2=2))
-    tab = handlers.tabs["k_reciprocal"]
-    result = updates[w["state"]].result
+    tab = handlers.ui.tabs["k_reciprocal"]
+    result = updates[ui.state].result
     assert result.rankings["k_reciprocal"].params["k1"] == 4
     assert result.rankings["k_reciprocal"].params_source == CUSTOM
     assert "**custom**" in updates[tab.source] and "k1=4" in updates[tab.source]
@@ -216,10 +209,10 @@ def test_rerank_method_changes_that_method_only(handlers: PageHandlers,
             assert result.rankings[method] is view.result.rankings[method]
     for other in list_rerankers():
         if other != "k_reciprocal":
-            other_tab = handlers.tabs[other]
+            other_tab = handlers.ui.tabs[other]
             assert not {other_tab.baseline, other_tab.reranked, other_tab.metrics,
                         other_tab.source} & set(updates)
-    assert updates[w["json"]]["methods"]["k_reciprocal"]["params"]["k1"] == 4
+    assert updates[ui.json]["methods"]["k_reciprocal"]["params"]["k1"] == 4
     # Without a query the handler only reports the setting's source.
     alone = handlers.rerank_method("k_reciprocal", session.key, None, BASELINE, "backbone",
                                    *tab_values(handlers, session, "k_reciprocal", k1=4))
@@ -234,7 +227,7 @@ def test_reset_params_returns_the_gallery_setting(handlers: PageHandlers,
     for method in list_rerankers():
         params, _ = session.params_for(method)
         assert handlers.reset_params(method, session.key) == [
-            params[name] for name in handlers.tabs[method].param_names]
+            params[name] for name in handlers.ui.tabs[method].param_names]
 
 
 # -- uploads and the JSON API ------------------------------------------------------------------
@@ -242,11 +235,11 @@ def test_upload_forgets_the_pick_and_scores_with_a_class(handlers: PageHandlers,
                                                          session: GallerySession) -> None:
     updates = handlers.upload(session.key, str(UPLOAD), "snowdrop", True, 4, BASELINE,
                               "backbone", *controls(handlers, session))
-    assert updates[handlers.w["picked"]] is None
-    result = updates[handlers.w["state"]].result
+    assert updates[handlers.ui.picked] is None
+    result = updates[handlers.ui.state].result
     assert result.source_row is None and result.query_class == "snowdrop"
     assert all(r.how == "online" and r.ap is not None for r in result.rankings.values())
-    tab = handlers.tabs["k_reciprocal"]
+    tab = handlers.ui.tabs["k_reciprocal"]
     assert "online against the fitted gallery" in updates[tab.metrics]
     unscored = handlers.upload(session.key, str(UPLOAD), NO_CLASS, True, 4, BASELINE,
                                "backbone", *controls(handlers, session))
@@ -304,29 +297,29 @@ def test_an_unknown_gallery_file_is_refused(handlers: PageHandlers,
 
 # -- browsing ----------------------------------------------------------------------------------
 def test_browse_filters_by_class(handlers: PageHandlers, session: GallerySession) -> None:
-    w = handlers.w
+    ui = handlers.ui
     updates = handlers.browse(session.key, "snowdrop", 1)
-    assert captions(updates[w["browser"]]) == ["snowdrop"] * PER_CLASS
-    assert (updates[w["page"]].value, updates[w["page"]].maximum) == (1, 1)
+    assert captions(updates[ui.browser]) == ["snowdrop"] * PER_CLASS
+    assert (updates[ui.page].value, updates[ui.page].maximum) == (1, 1)
     rows = handlers.browse_rows(session.key, "snowdrop", 1)
     assert [session.gallery.class_of(row) for row in rows] == ["snowdrop"] * PER_CLASS
     everything = handlers.browse(session.key, ALL_CLASSES, 1)
-    assert len(everything[w["browser"]].value) == session.gallery.size
+    assert len(everything[ui.browser].value) == session.gallery.size
     with pytest.raises(gr.Error, match="not a class"):
         handlers.browse(session.key, "tulip", 1)
 
 
 def test_browse_pages(handlers: PageHandlers, session: GallerySession,
                       monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(page, "BROWSE_PAGE", 10)
-    w = handlers.w
+    monkeypatch.setattr(app.handlers, "BROWSE_PAGE", 10)
+    ui = handlers.ui
     last = handlers.browse(session.key, ALL_CLASSES, 3)
-    assert len(last[w["browser"]].value) == session.gallery.size - 20
-    assert (last[w["page"]].value, last[w["page"]].maximum) == (3, 3)
+    assert len(last[ui.browser].value) == session.gallery.size - 20
+    assert (last[ui.page].value, last[ui.page].maximum) == (3, 3)
     assert handlers.browse_rows(session.key, ALL_CLASSES, 2) == list(range(10, 20))
     clamped = handlers.browse(session.key, ALL_CLASSES, 9)
-    assert clamped[w["page"]].value == 3
-    assert captions(clamped[w["browser"]]) == captions(last[w["browser"]])
+    assert clamped[ui.page].value == 3
+    assert captions(clamped[ui.browser]) == captions(last[ui.browser])
 
 
 @pytest.mark.parametrize("class_name", ["lily_valley", "daffodil"])
@@ -335,32 +328,32 @@ def test_pick_random_draws_from_the_filtered_class(handlers: PageHandlers,
                                                    class_name: str) -> None:
     updates = handlers.pick_random(session.key, class_name, True, 3, BASELINE, "backbone",
                                    *controls(handlers, session))
-    file = updates[handlers.w["picked"]]
+    file = updates[handlers.ui.picked]
     assert session.gallery.class_of(session.position_of(file)) == class_name
-    assert updates[handlers.w["state"]].result.source_file == file
+    assert updates[handlers.ui.state].result.source_file == file
 
 
 # -- galleries ---------------------------------------------------------------------------------
 def test_switch_gallery_resets_the_controls(handlers: PageHandlers, explorer: Explorer,
                                             app_root: Path) -> None:
     second = explorer.open_folder(make_gallery(app_root / "second", per_class=4))
-    w = handlers.w
+    ui = handlers.ui
     updates = handlers.switch_gallery(second.key)
-    for name in ("state", "picked", "query_image", "knn_plot", "json"):
-        assert updates[w[name]] is None
-    assert updates[w["query_class"]].value == NO_CLASS
-    assert updates[w["class_filter"]].value == ALL_CLASSES
-    assert second.title in updates[w["header"]]
-    assert len(updates[w["browser"]].value) == second.gallery.size
+    for component in (ui.state, ui.picked, ui.query_image, ui.knn_plot, ui.json):
+        assert updates[component] is None
+    assert updates[ui.query_class].value == NO_CLASS
+    assert updates[ui.class_filter].value == ALL_CLASSES
+    assert second.title in updates[ui.header]
+    assert len(updates[ui.browser].value) == second.gallery.size
     for method in list_rerankers():
-        tab = handlers.tabs[method]
+        tab = handlers.ui.tabs[method]
         params, source = second.params_for(method)
         assert [updates[control]["value"] for control in tab.controls] == [
             params[name] for name in tab.param_names]
         assert updates[tab.baseline].value == [] and updates[tab.reranked].value == []
         assert source == "authors' defaults"  # the second gallery has no presets
         assert "**authors' defaults**" in updates[tab.source]
-    for row_gallery in w["compare_rows"].values():
+    for row_gallery in ui.compare_rows.values():
         assert updates[row_gallery].value == []
 
 
@@ -370,21 +363,21 @@ def test_query_model_radio_switches_to_the_lite2_index(handlers: PageHandlers,
     """Choosing lite2 opens the lite2 index of the same folder and says so on the page; an
     unknown model is a clear error; choosing lite0 again returns the gallery as opened."""
     base = explorer.open_folder(make_gallery(app_root / "query_models", per_class=3))
-    w = handlers.w
+    ui = handlers.ui
     updates = handlers.switch_query_model(base.key, "lite2")
-    variant = updates[w["gallery"]].value
-    assert variant != base.key and variant in {key for _, key in updates[w["gallery"]].choices}
+    variant = updates[ui.gallery].value
+    assert variant != base.key and variant in {key for _, key in updates[ui.gallery].choices}
     session = explorer.session(variant)
     assert session.gallery.meta.backbone == "tf_efficientnet_lite2"
-    assert updates[w["query_model"]]["value"] == "lite2"
+    assert updates[ui.query_model]["value"] == "lite2"
     assert ("query: tf_efficientnet_lite2 · gallery: tf_efficientnet_lite2"
-            in updates[w["header"]])
-    assert f"search: {session.gallery.index.backend} ·" in updates[w["header"]]
+            in updates[ui.header])
+    assert f"search: {session.gallery.index.backend} ·" in updates[ui.header]
     with pytest.raises(gr.Error, match="query model"):
         handlers.switch_query_model(base.key, "lite7")
     back = handlers.switch_query_model(variant, "lite0")
-    assert back[w["gallery"]].value == base.key
-    assert "query: tf_efficientnet_lite0" in back[w["header"]]
+    assert back[ui.gallery].value == base.key
+    assert "query: tf_efficientnet_lite0" in back[ui.header]
 
 
 def test_open_folder_refuses_folders_outside_the_allowed_roots(handlers: PageHandlers,
@@ -451,7 +444,7 @@ def test_cancelling_a_sweep_stops_its_thread(handlers: PageHandlers, session: Ga
 
         return sweep(*args, on_trial=record, **kwargs)
 
-    monkeypatch.setattr(page, "sweep", gated_sweep)
+    monkeypatch.setattr(tuning, "sweep", gated_sweep)
     steps = handlers.tune("k_reciprocal", Progress(), session.key, "k1", "3, 4, 5, 6, 7, 8",
                           NO_PARAMETER, "", *tab_values(handlers, session, "k_reciprocal"))
     _, summary, _ = next(steps)
@@ -515,9 +508,9 @@ def test_query_is_the_only_public_endpoint(server: str) -> None:
 
 
 def test_method_titles_label_the_compare_rows(handlers: PageHandlers) -> None:
-    assert list(handlers.w["compare_rows"]) == METHODS
-    assert list(handlers.tabs) == list_rerankers()
-    labels = [component.label for component in handlers.w["compare_rows"].values()]
+    assert list(handlers.ui.compare_rows) == METHODS
+    assert list(handlers.ui.tabs) == list_rerankers()
+    labels = [component.label for component in handlers.ui.compare_rows.values()]
     assert labels == [BASELINE_LABEL] + [method_title(method) for method in list_rerankers()]
 
 

@@ -20,11 +20,12 @@ import gradio as gr
 import httpx
 import pytest
 
-from app.page import PageHandlers, build_app, launch_options
+from app.handlers import PageHandlers
+from app.page import build_app, launch_options
 from app.public import FOLDERS_DISABLED, PublicUploads, UploadLimits
 from app.thumbnails import ThumbnailCache
 from engine.errors import InvalidInputError, UnknownNameError
-from engine.explorer.session import Explorer, GallerySession
+from engine.explorer import Explorer, GallerySession
 from engine.search.gallery import DEMO_GALLERY
 from tests.app.conftest import free_port
 from tests.galleries import CLASSES, make_gallery
@@ -226,9 +227,9 @@ def test_the_public_page_has_no_folder_event(public_page: tuple[gr.Blocks, PageH
     demo, handlers = public_page
     assert not any(getattr(block_fn.fn, "__name__", "") == "open_folder"
                    for block_fn in demo.fns.values())
-    assert handlers.w["folder"].visible is False
-    assert handlers.w["open_folder"].visible is False
-    folder_id = handlers.w["folder"]._id
+    assert handlers.ui.folder.visible is False
+    assert handlers.ui.open_folder.visible is False
+    folder_id = handlers.ui.folder._id
     config = httpx.get(f"{public_server}/config", timeout=30).json()
     assert all(folder_id not in dependency["inputs"]
                for dependency in config["dependencies"])
@@ -275,9 +276,9 @@ def test_an_upload_is_its_sessions_until_the_session_ends(
     assert session.gallery.size == 2 * len(CLASSES)
     assert root.is_relative_to(public.root) and root.is_relative_to(upload.folder)
     assert upload.folder.parent.name.startswith("session-")
-    status = updates[handlers.w["gallery_status"]]
+    status = updates[handlers.ui.gallery_status]
     assert "flowers" in status and str(public.root) not in status and "/" not in status
-    keys = [key for _, key in updates[handlers.w["gallery"]].choices]
+    keys = [key for _, key in updates[handlers.ui.gallery].choices]
     assert upload.key in keys
     assert upload.key not in [key for _, key in handlers.gallery_choices(request("bob"))]
     thumbnails = ThumbnailCache(explorer.thumbnail_root)
@@ -372,7 +373,7 @@ def test_a_served_upload_is_deleted_when_its_tab_closes(
             "data": [{"path": uploaded, "orig_name": archive.name,
                       "meta": {"_type": "gradio.FileData"}}],
             "fn_index": fn_index(demo, handlers.open_zip), "session_hash": owner,
-            "event_data": None, "trigger_id": handlers.w["open_zip"]._id})
+            "event_data": None, "trigger_id": handlers.ui.open_zip._id})
         assert joined.status_code == 200, joined.text
         completed = None
         with client.stream("GET", "/gradio_api/queue/data",

@@ -1,0 +1,499 @@
+"""The page's event functions, bound to one explorer.
+
+They are plain methods that return {component: value} dicts keyed by the page's components
+(`app.layout.PageComponents`), so tests call them directly. Per-user state (the last query) is
+a `gr.State`; everything heavy (backbone, galleries, fitted methods, maps) is shared through
+the `Explorer`, and slow work (a sweep) runs in the engine, which the handlers only drive.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import gradio as gr
+
+from app import plots
+from app.feedback import engine_errors_as_gradio, gradio_progress, owner
+from app.public import PublicUploads, refuse_folder
+from app.render import (
+    QueryView,
+    compare_updates,
+    example_items,
+    map_figure,
+    method_updates,
+    plot_updates,
+    query_view,
+)
+from app.text import (
+    ALL_CLASSES,
+    NO_CLASS,
+    NO_PARAMETER,
+    background_text,
+    default_grid,
+    header_text,
+    opened_text,
+    parse_values,
+    source_text,
+    timings_table,
+    tune_text,
+)
+from app.thumbnails import PREVIEW_SIDE, ThumbnailCache
+from engine import (
+    BASELINE,
+    DEFAULT_TOP_N,
+    Explorer,
+    GallerySession,
+    QueryResult,
+    SweepRun,
+    Trial,
+    best_trial,
+    get_reranker_class,
+    list_rerankers,
+    load_image,
+    method_title,
+    scores_table,
+)
+from engine.errors import EngineError
+
+if TYPE_CHECKING:
+    from app.layout import PageComponents
+
+BROWSE_PAGE = 48
+"""Gallery images per page of the browser."""
+TUNE_PROTOCOL = "oxford17-split"
+"""How a sweep splits the labelled images into queries and gallery (`app.text` says it)."""
+
+
+class PageHandlers:
+    """The page's event functions, bound to one explorer (plain methods, testable without a UI).
+
+    `build_app` sets `ui` (the page's components); handlers return dicts keyed by them.
+    `public`: a public page's uploads (None on a private page); a public page opens no server
+    folder and keeps each upload to its session.
+    """
+
+    def __init__(self, explorer: Explorer, public: PublicUploads | None = None) -> None:
+        self.explorer = explorer
+        self.public = public
+        self.method_names = list_rerankers()
+        self.thumbnails = ThumbnailCache(explorer.thumbnail_root)
+        self._ui: PageComponents | None = None
+
+    @property
+    def ui(self) -> PageComponents:
+        """The components of the page built for these handlers (by `build_app`)."""
+        if self._ui is None:
+            raise RuntimeError("no page built for these handlers yet: call build_app")
+        return self._ui
+
+    @ui.setter
+    def ui(self, components: PageComponents) -> None:
+        self._ui = components
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def session(self, key: str | None) -> GallerySession:
+        with engine_errors_as_gradio():
+            return self.explorer.session(key)
+
+    def params_from(self, method: str, values: Sequence[Any]) -> dict[str, Any]:
+        return dict(zip(self.ui.tabs[method].param_names, values, strict=True))
+
+    def all_params(self, values: Sequence[Any]) -> dict[str, dict[str, Any]]:
+        """Split the flat list of every tab's control values into per-method parameters."""
+        params, at = {}, 0
+        for method in self.method_names:
+            count = len(self.ui.tabs[method].param_names)
+            params[method] = self.params_from(method, values[at:at + count])
+            at += count
+        return params
+
+    # -- API -------------------------------------------------------------------------------------
+    def api_query(self, image: str | None, gallery_file: str | None, leave_out: bool = True,
+                  gallery: str | None = None, top_n: float = DEFAULT_TOP_N,
+                  query_class: str | None = None) -> dict[str, Any]:
+        """Rank a gallery for an uploaded image or one of its images; the `query` endpoint.
+
+        Returns per method the top-N file names, classes and distances, timings and, when the
+        query's class is known, its AP and P@N (JSON of `QueryResult.as_dict`).
+        """
+        result = self._run_query(gallery, image, gallery_file, query_class, leave_out, top_n,
+                                 None)
+        return result.as_dict(self.explorer.session(result.gallery_key).gallery)
+
+    def _run_query(self, key: str | None, image: str | None, gallery_file: str | None,
+                   query_class: str | None, leave_out: bool, top_n: float,
+                   params: dict[str, dict[str, Any]] | None) -> QueryResult:
+        with engine_errors_as_gradio():
+            if gallery_file:
+                return self.explorer.query(key, source_file=gallery_file, params=params,
+                                           top_n=int(top_n), leave_out=bool(leave_out))
+            if image:
+                # Uploads live in temporary folders; messages name only the file.
+                picture = load_image(image, name=Path(image).name)
+                return self.explorer.query(
+                    key, picture, query_class=None if query_class in (None, "", NO_CLASS)
+                    else query_class, params=params, top_n=int(top_n))
+            raise gr.Error("Upload an image or pick one of the gallery first.",
+                           print_exception=False)
+
+    # -- query events ----------------------------------------------------------------------------
+    def search(self, key: str, image: str | None, picked: str | None, query_class: str,
+               leave_out: bool, top_n: float, plot_method: str, space: str,
+               *control_values: Any) -> dict[Any, Any]:
+        """Run the current query (a pick if there is one, else the upload) with every method."""
+        if not image and not picked:
+            return {}
+        result = self._run_query(key, None if picked else image, picked, query_class,
+                                 leave_out, top_n, self.all_params(control_values))
+        return self.render_query(result, plot_method, space)
+
+    def upload(self, key: str, image: str | None, query_class: str, leave_out: bool,
+               top_n: float, plot_method: str, space: str, *control_values: Any
+               ) -> dict[Any, Any]:
+        """An image was uploaded: forget any gallery pick and rank."""
+        if not image:
+            return {}
+        updates = self.search(key, image, None, query_class, leave_out, top_n, plot_method,
+                              space, *control_values)
+        return {**updates, self.ui.picked: None}
+
+    def pick(self, key: str, file: str, leave_out: bool, top_n: float, plot_method: str,
+             space: str, *control_values: Any) -> dict[Any, Any]:
+        """A gallery image was chosen (browser, example, random): show it as the query, rank."""
+        session = self.session(key)
+        with engine_errors_as_gradio():
+            path = session.gallery.path_of(session.position_of(file))
+        updates = self.search(key, None, file, NO_CLASS, leave_out, top_n, plot_method, space,
+                              *control_values)
+        return {**updates, self.ui.picked: file,
+                self.ui.query_image: str(self.thumbnails.get(path, side=PREVIEW_SIDE)),
+                self.ui.query_class: gr.update(value=NO_CLASS)}
+
+    def pick_browsed(self, event: gr.SelectData, key: str, class_filter: str, page: float,
+                     leave_out: bool, top_n: float, plot_method: str, space: str,
+                     *control_values: Any) -> dict[Any, Any]:
+        rows = self.browse_rows(key, class_filter, page)
+        return self.pick(key, self.session(key).gallery.files[rows[event.index]], leave_out,
+                         top_n, plot_method, space, *control_values)
+
+    def pick_example(self, event: gr.SelectData, key: str, leave_out: bool, top_n: float,
+                     plot_method: str, space: str, *control_values: Any) -> dict[Any, Any]:
+        files = self.session(key).example_files()
+        return self.pick(key, files[event.index], leave_out, top_n, plot_method, space,
+                         *control_values)
+
+    def pick_random(self, key: str, class_filter: str, leave_out: bool, top_n: float,
+                    plot_method: str, space: str, *control_values: Any) -> dict[Any, Any]:
+        session = self.session(key)
+        with engine_errors_as_gradio():
+            rows = session.rows_of_class(None if class_filter == ALL_CLASSES else class_filter)
+        row = int(random.choice(rows.tolist()))
+        return self.pick(key, session.gallery.files[row], leave_out, top_n, plot_method, space,
+                         *control_values)
+
+    def rerank_method(self, method: str, key: str, view: QueryView | None, plot_method: str,
+                      space: str, *values: Any) -> dict[Any, Any]:
+        """A parameter of one method changed: re-rank the current query with that method only."""
+        tab = self.ui.tabs[method]
+        params = self.params_from(method, values)
+        if view is None:
+            with engine_errors_as_gradio():
+                params, source = self.session(key).resolve(method, params)
+            return {tab.source: source_text(method, params, source)}
+        with engine_errors_as_gradio():
+            result = self.explorer.rerank(view.result, method, params)
+        session = self.session(result.gallery_key)
+        new_view = query_view(session, result, view)
+        updates = method_updates(tab, self.thumbnails, session, result)
+        updates.update(compare_updates(self.ui.compare_rows, self.thumbnails, session, result))
+        updates.update(plot_updates(self.ui, session, new_view, plot_method, space))
+        updates[self.ui.state] = new_view
+        updates[self.ui.timings] = timings_table(result)
+        updates[self.ui.json] = result.as_dict(session.gallery)
+        return updates
+
+    def replot(self, view: QueryView | None, key: str, plot_method: str, space: str
+               ) -> dict[Any, Any]:
+        """The plot toggles changed: redraw both plots from the stored query (no re-ranking)."""
+        session = self.session(key if view is None else view.result.gallery_key)
+        if view is None:
+            return {self.ui.map_plot: map_figure(session, None, plot_method, space)}
+        return plot_updates(self.ui, session, view, plot_method, space)
+
+    def render_query(self, result: QueryResult, plot_method: str, space: str
+                     ) -> dict[Any, Any]:
+        """Every component that shows a query: the rankings, scores, timings and plots."""
+        session = self.session(result.gallery_key)
+        view = query_view(session, result, None)
+        updates: dict[Any, Any] = {
+            self.ui.state: view,
+            self.ui.imagenet: {label: p for label, p in result.imagenet},
+            self.ui.timings: timings_table(result),
+            self.ui.json: result.as_dict(session.gallery),
+        }
+        for method in self.method_names:
+            updates.update(method_updates(self.ui.tabs[method], self.thumbnails, session,
+                                          result))
+        updates.update(compare_updates(self.ui.compare_rows, self.thumbnails, session, result))
+        updates.update(plot_updates(self.ui, session, view, plot_method, space))
+        return updates
+
+    # -- gallery browsing ------------------------------------------------------------------------
+    def browse_rows(self, key: str, class_filter: str | None, page: float) -> list[int]:
+        session = self.session(key)
+        with engine_errors_as_gradio():
+            rows = session.rows_of_class(None if class_filter in (None, ALL_CLASSES)
+                                         else class_filter)
+        start = max(0, int(page or 1) - 1) * BROWSE_PAGE
+        return rows[start:start + BROWSE_PAGE].tolist()
+
+    def browse(self, key: str, class_filter: str | None, page: float) -> dict[Any, Any]:
+        session = self.session(key)
+        with engine_errors_as_gradio():
+            total = len(session.rows_of_class(None if class_filter in (None, ALL_CLASSES)
+                                              else class_filter))
+        pages = max(1, -(-total // BROWSE_PAGE))
+        page = min(max(1, int(page or 1)), pages)
+        rows = self.browse_rows(key, class_filter, page)
+        items = [(str(self.thumbnails.get(session.gallery.path_of(row))),
+                  session.gallery.class_of(row) or Path(session.gallery.files[row]).stem)
+                 for row in rows]
+        return {self.ui.browser: gr.Gallery(value=items,
+                                            label=f"Gallery: {total} images · click to query"),
+                self.ui.page: gr.Number(value=page, maximum=pages, label=f"Page (of {pages})")}
+
+    def switch_gallery(self, key: str) -> dict[Any, Any]:
+        """Another gallery was chosen: reset the query and show that gallery's settings."""
+        ui = self.ui
+        session = self.session(key)
+        gallery = session.gallery
+        classes = gallery.class_names
+        updates: dict[Any, Any] = {
+            ui.header: header_text(session),
+            ui.state: None, ui.picked: None, ui.query_image: None,
+            ui.query_class: gr.Dropdown(choices=[NO_CLASS, *classes], value=NO_CLASS,
+                                        interactive=bool(classes)),
+            ui.class_filter: gr.Dropdown(choices=[ALL_CLASSES, *classes], value=ALL_CLASSES),
+            ui.examples: example_items(self.thumbnails, session),
+            ui.compare_table: self.compare_rows(session),
+            ui.knn_plot: None, ui.json: None, ui.timings: "",
+            ui.imagenet: None,
+            ui.map_plot: map_figure(session, None, BASELINE, "backbone"),
+            ui.space: gr.Radio(choices=[(t, n) for n, t in session.map_spaces()],
+                               value="backbone"),
+            ui.query_model: gr.update(value=session.query_model),
+        }
+        updates.update(self.browse(key, ALL_CLASSES, 1))
+        for method in self.method_names:
+            tab = ui.tabs[method]
+            params, source = session.params_for(method)
+            updates[tab.source] = source_text(method, params, source)
+            for control, name in zip(tab.controls, tab.param_names, strict=True):
+                updates[control] = gr.update(value=params[name])
+            updates[tab.baseline] = gr.Gallery(value=[])
+            updates[tab.reranked] = gr.Gallery(value=[])
+            updates[tab.metrics] = ""
+            updates[tab.state] = session.state_text(method)
+        updates[ui.background] = background_text(session)
+        for gallery_widget in ui.compare_rows.values():
+            updates[gallery_widget] = gr.Gallery(value=[])
+        return updates
+
+    # -- galleries -------------------------------------------------------------------------------
+    def switch_query_model(self, key: str, query_model: str,
+                           progress: gr.Progress = gr.Progress(),
+                           request: gr.Request | None = None) -> dict[Any, Any]:
+        """Another query model was chosen: open the gallery as that model sees it (indexing
+        with the gallery model and training the query model on first use, with a progress
+        bar) and switch to it."""
+        with engine_errors_as_gradio():
+            session = self.explorer.with_query_model(key, query_model,
+                                                     progress=gradio_progress(progress))
+        updates = self.switch_gallery(session.key)
+        updates[self.ui.gallery] = gr.Dropdown(choices=self.gallery_choices(request),
+                                               value=session.key)
+        return updates
+
+    def open_folder(self, folder: str, progress: gr.Progress = gr.Progress()) -> dict[Any, Any]:
+        """Open a gallery folder on the server (inside the allowed folders; never on a public
+        page, which does not even wire this handler)."""
+        with engine_errors_as_gradio():
+            if self.public is not None:
+                refuse_folder()
+        if not folder or not folder.strip():
+            raise gr.Error("Type the path of a folder of images on the server.",
+                           print_exception=False)
+        with engine_errors_as_gradio():
+            session = self.explorer.open_folder(folder.strip(),
+                                                progress=gradio_progress(progress))
+        return self._opened(session, progress)
+
+    def open_zip(self, archive: str | None, progress: gr.Progress = gr.Progress(),
+                 request: gr.Request | None = None) -> dict[Any, Any]:
+        """Extract an uploaded zip (safely) and open it as a gallery; on a public page into the
+        session's own temporary folder, under the public limits."""
+        if not archive:
+            raise gr.Error("Choose a .zip of images first.", print_exception=False)
+        with engine_errors_as_gradio():
+            if self.public is not None:
+                session = self.public.open_zip(archive, owner(request),
+                                               progress=gradio_progress(progress))
+            else:
+                session = self.explorer.open_zip(archive, progress=gradio_progress(progress))
+        return self._opened(session, progress, request)
+
+    def end_session(self, request: gr.Request) -> None:
+        """A browser session ended (its tab closed): a public page deletes its uploads."""
+        if self.public is not None:
+            self.public.release(owner(request))
+
+    def gallery_choices(self, request: gr.Request | None = None) -> list[tuple[str, str]]:
+        """The galleries a session may choose (on a public page, not others' uploads)."""
+        if self.public is None:
+            return self.explorer.choices()
+        return self.public.choices(owner(request))
+
+    def _opened(self, session: GallerySession, progress: gr.Progress,
+                request: gr.Request | None = None) -> dict[Any, Any]:
+        report = gradio_progress(progress)
+        with engine_errors_as_gradio():
+            # with a job queue, the map and scores are queued there when the gallery opens
+            for space, _ in session.map_spaces() if session.jobs is None else []:
+                session.embedding_map(space, progress=report)
+            if session.gallery.labels is not None and session.jobs is None:
+                for index, (method, _) in enumerate(session.methods()):
+                    report(index / len(session.methods()), f"scoring {method_title(method)}")
+                    session.scores(method)
+        updates = self.switch_gallery(session.key)
+        updates[self.ui.gallery] = gr.Dropdown(choices=self.gallery_choices(request),
+                                               value=session.key)
+        updates[self.ui.gallery_status] = opened_text(session, show_root=self.public is None)
+        return updates
+
+    # -- background work -------------------------------------------------------------------------
+    def refresh_states(self, key: str, seen: tuple | None, view: QueryView | None,
+                       plot_method: str, space: str) -> dict[Any, Any]:
+        """The timer's tick: while background jobs change, redraw each tab's state, the
+        background line and the Compare table; when a map becomes ready, the map and its
+        choices. Nothing is sent when nothing changed."""
+        ui = self.ui
+        jobs = self.explorer.jobs
+        try:
+            session = self.explorer.session(key)
+        except EngineError:
+            return {}
+        if jobs is None:
+            return {}
+        spaces = tuple(name for name, _ in session.map_spaces()
+                       if session.embedding_map(name, fit=False) is not None)
+        now = (session.key, jobs.version, spaces)
+        if seen == now:
+            return {}
+        updates: dict[Any, Any] = {ui.jobs_seen: now, ui.background: background_text(session)}
+        for method in self.method_names:
+            updates[ui.tabs[method].state] = session.state_text(method)
+        updates[ui.compare_table] = self.compare_rows(session)
+        if seen is None or seen[0] != session.key or seen[2] != spaces:
+            choices = [(title, name) for name, title in session.map_spaces()]
+            shown = space if space in dict(choices) else "backbone"
+            updates[ui.space] = gr.Radio(choices=choices, value=shown)
+            if view is None or view.result.gallery_key != session.key:
+                updates[ui.map_plot] = map_figure(session, None, BASELINE, shown)
+            else:
+                updates[ui.map_plot] = map_figure(session, view, plot_method, shown)
+        return updates
+
+    # -- compare ---------------------------------------------------------------------------------
+    def compare_rows(self, session: GallerySession, params: dict[str, dict] | None = None,
+                     compute: bool = False, progress: Any = None) -> list[list[Any]]:
+        """Whole-gallery scores per method (leave-one-out): cached ones, or all when computing."""
+        rows = []
+        methods = session.methods()
+        for index, (method, _) in enumerate(methods):
+            if progress is not None:
+                progress(index / len(methods), f"scoring {method_title(method)}")
+            chosen = None if params is None or method == BASELINE else params.get(method)
+            scores = session.scores(method, chosen, cached_only=not compute)
+            if scores is not None:
+                rows.append(scores)
+        return scores_table(rows, dict(methods))
+
+    def compute_compare(self, progress: gr.Progress = gr.Progress(), *inputs: Any
+                        ) -> list[list[Any]]:
+        """Score every method at the tabs' current parameters (inputs: gallery key, then every
+        tab's control values)."""
+        key, *control_values = inputs
+        session = self.session(key)
+        if session.gallery.labels is None:
+            raise gr.Error("The Compare table needs a labelled gallery (labels.csv or "
+                           "sub-folders).", print_exception=False)
+        with engine_errors_as_gradio():
+            return self.compare_rows(session, self.all_params(control_values), compute=True,
+                                     progress=gradio_progress(progress))
+
+    # -- parameters and tuning -------------------------------------------------------------------
+    def reset_params(self, method: str, key: str) -> list[Any]:
+        params, _ = self.session(key).params_for(method)
+        return [params[name] for name in self.ui.tabs[method].param_names]
+
+    def tune(self, method: str, progress: gr.Progress = gr.Progress(), *inputs: Any
+             ) -> Iterator[tuple[Any, str, Any]]:
+        """Sweep one or two parameters on the gallery's fixed split; yields the growing plot.
+
+        inputs: gallery key, first parameter and its values, second parameter (or none) and its
+        values, then the tab's control values (the parameters held fixed). The sweep runs in
+        the engine's thread (`SweepRun`); cancelling the event closes this generator, which
+        cancels the run: it stops after the current setting.
+        """
+        key, first, first_values, second, second_values, *control_values = inputs
+        session = self.session(key)
+        gallery = session.gallery
+        if gallery.labels is None or (gallery.labels < 0).all():
+            raise gr.Error("Tuning needs a labelled gallery (labels.csv or sub-folders).",
+                           print_exception=False)
+        with engine_errors_as_gradio():
+            grid = {first: parse_values(first_values, first)}
+            if second and second != NO_PARAMETER and second != first:
+                grid[second] = parse_values(second_values, second)
+            base = self.params_from(method, control_values)
+            base = {name: value for name, value in base.items() if name not in grid}
+        labelled = gallery.labels >= 0
+        run = SweepRun(method, grid, gallery.features[labelled], gallery.labels[labelled],
+                       TUNE_PROTOCOL, base, device=session.device)
+        trials: list[Trial] = []
+        swept = list(grid)
+        progress((0, run.total), desc="sweeping", unit="settings")
+        try:
+            with engine_errors_as_gradio():
+                for event in run:
+                    if not isinstance(event, Trial):
+                        progress((event.done, event.total), desc="sweeping", unit="settings")
+                        continue
+                    trials.append(event)
+                    yield (plots.sweep_figure(trials, swept), tune_text(trials, run.total),
+                           best_trial(trials).params)
+        finally:
+            run.cancel()
+        if not trials:
+            yield plots.sweep_figure([], swept), "No setting finished.", None
+
+    def grid_for(self, method: str, name: str) -> str:
+        """Suggested sweep values for one of a method's parameters."""
+        specs = {spec["name"]: spec for spec in get_reranker_class(method).Params.describe()}
+        return default_grid(specs[name]) if name in specs else ""
+
+    def use_best(self, method: str, best: dict[str, Any] | None) -> list[Any]:
+        if not best:
+            raise gr.Error("Run a sweep first.", print_exception=False)
+        return [best[name] for name in self.ui.tabs[method].param_names]
+
+    def save_best(self, method: str, key: str, best: dict[str, Any] | None) -> str:
+        if not best:
+            raise gr.Error("Run a sweep first.", print_exception=False)
+        session = self.session(key)
+        with engine_errors_as_gradio():
+            stored = session.save_preset(method, best, note=f"sweep on {TUNE_PROTOCOL}")
+        return source_text(method, stored, "preset")

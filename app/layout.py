@@ -1,0 +1,321 @@
+"""The page's components: built once per page inside its `gr.Blocks`, returned as typed
+dataclasses (`PageComponents`, a `MethodWidgets` per re-ranker tab) that the handlers key their
+updates by and the wiring connects.
+
+Layout: the gallery chooser and query model; the query (upload, gallery browser, examples)
+with the backbone's ImageNet guess and stage timings; one tab per registered re-ranker (built
+from the registry and each method's parameter metadata, so a new method file adds a tab), a
+Compare tab and a Galleries tab; the kNN-graph and embedding-map plots under the tabs; the
+hidden inputs of the `query` API.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import gradio as gr
+
+from app.render import example_items, map_figure
+from app.text import (
+    ALL_CLASSES,
+    BASELINE_LABEL,
+    NO_CLASS,
+    NO_PARAMETER,
+    TUNE_PROTOCOL_TEXT,
+    background_text,
+    default_grid,
+    galleries_text,
+    header_text,
+    source_text,
+)
+from engine import (
+    BASELINE,
+    DEFAULT_TOP_N,
+    QUERY_MODELS,
+    Explorer,
+    GallerySession,
+    get_reranker_class,
+    method_title,
+)
+
+if TYPE_CHECKING:
+    from app.handlers import PageHandlers
+
+JOB_REFRESH_SECONDS = 2.0
+"""How often the page redraws the background jobs' states (only what changed is sent)."""
+MAX_SLIDER_STEPS = 5000
+
+
+@dataclass
+class MethodWidgets:
+    """The components of one method's tab."""
+
+    name: str
+    controls: list[gr.components.Component]
+    param_names: list[str]
+    source: gr.Markdown
+    state: gr.Markdown
+    baseline: gr.Gallery
+    reranked: gr.Gallery
+    metrics: gr.Markdown
+    reset: gr.Button
+    tune_first: gr.Dropdown
+    tune_first_values: gr.Textbox
+    tune_second: gr.Dropdown
+    tune_second_values: gr.Textbox
+    tune_run: gr.Button
+    tune_cancel: gr.Button
+    tune_plot: gr.Plot
+    tune_summary: gr.Markdown
+    tune_best: gr.State
+    use_best: gr.Button
+    save_best: gr.Button
+
+
+@dataclass
+class QueryApi:
+    """The hidden inputs of the `query` endpoint (plain values, not the page's own inputs)."""
+
+    image: gr.Image
+    gallery_file: gr.Textbox
+    leave_out: gr.Checkbox
+    gallery: gr.Textbox
+    top_n: gr.Number
+    query_class: gr.Textbox
+    button: gr.Button
+
+
+@dataclass
+class PageComponents:
+    """Every component the handlers update or the wiring connects, by role."""
+
+    # gallery and background work
+    gallery: gr.Dropdown
+    header: gr.Markdown
+    query_model: gr.Radio
+    background: gr.Markdown
+    timer: gr.Timer
+    jobs_seen: gr.State
+    """(gallery key, job queue version, ready map spaces) the page last drew."""
+    # the query
+    state: gr.State
+    """The user's last query (`app.render.QueryView`) or None."""
+    picked: gr.State
+    """The gallery file picked as the query, or None (an upload)."""
+    query_image: gr.Image
+    query_class: gr.Dropdown
+    leave_out: gr.Checkbox
+    top_n: gr.Slider
+    search: gr.Button
+    imagenet: gr.Label
+    timings: gr.Markdown
+    examples: gr.Gallery
+    class_filter: gr.Dropdown
+    random: gr.Button
+    browser: gr.Gallery
+    page: gr.Number
+    # the tabs
+    tabs: dict[str, MethodWidgets]
+    """Each re-ranker's tab, in registry order."""
+    compare_rows: dict[str, gr.Gallery]
+    """The Compare tab's row per method (the baseline first)."""
+    compare_table: gr.Dataframe
+    compare_button: gr.Button
+    folder: gr.Textbox
+    open_folder: gr.Button
+    zip: gr.File
+    open_zip: gr.Button
+    gallery_status: gr.Markdown
+    # the plots and the API
+    plot_method: gr.Radio
+    space: gr.Radio
+    knn_plot: gr.Plot
+    map_plot: gr.Plot
+    json: gr.JSON
+    api: QueryApi
+
+    def all_controls(self) -> list[gr.components.Component]:
+        """Every tab's parameter controls, in tab order (how handlers receive their values)."""
+        return [control for tab in self.tabs.values() for control in tab.controls]
+
+
+def build_layout(explorer: Explorer, handlers: PageHandlers) -> PageComponents:
+    """Create the page's components (inside the caller's `gr.Blocks`), showing the first
+    gallery. `handlers` give the method names, thumbnails, cached scores and whether the page
+    is public."""
+    public = handlers.public is not None
+    session = explorer.session(None)
+    gallery = session.gallery
+    method_choices = [(BASELINE_LABEL, BASELINE)] + [
+        (method_title(name), name) for name in handlers.method_names]
+
+    gr.Markdown("# Retrieval Explorer")
+    with gr.Row():
+        gallery_choice = gr.Dropdown(choices=explorer.choices(), value=session.key,
+                                     label="Gallery", scale=1, elem_id="gallery-choice")
+        header = gr.Markdown(header_text(session))
+    query_model = gr.Radio(
+        choices=[(spec.title, name) for name, spec in QUERY_MODELS.items()],
+        value=session.query_model, label="Query model (which network embeds the query and "
+        "which the gallery; lite2 and SSP build their index and model on first use)",
+        elem_id="query-model")
+    background = gr.Markdown(background_text(session), elem_id="background")
+    state = gr.State(None)
+    jobs_seen = gr.State(None)
+    timer = gr.Timer(JOB_REFRESH_SECONDS, active=explorer.jobs is not None)
+    picked = gr.State(None)
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=2, min_width=300):
+            # image_mode=None: the engine gets the uploaded file as it is (gradio's RGB
+            # conversion would drop 16-bit depth and composite alpha on black).
+            query_image = gr.Image(type="filepath", label="Query image (upload)",
+                                   sources=["upload", "clipboard"], height=300,
+                                   image_mode=None, elem_id="query-image")
+            query_class = gr.Dropdown(
+                choices=[NO_CLASS, *gallery.class_names], value=NO_CLASS,
+                label="Class of an uploaded query (to score it)",
+                interactive=bool(gallery.class_names))
+            with gr.Row():
+                leave_out = gr.Checkbox(value=True, label="Leave a gallery query out "
+                                        "of its own results")
+                top_n = gr.Slider(3, 30, value=DEFAULT_TOP_N, step=1,
+                                  label="Results per method")
+            search = gr.Button("Search again", variant="primary")
+            imagenet = gr.Label(num_top_classes=3, label="Backbone's ImageNet top-3")
+            timings = gr.Markdown(elem_id="timings")
+        with gr.Column(scale=3, min_width=360):
+            examples = gr.Gallery(
+                value=example_items(handlers.thumbnails, session),
+                label="Examples: click to query", columns=8, height=110, allow_preview=False,
+                object_fit="cover", interactive=False, elem_id="examples")
+            with gr.Row():
+                class_filter = gr.Dropdown(choices=[ALL_CLASSES, *gallery.class_names],
+                                           value=ALL_CLASSES, label="Browse a class", scale=3)
+                random = gr.Button("Random image", scale=1)
+            browser = gr.Gallery(columns=6, height=360, allow_preview=False,
+                                 object_fit="cover", interactive=False, elem_id="browser")
+            page = gr.Number(value=1, minimum=1, precision=0, label="Page",
+                             elem_id="browse-page")
+    with gr.Tabs():
+        tabs = {name: _method_tab(name, session) for name in handlers.method_names}
+        with gr.Tab("Compare", id="compare", elem_id="tab-compare"):
+            compare_rows = {}
+            for title, method in method_choices:
+                compare_rows[method] = gr.Gallery(
+                    label=title, columns=DEFAULT_TOP_N, rows=1, height=150,
+                    object_fit="cover", interactive=False, allow_preview=False,
+                    elem_id=f"compare-{method}")
+            gr.Markdown("Whole-gallery scores: every labelled image a query against the "
+                        "others (leave-one-out, batch); online ms is the median of single "
+                        "queries against the fitted gallery.")
+            compare_table = gr.Dataframe(
+                value=handlers.compare_rows(session),
+                headers=["method", "mAP", "P@1", "P@5", "online ms/query", "batch s",
+                         "parameters"], interactive=False, elem_id="compare-table")
+            compare_button = gr.Button("Compute for the current parameters")
+        with gr.Tab("Galleries", id="galleries", elem_id="tab-galleries"):
+            gr.Markdown(galleries_text(handlers.public))
+            with gr.Row(visible=not public):
+                folder = gr.Textbox(label="Folder on the server", scale=3, visible=not public)
+                open_folder = gr.Button("Open folder", scale=1, visible=not public)
+            with gr.Row():
+                zip_file = gr.File(label="Zip of images", file_types=[".zip"],
+                                   type="filepath", scale=3)
+                open_zip = gr.Button("Open zip", scale=1)
+            gallery_status = gr.Markdown()
+    with gr.Row():
+        plot_method = gr.Radio(choices=method_choices, value=handlers.method_names[0]
+                               if handlers.method_names else BASELINE,
+                               label="Plots show the top results of")
+        space = gr.Radio(choices=[(t, n) for n, t in session.map_spaces()],
+                         value="backbone", label="Embedding map of")
+    with gr.Row(equal_height=False):
+        knn_plot = gr.Plot(label="kNN graph", elem_id="knn-plot")
+        map_plot = gr.Plot(value=map_figure(session, None, BASELINE, "backbone"),
+                           label="Embedding map", elem_id="embedding-map")
+    with gr.Accordion("Results as JSON (the `query` API)", open=False):
+        result_json = gr.JSON(label="query result")
+    # The API endpoint: its own hidden inputs, so that it takes plain values.
+    with gr.Row(visible=False):
+        api = QueryApi(
+            image=gr.Image(type="filepath", image_mode=None, label="image"),
+            gallery_file=gr.Textbox(label="gallery_file"),
+            leave_out=gr.Checkbox(value=True, label="leave_out"),
+            gallery=gr.Textbox(label="gallery"),
+            top_n=gr.Number(value=DEFAULT_TOP_N, precision=0, label="top_n"),
+            query_class=gr.Textbox(label="query_class"),
+            button=gr.Button())
+    return PageComponents(
+        gallery=gallery_choice, header=header, query_model=query_model, background=background,
+        timer=timer, jobs_seen=jobs_seen, state=state, picked=picked, query_image=query_image,
+        query_class=query_class, leave_out=leave_out, top_n=top_n, search=search,
+        imagenet=imagenet, timings=timings, examples=examples, class_filter=class_filter,
+        random=random, browser=browser, page=page, tabs=tabs, compare_rows=compare_rows,
+        compare_table=compare_table, compare_button=compare_button, folder=folder,
+        open_folder=open_folder, zip=zip_file, open_zip=open_zip,
+        gallery_status=gallery_status, plot_method=plot_method, space=space,
+        knn_plot=knn_plot, map_plot=map_plot, json=result_json, api=api)
+
+
+def _method_tab(name: str, session: GallerySession) -> MethodWidgets:
+    """One re-ranker's tab: its parameters (as the gallery sets them), the baseline and its
+    ranking side by side, and the tuning accordion."""
+    specs = get_reranker_class(name).Params.describe()
+    params, source = session.params_for(name)
+    with gr.Tab(method_title(name), id=name, elem_id=f"tab-{name}"):
+        source_md = gr.Markdown(source_text(name, params, source),
+                                elem_classes=["method-source"])
+        state_md = gr.Markdown(session.state_text(name), elem_id=f"state-{name}")
+        with gr.Row():
+            controls = [_control(spec, params[spec["name"]]) for spec in specs]
+            reset = gr.Button("Reset to preset / defaults", scale=0)
+        metrics = gr.Markdown("", elem_id=f"metrics-{name}")
+        with gr.Row(equal_height=False):
+            baseline = gr.Gallery(label=BASELINE_LABEL, columns=5, height=300,
+                                  object_fit="cover", interactive=False,
+                                  elem_classes=["ranking"], elem_id=f"baseline-{name}")
+            reranked = gr.Gallery(label=method_title(name), columns=5, height=300,
+                                  object_fit="cover", interactive=False,
+                                  elem_classes=["ranking"], elem_id=f"reranked-{name}")
+        with gr.Accordion("Tune on this gallery", open=False):
+            gr.Markdown(f"Sweeps run on the {TUNE_PROTOCOL_TEXT}.")
+            names = [spec["name"] for spec in specs if spec["type"] != "bool"]
+            with gr.Row():
+                first = gr.Dropdown(choices=names, value=names[0], label="Parameter")
+                first_values = gr.Textbox(
+                    default_grid(next(spec for spec in specs if spec["name"] == names[0])),
+                    label="Values")
+                second = gr.Dropdown(choices=[NO_PARAMETER, *names], value=NO_PARAMETER,
+                                     label="Second parameter (optional)")
+                second_values = gr.Textbox("", label="Values")
+            with gr.Row():
+                run = gr.Button("Run sweep", variant="primary")
+                cancel = gr.Button("Cancel")
+                use_best = gr.Button("Use best")
+                save_best = gr.Button("Save best as this gallery's preset")
+            tune_summary = gr.Markdown()
+            tune_plot = gr.Plot(label="mAP and P@1 per setting")
+            tune_best = gr.State(None)
+    return MethodWidgets(
+        name=name, controls=controls, param_names=[spec["name"] for spec in specs],
+        source=source_md, state=state_md, baseline=baseline, reranked=reranked,
+        metrics=metrics, reset=reset, tune_first=first, tune_first_values=first_values,
+        tune_second=second, tune_second_values=second_values, tune_run=run,
+        tune_cancel=cancel, tune_plot=tune_plot, tune_summary=tune_summary,
+        tune_best=tune_best, use_best=use_best, save_best=save_best)
+
+
+def _control(spec: dict[str, Any], value: Any) -> gr.components.Component:
+    """A slider when the parameter has a range of at most MAX_SLIDER_STEPS steps, a checkbox
+    for a switch, else a number box; help text as info."""
+    if spec["type"] == "bool":
+        return gr.Checkbox(value=bool(value), label=spec["name"], info=spec.get("help") or None)
+    integral = spec["type"] == "int"
+    low, high = spec.get("min"), spec.get("max")
+    step = spec.get("step") or (1 if integral else 0.01)
+    if low is not None and high is not None and (high - low) / step <= MAX_SLIDER_STEPS:
+        return gr.Slider(minimum=low, maximum=high, step=step, value=value, label=spec["name"],
+                         info=spec.get("help") or None)
+    return gr.Number(value=value, label=spec["name"], info=spec.get("help") or None,
+                     precision=0 if integral else None, minimum=low, maximum=high)

@@ -7,8 +7,10 @@ that the fitted method, its cached runs and the page's label all use the same pa
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 AUTHORS_DEFAULTS = "authors' defaults"
@@ -41,11 +43,17 @@ class MethodSetting:
 def default_setting(method: str, presets: Mapping[str, Mapping[str, Any]]) -> MethodSetting:
     """The setting a method runs with on a gallery unless told otherwise: the gallery's preset,
     else the paper's defaults."""
-    from engine.rerank import get_reranker_class
-
     if method in presets:
         return MethodSetting(method, dict(presets[method]), PRESET)
-    return MethodSetting(method, get_reranker_class(method).Params().as_dict(), AUTHORS_DEFAULTS)
+    return MethodSetting(method, dict(_authors_defaults(method)), AUTHORS_DEFAULTS)
+
+
+@functools.cache
+def _authors_defaults(method: str) -> Mapping[str, Any]:
+    """The paper's defaults of a method, validated once per process."""
+    from engine.rerank import get_reranker_class
+
+    return MappingProxyType(get_reranker_class(method).Params().as_dict())
 
 
 def resolve_setting(method: str, params: Mapping[str, Any] | MethodSetting | None,

@@ -39,8 +39,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ENGINE = REPO_ROOT / "engine"
 
@@ -319,8 +317,6 @@ def test_nothing_imports_upward():
     assert not offending, "\n".join(sorted(offending))
 
 
-@pytest.mark.xfail(strict=False, reason="the split of app/page.py (issue 17) is in progress: the "
-                                        "page still imports engine submodules directly")
 def test_app_and_launcher_use_only_the_public_face():
     scanned = [f for path in python_files(REPO_ROOT / "app", REPO_ROOT / "launch.py")
                for f in imports_of(path)]

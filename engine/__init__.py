@@ -20,9 +20,7 @@ timm until a name that needs them is used).
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
+from engine.core.lazy import lazy_names
 from engine.errors import (
     CacheError,
     EmptyGalleryError,
@@ -88,15 +86,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    module = _PUBLIC.get(name)
-    if module is None:
-        raise AttributeError(f"module 'engine' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_PUBLIC))
-
+__getattr__, __dir__ = lazy_names(__name__, globals(), _PUBLIC)

@@ -360,13 +360,7 @@ class PageHandlers:
                 request: gr.Request | None = None) -> dict[Any, Any]:
         report = gradio_progress(progress)
         with engine_errors_as_gradio():
-            # with a job queue, the map and scores are queued there when the gallery opens
-            for space, _ in session.map_spaces() if session.jobs is None else []:
-                session.embedding_map(space, progress=report)
-            if session.gallery.labels is not None and session.jobs is None:
-                for index, (method, _) in enumerate(session.methods()):
-                    report(index / len(session.methods()), f"scoring {method_title(method)}")
-                    session.scores(method)
+            session.prepare_views(report)
         updates = self.switch_gallery(session.key)
         updates[self.ui.gallery] = gr.Dropdown(choices=self.gallery_choices(request),
                                                value=session.key)

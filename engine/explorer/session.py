@@ -207,6 +207,21 @@ class GallerySession:
         self._submit(("map projection", "backbone"), "Embedding map projection",
                      self._warm_up_map)
 
+    def prepare_views(self, progress: ProgressCallback | None = None) -> None:
+        """Without a job queue, compute now what `schedule` would queue for the page's views:
+        every map space, and every method's Compare scores on a labelled gallery. With a queue
+        there is nothing to do here (it was queued when the gallery opened)."""
+        if self.jobs is not None:
+            return
+        for space, _ in self.map_spaces():
+            self.embedding_map(space, progress=progress)
+        if self.gallery.labels is not None:
+            methods = self.methods()
+            for index, (method, title) in enumerate(methods):
+                if progress is not None:
+                    progress(index / len(methods), f"scoring {title}")
+                self.scores(method)
+
     def _warm_up_map(self, progress: JobProgress) -> None:
         """Load the map's model and compile its `transform` (numba), so that the first upload
         is placed on the map without paying for it."""

@@ -443,3 +443,21 @@ def test_a_query_validates_each_methods_parameters_once(explorer, monkeypatch):
     result = explorer.query(None, source_file=session.gallery.files[0], params=params)
     assert sorted(checked) == sorted(params)
     assert set(params) <= set(result.rankings)
+
+
+def test_prepare_views_computes_maps_and_scores_without_a_job_queue(explorer: Explorer,
+                                                                   tmp_path: Path) -> None:
+    """What the page shows for a newly opened gallery (maps, Compare scores) is one engine
+    call; without a job queue it is computed there, with progress."""
+    own = Explorer(explorer.extractor, device="cpu", cache_root=tmp_path / "cache",
+                   allowed_roots=[tmp_path], methods=["k_reciprocal"])
+    session = own.open_folder(make_gallery(tmp_path / "fresh", per_class=4))
+    assert all(session.scores(method, cached_only=True) is None for method, _ in
+               session.methods())
+    reports: list[tuple[float, str]] = []
+    session.prepare_views(lambda fraction, message: reports.append((fraction, message)))
+    for method, title in session.methods():
+        assert session.scores(method, cached_only=True) is not None
+        assert any(message == f"scoring {title}" for _, message in reports)
+    assert [space for space, _ in session.map_spaces()] == ["backbone"]
+    assert session.embedding_map("backbone", fit=False) is not None

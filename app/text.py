@@ -37,7 +37,7 @@ def metrics_text(result: QueryResult, baseline: Ranking, ranking: Ranking) -> st
     how = ("its row of the leave-one-out run over the whole gallery (as in Compare)"
            if ranking.how == "leave-one-out" else
            f"online against the fitted gallery in {ranking.seconds * 1000:.1f} ms")
-    learned = ranking.details.get("trained_on")
+    learned = ranking.detail("trained_on")
     learned = f" Learned from {learned}." if learned else ""
     if ranking.ap is None or baseline.ap is None:
         note = ("Pick the query's class (under the query) to score an upload."
@@ -53,7 +53,7 @@ def history_text(session: GallerySession, result: QueryResult, ranking: Ranking)
     """For iterative methods (details["history"]: (iterations + 1, h) ids), how the top of
     the ranking moved per iteration: ✓/✗ per position when the query has a class, else the
     classes or file names."""
-    history = ranking.details.get("history")
+    history = ranking.detail("history")
     if not isinstance(history, np.ndarray) or history.ndim != 2:
         return ""
     width = min(history.shape[1], result.top_n, 10)

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.rerank import get_reranker_class
+from engine.rerank import documented_details, get_reranker_class
 from engine.search.gallery import Gallery
 
 BASELINE = "baseline"
@@ -43,6 +43,14 @@ class Ranking:
     params: dict[str, Any] = field(default_factory=dict)
     params_source: str = ""
     details: Mapping[str, Any] = field(default_factory=dict)
+
+    def detail(self, key: str) -> Any:
+        """One documented detail of the method (see `Reranker.details_schema`), or None when
+        this ranking has none. The page reads details only through here: a key no method
+        documents is a programming error (KeyError)."""
+        if key not in documented_details():
+            raise KeyError(f"{key!r} is not a documented detail of any method")
+        return self.details.get(key)
     relevant: np.ndarray | None = None
     ap: float | None = None
     precision: float | None = None

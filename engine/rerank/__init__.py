@@ -55,6 +55,15 @@ def get_reranker_class(name: str) -> type[Reranker]:
             f"no re-ranker named {name!r}; registered: {', '.join(_REGISTRY)}") from None
 
 
+def documented_details() -> frozenset[str]:
+    """Every detail key a registered method documents (`Reranker.details_schema`), plus the
+    keys `rerank` adds for all (`COMMON_DETAILS`): what a reader of `details` may ask for."""
+    from engine.rerank.base import COMMON_DETAILS
+
+    _discover()
+    return frozenset(COMMON_DETAILS).union(*(cls.details_schema for cls in _REGISTRY.values()))
+
+
 def create_reranker(name: str, *, device: str = "auto", **params: Any) -> Reranker:
     """Build a registered method with the given parameter overrides (paper defaults otherwise)
     on `device` ("auto", "cpu", "cuda"; CPU-only methods stay on the CPU)."""
@@ -69,6 +78,7 @@ __all__ = [
     "Reranker",
     "TrainingSet",
     "create_reranker",
+    "documented_details",
     "get_reranker_class",
     "list_rerankers",
     "param",

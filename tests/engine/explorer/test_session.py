@@ -461,3 +461,18 @@ def test_prepare_views_computes_maps_and_scores_without_a_job_queue(explorer: Ex
         assert any(message == f"scoring {title}" for _, message in reports)
     assert [space for space, _ in session.map_spaces()] == ["backbone"]
     assert session.embedding_map("backbone", fit=False) is not None
+
+
+def test_details_are_read_through_the_documented_schema(explorer: Explorer) -> None:
+    """`Ranking.detail` returns a documented detail (ICFRR's per-iteration history, SSR's
+    training source) or None, and refuses a key no method documents."""
+    session = explorer.session(None)
+    result = explorer.query(None, source_file=session.gallery.files[0])
+    icfrr = result.rankings["icfrr"]
+    history = icfrr.detail("history")
+    assert history is not None and history.ndim == 2 and history.shape[1] >= 1
+    assert history[0, 0] in result.rankings[BASELINE].indices[:history.shape[1]]
+    assert result.rankings[BASELINE].detail("history") is None
+    assert isinstance(result.rankings["ssr"].detail("trained_on"), str)
+    with pytest.raises(KeyError, match="not a documented detail"):
+        icfrr.detail("bogus")

@@ -1,6 +1,6 @@
 """Write a gallery's features into its folder, so that a fresh clone loads them instead of
 embedding every image (`engine.search.gallery.shipped_features_path`; checked at load, see
-`engine/gallery.py`). Rerun it whenever the images or the backbone change.
+`engine/search/gallery.py`). Rerun it whenever the images or the backbone change.
 
     python scripts/ship_gallery_features.py                       # the demo gallery, lite0
     python scripts/ship_gallery_features.py --gallery PATH --backbone tf_efficientnet_lite2

@@ -26,8 +26,9 @@ from tests.galleries import make_gallery
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO / "Dockerfile"
 SERVE_DEADLINE_S = 300
-# What a start logs when it computes instead of loading (engine/gallery.py, embedding_map.py,
-# rerank/ssr.py, rerank/sgrr.py, ssp.py), or when a background job fails (engine/jobs.py).
+# What a start logs when it computes instead of loading (engine/search/gallery.py,
+# views/embedding_map.py, rerank/ssr.py, rerank/sgrr.py, asymmetric/), or when a background job
+# fails (engine/core/jobs.py).
 RECOMPUTING = re.compile(r"embedding \d+ new or changed images|re-embedding|building the index|"
                          r"fitting the embedding map|refitting|retraining|"
                          r"SSP query model trained|background job .* failed")

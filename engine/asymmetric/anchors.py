@@ -26,7 +26,7 @@ def train_anchors(features: np.ndarray, subspaces: int, centroids: int = 256, se
     Returns:
         (M, K, d / M) float32, every sub-vector of unit L2 norm.
     """
-    from engine.search.index import _faiss
+    from engine.search.index import faiss_module
 
     array = check_features(features, "anchor training features", unit_norm=False)
     n, dim = array.shape
@@ -38,7 +38,7 @@ def train_anchors(features: np.ndarray, subspaces: int, centroids: int = 256, se
     if n < centroids:
         raise InvalidInputError(f"training the PQ anchors needs at least {centroids} images (one "
                                 f"per centroid), got {n}: add images or lower `centroids`")
-    faiss = _faiss()
+    faiss = faiss_module()
     quantiser = faiss.ProductQuantizer(dim, subspaces, int(math.log2(centroids)))
     quantiser.cp.niter = PQ_ITERATIONS
     quantiser.cp.nredo = PQ_RESTARTS

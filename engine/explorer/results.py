@@ -43,6 +43,9 @@ class Ranking:
     params: dict[str, Any] = field(default_factory=dict)
     params_source: str = ""
     details: Mapping[str, Any] = field(default_factory=dict)
+    relevant: np.ndarray | None = None
+    ap: float | None = None
+    precision: float | None = None
 
     def detail(self, key: str) -> Any:
         """One documented detail of the method (see `Reranker.details_schema`), or None when
@@ -51,9 +54,6 @@ class Ranking:
         if key not in documented_details():
             raise KeyError(f"{key!r} is not a documented detail of any method")
         return self.details.get(key)
-    relevant: np.ndarray | None = None
-    ap: float | None = None
-    precision: float | None = None
 
 
 @dataclass(frozen=True)

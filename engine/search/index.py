@@ -56,7 +56,8 @@ PROBE_ITEMS, PROBE_DIM, PROBE_QUERIES, PROBE_K = 2000, 64, 64, 10
 PROBE_TOLERANCE = 1e-4
 
 
-def _faiss():
+def faiss_module():
+    """The faiss module, imported on first use (importing it costs seconds)."""
     import faiss
 
     return faiss
@@ -68,13 +69,13 @@ def faiss_gpu_count() -> int:
     On a GPU build this asks CUDA, and faiss aborts the process if CUDA fails (a driver older
     than its CUDA): `faiss_gpu_probe` calls it only after a child process did so safely.
     """
-    faiss = _faiss()
+    faiss = faiss_module()
     return int(faiss.get_num_gpus()) if hasattr(faiss, "get_num_gpus") else 0
 
 
 def _faiss_gpu_build() -> bool:
     """Whether the installed faiss has GPU support (without touching CUDA)."""
-    return hasattr(_faiss(), "StandardGpuResources")
+    return hasattr(faiss_module(), "StandardGpuResources")
 
 
 # -- the faiss GPU probe -------------------------------------------------------------------------
@@ -88,7 +89,7 @@ class FaissGpuProbe:
 
 def _faiss_to_gpu(index, gpus: Sequence[int] | None):
     """A copy of the CPU faiss `index` on the GPUs `gpus` (None: every GPU faiss sees)."""
-    faiss = _faiss()
+    faiss = faiss_module()
     return faiss.index_cpu_to_gpus_list(index, gpus=None if gpus is None else list(gpus))
 
 
@@ -109,7 +110,7 @@ def _probe_search(kind: str, gpus: Sequence[int] | None) -> str | None:
     IVF probes every cell, so both answers are exact. Returns None when the GPU answer equals
     the CPU one (up to ties within PROBE_TOLERANCE), else why not.
     """
-    faiss = _faiss()
+    faiss = faiss_module()
     gallery, queries = _probe_data()
     if kind == "ivf":
         cpu_index = faiss.IndexIVFFlat(faiss.IndexFlatIP(PROBE_DIM), PROBE_DIM, 8,
@@ -350,7 +351,7 @@ class SearchIndex:
         if features is None or len(features) == 0:
             raise EmptyGalleryError("cannot build an index over an empty gallery: add images")
         features = check_features(features, "gallery features")
-        faiss = _faiss()
+        faiss = faiss_module()
         dim = features.shape[1]
         self.kind, self.size, self.dim = kind, features.shape[0], dim
         if kind == "flat":
@@ -448,7 +449,7 @@ class SearchIndex:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the (CPU copy of the) index atomically."""
-        faiss = _faiss()
+        faiss = faiss_module()
         with atomic_path(path) as temporary:
             faiss.write_index(self._cpu_index, str(temporary))
 
@@ -456,7 +457,7 @@ class SearchIndex:
     def load(cls, path: str | os.PathLike, device: str = "auto", *, precision: str = "fp32",
              backend: str = "auto") -> SearchIndex:
         """Read an index written by `save` and place it as the constructor would."""
-        faiss = _faiss()
+        faiss = faiss_module()
         path = Path(path)
         try:
             index = faiss.read_index(str(path))
@@ -483,7 +484,7 @@ def exact_knn(features: np.ndarray, k: int, queries: np.ndarray | None = None
     Returns (similarities (n, k) float32 descending, indices (n, k) int64). Uses a faiss flat
     index on the CPU (BLAS, multi-threaded); the torch path of the re-rankers covers CUDA.
     """
-    faiss = _faiss()
+    faiss = faiss_module()
     index = faiss.IndexFlatIP(features.shape[1])
     index.add(np.ascontiguousarray(features, dtype=np.float32))
     similarities, indices = index.search(

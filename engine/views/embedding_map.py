@@ -19,6 +19,7 @@ model (fit, load, transform) holds one process-wide lock.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -267,15 +268,22 @@ class EmbeddingMap:
         # nearest-neighbour search index, the fuzzy graph, the training data), which has no
         # array form to save instead. Unpickling runs code, so the file's sha256, recorded in
         # its manifest when `_save` wrote it, is checked first: only the bytes this module
-        # wrote for this key and these parameters are ever unpickled.
-        load_state(_model_state(model_path), kind=MODEL_STATE, version=MAP_VERSION,
-                   fingerprint=_model_fingerprint(self.key, self.parameters),
-                   files=[model_path.name])
+        # wrote for this key and these parameters are ever unpickled. The bytes are read once,
+        # and the bytes unpickled are the bytes checked.
+        try:
+            data = model_path.read_bytes()
+        except OSError as error:
+            raise CacheError(f"the embedding map model {model_path} is unreadable ({error})"
+                             ) from error
+        state = load_state(_model_state(model_path), kind=MODEL_STATE, version=MAP_VERSION,
+                           fingerprint=_model_fingerprint(self.key, self.parameters),
+                           files=[model_path.name])
+        if hashlib.sha256(data).hexdigest() != state.manifest["files"][model_path.name]["sha256"]:
+            raise CacheError(f"the embedding map model {model_path} changed while it was read")
         umap = _import_umap()
         try:
-            with open(model_path, "rb") as handle:
-                model = pickle.load(handle)
-        except (OSError, EOFError, pickle.UnpicklingError, AttributeError, ImportError,
+            model = pickle.loads(data)
+        except (EOFError, pickle.UnpicklingError, AttributeError, ImportError,
                 IndexError, KeyError, TypeError, ValueError) as error:
             raise CacheError(f"the embedding map model {model_path} is unreadable ({error})"
                              ) from error

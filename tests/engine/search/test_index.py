@@ -383,7 +383,7 @@ def test_backend_option_errors(rng, options, message):
 
 def faiss_cpu_clone(index, gpus):
     """Stands in for the GPU copy in the selection tests: a faithful CPU clone."""
-    return index_module._faiss().clone_index(index)
+    return index_module.faiss_module().clone_index(index)
 
 
 def test_faiss_gpu_chosen_when_the_probe_passes(rng, monkeypatch, no_cuda, fresh_probe):
@@ -439,7 +439,7 @@ def test_probe_mismatch_falls_back(rng, monkeypatch, no_cuda, fresh_probe):
     monkeypatch.setattr(index_module, "_probe_in_child", lambda kind, gpus: None)
 
     def wrong_rows(index, gpus):  # answers with every item's neighbour in storage order
-        faiss = index_module._faiss()
+        faiss = index_module.faiss_module()
         shifted = faiss.IndexFlatIP(index.d)
         shifted.add(np.roll(index.reconstruct_n(0, index.ntotal), 1, axis=0))
         return shifted

@@ -58,7 +58,7 @@ def query_view(session: GallerySession, result: QueryResult, previous: QueryView
 def _drawn_rows(result: QueryResult) -> list[int]:
     rows: list[int] = []
     for method in result.rankings:
-        rows.extend(result.top(method)[0].tolist())
+        rows.extend(result.top(method)[1].tolist())
     return list(dict.fromkeys(rows))
 
 
@@ -66,7 +66,7 @@ def ranked_items(thumbnails: ThumbnailCache, session: GallerySession, result: Qu
                  method: str, compare_to_baseline: bool) -> list[tuple[str, str]]:
     """(thumbnail, caption) per top-N result: rank, class, distance, rank change, hit mark."""
     ranking = result.rankings[method]
-    indices, distances = result.top(method)
+    distances, indices = result.top(method)
     baseline_rank = {}
     if compare_to_baseline:
         baseline_rank = {row: rank for rank, row in
@@ -138,7 +138,7 @@ def plot_updates(ui: PageComponents, session: GallerySession, view: QueryView,
     """The kNN graph and the embedding map of a query, showing `plot_method`'s top results."""
     result = view.result
     method = plot_method if plot_method in result.rankings else BASELINE
-    indices, distances = result.top(method)
+    distances, indices = result.top(method)
     gallery = session.gallery
     knn = plots.knn_figure(
         view.graph, indices.tolist(), distances.tolist(), files=gallery.files,
@@ -166,7 +166,7 @@ def map_figure(session: GallerySession, view: QueryView | None, method: str, spa
         if space not in view.map_positions:
             with engine_errors_as_gradio():
                 view.map_positions[space] = session.query_map_position(result, space)
-        indices, distances = result.top(method if method in result.rankings else BASELINE)
+        distances, indices = result.top(method if method in result.rankings else BASELINE)
         kwargs = {"query_xy": view.map_positions[space], "result_rows": indices.tolist(),
                   "result_distances": distances.tolist()}
     return plots.embedding_figure(

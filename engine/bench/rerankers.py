@@ -74,7 +74,7 @@ def _baseline(features: np.ndarray, split: Split, k: int) -> np.ndarray:
     gallery = features[split.gallery_rows]
     if split.leave_one_out:
         similarities, indices = exact_knn(gallery, k + 1)
-        return without_self(indices, similarities, k)[0]
+        return without_self(similarities, indices, k)[1]
     _, indices = exact_knn(gallery, k, queries=features[split.query_rows])
     return indices
 

@@ -118,7 +118,7 @@ class MethodScores:
     n_queries: int
 
 
-def without_self(indices: np.ndarray, distances: np.ndarray, depth: int
+def without_self(distances: np.ndarray, indices: np.ndarray, depth: int
                  ) -> tuple[np.ndarray, np.ndarray]:
     """Drop each row's own index (row i is query i) wherever it landed, keep `depth` columns.
 
@@ -127,8 +127,8 @@ def without_self(indices: np.ndarray, distances: np.ndarray, depth: int
     """
     keep = indices != np.arange(len(indices))[:, None]
     order = np.argsort(~keep, axis=1, kind="stable")[:, :depth]
-    return (np.take_along_axis(indices, order, axis=1),
-            np.take_along_axis(distances, order, axis=1))
+    return (np.take_along_axis(distances, order, axis=1),
+            np.take_along_axis(indices, order, axis=1))
 
 
 def median_ms(rank_one: Callable[[np.ndarray], Any], queries: np.ndarray) -> float:

@@ -86,9 +86,9 @@ class QueryResult:
     not_ready: dict[str, str] = field(default_factory=dict)
 
     def top(self, method: str) -> tuple[np.ndarray, np.ndarray]:
-        """The first `top_n` (indices, distances) of a method's ranking."""
+        """The first `top_n` (distances, indices) of a method's ranking."""
         ranking = self.rankings[method]
-        return ranking.indices[:self.top_n], ranking.distances[:self.top_n]
+        return ranking.distances[:self.top_n], ranking.indices[:self.top_n]
 
     def with_ranking(self, ranking: Ranking) -> QueryResult:
         """A copy with one method's ranking (and its timing) replaced."""
@@ -109,7 +109,7 @@ class QueryResult:
         """A JSON-ready summary: per method the top-N file names, classes and distances."""
         methods = {}
         for name, ranking in self.rankings.items():
-            indices, distances = self.top(name)
+            distances, indices = self.top(name)
             methods[name] = {
                 "title": ranking.title,
                 "files": [gallery.files[row] for row in indices.tolist()],

@@ -328,7 +328,7 @@ class GallerySession:
             def build() -> LeaveOneOutRankings:
                 started = time.perf_counter()
                 result = self.gallery.search(self.gallery.features, depth + 1)
-                indices, distances = without_self(result.indices, result.distances, depth)
+                distances, indices = without_self(result.distances, result.indices, depth)
                 return LeaveOneOutRankings(indices, distances, time.perf_counter() - started)
         else:
             setting = self.setting(method, params)

@@ -313,8 +313,8 @@ def _stable_tail_sort(lists: np.ndarray, values: np.ndarray) -> tuple[np.ndarray
     """Sort the tail (columns 1..) of each list by `values` descending, stably."""
     order = np.argsort(-values[:, 1:], axis=1, kind="stable")
     tail = np.take_along_axis(lists[:, 1:], order, axis=1)
-    return (np.concatenate([lists[:, :1], tail], axis=1),
-            np.take_along_axis(values[:, 1:], order, axis=1))
+    return (np.take_along_axis(values[:, 1:], order, axis=1),
+            np.concatenate([lists[:, :1], tail], axis=1))
 
 
 def _initial_lists(lists: np.ndarray) -> np.ndarray:
@@ -333,7 +333,7 @@ def _initial_lists(lists: np.ndarray) -> np.ndarray:
     similarity = sp.csr_matrix((score, (rows, lists.ravel())), shape=(n, n))
     similarity = (similarity + similarity.T).tocsr()
     values = np.asarray(similarity[rows, lists.ravel()]).reshape(n, depth)
-    lists, _ = _stable_tail_sort(lists, values)
+    _, lists = _stable_tail_sort(lists, values)
     where = np.argmax(lists == items[:, None], axis=1)
     moved = np.flatnonzero(where > 0)
     lists[moved, where[moved]] = lists[moved, 0]

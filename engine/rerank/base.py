@@ -2,8 +2,9 @@
 
 Conventions (one for the whole project):
 - Features are float32, L2-normalised rows; similarity is the inner product.
-- A ranking is `(indices, distances)` of shape (n_queries, k), best first, and a smaller distance
-  is closer. Per-method extras for the UI ride in `RerankResult.details`.
+- A ranking is `RerankResult(indices, distances)` (named fields) of shape (n_queries, k), best
+  first, and a smaller distance is closer. Per-method extras for the UI ride in
+  `RerankResult.details`. Where a pair is returned, it is in faiss's (distances, indices) order.
 - Indices refer to gallery rows.
 """
 
@@ -124,9 +125,10 @@ class Reranker(ABC):
     - `_rerank_online(query_feature, k)`: one new query (d,) against the fitted gallery, using only
       precomputed gallery structures and the query's own neighbours.
 
-    Each hook returns `(indices, distances, details)`: indices (n, k) int, distances (n, k) float
-    ascending (smaller is closer), details a dict. The public `rerank` validates the input, calls
-    the hook and validates the output, so every method honours the same contract.
+    Each hook returns `(distances, indices, details)`, faiss's order: distances (n, k) float
+    ascending (smaller is closer), indices (n, k) int, details a dict. The public `rerank`
+    validates the input, calls the hook and validates the output, so every method honours the
+    same contract and returns one `RerankResult`.
     """
 
     name: ClassVar[str] = ""
@@ -246,17 +248,17 @@ class Reranker(ABC):
         if leave_one_out:
             if mode != "batch":
                 raise InvalidInputError("leave-one-out (query_features=None) is a batch mode")
-            indices, distances, details = self._rerank_batch(None, int(k))
+            distances, indices, details = self._rerank_batch(None, int(k))
             n_queries = context.size
         else:
             queries = check_features(query_features, "query features", context.features.shape[1])
             n_queries = queries.shape[0]
             if mode == "batch":
-                indices, distances, details = self._rerank_batch(queries, int(k))
+                distances, indices, details = self._rerank_batch(queries, int(k))
             else:
                 rows = [self._rerank_online(query, int(k)) for query in queries]
-                indices = np.stack([row[0] for row in rows])
-                distances = np.stack([row[1] for row in rows])
+                distances = np.stack([row[0] for row in rows])
+                indices = np.stack([row[1] for row in rows])
                 details = rows[0][2] if n_queries == 1 else {"per_query": [r[2] for r in rows]}
         result = RerankResult(np.asarray(indices, dtype=np.int64),
                               np.asarray(distances, dtype=np.float32), dict(details))
@@ -289,7 +291,7 @@ class Reranker(ABC):
     @abstractmethod
     def _rerank_online(self, query_feature: np.ndarray, k: int
                        ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-        """One query (d,) against the fitted gallery; returns (k,) indices and distances."""
+        """One query (d,) against the fitted gallery; returns (k,) distances and indices."""
 
     # -- output check ---------------------------------------------------------------------------
     def _check_result(self, result: RerankResult, n_queries: int, k: int,

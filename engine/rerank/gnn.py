@@ -210,7 +210,7 @@ class GNNReranker(Reranker):
         with torch.inference_mode():
             scores, indices = gnn_scores(features, n_queries, k1, k2, self.params.lambda_value,
                                          k, exclude_self=query_features is None)
-        return indices.cpu().numpy(), (1.0 - scores).cpu().numpy(), details
+        return (1.0 - scores).cpu().numpy(), indices.cpu().numpy(), details
 
     def _rerank_online(self, query_feature: np.ndarray, k: int):
         """Batch with this single query, reusing the gallery's precomputed kNN graph.
@@ -241,9 +241,9 @@ class GNNReranker(Reranker):
                     score = score + self.params.lambda_value * (query[None, :] @ gallery.t())[0]
                 values, order = torch_topk_largest(score[None, :], k)
                 details = {**details, "rows_recomputed": recomputed}
-                return order[0].numpy(), (1.0 - values[0]).numpy(), details
+                return (1.0 - values[0]).numpy(), order[0].numpy(), details
             features = torch.cat([query[None, :], gallery])
             scores, indices = gnn_scores(features, 1, k1, k2, self.params.lambda_value, k,
                                          exclude_self=False, neighbours=all_neighbours,
                                          similarities=all_similarities)
-        return indices[0].cpu().numpy(), (1.0 - scores[0]).cpu().numpy(), details
+        return (1.0 - scores[0]).cpu().numpy(), indices[0].cpu().numpy(), details

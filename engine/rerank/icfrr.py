@@ -105,19 +105,20 @@ def ascending_candidates(distances: np.ndarray | torch.Tensor,
         distances: (B, G) float32, numpy (sorted by numpy) or torch (sorted on its device).
         exclude: (B,) ids of the same kind, or None.
     Returns:
-        order (B, G or G - 1) int64 and the matching distances, of the input's kind.
+        the sorted distances and their ids, order (B, G or G - 1) int64, of the input's kind
+        (faiss's (distances, indices) order).
     """
     rows = distances.shape[0]
     if isinstance(distances, torch.Tensor):
         values, order = torch.sort(distances, dim=1, stable=True)
         if exclude is None:
-            return order, values
+            return values, order
         kept = order != exclude[:, None]
-        return order[kept].reshape(rows, -1), values[kept].reshape(rows, -1)
+        return values[kept].reshape(rows, -1), order[kept].reshape(rows, -1)
     order = np.argsort(distances, axis=1, kind="stable")
     if exclude is not None:
         order = order[order != exclude[:, None]].reshape(rows, -1)
-    return order, np.take_along_axis(distances, order, axis=1)
+    return np.take_along_axis(distances, order, axis=1), order
 
 
 def sorted_lists(distances: np.ndarray, depth: int) -> np.ndarray:
@@ -302,7 +303,7 @@ def run(query_gallery: np.ndarray | torch.Tensor, lists: np.ndarray | torch.Tens
     for start in range(0, n_queries, chunk):
         block = query_gallery[start:start + chunk]
         left_out = None if exclude is None else exclude[start:start + len(block)]
-        order, distances = ascending_candidates(block, left_out)
+        distances, order = ascending_candidates(block, left_out)
         outputs.append(iterate(
             torch.as_tensor(order, device=device), torch.as_tensor(distances, device=device),
             lists_t, n_items, params, kg, kq,
@@ -399,7 +400,7 @@ class ICFRR(Reranker):
             histories.append(output.history)
         details = {**details, "history": np.concatenate(histories),
                    "distance": "minus the final ICFRR score"}
-        return np.concatenate(orders), -np.concatenate(scores), details
+        return -np.concatenate(scores), np.concatenate(orders), details
 
     def _rerank_batch(self, query_features: np.ndarray | None, k: int
                       ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
@@ -411,5 +412,5 @@ class ICFRR(Reranker):
         (1, G) products and sorts are too small to gain from a second thread, and on a busy
         machine each would wait for it."""
         with query_threads():
-            indices, distances, details = self._run(query_feature[None, :], k)
-        return indices[0], distances[0], {**details, "history": details["history"][0]}
+            distances, indices, details = self._run(query_feature[None, :], k)
+        return distances[0], indices[0], {**details, "history": details["history"][0]}

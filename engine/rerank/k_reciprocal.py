@@ -205,7 +205,7 @@ class KReciprocalReranker(Reranker):
             if leave_one_out:
                 final[np.arange(final.shape[0]), np.arange(rows.start, rows.stop)] = np.inf
             distances[rows], indices[rows] = top_k_smallest(final, k)
-        return indices, distances, details
+        return distances, indices, details
 
     def _rerank_batch_torch(self, query_features: np.ndarray | None, k: int,
                             device: torch.device):
@@ -243,7 +243,7 @@ class KReciprocalReranker(Reranker):
             values, order = torch_topk_largest(-final, k)  # ties: smaller index first
             indices[start:stop] = order.cpu().numpy()
             distances[start:stop] = (-values).cpu().numpy()
-        return indices, distances, details
+        return distances, indices, details
 
     def _rerank_online(self, query_feature: np.ndarray, k: int):
         """Exactly the batch result for this single query, recomputing only what it changes.
@@ -273,7 +273,7 @@ class KReciprocalReranker(Reranker):
             final = self._final(overlap[None, 1:], to_query[None, :], lists.row_max[:1])
             distances, indices = top_k_smallest(final, k)
         details = {**details, "rows_reencoded": int(dirty_rows.size)}
-        return indices[0], distances[0], details
+        return distances[0], indices[0], details
 
     def _patched_overlap(self, query_feature: np.ndarray, to_query: np.ndarray,
                          lists: NeighbourLists, k1: int, k2: int

@@ -245,11 +245,11 @@ def rank_by_distance(distances: torch.Tensor, original: torch.Tensor, k: int
     Args:
         distances, original: (Q, G) float32 on one device.
     Returns:
-        indices (Q, k) int64 and the distances at them.
+        the distances (Q, k) and their indices (Q, k) int64.
     """
     by_original = torch.sort(-original, dim=1, stable=True).indices
     by_distance = torch.sort(distances.gather(1, by_original), dim=1, stable=True)
-    return by_original.gather(1, by_distance.indices[:, :k]), by_distance.values[:, :k]
+    return by_distance.values[:, :k], by_original.gather(1, by_distance.indices[:, :k])
 
 
 @register
@@ -436,29 +436,29 @@ class SGRR(Reranker):
         original = torch_canonical_similarity(query_features, self._features)
         if exclude_self:
             distances.fill_diagonal_(torch.inf)
-        indices, distances = rank_by_distance(distances, original, k)
-        return indices.cpu().numpy(), distances.cpu().numpy()
+        distances, indices = rank_by_distance(distances, original, k)
+        return distances.cpu().numpy(), indices.cpu().numpy()
 
     def _rerank_batch(self, query_features: np.ndarray | None, k: int
                       ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
         details = {"pseudo_labelled": int((self.pseudo_labels >= 0).sum()),
                    "clusters": self.classes, "K": self.k_used}
         if query_features is None:
-            indices, distances = self._rank(self._unit_embeddings, self._unit_embeddings, k,
+            distances, indices = self._rank(self._unit_embeddings, self._unit_embeddings, k,
                                             True, self._features)
-            return indices, distances, details
+            return distances, indices, details
         # The authors' transductive pipeline: queries and gallery embedded together.
         union = np.concatenate([query_features, self.gallery.features])
         state = self._train(union, self.classes)
         embeddings = unit_rows(state["fitted"]["embeddings"])
         queries, gallery = embeddings[:len(query_features)], embeddings[len(query_features):]
-        indices, distances = self._rank(queries, gallery, k, False,
+        distances, indices = self._rank(queries, gallery, k, False,
                                         self._on_device(query_features))
-        return indices, distances, details
+        return distances, indices, details
 
     def _rerank_online(self, query_feature: np.ndarray, k: int
                        ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
         query = self._on_device(query_feature[None, :])
-        indices, distances = self._rank(self._embed_queries(query), self._unit_embeddings, k,
+        distances, indices = self._rank(self._embed_queries(query), self._unit_embeddings, k,
                                         False, query)
-        return indices[0], distances[0], {"K": self.k_used, "clusters": self.classes}
+        return distances[0], indices[0], {"K": self.k_used, "clusters": self.classes}

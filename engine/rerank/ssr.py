@@ -286,7 +286,7 @@ def cosine_ranking(queries: np.ndarray, gallery: np.ndarray, depth: int, exclude
                 similarity[local, local + begin] = -torch.inf
             values, order = torch_topk_largest(similarity, depth)
             indices[rows], distances[rows] = order.cpu().numpy(), (1.0 - values).cpu().numpy()
-    return indices, distances
+    return distances, indices
 
 
 @dataclass(frozen=True)
@@ -537,7 +537,7 @@ class SSR(Reranker):
         same mode: an online query joins the fitted gallery graph, a batch re-builds it)."""
         if self._k_reciprocal is not None:
             result = self._k_reciprocal.rerank(query_features, depth, mode=mode)
-            return result.indices, result.distances
+            return result.distances, result.indices
         gallery = self.gallery.features
         return cosine_ranking(gallery if query_features is None else query_features, gallery,
                               depth, exclude_self=query_features is None,
@@ -548,7 +548,7 @@ class SSR(Reranker):
                 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
         gallery = self.gallery.features
         top = self.k_used
-        indices, distances = self._initial(query_features, max(k, top), mode)
+        distances, indices = self._initial(query_features, max(k, top), mode)
         queries = gallery if query_features is None else query_features
         refined = np.empty((len(queries), top), np.float32)
         for begin in range(0, len(queries), QUERY_CHUNK):
@@ -571,7 +571,7 @@ class SSR(Reranker):
                                else "cosine"),
                    "trained_on": self.manifest["mode"],
                    "refined_similarity": refined[0, order[0]].tolist()}
-        return ranked, ranked_distances.astype(np.float32), details
+        return ranked_distances.astype(np.float32), ranked, details
 
     def _rerank_batch(self, query_features: np.ndarray | None, k: int
                       ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
@@ -579,8 +579,8 @@ class SSR(Reranker):
 
     def _rerank_online(self, query_feature: np.ndarray, k: int
                        ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-        indices, distances, details = self._refine(query_feature[None, :], k, "online")
-        return indices[0], distances[0], details
+        distances, indices, details = self._refine(query_feature[None, :], k, "online")
+        return distances[0], indices[0], details
 
 
 # -- state on disk ---------------------------------------------------------------------------

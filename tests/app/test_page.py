@@ -180,7 +180,7 @@ def test_replot_keeps_the_knn_node_positions(handlers: PageHandlers, session: Ga
              for method in (BASELINE, "k_reciprocal")}
     figures = {method: updates[handlers.ui.knn_plot] for method, updates in plots.items()}
     baseline, reranked = nodes(figures[BASELINE]), nodes(figures["k_reciprocal"])
-    expected = {session.gallery.files[row] for row in view.result.top(BASELINE)[0]}
+    expected = {session.gallery.files[row] for row in view.result.top(BASELINE)[1]}
     assert set(baseline) == expected
     common = set(baseline) & set(reranked)
     assert common

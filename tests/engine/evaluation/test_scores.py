@@ -46,7 +46,7 @@ RANKED_DISTANCES = np.array([
 ])
 def test_without_self_drops_the_query_wherever_it_lands(depth: int, indices: list,
                                                         distances: list) -> None:
-    kept, kept_distances = without_self(RANKED, RANKED_DISTANCES, depth)
+    kept_distances, kept = without_self(RANKED_DISTANCES, RANKED, depth)
     np.testing.assert_array_equal(kept, indices)
     np.testing.assert_allclose(kept_distances, distances)
     assert kept_distances.dtype == np.float32

@@ -228,7 +228,7 @@ def test_top_n_must_be_a_positive_integer(explorer: Explorer, session: GallerySe
 def test_top_n_is_capped_by_the_ranking(explorer: Explorer, session: GallerySession) -> None:
     result = explorer.query(None, source_file=session.gallery.files[0], top_n=100)
     assert result.top_n == session.gallery.size - 1
-    indices, distances = result.top(BASELINE)
+    distances, indices = result.top(BASELINE)
     assert len(indices) == len(distances) == session.gallery.size - 1
 
 

@@ -410,8 +410,8 @@ def test_torch_sort_equals_numpy_sort(split_features, leave_one_out, decimals):
     if decimals is not None:
         distances = np.round(distances, decimals)
     exclude = np.arange(len(gallery)) if leave_one_out else None
-    order, values = ascending_candidates(distances, exclude)
-    order_t, values_t = ascending_candidates(
+    values, order = ascending_candidates(distances, exclude)
+    values_t, order_t = ascending_candidates(
         torch.from_numpy(distances), None if exclude is None else torch.from_numpy(exclude))
     assert order.shape == (len(distances), len(gallery) - leave_one_out)
     np.testing.assert_array_equal(order_t.numpy(), order)

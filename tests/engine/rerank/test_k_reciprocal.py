@@ -451,11 +451,11 @@ def assert_same_batch(reranker, query_features, k, monkeypatch=None, cells=None)
 
     size = reranker.gallery.size
     leave_one_out = query_features is None
-    expected_indices, expected_distances, expected_details = reranker._rerank_batch(
+    expected_distances, expected_indices, expected_details = reranker._rerank_batch(
         query_features, size - leave_one_out)  # the full ranking: every item's distance
     if cells is not None:
         monkeypatch.setattr(k_reciprocal, "GPU_CELLS_PER_CHUNK", cells)
-    indices, distances, details = reranker._rerank_batch_torch(query_features, k,
+    distances, indices, details = reranker._rerank_batch_torch(query_features, k,
                                                                torch.device("cpu"))
     assert indices.dtype == np.int64 and distances.dtype == np.float32
     reference = np.full((len(expected_indices), size), np.inf)  # leave-one-out: self at inf

@@ -192,7 +192,7 @@ def test_rank_by_distance_breaks_ties_as_lexsort(k):
     original = rng.integers(0, 3, (6, 40)).astype(np.float32) / 2
     original[0] = 0.5  # a row whose ties fall through to the index
     distances[1, :] = 0.25  # a row ordered by the original alone
-    indices, values = rank_by_distance(torch.from_numpy(distances), torch.from_numpy(original), k)
+    values, indices = rank_by_distance(torch.from_numpy(distances), torch.from_numpy(original), k)
     expected = np.lexsort((-original, distances), axis=1)[:, :k]
     np.testing.assert_array_equal(indices.numpy(), expected)
     np.testing.assert_array_equal(values.numpy(), np.take_along_axis(distances, expected, 1))

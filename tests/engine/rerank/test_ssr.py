@@ -379,7 +379,7 @@ def test_rankings_and_views_do_not_depend_on_the_last_bits(held_out, tail_state,
     reference = 11.0 - queries.astype(np.float64) @ context.features.astype(np.float64).T
     np.put_along_axis(reference, result.indices[:, :k], result.distances[:, :k], axis=1)
     # the views of the batch run are those of the loop (float64, as on any CPU)
-    initial = cosine_ranking(queries, context.features, k, exclude_self=False)[0]
+    initial = cosine_ranking(queries, context.features, k, exclude_self=False)[1]
     for row, order in enumerate(reference_orders):
         nodes = np.concatenate([queries[row][None], context.features[initial[row]]])
         np.testing.assert_array_equal(order, order_by_loop(nodes), err_msg=f"query {row}")
@@ -544,10 +544,10 @@ def test_cosine_ranking_in_torch_equals_numpy(demo_features, exclude_self, monke
     on_numpy = cosine_ranking(queries, gallery, 20, exclude_self)
     on_torch = cosine_ranking(queries, gallery, 20, exclude_self,
                               gallery_tensor=torch.from_numpy(gallery))
-    np.testing.assert_array_equal(on_torch[0], on_numpy[0])
-    np.testing.assert_allclose(on_torch[1], on_numpy[1], atol=1e-6)
+    np.testing.assert_array_equal(on_torch[1], on_numpy[1])
+    np.testing.assert_allclose(on_torch[0], on_numpy[0], atol=1e-6)
     if exclude_self:
-        assert not (on_numpy[0] == np.arange(len(gallery))[:, None]).any()
+        assert not (on_numpy[1] == np.arange(len(gallery))[:, None]).any()
 
 
 def test_training_reports_progress_every_percent_and_the_last_episode(monkeypatch):

@@ -290,9 +290,9 @@ def test_a_tampered_model_is_refused_before_it_is_unpickled(small_features, tmp_
     assert manifest.is_file()
     (tmp_path / "maps" / "backbone.umap.pkl").write_bytes(pickle.dumps({"not": "the model"}))
     unpickled: list[object] = []
-    original = pickle.load
-    monkeypatch.setattr(embedding_map_module.pickle, "load",
-                        lambda handle: unpickled.append(handle) or original(handle))
+    original = pickle.loads
+    monkeypatch.setattr(embedding_map_module.pickle, "loads",
+                        lambda data: unpickled.append(data) or original(data))
     loaded = EmbeddingMap.load(tmp_path, "backbone", "a")
     assert loaded is not None
     with pytest.raises(CacheError, match="does not match the size and sha256"):

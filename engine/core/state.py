@@ -22,6 +22,7 @@ deletes nothing: the caller rebuilds and saves over it.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -63,12 +64,14 @@ class LoadedState:
 
     manifest: every field of the manifest but its checksum (the caller's metadata included);
     tensors: name -> CPU torch tensor (empty when the state has none); files: name -> path of
-    each extra file, its size and sha256 checked.
+    each extra file, its size and sha256 checked; contents: name -> the bytes of each file the
+    caller asked `load_state` to read, the very bytes that were checked.
     """
 
     manifest: dict[str, Any]
     tensors: dict[str, Any] = field(default_factory=dict)
     files: dict[str, Path] = field(default_factory=dict)
+    contents: dict[str, bytes] = field(default_factory=dict)
 
 
 def manifest_path(path: str | os.PathLike) -> Path:
@@ -173,7 +176,8 @@ def read_manifest(path: str | os.PathLike, *, kind: str, version: int) -> dict[s
 
 
 def load_state(path: str | os.PathLike, *, kind: str, version: int,
-               fingerprint: str | None, files: Sequence[str] = ()) -> LoadedState:
+               fingerprint: str | None, files: Sequence[str] = (),
+               read: Sequence[str] = ()) -> LoadedState:
     """Load and verify the state saved at `path` by `save_state`.
 
     The checks, in order, before any tensor is parsed: the manifest exists
@@ -187,8 +191,11 @@ def load_state(path: str | os.PathLike, *, kind: str, version: int,
         kind, version: what the caller saves now.
         fingerprint: what the caller expects the state to be made from.
         files: names of extra files the caller needs (each must be recorded).
+        read: names of extra files whose contents the caller needs: each is read once, checked
+            from those bytes and returned in `contents`, so that what the caller uses (say,
+            unpickles) is exactly what was checked.
     Returns:
-        The verified manifest, tensors (CPU torch) and extra files.
+        The verified manifest, tensors (CPU torch), extra files and contents read.
     Raises:
         CacheError (or its subclasses above) with a message naming the file and the reason.
         Nothing on disk is deleted.
@@ -203,7 +210,8 @@ def load_state(path: str | os.PathLike, *, kind: str, version: int,
         raise CacheError(f"{name} records no checksums")
     folder = manifest_path(path).parent
     verified: dict[str, Path] = {}
-    for recorded in dict.fromkeys([*files, *records]):
+    contents: dict[str, bytes] = {}
+    for recorded in dict.fromkeys([*files, *read, *records]):
         try:
             file = safe_join(folder, str(recorded))
         except UnsafePathError as error:
@@ -211,7 +219,16 @@ def load_state(path: str | os.PathLike, *, kind: str, version: int,
         record = records.get(recorded)
         if not file.is_file():
             raise CacheError(f"{recorded} is missing")
-        if not isinstance(record, dict) or file_record(file) != {
+        if recorded in read:
+            try:
+                contents[recorded] = file.read_bytes()
+            except OSError as error:
+                raise CacheError(f"{recorded} is unreadable ({error})") from error
+            found = {"bytes": len(contents[recorded]),
+                     "sha256": hashlib.sha256(contents[recorded]).hexdigest()}
+        else:
+            found = file_record(file)
+        if not isinstance(record, dict) or found != {
                 "bytes": record.get("bytes"), "sha256": record.get("sha256")}:
             raise CacheError(f"{recorded} does not match the size and sha256 in {name}")
         verified[recorded] = file
@@ -223,7 +240,7 @@ def load_state(path: str | os.PathLike, *, kind: str, version: int,
         if sha256_file(weights) != manifest["weights_sha256"]:
             raise CacheError(f"{weights.name} does not match its checksum in {name}")
         tensors = _read_tensors(weights)
-    return LoadedState(manifest=manifest, tensors=tensors, files=verified)
+    return LoadedState(manifest=manifest, tensors=tensors, files=verified, contents=contents)
 
 
 def _read_tensors(weights: Path) -> dict[str, Any]:

@@ -19,7 +19,6 @@ model (fit, load, transform) holds one process-wide lock.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -268,21 +267,14 @@ class EmbeddingMap:
         # nearest-neighbour search index, the fuzzy graph, the training data), which has no
         # array form to save instead. Unpickling runs code, so the file's sha256, recorded in
         # its manifest when `_save` wrote it, is checked first: only the bytes this module
-        # wrote for this key and these parameters are ever unpickled. The bytes are read once,
-        # and the bytes unpickled are the bytes checked.
-        try:
-            data = model_path.read_bytes()
-        except OSError as error:
-            raise CacheError(f"the embedding map model {model_path} is unreadable ({error})"
-                             ) from error
+        # wrote for this key and these parameters are ever unpickled; `load_state` reads the
+        # file once, so the bytes unpickled are the bytes checked.
         state = load_state(_model_state(model_path), kind=MODEL_STATE, version=MAP_VERSION,
                            fingerprint=_model_fingerprint(self.key, self.parameters),
-                           files=[model_path.name])
-        if hashlib.sha256(data).hexdigest() != state.manifest["files"][model_path.name]["sha256"]:
-            raise CacheError(f"the embedding map model {model_path} changed while it was read")
+                           read=[model_path.name])
         umap = _import_umap()
         try:
-            model = pickle.loads(data)
+            model = pickle.loads(state.contents[model_path.name])
         except (EOFError, pickle.UnpicklingError, AttributeError, ImportError,
                 IndexError, KeyError, TypeError, ValueError) as error:
             raise CacheError(f"the embedding map model {model_path} is unreadable ({error})"

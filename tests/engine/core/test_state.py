@@ -82,6 +82,24 @@ def test_extra_files_are_recorded_and_verified(tmp_path):
         load(tmp_path / "manifest")
 
 
+def test_files_asked_for_are_read_once_and_checked_from_those_bytes(tmp_path, monkeypatch):
+    """`read` returns the very bytes that were checked: the file is read once, not hashed on
+    disk and then read again."""
+    (tmp_path / "model.bin").write_bytes(b"a model")
+    save(tmp_path / "manifest", tensors=None, files=["model.bin"])
+    hashed_on_disk: list[object] = []
+    original = state_module.sha256_file
+    monkeypatch.setattr(state_module, "sha256_file",
+                        lambda path: hashed_on_disk.append(path) or original(path))
+    loaded = load(tmp_path / "manifest", read=["model.bin"])
+    assert loaded.contents == {"model.bin": b"a model"}
+    assert loaded.files == {"model.bin": tmp_path / "model.bin"}
+    assert hashed_on_disk == []
+    (tmp_path / "model.bin").write_bytes(b"a modeL")
+    with pytest.raises(CacheError, match=r"model\.bin does not match"):
+        load(tmp_path / "manifest", read=["model.bin"])
+
+
 def test_a_needed_file_that_is_not_recorded_is_refused(tmp_path):
     (tmp_path / "model.bin").write_bytes(b"model")
     save(tmp_path / "manifest", tensors=None)

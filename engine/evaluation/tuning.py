@@ -27,7 +27,6 @@ from engine.errors import CacheError, InvalidInputError
 from engine.evaluation.protocols import make_split
 from engine.evaluation.scores import run_split, split_context
 from engine.rerank import create_reranker, get_reranker_class
-from engine.rerank.setting import default_setting
 
 logger = logging.getLogger(__name__)
 
@@ -222,11 +221,3 @@ def save_preset(folder: Path, name: str, params: Mapping[str, Any],
     stored[name] = {"params": validated, "note": note}
     atomic_write_json(path, stored)
     return validated
-
-
-def resolve_params(name: str, presets: Mapping[str, Mapping[str, Any]]
-                   ) -> tuple[dict[str, Any], str]:
-    """The parameters a method runs with on a gallery and where they come from: the gallery's
-    preset ("preset") or the paper's defaults ("authors' defaults")."""
-    setting = default_setting(name, presets)
-    return dict(setting.params), setting.source

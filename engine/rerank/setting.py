@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from engine.rerank import get_reranker_class
+
 AUTHORS_DEFAULTS = "authors' defaults"
 PRESET = "preset"
 CUSTOM = "custom"
@@ -51,8 +53,6 @@ def default_setting(method: str, presets: Mapping[str, Mapping[str, Any]]) -> Me
 @functools.cache
 def _authors_defaults(method: str) -> Mapping[str, Any]:
     """The paper's defaults of a method, validated once per process."""
-    from engine.rerank import get_reranker_class
-
     return MappingProxyType(get_reranker_class(method).Params().as_dict())
 
 
@@ -61,8 +61,6 @@ def resolve_setting(method: str, params: Mapping[str, Any] | MethodSetting | Non
     """The setting of `method` for `params` (None: the default setting; a `MethodSetting` is
     returned as it is). Unknown names, wrong types and out-of-range values raise
     InvalidInputError; a setting equal to the default takes the default's source."""
-    from engine.rerank import get_reranker_class
-
     if isinstance(params, MethodSetting):
         return params
     default = default_setting(method, presets)

@@ -20,11 +20,11 @@ from engine.evaluation.tuning import (
     Trial,
     best_trial,
     load_presets,
-    resolve_params,
     save_preset,
     sweep,
 )
 from engine.rerank import create_reranker, get_reranker_class
+from engine.rerank.setting import default_setting
 from engine.search.gallery import DEMO_GALLERY
 
 
@@ -141,8 +141,10 @@ def test_presets_round_trip_and_override(tmp_path, caplog):
     older = load_presets(shipped)["ssr"]
     assert older == {**get_reranker_class("ssr").Params().as_dict(), "k": 50}
     assert older["k1"] == 20 and older["lambda_value"] == 0.3
-    assert resolve_params("gnn", presets) == (presets["gnn"], "preset")
-    params, source = resolve_params("gnn", {})
+    setting = default_setting("gnn", presets)
+    assert (dict(setting.params), setting.source) == (presets["gnn"], "preset")
+    setting = default_setting("gnn", {})
+    params, source = dict(setting.params), setting.source
     assert source == "authors' defaults" and params["k1"] == 26
     with pytest.raises(InvalidInputError):
         save_preset(cache, "gnn", {"k1": -3})

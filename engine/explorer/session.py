@@ -47,7 +47,7 @@ from engine.views.embedding_map import EmbeddingMap
 
 logger = logging.getLogger(__name__)
 
-Params = Mapping[str, Any] | MethodSetting | None
+ParamsOrSetting = Mapping[str, Any] | MethodSetting | None
 """A method's parameters: a name -> value mapping, an already resolved setting, or None for
 the gallery's default setting."""
 
@@ -125,7 +125,7 @@ class GallerySession:
             (name, method_title(name)) for name in self.method_names
             if name not in self.unavailable]
 
-    def setting(self, method: str, params: Params = None) -> MethodSetting:
+    def setting(self, method: str, params: ParamsOrSetting = None) -> MethodSetting:
         """The setting of `method` here: `params` validated (None: the gallery's preset, else
         the authors' defaults), with its source. A query resolves each method's setting once
         and passes it to the calls below, which accept it in place of `params`."""
@@ -138,13 +138,13 @@ class GallerySession:
         setting = self.setting(method)
         return dict(setting.params), setting.source
 
-    def resolve(self, method: str, params: Params) -> tuple[dict[str, Any], str]:
+    def resolve(self, method: str, params: ParamsOrSetting) -> tuple[dict[str, Any], str]:
         """Validated parameters (the default setting when None) and their source; a setting
         that differs from the preset or the authors' defaults is "custom"."""
         setting = self.setting(method, params)
         return dict(setting.params), setting.source
 
-    def reranker(self, method: str, params: Params = None,
+    def reranker(self, method: str, params: ParamsOrSetting = None,
                  progress: ProgressCallback | None = None) -> Reranker:
         """The method fitted on this gallery with `params` (fitted once per setting; a method
         that learns loads its saved state or trains, reporting to `progress`)."""
@@ -167,7 +167,7 @@ class GallerySession:
             with contextlib.suppress(EngineError):
                 self._fit_or_mark_unavailable(method, None, progress)
 
-    def _fit_or_mark_unavailable(self, method: str, params: Params,
+    def _fit_or_mark_unavailable(self, method: str, params: ParamsOrSetting,
                                  progress: ProgressCallback | None) -> Reranker:
         """Fit `method`; when its default setting fails, record the method as unavailable here
         (shown in its tab) before passing the error on."""
@@ -237,7 +237,7 @@ class GallerySession:
     def _fit_job_key(setting: MethodSetting) -> tuple[Any, ...]:
         return ("fit", setting.method, setting.key[1])
 
-    def _submit_fit(self, method: str, params: Params = None):
+    def _submit_fit(self, method: str, params: ParamsOrSetting = None):
         setting = self.setting(method, params)
         return self._submit(self._fit_job_key(setting), method_title(method),
                             lambda progress: self._fit_or_mark_unavailable(
@@ -256,11 +256,11 @@ class GallerySession:
         progress(0.0, "scoring every image against the others")
         return self.scores(method)
 
-    def fitted(self, method: str, params: Params = None) -> Reranker | None:
+    def fitted(self, method: str, params: ParamsOrSetting = None) -> Reranker | None:
         """The method fitted with `params` if it is in memory now, else None (never fits)."""
         return self._fitted.peek(self.setting(method, params).key)
 
-    def not_ready(self, method: str, params: Params = None) -> str | None:
+    def not_ready(self, method: str, params: ParamsOrSetting = None) -> str | None:
         """Why `method` cannot answer a query at once, or None when it can (fitted, or cheap
         to fit now, or there is no job queue).
 
@@ -313,7 +313,7 @@ class GallerySession:
         available = self.gallery.size - (1 if leave_one_out else 0)
         return available if self.full_rankings else min(PARTIAL_DEPTH, available)
 
-    def leave_one_out(self, method: str, params: Params = None, *,
+    def leave_one_out(self, method: str, params: ParamsOrSetting = None, *,
                       wait: bool = True) -> LeaveOneOutRankings | None:
         """Every gallery item's ranking of the others by `method` (batch mode), cached.
 
@@ -350,7 +350,7 @@ class GallerySession:
             return found
         return self._leave_one_out.get(key, build)
 
-    def scores(self, method: str, params: Params = None,
+    def scores(self, method: str, params: ParamsOrSetting = None,
                cached_only: bool = False) -> MethodScores | None:
         """Leave-one-out mAP, P@1, P@5 and online ms/query of a method (disk-cached).
 
@@ -484,7 +484,7 @@ class GallerySession:
 
     # -- one query -------------------------------------------------------------------------------
     def rank(self, method: str, feature: np.ndarray, source_row: int | None, leave_out: bool,
-             params: Params = None) -> Ranking:
+             params: ParamsOrSetting = None) -> Ranking:
         """One method's ranking of one query, without per-query scores (see `score`).
 
         A gallery pick left out of its own results takes its row of the method's leave-one-out

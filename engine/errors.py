@@ -40,3 +40,8 @@ class MissingDependencyError(EngineError, ImportError):
 
 class CacheError(EngineError, RuntimeError):
     """A cache file is missing, corrupt or was made from other inputs; it will be rebuilt."""
+
+
+class JobCancelled(EngineError, RuntimeError):
+    """A job was cancelled while it ran: raised from its progress callback at its next report,
+    so that the work stops there (what it saved before, such as a checkpoint, stays valid)."""

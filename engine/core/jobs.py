@@ -10,6 +10,11 @@ for a result that a job has not made yet reads the job's state ("waiting, 2nd in
 A job is keyed: submitting a key that is already known returns the existing job (queued,
 running or finished), so each piece of work is done once. A job that raises is marked failed
 with its message; the queue goes on with the next one.
+
+A job can be cancelled (`cancel`): a waiting one leaves the queue; a running one is flagged and
+its progress callback raises `JobCancelled` at its next report, so work that reports during its
+long loops stops within one report's time, leaving what it saved so far (checkpoints are
+written atomically) and nothing half-written. A cancelled key can be submitted again.
 """
 
 from __future__ import annotations
@@ -22,9 +27,12 @@ from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from engine.core.plans import Plan, duration_text
+from engine.errors import JobCancelled
+
 logger = logging.getLogger(__name__)
 
-WAITING, RUNNING, DONE, FAILED = "waiting", "running", "done", "failed"
+WAITING, RUNNING, DONE, FAILED, CANCELLED = "waiting", "running", "done", "failed", "cancelled"
 
 JobProgress = Callable[[float, str], None]
 """What a job's work reports to: (fraction done in [0, 1], what it is doing)."""
@@ -46,15 +54,21 @@ class Job:
     started: float | None = None
     finished: float | None = None
     result: Any = field(default=None, repr=False)
+    plan: Plan | None = None
+    """What the job will do and its estimate, said before it started (`Plan.text`)."""
+    cancelling: bool = False
+    """Cancel was asked while it ran: it stops at its next progress report."""
 
     @property
     def seconds_left(self) -> float | None:
-        """A linear estimate from the progress so far (None before 2 % or 2 s of progress)."""
+        """A linear estimate from the progress so far; before 2 % or 2 s of progress, what is
+        left of the plan's estimate (None without one)."""
         if self.state != RUNNING or self.started is None:
             return None
         elapsed = time.monotonic() - self.started
         if self.fraction < 0.02 or elapsed < 2.0:
-            return None
+            planned = None if self.plan is None else self.plan.seconds
+            return None if not planned else max(1.0, planned - elapsed)
         return elapsed * (1.0 - self.fraction) / self.fraction
 
     def describe(self, position: int | None = None) -> str:
@@ -63,15 +77,19 @@ class Job:
             return f"{self.title}: ready"
         if self.state == FAILED:
             return f"{self.title}: failed: {self.error}"
+        if self.state == CANCELLED:
+            return f"{self.title}: cancelled"
         if self.state == WAITING:
             where = "" if position is None else f", {_ordinal(position)} in line"
             return f"{self.title}: not ready yet (waiting{where})"
+        if self.cancelling:
+            return f"{self.title}: cancelling"
         text = f"{self.title}: {self.message or 'running'}"
         if self.fraction > 0:
             text += f", {self.fraction:.0%}"
         left = self.seconds_left
         if left is not None:
-            text += f", about {_duration(left)} left"
+            text += f", about {duration_text(left)} left"
         return text
 
 
@@ -79,14 +97,6 @@ def _ordinal(number: int) -> str:
     suffix = "th" if 10 <= number % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(
         number % 10, "th")
     return f"{number}{suffix}"
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{max(1, round(seconds))} s"
-    if seconds < 5400:
-        return f"{round(seconds / 60)} min"
-    return f"{seconds / 3600:.1f} h"
 
 
 class JobQueue:
@@ -109,23 +119,58 @@ class JobQueue:
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._worker: threading.Thread | None = None
+        self._current: Job | None = None
         self._version = 0
 
     # -- submitting and reading ------------------------------------------------------------------
     def submit(self, key: Hashable, title: str, work: Callable[[JobProgress], Any],
-               *, retry: bool = False, first: bool = False) -> Job:
+               *, retry: bool = False, first: bool = False, plan: Plan | None = None) -> Job:
         """Queue `work` under `key` unless a job of that key exists (then return that one; with
-        `retry`, a failed one is queued again). `first` puts it at the head of the queue."""
+        `retry`, a failed one is queued again; a cancelled one always is, a running one being
+        cancelled too: the new job waits for the worker). `first` puts it at the head of the
+        queue; `plan` is what the job will do, for the page to show."""
         with self._lock:
             job = self._jobs.get(key)
-            if job is not None and not (retry and job.state == FAILED):
+            again = job is not None and (job.state == CANCELLED or job.cancelling or (
+                retry and job.state == FAILED))
+            if job is not None and not again:
                 return job
-            job = Job(key, title, work)
+            job = Job(key, title, work, plan=plan)
             self._jobs[key] = job
             self._queue.insert(0, job) if first else self._queue.append(job)
             self._version += 1
             self._wake.notify()
             return job
+
+    def cancel(self, key: Hashable) -> bool:
+        """Cancel the job of `key`: a waiting one leaves the queue (state CANCELLED); a running
+        one stops at its next progress report (`JobCancelled`) and ends CANCELLED. False when
+        there is no such job or it has ended."""
+        with self._wake:
+            job = self._jobs.get(key)
+            if job is None or job.state not in (WAITING, RUNNING):
+                return False
+            if job.state == WAITING:
+                self._queue.remove(job)
+                job.state, job.finished = CANCELLED, time.monotonic()
+                self._wake.notify_all()
+            else:
+                job.cancelling = True
+            self._version += 1
+            logger.info("cancelled background job %s", job.title)
+            return True
+
+    def promote(self, key: Hashable) -> bool:
+        """Move the waiting job of `key` to the head of the queue; False when it is not
+        waiting."""
+        with self._lock:
+            job = self._jobs.get(key)
+            if job is None or job.state != WAITING:
+                return False
+            self._queue.remove(job)
+            self._queue.insert(0, job)
+            self._version += 1
+            return True
 
     def get(self, key: Hashable) -> Job | None:
         with self._lock:
@@ -146,7 +191,8 @@ class JobQueue:
 
     def drop(self, belongs: Callable[[Hashable], bool]) -> None:
         """Forget the jobs whose key `belongs` (a closed gallery's): the waiting ones never
-        run. One that is running cannot be stopped: it finishes, and `running` names it."""
+        run. One that is running is not stopped (see `cancel`): it finishes, and `running`
+        names it."""
         with self._lock:
             self._queue = [job for job in self._queue if not belongs(job.key)]
             for job in [job for key, job in self._jobs.items() if belongs(key)]:
@@ -157,8 +203,8 @@ class JobQueue:
     def running(self, belongs: Callable[[Hashable], bool] | None = None) -> Job | None:
         """The job running now (only if its key `belongs`), else None."""
         with self._lock:
-            return next((job for job in self._jobs.values() if job.state == RUNNING
-                         and (belongs is None or belongs(job.key))), None)
+            job = self._current
+            return job if job is not None and (belongs is None or belongs(job.key)) else None
 
     def jobs(self) -> list[Job]:
         """Every job submitted so far, in submission order."""
@@ -175,8 +221,7 @@ class JobQueue:
     def idle(self) -> bool:
         """Nothing waiting and nothing running."""
         with self._lock:
-            return not self._queue and not any(job.state == RUNNING
-                                               for job in self._jobs.values())
+            return not self._queue and self._current is None
 
     # -- running ---------------------------------------------------------------------------------
     def start(self) -> None:
@@ -197,7 +242,7 @@ class JobQueue:
         timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._wake:
-            while self._queue or any(job.state == RUNNING for job in self._jobs.values()):
+            while self._queue or self._current is not None:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return False
@@ -218,33 +263,43 @@ class JobQueue:
                 self._wake.wait()
             job = self._queue.pop(0)
             job.state, job.started = RUNNING, time.monotonic()
+            self._current = job
             self._version += 1
             return job
 
     def _run(self, job: Job) -> None:
         def report(fraction: float, message: str) -> None:
+            if job.cancelling:
+                raise JobCancelled(f"{job.title} was cancelled")
             job.fraction = min(max(float(fraction), 0.0), 1.0)
             job.message = message
             self._version += 1
 
         logger.debug("background job started: %s", job.title)
+        state, result, error_text = DONE, None, ""
         try:
+            if job.cancelling:  # cancelled between leaving the queue and starting
+                raise JobCancelled(f"{job.title} was cancelled")
             with self._job_budget():
                 result = job.work(report)
+        except JobCancelled:
+            state = CANCELLED
         except Exception as error:  # a failed job is reported in its own place; others go on
             logger.exception("background job %s failed", job.title)
-            with self._wake:
-                job.state, job.error = FAILED, str(error) or type(error).__name__
-                job.finished = time.monotonic()
-                self._version += 1
-                self._wake.notify_all()
-            return
+            state, error_text = FAILED, str(error) or type(error).__name__
         with self._wake:
-            job.state, job.result, job.fraction = DONE, result, 1.0
-            job.finished = time.monotonic()
+            job.state, job.error, job.finished = state, error_text, time.monotonic()
+            if state == DONE:
+                job.result, job.fraction = result, 1.0
+            self._current = None
             self._version += 1
             self._wake.notify_all()
-        logger.info("background job done in %.1f s: %s", job.finished - job.started, job.title)
+        if state == DONE:
+            logger.info("background job done in %.1f s: %s", job.finished - job.started,
+                        job.title)
+        elif state == CANCELLED:
+            logger.info("background job cancelled after %.1f s: %s",
+                        job.finished - job.started, job.title)
 
     @contextlib.contextmanager
     def _job_budget(self) -> Iterator[None]:

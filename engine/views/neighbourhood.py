@@ -6,6 +6,8 @@ subset (the baseline's list, a re-ranker's list) and each image stays where it w
 between methods changes which nodes are drawn, never where they are. Edges come from the
 gallery's kNN graph, so they show the neighbourhood structure the re-rankers work on; an edge is
 mutual when each endpoint is among the other's `edge_k` nearest (the k-reciprocal relation).
+Nodes that MDS puts (nearly) on top of each other are pushed apart to a minimum spacing, in
+the layout itself, so every method's plot shows the same legible, overlap-free positions.
 """
 
 from __future__ import annotations
@@ -22,6 +24,13 @@ from engine.errors import InvalidInputError
 EIGENVALUE_FLOOR = 1e-10
 """MDS eigenvalues below this are rounding noise of float32 similarities (a coordinate spread
 of 1e-5), not structure; they are set to 0 so coincident points do not get a blown-up layout."""
+NODE_SPACING = 0.12
+"""Least distance between node centres in the final layout (the wider axis spans [-1, 1]).
+The explorer's largest node marker is 28 px; its kNN plot spans about 2.6 layout units (the
+layout plus a margin) over roughly 600 px, so a 28-px marker is about 0.12 units wide."""
+SPREAD_ITERATIONS = 500
+"""At most this many rounds of pushing overlapping nodes apart (a few dozen suffice for 30
+nodes at NODE_SPACING; the cap only bounds a pathological input)."""
 
 
 @dataclass(frozen=True)
@@ -58,8 +67,8 @@ class NeighbourhoodGraph:
 
 
 def neighbourhood_graph(query_feature: Any, gallery_features: np.ndarray, rows: Any,
-                        knn: KnnGraph, edge_k: int = 10, query_row: int | None = None
-                        ) -> NeighbourhoodGraph:
+                        knn: KnnGraph, edge_k: int = 10, query_row: int | None = None,
+                        spacing: float = NODE_SPACING) -> NeighbourhoodGraph:
     """Lay out the query and gallery `rows` in 2-D and join them by gallery kNN edges.
 
     Two gallery nodes are joined when one is among the other's first `edge_k` neighbours in
@@ -77,8 +86,11 @@ def neighbourhood_graph(query_feature: Any, gallery_features: np.ndarray, rows: 
             repeats are dropped (first kept) and so is query_row.
         knn: the gallery's kNN graph (each row's own index first).
         query_row: the gallery row the query is, for a gallery pick; None for an upload.
+        spacing: least distance between node centres in the final [-1, 1] layout (0: no
+            spreading).
     Returns:
-        The NeighbourhoodGraph; its positions are the classical MDS of the cosine distances.
+        The NeighbourhoodGraph; its positions are the classical MDS of the cosine distances,
+        spread by `spread_apart` so no two nodes lie closer than `spacing`.
     """
     query, gallery = _check_features(query_feature, gallery_features)
     size = gallery.shape[0]
@@ -88,6 +100,8 @@ def neighbourhood_graph(query_feature: Any, gallery_features: np.ndarray, rows: 
             "rebuild it for this gallery")
     if isinstance(edge_k, bool) or not isinstance(edge_k, (int, np.integer)) or edge_k < 1:
         raise InvalidInputError(f"edge_k must be a positive integer, got {edge_k!r}")
+    if not 0.0 <= float(spacing) <= 0.5:
+        raise InvalidInputError(f"spacing must lie in [0, 0.5], got {spacing!r}")
     if query_row is not None:
         query_row = int(_check_rows([query_row], size, "query_row")[0])
     rows = _check_rows(rows, size, "rows")
@@ -121,7 +135,8 @@ def neighbourhood_graph(query_feature: Any, gallery_features: np.ndarray, rows: 
     np.fill_diagonal(distances, 0.0)                                # float32 self-products < 1
     return NeighbourhoodGraph(
         rows=rows,
-        positions=fit_to_unit_box(classical_mds(distances)),
+        positions=fit_to_unit_box(spread_apart(classical_mds(distances), spacing,
+                                               np.concatenate([[-1], rows]))),
         edges=np.stack([first_node, second_node], axis=1).astype(np.int64),
         mutual=both[first_node, second_node],
         similarity=similarity[first_node, second_node].astype(np.float32))
@@ -164,6 +179,47 @@ def fit_to_unit_box(coordinates: np.ndarray) -> np.ndarray:
     half_span = float((high - low).max()) / 2
     centred = coordinates - (low + high) / 2
     return centred / half_span if half_span > 0 else np.zeros_like(centred)
+
+
+def spread_apart(coordinates: np.ndarray, spacing: float, ids: np.ndarray | None = None
+                 ) -> np.ndarray:
+    """Push (n, 2) points apart until no two are closer than `spacing` times the half-width of
+    their bounding box (so `fit_to_unit_box` of the result keeps them `spacing` apart).
+
+    Each round moves both points of every too-close pair away from each other along the line
+    between them, half the shortfall each (plus 1 %, so the rounds end), all pairs at once:
+    the result depends on the set of points, not on their order. Points at one spot move
+    apart along a direction made from their `ids` (distinct integers, e.g. gallery rows; by
+    default 0..n-1), so coincident points spread the same way whatever their order. A layout
+    without spread (every point at one spot) gets a unit scale first.
+
+    Returns:
+        (n, 2) float64 coordinates; the input unchanged where nothing is too close.
+    """
+    points = np.array(coordinates, dtype=np.float64)
+    count = len(points)
+    if count < 2 or spacing <= 0:
+        return points
+    ids = np.arange(count) if ids is None else np.asarray(ids, dtype=np.int64)
+    low, high = np.minimum(ids[:, None], ids[None, :]), np.maximum(ids[:, None], ids[None, :])
+    angle = (low * 0.618034 + high * 0.414214) % 1.0 * 2 * np.pi   # per pair, order-free
+    fallback = np.stack([np.cos(angle), np.sin(angle)], axis=2)
+    fallback *= np.where(ids[:, None] < ids[None, :], -1.0, 1.0)[..., None]  # i moves away
+    upper = np.triu(np.ones((count, count), bool), k=1)
+    for _ in range(SPREAD_ITERATIONS):
+        half_span = float((points.max(axis=0) - points.min(axis=0)).max()) / 2
+        target = spacing * (half_span if half_span > 0 else 1.0)
+        offsets = points[:, None, :] - points[None, :, :]            # offsets[i, j] = p_i - p_j
+        distances = np.linalg.norm(offsets, axis=2)
+        close = (distances < target) & ~np.eye(count, dtype=bool)
+        if not close[upper].any():
+            break
+        together = distances < target * 1e-6
+        directions = np.where(together[..., None], fallback,
+                              offsets / np.where(together, 1.0, distances)[..., None])
+        shortfall = np.where(close, (target * 1.01 - distances) / 2, 0.0)
+        points = points + (directions * shortfall[..., None]).sum(axis=1)
+    return points
 
 
 def _knn_heads(knn: KnnGraph, rows: np.ndarray, k: int) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""The kNN-graph plot's data: hand-worked edges, a plain-loop oracle, MDS, stability, real data."""
+"""The kNN-graph plot's data: hand-worked edges, a plain-loop oracle, MDS, spreading, stability,
+real data."""
 
 from __future__ import annotations
 
@@ -8,7 +9,13 @@ import pytest
 from engine.core.knn import knn_graph
 from engine.core.types import KnnGraph
 from engine.errors import InvalidInputError
-from engine.views.neighbourhood import classical_mds, fit_to_unit_box, neighbourhood_graph
+from engine.views.neighbourhood import (
+    NODE_SPACING,
+    classical_mds,
+    fit_to_unit_box,
+    neighbourhood_graph,
+    spread_apart,
+)
 
 # Five gallery points on the unit circle (degrees), embedded in 3-D. Angular gaps, nearest first:
 #   A(0):   B 20, C 50, D 120, E 160      D(120): C 70, E 80, B 100, A 120
@@ -195,9 +202,69 @@ def test_degenerate_layouts_have_no_nan(circle, rows):
         assert graph.positions.shape == (len(rows) + 1, 2)
         assert np.isfinite(graph.positions).all()
         assert np.abs(graph.positions).max() <= 1.0
-    graph = neighbourhood_graph(same[0], same, rows, exact_knn(same))
-    np.testing.assert_array_equal(graph.positions, 0.0)
+    graph = neighbourhood_graph(same[0], same, rows, exact_knn(same), spacing=0.0)
+    np.testing.assert_array_equal(graph.positions, 0.0)             # no blown-up rounding noise
     assert graph.edges.shape == (len(graph.edges), 2)
+    spread = neighbourhood_graph(same[0], same, rows, exact_knn(same))
+    assert closest_pair(spread.positions) >= NODE_SPACING - 1e-9   # coincident images separated
+
+
+def closest_pair(positions: np.ndarray) -> float:
+    """The least distance between two of (n, 2) points (inf for fewer than two)."""
+    gaps = np.linalg.norm(positions[:, None] - positions[None], axis=2)
+    return float(gaps[np.triu_indices(len(positions), k=1)].min(initial=np.inf))
+
+
+def clustered_gallery(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """300 unit features in 5 tight classes, a query inside class 3 and its 30 nearest rows."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(5, 32))
+    features = centres[np.arange(300) % 5] + 0.3 * rng.normal(size=(300, 32))
+    features /= np.linalg.norm(features, axis=1, keepdims=True)
+    query = features[3] + 0.05 * rng.normal(size=32)
+    query /= np.linalg.norm(query)
+    return features, query, np.argsort(-(features @ query), kind="stable")[:30]
+
+
+def test_thirty_clustered_nodes_are_spread_to_the_spacing():
+    features, query, rows = clustered_gallery()
+    knn = exact_knn(features)
+    packed = neighbourhood_graph(query, features, rows, knn, spacing=0.0)
+    assert closest_pair(packed.positions) < NODE_SPACING / 2        # MDS alone overlaps them
+    graph = neighbourhood_graph(query, features, rows, knn)
+    assert len(graph.positions) == 31
+    assert closest_pair(graph.positions) >= NODE_SPACING - 1e-9
+    assert np.abs(graph.positions).max() == pytest.approx(1.0)
+    again = neighbourhood_graph(query, features, rows, knn)
+    np.testing.assert_array_equal(graph.positions, again.positions)
+    # the spreading is a property of the set of nodes, not of their order
+    reordered = neighbourhood_graph(query, features, rows[::-1], knn)
+    np.testing.assert_allclose(reordered.positions[reordered.nodes_of(rows)],
+                               graph.positions[graph.nodes_of(rows)], atol=1e-9)
+    # it separates, it does not scramble: the MDS picture's large distances are kept
+    before = np.linalg.norm(packed.positions[:, None] - packed.positions[None], axis=2)
+    after = np.linalg.norm(graph.positions[:, None] - graph.positions[None], axis=2)
+    assert np.corrcoef(before.ravel(), after.ravel())[0, 1] > 0.9
+
+
+def test_spread_apart_moves_only_the_close_pairs():
+    points = np.array([[-1.0, 0.0], [1.0, 0.0], [0.0, 0.0], [0.05, 0.0], [0.0, 0.8]])
+    spread = spread_apart(points, 0.1)
+    np.testing.assert_array_equal(spread[[0, 1, 4]], points[[0, 1, 4]])
+    gap = spread[3] - spread[2]
+    assert gap[1] == 0.0 and 0.1 <= gap[0] < 0.102                # 1 % past the spacing
+    assert spread[2, 0] + spread[3, 0] == pytest.approx(0.05)      # both moved, equally
+    np.testing.assert_array_equal(spread_apart(points, 0.0), points)
+
+
+def test_coincident_points_spread_by_their_ids_whatever_their_order():
+    points = np.zeros((4, 2))
+    ids = np.array([40, 7, 19, 3])
+    spread = spread_apart(points, 0.2, ids)
+    assert closest_pair(spread) > 0
+    order = np.array([2, 0, 3, 1])
+    np.testing.assert_allclose(spread_apart(points, 0.2, ids[order]), spread[order], atol=1e-12)
+    assert closest_pair(fit_to_unit_box(spread)) >= 0.2 - 1e-9
 
 
 def test_bad_inputs_are_refused(circle):
@@ -214,6 +281,8 @@ def test_bad_inputs_are_refused(circle):
         neighbourhood_graph(features[0], features, [0.5], knn)
     with pytest.raises(InvalidInputError, match="edge_k"):
         neighbourhood_graph(features[0], features, [1], knn, edge_k=0)
+    with pytest.raises(InvalidInputError, match="spacing"):
+        neighbourhood_graph(features[0], features, [1], knn, spacing=-0.1)
     with pytest.raises(InvalidInputError, match="kNN graph"):
         neighbourhood_graph(features[0], features[:4], [1], knn)
     broken = features.copy()

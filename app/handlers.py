@@ -1,15 +1,21 @@
 """The page's event functions, bound to one explorer.
 
 They are plain methods that return {component: value} dicts keyed by the page's components
-(`app.layout.PageComponents`), so tests call them directly. Per-user state (the last query) is
-a `gr.State`; everything heavy (backbone, galleries, fitted methods, maps) is shared through
-the `Explorer`, and slow work (a sweep) runs in the engine, which the handlers only drive.
+(`app.layout.PageComponents`), so tests call them directly; they refuse with `gr.Error`, which
+the wiring shows in the page's one message area (`app.feedback.shown_in`). Per-user state (the
+last query, the pick or upload) lives in `gr.State`s; everything heavy (backbone, galleries,
+fitted methods, maps) is shared through the `Explorer`. Slow work runs in the engine: a sweep
+in its own thread, a build the user asks for (another query model, a gallery) in the
+explorer's request queue, which the handlers only follow and cancel.
 """
 
 from __future__ import annotations
 
+import json
 import random
-from collections.abc import Iterator, Sequence
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,8 +31,10 @@ from app.render import (
     map_figure,
     method_updates,
     plot_updates,
+    query_note,
     query_view,
 )
+from app.share import QueryUploads, SharedView, changed_params, decode, encode
 from app.text import (
     ALL_CLASSES,
     NO_CLASS,
@@ -38,6 +46,7 @@ from app.text import (
     parse_values,
     source_text,
     timings_table,
+    train_label,
     tune_text,
 )
 from app.thumbnails import PREVIEW_SIDE, ThumbnailCache
@@ -46,6 +55,7 @@ from engine import (
     DEFAULT_TOP_N,
     Explorer,
     GallerySession,
+    Plan,
     QueryResult,
     SweepRun,
     Trial,
@@ -65,6 +75,10 @@ BROWSE_PAGE = 48
 """Gallery images per page of the browser."""
 TUNE_PROTOCOL = "oxford17-split"
 """How a sweep splits the labelled images into queries and gallery (`app.text` says it)."""
+JOB_POLL_SECONDS = 0.5
+"""How often a followed build's progress line is redrawn (only when it changed)."""
+SELECTION_SHOWN = 60
+"""Thumbnails shown of a map selection (the file list holds all of it)."""
 
 
 class PageHandlers:
@@ -72,7 +86,7 @@ class PageHandlers:
 
     `build_app` sets `ui` (the page's components); handlers return dicts keyed by them.
     `public`: a public page's uploads (None on a private page); a public page opens no server
-    folder and keeps each upload to its session.
+    folder, keeps each upload to its session and keeps no uploaded query for links.
     """
 
     def __init__(self, explorer: Explorer, public: PublicUploads | None = None) -> None:
@@ -80,6 +94,9 @@ class PageHandlers:
         self.public = public
         self.method_names = list_rerankers()
         self.thumbnails = ThumbnailCache(explorer.thumbnail_root)
+        self.query_uploads = (None if public is not None
+                              else QueryUploads(explorer.cache_root / "query-uploads"))
+        self._fit_estimates: dict[tuple[str, str], float | None] = {}
         self._ui: PageComponents | None = None
 
     @property
@@ -92,6 +109,11 @@ class PageHandlers:
     @ui.setter
     def ui(self, components: PageComponents) -> None:
         self._ui = components
+
+    @property
+    def tab_ids(self) -> list[str]:
+        """The ids of the page's tabs, in order (the methods, then Compare and Galleries)."""
+        return [*self.method_names, "compare", "galleries"]
 
     # -- helpers ---------------------------------------------------------------------------------
     def session(self, key: str | None) -> GallerySession:
@@ -116,8 +138,9 @@ class PageHandlers:
                   query_class: str | None = None) -> dict[str, Any]:
         """Rank a gallery for an uploaded image or one of its images; the `query` endpoint.
 
-        Returns per method the top-N file names, classes and distances, timings and, when the
-        query's class is known, its AP and P@N (JSON of `QueryResult.as_dict`).
+        Returns per method the top-N file names, classes, distances and cosine similarities,
+        timings and, when the query's class is known, its AP and P@N (JSON of
+        `QueryResult.as_dict`).
         """
         result = self._run_query(gallery, image, gallery_file, query_class, leave_out, top_n,
                                  None)
@@ -140,29 +163,37 @@ class PageHandlers:
                            print_exception=False)
 
     # -- query events ----------------------------------------------------------------------------
-    def search(self, key: str, image: str | None, picked: str | None, query_class: str,
+    def search(self, key: str, uploaded: str | None, picked: str | None, query_class: str,
                leave_out: bool, top_n: float, plot_method: str, space: str,
                *control_values: Any) -> dict[Any, Any]:
         """Run the current query (a pick if there is one, else the upload) with every method."""
-        if not image and not picked:
+        if not uploaded and not picked:
             return {}
-        result = self._run_query(key, None if picked else image, picked, query_class,
+        result = self._run_query(key, None if picked else uploaded, picked, query_class,
                                  leave_out, top_n, self.all_params(control_values))
         return self.render_query(result, plot_method, space)
 
-    def upload(self, key: str, image: str | None, query_class: str, leave_out: bool,
+    def upload(self, key: str, file: str | None, query_class: str, leave_out: bool,
                top_n: float, plot_method: str, space: str, *control_values: Any
                ) -> dict[Any, Any]:
-        """An image was uploaded: forget any gallery pick and rank."""
-        if not image:
+        """A file was uploaded as the query: the engine decodes it (a file it cannot read is
+        refused by name); on success it becomes the query, shown as its thumbnail, and any
+        gallery pick is forgotten. A private page keeps the file (by hash) for links."""
+        if not file:
             return {}
-        updates = self.search(key, image, None, query_class, leave_out, top_n, plot_method,
+        updates = self.search(key, file, None, query_class, leave_out, top_n, plot_method,
                               space, *control_values)
-        return {**updates, self.ui.picked: None}
+        kept = file
+        if self.query_uploads is not None:
+            kept = str(self.query_uploads.find(self.query_uploads.keep(file)))
+        return {**updates, self.ui.picked: None, self.ui.uploaded: kept,
+                self.ui.upload: None,
+                self.ui.query_image: str(self.thumbnails.get(Path(kept), side=PREVIEW_SIDE))}
 
     def pick(self, key: str, file: str, leave_out: bool, top_n: float, plot_method: str,
              space: str, *control_values: Any) -> dict[Any, Any]:
-        """A gallery image was chosen (browser, example, random): show it as the query, rank."""
+        """A gallery image was chosen (browser, example, random, a result, a plot point):
+        show it as the query, rank."""
         session = self.session(key)
         with engine_errors_as_gradio():
             path = session.gallery.path_of(session.position_of(file))
@@ -194,34 +225,90 @@ class PageHandlers:
         return self.pick(key, session.gallery.files[row], leave_out, top_n, plot_method, space,
                          *control_values)
 
+    def pick_result(self, method: str, event: gr.SelectData, view: QueryView | None,
+                    leave_out: bool, top_n: float, plot_method: str, space: str,
+                    *control_values: Any) -> dict[Any, Any]:
+        """A result of `method`'s ranking was clicked ("query with this result")."""
+        if view is None:
+            return {}
+        result = view.result
+        if method not in result.rankings:
+            raise gr.Error(f"{method_title(method)} has no results to pick from yet.",
+                           print_exception=False)
+        rows = result.top(method)[1]
+        if not 0 <= event.index < len(rows):
+            return {}
+        gallery = self.session(result.gallery_key).gallery
+        return self.pick(result.gallery_key, gallery.files[int(rows[event.index])], leave_out,
+                         top_n, plot_method, space, *control_values)
+
+    def pick_plotted(self, clicked: str, key: str, leave_out: bool, top_n: float,
+                     plot_method: str, space: str, *control_values: Any) -> dict[Any, Any]:
+        """A point of the map or a node of the kNN graph was clicked ("file|nonce")."""
+        file = (clicked or "").rpartition("|")[0]
+        if not file:
+            return {}
+        return self.pick(key, file, leave_out, top_n, plot_method, space, *control_values)
+
+    def select_on_map(self, selected: str, key: str) -> dict[Any, Any]:
+        """Points were box- or lasso-selected on the map (a JSON list of files): show them as
+        a strip and offer their list as a file."""
+        ui = self.ui
+        try:
+            files = [str(name) for name in json.loads(selected or "[]")]
+        except (ValueError, TypeError):
+            files = []
+        if not files:
+            return {ui.selection: gr.Gallery(value=[], visible=False),
+                    ui.selection_file: gr.File(value=None, visible=False)}
+        session = self.session(key)
+        rows = []
+        with engine_errors_as_gradio():
+            rows = [session.position_of(name) for name in files]
+        gallery = session.gallery
+        items = [(str(self.thumbnails.get(gallery.path_of(row))),
+                  gallery.class_of(row) or Path(gallery.files[row]).stem)
+                 for row in rows[:SELECTION_SHOWN]]
+        listing = Path(tempfile.mkdtemp(prefix="selection-")) / "selected-images.txt"
+        listing.write_text("".join(f"{gallery.files[row]}\t{gallery.class_of(row) or ''}\n"
+                                   for row in rows), encoding="utf-8")
+        shown = f" (the first {SELECTION_SHOWN})" if len(rows) > SELECTION_SHOWN else ""
+        return {ui.selection: gr.Gallery(value=items, visible=True,
+                                         label=f"{len(rows)} images selected on the map{shown}"),
+                ui.selection_file: gr.File(value=str(listing), visible=True)}
+
     def rerank_method(self, method: str, key: str, view: QueryView | None, plot_method: str,
                       space: str, *values: Any) -> dict[Any, Any]:
-        """A parameter of one method changed: re-rank the current query with that method only."""
+        """A parameter of one method changed: re-rank the current query with that method only.
+        The controls get the values used (a typed value outside its range was clamped)."""
         tab = self.ui.tabs[method]
         params = self.params_from(method, values)
+        shown = dict(zip(tab.controls, values, strict=True))
         if view is None:
             with engine_errors_as_gradio():
                 params, source = self.session(key).resolve(method, params)
-            return {tab.source: source_text(method, params, source)}
+            return {**shown, tab.source: source_text(method, params, source)}
         with engine_errors_as_gradio():
             result = self.explorer.rerank(view.result, method, params)
         session = self.session(result.gallery_key)
         new_view = query_view(session, result, view)
         updates = method_updates(tab, self.thumbnails, session, result)
         updates.update(compare_updates(self.ui.compare_rows, self.thumbnails, session, result))
-        updates.update(plot_updates(self.ui, session, new_view, plot_method, space))
+        updates.update(plot_updates(self.ui, session, new_view, plot_method, space,
+                                    self.thumbnails))
         updates[self.ui.state] = new_view
         updates[self.ui.timings] = timings_table(result)
         updates[self.ui.json] = result.as_dict(session.gallery)
-        return updates
+        return {**shown, **updates}
 
     def replot(self, view: QueryView | None, key: str, plot_method: str, space: str
                ) -> dict[Any, Any]:
         """The plot toggles changed: redraw both plots from the stored query (no re-ranking)."""
         session = self.session(key if view is None else view.result.gallery_key)
         if view is None:
-            return {self.ui.map_plot: map_figure(session, None, plot_method, space)}
-        return plot_updates(self.ui, session, view, plot_method, space)
+            return {self.ui.map_plot: map_figure(session, None, plot_method, space,
+                                                 self.thumbnails)}
+        return plot_updates(self.ui, session, view, plot_method, space, self.thumbnails)
 
     def render_query(self, result: QueryResult, plot_method: str, space: str
                      ) -> dict[Any, Any]:
@@ -230,7 +317,7 @@ class PageHandlers:
         view = query_view(session, result, None)
         updates: dict[Any, Any] = {
             self.ui.state: view,
-            self.ui.imagenet: {label: p for label, p in result.imagenet},
+            self.ui.query_note: query_note(result),
             self.ui.timings: timings_table(result),
             self.ui.json: result.as_dict(session.gallery),
         }
@@ -238,7 +325,8 @@ class PageHandlers:
             updates.update(method_updates(self.ui.tabs[method], self.thumbnails, session,
                                           result))
         updates.update(compare_updates(self.ui.compare_rows, self.thumbnails, session, result))
-        updates.update(plot_updates(self.ui, session, view, plot_method, space))
+        updates.update(plot_updates(self.ui, session, view, plot_method, space,
+                                    self.thumbnails))
         return updates
 
     # -- gallery browsing ------------------------------------------------------------------------
@@ -251,6 +339,7 @@ class PageHandlers:
         return rows[start:start + BROWSE_PAGE].tolist()
 
     def browse(self, key: str, class_filter: str | None, page: float) -> dict[Any, Any]:
+        """One page of the gallery browser; a page past the last shows the last."""
         session = self.session(key)
         with engine_errors_as_gradio():
             total = len(session.rows_of_class(None if class_filter in (None, ALL_CLASSES)
@@ -273,18 +362,19 @@ class PageHandlers:
         classes = gallery.class_names
         updates: dict[Any, Any] = {
             ui.header: header_text(session),
-            ui.state: None, ui.picked: None, ui.query_image: None,
+            ui.state: None, ui.picked: None, ui.uploaded: None, ui.query_image: None,
             ui.query_class: gr.Dropdown(choices=[NO_CLASS, *classes], value=NO_CLASS,
                                         interactive=bool(classes)),
             ui.class_filter: gr.Dropdown(choices=[ALL_CLASSES, *classes], value=ALL_CLASSES),
             ui.examples: example_items(self.thumbnails, session),
             ui.compare_table: self.compare_rows(session),
-            ui.knn_plot: None, ui.json: None, ui.timings: "",
-            ui.imagenet: None,
-            ui.map_plot: map_figure(session, None, BASELINE, "backbone"),
+            ui.knn_plot: None, ui.json: None, ui.timings: "", ui.query_note: "",
+            ui.map_plot: map_figure(session, None, BASELINE, "backbone", self.thumbnails),
             ui.space: gr.Radio(choices=[(t, n) for n, t in session.map_spaces()],
                                value="backbone"),
             ui.query_model: gr.update(value=session.query_model),
+            ui.selection: gr.Gallery(value=[], visible=False),
+            ui.selection_file: gr.File(value=None, visible=False),
         }
         updates.update(self.browse(key, ALL_CLASSES, 1))
         for method in self.method_names:
@@ -297,29 +387,46 @@ class PageHandlers:
             updates[tab.reranked] = gr.Gallery(value=[])
             updates[tab.metrics] = ""
             updates[tab.state] = session.state_text(method)
+            updates[tab.train] = self.train_button(session, method)
         updates[ui.background] = background_text(session)
         for gallery_widget in ui.compare_rows.values():
             updates[gallery_widget] = gr.Gallery(value=[])
         return updates
 
-    # -- galleries -------------------------------------------------------------------------------
-    def switch_query_model(self, key: str, query_model: str,
-                           progress: gr.Progress = gr.Progress(),
-                           request: gr.Request | None = None) -> dict[Any, Any]:
-        """Another query model was chosen: open the gallery as that model sees it (indexing
-        with the gallery model and training the query model on first use, with a progress
-        bar) and switch to it."""
-        with engine_errors_as_gradio():
-            session = self.explorer.with_query_model(key, query_model,
-                                                     progress=gradio_progress(progress))
-        updates = self.switch_gallery(session.key)
-        updates[self.ui.gallery] = gr.Dropdown(choices=self.gallery_choices(request),
-                                               value=session.key)
-        return updates
+    # -- long work the user asks for: another query model, another gallery -----------------------
+    def switch_query_model(self, request: gr.Request | None, key: str, query_model: str,
+                           uploaded: str | None, picked: str | None, query_class: str,
+                           leave_out: bool, top_n: float, plot_method: str, space: str,
+                           *control_values: Any) -> Iterator[dict[Any, Any]]:
+        """Another query model was chosen: open the gallery as that model sees it and switch
+        to it, then run the current query again there.
 
-    def open_folder(self, folder: str, progress: gr.Progress = gr.Progress()) -> dict[Any, Any]:
+        A model already built switches at once. Otherwise the build (indexing with the gallery
+        model, training SSP) runs in the explorer's request queue: the page says what it will
+        do and about how long, shows its progress in one line with a Cancel, and stays usable
+        meanwhile; cancelling leaves the page on the gallery it was on.
+        """
+        with engine_errors_as_gradio():
+            base = self.explorer.session(key)
+            plan = self.explorer.plan_query_model(base.key, query_model)
+        job_key = (base.key, "query model", query_model)
+
+        def work(progress: Callable[[float, str], None]) -> GallerySession:
+            return self.explorer.with_query_model(base.key, query_model, progress=progress)
+
+        title = f"Query model {query_model} for {base.title}"
+        session = yield from self._run_request(job_key, title, plan, work,
+                                               {self.ui.query_model: base.query_model})
+        if session is None:
+            return
+        updates = self._switched(session, request)
+        updates.update(self._rerun(session, uploaded, picked, query_class, leave_out, top_n,
+                                   plot_method, space))
+        yield updates
+
+    def open_folder(self, folder: str) -> Iterator[dict[Any, Any]]:
         """Open a gallery folder on the server (inside the allowed folders; never on a public
-        page, which does not even wire this handler)."""
+        page, which does not even wire this handler), in the request queue as above."""
         with engine_errors_as_gradio():
             if self.public is not None:
                 refuse_folder()
@@ -327,23 +434,112 @@ class PageHandlers:
             raise gr.Error("Type the path of a folder of images on the server.",
                            print_exception=False)
         with engine_errors_as_gradio():
-            session = self.explorer.open_folder(folder.strip(),
-                                                progress=gradio_progress(progress))
-        return self._opened(session, progress)
+            plan = self.explorer.plan_gallery(folder.strip(), check_allowed=True)
 
-    def open_zip(self, archive: str | None, progress: gr.Progress = gr.Progress(),
-                 request: gr.Request | None = None) -> dict[Any, Any]:
-        """Extract an uploaded zip (safely) and open it as a gallery; on a public page into the
-        session's own temporary folder, under the public limits."""
+        def work(progress: Callable[[float, str], None]) -> GallerySession:
+            return self.explorer.open_folder(folder.strip(), progress=progress)
+
+        session = yield from self._run_request(("open", folder.strip()), "Opening a folder",
+                                               plan, work, {})
+        if session is not None:
+            yield self._opened(session, None)
+
+    def open_zip(self, request: gr.Request | None, archive: str | None
+                 ) -> Iterator[dict[Any, Any]]:
+        """Extract an uploaded zip (safely) and open it as a gallery, listed by its file name;
+        on a public page into the session's own temporary folder, under the public limits."""
         if not archive:
             raise gr.Error("Choose a .zip of images first.", print_exception=False)
         with engine_errors_as_gradio():
+            plan = self.explorer.plan_zip(archive)
+        visitor = owner(request)
+
+        def work(progress: Callable[[float, str], None]) -> GallerySession:
             if self.public is not None:
-                session = self.public.open_zip(archive, owner(request),
-                                               progress=gradio_progress(progress))
-            else:
-                session = self.explorer.open_zip(archive, progress=gradio_progress(progress))
-        return self._opened(session, progress, request)
+                return self.public.open_zip(archive, visitor, progress=progress)
+            return self.explorer.open_zip(archive, progress=progress)
+
+        session = yield from self._run_request(("open zip", archive),
+                                               f"Opening {Path(archive).name}", plan, work, {})
+        if session is not None:
+            yield self._opened(session, request)
+
+    def _run_request(self, job_key: Any, title: str, plan: Plan,
+                     work: Callable[[Callable[[float, str], None]], GallerySession],
+                     on_cancel: dict[Any, Any]
+                     ) -> Iterator[dict[Any, Any]]:
+        """Run a build the user asked for, yielding its one progress line; returns its session,
+        or None when it was cancelled (then `on_cancel` is shown with the message).
+
+        Without a request queue (tests, a script) the work runs here. Closing this generator
+        (the page's Cancel cancels the event) cancels the job: the engine stops it at its next
+        progress report and keeps nothing half-built.
+        """
+        ui = self.ui
+        if self.explorer.requests is None or not plan.steps:
+            with engine_errors_as_gradio():
+                return work(lambda fraction, message: None)
+        with engine_errors_as_gradio():
+            job = self.explorer.request(job_key, title, plan, work)
+        shown = None
+        try:
+            while job.state in ("waiting", "running"):
+                line = f"**{title}**: {plan.text()}.  \nNow: {job.describe()}"
+                if line != shown:
+                    yield {ui.job_row: gr.Row(visible=True), ui.job_status: line,
+                           ui.job: job.key}
+                    shown = line
+                time.sleep(JOB_POLL_SECONDS)
+        finally:
+            if job.state in ("waiting", "running"):
+                self.explorer.requests.cancel(job.key)
+        hidden = {ui.job_row: gr.Row(visible=False), ui.job_status: "", ui.job: None}
+        if job.state == "failed":
+            yield hidden
+            raise gr.Error(job.error, print_exception=False)
+        if job.state != "done":
+            yield {**hidden, **on_cancel,
+                   ui.message: f"Cancelled: {title}. Nothing was changed; choose it again to "
+                               "start over."}
+            return None
+        yield hidden
+        return job.result
+
+    def cancel_request(self, job_key: Any) -> dict[Any, Any]:
+        """The job line's Cancel: stop the user's build (its event is cancelled as well)."""
+        requests = self.explorer.requests
+        if job_key is not None and requests is not None:
+            requests.cancel(tuple(job_key) if isinstance(job_key, list) else job_key)
+        return {self.ui.job_row: gr.Row(visible=False), self.ui.job_status: "",
+                self.ui.job: None}
+
+    def _switched(self, session: GallerySession, request: gr.Request | None
+                  ) -> dict[Any, Any]:
+        updates = self.switch_gallery(session.key)
+        updates[self.ui.gallery] = gr.Dropdown(choices=self.gallery_choices(request),
+                                               value=session.key)
+        return updates
+
+    def _rerun(self, session: GallerySession, uploaded: str | None, picked: str | None,
+               query_class: str, leave_out: bool, top_n: float, plot_method: str, space: str
+               ) -> dict[Any, Any]:
+        """The current query (a pick or an upload) run again on `session` with its default
+        settings (the controls show them after a switch); nothing when there is none."""
+        ui = self.ui
+        if picked:
+            with engine_errors_as_gradio():
+                path = session.gallery.path_of(session.position_of(picked))
+            result = self._run_query(session.key, None, picked, None, leave_out, top_n, None)
+            return {**self.render_query(result, plot_method, space), ui.picked: picked,
+                    ui.query_image: str(self.thumbnails.get(path, side=PREVIEW_SIDE))}
+        if uploaded:
+            result = self._run_query(session.key, uploaded, None, query_class, leave_out,
+                                     top_n, None)
+            return {**self.render_query(result, plot_method, space), ui.uploaded: uploaded,
+                    ui.query_image: str(self.thumbnails.get(Path(uploaded),
+                                                            side=PREVIEW_SIDE)),
+                    ui.query_class: gr.update(value=query_class)}
+        return {}
 
     def end_session(self, request: gr.Request) -> None:
         """A browser session ended (its tab closed): a public page deletes its uploads."""
@@ -356,23 +552,43 @@ class PageHandlers:
             return self.explorer.choices()
         return self.public.choices(owner(request))
 
-    def _opened(self, session: GallerySession, progress: gr.Progress,
-                request: gr.Request | None = None) -> dict[Any, Any]:
-        report = gradio_progress(progress)
+    def _opened(self, session: GallerySession, request: gr.Request | None) -> dict[Any, Any]:
         with engine_errors_as_gradio():
-            session.prepare_views(report)
-        updates = self.switch_gallery(session.key)
-        updates[self.ui.gallery] = gr.Dropdown(choices=self.gallery_choices(request),
-                                               value=session.key)
+            session.prepare_views()
+        updates = self._switched(session, request)
         updates[self.ui.gallery_status] = opened_text(session, show_root=self.public is None)
         return updates
 
     # -- background work -------------------------------------------------------------------------
+    def train_button(self, session: GallerySession, method: str) -> Any:
+        """The tab's "Train now (about 40 s)": shown while a learned method waits in the
+        background queue for its training here."""
+        hidden = gr.Button(visible=False)
+        if (session.jobs is None or not get_reranker_class(method).learns
+                or method in session.unavailable or session.fitted(method) is not None):
+            return hidden
+        job = session.fit_job(method)
+        if job is not None and job.state != "waiting":
+            return hidden
+        cached = (session.key, method)
+        if cached not in self._fit_estimates:
+            with engine_errors_as_gradio():
+                self._fit_estimates[cached] = session.fit_estimate(method)
+        return gr.Button(value=train_label(self._fit_estimates[cached]), visible=True)
+
+    def train_now(self, method: str, key: str) -> dict[Any, Any]:
+        """Train a learned method next (ahead of the other background work)."""
+        session = self.session(key)
+        with engine_errors_as_gradio():
+            session.train_now(method)
+        tab = self.ui.tabs[method]
+        return {tab.state: session.state_text(method), tab.train: gr.Button(visible=False)}
+
     def refresh_states(self, key: str, seen: tuple | None, view: QueryView | None,
                        plot_method: str, space: str) -> dict[Any, Any]:
-        """The timer's tick: while background jobs change, redraw each tab's state, the
-        background line and the Compare table; when a map becomes ready, the map and its
-        choices. Nothing is sent when nothing changed."""
+        """The timer's tick: while background jobs change, redraw each tab's state and train
+        button, the background line and the Compare table; when a map becomes ready, the map
+        and its choices. Nothing is sent when nothing changed."""
         ui = self.ui
         jobs = self.explorer.jobs
         try:
@@ -389,15 +605,18 @@ class PageHandlers:
         updates: dict[Any, Any] = {ui.jobs_seen: now, ui.background: background_text(session)}
         for method in self.method_names:
             updates[ui.tabs[method].state] = session.state_text(method)
+            updates[ui.tabs[method].train] = self.train_button(session, method)
         updates[ui.compare_table] = self.compare_rows(session)
         if seen is None or seen[0] != session.key or seen[2] != spaces:
             choices = [(title, name) for name, title in session.map_spaces()]
             shown = space if space in dict(choices) else "backbone"
             updates[ui.space] = gr.Radio(choices=choices, value=shown)
             if view is None or view.result.gallery_key != session.key:
-                updates[ui.map_plot] = map_figure(session, None, BASELINE, shown)
+                updates[ui.map_plot] = map_figure(session, None, BASELINE, shown,
+                                                  self.thumbnails)
             else:
-                updates[ui.map_plot] = map_figure(session, view, plot_method, shown)
+                updates[ui.map_plot] = map_figure(session, view, plot_method, shown,
+                                                  self.thumbnails)
         return updates
 
     # -- compare ---------------------------------------------------------------------------------
@@ -484,10 +703,127 @@ class PageHandlers:
             raise gr.Error("Run a sweep first.", print_exception=False)
         return [best[name] for name in self.ui.tabs[method].param_names]
 
-    def save_best(self, method: str, key: str, best: dict[str, Any] | None) -> str:
+    def save_best(self, method: str, key: str, best: dict[str, Any] | None
+                  ) -> dict[Any, Any]:
+        """Save the sweep's best setting as the gallery's preset and put it in the controls
+        (the wiring then re-ranks with it): label, controls and results agree."""
         if not best:
             raise gr.Error("Run a sweep first.", print_exception=False)
         session = self.session(key)
         with engine_errors_as_gradio():
             stored = session.save_preset(method, best, note=f"sweep on {TUNE_PROTOCOL}")
-        return source_text(method, stored, "preset")
+        tab = self.ui.tabs[method]
+        return {tab.source: source_text(method, stored, "preset"),
+                **{control: stored[name]
+                   for control, name in zip(tab.controls, tab.param_names, strict=True)}}
+
+    # -- the view as a link ----------------------------------------------------------------------
+    def select_tab(self, event: gr.SelectData) -> str:
+        """The id of the tab the user selected (its position among `tab_ids`)."""
+        ids = self.tab_ids
+        return ids[event.index] if 0 <= event.index < len(ids) else ids[0]
+
+    def share_link(self, key: str, view: QueryView | None, uploaded: str | None,
+                   tab: str, *control_values: Any) -> str:
+        """The view as a URL query string: the gallery, the query (a pick, or an upload this
+        page kept), its class when given for an upload, the tab and the parameters that differ
+        from the gallery's setting."""
+        try:
+            session = self.explorer.session(key)
+        except EngineError:
+            return ""
+        params = {}
+        for method, values in self.all_params(control_values).items():
+            changed = changed_params(values, session.params_for(method)[0])
+            if changed:
+                params[method] = changed
+        file = upload = query_class = None
+        if view is not None and view.result.gallery_key == session.key:
+            file = view.result.source_file
+            if file is None and uploaded and self.query_uploads is not None:
+                upload = Path(uploaded).stem
+                query_class = view.result.query_class
+        return encode(SharedView(gallery=session.key, file=file, upload=upload,
+                                 query_class=query_class, tab=tab, params=params))
+
+    def restore(self, request: gr.Request | None, *defaults: Any) -> dict[Any, Any]:
+        """On load: reopen the view the page's URL names (see `app.share`); a part that no
+        longer exists is skipped with a message. `defaults`: the page's plot choices and
+        leave-out and top-N values (plot method, space, leave_out, top_n)."""
+        ui = self.ui
+        plot_method, space, leave_out, top_n = defaults
+        query = dict(request.query_params) if request is not None else {}
+        shared = decode(query, self.method_names)
+        updates: dict[Any, Any] = {}
+        notes = []
+        key = None
+        if shared.gallery:
+            try:
+                key = self.explorer.session(shared.gallery).key
+            except EngineError:
+                notes.append("the link's gallery is not open on this server")
+        session = self.session(key)
+        if key is not None and key != self.explorer.default_key:
+            updates.update(self._switched(session, request))
+        updates.update(self.browse(session.key, ALL_CLASSES, 1))
+        params: dict[str, dict[str, Any]] = {}
+        for method, values in shared.params.items():
+            tab = ui.tabs[method]
+            try:
+                resolved, _ = session.resolve(method, {**session.params_for(method)[0],
+                                                       **_numbers(values)})
+            except EngineError as error:
+                notes.append(f"{method_title(method)}'s parameters in the link: {error}")
+                continue
+            params[method] = resolved
+            for control, name in zip(tab.controls, tab.param_names, strict=True):
+                updates[control] = resolved[name]
+        if shared.tab in self.tab_ids:
+            updates[ui.method_tabs] = gr.Tabs(selected=shared.tab)
+            updates[ui.current_tab] = shared.tab
+        chosen = {method: params.get(method, session.params_for(method)[0])
+                  for method in self.method_names}
+        try:
+            if shared.file:
+                updates.update(self.pick(session.key, shared.file, leave_out, top_n,
+                                         plot_method, space, *self._flat(chosen)))
+            elif shared.upload and self.query_uploads is not None:
+                kept = self.query_uploads.find(shared.upload)
+                if kept is None:
+                    notes.append("the link's uploaded query is no longer kept here")
+                else:
+                    query_class = shared.query_class or NO_CLASS
+                    updates.update(self.search(session.key, str(kept), None, query_class,
+                                               leave_out, top_n, plot_method, space,
+                                               *self._flat(chosen)))
+                    updates.update({ui.uploaded: str(kept), ui.query_class: query_class,
+                                    ui.query_image: str(self.thumbnails.get(
+                                        kept, side=PREVIEW_SIDE))})
+        except gr.Error as error:
+            notes.append(f"the link's query: {error.message}")
+        if notes:
+            updates[ui.message] = "⚠️ Reopening the link: " + "; ".join(notes) + "."
+        return updates
+
+    def _flat(self, params: dict[str, dict[str, Any]]) -> list[Any]:
+        """Per-method parameters as the flat list of every tab's control values."""
+        return [params[method][name] for method in self.method_names
+                for name in self.ui.tabs[method].param_names]
+
+
+def _numbers(values: dict[str, str]) -> dict[str, Any]:
+    """A link's parameter values as numbers where they are numbers ("true"/"false" as
+    booleans); the engine validates them."""
+    parsed: dict[str, Any] = {}
+    for name, text in values.items():
+        lowered = text.strip().lower()
+        if lowered in ("true", "false"):
+            parsed[name] = lowered == "true"
+            continue
+        try:
+            number = float(text)
+        except ValueError:
+            parsed[name] = text
+            continue
+        parsed[name] = int(number) if number.is_integer() else number
+    return parsed

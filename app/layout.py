@@ -2,11 +2,12 @@
 dataclasses (`PageComponents`, a `MethodWidgets` per re-ranker tab) that the handlers key their
 updates by and the wiring connects.
 
-Layout: the gallery chooser and query model; the query (upload, gallery browser, examples)
-with the backbone's ImageNet guess and stage timings; one tab per registered re-ranker (built
-from the registry and each method's parameter metadata, so a new method file adds a tab), a
-Compare tab and a Galleries tab; the kNN-graph and embedding-map plots under the tabs; the
-hidden inputs of the `query` API.
+Layout: a top bar (gallery, query model), the message area and the progress line of a job the
+user started; then, in the first screen, the query panel (preview, upload, examples, the
+backbone's guess) beside one tab per registered re-ranker (built from the registry and each
+method's parameter metadata, so a new method file adds a tab), a Compare tab and a Galleries
+tab; below, the collapsible gallery browser, the kNN-graph and embedding-map plots with the
+map's selection, the hidden inputs the page's script writes to, and the `query` API's inputs.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import gradio as gr
 
+from app.controls import clamped
 from app.render import example_items, map_figure
 from app.text import (
     ALL_CLASSES,
@@ -56,6 +58,8 @@ class MethodWidgets:
     param_names: list[str]
     source: gr.Markdown
     state: gr.Markdown
+    train: gr.Button
+    """Offered while the method learns and is not trained here yet: trains it next."""
     baseline: gr.Gallery
     reranked: gr.Gallery
     metrics: gr.Markdown
@@ -90,10 +94,18 @@ class QueryApi:
 class PageComponents:
     """Every component the handlers update or the wiring connects, by role."""
 
-    # gallery and background work
+    # gallery, messages and work
     gallery: gr.Dropdown
     header: gr.Markdown
     query_model: gr.Radio
+    message: gr.Markdown
+    """The page's one place for refusals and errors (see `app.feedback.shown_in`)."""
+    job_row: gr.Row
+    job_status: gr.Markdown
+    """The one progress display of a long job the user started (a build), with its plan."""
+    job_cancel: gr.Button
+    job: gr.State
+    """The key of the user's running request (`Explorer.requests`), or None."""
     background: gr.Markdown
     timer: gr.Timer
     jobs_seen: gr.State
@@ -103,12 +115,19 @@ class PageComponents:
     """The user's last query (`app.render.QueryView`) or None."""
     picked: gr.State
     """The gallery file picked as the query, or None (an upload)."""
+    uploaded: gr.State
+    """The file of the last uploaded query (kept while a pick is shown, for the share link and
+    for re-running it under another query model), or None."""
     query_image: gr.Image
+    """Shows the query (a thumbnail of the pick or the uploaded file); not an input."""
+    upload: gr.File
+    """Takes the uploaded query file as it is: the engine decodes it (and refuses it by name)."""
     query_class: gr.Dropdown
     leave_out: gr.Checkbox
     top_n: gr.Slider
     search: gr.Button
-    imagenet: gr.Label
+    query_note: gr.Markdown
+    """The backbone's ImageNet guess (small) and how far the query is from the gallery."""
     timings: gr.Markdown
     examples: gr.Gallery
     class_filter: gr.Dropdown
@@ -116,6 +135,9 @@ class PageComponents:
     browser: gr.Gallery
     page: gr.Number
     # the tabs
+    method_tabs: gr.Tabs
+    current_tab: gr.State
+    """The id of the tab the user last selected (a method name, "compare" or "galleries")."""
     tabs: dict[str, MethodWidgets]
     """Each re-ranker's tab, in registry order."""
     compare_rows: dict[str, gr.Gallery]
@@ -127,11 +149,19 @@ class PageComponents:
     zip: gr.File
     open_zip: gr.Button
     gallery_status: gr.Markdown
-    # the plots and the API
+    # the plots, their selections and the API
     plot_method: gr.Radio
     space: gr.Radio
     knn_plot: gr.Plot
     map_plot: gr.Plot
+    plot_click: gr.Textbox
+    """Written by the plots' script: "file|nonce" of a clicked point (hidden)."""
+    plot_selection: gr.Textbox
+    """Written by the plots' script: a JSON list of the files selected on the map (hidden)."""
+    selection: gr.Gallery
+    selection_file: gr.File
+    share: gr.Textbox
+    """The view as a URL query string (hidden); the page's script puts it in the address bar."""
     json: gr.JSON
     api: QueryApi
 
@@ -140,90 +170,114 @@ class PageComponents:
         return [control for tab in self.tabs.values() for control in tab.controls]
 
 
+def hidden_textbox(elem_id: str) -> gr.Textbox:
+    """A textbox in the page but not shown, that the page's script writes to (a component
+    with visible=False is not rendered at all, so no script could reach it)."""
+    return gr.Textbox(elem_id=elem_id, elem_classes=["hidden-input"], container=False,
+                      show_label=False)
+
+
 def build_layout(explorer: Explorer, handlers: PageHandlers) -> PageComponents:
     """Create the page's components (inside the caller's `gr.Blocks`), showing the first
     gallery. `handlers` give the method names, thumbnails, cached scores and whether the page
-    is public."""
+    is public.
+
+    The first screen holds the query (compact, on the left) and the rankings (the method tabs,
+    on the right); the gallery browser and the plots follow below.
+    """
     public = handlers.public is not None
     session = explorer.session(None)
     gallery = session.gallery
     method_choices = [(BASELINE_LABEL, BASELINE)] + [
         (method_title(name), name) for name in handlers.method_names]
 
-    gr.Markdown("# Retrieval Explorer")
-    with gr.Row():
+    with gr.Row(equal_height=True, elem_id="top-bar"):
+        gr.Markdown("## Retrieval Explorer", elem_id="app-title")
         gallery_choice = gr.Dropdown(choices=explorer.choices(), value=session.key,
-                                     label="Gallery", scale=1, elem_id="gallery-choice")
-        header = gr.Markdown(header_text(session))
-    query_model = gr.Radio(
-        choices=[(spec.title, name) for name, spec in QUERY_MODELS.items()],
-        value=session.query_model, label="Query model (which network embeds the query and "
-        "which the gallery; lite2 and SSP build their index and model on first use)",
-        elem_id="query-model")
+                                     label="Gallery", scale=2, elem_id="gallery-choice")
+        query_model = gr.Radio(
+            choices=[(spec.title, name) for name, spec in QUERY_MODELS.items()],
+            value=session.query_model, label="Query model", scale=3,
+            info="which network embeds the query and which the gallery",
+            elem_id="query-model")
+    header = gr.Markdown(header_text(session), elem_id="header")
+    message = gr.Markdown("", elem_id="message")
+    with gr.Row(visible=False, elem_id="job-row") as job_row:
+        job_status = gr.Markdown("", elem_id="job-status")
+        job_cancel = gr.Button("Cancel", variant="stop", scale=0, min_width=100,
+                               elem_id="job-cancel")
+    job = gr.State(None)
     background = gr.Markdown(background_text(session), elem_id="background")
     state = gr.State(None)
     jobs_seen = gr.State(None)
     timer = gr.Timer(JOB_REFRESH_SECONDS, active=explorer.jobs is not None)
     picked = gr.State(None)
+    uploaded = gr.State(None)
+    current_tab = gr.State(handlers.method_names[0] if handlers.method_names else "compare")
     with gr.Row(equal_height=False):
-        with gr.Column(scale=2, min_width=300):
-            # image_mode=None: the engine gets the uploaded file as it is (gradio's RGB
-            # conversion would drop 16-bit depth and composite alpha on black).
-            query_image = gr.Image(type="filepath", label="Query image (upload)",
-                                   sources=["upload", "clipboard"], height=300,
-                                   image_mode=None, elem_id="query-image")
+        with gr.Column(scale=1, min_width=280, elem_id="query-panel"):
+            query_image = gr.Image(type="filepath", label="Query", interactive=False,
+                                   height=190, show_label=True, elem_id="query-image")
+            # gr.File, not gr.Image: gradio would decode an image upload itself and show its
+            # own error for a file it cannot read; the engine's message names the file.
+            upload = gr.File(label="Upload a query image", file_types=["image"],
+                             type="filepath", height=70, elem_id="query-upload")
             query_class = gr.Dropdown(
                 choices=[NO_CLASS, *gallery.class_names], value=NO_CLASS,
                 label="Class of an uploaded query (to score it)",
                 interactive=bool(gallery.class_names))
-            with gr.Row():
-                leave_out = gr.Checkbox(value=True, label="Leave a gallery query out "
-                                        "of its own results")
-                top_n = gr.Slider(3, 30, value=DEFAULT_TOP_N, step=1,
-                                  label="Results per method")
-            search = gr.Button("Search again", variant="primary")
-            imagenet = gr.Label(num_top_classes=3, label="Backbone's ImageNet top-3")
-            timings = gr.Markdown(elem_id="timings")
-        with gr.Column(scale=3, min_width=360):
+            leave_out = gr.Checkbox(value=True, label="Leave a gallery query out of its "
+                                    "own results")
+            top_n = clamped(gr.Slider(3, 30, value=DEFAULT_TOP_N, step=1,
+                                      label="Results per method"))
+            search = gr.Button("Search again", variant="primary", size="sm")
+            query_note = gr.Markdown("", elem_id="query-note")
             examples = gr.Gallery(
                 value=example_items(handlers.thumbnails, session),
-                label="Examples: click to query", columns=8, height=110, allow_preview=False,
+                label="Examples: click to query", columns=4, height=130, allow_preview=False,
                 object_fit="cover", interactive=False, elem_id="examples")
-            with gr.Row():
-                class_filter = gr.Dropdown(choices=[ALL_CLASSES, *gallery.class_names],
-                                           value=ALL_CLASSES, label="Browse a class", scale=3)
-                random = gr.Button("Random image", scale=1)
-            browser = gr.Gallery(columns=6, height=360, allow_preview=False,
-                                 object_fit="cover", interactive=False, elem_id="browser")
-            page = gr.Number(value=1, minimum=1, precision=0, label="Page",
-                             elem_id="browse-page")
-    with gr.Tabs():
-        tabs = {name: _method_tab(name, session) for name in handlers.method_names}
-        with gr.Tab("Compare", id="compare", elem_id="tab-compare"):
-            compare_rows = {}
-            for title, method in method_choices:
-                compare_rows[method] = gr.Gallery(
-                    label=title, columns=DEFAULT_TOP_N, rows=1, height=150,
-                    object_fit="cover", interactive=False, allow_preview=False,
-                    elem_id=f"compare-{method}")
-            gr.Markdown("Whole-gallery scores: every labelled image a query against the "
-                        "others (leave-one-out, batch); online ms is the median of single "
-                        "queries against the fitted gallery.")
-            compare_table = gr.Dataframe(
-                value=handlers.compare_rows(session),
-                headers=["method", "mAP", "P@1", "P@5", "online ms/query", "batch s",
-                         "parameters"], interactive=False, elem_id="compare-table")
-            compare_button = gr.Button("Compute for the current parameters")
-        with gr.Tab("Galleries", id="galleries", elem_id="tab-galleries"):
-            gr.Markdown(galleries_text(handlers.public))
-            with gr.Row(visible=not public):
-                folder = gr.Textbox(label="Folder on the server", scale=3, visible=not public)
-                open_folder = gr.Button("Open folder", scale=1, visible=not public)
-            with gr.Row():
-                zip_file = gr.File(label="Zip of images", file_types=[".zip"],
-                                   type="filepath", scale=3)
-                open_zip = gr.Button("Open zip", scale=1)
-            gallery_status = gr.Markdown()
+            with gr.Accordion("Timings", open=False):
+                timings = gr.Markdown(elem_id="timings")
+        with gr.Column(scale=4, min_width=480), gr.Tabs(
+                selected=handlers.method_names[0] if handlers.method_names else "compare",
+                elem_id="method-tabs") as method_tabs:
+                tabs = {name: _method_tab(name, session) for name in handlers.method_names}
+                with gr.Tab("Compare", id="compare", elem_id="tab-compare"):
+                    compare_rows = {}
+                    for title, method in method_choices:
+                        compare_rows[method] = gr.Gallery(
+                            label=title, columns=DEFAULT_TOP_N, rows=1, height=150,
+                            object_fit="cover", interactive=False, allow_preview=False,
+                            elem_classes=["ranking"], elem_id=f"compare-{method}")
+                    gr.Markdown("Whole-gallery scores: every labelled image a query against "
+                                "the others (leave-one-out, batch); online ms is the median "
+                                "of single queries against the fitted gallery, measured when "
+                                "the scores were computed (when, and the machine's load then, "
+                                "in the last column).")
+                    compare_table = gr.Dataframe(
+                        value=handlers.compare_rows(session), interactive=False,
+                        wrap=True, elem_id="compare-table")
+                    compare_button = gr.Button("Compute for the current parameters")
+                with gr.Tab("Galleries", id="galleries", elem_id="tab-galleries"):
+                    gr.Markdown(galleries_text(handlers.public))
+                    with gr.Row(visible=not public):
+                        folder = gr.Textbox(label="Folder on the server", scale=3,
+                                            visible=not public)
+                        open_folder = gr.Button("Open folder", scale=1, visible=not public)
+                    with gr.Row():
+                        zip_file = gr.File(label="Zip of images", file_types=[".zip"],
+                                           type="filepath", scale=3)
+                        open_zip = gr.Button("Open zip", scale=1)
+                    gallery_status = gr.Markdown()
+    with gr.Accordion("Browse the gallery", open=False, elem_id="browse"):
+        with gr.Row():
+            class_filter = gr.Dropdown(choices=[ALL_CLASSES, *gallery.class_names],
+                                       value=ALL_CLASSES, label="Browse a class", scale=3)
+            page = clamped(gr.Number(value=1, minimum=1, precision=0, label="Page",
+                                     scale=1, elem_id="browse-page"))
+            random = gr.Button("Random image", scale=1)
+        browser = gr.Gallery(columns=8, height=300, allow_preview=False, object_fit="cover",
+                             interactive=False, elem_id="browser")
     with gr.Row():
         plot_method = gr.Radio(choices=method_choices, value=handlers.method_names[0]
                                if handlers.method_names else BASELINE,
@@ -231,9 +285,21 @@ def build_layout(explorer: Explorer, handlers: PageHandlers) -> PageComponents:
         space = gr.Radio(choices=[(t, n) for n, t in session.map_spaces()],
                          value="backbone", label="Embedding map of")
     with gr.Row(equal_height=False):
-        knn_plot = gr.Plot(label="kNN graph", elem_id="knn-plot")
-        map_plot = gr.Plot(value=map_figure(session, None, BASELINE, "backbone"),
-                           label="Embedding map", elem_id="embedding-map")
+        knn_plot = gr.Plot(label="kNN graph (click a node to query with it)",
+                           elem_id="knn-plot")
+        map_plot = gr.Plot(value=map_figure(session, None, BASELINE, "backbone",
+                                            handlers.thumbnails),
+                           label="Embedding map (click a point to query with it; box or "
+                           "lasso select to list images)", elem_id="embedding-map")
+    with gr.Row(equal_height=False):
+        selection = gr.Gallery(label="Selected on the map", columns=12, height=130,
+                               allow_preview=False, object_fit="cover", interactive=False,
+                               visible=False, elem_id="selection", scale=4)
+        selection_file = gr.File(label="Selected files (list)", visible=False, scale=1,
+                                 elem_id="selection-file")
+    plot_click = hidden_textbox("plot-click")
+    plot_selection = hidden_textbox("plot-selection")
+    share = hidden_textbox("share-state")
     with gr.Accordion("Results as JSON (the `query` API)", open=False):
         result_json = gr.JSON(label="query result")
     # The API endpoint: its own hidden inputs, so that it takes plain values.
@@ -247,37 +313,44 @@ def build_layout(explorer: Explorer, handlers: PageHandlers) -> PageComponents:
             query_class=gr.Textbox(label="query_class"),
             button=gr.Button())
     return PageComponents(
-        gallery=gallery_choice, header=header, query_model=query_model, background=background,
-        timer=timer, jobs_seen=jobs_seen, state=state, picked=picked, query_image=query_image,
-        query_class=query_class, leave_out=leave_out, top_n=top_n, search=search,
-        imagenet=imagenet, timings=timings, examples=examples, class_filter=class_filter,
-        random=random, browser=browser, page=page, tabs=tabs, compare_rows=compare_rows,
-        compare_table=compare_table, compare_button=compare_button, folder=folder,
-        open_folder=open_folder, zip=zip_file, open_zip=open_zip,
-        gallery_status=gallery_status, plot_method=plot_method, space=space,
-        knn_plot=knn_plot, map_plot=map_plot, json=result_json, api=api)
+        gallery=gallery_choice, header=header, query_model=query_model, message=message,
+        job_row=job_row, job_status=job_status, job_cancel=job_cancel, job=job,
+        background=background, timer=timer, jobs_seen=jobs_seen, state=state, picked=picked,
+        uploaded=uploaded, query_image=query_image, upload=upload, query_class=query_class,
+        leave_out=leave_out, top_n=top_n, search=search, query_note=query_note,
+        timings=timings, examples=examples, class_filter=class_filter, random=random,
+        browser=browser, page=page, method_tabs=method_tabs, current_tab=current_tab,
+        tabs=tabs, compare_rows=compare_rows, compare_table=compare_table,
+        compare_button=compare_button, folder=folder, open_folder=open_folder, zip=zip_file,
+        open_zip=open_zip, gallery_status=gallery_status, plot_method=plot_method,
+        space=space, knn_plot=knn_plot, map_plot=map_plot, plot_click=plot_click,
+        plot_selection=plot_selection, selection=selection, selection_file=selection_file,
+        share=share, json=result_json, api=api)
 
 
 def _method_tab(name: str, session: GallerySession) -> MethodWidgets:
-    """One re-ranker's tab: its parameters (as the gallery sets them), the baseline and its
-    ranking side by side, and the tuning accordion."""
+    """One re-ranker's tab: the baseline and its ranking side by side (first, so that they
+    are in the first screen), then its parameters (as the gallery sets them) and tuning."""
     specs = get_reranker_class(name).Params.describe()
     params, source = session.params_for(name)
     with gr.Tab(method_title(name), id=name, elem_id=f"tab-{name}"):
         source_md = gr.Markdown(source_text(name, params, source),
                                 elem_classes=["method-source"])
-        state_md = gr.Markdown(session.state_text(name), elem_id=f"state-{name}")
-        with gr.Row():
-            controls = [_control(spec, params[spec["name"]]) for spec in specs]
-            reset = gr.Button("Reset to preset / defaults", scale=0)
+        with gr.Row(equal_height=True):
+            state_md = gr.Markdown(session.state_text(name), elem_id=f"state-{name}")
+            train = gr.Button("Train now", visible=False, scale=0, min_width=180, size="sm",
+                              elem_id=f"train-{name}")
         metrics = gr.Markdown("", elem_id=f"metrics-{name}")
         with gr.Row(equal_height=False):
-            baseline = gr.Gallery(label=BASELINE_LABEL, columns=5, height=300,
-                                  object_fit="cover", interactive=False,
+            baseline = gr.Gallery(label=BASELINE_LABEL, columns=5, height=330,
+                                  object_fit="cover", interactive=False, allow_preview=False,
                                   elem_classes=["ranking"], elem_id=f"baseline-{name}")
-            reranked = gr.Gallery(label=method_title(name), columns=5, height=300,
-                                  object_fit="cover", interactive=False,
+            reranked = gr.Gallery(label=method_title(name), columns=5, height=330,
+                                  object_fit="cover", interactive=False, allow_preview=False,
                                   elem_classes=["ranking"], elem_id=f"reranked-{name}")
+        with gr.Accordion("Parameters", open=True), gr.Row():
+            controls = [_control(spec, params[spec["name"]]) for spec in specs]
+            reset = gr.Button("Reset to preset / defaults", scale=0)
         with gr.Accordion("Tune on this gallery", open=False):
             gr.Markdown(f"Sweeps run on the {TUNE_PROTOCOL_TEXT}.")
             names = [spec["name"] for spec in specs if spec["type"] != "bool"]
@@ -299,7 +372,7 @@ def _method_tab(name: str, session: GallerySession) -> MethodWidgets:
             tune_best = gr.State(None)
     return MethodWidgets(
         name=name, controls=controls, param_names=[spec["name"] for spec in specs],
-        source=source_md, state=state_md, baseline=baseline, reranked=reranked,
+        source=source_md, state=state_md, train=train, baseline=baseline, reranked=reranked,
         metrics=metrics, reset=reset, tune_first=first, tune_first_values=first_values,
         tune_second=second, tune_second_values=second_values, tune_run=run,
         tune_cancel=cancel, tune_plot=tune_plot, tune_summary=tune_summary,
@@ -308,14 +381,15 @@ def _method_tab(name: str, session: GallerySession) -> MethodWidgets:
 
 def _control(spec: dict[str, Any], value: Any) -> gr.components.Component:
     """A slider when the parameter has a range of at most MAX_SLIDER_STEPS steps, a checkbox
-    for a switch, else a number box; help text as info."""
+    for a switch, else a number box; help text as info. A typed value outside the range is
+    clamped into it (`app.controls`), never refused with an error."""
     if spec["type"] == "bool":
         return gr.Checkbox(value=bool(value), label=spec["name"], info=spec.get("help") or None)
     integral = spec["type"] == "int"
     low, high = spec.get("min"), spec.get("max")
     step = spec.get("step") or (1 if integral else 0.01)
     if low is not None and high is not None and (high - low) / step <= MAX_SLIDER_STEPS:
-        return gr.Slider(minimum=low, maximum=high, step=step, value=value, label=spec["name"],
-                         info=spec.get("help") or None)
-    return gr.Number(value=value, label=spec["name"], info=spec.get("help") or None,
-                     precision=0 if integral else None, minimum=low, maximum=high)
+        return clamped(gr.Slider(minimum=low, maximum=high, step=step, value=value,
+                                 label=spec["name"], info=spec.get("help") or None))
+    return clamped(gr.Number(value=value, label=spec["name"], info=spec.get("help") or None,
+                             precision=0 if integral else None, minimum=low, maximum=high))

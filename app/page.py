@@ -40,10 +40,30 @@ bounds the server's memory, as a waiting event holds only its inputs."""
 
 CSS = """
 .ranking .caption-label { white-space: normal !important; max-width: 97% !important;
+  overflow: visible !important; text-overflow: clip !important;
   font-size: 0.68rem !important; line-height: 1.15; left: 2px; }
 #timings table { font-size: 0.85rem; }
 .method-source { font-size: 0.9rem; }
+#message:not(:empty) { position: sticky; top: 0; z-index: 50; }
+#message p { background: #fff4e5; border: 1px solid #f0b45a; border-radius: 6px;
+  padding: 6px 10px; margin: 0; }
+#job-row { background: #eef4ff; border-radius: 6px; padding: 2px 8px; }
+#query-note { font-size: 0.85rem; }
+#top-bar { align-items: center; }
+.hidden-input { display: none !important; }
 """
+ENTER_APPLIES_SCRIPT = """<script>
+// Enter in a slider's number box applies the value: Gradio applies it when the box loses
+// focus (its "release"), so Enter takes the focus away.
+document.addEventListener("keydown", (event) => {
+  const box = event.target;
+  if (event.key !== "Enter" || !(box instanceof HTMLInputElement) || box.type !== "number") {
+    return;
+  }
+  const block = box.closest(".block");
+  if (block && block.querySelector("input[type=range]")) { box.blur(); }
+});
+</script>"""
 
 
 def launch_options(explorer: Explorer, public: bool = False,
@@ -57,7 +77,7 @@ def launch_options(explorer: Explorer, public: bool = False,
     file may be larger than the largest zip it accepts (`upload_limits`).
     """
     explorer.thumbnail_root.mkdir(parents=True, exist_ok=True)
-    options = {"theme": gr.themes.Soft(), "css": CSS,
+    options = {"theme": gr.themes.Soft(), "css": CSS, "head": ENTER_APPLIES_SCRIPT,
                "allowed_paths": [str(explorer.thumbnail_root)]}
     if public:
         limits = upload_limits or UploadLimits()

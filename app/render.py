@@ -14,13 +14,24 @@ import numpy as np
 
 from app import plots
 from app.feedback import engine_errors_as_gradio
-from app.text import BASELINE_LABEL, history_text, metrics_text, rank_change, source_text
+from app.plots import file_url
+from app.text import (
+    BASELINE_LABEL,
+    distance_text,
+    familiarity_text,
+    history_text,
+    imagenet_text,
+    metrics_text,
+    rank_change,
+    source_text,
+)
 from app.thumbnails import ThumbnailCache
 from engine import (
     BASELINE,
     GallerySession,
     NeighbourhoodGraph,
     QueryResult,
+    distance_note,
     method_title,
     neighbourhood_graph,
 )
@@ -64,9 +75,11 @@ def _drawn_rows(result: QueryResult) -> list[int]:
 
 def ranked_items(thumbnails: ThumbnailCache, session: GallerySession, result: QueryResult,
                  method: str, compare_to_baseline: bool) -> list[tuple[str, str]]:
-    """(thumbnail, caption) per top-N result: rank, class, distance, rank change, hit mark."""
+    """(thumbnail, caption) per top-N result: rank, class, cosine similarity to the query (the
+    same scale for every method), the method's own distance, rank change and hit mark."""
     ranking = result.rankings[method]
     distances, indices = result.top(method)
+    similarities = ranking.similarities
     baseline_rank = {}
     if compare_to_baseline:
         baseline_rank = {row: rank for rank, row in
@@ -75,7 +88,10 @@ def ranked_items(thumbnails: ThumbnailCache, session: GallerySession, result: Qu
     for rank, (row, distance) in enumerate(zip(indices.tolist(), distances.tolist(),
                                                strict=True), start=1):
         label = session.gallery.class_of(row) or Path(session.gallery.files[row]).stem
-        caption = f"#{rank} · {label} · {distance:.3f}"
+        caption = f"#{rank} · {label}"
+        if similarities is not None and rank <= len(similarities):
+            caption += f" · cos {similarities[rank - 1]:.3f}"
+        caption += f" · d {distance_text(distance)}"
         if compare_to_baseline:
             caption += " · " + rank_change(rank, baseline_rank.get(row), result.top_n)
         mark = None
@@ -109,6 +125,9 @@ def method_updates(tab: MethodWidgets, thumbnails: ThumbnailCache, session: Gall
         tab.reranked: gr.Gallery(value=ranked_items(thumbnails, session, result, method, True),
                                  label=f"{ranking.title} · top {result.top_n}"),
         tab.metrics: metrics_text(result, baseline, ranking)
+        + f"  \n<small>Captions: cos = cosine similarity to the query in the gallery's "
+          f"feature space (the same for every method); d = the method's own distance: "
+          f"{distance_note(method)}</small>"
         + history_text(session, result, ranking),
         tab.source: source_text(method, ranking.params, ranking.params_source),
     }
@@ -134,7 +153,7 @@ def compare_updates(rows: dict[str, gr.Gallery], thumbnails: ThumbnailCache,
 
 
 def plot_updates(ui: PageComponents, session: GallerySession, view: QueryView,
-                 plot_method: str, space: str) -> dict[Any, Any]:
+                 plot_method: str, space: str, thumbnails: ThumbnailCache) -> dict[Any, Any]:
     """The kNN graph and the embedding map of a query, showing `plot_method`'s top results."""
     result = view.result
     method = plot_method if plot_method in result.rankings else BASELINE
@@ -144,21 +163,29 @@ def plot_updates(ui: PageComponents, session: GallerySession, view: QueryView,
         view.graph, indices.tolist(), distances.tolist(), files=gallery.files,
         labels=gallery.labels, class_names=gallery.class_names,
         query_label=result.query_label,
-        title=f"kNN graph: query and {method_title(method)} top {result.top_n}")
-    return {ui.knn_plot: knn, ui.map_plot: map_figure(session, view, method, space)}
+        title=f"kNN graph: query and {method_title(method)} top {result.top_n}",
+        thumbnail_urls=hover_urls(thumbnails, session))
+    return {ui.knn_plot: knn,
+            ui.map_plot: map_figure(session, view, method, space, thumbnails)}
 
 
-def map_figure(session: GallerySession, view: QueryView | None, method: str, space: str
-               ) -> Any:
+def hover_urls(thumbnails: ThumbnailCache, session: GallerySession) -> list[str]:
+    """The URL of every gallery row's hover thumbnail (made in the background as needed)."""
+    return [file_url(path) for path in thumbnails.hover_paths(session.gallery)]
+
+
+def map_figure(session: GallerySession, view: QueryView | None, method: str, space: str,
+               thumbnails: ThumbnailCache) -> Any:
     """The gallery's embedding map in `space` (if computed), with the query and `method`'s top
-    results when there is a query."""
+    results when there is a query; hovering a point shows its thumbnail."""
     spaces = dict(session.map_spaces())
     space = space if space in spaces else "backbone"
     with engine_errors_as_gradio():
         layout = session.embedding_map(space, fit=False)
     if layout is None:
         return plots.embedding_figure(np.zeros((0, 2)), files=[], labels=None,
-                                      class_names=[], title="Embedding map not computed")
+                                      class_names=[], title="Embedding map: being computed "
+                                      "in the background (see the line at the top)")
     gallery = session.gallery
     kwargs: dict[str, Any] = {}
     if view is not None:
@@ -171,8 +198,15 @@ def map_figure(session: GallerySession, view: QueryView | None, method: str, spa
                   "result_distances": distances.tolist()}
     return plots.embedding_figure(
         layout.coordinates, files=gallery.files, labels=gallery.labels,
-        class_names=gallery.class_names,
-        title=f"UMAP of {spaces[space]}", **kwargs)
+        class_names=gallery.class_names, title=f"UMAP of {spaces[space]}",
+        thumbnail_urls=hover_urls(thumbnails, session), **kwargs)
+
+
+def query_note(result: QueryResult) -> str:
+    """Under the query: how far it is from the gallery, and the backbone's ImageNet guess
+    (small: it is not the page's answer)."""
+    return "\n\n".join(part for part in (familiarity_text(result), imagenet_text(result))
+                        if part)
 
 
 def example_items(thumbnails: ThumbnailCache, session: GallerySession

@@ -33,6 +33,51 @@ def rank_change(rank: int, old_rank: int | None, top_n: int) -> str:
     return f"▲{old_rank - rank}" if old_rank > rank else f"▼{rank - old_rank}"
 
 
+def distance_text(distance: float) -> str:
+    """A method's distance with 3 significant digits: SGRR's distances within a class are
+    around 1e-5, which three decimals would all show as 0.000."""
+    return f"{distance:.3g}"
+
+
+def familiarity_text(result: QueryResult) -> str:
+    """How close the query is to the gallery, against the gallery's own nearest neighbours; a
+    warning when it is unusually far (an astronaut against flowers)."""
+    familiarity = result.familiarity
+    if familiarity is None:
+        return ""
+    line = (f"nearest gallery image at cosine {familiarity.nearest:.3f}; gallery images' "
+            f"nearest neighbours: median {familiarity.typical:.3f} (this query is at their "
+            f"{familiarity.percentile:.0f}th percentile)")
+    if familiarity.unusual:
+        return (f"**⚠️ Far from this gallery:** {line}. Its results are the least far "
+                "images, not matches.")
+    return line[0].upper() + line[1:] + "."
+
+
+def imagenet_text(result: QueryResult) -> str:
+    """The backbone's ImageNet top-3, small and labelled as the backbone's guess."""
+    if not result.imagenet:
+        return ""
+    guesses = ", ".join(f"{label} {probability:.0%}" for label, probability in result.imagenet)
+    return f"<small>Backbone's ImageNet guess (not the gallery's classes): {guesses}</small>"
+
+
+def train_label(seconds: float | None) -> str:
+    """The label of a learned method's "train now" button, with its expected time."""
+    if seconds is None:
+        return "Train now"
+    return f"Train now (about {duration_text(seconds)})"
+
+
+def duration_text(seconds: float) -> str:
+    """'40 s', '3 min', '1.5 h'."""
+    if seconds < 90:
+        return f"{max(1, round(seconds))} s"
+    if seconds < 5400:
+        return f"{round(seconds / 60)} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 def metrics_text(result: QueryResult, baseline: Ranking, ranking: Ranking) -> str:
     how = ("its row of the leave-one-out run over the whole gallery (as in Compare)"
            if ranking.how == "leave-one-out" else

@@ -11,12 +11,13 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import threading
 from pathlib import Path
 from typing import Literal
 
 from PIL import Image, ImageOps
 
-from engine import atomic_write_bytes, load_image, make_thumbnail
+from engine import Gallery, atomic_write_bytes, load_image, make_thumbnail
 from engine.errors import InvalidImageError
 
 logger = logging.getLogger(__name__)
@@ -26,6 +27,8 @@ FRAME_COLOURS = {"hit": (22, 163, 74), "miss": (220, 38, 38)}
 FRAME_WIDTH = 6
 RESULT_SIDE = 192
 PREVIEW_SIDE = 448
+HOVER_SIDE = 128
+"""Side of the thumbnails the plots show on hover (one per gallery image)."""
 
 
 class ThumbnailCache:
@@ -33,15 +36,47 @@ class ThumbnailCache:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
+        self._hover: dict[tuple[Path, int, str], list[Path]] = {}
+        self._lock = threading.Lock()
+
+    def path_for(self, source: Path, mark: Mark = None, side: int = RESULT_SIDE) -> Path:
+        """Where the thumbnail of `source` is (or will be) kept; makes nothing."""
+        digest = self._digest(Path(source).absolute())  # gallery paths are already resolved
+        return self.root / digest[:2] / f"{digest}-{side}-{mark or 'plain'}.jpg"
 
     def get(self, source: Path, mark: Mark = None, side: int = RESULT_SIDE) -> Path:
         """The thumbnail of `source` (made now if missing); a placeholder if it cannot be read."""
-        source = Path(source).absolute()  # gallery paths are already resolved
-        digest = self._digest(source)
-        path = self.root / digest[:2] / f"{digest}-{side}-{mark or 'plain'}.jpg"
+        path = self.path_for(source, mark, side)
         if not path.is_file():
-            atomic_write_bytes(path, self._render(source, mark, side))
+            atomic_write_bytes(path, self._render(Path(source).absolute(), mark, side))
         return path
+
+    def hover_paths(self, gallery: Gallery) -> list[Path]:
+        """The hover thumbnail of every gallery row, by row. The paths are returned at once;
+        the missing thumbnails are made by one background thread per gallery (a plot shows no
+        image for a point whose thumbnail is not made yet)."""
+        key = (gallery.root, gallery.size, gallery.fingerprint)
+        with self._lock:
+            paths = self._hover.get(key)
+            if paths is not None:
+                return paths
+            sources = [gallery.path_of(row) for row in range(gallery.size)]
+            paths = [self.path_for(source, None, HOVER_SIDE) for source in sources]
+            self._hover[key] = paths
+        missing = [source for source, path in zip(sources, paths, strict=True)
+                   if not path.is_file()]
+        if missing:
+            threading.Thread(target=self._make_all, args=(missing, HOVER_SIDE),
+                             name="hover-thumbnails", daemon=True).start()
+        return paths
+
+    def _make_all(self, sources: list[Path], side: int) -> None:
+        for source in sources:
+            try:
+                self.get(source, side=side)
+            except OSError as error:  # a full disk or a vanished cache: the plot shows none
+                logger.warning("hover thumbnails stopped: %s", error)
+                return
 
     def forget(self, source: Path) -> int:
         """Delete every thumbnail of `source` (all sides and marks); returns how many.

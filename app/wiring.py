@@ -1,19 +1,35 @@
 """Which event runs which handler, with which inputs and outputs, in which concurrency group.
 
-Every event is private except the `query` API. Events that embed a query or re-rank share the
-group "query"; those that build or train (open a gallery, switch the query model, Compare,
-Tune) share "index" with limit 1 (see `app.page.DEFAULT_CONCURRENCY`).
+Every event is private except the `query` API. A user's event shows a refusal in the page's one
+message area and nowhere else (`app.feedback.shown_in`), and its progress on one component, not
+over every output. Events that embed a query or re-rank share the group "query"; Compare and
+Tune share "index" with limit 1 (see `app.page.DEFAULT_CONCURRENCY`); following a build the
+user asked for (another query model or gallery: the work runs in the engine's request queue,
+the event only polls it) is in "requests".
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import gradio as gr
 
+from app.feedback import shown_in
 from app.handlers import PageHandlers
 from app.layout import PageComponents
+from engine import BASELINE
+
+SHARE_SCRIPT = """(query) => {
+    const url = new URL(window.location.href);
+    url.search = query ? "?" + query : "";
+    window.history.replaceState(null, "", url.toString());
+}"""
+"""Puts the view's query string (the hidden share textbox) in the address bar."""
+REQUESTS_CONCURRENCY = 8
+"""Users following their builds at once (each event mostly sleeps: the engine's request queue
+runs the builds one at a time)."""
 
 
 def wire(handlers: PageHandlers, demo: gr.Blocks) -> None:
@@ -27,8 +43,7 @@ def wire(handlers: PageHandlers, demo: gr.Blocks) -> None:
     _wire_galleries(handlers, ui)
     for name in handlers.method_names:
         _wire_method(handlers, ui, name)
-    demo.load(handlers.browse, [ui.gallery, ui.class_filter, ui.page], [ui.browser, ui.page],
-              api_visibility="private")
+    _wire_share(handlers, ui, demo)
     if handlers.public is not None:
         demo.unload(handlers.end_session)
 
@@ -36,118 +51,195 @@ def wire(handlers: PageHandlers, demo: gr.Blocks) -> None:
 _PRIVATE_QUERY = {"api_visibility": "private", "concurrency_id": "query"}
 _PRIVATE_INDEX = {"api_visibility": "private", "concurrency_id": "index",
                   "concurrency_limit": 1}
+_PRIVATE_REQUESTS = {"api_visibility": "private", "concurrency_id": "requests",
+                     "concurrency_limit": REQUESTS_CONCURRENCY, "show_progress": "hidden"}
+
+
+def on(ui: PageComponents, triggers: Any, function: Callable[..., Any], inputs: Any,
+       outputs: Sequence[Any], **options: Any) -> Any:
+    """`gr.on` for a user's event: refusals go to the message area (added to the outputs);
+    its progress shows on `show_progress_on` (default: the message area)."""
+    outputs = list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
+    options.setdefault("show_progress_on", ui.message)
+    return gr.on(triggers, shown_in(ui.message, function, outputs), inputs,
+                 [*outputs, ui.message], **options)
 
 
 def _result_outputs(ui: PageComponents) -> list[Any]:
     """Every component a query's result updates."""
-    outputs = [ui.state, ui.imagenet, ui.timings, ui.json, ui.knn_plot, ui.map_plot,
+    outputs = [ui.state, ui.query_note, ui.timings, ui.json, ui.knn_plot, ui.map_plot,
                *ui.compare_rows.values()]
     for tab in ui.tabs.values():
         outputs += [tab.baseline, tab.reranked, tab.metrics, tab.source]
     return outputs
 
 
+def _pick_outputs(ui: PageComponents) -> list[Any]:
+    """A query's outputs, and the query panel's state (a pick or an upload)."""
+    return [*_result_outputs(ui), ui.picked, ui.uploaded, ui.query_image, ui.query_class]
+
+
 def _gallery_outputs(ui: PageComponents) -> list[Any]:
     """Every component switching the gallery updates."""
-    outputs = [ui.header, ui.state, ui.picked, ui.query_image, ui.query_class,
+    outputs = [ui.header, ui.state, ui.picked, ui.uploaded, ui.query_image, ui.query_class,
                ui.class_filter, ui.examples, ui.compare_table, ui.knn_plot, ui.json,
-               ui.timings, ui.imagenet, ui.map_plot, ui.space, ui.browser, ui.page,
-               ui.query_model, *ui.compare_rows.values(), ui.background]
+               ui.timings, ui.query_note, ui.map_plot, ui.space, ui.browser, ui.page,
+               ui.query_model, ui.selection, ui.selection_file, *ui.compare_rows.values(),
+               ui.background, ui.gallery]
     for tab in ui.tabs.values():
-        outputs += [tab.source, tab.state, *tab.controls, tab.baseline, tab.reranked,
-                    tab.metrics]
+        outputs += [tab.source, tab.state, tab.train, *tab.controls, tab.baseline,
+                    tab.reranked, tab.metrics]
     return outputs
 
 
+def _unique(components: Sequence[Any]) -> list[Any]:
+    return list(dict.fromkeys(components))
+
+
+def _query_inputs(ui: PageComponents) -> list[Any]:
+    """What running the current query again needs (`PageHandlers.search`'s arguments)."""
+    return [ui.uploaded, ui.picked, ui.query_class, ui.leave_out, ui.top_n, ui.plot_method,
+            ui.space, *ui.all_controls()]
+
+
 def _wire_query(handlers: PageHandlers, ui: PageComponents) -> None:
-    """The query: upload, search again, picks (browser, examples, random), browsing, plots."""
+    """The query: upload, search again, picks (browser, examples, random, results, plot
+    points), browsing, the plots and the map's selection."""
     controls = ui.all_controls()
     plot_inputs = [ui.plot_method, ui.space]
-    result_outputs = _result_outputs(ui)
-    pick_outputs = [*result_outputs, ui.picked, ui.query_image, ui.query_class]
-    ui.query_image.upload(
-        handlers.upload, [ui.gallery, ui.query_image, ui.query_class, ui.leave_out, ui.top_n,
-                          *plot_inputs, *controls], [*result_outputs, ui.picked],
-        **_PRIVATE_QUERY)
-    gr.on([ui.search.click, ui.leave_out.input, ui.top_n.release, ui.query_class.input],
-          handlers.search,
-          [ui.gallery, ui.query_image, ui.picked, ui.query_class, ui.leave_out, ui.top_n,
-           *plot_inputs, *controls], result_outputs, **_PRIVATE_QUERY)
-    ui.browser.select(handlers.pick_browsed,
-                      [ui.gallery, ui.class_filter, ui.page, ui.leave_out, ui.top_n,
-                       *plot_inputs, *controls], pick_outputs, **_PRIVATE_QUERY)
-    ui.examples.select(handlers.pick_example,
-                       [ui.gallery, ui.leave_out, ui.top_n, *plot_inputs, *controls],
-                       pick_outputs, **_PRIVATE_QUERY)
-    ui.random.click(handlers.pick_random,
-                    [ui.gallery, ui.class_filter, ui.leave_out, ui.top_n, *plot_inputs,
-                     *controls], pick_outputs, **_PRIVATE_QUERY)
-    gr.on([ui.class_filter.input, ui.page.submit, ui.page.input], handlers.browse,
-          [ui.gallery, ui.class_filter, ui.page], [ui.browser, ui.page],
-          api_visibility="private")
-    gr.on([ui.plot_method.input, ui.space.input], handlers.replot,
-          [ui.state, ui.gallery, *plot_inputs], [ui.knn_plot, ui.map_plot],
-          api_visibility="private")
+    after_pick = [ui.leave_out, ui.top_n, *plot_inputs, *controls]
+    pick_outputs = _pick_outputs(ui)
+    query = {**_PRIVATE_QUERY, "show_progress_on": ui.query_image}
+    on(ui, ui.upload.upload, handlers.upload,
+       [ui.gallery, ui.upload, ui.query_class, ui.leave_out, ui.top_n, *plot_inputs,
+        *controls], [*pick_outputs, ui.upload], **query)
+    on(ui, [ui.search.click, ui.leave_out.input, ui.top_n.release, ui.query_class.input],
+       handlers.search, [ui.gallery, *_query_inputs(ui)], _result_outputs(ui), **query)
+    on(ui, ui.browser.select, handlers.pick_browsed,
+       [ui.gallery, ui.class_filter, ui.page, *after_pick], pick_outputs, **query)
+    on(ui, ui.examples.select, handlers.pick_example, [ui.gallery, *after_pick],
+       pick_outputs, **query)
+    on(ui, ui.random.click, handlers.pick_random, [ui.gallery, ui.class_filter, *after_pick],
+       pick_outputs, **query)
+    on(ui, ui.plot_click.input, handlers.pick_plotted, [ui.plot_click, ui.gallery,
+                                                        *after_pick], pick_outputs, **query)
+    result_galleries = [(BASELINE, tab.baseline) for tab in ui.tabs.values()]
+    result_galleries += [(tab.name, tab.reranked) for tab in ui.tabs.values()]
+    result_galleries += list(ui.compare_rows.items())
+    for method, gallery in result_galleries:
+        on(ui, gallery.select, _picker(handlers, method), [ui.state, *after_pick],
+           pick_outputs, **query)
+    on(ui, [ui.class_filter.input, ui.page.submit], handlers.browse,
+       [ui.gallery, ui.class_filter, ui.page], [ui.browser, ui.page],
+       api_visibility="private")
+    on(ui, [ui.plot_method.input, ui.space.input], handlers.replot,
+       [ui.state, ui.gallery, *plot_inputs], [ui.knn_plot, ui.map_plot],
+       api_visibility="private", show_progress_on=[ui.knn_plot, ui.map_plot])
+    on(ui, ui.plot_selection.input, handlers.select_on_map, [ui.plot_selection, ui.gallery],
+       [ui.selection, ui.selection_file], api_visibility="private",
+       show_progress_on=ui.selection)
 
 
 def _wire_galleries(handlers: PageHandlers, ui: PageComponents) -> None:
-    """Switching and opening galleries, the query model, the job timer and Compare."""
+    """Switching and opening galleries, the query model, the job line, the timer, Compare."""
     plot_inputs = [ui.plot_method, ui.space]
     gallery_outputs = _gallery_outputs(ui)
-    ui.gallery.input(handlers.switch_gallery, ui.gallery, gallery_outputs,
-                     api_visibility="private")
+    job_outputs = [ui.job_row, ui.job_status, ui.job]
+    on(ui, ui.gallery.input, handlers.switch_gallery, ui.gallery, gallery_outputs,
+       api_visibility="private", show_progress="hidden")
     ui.timer.tick(handlers.refresh_states,
                   [ui.gallery, ui.jobs_seen, ui.state, *plot_inputs],
                   [ui.jobs_seen, ui.background, ui.compare_table, ui.space, ui.map_plot,
-                   *[tab.state for tab in ui.tabs.values()]],
+                   *[tab.state for tab in ui.tabs.values()],
+                   *[tab.train for tab in ui.tabs.values()]],
                   api_visibility="private", concurrency_id="refresh", concurrency_limit=4,
                   show_progress="hidden")
-    ui.query_model.input(handlers.switch_query_model, [ui.gallery, ui.query_model],
-                         [*gallery_outputs, ui.gallery], **_PRIVATE_INDEX)
-    opened_outputs = [*gallery_outputs, ui.gallery, ui.gallery_status]
+    switch_outputs = _unique([*gallery_outputs, *_pick_outputs(ui), *job_outputs])
+    builds = [on(ui, ui.query_model.input, handlers.switch_query_model,
+                 [ui.gallery, ui.query_model, *_query_inputs(ui)], switch_outputs,
+                 **_PRIVATE_REQUESTS)]
+    opened_outputs = _unique([*gallery_outputs, ui.gallery_status, *job_outputs])
     if handlers.public is None:  # a public page has no event that takes a server path
-        ui.open_folder.click(handlers.open_folder, ui.folder, opened_outputs, **_PRIVATE_INDEX)
-    ui.open_zip.click(handlers.open_zip, ui.zip, opened_outputs, **_PRIVATE_INDEX)
-    ui.compare_button.click(handlers.compute_compare, [ui.gallery, *ui.all_controls()],
-                            ui.compare_table, **_PRIVATE_INDEX)
+        builds.append(on(ui, ui.open_folder.click, handlers.open_folder, ui.folder,
+                         opened_outputs, **_PRIVATE_REQUESTS))
+    builds.append(on(ui, ui.open_zip.click, handlers.open_zip, ui.zip, opened_outputs,
+                     **_PRIVATE_REQUESTS))
+    ui.job_cancel.click(handlers.cancel_request, ui.job, job_outputs, cancels=builds,
+                        api_visibility="private", show_progress="hidden")
+    on(ui, ui.compare_button.click, handlers.compute_compare,
+       [ui.gallery, *ui.all_controls()], ui.compare_table, **_PRIVATE_INDEX,
+       show_progress_on=ui.compare_table)
 
 
 def _wire_method(handlers: PageHandlers, ui: PageComponents, name: str) -> None:
-    """One method's tab: its parameters re-rank, reset, and the sweep with its cancel."""
+    """One method's tab: its parameters re-rank, reset, train now, and the sweep with its
+    cancel."""
     tab = ui.tabs[name]
     method_outputs = [ui.state, ui.timings, ui.json, ui.knn_plot, ui.map_plot,
                       *ui.compare_rows.values(), tab.baseline, tab.reranked, tab.metrics,
-                      tab.source]
+                      tab.source, *tab.controls]
     triggers = [control.release if isinstance(control, gr.Slider)
                 else control.input if isinstance(control, gr.Checkbox) else control.submit
                 for control in tab.controls]
     rerank_inputs = [ui.gallery, ui.state, ui.plot_method, ui.space, *tab.controls]
     rerank = _bind(handlers.rerank_method, name)
-    gr.on(triggers, rerank, rerank_inputs, method_outputs, trigger_mode="always_last",
-          **_PRIVATE_QUERY)
-    tab.reset.click(_bind(handlers.reset_params, name), ui.gallery, tab.controls,
-                    api_visibility="private").then(
-        rerank, rerank_inputs, method_outputs, **_PRIVATE_QUERY)
-    sweep_event = tab.tune_run.click(
-        _bind(handlers.tune, name),
+    progress = {**_PRIVATE_QUERY, "show_progress_on": tab.reranked}
+    on(ui, triggers, rerank, rerank_inputs, method_outputs, trigger_mode="always_last",
+       **progress)
+    on(ui, tab.reset.click, _bind(handlers.reset_params, name), ui.gallery, tab.controls,
+       api_visibility="private").then(
+        shown_in(ui.message, rerank, method_outputs), rerank_inputs,
+        [*method_outputs, ui.message], **progress)
+    on(ui, tab.train.click, _bind(handlers.train_now, name), ui.gallery,
+       [tab.state, tab.train], api_visibility="private")
+    sweep_event = on(
+        ui, tab.tune_run.click, _bind(handlers.tune, name),
         [ui.gallery, tab.tune_first, tab.tune_first_values, tab.tune_second,
          tab.tune_second_values, *tab.controls],
-        [tab.tune_plot, tab.tune_summary, tab.tune_best], **_PRIVATE_INDEX)
-    tab.tune_first.input(_bind(handlers.grid_for, name), tab.tune_first,
-                         tab.tune_first_values, api_visibility="private")
-    tab.tune_second.input(_bind(handlers.grid_for, name), tab.tune_second,
-                          tab.tune_second_values, api_visibility="private")
+        [tab.tune_plot, tab.tune_summary, tab.tune_best], **_PRIVATE_INDEX,
+        show_progress_on=tab.tune_plot)
+    on(ui, tab.tune_first.input, _bind(handlers.grid_for, name), tab.tune_first,
+       tab.tune_first_values, api_visibility="private")
+    on(ui, tab.tune_second.input, _bind(handlers.grid_for, name), tab.tune_second,
+       tab.tune_second_values, api_visibility="private")
     tab.tune_cancel.click(None, None, None, cancels=[sweep_event], api_visibility="private")
-    tab.use_best.click(_bind(handlers.use_best, name), tab.tune_best, tab.controls,
-                       api_visibility="private").then(
-        rerank, rerank_inputs, method_outputs, **_PRIVATE_QUERY)
-    tab.save_best.click(_bind(handlers.save_best, name), [ui.gallery, tab.tune_best],
-                        tab.source, api_visibility="private")
+    on(ui, tab.use_best.click, _bind(handlers.use_best, name), tab.tune_best, tab.controls,
+       api_visibility="private").then(
+        shown_in(ui.message, rerank, method_outputs), rerank_inputs,
+        [*method_outputs, ui.message], **progress)
+    on(ui, tab.save_best.click, _bind(handlers.save_best, name), [ui.gallery, tab.tune_best],
+       [tab.source, *tab.controls], api_visibility="private").then(
+        shown_in(ui.message, rerank, method_outputs), rerank_inputs,
+        [*method_outputs, ui.message], **progress)
+
+
+def _wire_share(handlers: PageHandlers, ui: PageComponents, demo: gr.Blocks) -> None:
+    """The view in the address bar, and a link's view reopened on load."""
+    ui.method_tabs.select(handlers.select_tab, None, ui.current_tab, api_visibility="private",
+                          show_progress="hidden")
+    gr.on([ui.state.change, ui.current_tab.change, ui.gallery.change], handlers.share_link,
+          [ui.gallery, ui.state, ui.uploaded, ui.current_tab, *ui.all_controls()], ui.share,
+          api_visibility="private", show_progress="hidden", trigger_mode="always_last")
+    ui.share.change(None, ui.share, None, js=SHARE_SCRIPT, api_visibility="private")
+    restored = _unique([*_gallery_outputs(ui), *_pick_outputs(ui), ui.method_tabs,
+                        ui.current_tab])
+    on(ui, demo.load, handlers.restore,
+       [ui.plot_method, ui.space, ui.leave_out, ui.top_n], restored,
+       api_visibility="private", concurrency_id="query")
+
+
+def _picker(handlers: PageHandlers, method: str) -> Callable[..., Any]:
+    """`PageHandlers.pick_result` for one method's results. A closure, not a partial: Gradio
+    finds the gr.SelectData parameter by its annotation, which it cannot read on a partial."""
+    def pick_result(event: gr.SelectData, *inputs: Any) -> dict[Any, Any]:
+        return handlers.pick_result(method, event, *inputs)
+    pick_result.__name__ = f"pick_result_{method}"
+    return pick_result
 
 
 def _bind(function: Any, method: str) -> Any:
     """`function` with its first argument (the method name) fixed; a partial keeps the rest of
-    the signature, which Gradio inspects for a gr.Progress parameter."""
+    the signature, which Gradio inspects for gr.Progress and gr.SelectData parameters."""
     bound = functools.partial(function, method)
     bound.__name__ = f"{function.__name__}_{method}"  # type: ignore[attr-defined]
     return bound

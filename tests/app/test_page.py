@@ -32,6 +32,7 @@ REPO = Path(__file__).resolve().parents[2]
 METHODS = [BASELINE, *list_rerankers()]
 UPLOAD = demo_file(1, PER_CLASS)  # a snowdrop that is not in the tiny gallery
 TOP = 10
+CAPTION = re.compile(r"(?P<head>#\d+ · [^·]+) · cos (?P<cos>-?\d\.\d{3}) · (?P<tail>d .*)")
 RANK_CHANGE = re.compile(r" · (▲\d+|▼\d+|=|new( \(was #\d+\))?)( [✓✗])?$")
 
 # gradio's queue uses pandas options that pandas 3 deprecates; not ours to fix.
@@ -86,6 +87,14 @@ class Progress:
         self.calls.append((value, kwargs))
 
 
+def run_to_end(steps: Any) -> dict[Any, Any]:
+    """Every update a generator handler (a build the user follows) yields, merged in order."""
+    merged: dict[Any, Any] = {}
+    for updates in steps:
+        merged.update(updates)
+    return merged
+
+
 def captions(update: gr.Gallery) -> list[str]:
     return [item["caption"] for item in update.value]
 
@@ -107,7 +116,8 @@ def test_pick_shows_every_method_side_by_side(handlers: PageHandlers, session: G
     assert result.source_file == session.gallery.files[3] and result.top_n == TOP
     assert picked[ui.picked] == session.gallery.files[3]
     assert picked[ui.query_class]["value"] == NO_CLASS
-    assert set(picked[ui.imagenet]) == {label for label, _ in result.imagenet}
+    assert "Backbone's ImageNet guess" in picked[ui.query_note]
+    assert all(label in picked[ui.query_note] for label, _ in result.imagenet)
     assert "embed" in picked[ui.timings]
     assert picked[ui.json]["query"]["class"] == "daffodil"
     baseline = result.rankings[BASELINE]
@@ -118,12 +128,19 @@ def test_pick_shows_every_method_side_by_side(handlers: PageHandlers, session: G
         left, right = captions(picked[tab.baseline]), captions(picked[tab.reranked])
         assert len(left) == len(right) == TOP
         assert left[0].startswith("#1 · ") and right[0].startswith("#1 · ")
+        features = session.gallery.features
         for rank, (caption, row, distance, hit) in enumerate(zip(
                 right, ranking.indices[:TOP].tolist(), ranking.distances[:TOP].tolist(),
                 ranking.relevant[:TOP].tolist(), strict=True), start=1):
             change = rank_change(rank, baseline_rank.get(row), TOP)
-            assert caption == (f"#{rank} · {session.gallery.class_of(row)} · {distance:.3f} · "
-                               f"{change} {'✓' if hit else '✗'}")
+            cosine = float(features[row] @ result.feature) / float(
+                np.linalg.norm(result.feature))
+            shown = CAPTION.fullmatch(caption)
+            assert shown, caption
+            assert shown["head"] == f"#{rank} · {session.gallery.class_of(row)}"
+            # three decimals of a float32 product: compare the value, not its last digit
+            assert abs(float(shown["cos"]) - cosine) <= 5e-4 + 1e-6, (caption, cosine)
+            assert shown["tail"] == f"d {distance:.3g} · {change} {'✓' if hit else '✗'}"
             assert RANK_CHANGE.search(caption)
         for caption, hit in zip(left, baseline.relevant[:TOP].tolist(), strict=True):
             assert caption.endswith(" ✓" if hit else " ✗")
@@ -364,7 +381,9 @@ def test_query_model_radio_switches_to_the_lite2_index(handlers: PageHandlers,
     unknown model is a clear error; choosing lite0 again returns the gallery as opened."""
     base = explorer.open_folder(make_gallery(app_root / "query_models", per_class=3))
     ui = handlers.ui
-    updates = handlers.switch_query_model(base.key, "lite2")
+    updates = run_to_end(handlers.switch_query_model(None, base.key, "lite2", None, None,
+                                                     NO_CLASS, True, TOP, BASELINE, "backbone",
+                                                     *controls(handlers, base)))
     variant = updates[ui.gallery].value
     assert variant != base.key and variant in {key for _, key in updates[ui.gallery].choices}
     session = explorer.session(variant)
@@ -374,8 +393,12 @@ def test_query_model_radio_switches_to_the_lite2_index(handlers: PageHandlers,
             in updates[ui.header])
     assert f"search: {session.gallery.index.backend} ·" in updates[ui.header]
     with pytest.raises(gr.Error, match="query model"):
-        handlers.switch_query_model(base.key, "lite7")
-    back = handlers.switch_query_model(variant, "lite0")
+        run_to_end(handlers.switch_query_model(None, base.key, "lite7", None, None, NO_CLASS,
+                                               True, TOP, BASELINE, "backbone",
+                                               *controls(handlers, base)))
+    back = run_to_end(handlers.switch_query_model(None, variant, "lite0", None, None, NO_CLASS,
+                                                  True, TOP, BASELINE, "backbone",
+                                                  *controls(handlers, base)))
     assert back[ui.gallery].value == base.key
     assert "query: tf_efficientnet_lite0" in back[ui.header]
 
@@ -384,11 +407,11 @@ def test_open_folder_refuses_folders_outside_the_allowed_roots(handlers: PageHan
                                                                tmp_path: Path) -> None:
     for folder in ("/", str(tmp_path)):
         with pytest.raises(gr.Error, match="outside the allowed folders"):
-            handlers.open_folder(folder, Progress())
+            run_to_end(handlers.open_folder(folder))
     with pytest.raises(gr.Error, match="Type the path"):
-        handlers.open_folder("  ", Progress())
+        run_to_end(handlers.open_folder("  "))
     with pytest.raises(gr.Error, match=r"Choose a \.zip"):
-        handlers.open_zip(None, Progress())
+        run_to_end(handlers.open_zip(None, None))
 
 
 def test_compare_rows_have_one_row_per_method(handlers: PageHandlers,
@@ -461,9 +484,12 @@ def test_cancelling_a_sweep_stops_its_thread(handlers: PageHandlers, session: Ga
 def test_save_best_writes_the_gallery_preset(handlers: PageHandlers, explorer: Explorer,
                                              app_root: Path) -> None:
     target = explorer.open_folder(make_gallery(app_root / "page_presets", per_class=3))
-    text = handlers.save_best("k_reciprocal", target.key, {"k1": 9, "k2": 4,
-                                                           "lambda_value": 0.2})
-    assert "**preset**" in text and "k1=9" in text
+    tab = handlers.ui.tabs["k_reciprocal"]
+    updates = handlers.save_best("k_reciprocal", target.key, {"k1": 9, "k2": 4,
+                                                              "lambda_value": 0.2})
+    assert "**preset**" in updates[tab.source] and "k1=9" in updates[tab.source]
+    # the label, the controls (and so the re-ranking the wiring runs next) agree
+    assert [updates[control] for control in tab.controls] == [9, 4, 0.2]
     stored = json.loads((target.gallery.state_dir / PRESETS_FILE).read_text())
     assert stored["k_reciprocal"]["params"] == {"k1": 9, "k2": 4, "lambda_value": 0.2}
     assert target.params_for("k_reciprocal") == (stored["k_reciprocal"]["params"], "preset")

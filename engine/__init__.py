@@ -6,12 +6,15 @@ This module is the engine's public face; the page (`app/`) imports only from her
 timm until a name that needs them is used).
 
 - explorer: `Explorer` (a backbone and its open galleries), `GallerySession` (one gallery's
-  fitted methods, scores, maps, presets), `QueryResult`, `Ranking`, `QUERY_MODELS`.
+  fitted methods, scores, maps, presets), `QueryResult`, `Ranking`, `Familiarity` (is a query
+  out of distribution?), `QUERY_MODELS`, `method_title` and `distance_note` (what a method's
+  distances mean).
 - galleries and images: `Gallery`, `DEMO_GALLERY`, `extract_zip`, `load_image`,
   `make_thumbnail`, `MAX_FILE_BYTES`.
 - re-ranking: `list_rerankers`, `create_reranker`, `get_reranker_class`.
-- evaluation: `evaluate`, `scores_table`, `sweep`, `SweepRun` (a sweep in a background thread,
-  read as it goes and cancellable), `SweepProgress`, `Trial`, `best_trial`.
+- evaluation: `evaluate`, `scores_table` (headers: `SCORES_TABLE_COLUMNS`), `sweep`,
+  `SweepRun` (a sweep in a background thread, read as it goes and cancellable),
+  `SweepProgress`, `Trial`, `best_trial`.
 - views: `neighbourhood_graph`, `NeighbourhoodGraph`.
 - runtime: `JobQueue`, `configure_threads`, `configure_logging`, `resolve_device`, and the
   small file helpers the page's caches use (`atomic_write_bytes`, `load_json`).
@@ -41,9 +44,11 @@ _PUBLIC: dict[str, str] = {
     "DEFAULT_TOP_N": "engine.explorer",
     "QUERY_MODELS": "engine.explorer",
     "Explorer": "engine.explorer",
+    "Familiarity": "engine.explorer",
     "GallerySession": "engine.explorer",
     "QueryResult": "engine.explorer",
     "Ranking": "engine.explorer",
+    "distance_note": "engine.explorer",
     "method_title": "engine.explorer",
     "DEMO_GALLERY": "engine.search.gallery",
     "Gallery": "engine.search.gallery",
@@ -56,6 +61,7 @@ _PUBLIC: dict[str, str] = {
     "get_reranker_class": "engine.rerank",
     "list_rerankers": "engine.rerank",
     "evaluate": "engine.evaluation.metrics",
+    "SCORES_TABLE_COLUMNS": "engine.evaluation.scores",
     "scores_table": "engine.evaluation.scores",
     "SweepProgress": "engine.evaluation.tuning",
     "SweepRun": "engine.evaluation.tuning",

@@ -11,10 +11,12 @@ parameters, so they are computed once per gallery and setting.
 from __future__ import annotations
 
 import logging
+import os
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,9 @@ logger = logging.getLogger(__name__)
 
 SCORES_FILE = "scores.json"
 ONLINE_TIMING_QUERIES = 20
+UNKNOWN = "unknown"
+"""What the table shows for a timing whose conditions were not recorded (scores cached before
+they were)."""
 
 
 def split_context(features: np.ndarray, labels: np.ndarray, split: Split, *,
@@ -102,10 +107,42 @@ class LeaveOneOutRankings:
 
 
 @dataclass(frozen=True)
+class OnlineTiming:
+    """Median milliseconds of one online query, and when and under what load they were
+    measured: a timing means little without them (a busy machine doubles it).
+
+    measured_at: ISO-8601 local time with its UTC offset; load: the 1-minute load average
+    (`os.getloadavg()[0]`); cpus: `os.cpu_count()`. None when unknown (not recorded, or the
+    platform has no load average).
+    """
+
+    ms: float
+    measured_at: str | None = None
+    load: float | None = None
+    cpus: int | None = None
+
+    def describe(self) -> str:
+        """Like "2026-12-07 14:02, load 1.3 on 2 CPUs" (local time); "unknown" when the time
+        was not recorded."""
+        if not self.measured_at:
+            return UNKNOWN
+        try:
+            when = datetime.fromisoformat(self.measured_at).strftime("%Y-%m-%d %H:%M")
+        except ValueError:
+            when = self.measured_at
+        cpus = None if self.cpus is None else f"{self.cpus} CPU{'s' if self.cpus != 1 else ''}"
+        if self.load is None:
+            return when if cpus is None else f"{when}, {cpus}"
+        return f"{when}, load {self.load:.1f}" + ("" if cpus is None else f" on {cpus}")
+
+
+@dataclass(frozen=True)
 class MethodScores:
     """One method's leave-one-out scores on a gallery (NaN when the gallery has no labels).
 
-    online_ms: median time of one online query against the fitted gallery.
+    online_ms: median time of one online query against the fitted gallery; measured_at, load
+    and cpus: when and under what load it was measured (see `OnlineTiming`; None in scores
+    cached before they were recorded, which still load and read "unknown").
     """
 
     method: str
@@ -116,6 +153,13 @@ class MethodScores:
     online_ms: float
     batch_seconds: float
     n_queries: int
+    measured_at: str | None = None
+    load: float | None = None
+    cpus: int | None = None
+
+    @property
+    def online(self) -> OnlineTiming:
+        return OnlineTiming(self.online_ms, self.measured_at, self.load, self.cpus)
 
 
 def without_self(distances: np.ndarray, indices: np.ndarray, depth: int
@@ -150,19 +194,36 @@ def timing_queries(features: np.ndarray, count: int = ONLINE_TIMING_QUERIES) -> 
     return features[rows]
 
 
+def load_average() -> float | None:
+    """The 1-minute load average, or None where the platform has none."""
+    try:
+        return float(os.getloadavg()[0])
+    except (AttributeError, OSError):  # Windows has no getloadavg; some sandboxes refuse it
+        return None
+
+
+def time_online(rank_one: Callable[[np.ndarray], Any], queries: np.ndarray) -> OnlineTiming:
+    """`median_ms` of `rank_one` over the queries, stamped with the time and load when it
+    finished."""
+    ms = median_ms(rank_one, queries)
+    return OnlineTiming(ms, datetime.now().astimezone().isoformat(timespec="seconds"),
+                        load_average(), os.cpu_count())
+
+
 def score_rankings(method: str, params: Mapping[str, Any], rankings: LeaveOneOutRankings,
-                   labels: np.ndarray | None, online_ms: float) -> MethodScores:
-    """mAP, P@1 and P@5 of leave-one-out rankings against the gallery's labels."""
+                   labels: np.ndarray | None, online: OnlineTiming) -> MethodScores:
+    """mAP, P@1 and P@5 of leave-one-out rankings against the gallery's labels (NaN without
+    labels), with the method's online timing and its conditions."""
     n_queries = len(rankings.indices)
-    if labels is None or (labels < 0).all():
-        nan = float("nan")
-        return MethodScores(method, dict(params), nan, nan, nan, online_ms, rankings.seconds,
-                            n_queries)
-    depth = rankings.indices.shape[1]
-    scores = score_split(rankings.indices, leave_one_out(labels), labels, ks=(1, min(5, depth)))
-    return MethodScores(method, dict(params), scores.map, scores.precision_at[1],
-                        scores.precision_at[min(5, depth)], online_ms, rankings.seconds,
-                        n_queries - scores.n_excluded)
+    map_ = p1 = p5 = float("nan")
+    if labels is not None and not (labels < 0).all():
+        depth = rankings.indices.shape[1]
+        scores = score_split(rankings.indices, leave_one_out(labels), labels,
+                             ks=(1, min(5, depth)))
+        map_, p1, p5 = scores.map, scores.precision_at[1], scores.precision_at[min(5, depth)]
+        n_queries -= scores.n_excluded
+    return MethodScores(method, dict(params), map_, p1, p5, online.ms, rankings.seconds,
+                        n_queries, online.measured_at, online.load, online.cpus)
 
 
 class ScoreCache:
@@ -202,11 +263,19 @@ class ScoreCache:
 
 
 def scores_table(rows: Sequence[MethodScores], titles: Mapping[str, str]) -> list[list[Any]]:
-    """Rows for a table: method title, mAP, P@1, P@5, online ms/query, batch s, parameters."""
+    """Rows for a table: method title, mAP, P@1, P@5, online ms/query, when and under what
+    load that was measured ("unknown" for scores cached before it was recorded), batch s,
+    parameters."""
     def rounded(value: float, digits: int) -> float | None:
         return None if np.isnan(value) else round(float(value), digits)
 
     return [[titles.get(row.method, row.method), rounded(row.map, 4), rounded(row.p1, 4),
-             rounded(row.p5, 4), round(row.online_ms, 2), round(row.batch_seconds, 3),
+             rounded(row.p5, 4), round(row.online_ms, 2), row.online.describe(),
+             round(row.batch_seconds, 3),
              ", ".join(f"{name}={value}" for name, value in row.params.items()) or "-"]
             for row in rows]
+
+
+SCORES_TABLE_COLUMNS = ("method", "mAP", "P@1", "P@5", "online ms/query", "measured",
+                        "batch s", "parameters")
+"""Headers of `scores_table`'s columns, in order."""

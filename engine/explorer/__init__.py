@@ -6,12 +6,14 @@ from engine.explorer.explorer import Explorer
 from engine.explorer.results import (
     BASELINE,
     DEFAULT_TOP_N,
+    Familiarity,
     QueryResult,
     Ranking,
+    distance_note,
     method_title,
 )
 from engine.explorer.session import GallerySession
 from engine.rerank.setting import CUSTOM
 
-__all__ = ["BASELINE", "CUSTOM", "DEFAULT_TOP_N", "QUERY_MODELS", "Explorer", "GallerySession",
-           "QueryResult", "Ranking", "method_title"]
+__all__ = ["BASELINE", "CUSTOM", "DEFAULT_TOP_N", "QUERY_MODELS", "Explorer", "Familiarity",
+           "GallerySession", "QueryResult", "Ranking", "distance_note", "method_title"]

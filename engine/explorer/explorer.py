@@ -227,7 +227,9 @@ class Explorer:
     def query(self, key: str | None, image: Any = None, *, source_file: str | None = None,
               query_class: str | None = None, params: Mapping[str, Mapping[str, Any]] | None = None,
               top_n: int = DEFAULT_TOP_N, leave_out: bool = True) -> QueryResult:
-        """Embed one image and rank the gallery with the baseline and every method.
+        """Embed one image and rank the gallery with the baseline and every method; each
+        ranking's shown results carry their cosine similarity to the query, and the result says
+        how familiar the query is to the gallery (`Familiarity`).
 
         Args:
             key: the gallery (empty: the first one).
@@ -278,12 +280,13 @@ class Explorer:
                 not_ready[method] = reason
                 continue
             ranking = session.rank(method, feature, source_row, leave_out, setting)
-            rankings[method] = session.score(ranking, query_label, n_positives, top_n)
+            rankings[method] = session.score(ranking, query_label, n_positives, top_n, feature)
             timings[method] = ranking.seconds
         return QueryResult(session.key, source_row, source_file, query_label, query_name,
                            n_positives, feature, imagenet, rankings, timings,
                            min(top_n, len(rankings[BASELINE].indices)), leave_out,
-                           session.embedded_by, not_ready)
+                           session.embedded_by, not_ready,
+                           session.familiarity(feature, source_row, leave_out))
 
     def rerank(self, result: QueryResult, method: str, params: Mapping[str, Any] | None
                ) -> QueryResult:
@@ -295,7 +298,8 @@ class Explorer:
             return result.without(method, reason)
         ranking = session.rank(method, result.feature, result.source_row, result.leave_out,
                                setting)
-        ranking = session.score(ranking, result.query_label, result.n_positives, result.top_n)
+        ranking = session.score(ranking, result.query_label, result.n_positives, result.top_n,
+                                result.feature)
         return result.with_ranking(ranking)
 
 

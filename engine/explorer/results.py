@@ -1,5 +1,7 @@
 """What one query returns: each method's `Ranking` and the `QueryResult` that holds them, with
-per-query AP and P@N when the query has a class."""
+per-query AP and P@N when the query has a class, the cosine similarity of every shown result
+(one scale for every method, whose own distances mean different things: `distance_note`), and
+how familiar the query is to the gallery (`Familiarity`: out of distribution?)."""
 
 from __future__ import annotations
 
@@ -10,15 +12,21 @@ from typing import Any
 
 import numpy as np
 
+from engine.core.knn import FLOAT32_SLACK, canonical_similarity
+from engine.core.types import KnnGraph
+from engine.errors import InvalidInputError
 from engine.rerank import documented_details, get_reranker_class
 from engine.search.gallery import Gallery
 
 BASELINE = "baseline"
 """Name of the plain faiss ranking (no re-ranker may use it)."""
 BASELINE_TITLE = "Baseline (faiss, cosine)"
+BASELINE_DISTANCE_NOTE = ("1 - cosine similarity of the query's and the item's features "
+                          "(0: the same direction, 1: unrelated, 2: opposite)")
 DEFAULT_TOP_N = 10
-
-
+UNUSUAL_PERCENTILE = 1.0
+"""A query whose nearest gallery item is less similar than this percentile of the gallery's own
+nearest-neighbour similarities is unusual (see `Familiarity`)."""
 
 @dataclass(frozen=True)
 class Ranking:
@@ -32,6 +40,9 @@ class Ranking:
         "preset" or "custom").
     ap / precision: per-query AP over the ranking and precision at the top N, when the query's
         class is known; relevant: (depth,) bool hits, likewise.
+    similarities: (top N,) float32 cosine similarity of the query's feature to each of the
+        first N results' gallery features: one scale for every method (its `distances` are
+        its own, see `distance_note`). None until the ranking is scored.
     """
 
     method: str
@@ -46,6 +57,7 @@ class Ranking:
     relevant: np.ndarray | None = None
     ap: float | None = None
     precision: float | None = None
+    similarities: np.ndarray | None = None
 
     def detail(self, key: str) -> Any:
         """One documented detail of the method (see `Reranker.details_schema`), or None when
@@ -54,6 +66,79 @@ class Ranking:
         if key not in documented_details():
             raise KeyError(f"{key!r} is not a documented detail of any method")
         return self.details.get(key)
+
+
+def unit_query(feature: np.ndarray) -> np.ndarray:
+    """The query's (d,) feature divided by its norm (float64): gallery features are unit rows,
+    and a query model's output need not be exactly one. A zero or non-finite feature raises
+    InvalidInputError."""
+    vector = np.asarray(feature, np.float64).reshape(-1)
+    norm = float(np.linalg.norm(vector))
+    if not np.isfinite(norm) or norm == 0.0:
+        raise InvalidInputError("the query's feature is zero or not finite: no cosine to it")
+    return vector / norm
+
+
+def query_similarities(feature: np.ndarray, gallery_features: np.ndarray, rows: np.ndarray
+                       ) -> np.ndarray:
+    """(len(rows),) float32 cosine similarity of the query to the gallery rows `rows`
+    (canonical: float64 sums, as the kNN graph's)."""
+    rows = np.asarray(rows, np.int64)
+    return canonical_similarity(unit_query(feature)[None, :], gallery_features[rows])[0]
+
+
+def nearest_other_similarities(knn: KnnGraph) -> np.ndarray:
+    """(G,) float32: each gallery item's similarity to its nearest other item, read from the
+    gallery's kNN graph (self first; an exact duplicate gives 1). Empty when no item has another
+    in its list (a one-item gallery)."""
+    others = knn.indices != np.arange(len(knn.indices))[:, None]
+    found = others.any(axis=1)
+    if not found.all():
+        return np.empty(0, np.float32)
+    first = others.argmax(axis=1)
+    return knn.similarities[np.arange(len(first)), first].astype(np.float32)
+
+
+@dataclass(frozen=True)
+class Familiarity:
+    """How close the query is to the gallery, against how close gallery items usually are to
+    each other: a query far from everything (out of distribution) gets rankings that mean
+    little, whatever the method.
+
+    nearest: cosine similarity of the query to its nearest gallery item (its own row excluded
+        when a gallery pick is left out); nearest_row: that item's row.
+    typical: the median, over gallery items, of the similarity to their nearest other item.
+    percentile: where `nearest` falls among those (0-100): the share of gallery items whose
+        nearest is less similar, ties (within float32 error) counting half.
+    threshold: the 1st percentile of those similarities, as the lower order statistic
+        (`np.quantile(..., method="lower")`): in a gallery of up to 100 items, the least
+        similar item's nearest.
+    unusual: nearest < threshold (beyond float32 error). So in a gallery of up to 100 items no
+        gallery item is unusual, and in a larger one at most 1 % are; a tiny gallery's own
+        spread sets the bar, nothing fixed.
+    """
+
+    nearest: float
+    nearest_row: int
+    typical: float
+    percentile: float
+    threshold: float
+    unusual: bool
+
+    @classmethod
+    def of(cls, nearest: float, nearest_row: int, usual: np.ndarray) -> Familiarity:
+        """Place the query's `nearest` similarity among the gallery's `usual` (G,) nearest-
+        neighbour similarities (`nearest_other_similarities`); G >= 1."""
+        usual = np.asarray(usual, np.float64)
+        if usual.size == 0:
+            raise InvalidInputError("no nearest-neighbour similarities to compare the query "
+                                    "with: the gallery needs at least 2 images")
+        below = int((usual < nearest - FLOAT32_SLACK).sum())
+        tied = int((np.abs(usual - nearest) <= FLOAT32_SLACK).sum())
+        threshold = float(np.quantile(usual, UNUSUAL_PERCENTILE / 100, method="lower"))
+        return cls(float(nearest), int(nearest_row), float(np.median(usual)),
+                   100.0 * (below + 0.5 * tied) / usual.size, threshold,
+                   bool(nearest < threshold - FLOAT32_SLACK))
 
 
 @dataclass(frozen=True)
@@ -68,6 +153,8 @@ class QueryResult:
     embedded_by: which model embedded the query and which the gallery.
     not_ready: by method, why it has no ranking yet (its background job's state: waiting,
         training 41 %, ...); such a method is missing from `rankings`.
+    familiarity: the query against the gallery's usual nearest-neighbour similarity (None for a
+        one-image gallery).
     """
 
     gallery_key: str
@@ -84,6 +171,7 @@ class QueryResult:
     leave_out: bool
     embedded_by: str = ""
     not_ready: dict[str, str] = field(default_factory=dict)
+    familiarity: Familiarity | None = None
 
     def top(self, method: str) -> tuple[np.ndarray, np.ndarray]:
         """The first `top_n` (distances, indices) of a method's ranking."""
@@ -106,7 +194,8 @@ class QueryResult:
                                    not_ready={**self.not_ready, method: reason})
 
     def as_dict(self, gallery: Gallery) -> dict[str, Any]:
-        """A JSON-ready summary: per method the top-N file names, classes and distances."""
+        """A JSON-ready summary: per method the top-N file names, classes, distances (with what
+        they mean) and cosine similarities; the query's familiarity to the gallery."""
         methods = {}
         for name, ranking in self.rankings.items():
             distances, indices = self.top(name)
@@ -115,6 +204,9 @@ class QueryResult:
                 "files": [gallery.files[row] for row in indices.tolist()],
                 "classes": [gallery.class_of(row) for row in indices.tolist()],
                 "distances": [round(float(d), 6) for d in distances],
+                "distance_note": distance_note(name),
+                "similarities": (None if ranking.similarities is None else
+                                 [round(float(c), 6) for c in ranking.similarities]),
                 "ms": round(ranking.seconds * 1000, 2), "how": ranking.how,
                 "params": ranking.params, "params_source": ranking.params_source,
                 "ap": ranking.ap, f"p@{self.top_n}": ranking.precision,
@@ -124,6 +216,8 @@ class QueryResult:
                       "imagenet_top3": [{"label": label, "probability": round(p, 6)}
                                         for label, p in self.imagenet]},
             "methods": methods,
+            "familiarity": (None if self.familiarity is None
+                            else dataclasses.asdict(self.familiarity)),
             "not_ready": dict(self.not_ready),
             "timings_ms": {stage: round(s * 1000, 2) for stage, s in self.timings.items()},
         }
@@ -134,5 +228,13 @@ def method_title(name: str) -> str:
         return BASELINE_TITLE
     cls = get_reranker_class(name)
     return cls.title or name
+
+
+def distance_note(name: str) -> str:
+    """One line saying what a method's distances mean (each method's are its own; compare
+    methods by `Ranking.similarities` instead). Unknown names raise UnknownNameError."""
+    if name == BASELINE:
+        return BASELINE_DISTANCE_NOTE
+    return get_reranker_class(name).distance_note
 
 

@@ -17,9 +17,10 @@ from typing import Any
 import numpy as np
 
 from engine.asymmetric.query_models import DEFAULT_QUERY_MODEL, QUERY_MODELS
-from engine.core.jobs import DONE, FAILED, JobProgress, JobQueue
+from engine.core.jobs import DONE, FAILED, Job, JobProgress, JobQueue
 from engine.core.storage import fingerprint
-from engine.errors import EngineError, InvalidInputError
+from engine.core.threads import background_threads
+from engine.errors import EngineError, InvalidInputError, JobCancelled
 from engine.evaluation.metrics import average_precision
 from engine.evaluation.scores import (
     LeaveOneOutRankings,
@@ -27,6 +28,7 @@ from engine.evaluation.scores import (
     ScoreCache,
     median_ms,
     score_rankings,
+    time_online,
     timing_queries,
     without_self,
 )
@@ -36,9 +38,13 @@ from engine.explorer.results import (
     BASELINE,
     BASELINE_TITLE,
     DEFAULT_TOP_N,
+    Familiarity,
     QueryResult,
     Ranking,
     method_title,
+    nearest_other_similarities,
+    query_similarities,
+    unit_query,
 )
 from engine.rerank import Reranker, get_reranker_class, list_rerankers
 from engine.rerank.setting import MethodSetting, resolve_setting
@@ -58,6 +64,8 @@ PARTIAL_DEPTH = 1000
 """Ranking depth for larger galleries (AP is then AP@1000)."""
 FITTED_CACHE_SIZE = 16
 LEAVE_ONE_OUT_CACHE_SIZE = 8
+MEASURE_NOW_QUERIES = 5
+"""Queries `measure_online` times: a median in well under a second for every method."""
 
 
 class GallerySession:
@@ -74,8 +82,11 @@ class GallerySession:
 
     def __init__(self, key: str, gallery: Gallery, device: str = "auto",
                  methods: Sequence[str] | None = None, query_model: str = DEFAULT_QUERY_MODEL,
-                 base_key: str | None = None, jobs: JobQueue | None = None) -> None:
+                 base_key: str | None = None, jobs: JobQueue | None = None,
+                 name: str | None = None) -> None:
         self.key = key
+        self.name = name
+        """What the page calls the gallery (an upload's file name); None: its folder's name."""
         self.jobs = jobs
         self.base_key = base_key or key
         self.query_model = query_model
@@ -91,12 +102,15 @@ class GallerySession:
         self._scores = ScoreCache(gallery.cache_dir, gallery.fingerprint)
         self._maps: dict[str, EmbeddingMap] = {}
         self._map_lock = threading.Lock()
+        self._estimates: dict[Any, float | None] = {}
+        self._estimate_lock = threading.Lock()
         self._positions = {name: row for row, name in enumerate(gallery.files)}
 
     @property
     def title(self) -> str:
         gallery = self.gallery
-        name = "Oxford-17 demo" if gallery.root == DEMO_GALLERY.resolve() else gallery.root.name
+        name = self.name or ("Oxford-17 demo" if gallery.root == DEMO_GALLERY.resolve()
+                             else gallery.root.name)
         suffix = ("" if self.query_model == DEFAULT_QUERY_MODEL
                   else f", {QUERY_MODELS[self.query_model].title}")
         return f"{name} ({gallery.size} images{suffix})"
@@ -127,11 +141,12 @@ class GallerySession:
 
     def setting(self, method: str, params: ParamsOrSetting = None) -> MethodSetting:
         """The setting of `method` here: `params` validated (None: the gallery's preset, else
-        the authors' defaults), with its source. A query resolves each method's setting once
+        the authors' defaults, scaled to the gallery's size where the method says so), with its
+        source. A query resolves each method's setting once
         and passes it to the calls below, which accept it in place of `params`."""
         if method == BASELINE:
             return MethodSetting(BASELINE)
-        return resolve_setting(method, params, self.presets)
+        return resolve_setting(method, params, self.presets, gallery_size=self.gallery.size)
 
     def params_for(self, method: str) -> tuple[dict[str, Any], str]:
         """The parameters a method runs with by default here, and their source."""
@@ -174,6 +189,8 @@ class GallerySession:
         setting = self.setting(method, params)
         try:
             return self.reranker(method, setting, progress=progress)
+        except JobCancelled:  # not a failure of the method: it may be fitted again
+            raise
         except Exception as error:  # recorded, then raised again: any failure of a fit counts
             logger.error("%s is unavailable on %s: %s", method, self.key, error)
             if setting.is_default:
@@ -182,30 +199,67 @@ class GallerySession:
 
     # -- background preparation ------------------------------------------------------------------
     def schedule(self) -> None:
-        """Queue what the page needs beyond features and index, in a fixed order: the fits of
-        the methods that do not learn (seconds), the backbone's embedding map, the fits (or
-        training) of the methods that learn, the maps of their embedding spaces, then every
-        method's Compare scores (labelled galleries) and leave-one-out run (what gallery picks
-        read), and last the map's projection of new queries. Each piece is saved where it
-        always is, so a restart resumes from what was done."""
+        """Queue what the page needs beyond features and index, everything cheap first: the
+        fits of the methods that do not learn (seconds), the backbone's embedding map, those
+        methods' Compare scores (labelled galleries) and leave-one-out runs (what gallery picks
+        read), the map's projection of new queries; then, for each method that learns, its fit
+        (training), the map of its embedding space, its scores and its leave-one-out run. So a
+        new gallery is complete but for the learned methods within seconds, and a method that
+        learns never holds up the rest; `train_now` moves one to the head of the queue. Each
+        piece is saved where it always is, so a restart resumes from what was done."""
         if self.jobs is None:
             raise InvalidInputError("this gallery has no background job queue")
         classes = {name: get_reranker_class(name) for name in self.method_names}
-        for name in [n for n in self.method_names if not classes[n].learns]:
+        cheap = [name for name in self.method_names if not classes[name].learns]
+        learned = [name for name in self.method_names if classes[name].learns]
+        for name in cheap:
             self._submit_fit(name)
         self._submit(("map", "backbone"), "Embedding map",
                      lambda progress: self.embedding_map("backbone", progress=progress))
-        for name in [n for n in self.method_names if classes[n].learns]:
+        for method in [BASELINE, *cheap]:
+            self._schedule_runs(method)
+        self._submit(("map projection", "backbone"), "Embedding map projection",
+                     self._warm_up_map)
+        for name in learned:
             self._submit_fit(name)
             self._submit(("map", name), f"Embedding map of {method_title(name)}",
                          functools.partial(self._learned_map, name))
-        for method in [BASELINE, *self.method_names]:
-            if self.gallery.labels is not None:
-                self._submit(("scores", method), f"{method_title(method)} scores",
-                             functools.partial(self._scores_job, method))
-            self.leave_one_out(method, wait=False)
-        self._submit(("map projection", "backbone"), "Embedding map projection",
-                     self._warm_up_map)
+            self._schedule_runs(name)
+
+    def _schedule_runs(self, method: str) -> None:
+        """Queue `method`'s Compare scores (labelled galleries) and leave-one-out run."""
+        if self.gallery.labels is not None:
+            self._submit(("scores", method), f"{method_title(method)} scores",
+                         functools.partial(self._scores_job, method))
+        self.leave_one_out(method, wait=False)
+
+    def train_now(self, method: str) -> Job:
+        """Fit (train) `method` at its default setting next: its fit job is queued if it is
+        not (or was cancelled) and moved to the head of the background queue. Returns the job
+        (already done when the method is fitted)."""
+        if self.jobs is None:
+            raise InvalidInputError("this gallery has no background job queue")
+        if method not in self.method_names:
+            raise InvalidInputError(f"{method!r} is not a method of this gallery; its methods "
+                                    f"are {', '.join(self.method_names)}")
+        job = self._submit_fit(method)
+        self.jobs.promote(job.key)
+        return job
+
+    def fit_estimate(self, method: str) -> float | None:
+        """Seconds the fit of `method` at its default setting would take here (measured
+        briefly by the method, under the background thread budget the fit will run under, and
+        remembered); None when the method cannot say, or when it is fitted already."""
+        if method == BASELINE or self.fitted(method) is not None:
+            return None
+        setting = self.setting(method)
+        with self._estimate_lock:
+            if setting.key not in self._estimates:
+                reranker = get_reranker_class(method)(device=self.device, **setting.params)
+                with background_threads():
+                    self._estimates[setting.key] = reranker.estimate_fit_seconds(
+                        self.gallery.context())
+            return self._estimates[setting.key]
 
     def prepare_views(self, progress: ProgressCallback | None = None) -> None:
         """Without a job queue, compute now what `schedule` would queue for the page's views:
@@ -229,7 +283,8 @@ class GallerySession:
         if layout is not None:
             layout.warm_up()
 
-    def _submit(self, what: tuple[Any, ...], title: str, work: Callable[[JobProgress], Any]):
+    def _submit(self, what: tuple[Any, ...], title: str, work: Callable[[JobProgress], Any]
+                ) -> Job:
         assert self.jobs is not None
         return self.jobs.submit((self.key, *what), title, work)
 
@@ -237,7 +292,7 @@ class GallerySession:
     def _fit_job_key(setting: MethodSetting) -> tuple[Any, ...]:
         return ("fit", setting.method, setting.key[1])
 
-    def _submit_fit(self, method: str, params: ParamsOrSetting = None):
+    def _submit_fit(self, method: str, params: ParamsOrSetting = None) -> Job:
         setting = self.setting(method, params)
         return self._submit(self._fit_job_key(setting), method_title(method),
                             lambda progress: self._fit_or_mark_unavailable(
@@ -362,16 +417,31 @@ class GallerySession:
         if stored is not None or cached_only:
             return stored
         rankings = self.leave_one_out(method, setting)
-        queries = timing_queries(self.gallery.features)
-        k = min(DEFAULT_TOP_N, self.gallery.size)
-        if method == BASELINE:
-            online = median_ms(lambda query: self.gallery.search(query, k), queries)
-        else:
-            reranker = self.reranker(method, setting)
-            online = median_ms(lambda query: reranker.rerank(query, k, mode="online"), queries)
+        online = time_online(self._rank_one(method, setting),
+                             timing_queries(self.gallery.features))
         scores = score_rankings(method, validated, rankings, self.gallery.labels, online)
         self._scores.put(scores)
         return scores
+
+    def _rank_one(self, method: str, setting: MethodSetting) -> Callable[[np.ndarray], Any]:
+        """What the online timing times: one (1, d) query ranked online, top `DEFAULT_TOP_N`."""
+        k = min(DEFAULT_TOP_N, self.gallery.size)
+        if method == BASELINE:
+            return lambda query: self.gallery.search(query, k)
+        reranker = self.reranker(method, setting)
+        return lambda query: reranker.rerank(query, k, mode="online")
+
+    def measure_online(self, method: str, params: ParamsOrSetting = None) -> float:
+        """Median ms of one online query of `method` measured now, for a "measure now" button
+        beside the Compare table's (maybe old, maybe busy) timing: the same measurement on
+        `MEASURE_NOW_QUERIES` gallery rows. Nothing is stored. A method whose fit is not done
+        yet raises InvalidInputError (with its job's state) instead of waiting for it."""
+        setting = self.setting(method, params)
+        reason = self.not_ready(method, setting)
+        if reason is not None:
+            raise InvalidInputError(f"{method_title(method)} is not ready to be timed: {reason}")
+        queries = timing_queries(self.gallery.features, MEASURE_NOW_QUERIES)
+        return median_ms(self._rank_one(method, setting), queries)
 
     # -- embedding maps ----------------------------------------------------------------------------
     def map_spaces(self) -> list[tuple[str, str]]:
@@ -520,13 +590,41 @@ class GallerySession:
                        dict(result.details))
 
     def score(self, ranking: Ranking, query_label: int | None, n_positives: int | None,
-              top_n: int) -> Ranking:
-        """The ranking with its hits, AP and precision@top_n filled in (when the class is known)."""
+              top_n: int, feature: np.ndarray | None = None) -> Ranking:
+        """The ranking with its hits, AP and precision@top_n filled in (when the class is
+        known), and, given the query's (d,) `feature` (in the gallery's space), the cosine
+        similarity of its first top_n results (`Ranking.similarities`)."""
+        similarities = None
+        if feature is not None:
+            similarities = query_similarities(feature, self.gallery.features,
+                                              ranking.indices[:top_n])
         if query_label is None or self.gallery.labels is None or not n_positives:
-            return ranking
+            return dataclasses.replace(ranking, similarities=similarities)
         relevant = self.gallery.labels[ranking.indices] == query_label
         ap = float(average_precision(relevant, n_positives))
         precision = float(relevant[:top_n].mean()) if top_n else None
-        return dataclasses.replace(ranking, relevant=relevant, ap=ap, precision=precision)
+        return dataclasses.replace(ranking, relevant=relevant, ap=ap, precision=precision,
+                                   similarities=similarities)
+
+    @functools.cached_property
+    def usual_nearest(self) -> np.ndarray:
+        """(G,) each gallery item's cosine similarity to its nearest other item, read once from
+        the gallery's kNN graph (what `familiarity` compares a query with)."""
+        return nearest_other_similarities(self.gallery.knn)
+
+    def familiarity(self, feature: np.ndarray, source_row: int | None, leave_out: bool
+                    ) -> Familiarity | None:
+        """How close the query's (d,) `feature` is to the gallery, against how close gallery
+        items are to each other (see `Familiarity`): its nearest item is found by the index,
+        the pick's own row skipped when it is left out. None for a one-image gallery."""
+        usual = self.usual_nearest
+        if usual.size == 0:
+            return None
+        drop = source_row if leave_out else None
+        query = unit_query(feature).astype(np.float32)[None, :]
+        found = self.gallery.search(query, min(self.gallery.size, 1 + (drop is not None)))
+        row = next(int(row) for row in found.indices[0] if row != drop)
+        nearest = float(query_similarities(feature, self.gallery.features, np.array([row]))[0])
+        return Familiarity.of(nearest, row, usual)
 
 

@@ -133,6 +133,9 @@ class Reranker(ABC):
 
     name: ClassVar[str] = ""
     title: ClassVar[str] = ""
+    distance_note: ClassVar[str] = ""
+    """One line for the page: what this method's distances are (each method's are its own, on
+    its own scale; the explorer compares methods by cosine similarity instead)."""
     Params: ClassVar[type[RerankParams]] = RerankParams
     learns: ClassVar[bool] = False
     runs_on_gpu: ClassVar[bool] = False

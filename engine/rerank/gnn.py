@@ -149,6 +149,8 @@ class GNNReranker(Reranker):
 
     name = "gnn"
     title = "GNN re-ranking (Zhang et al.)"
+    distance_note = ("1 - score, where score = (1 - λ) × overlap of the two items' propagated "
+                     "kNN-graph rows + λ × cosine: 0 to 1 + λ, smaller is closer")
     Params = GNNParams
     runs_on_gpu = True
     details_schema: ClassVar[dict[str, str]] = {

@@ -353,6 +353,9 @@ class ICFRR(Reranker):
 
     name: ClassVar[str] = "icfrr"
     title: ClassVar[str] = "ICFRR (Hudson & Smith)"
+    distance_note: ClassVar[str] = (
+        "minus the final score: the original Euclidean distance at the item's rank position "
+        "- β × its votes (0 to 1) from the top-KQ results' own rankings; can be below 0")
     Params: ClassVar[type[RerankParams]] = ICFRRParams
     runs_on_gpu: ClassVar[bool] = True
     quick_params: ClassVar[dict[str, Any]] = {"n_times": 1}

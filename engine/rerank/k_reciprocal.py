@@ -92,6 +92,9 @@ class KReciprocalReranker(Reranker):
 
     name = "k_reciprocal"
     title = "k-reciprocal (Zhong et al. 2017)"
+    distance_note = ("the paper's final distance: (1 - λ) × Jaccard distance of the expanded "
+                     "k-reciprocal sets + λ × squared Euclidean distance over its row's largest "
+                     "(0 to 1)")
     Params = KReciprocalParams
     details_schema: ClassVar[dict[str, str]] = {
         "k1": "the neighbourhood size used (k1, clamped to the graph)",

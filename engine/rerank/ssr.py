@@ -420,6 +420,9 @@ class SSR(Reranker):
 
     name: ClassVar[str] = "ssr"
     title: ClassVar[str] = "SSR (Shen et al. 2021)"
+    distance_note: ClassVar[str] = (
+        "1 - cosine of the refined features for the top k; beyond, the initial ranking's "
+        "distance (1 - cosine, or k-reciprocal's), raised where needed to stay ascending")
     Params: ClassVar[type[RerankParams]] = SSRParams
     learns: ClassVar[bool] = True
     runs_on_gpu: ClassVar[bool] = True

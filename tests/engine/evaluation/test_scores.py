@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+from datetime import datetime
 
 import numpy as np
 import pytest
@@ -13,12 +15,15 @@ from engine.errors import InvalidInputError
 from engine.evaluation import scores as evaluation
 from engine.evaluation.scores import (
     SCORES_FILE,
+    SCORES_TABLE_COLUMNS,
     LeaveOneOutRankings,
     MethodScores,
+    OnlineTiming,
     ScoreCache,
     median_ms,
     score_rankings,
     scores_table,
+    time_online,
     timing_queries,
     without_self,
 )
@@ -75,17 +80,19 @@ def loo_rankings(depth: int = 5) -> LeaveOneOutRankings:
 
 
 def test_score_rankings_matches_hand_computed_values() -> None:
-    scores = score_rankings("k_reciprocal", {"k1": 4}, loo_rankings(), LABELS, online_ms=2.5)
+    online = OnlineTiming(2.5, "2026-12-07T14:02:31+01:00", 1.25, 2)
+    scores = score_rankings("k_reciprocal", {"k1": 4}, loo_rankings(), LABELS, online)
     assert scores.map == pytest.approx((0.75 + 0.25 + 1 + 1 + 0.5 + 0.1) / 6)
     assert scores.p1 == pytest.approx(3 / 6)
     assert scores.p5 == pytest.approx((0.4 + 0.2 + 0.4 + 0.4 + 0.4 + 0.2) / 6)
     assert scores.n_queries == 6  # the unlabelled item is no query
     assert (scores.method, scores.params) == ("k_reciprocal", {"k1": 4})
     assert (scores.online_ms, scores.batch_seconds) == (2.5, 1.25)
+    assert scores.online == online  # when and under what load the timing was taken
 
 
 def test_score_rankings_p5_falls_back_to_the_ranking_depth() -> None:
-    scores = score_rankings("baseline", {}, loo_rankings(depth=3), LABELS, online_ms=0.0)
+    scores = score_rankings("baseline", {}, loo_rankings(depth=3), LABELS, OnlineTiming(0.0))
     # P@3 per query: 1/3, 1/3, 2/3, 2/3, 1/3, 0
     assert scores.p5 == pytest.approx((1 + 1 + 2 + 2 + 1 + 0) / 3 / 6)
     assert scores.p1 == pytest.approx(3 / 6)
@@ -93,7 +100,7 @@ def test_score_rankings_p5_falls_back_to_the_ranking_depth() -> None:
 
 @pytest.mark.parametrize("labels", [None, np.full(7, -1)])
 def test_score_rankings_without_labels_is_nan(labels: np.ndarray | None) -> None:
-    scores = score_rankings("baseline", {}, loo_rankings(), labels, online_ms=1.0)
+    scores = score_rankings("baseline", {}, loo_rankings(), labels, OnlineTiming(1.0))
     assert math.isnan(scores.map) and math.isnan(scores.p1) and math.isnan(scores.p5)
     assert scores.n_queries == 7
     assert scores.online_ms == 1.0
@@ -102,7 +109,7 @@ def test_score_rankings_without_labels_is_nan(labels: np.ndarray | None) -> None
 def make_scores(method: str = "k_reciprocal", params: dict | None = None,
                 map_: float = 0.5) -> MethodScores:
     return MethodScores(method, {"k1": 20, "k2": 6} if params is None else params, map_, 0.75,
-                        0.6, 3.25, 0.125, 24)
+                        0.6, 3.25, 0.125, 24, "2026-12-07T14:02:31+01:00", 1.3, 2)
 
 
 def test_score_cache_round_trip(tmp_path) -> None:
@@ -157,6 +164,21 @@ def test_damaged_score_cache_is_empty_then_replaced_atomically(tmp_path, monkeyp
     assert [entry.name for entry in tmp_path.iterdir()] == [SCORES_FILE]
 
 
+def test_scores_cached_before_timings_had_conditions_still_load(tmp_path) -> None:
+    """An entry written before measured_at, load and cpus existed loads; its timing's
+    conditions are unknown (the table says so) rather than the scores being lost."""
+    cache = ScoreCache(tmp_path, "gallery-a")
+    old = {name: value for name, value in dataclasses.asdict(make_scores()).items()
+           if name not in ("measured_at", "load", "cpus")}
+    (tmp_path / SCORES_FILE).write_text(json.dumps({cache.key("k_reciprocal", old["params"]):
+                                                    old}))
+    loaded = cache.get("k_reciprocal", {"k1": 20, "k2": 6})
+    assert (loaded.map, loaded.online_ms) == (0.5, 3.25)
+    assert (loaded.measured_at, loaded.load, loaded.cpus) == (None, None, None)
+    assert loaded.online.describe() == "unknown"
+    assert scores_table([loaded], {})[0][5] == "unknown"
+
+
 def test_score_cache_ignores_entries_of_another_version(tmp_path) -> None:
     cache = ScoreCache(tmp_path, "gallery-a")
     key = cache.key("baseline", {})
@@ -198,6 +220,42 @@ def test_median_ms_needs_a_query() -> None:
         median_ms(lambda query: None, np.zeros((0, 4), np.float32))
 
 
+def test_time_online_records_when_and_under_what_load(monkeypatch) -> None:
+    clock = FakeClock([0.002, 0.004, 0.003])
+    monkeypatch.setattr(evaluation.time, "perf_counter", clock.perf_counter)
+    monkeypatch.setattr(evaluation.os, "getloadavg", lambda: (1.25, 0.5, 0.25))
+    monkeypatch.setattr(evaluation.os, "cpu_count", lambda: 2)
+    before = datetime.now().astimezone().replace(microsecond=0)
+    timing = time_online(clock.rank_one, np.zeros((3, 4), np.float32))
+    after = datetime.now().astimezone()
+    assert timing.ms == pytest.approx(3.0)
+    assert (timing.load, timing.cpus) == (1.25, 2)
+    measured = datetime.fromisoformat(timing.measured_at)
+    assert measured.utcoffset() is not None  # local time, with its offset
+    assert before <= measured <= after
+
+
+def test_time_online_without_a_load_average(monkeypatch) -> None:
+    def refuse() -> tuple[float, float, float]:
+        raise OSError("no load average here")
+
+    monkeypatch.setattr(evaluation.os, "getloadavg", refuse)
+    timing = time_online(lambda query: None, np.zeros((2, 4), np.float32))
+    assert timing.load is None and timing.measured_at
+
+
+@pytest.mark.parametrize(("timing", "text"), [
+    (OnlineTiming(1.0, "2026-12-07T14:02:31+01:00", 1.3, 2),
+     "2026-12-07 14:02, load 1.3 on 2 CPUs"),
+    (OnlineTiming(1.0, "2026-12-07T14:02:31", 0.04, 1), "2026-12-07 14:02, load 0.0 on 1 CPU"),
+    (OnlineTiming(1.0, "2026-12-07T14:02:31+01:00", None, 8), "2026-12-07 14:02, 8 CPUs"),
+    (OnlineTiming(1.0, "2026-12-07T14:02:31+01:00"), "2026-12-07 14:02"),
+    (OnlineTiming(1.0), "unknown"),
+])
+def test_online_timing_describes_its_conditions(timing: OnlineTiming, text: str) -> None:
+    assert timing.describe() == text
+
+
 def test_timing_queries_spread_over_the_gallery() -> None:
     features = np.arange(100, dtype=np.float32)[:, None]
     chosen = timing_queries(features, count=5)
@@ -207,11 +265,14 @@ def test_timing_queries_spread_over_the_gallery() -> None:
 
 def test_scores_table_rows() -> None:
     rows = scores_table(
-        [MethodScores("baseline", {}, 0.123456, 0.5, 0.4, 0.04449, 0.0004, 24),
+        [MethodScores("baseline", {}, 0.123456, 0.5, 0.4, 0.04449, 0.0004, 24,
+                      "2026-12-07T14:02:31+01:00", 1.26, 2),
          MethodScores("k_reciprocal", {"k1": 20, "k2": 6}, float("nan"), float("nan"),
                       float("nan"), 6.789, 0.02116, 24)],
         {"baseline": "Baseline (faiss, cosine)"})
     assert rows == [
-        ["Baseline (faiss, cosine)", 0.1235, 0.5, 0.4, 0.04, 0.0, "-"],
-        ["k_reciprocal", None, None, None, 6.79, 0.021, "k1=20, k2=6"],
+        ["Baseline (faiss, cosine)", 0.1235, 0.5, 0.4, 0.04, "2026-12-07 14:02, load 1.3 on 2 CPUs",
+         0.0, "-"],
+        ["k_reciprocal", None, None, None, 6.79, "unknown", 0.021, "k1=20, k2=6"],
     ]
+    assert all(len(row) == len(SCORES_TABLE_COLUMNS) for row in rows)

@@ -8,7 +8,9 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
+from urllib.parse import parse_qsl
 
 import gradio as gr
 import numpy as np
@@ -85,6 +87,11 @@ class Progress:
 
     def __call__(self, value: Any, **kwargs: Any) -> None:
         self.calls.append((value, kwargs))
+
+
+def link(query: str) -> Any:
+    """Stands in for the gr.Request of a page opened at `?query`."""
+    return SimpleNamespace(query_params=dict(parse_qsl(query)))
 
 
 def run_to_end(steps: Any) -> dict[Any, Any]:
@@ -550,3 +557,108 @@ def test_engine_does_not_import_gradio() -> None:
             "loaded = [name for name in ('gradio', 'umap') if name in sys.modules]; "
             "assert not loaded, loaded")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+
+
+# -- clicks that make a query, the map's selection, the link -----------------------------------
+def test_a_clicked_result_becomes_the_query(handlers: PageHandlers, session: GallerySession,
+                                            picked: dict[Any, Any]) -> None:
+    ui = handlers.ui
+    view = picked[ui.state]
+    rows = view.result.top("k_reciprocal")[1]
+    event = gr.SelectData(None, {"index": 2, "value": None})
+    updates = handlers.pick_result("k_reciprocal", event, view, True, TOP, BASELINE,
+                                   "backbone", *controls(handlers, session))
+    chosen = session.gallery.files[int(rows[2])]
+    assert updates[ui.picked] == chosen
+    assert updates[ui.state].result.source_file == chosen
+    assert handlers.pick_result("k_reciprocal", event, None, True, TOP, BASELINE,
+                                "backbone") == {}
+
+
+def test_a_clicked_plot_point_becomes_the_query(handlers: PageHandlers,
+                                                session: GallerySession) -> None:
+    ui = handlers.ui
+    file = session.gallery.files[5]
+    updates = handlers.pick_plotted(f"{file}|1733512345678", session.key, True, TOP,
+                                    BASELINE, "backbone", *controls(handlers, session))
+    assert updates[ui.picked] == file and updates[ui.state].result.source_file == file
+    assert handlers.pick_plotted("", session.key, True, TOP, BASELINE, "backbone") == {}
+    with pytest.raises(gr.Error, match="not an image of the gallery"):
+        handlers.pick_plotted("../../etc/passwd|1", session.key, True, TOP, BASELINE,
+                              "backbone", *controls(handlers, session))
+
+
+def test_a_map_selection_is_shown_and_listed(handlers: PageHandlers,
+                                             session: GallerySession) -> None:
+    ui = handlers.ui
+    files = session.gallery.files[:4]
+    updates = handlers.select_on_map(json.dumps(files), session.key)
+    assert updates[ui.selection].visible and len(updates[ui.selection].value) == 4
+    listing = Path(updates[ui.selection_file].value["path"])
+    lines = listing.read_text(encoding="utf-8").splitlines()
+    assert [line.split("\t")[0] for line in lines] == files
+    assert lines[0].split("\t")[1] == session.gallery.class_of(0)
+    cleared = handlers.select_on_map("[]", session.key)
+    assert cleared[ui.selection].visible is False
+    assert handlers.select_on_map("not json", session.key)[ui.selection].visible is False
+
+
+def test_a_bad_upload_shows_only_the_engines_message(handlers: PageHandlers,
+                                                     session: GallerySession,
+                                                     tmp_path: Path) -> None:
+    """Through the wiring's wrapper: one message, no other output touched."""
+    from app.feedback import shown_in
+
+    ui = handlers.ui
+    for content in (b"", b"this is a text file"):
+        upload = tmp_path / "holiday.jpg"
+        upload.write_bytes(content)
+        wrapped = shown_in(ui.message, handlers.upload, [ui.state])
+        updates = wrapped(session.key, str(upload), NO_CLASS, True, TOP, BASELINE, "backbone",
+                          *controls(handlers, session))
+        assert list(updates) == [ui.message]
+        assert "holiday.jpg" in updates[ui.message]
+        assert str(tmp_path) not in updates[ui.message]
+
+
+def test_the_link_names_the_view_and_reopens_it(handlers: PageHandlers,
+                                                session: GallerySession,
+                                                picked: dict[Any, Any]) -> None:
+    ui = handlers.ui
+    view = picked[ui.state]
+    changed = controls(handlers, session, k_reciprocal={"k1": 7})
+    query = handlers.share_link(session.key, view, None, "k_reciprocal", *changed)
+    assert f"file={session.gallery.files[3]}" in query.replace("%2F", "/")
+    assert "tab=k_reciprocal" in query and "k_reciprocal.k1=7" in query
+    assert "gnn." not in query  # unchanged parameters stay out of the link
+
+    updates = handlers.restore(link(query), BASELINE, "backbone", True, TOP)
+    result = updates[ui.state].result
+    assert result.source_file == session.gallery.files[3]
+    assert result.rankings["k_reciprocal"].params["k1"] == 7
+    tab = ui.tabs["k_reciprocal"]
+    assert updates[tab.controls[tab.param_names.index("k1")]] == 7
+    assert updates[ui.current_tab] == "k_reciprocal"
+    assert ui.message not in updates
+
+    updates = handlers.restore(link("gallery=gone&file=missing.jpg&tab=gnn"), BASELINE,
+                               "backbone", True, TOP)
+    assert "gallery is not open" in updates[ui.message]
+    assert "not an image of the gallery" in updates[ui.message]
+    assert updates[ui.current_tab] == "gnn"
+
+
+def test_an_uploaded_query_is_named_by_its_hash(handlers: PageHandlers,
+                                                session: GallerySession) -> None:
+    ui = handlers.ui
+    updates = handlers.upload(session.key, str(UPLOAD), "snowdrop", True, TOP, BASELINE,
+                              "backbone", *controls(handlers, session))
+    kept = Path(updates[ui.uploaded])
+    assert kept.read_bytes() == UPLOAD.read_bytes()
+    query = handlers.share_link(session.key, updates[ui.state], str(kept), "gnn",
+                                *controls(handlers, session))
+    assert f"upload={kept.stem}" in query and "class=snowdrop" in query
+
+    reopened = handlers.restore(link(query), BASELINE, "backbone", True, TOP)
+    assert reopened[ui.state].result.query_class == "snowdrop"
+    assert reopened[ui.uploaded] == str(kept)

@@ -35,6 +35,7 @@ from engine import (
     BASELINE,
     DEFAULT_TOP_N,
     QUERY_MODELS,
+    SCORES_TABLE_COLUMNS,
     Explorer,
     GallerySession,
     get_reranker_class,
@@ -255,8 +256,9 @@ def build_layout(explorer: Explorer, handlers: PageHandlers) -> PageComponents:
                                 "the scores were computed (when, and the machine's load then, "
                                 "in the last column).")
                     compare_table = gr.Dataframe(
-                        value=handlers.compare_rows(session), interactive=False,
-                        wrap=True, elem_id="compare-table")
+                        value=handlers.compare_rows(session),
+                        headers=list(SCORES_TABLE_COLUMNS), interactive=False, wrap=True,
+                        elem_id="compare-table")
                     compare_button = gr.Button("Compute for the current parameters")
                 with gr.Tab("Galleries", id="galleries", elem_id="tab-galleries"):
                     gr.Markdown(galleries_text(handlers.public))

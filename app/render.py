@@ -203,10 +203,14 @@ def map_figure(session: GallerySession, view: QueryView | None, method: str, spa
 
 
 def query_note(result: QueryResult) -> str:
-    """Under the query: how far it is from the gallery, and the backbone's ImageNet guess
-    (small: it is not the page's answer)."""
-    return "\n\n".join(part for part in (familiarity_text(result), imagenet_text(result))
-                        if part)
+    """Under the query: what it is, how far it is from the gallery, and the backbone's
+    ImageNet guess (small: it is not the page's answer)."""
+    what = (f"**Query:** gallery image `{result.source_file}`" if result.source_file
+            else "**Query:** an uploaded image")
+    if result.query_class:
+        what += f" (class {result.query_class})"
+    return "\n\n".join(part for part in (what, familiarity_text(result),
+                                          imagenet_text(result)) if part)
 
 
 def example_items(thumbnails: ThumbnailCache, session: GallerySession

@@ -117,13 +117,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     configure_threads()
     # --prepare-only has nothing to serve: its jobs may take every core.
-    jobs = JobQueue(budget=contextlib.nullcontext if args.prepare_only else None)
+    budget = contextlib.nullcontext if args.prepare_only else None
+    jobs = JobQueue(budget=budget)
+    requests = JobQueue(budget=budget)  # work a user asked for: never behind background jobs
     progress = TqdmProgress()
     try:
         explorer = Explorer.load(args.gallery or DEMO_GALLERY, device=args.device,
                                  cache_root=args.cache_dir, progress=progress,
                                  allowed_roots=[] if args.public else args.allow_folder,
-                                 jobs=jobs)
+                                 jobs=jobs, requests=requests)
         session = explorer.session(None)
         for query_model in args.query_models:
             explorer.prepare_query_model(session.key, query_model)
@@ -136,12 +138,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 session.gallery.root, session.gallery.size, session.gallery.cache_dir,
                 resolve_device(args.device))
     if args.prepare_only:
+        requests.run_pending()
         jobs.run_pending()
-        failed = [job for job in jobs.jobs() if job.state == "failed"]
+        done = requests.jobs() + jobs.jobs()
+        failed = [job for job in done if job.state == "failed"]
         for job in failed:
             logger.error("%s failed: %s", job.title, job.error)
         logger.info("gallery %s prepared (%d background jobs, %d failed)", session.gallery.root,
-                    len(jobs.jobs()), len(failed))
+                    len(done), len(failed))
         return 0
     demo = build_app(explorer, concurrency_limit=args.concurrency, public=args.public)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share,
@@ -149,6 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logger.info("serving on http://%s:%d; preparing the rest in the background (%d jobs)",
                 args.host, args.port, len(jobs.jobs()))
     jobs.start()
+    requests.start()
     threading.Thread(target=_report_when_idle, args=(jobs,), name="background-report",
                      daemon=True).start()
     demo.block_thread()

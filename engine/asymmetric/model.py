@@ -19,6 +19,7 @@ import torch
 from engine.asymmetric.anchors import train_anchors
 from engine.asymmetric.config import SSPConfig
 from engine.asymmetric.heads import init_head
+from engine.asymmetric.losses import ssp_loss
 from engine.asymmetric.network import QueryNetwork, frozen_stages, query_extractor
 from engine.asymmetric.persistence import (
     read_query_model,
@@ -257,6 +258,98 @@ def _check_training(training_images: Sequence[Any], gallery_features: Any,
         raise InvalidInputError(f"SSP's anchors need at least {config.centroids} training "
                                 f"images (one per PQ centroid), got {len(targets)}")
     return targets
+
+
+ESTIMATE_BATCH = 4
+"""Images per timed batch when estimating SSP's training time (`estimate_training_seconds`)."""
+
+
+def saved_model_path(gallery_features: np.ndarray, state_dir: str | Path,
+                     gallery_meta: FeatureMeta, config: SSPConfig | None = None) -> Path:
+    """Where `fit_or_load` keeps the query model trained on images with these gallery-model
+    features (a stem: the state is its .json and .safetensors)."""
+    config = config or SSPConfig()
+    targets = check_features(gallery_features, "gallery features of the training images",
+                             gallery_meta.dim, unit_norm=False)
+    key = state_key(config, query_extractor(config).meta, gallery_meta,
+                    training_fingerprint(targets))
+    return Path(state_dir) / "ssp" / key
+
+
+def estimate_training_seconds(n_images: int, gallery_meta: FeatureMeta,
+                              config: SSPConfig | None = None, device: str = "auto",
+                              preparation_seconds: float = 0.0) -> float:
+    """Seconds `QueryModel.fit` would take on `n_images` images here, from its config and the
+    costs measured now on `ESTIMATE_BATCH` random images (after a warm-up) under the
+    background thread budget that training runs under:
+
+    - "cached" path: decoding (`preparation_seconds` an image) and the frozen stages' forward
+      of `views` views of each image, the head's initial map (one forward of the trained
+      stages an image), then `epochs` x `n_images` training steps of the trained stages (forward
+      and backward, an image each).
+    - "full" path: the head's initial map (one forward an image), then `epochs` x `n_images`
+      steps of the whole network, each image decoded and augmented (on the loader's 4 threads,
+      beside the model).
+
+    PQ anchors and saving take under a second and are left out. About a second to measure.
+    """
+    from engine.core.threads import background_threads
+
+    config = config or SSPConfig()
+    torch_device = resolve_device(device)
+    extractor = query_extractor(config)
+    network = QueryNetwork(copy.deepcopy(extractor.model).float(), gallery_meta.dim,
+                           config.gem_p).to(torch_device)
+    images = torch.rand((ESTIMATE_BATCH, *extractor.meta.input_size), device=torch_device)
+    targets = torch.nn.functional.normalize(
+        torch.rand((ESTIMATE_BATCH, gallery_meta.dim), device=torch_device), dim=1)
+    anchors = torch.nn.functional.normalize(torch.rand(
+        (config.subspaces, config.centroids, gallery_meta.dim // config.subspaces),
+        device=torch_device), dim=-1)
+    mode = config.mode_for(torch_device)
+    split = frozen_stages(network, config) if mode == "cached" else 0
+
+    def timed(step: Callable[[], Any]) -> float:
+        step()  # warm-up
+        started = time.perf_counter()
+        step()
+        if torch_device.type == "cuda":
+            torch.cuda.synchronize(torch_device)
+        return (time.perf_counter() - started) / ESTIMATE_BATCH
+
+    with background_threads():
+        network.eval()
+        with torch.inference_mode():
+            frozen = timed(lambda: network.frozen_part(images, split))
+            activations = network.frozen_part(images, split).float()
+            trained = timed(lambda: network.trained_part(activations, split))
+        parameters = _trainable_for_estimate(network, split)
+        optimiser = torch.optim.SGD(parameters, lr=config.learning_rate, momentum=0.9)
+
+        def train_step() -> None:
+            with torch.autocast(torch_device.type, dtype=torch.bfloat16,
+                                enabled=mode == "full" and torch_device.type == "cuda"):
+                query = network.forward_from(activations if mode == "cached" else images,
+                                             split)
+            optimiser.zero_grad(set_to_none=True)
+            ssp_loss(query, targets, anchors, config.temperature).backward()
+            optimiser.step()
+
+        step = timed(train_step)
+    epochs_images = config.epochs * n_images
+    if mode == "cached":
+        return (n_images * (preparation_seconds + config.views * frozen + trained)
+                + epochs_images * step)
+    return n_images * (frozen + trained) + epochs_images * max(step, preparation_seconds / 4)
+
+
+def _trainable_for_estimate(network: QueryNetwork, split: int) -> list[torch.nn.Parameter]:
+    """requires_grad on the modules that train with `split` frozen stages, as `_set_trainable`
+    does (the estimate's steps then do the same work as training's)."""
+    network.requires_grad_(False)
+    for module in network.trained_modules(split).values():
+        module.requires_grad_(True)
+    return [p for p in network.parameters() if p.requires_grad]
 
 
 def fit_or_load(training_images: Sequence[Any], state_dir: str | Path, *,

@@ -168,6 +168,11 @@ class _TrainingLog:
         if self.per_step:
             self.history.append(self.epoch_losses[-1])
 
+    def report_step(self, progress: ProgressCallback | None) -> None:
+        """Report the step just done (so that a cancelled job stops within one step)."""
+        if progress is not None:
+            progress(self.step / self.total, f"SSP: training step {self.step}/{self.total}")
+
     def end_epoch(self, progress: ProgressCallback | None) -> None:
         mean = float(np.mean(self.epoch_losses))
         if not self.per_step:
@@ -206,6 +211,7 @@ def train_cached(network: QueryNetwork, cache: ActivationCache, targets: torch.T
             log.optimise(optimiser, ssp_loss(network.forward_from(batch, cache.split),
                                              targets[owners.to(device)], anchors,
                                              config.temperature))
+            log.report_step(progress)
         log.end_epoch(progress)
     network.requires_grad_(False).eval()
     return log.history
@@ -258,6 +264,7 @@ def train_full(network: QueryNetwork, images: Sequence[Any], targets: torch.Tens
                     query = network(batch)
                 log.optimise(optimiser, ssp_loss(query, targets[owners.to(device)], anchors,
                                                  config.temperature))
+                log.report_step(progress)
             log.end_epoch(progress)
     network.requires_grad_(False).eval()
     if channels_last:

@@ -3,6 +3,12 @@ gallery (the demo, folders on the server, uploaded zips), by key; queries run th
 
 Everything here is loaded once and shared by every request. No UI code: the page, `launch.py`
 and tests use the same objects.
+
+Long work a user asks for and waits on (opening a new folder or zip, building the lite2 or SSP
+query model) is planned first (`plan_gallery`, `plan_query_model`: what it will do and about
+how long, measured here) and then runs as a job of `requests`, a queue of its own, so that it
+never waits behind background training and queries keep working meanwhile; the page shows the
+job's one-line state and may cancel it (`JobQueue.cancel`).
 """
 
 from __future__ import annotations
@@ -11,21 +17,35 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from engine.asymmetric.query_models import QUERY_MODELS
-from engine.core.jobs import JobQueue
+from engine.core.jobs import Job, JobProgress, JobQueue
+from engine.core.plans import Plan, PlanStep
 from engine.errors import InvalidInputError, UnknownNameError
 from engine.explorer.results import BASELINE, DEFAULT_TOP_N, QueryResult, Ranking
 from engine.explorer.session import GallerySession
 from engine.features.backbone import FeatureExtractor, get_extractor
 from engine.rerank import list_rerankers
-from engine.search.archive import extract_zip, resolve_allowed_folder
-from engine.search.gallery import DEMO_GALLERY, Gallery, ProgressCallback, default_cache_root
+from engine.search.archive import (
+    extract_zip,
+    read_upload_name,
+    resolve_allowed_folder,
+    write_upload_name,
+)
+from engine.search.gallery import (
+    DEMO_GALLERY,
+    Gallery,
+    GalleryScan,
+    ProgressCallback,
+    default_cache_root,
+    gallery_cache_dir,
+    scan_gallery,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -36,15 +56,19 @@ class Explorer:
     allowed_roots: folders under which `open_folder` may open galleries (server paths typed in
     the page); uploaded zips are extracted under the cache root.
     jobs: where slow work runs (see `GallerySession.schedule`); None computes it on first use.
+    requests: where work a user asked for and waits on runs (`request`), one job at a time
+        beside `jobs` (default: a queue of its own when there is `jobs`, else None).
     """
 
     def __init__(self, extractor: FeatureExtractor, *, device: str = "auto",
                  cache_root: str | os.PathLike | None = None,
                  allowed_roots: Sequence[str | os.PathLike] | None = None,
                  methods: Sequence[str] | None = None, ssp_config: Any = None,
-                 jobs: JobQueue | None = None) -> None:
+                 jobs: JobQueue | None = None, requests: JobQueue | None = None) -> None:
         self.extractor = extractor
         self.jobs = jobs
+        self.requests = requests if requests is not None else (
+            JobQueue() if jobs is not None else None)
         self.device = device
         self.ssp_config = ssp_config
         """SSPConfig of the asymmetric query model (None: the engine's default recipe)."""
@@ -62,11 +86,13 @@ class Explorer:
              cache_root: str | os.PathLike | None = None,
              progress: ProgressCallback | None = None,
              allowed_roots: Sequence[str | os.PathLike] | None = None,
-             methods: Sequence[str] | None = None, jobs: JobQueue | None = None) -> Explorer:
+             methods: Sequence[str] | None = None, jobs: JobQueue | None = None,
+             requests: JobQueue | None = None) -> Explorer:
         """The explorer with its first gallery open (indexed, or loaded from its cache; with
         `jobs`, the rest of its preparation queued there)."""
         explorer = cls(get_extractor(device=device), device=device, cache_root=cache_root,
-                       allowed_roots=allowed_roots, methods=methods, jobs=jobs)
+                       allowed_roots=allowed_roots, methods=methods, jobs=jobs,
+                       requests=requests)
         explorer.open_folder(folder, progress=progress, check_allowed=False)
         return explorer
 
@@ -107,11 +133,8 @@ class Explorer:
         here too, so the page's progress bar covers all the waiting. The new session joins the
         gallery choices.
         """
-        if query_model not in QUERY_MODELS:
-            raise InvalidInputError(f"no query model {query_model!r}; choose one of "
-                                    f"{', '.join(QUERY_MODELS)}")
+        spec = _query_model(query_model)
         base = self.session(self.session(key).base_key)
-        spec = QUERY_MODELS[query_model]
         if spec.gallery_backbone is None:
             return base
         variant_key = f"{base.key}@{query_model}"
@@ -126,7 +149,7 @@ class Explorer:
                                    device=self.device)
             session = GallerySession(variant_key, gallery, self.device, self.method_names,
                                      query_model=query_model, base_key=base.key,
-                                     jobs=self.jobs)
+                                     jobs=self.jobs, name=base.name)
             if spec.asymmetric:
                 from engine.asymmetric import fit_or_load
 
@@ -151,32 +174,133 @@ class Explorer:
         return extractor.embed_and_classify(image)
 
     def open_folder(self, folder: str | os.PathLike, *, progress: ProgressCallback | None = None,
-                    check_allowed: bool = True) -> GallerySession:
+                    check_allowed: bool = True, name: str | None = None) -> GallerySession:
         """Open (index, or load from cache) a gallery folder; reopening is instant.
 
-        With `check_allowed`, the folder must lie inside one of `allowed_roots`.
+        With `check_allowed`, the folder must lie inside one of `allowed_roots`. `name` is what
+        the page calls it (default: an upload's recorded file name, else the folder's name).
         """
-        if check_allowed:
-            root = resolve_allowed_folder(folder, self.allowed_roots)
-        else:
-            root = Path(folder).expanduser().resolve()
+        root = self._gallery_root(folder, check_allowed)
+        name = name or read_upload_name(root)
         with self._lock:
             gate = self._open_locks.setdefault(root, threading.Lock())
         with gate:
             for session in self.galleries.values():
                 if session.gallery.root == root and session.key == session.base_key:
+                    session.name = name or session.name
                     return session
             gallery = Gallery.open(root, extractor=self.extractor, cache_root=self.cache_root,
                                    progress=progress, device=self.device)
             key = gallery.cache_dir.name
             session = GallerySession(key, gallery, self.device, self.method_names,
-                                     jobs=self.jobs)
+                                     jobs=self.jobs, name=name)
             self._prepare(session, progress)
             with self._lock:
                 self.galleries[key] = session
             logger.info("opened gallery %s: %d images, %d classes, %d skipped", root,
                         gallery.size, len(gallery.class_names), len(gallery.skipped))
             return session
+
+    def _gallery_root(self, folder: str | os.PathLike, check_allowed: bool) -> Path:
+        if check_allowed:
+            return resolve_allowed_folder(folder, self.allowed_roots)
+        return Path(folder).expanduser().resolve()
+
+    # -- planned work a user waits on ------------------------------------------------------------
+    def plan_gallery(self, folder: str | os.PathLike, *, check_allowed: bool = True) -> Plan:
+        """What `open_folder(folder)` will do and about how long: indexing the images not in
+        its cache with the explorer's backbone (empty when it is open or cached: opening is
+        then a matter of seconds). Reads the folder and the feature cache, embeds nothing."""
+        root = self._gallery_root(folder, check_allowed)
+        if any(session.gallery.root == root and session.key == session.base_key
+               for session in list(self.galleries.values())):
+            return Plan()
+        scan = scan_gallery(root, self.extractor.meta, self.cache_root)
+        return Plan.of(self._indexing_step(scan, self.extractor, self._gallery_name(root)))
+
+    def plan_query_model(self, key: str | None, query_model: str) -> Plan:
+        """What `with_query_model(key, query_model)` will do and about how long: indexing the
+        gallery's images with the gallery model (those not cached) and, for SSP, training the
+        query model (unless saved). Empty when the variant is open or fully cached."""
+        spec = _query_model(query_model)
+        base = self.session(self.session(key).base_key)
+        if spec.gallery_backbone is None or f"{base.key}@{query_model}" in self.galleries:
+            return Plan()
+        extractor = get_extractor(spec.gallery_backbone, device=self.device)
+        root = base.gallery.root
+        scan = scan_gallery(root, extractor.meta, self.cache_root)
+        plan = Plan.of(self._indexing_step(scan, extractor, self._gallery_name(root)))
+        if spec.asymmetric:
+            plan = plan.then(Plan.of(self._ssp_step(scan, extractor)))
+        return plan
+
+    def _gallery_name(self, root: Path) -> str:
+        if root == DEMO_GALLERY.resolve():
+            return "Oxford-17 demo"
+        return read_upload_name(root) or root.name
+
+    def _indexing_step(self, scan: GalleryScan, extractor: FeatureExtractor, name: str
+                       ) -> PlanStep | None:
+        """Embedding the scan's images not cached yet: the model's measured time an image
+        (`FeatureExtractor.seconds_per_image`) plus decoding, timed on a few of the folder's
+        files and shared by the extractor's decoding threads."""
+        if scan.to_embed == 0:
+            return None
+        per_image = extractor.seconds_per_image(self.cache_root) + extractor.preparation_seconds(
+            scan.samples) / extractor.workers
+        what = (f"the {scan.to_embed:,} images" if scan.to_embed == scan.files
+                else f"{scan.to_embed:,} new images (of {scan.files:,})")
+        return PlanStep(f"indexes {what} of {name} with {extractor.meta.backbone}",
+                        scan.to_embed * per_image)
+
+    def _ssp_step(self, scan: GalleryScan, gallery_extractor: FeatureExtractor
+                  ) -> PlanStep | None:
+        """Training the SSP query model on the gallery's images, unless it is saved."""
+        from engine.asymmetric import SSPConfig
+        from engine.asymmetric.model import estimate_training_seconds, saved_model_path
+
+        config = self.ssp_config or SSPConfig()
+        meta = gallery_extractor.meta
+        n_images = scan.files if scan.features is None else len(scan.features)
+        if n_images < config.centroids:
+            raise InvalidInputError(f"SSP's anchors need at least {config.centroids} training "
+                                    f"images (one per PQ centroid); this gallery has {n_images}")
+        if scan.features is not None:
+            state_dir = gallery_cache_dir(scan.root, meta, self.cache_root) / "state"
+            saved = saved_model_path(scan.features, state_dir, meta, config)
+            if saved.with_suffix(".json").is_file():
+                return None
+        prepare = gallery_extractor.preparation_seconds(scan.samples[:2])
+        seconds = estimate_training_seconds(n_images, meta, config, self.device, prepare)
+        return PlanStep("trains the SSP query model", seconds)
+
+    def request(self, key: Hashable, title: str, plan: Plan,
+                work: Callable[[JobProgress], Any]) -> Job:
+        """Run `work` as a job of `requests` (work a user asked for and waits on), carrying
+        its `plan`; a known key returns its job (a cancelled or failed one is queued again)."""
+        if self.requests is None:
+            raise InvalidInputError("this explorer has no request queue")
+        return self.requests.submit(key, title, work, plan=plan, retry=True)
+
+    def request_gallery(self, folder: str | os.PathLike, *, check_allowed: bool = True) -> Job:
+        """Open a gallery folder as a request (`request`, with `plan_gallery`'s plan); the
+        finished job's `result` is its `GallerySession`."""
+        root = self._gallery_root(folder, check_allowed)
+        return self.request(("gallery", str(root)), f"Gallery {self._gallery_name(root)}",
+                            self.plan_gallery(root, check_allowed=False),
+                            lambda progress: self.open_folder(root, progress=progress,
+                                                              check_allowed=False))
+
+    def request_query_model(self, key: str | None, query_model: str) -> Job:
+        """Build the gallery of `key` as `query_model` sees it as a request (`request`); the
+        finished job's `result` is the new `GallerySession`."""
+        spec = _query_model(query_model)
+        base = self.session(self.session(key).base_key)
+        return self.request(("query model", base.key, query_model),
+                            f"Query model {spec.title}", self.plan_query_model(base.key,
+                                                                                query_model),
+                            lambda progress: self.with_query_model(base.key, query_model,
+                                                                   progress=progress))
 
     def _prepare(self, session: GallerySession, progress: ProgressCallback | None) -> None:
         """Fit a new session's methods now, or, with a job queue, queue all its preparation."""
@@ -196,13 +320,23 @@ class Explorer:
                          lambda progress: self.with_query_model(base.key, query_model,
                                                                 progress=progress))
 
-    def open_zip(self, archive: str | os.PathLike, *,
+    def open_zip(self, archive: str | os.PathLike, *, name: str | None = None,
                  progress: ProgressCallback | None = None) -> GallerySession:
-        """Extract an uploaded zip (safely, content-addressed) and open it as a gallery."""
+        """Extract an uploaded zip (safely, content-addressed) and open it as a gallery, called
+        `name` (default: the archive's file name, which Gradio keeps for an upload). The name
+        is kept beside the extraction, so that a reopened upload keeps it."""
+        root = self.extract_upload(archive, name=name)
+        return self.open_folder(root, progress=progress, check_allowed=False)
+
+    def extract_upload(self, archive: str | os.PathLike, *, name: str | None = None) -> Path:
+        """Extract an uploaded zip under `upload_root` (reusing an earlier extraction of the
+        same bytes) and record its `name` (default: the archive's file name) beside it; returns
+        the gallery folder, for `plan_gallery` and `request_gallery` (check_allowed=False)."""
         extracted = extract_zip(archive, self.upload_root)
-        for name, reason in extracted.skipped.items():
-            logger.info("zip entry %s not extracted: %s", name, reason)
-        return self.open_folder(extracted.root, progress=progress, check_allowed=False)
+        for entry, reason in extracted.skipped.items():
+            logger.info("zip entry %s not extracted: %s", entry, reason)
+        write_upload_name(extracted.root, name or Path(archive).name)
+        return extracted.root
 
     def close(self, key: str) -> list[GallerySession]:
         """Forget an open gallery and the query-model variants opened from it (a public page
@@ -301,6 +435,14 @@ class Explorer:
         ranking = session.score(ranking, result.query_label, result.n_positives, result.top_n,
                                 result.feature)
         return result.with_ranking(ranking)
+
+
+def _query_model(name: str) -> Any:
+    """The `QueryModelChoice` of `name`; an unknown name raises InvalidInputError."""
+    if name not in QUERY_MODELS:
+        raise InvalidInputError(f"no query model {name!r}; choose one of "
+                                f"{', '.join(QUERY_MODELS)}")
+    return QUERY_MODELS[name]
 
 
 def _check_method_params(params: Mapping[str, Mapping[str, Any]] | None) -> None:

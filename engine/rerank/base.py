@@ -104,6 +104,16 @@ class RerankParams:
         return cls(**dict(params))
 
     @classmethod
+    def for_gallery(cls, size: int) -> dict[str, Any]:
+        """Overrides of the authors' defaults for a gallery of `size` items (default: none).
+
+        For a default sized for the authors' data that is absurd on a small gallery (SSR's
+        training episodes); applied only when the default setting is resolved for a gallery
+        (`engine.rerank.setting.default_setting`), never to a user's value or a preset.
+        """
+        return {}
+
+    @classmethod
     def describe(cls) -> list[dict[str, Any]]:
         """One dict per field: name, type, default, min, max, step, help (for building controls)."""
         return [{"name": spec.name, "type": spec.type if isinstance(spec.type, str)
@@ -271,6 +281,12 @@ class Reranker(ABC):
     def rerank_online(self, query_feature: np.ndarray, k: int | None = None) -> RerankResult:
         """Shorthand for `rerank(query_feature, k, mode="online")`."""
         return self.rerank(query_feature, k, mode="online")
+
+    def estimate_fit_seconds(self, context: GalleryContext) -> float | None:
+        """Seconds `fit(context)` would take here with these parameters, measured briefly (a
+        few real training steps on `context`) for methods whose fit is long; None when
+        unknown (the default). Saved state that `fit` would load counts as about 0."""
+        return None
 
     # -- learned embedding spaces ---------------------------------------------------------------
     def gallery_embeddings(self) -> np.ndarray | None:

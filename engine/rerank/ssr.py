@@ -67,6 +67,22 @@ INITIAL_SCALE = 10.0
 PROGRESS_EVERY_MAX = 50
 """Training reports progress every 1 % of its episodes, and at least every this many (an
 episode costs about 0.1 s on one core, a report microseconds)."""
+EPISODES_PER_ITEM = 2
+MIN_EPISODES = 300
+"""The default training budget on a gallery of n items (`SSRParams.for_gallery`): the
+authors' 3,000 episodes, capped at EPISODES_PER_ITEM x n with a floor of MIN_EPISODES.
+
+The authors' 3,000 (an episode is one SGD step on one query's top-k) were set for training sets
+of thousands of items, where each item is a query a few times at most. A gallery of n items
+offers only n distinct queries, and the time grows linearly with the episodes (0.035 to 0.1 s
+each on one core for a 60-image gallery, by the machine's load: 3,000 take 2 to 5 minutes, many
+times the gallery's indexing). Measured on 60 demo images (4 classes, pseudo-labels, k = 58): the
+training loss is flat for ~200 episodes, falls from 2.5 to 0.6 between 200 and 500, and is
+~0 from 600 on, the gallery's pseudo-labels learnt by heart. The floor puts small galleries
+into that descent without reaching the memorising end; two episodes per item keep larger ones
+there too. Galleries of 1,500 items or more train with the authors' 3,000."""
+ESTIMATE_STEPS = 3
+"""Training steps timed (after a warm-up step) to estimate a fit's time."""
 QUERY_CHUNK = 64
 INITIAL_CHUNK = 4096
 """Query rows per block of the initial cosine ranking (4096 x G similarities at a time)."""
@@ -100,6 +116,12 @@ class SSRParams(RerankParams):
                                      "after_k_reciprocal")
     seed: int = param(0, minimum=0, maximum=2**31 - 1, step=1,
                       help="seed of initialisation and episode sampling")
+
+    @classmethod
+    def for_gallery(cls, size: int) -> dict[str, Any]:
+        """The authors' episodes scaled to a gallery of `size` items (see `MIN_EPISODES`)."""
+        default = cls().episodes
+        return {"episodes": min(default, max(MIN_EPISODES, EPISODES_PER_ITEM * int(size)))}
 
 
 class RowNorm(torch.nn.Module):
@@ -457,6 +479,41 @@ class SSR(Reranker):
         self.model, self.manifest = self.fit_or_load(training, context.state_dir)
         self.training_seconds = self.manifest["log"]["seconds"] + self.manifest.get(
             "earlier_seconds", 0.0)
+
+    def estimate_fit_seconds(self, context: GalleryContext) -> float | None:
+        """The training time of `fit(context)`: each q_steps level's episodes times the time
+        of one training step of that level, timed here on `ESTIMATE_STEPS` steps of real
+        top-k subgraphs of `context` (after one warm-up step; well under a second at the
+        defaults). About 0 when the state is saved; None when the gallery is too small."""
+        training = self._training_set(context)
+        k = min(self.params.k, context.size - 1, training.size - 2)
+        if k < 2:
+            return None
+        self.k_used = k
+        path, _ = self._state_path(training, context.state_dir, self.params.q_steps)
+        if path is not None and path.with_suffix(".json").is_file():
+            return 0.0
+        features = np.ascontiguousarray(training.features, np.float32)
+        rng = np.random.default_rng(self.params.seed)
+        table = torch.from_numpy(features).to(self.device)
+        _, tops = cosine_ranking(features[:ESTIMATE_STEPS + 1], features, k, exclude_self=True)
+        episodes = [Episode(row, tops[row], rng.random(k) < 0.25, np.ones(k, bool))
+                    for row in range(len(tops))]
+        for episode in episodes:
+            episode.relevant[:2], episode.relevant[-1] = True, False
+        total = 0.0
+        for q_steps in range(1, self.params.q_steps + 1):
+            model = SubgraphRefiner(k, q_steps, self.params.lr_dni, self.params.hidden
+                                    ).to(self.device).train()
+            optimiser = make_optimiser(model)
+            training_step(model, optimiser, table, episodes[0])  # warm-up
+            started = time.perf_counter()
+            for episode in episodes[1:]:
+                training_step(model, optimiser, table, episode)
+            step = (time.perf_counter() - started) / (len(episodes) - 1)
+            count = self.params.episodes if q_steps == 1 else max(1, self.params.episodes // 6)
+            total += count * step
+        return total
 
     def _training_set(self, context: GalleryContext) -> TrainingSet:
         """What the module learns from: the protocol's training items if the context has

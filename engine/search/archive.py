@@ -161,6 +161,43 @@ def extract_zip(
             ) from error
 
 
+UPLOAD_NAME_FILE = ".upload-name.json"
+"""Written into an uploaded gallery's folder: the name the page shows for it (the uploaded
+file's name; the folder itself is named after the zip's sha256). Hidden, so never listed as
+an image."""
+MAX_NAME_LENGTH = 120
+
+
+def write_upload_name(root: str | os.PathLike, name: str) -> str:
+    """Record `name` (reduced to a file name of at most `MAX_NAME_LENGTH` characters) as the
+    name of the uploaded gallery at `root`; returns the name recorded. The last upload of the
+    same bytes names them."""
+    cleaned = clean_upload_name(name)
+    atomic_write_json(Path(root) / UPLOAD_NAME_FILE, {"name": cleaned})
+    return cleaned
+
+
+def read_upload_name(root: str | os.PathLike) -> str | None:
+    """The name recorded by `write_upload_name` for the gallery at `root`, None when there is
+    none (a folder that was not uploaded) or the file is damaged."""
+    path = Path(root) / UPLOAD_NAME_FILE
+    if not path.is_file():
+        return None
+    try:
+        name = load_json(path).get("name")
+    except (CacheError, AttributeError):
+        return None
+    return clean_upload_name(name) if isinstance(name, str) and name.strip() else None
+
+
+def clean_upload_name(name: str) -> str:
+    """A name to show for an upload: the last part of a path (a browser may send one),
+    without control characters, at most `MAX_NAME_LENGTH` characters."""
+    base = re.split(r"[\\/]", str(name))[-1]
+    base = "".join(character for character in base if character.isprintable()).strip()
+    return base[:MAX_NAME_LENGTH] or "upload.zip"
+
+
 def resolve_allowed_folder(
     path: str | os.PathLike, allowed_roots: Iterable[str | os.PathLike] | str | os.PathLike
 ) -> Path:

@@ -232,8 +232,7 @@ class Gallery:
         stats = [path.stat() for path in paths]
         sizes = np.array([stat.st_size for stat in stats], np.int64)
         mtimes = np.array([stat.st_mtime_ns for stat in stats], np.int64)
-        cache_dir = (Path(cache_root) if cache_root else default_cache_root()) / "galleries" / (
-            f"{root.name}-{fingerprint([str(root), meta.fingerprint])}")
+        cache_dir = gallery_cache_dir(root, meta, cache_root)
         for stale in remove_stale_temporaries(cache_dir):
             logger.info("removed %s, left by an interrupted write", stale)
         features, kept, skipped = _embed_incrementally(
@@ -262,6 +261,68 @@ class Gallery:
         return cls(root=root, files=kept_files, features=features, meta=meta,
                    fingerprint=gallery_fingerprint, cache_dir=cache_dir, index=index, knn=knn,
                    labels=label_array, class_names=class_names, skipped=skipped)
+
+
+def gallery_cache_dir(root: Path, meta: FeatureMeta, cache_root: str | os.PathLike | None
+                      ) -> Path:
+    """The cache folder of the gallery folder `root` (resolved) embedded as `meta` says."""
+    return (Path(cache_root) if cache_root else default_cache_root()) / "galleries" / (
+        f"{root.name}-{fingerprint([str(root), meta.fingerprint])}")
+
+
+@dataclass(frozen=True)
+class GalleryScan:
+    """What `Gallery.open` would find in a folder, read without embedding anything (for a
+    plan of the work before it starts).
+
+    files: image files listed (as `Gallery.open` lists them). to_embed: those neither in the
+    feature cache (same name, size and mtime), nor skipped before, nor in the folder's shipped
+    features (same name and size). features: (n, d) float32 cached features of every
+    decodable file in gallery order when the feature cache holds them all, else None.
+    """
+
+    root: Path
+    files: int
+    to_embed: int
+    features: np.ndarray | None
+    samples: tuple[Path, ...] = ()
+    """A few of the files to embed (to time their decoding)."""
+
+
+def scan_gallery(folder: str | os.PathLike, meta: FeatureMeta,
+                 cache_root: str | os.PathLike | None = None) -> GalleryScan:
+    """How much of the folder is embedded already (see `GalleryScan`)."""
+    root = Path(folder).resolve()
+    paths = list_image_files(root)
+    files = [path.relative_to(root).as_posix() for path in paths]
+    stats = [path.stat() for path in paths]
+    keys = [(name, int(stat.st_size), int(stat.st_mtime_ns))
+            for name, stat in zip(files, stats, strict=True)]
+    cached, cached_skips = _load_feature_cache(
+        gallery_cache_dir(root, meta, cache_root) / "features.npz", meta)
+    todo = [key for key in keys if key not in cached and key not in cached_skips]
+    shipped = shipped_features_path(root, meta.backbone)
+    if todo and shipped.is_file():
+        try:
+            stored = load_checked_npz(shipped)
+            listed = set(zip(stored["files"].tolist(), stored["sizes"].tolist(), strict=True))
+            todo = [key for key in todo if (key[0], key[1]) not in listed]
+        except (CacheError, KeyError, ValueError):
+            pass  # Gallery.open ignores such a file too, and embeds every image
+    features = None
+    if all(key in cached or key in cached_skips for key in keys):
+        rows = [cached[key] for key in keys if key in cached]
+        features = (np.stack(rows).astype(np.float32) if rows
+                    else np.zeros((0, meta.dim), np.float32))
+    waiting = {key[0] for key in todo}
+    pending = [root / name for name in files if name in waiting]
+    spread = np.linspace(0, len(pending) - 1, min(SCAN_SAMPLES, len(pending))).astype(int)
+    samples = tuple(pending[i] for i in sorted(set(spread.tolist())))
+    return GalleryScan(root, len(files), len(todo), features, samples)
+
+
+SCAN_SAMPLES = 3
+"""Files to embed that `scan_gallery` names, spread over the folder."""
 
 
 CacheKey = tuple[str, int, int]

@@ -16,8 +16,10 @@ timm until a name that needs them is used).
   `SweepRun` (a sweep in a background thread, read as it goes and cancellable),
   `SweepProgress`, `Trial`, `best_trial`.
 - views: `neighbourhood_graph`, `NeighbourhoodGraph`.
-- runtime: `JobQueue`, `configure_threads`, `configure_logging`, `resolve_device`, and the
-  small file helpers the page's caches use (`atomic_write_bytes`, `load_json`).
+- runtime: `JobQueue` and its `Job`s (cancellable: `JobCancelled`), `Plan` and `PlanStep`
+  (what long work will do and about how long, said before it starts; `LONG_JOB_SECONDS`),
+  `configure_threads`, `configure_logging`, `resolve_device`, and the small file helpers the
+  page's caches use (`atomic_write_bytes`, `load_json`).
 - errors: every error the engine raises derives from `EngineError`.
 """
 
@@ -30,6 +32,7 @@ from engine.errors import (
     EngineError,
     InvalidImageError,
     InvalidInputError,
+    JobCancelled,
     MissingDependencyError,
     NotFittedError,
     UnknownNameError,
@@ -71,6 +74,10 @@ _PUBLIC: dict[str, str] = {
     "NeighbourhoodGraph": "engine.views.neighbourhood",
     "neighbourhood_graph": "engine.views.neighbourhood",
     "JobQueue": "engine.core.jobs",
+    "Job": "engine.core.jobs",
+    "LONG_JOB_SECONDS": "engine.core.plans",
+    "Plan": "engine.core.plans",
+    "PlanStep": "engine.core.plans",
     "configure_threads": "engine.core.threads",
     "configure_logging": "engine.core.logs",
     "resolve_device": "engine.core.device",
@@ -84,6 +91,7 @@ __all__ = [
     "EngineError",
     "InvalidImageError",
     "InvalidInputError",
+    "JobCancelled",
     "MissingDependencyError",
     "NotFittedError",
     "UnknownNameError",

@@ -4,12 +4,18 @@ embedding with the results marked, and parameter sweeps.
 Pure builders (arrays in, `go.Figure` out, no gradio), so they are tested without a UI. Figures
 that the page redraws when the user toggles between methods keep their axis ranges and trace
 order fixed and set a constant `uirevision`, so nothing moves or rescales and a zoom survives.
+
+Every point of a gallery image carries `customdata` = [file name, thumbnail URL or ""], which
+the page's script (`app/plot_events.js`) reads to show the thumbnail on hover and to turn a
+click or a lasso into a query; the query's own marker carries none.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 import plotly.colors
@@ -18,14 +24,91 @@ import plotly.graph_objects as go
 from engine import NeighbourhoodGraph, Trial, best_trial
 from engine.errors import InvalidInputError
 
-PALETTE = tuple(plotly.colors.qualitative.Dark24)
-"""Class colours, cycled by label (24 distinct hues: Oxford-17 needs no repeat)."""
 UNLABELLED_COLOUR = "#9e9e9e"
 QUERY_COLOUR = "#222222"
 OUTLINE_COLOUR = "#1a1a1a"
+BACKGROUND_COLOUR = "#ffffff"
+PALETTE_SIZE = 24
+PALETTE_LIGHTNESS = (0.40, 0.75)
+"""OKLab lightness of class colours: visible on white, white node numbers legible on them."""
+PALETTE_CHROMA = 0.10
+"""Least OKLab chroma of a class colour: far from the grey of unlabelled images."""
 LARGEST_NODE, SMALLEST_NODE = 28.0, 12.0
 AXIS_MARGIN = 0.15
 """Room around the layout's bounding box (fraction of its wider side) for markers and labels."""
+MAP_FENCE = 1.5
+"""The embedding map's initial view spans the quartiles -/+ this many interquartile ranges
+(Tukey's fences) on each axis, clipped to the data: a few far clusters fall outside instead of
+squeezing the bulk of the gallery into a corner (zooming out shows them)."""
+MAP_MARGIN = 0.05
+"""Room on each side of the map's initial view, as a fraction of its span."""
+FILE_ROUTE = "gradio_api/file="
+"""Where Gradio 6 serves a file under `launch(allowed_paths=...)`: `<page root>/gradio_api/
+file=<absolute path>` (gradio/routes.py `file`, API_PREFIX in gradio/route_utils.py)."""
+
+
+def file_url(path: str | Path) -> str:
+    """The URL of a file the page serves (it must lie under one of launch's `allowed_paths`).
+
+    Relative to the page (no leading slash), so it also works behind a proxy that serves the
+    page under a sub-path; the absolute path is percent-encoded (spaces, '#', '?').
+    """
+    return FILE_ROUTE + quote(Path(path).absolute().as_posix(), safe="/")
+
+
+def _oklab(rgb: np.ndarray) -> np.ndarray:
+    """(n, 3) sRGB in [0, 255] as (n, 3) OKLab (L, a, b), whose Euclidean distance follows
+    perceived difference (Ottosson 2020) better than CIELAB's, notably among pinks and blues."""
+    value = np.asarray(rgb, dtype=np.float64) / 255.0
+    linear = np.where(value <= 0.04045, value / 12.92, ((value + 0.055) / 1.055) ** 2.4)
+    to_lms = np.array([[0.4122214708, 0.5363325363, 0.0514459929],
+                       [0.2119034982, 0.6806995451, 0.1073969566],
+                       [0.0883024619, 0.2817188376, 0.6299787005]])
+    to_lab = np.array([[0.2104542553, 0.7936177850, -0.0040720468],
+                       [1.9779984951, -2.4285922050, 0.4505937099],
+                       [0.0259040371, 0.7827717662, -0.8086757660]])
+    return np.cbrt(linear @ to_lms.T) @ to_lab.T
+
+
+def _hex_rgb(colour: str) -> list[int]:
+    return [int(colour[i:i + 2], 16) for i in (1, 3, 5)]
+
+
+def perceptual_distance(first: str, second: str) -> float:
+    """Euclidean OKLab distance of two '#rrggbb' colours (about 0.02 is just noticeable)."""
+    lab = _oklab(np.array([_hex_rgb(first), _hex_rgb(second)]))
+    return float(np.linalg.norm(lab[0] - lab[1]))
+
+
+def distinct_palette(size: int = PALETTE_SIZE) -> tuple[str, ...]:
+    """`size` class colours, each the farthest (in OKLab) from those before it.
+
+    Candidates are an sRGB grid (steps of 15) within PALETTE_LIGHTNESS and PALETTE_CHROMA;
+    the greedy farthest-point pick starts as far as it can from the unlabelled grey, the
+    query's near-black and the white background, so no class looks like those. Deterministic:
+    ties go to the first candidate. Any prefix is as spread as the greedy pick allows, so the
+    first classes of a gallery get the most distinct colours.
+    """
+    levels = np.arange(0, 256, 15)
+    grid = np.stack(np.meshgrid(levels, levels, levels, indexing="ij"), -1).reshape(-1, 3)
+    lab = _oklab(grid)
+    chroma = np.hypot(lab[:, 1], lab[:, 2])
+    usable = ((lab[:, 0] >= PALETTE_LIGHTNESS[0]) & (lab[:, 0] <= PALETTE_LIGHTNESS[1])
+              & (chroma >= PALETTE_CHROMA))
+    grid, lab = grid[usable], lab[usable]
+    avoided = _oklab(np.array([_hex_rgb(colour) for colour in
+                               (UNLABELLED_COLOUR, QUERY_COLOUR, BACKGROUND_COLOUR)]))
+    nearest = np.linalg.norm(lab[:, None] - avoided[None], axis=2).min(axis=1)
+    picked = []
+    for _ in range(size):
+        best = int(np.argmax(nearest))
+        picked.append("#{:02x}{:02x}{:02x}".format(*grid[best].tolist()))
+        nearest = np.minimum(nearest, np.linalg.norm(lab - lab[best], axis=1))
+    return tuple(picked)
+
+
+PALETTE = distinct_palette()
+"""Class colours by label, cycled after PALETTE_SIZE (Oxford-17 needs no repeat)."""
 
 
 def class_colour(label: int | None) -> str:
@@ -45,13 +128,15 @@ def class_name(label: int | None, class_names: Sequence[str]) -> str:
 def knn_figure(graph: NeighbourhoodGraph, ranking_rows: Sequence[int],
                ranking_distances: Sequence[float], *, files: Sequence[str],
                labels: np.ndarray | None, class_names: Sequence[str],
-               query_label: int | None = None, title: str = "") -> go.Figure:
+               query_label: int | None = None, title: str = "",
+               thumbnail_urls: Sequence[str] | None = None) -> go.Figure:
     """The query and one method's results as a graph, laid out by `graph.positions`.
 
     Only the edges between shown nodes are drawn: mutual ones (each among the other's nearest)
     wide and solid in one trace, one-way ones thin and dotted in another. Nodes are coloured by
     class, numbered by rank and shrink with rank. The axis ranges come from every node of
-    `graph`, so the figures of two methods made from the same graph line up exactly.
+    `graph`, so the figures of two methods made from the same graph line up exactly. Box and
+    lasso selection are left out of the modebar (only the map selects).
 
     Args:
         graph: the layout and edges of the union of the methods' results.
@@ -59,11 +144,14 @@ def knn_figure(graph: NeighbourhoodGraph, ranking_rows: Sequence[int],
         ranking_distances: their distances, same length.
         files: file name of every gallery row; labels: (G,) int class of every row, or None.
         class_names: name of each label; query_label: the query's class, if known.
+        thumbnail_urls: URL of every gallery row's thumbnail ("" for none; see `file_url`),
+            carried in each node's customdata for the hover image; None: no images.
     Returns:
         Traces in a fixed order: one-way edges, mutual edges, one node trace per class shown
         (ascending label, unlabelled last), the query.
     """
     rows, distances = _ranking(ranking_rows, ranking_distances)
+    _check_urls(thumbnail_urls, files)
     nodes = graph.nodes_of(rows)
     shown = np.zeros(len(graph.positions), bool)
     shown[0] = True
@@ -93,6 +181,7 @@ def knn_figure(graph: NeighbourhoodGraph, ranking_rows: Sequence[int],
                     "line": {"color": "white", "width": 1}},
             hovertext=[f"<b>#{ranks[i]}</b> {files[rows[i]]}<br>class: {name}"
                        f"<br>distance: {distances[i]:.4f}" for i in members],
+            customdata=_point_data(rows[members], files, thumbnail_urls),
             hovertemplate="%{hovertext}<extra></extra>"))
     query_class = ("" if query_label is None
                    else f"<br>class: {class_name(query_label, class_names)}")
@@ -108,6 +197,7 @@ def knn_figure(graph: NeighbourhoodGraph, ranking_rows: Sequence[int],
         title=title, uirevision="knn-graph", hovermode="closest", plot_bgcolor="white",
         margin={"l": 10, "r": 10, "t": 40 if title else 10, "b": 10},
         legend={"orientation": "h", "yanchor": "top", "y": -0.02},
+        modebar={"remove": ["select2d", "lasso2d"]},
         xaxis={"range": x_range, "visible": False, "constrain": "domain"},
         yaxis={"range": y_range, "visible": False, "constrain": "domain",
                "scaleanchor": "x", "scaleratio": 1})
@@ -118,11 +208,14 @@ def embedding_figure(coordinates: np.ndarray, *, files: Sequence[str],
                      labels: np.ndarray | None, class_names: Sequence[str],
                      query_xy: Sequence[float] | None = None,
                      result_rows: Sequence[int] = (), result_distances: Sequence[float] = (),
-                     query_row: int | None = None, title: str = "") -> go.Figure:
+                     query_row: int | None = None, title: str = "",
+                     thumbnail_urls: Sequence[str] | None = None) -> go.Figure:
     """The whole gallery in 2-D coloured by class, the query as a star joined to its results.
 
     The gallery is drawn with WebGL (thousands of points stay fast); the few results, lines and
-    the query are SVG traces, which plotly draws on top.
+    the query are SVG traces, which plotly draws on top. The initial view (`map_ranges`) fills
+    the plot with the bulk of the gallery and the query; far outliers may lie outside it. The
+    modebar offers box and lasso selection (the drag still zooms by default).
 
     Args:
         coordinates: (G, 2) position of every gallery row.
@@ -130,6 +223,7 @@ def embedding_figure(coordinates: np.ndarray, *, files: Sequence[str],
         query_xy: the query's position; without it, `query_row`'s position (a gallery pick).
         result_rows: gallery rows of the results, best first; result_distances: their
             distances (or empty: hover without them).
+        thumbnail_urls: as for `knn_figure`.
     Returns:
         Traces in a fixed order: the gallery (one per class, ascending label, "unlabelled"
         last; or one "gallery" trace), the query-result lines, the results, the query.
@@ -146,6 +240,7 @@ def embedding_figure(coordinates: np.ndarray, *, files: Sequence[str],
         raise InvalidInputError(f"result rows must lie in [0, {size})")
     if query_row is not None and not 0 <= int(query_row) < size:
         raise InvalidInputError(f"query_row must lie in [0, {size}), got {query_row}")
+    _check_urls(thumbnail_urls, files)
     if query_xy is not None:
         query = np.asarray(query_xy, dtype=np.float64).reshape(2)
     elif query_row is not None:
@@ -163,6 +258,7 @@ def embedding_figure(coordinates: np.ndarray, *, files: Sequence[str],
             marker={"color": class_colour(label) if labels is not None else PALETTE[0],
                     "size": 5, "opacity": 0.6},
             hovertext=[f"{files[i]}<br>class: {name}" for i in members],
+            customdata=_point_data(members, files, thumbnail_urls),
             hovertemplate="%{hovertext}<extra></extra>"))
 
     x, y = [], []
@@ -180,19 +276,48 @@ def embedding_figure(coordinates: np.ndarray, *, files: Sequence[str],
         x=coordinates[results, 0], y=coordinates[results, 1], mode="markers", name="results",
         marker={"color": [class_colour(label) for label in result_labels], "size": 12,
                 "line": {"color": OUTLINE_COLOUR, "width": 2}},
-        hovertext=hover, hovertemplate="%{hovertext}<extra></extra>"))
+        hovertext=hover, customdata=_point_data(results, files, thumbnail_urls),
+        hovertemplate="%{hovertext}<extra></extra>"))
     figure.add_trace(go.Scatter(
         x=[] if query is None else [query[0]], y=[] if query is None else [query[1]],
         mode="markers", name="query",
         marker={"symbol": "star", "size": 22, "color": QUERY_COLOUR,
                 "line": {"color": "white", "width": 1.5}},
         hovertemplate="<b>query</b><extra></extra>"))
+    view = map_ranges(coordinates, query)
+    x_axis: dict[str, Any] = {"visible": False, "constrain": "range"}
+    y_axis: dict[str, Any] = {"visible": False, "constrain": "range", "scaleanchor": "x",
+                              "scaleratio": 1}
+    if view is not None:
+        x_axis["range"], y_axis["range"] = view
     figure.update_layout(
         title=title, uirevision="embedding", hovermode="closest", plot_bgcolor="white",
         margin={"l": 10, "r": 10, "t": 40 if title else 10, "b": 10},
-        xaxis={"visible": False, "constrain": "domain"},
-        yaxis={"visible": False, "constrain": "domain", "scaleanchor": "x", "scaleratio": 1})
+        modebar={"add": ["select2d", "lasso2d"]}, xaxis=x_axis, yaxis=y_axis)
     return figure
+
+
+def map_ranges(coordinates: np.ndarray, query: np.ndarray | None = None
+               ) -> tuple[list[float], list[float]] | None:
+    """The embedding map's initial x and y ranges: per axis Tukey's fences (MAP_FENCE), clipped
+    to the data, widened to take in the query, plus MAP_MARGIN of the span on each side.
+
+    With equal axis scales plotly then widens the narrower range to the plot's shape
+    (constrain="range"), so the bulk of the points fills the plot. None for no points (plotly
+    picks the ranges).
+    """
+    points = np.asarray(coordinates, dtype=np.float64).reshape(-1, 2)
+    if len(points) == 0:
+        return None
+    first, third = np.percentile(points, [25, 75], axis=0)
+    fence = MAP_FENCE * (third - first)
+    low = np.maximum(first - fence, points.min(axis=0))
+    high = np.minimum(third + fence, points.max(axis=0))
+    if query is not None:
+        low, high = np.minimum(low, query), np.maximum(high, query)
+    margin = np.where(high > low, MAP_MARGIN * (high - low), 0.5)
+    return ([float(low[0] - margin[0]), float(high[0] + margin[0])],
+            [float(low[1] - margin[1]), float(high[1] + margin[1])])
 
 
 def sweep_figure(trials: Sequence[Trial], swept: Sequence[str] | str) -> go.Figure:
@@ -258,6 +383,19 @@ def _ranking(rows: Sequence[int], distances: Sequence[float]) -> tuple[np.ndarra
     if len(np.unique(rows)) != len(rows):
         raise InvalidInputError("a ranking lists a gallery row twice")
     return rows, distances
+
+
+def _check_urls(thumbnail_urls: Sequence[str] | None, files: Sequence[str]) -> None:
+    if thumbnail_urls is not None and len(thumbnail_urls) != len(files):
+        raise InvalidInputError(f"{len(thumbnail_urls)} thumbnail URLs for {len(files)} "
+                                "gallery files; give one per gallery row ('' for none)")
+
+
+def _point_data(rows: np.ndarray, files: Sequence[str], thumbnail_urls: Sequence[str] | None
+                ) -> list[list[str]]:
+    """customdata of gallery points: [file name, thumbnail URL or ""] per row."""
+    return [[str(files[row]), "" if thumbnail_urls is None else str(thumbnail_urls[row])]
+            for row in rows]
 
 
 def _labels_of(rows: np.ndarray, labels: np.ndarray | None) -> np.ndarray:

@@ -2,10 +2,24 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import plotly.colors
 import pytest
 
-from app.plots import PALETTE, class_colour, embedding_figure, knn_figure, sweep_figure
+from app.plots import (
+    PALETTE,
+    UNLABELLED_COLOUR,
+    class_colour,
+    distinct_palette,
+    embedding_figure,
+    file_url,
+    knn_figure,
+    map_ranges,
+    perceptual_distance,
+    sweep_figure,
+)
 from engine.core.knn import knn_graph
 from engine.errors import InvalidInputError
 from engine.evaluation.tuning import Trial
@@ -148,8 +162,88 @@ def test_knn_figure_refuses_rows_outside_the_graph(gallery):
 def test_class_colours_are_stable_and_grey_for_unlabelled():
     assert class_colour(3) == class_colour(np.int64(3))
     assert len({class_colour(label) for label in range(17)}) == 17
-    assert class_colour(None) == class_colour(-1) != class_colour(0)
+    assert class_colour(None) == class_colour(-1) == UNLABELLED_COLOUR != class_colour(0)
     assert class_colour(0) == class_colour(len(PALETTE))                 # cycles
+    assert distinct_palette() == PALETTE                                  # deterministic
+
+
+def closest_colours(colours) -> float:
+    return min(perceptual_distance(a, b) for i, a in enumerate(colours) for b in colours[:i])
+
+
+def test_the_first_twenty_class_colours_stay_apart():
+    # Dark24's two pinks (its 2nd and 13th colours) were hard to tell apart on the map
+    dark24 = plotly.colors.qualitative.Dark24
+    assert perceptual_distance(dark24[1], dark24[12]) < 0.1
+    assert closest_colours(dark24[:17]) < 0.1
+    assert closest_colours(PALETTE[:20]) > 0.12
+    assert closest_colours(PALETTE) > 0.1
+    for colour in PALETTE:                                   # none passes for grey, black, white
+        for other in (UNLABELLED_COLOUR, "#222222", "#ffffff"):
+            assert perceptual_distance(colour, other) > 0.12
+    assert perceptual_distance("#000000", "#ffffff") == pytest.approx(1.0, abs=1e-6)
+
+
+def test_figures_carry_files_and_thumbnail_urls_for_the_page_script(gallery):
+    urls = [f"gradio_api/file=/thumbs/{row}.jpg" for row in range(SIZE)]
+    figure = draw(gallery, gallery["baseline"], thumbnail_urls=urls)
+    for trace in node_traces(figure):
+        for hover, (file, url) in zip(trace.hovertext, trace.customdata, strict=True):
+            assert file in hover and url == urls[int(file[6:10])]
+    assert trace_named(figure, "query").customdata is None               # not clickable
+    plain = draw(gallery, gallery["baseline"])
+    assert {url for trace in node_traces(plain) for _, url in trace.customdata} == {""}
+    assert set(figure.layout.modebar.remove) == {"select2d", "lasso2d"}
+    with pytest.raises(InvalidInputError, match="thumbnail URLs"):
+        draw(gallery, gallery["baseline"], thumbnail_urls=urls[:-1])
+
+    coordinates = np.random.default_rng(2).normal(size=(SIZE, 2))
+    files = gallery["files"]
+    embedded = embedding_figure(coordinates, files=files, labels=gallery["labels"],
+                                class_names=CLASS_NAMES, result_rows=[5, 9], query_row=3,
+                                thumbnail_urls=urls)
+    pairs = [tuple(pair) for trace in embedded.data if trace.type == "scattergl"
+             for pair in trace.customdata]
+    assert sorted(pairs) == sorted(zip(files, urls, strict=True))
+    assert [tuple(pair) for pair in trace_named(embedded, "results").customdata] == [
+        (files[5], urls[5]), (files[9], urls[9])]
+    assert trace_named(embedded, "query").customdata is None
+    assert set(embedded.layout.modebar.add) == {"select2d", "lasso2d"}
+
+
+def test_file_url_is_gradios_file_route():
+    assert file_url("/cache/thumbs/a b#1.jpg") == "gradio_api/file=/cache/thumbs/a%20b%231.jpg"
+    assert file_url(Path("x.png")) == "gradio_api/file=" + str(Path("x.png").absolute())
+
+
+def test_the_map_fills_the_plot_with_the_bulk_of_the_gallery():
+    rng = np.random.default_rng(4)
+    blob = rng.normal(size=(1000, 2))
+    outliers = 40 * np.stack([np.cos(np.arange(20)), np.sin(np.arange(20))], 1)
+    coordinates = np.concatenate([blob, outliers])
+    files = [f"f{row}" for row in range(len(coordinates))]
+    figure = embedding_figure(coordinates, files=files, labels=None, class_names=[])
+    x_range, y_range = figure.layout.xaxis.range, figure.layout.yaxis.range
+    for axis, (low, high) in enumerate((x_range, y_range)):
+        inside = (coordinates[:, axis] >= low) & (coordinates[:, axis] <= high)
+        assert inside.mean() >= 0.97                        # the outliers may fall outside
+        central = np.percentile(coordinates[:, axis], [5, 95])
+        assert (central[1] - central[0]) / (high - low) >= 0.5  # 90 % of points: half the width
+        # the old view (every point) squeezed them into a tenth of it
+        assert (central[1] - central[0]) / np.ptp(coordinates[:, axis]) < 0.1
+    assert figure.layout.xaxis.constrain == figure.layout.yaxis.constrain == "range"
+    assert figure.layout.yaxis.scaleanchor == "x"
+
+    far_query = embedding_figure(coordinates, files=files, labels=None, class_names=[],
+                                 query_xy=(30.0, -1.0))
+    assert far_query.layout.xaxis.range[1] > 30.0                      # the query stays in view
+    assert far_query.layout.yaxis.range == y_range
+    spread = rng.uniform(-5, 5, size=(200, 2))             # no outliers: every point in view
+    (low_x, high_x), (low_y, high_y) = map_ranges(spread)
+    assert low_x < spread[:, 0].min() and high_x > spread[:, 0].max()
+    assert low_y < spread[:, 1].min() and high_y > spread[:, 1].max()
+    assert map_ranges(np.zeros((0, 2))) is None
+    assert map_ranges(np.ones((3, 2))) == ([0.5, 1.5], [0.5, 1.5])
 
 
 def test_embedding_figure_shows_the_gallery_and_the_results():

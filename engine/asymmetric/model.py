@@ -319,7 +319,7 @@ def estimate_training_seconds(n_images: int, gallery_meta: FeatureMeta,
 
     with background_threads():
         network.eval()
-        with torch.inference_mode():
+        with torch.no_grad():  # not inference mode: the activations train below
             frozen = timed(lambda: network.frozen_part(images, split))
             activations = network.frozen_part(images, split).float()
             trained = timed(lambda: network.trained_part(activations, split))

@@ -248,8 +248,9 @@ class Explorer:
             return None
         per_image = extractor.seconds_per_image(self.cache_root) + extractor.preparation_seconds(
             scan.samples) / extractor.workers
-        what = (f"the {scan.to_embed:,} images" if scan.to_embed == scan.files
-                else f"{scan.to_embed:,} new images (of {scan.files:,})")
+        plural = "" if scan.to_embed == 1 else "s"
+        what = (f"the {scan.to_embed:,} image{plural}" if scan.to_embed == scan.files
+                else f"{scan.to_embed:,} new image{plural} (of {scan.files:,})")
         return PlanStep(f"indexes {what} of {name} with {extractor.meta.backbone}",
                         scan.to_embed * per_image)
 

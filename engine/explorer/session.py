@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from engine.asymmetric.query_models import DEFAULT_QUERY_MODEL, QUERY_MODELS
-from engine.core.jobs import DONE, FAILED, Job, JobProgress, JobQueue
+from engine.core.jobs import CANCELLED, DONE, FAILED, Job, JobProgress, JobQueue
 from engine.core.storage import fingerprint
 from engine.core.threads import background_threads
 from engine.errors import EngineError, InvalidInputError, JobCancelled
@@ -221,10 +221,16 @@ class GallerySession:
         self._submit(("map projection", "backbone"), "Embedding map projection",
                      self._warm_up_map)
         for name in learned:
-            self._submit_fit(name)
-            self._submit(("map", name), f"Embedding map of {method_title(name)}",
-                         functools.partial(self._learned_map, name))
-            self._schedule_runs(name)
+            self._schedule_learned(name)
+
+    def _schedule_learned(self, method: str) -> Job:
+        """Queue a method that learns: its fit, the map of its embedding space, its scores and
+        leave-one-out run (each only if not queued yet, or cancelled). Returns the fit job."""
+        fit = self._submit_fit(method)
+        self._submit(("map", method), f"Embedding map of {method_title(method)}",
+                     functools.partial(self._learned_map, method))
+        self._schedule_runs(method)
+        return fit
 
     def _schedule_runs(self, method: str) -> None:
         """Queue `method`'s Compare scores (labelled galleries) and leave-one-out run."""
@@ -235,14 +241,18 @@ class GallerySession:
 
     def train_now(self, method: str) -> Job:
         """Fit (train) `method` at its default setting next: its fit job is queued if it is
-        not (or was cancelled) and moved to the head of the background queue. Returns the job
-        (already done when the method is fitted)."""
+        not (or was cancelled) and moved to the head of the background queue; for a method
+        that learns, its map, scores and leave-one-out run are queued again too if they were
+        cancelled with it. Returns the fit job (already done when the method is fitted)."""
         if self.jobs is None:
             raise InvalidInputError("this gallery has no background job queue")
         if method not in self.method_names:
             raise InvalidInputError(f"{method!r} is not a method of this gallery; its methods "
                                     f"are {', '.join(self.method_names)}")
-        job = self._submit_fit(method)
+        if get_reranker_class(method).learns:
+            job = self._schedule_learned(method)
+        else:
+            job = self._submit_fit(method)
         self.jobs.promote(job.key)
         return job
 
@@ -299,6 +309,7 @@ class GallerySession:
                                 method, setting, progress))
 
     def _learned_map(self, method: str, progress: JobProgress) -> EmbeddingMap | None:
+        self._check_fit_not_cancelled(method, self.setting(method))
         if method in self.unavailable or self.fitted(method) is None:
             return None
         if self.reranker(method).gallery_embeddings() is None:
@@ -308,8 +319,21 @@ class GallerySession:
     def _scores_job(self, method: str, progress: JobProgress) -> MethodScores | None:
         if method in self.unavailable:
             return None
+        self._check_fit_not_cancelled(method, self.setting(method))
         progress(0.0, "scoring every image against the others")
         return self.scores(method)
+
+    def _check_fit_not_cancelled(self, method: str, setting: MethodSetting) -> None:
+        """Work that needs a method that learns, fitted at `setting`, is cancelled too when
+        that fit's job was cancelled (rather than train it after all); `train_now` queues
+        them all again."""
+        if method == BASELINE or self.jobs is None or not get_reranker_class(method).learns:
+            return
+        if self.fitted(method, setting) is not None:
+            return
+        job = self.jobs.get((self.key, *self._fit_job_key(setting)))
+        if job is not None and job.state == CANCELLED:
+            raise JobCancelled(f"the training of {method_title(method)} was cancelled")
 
     def fitted(self, method: str, params: ParamsOrSetting = None) -> Reranker | None:
         """The method fitted with `params` if it is in memory now, else None (never fits)."""
@@ -377,6 +401,7 @@ class GallerySession:
         if self.gallery.size < 2:
             raise InvalidInputError("a leave-one-out ranking needs at least 2 gallery images")
         depth = self.depth(leave_one_out=True)
+        setting: MethodSetting | None = None
         if method == BASELINE:
             key: tuple[Any, ...] = (BASELINE,)
 
@@ -400,9 +425,18 @@ class GallerySession:
             found = self._leave_one_out.peek(key)
             if found is None and self.jobs is not None:
                 self._submit(("leave-one-out", *key), f"{method_title(method)} leave-one-out",
-                             lambda progress: None if method in self.unavailable
-                             else self._leave_one_out.get(key, build))
+                             functools.partial(self._leave_one_out_job, method, setting, key,
+                                               build))
             return found
+        return self._leave_one_out.get(key, build)
+
+    def _leave_one_out_job(self, method: str, setting: MethodSetting | None,
+                           key: tuple[Any, ...], build: Callable[[], LeaveOneOutRankings],
+                           progress: JobProgress) -> LeaveOneOutRankings | None:
+        if method in self.unavailable:
+            return None
+        if setting is not None:
+            self._check_fit_not_cancelled(method, setting)
         return self._leave_one_out.get(key, build)
 
     def scores(self, method: str, params: ParamsOrSetting = None,

@@ -31,3 +31,25 @@ def test_bad_training_inputs_raise_invalid_input_errors_and_write_nothing(tmp_pa
     with pytest.raises(InvalidInputError, match="gallery_extractor or gallery_meta"):
         fit_or_load(images, tmp_path, gallery_features=unit_rows(10))
     assert not list(tmp_path.iterdir())  # nothing was written
+
+
+def test_the_training_estimate_is_measured_from_the_config(tmp_path):
+    """The estimate scales with the images and epochs, is in the range of a real training run,
+    and `saved_model_path` names the state `fit_or_load` writes."""
+    import time
+
+    from engine.asymmetric.model import estimate_training_seconds, saved_model_path
+
+    meta = fake_gallery_meta()
+    config = SSPConfig(**TINY, query_weights="none")
+    images, features = tiny_images(40), unit_rows(40)
+    estimate = estimate_training_seconds(len(images), meta, config, device="cpu")
+    started = time.perf_counter()
+    fit_or_load(images, tmp_path, gallery_features=features, gallery_meta=meta, config=config,
+                device="cpu")
+    seconds = time.perf_counter() - started
+    assert 0.1 * seconds < estimate < 10 * seconds
+    path = saved_model_path(features, tmp_path, meta, config)
+    assert path.with_suffix(".json").is_file()
+    assert not saved_model_path(unit_rows(40, seed=1), tmp_path, meta, config).with_suffix(
+        ".json").is_file()

@@ -261,3 +261,26 @@ def test_embed_files_all_bad_gives_an_empty_matrix(extractor, tmp_path):
 def test_batch_size_must_be_positive():
     with pytest.raises(InvalidInputError, match="batch_size"):
         FeatureExtractor(TINY, weights="none", device="cpu", batch_size=0)
+
+
+def test_seconds_per_image_is_measured_once_and_kept_in_the_cache_root(tmp_path, monkeypatch):
+    extractor = FeatureExtractor(TINY, weights="none", device="cpu")
+    batches = []
+    forward = extractor._forward
+    monkeypatch.setattr(extractor, "_forward", lambda batch: batches.append(len(batch))
+                        or forward(batch))
+    seconds = extractor.seconds_per_image(tmp_path)
+    assert 0 < seconds < 1 and batches == [1, backbone.TIMING_BATCH]  # warm-up, timed batch
+    assert extractor.seconds_per_image(tmp_path) == seconds and len(batches) == 2
+    stored = (tmp_path / backbone.TIMINGS_FILE).read_text()
+    assert backbone.timing_key(TINY, "cpu") in stored
+    other = FeatureExtractor(TINY, weights="none", device="cpu")  # a restart: read, not timed
+    monkeypatch.setattr(other, "_forward", lambda batch: pytest.fail("measured again"))
+    assert other.seconds_per_image(tmp_path) == pytest.approx(seconds)
+    (tmp_path / backbone.TIMINGS_FILE).write_text("{not json")
+    assert backbone.read_timing(tmp_path, backbone.timing_key(TINY, "cpu")) is None
+
+
+def test_preparation_seconds_times_decoding_a_few_files(extractor, demo_features):
+    assert extractor.preparation_seconds([]) == 0.0
+    assert 0 < extractor.preparation_seconds(demo_features.paths[:2]) < 5

@@ -60,3 +60,31 @@ def test_a_resolved_setting_passes_through_unchecked_again(monkeypatch):
 def test_bad_params_are_refused_with_the_reason(params, message):
     with pytest.raises(InvalidInputError, match=message):
         resolve_setting("k_reciprocal", params, {})
+
+
+def test_the_authors_defaults_scale_to_the_gallery_where_the_method_says_so():
+    from engine.rerank.setting import scaled_source
+
+    ssr = get_reranker_class("ssr").Params().as_dict()
+    small = default_setting("ssr", {}, gallery_size=60)
+    assert small.params == {**ssr, "episodes": 300} and small.is_default
+    assert small.source == "authors' defaults (episodes scaled to 60 images)"
+    assert small.source == scaled_source(["episodes"], 60)
+    assert small.source.startswith(AUTHORS_DEFAULTS)
+    # large galleries, methods without overrides and unknown sizes keep the authors' values
+    assert default_setting("ssr", {}, gallery_size=5000) == MethodSetting("ssr", ssr,
+                                                                          AUTHORS_DEFAULTS)
+    assert default_setting("ssr", {}) == MethodSetting("ssr", ssr, AUTHORS_DEFAULTS)
+    assert default_setting("k_reciprocal", {}, gallery_size=60).source == AUTHORS_DEFAULTS
+
+
+def test_a_user_value_or_a_preset_is_never_scaled():
+    preset = {**get_reranker_class("ssr").Params().as_dict(), "episodes": 1500}
+    assert default_setting("ssr", {"ssr": preset}, gallery_size=60) == MethodSetting(
+        "ssr", preset, PRESET)
+    asked = resolve_setting("ssr", {"episodes": 3000}, {}, gallery_size=60)
+    assert asked.params["episodes"] == 3000 and asked.source == AUTHORS_DEFAULTS
+    other = resolve_setting("ssr", {"episodes": 500}, {}, gallery_size=60)
+    assert other.params["episodes"] == 500 and other.source == CUSTOM
+    same = resolve_setting("ssr", {"episodes": 300}, {}, gallery_size=60)
+    assert same == default_setting("ssr", {}, gallery_size=60)

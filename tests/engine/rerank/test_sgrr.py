@@ -833,3 +833,17 @@ def test_invalid_galleries(small):
         make(clusters=len(features) + 1).fit(context(features, labels))
     with pytest.raises(InvalidInputError, match="at least 4"):
         make().fit(context(features[:3]))
+
+
+def test_the_fit_estimate_is_measured_and_knows_a_saved_state(demo_features, tmp_path):
+    from engine.rerank import GalleryContext, create_reranker
+
+    context = GalleryContext(demo_features.features[:120], labels=demo_features.labels[:120],
+                             state_dir=tmp_path)
+    reranker = create_reranker("sgrr", device="cpu", nll_epochs=40, triplet_epochs=40)
+    estimate = reranker.estimate_fit_seconds(context)
+    assert estimate is not None and estimate > 0 and not (tmp_path / "sgrr").exists()
+    reranker.fit(context)
+    again = create_reranker("sgrr", device="cpu", nll_epochs=40, triplet_epochs=40)
+    assert again.estimate_fit_seconds(context) == 0.0
+    assert create_reranker("k_reciprocal").estimate_fit_seconds(context) is None

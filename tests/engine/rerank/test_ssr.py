@@ -567,3 +567,33 @@ def test_training_reports_progress_every_percent_and_the_last_episode(monkeypatc
                              hidden=16, episodes=30, seed=0, device=torch.device("cpu"),
                              progress=lambda fraction, message: reports.append((fraction, message)))
     assert reports == [(n / 30, f"training episode {n}/30") for n in (7, 14, 21, 28, 30)]
+
+
+@pytest.mark.parametrize(("size", "episodes"), [(20, 300), (60, 300), (150, 300), (151, 302),
+                                                (1360, 2720), (1500, 3000), (100_000, 3000)])
+def test_the_default_episodes_scale_with_the_gallery(size, episodes):
+    from engine.rerank.ssr import SSRParams
+
+    assert SSRParams.for_gallery(size) == {"episodes": episodes}
+    SSRParams(**SSRParams.for_gallery(size))  # in range
+
+
+def test_the_fit_estimate_times_real_steps_and_knows_a_saved_state(held_out, tmp_path,
+                                                                   monkeypatch):
+    context, _, _ = held_out
+    context = GalleryContext(context.features, labels=context.labels,
+                             training=context.training, state_dir=tmp_path)
+    import engine.rerank.ssr as ssr_module
+
+    steps = []
+    real_step = ssr_module.training_step
+    monkeypatch.setattr(ssr_module, "training_step",
+                        lambda *args: steps.append(args[0].q_steps) or real_step(*args))
+    reranker = create_reranker("ssr", device="cpu", train_classes=6, **{**QUICK, "q_steps": 2})
+    estimate = reranker.estimate_fit_seconds(context)
+    # a warm-up and ESTIMATE_STEPS timed steps per q_steps level, nothing saved
+    assert steps == [1] * (ssr_module.ESTIMATE_STEPS + 1) + [2] * (ssr_module.ESTIMATE_STEPS + 1)
+    assert estimate is not None and estimate > 0 and not (tmp_path / "ssr").exists()
+    reranker.fit(context)
+    again = create_reranker("ssr", device="cpu", train_classes=6, **{**QUICK, "q_steps": 2})
+    assert again.estimate_fit_seconds(context) == 0.0  # saved: loading is instant

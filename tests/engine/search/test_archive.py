@@ -612,3 +612,18 @@ def test_tilde_is_expanded(tmp_path, monkeypatch):
     assert resolved == (home / "pictures" / "gallery").resolve()
     with pytest.raises(UnsafePathError):
         resolve_allowed_folder("~", ["~/pictures"])
+
+
+# --- the name an upload keeps -----------------------------------------------------------------
+def test_an_upload_keeps_its_name_beside_the_extraction(tmp_path, destination):
+    extracted = extract_zip(make_zip(tmp_path / "x.zip", [("a.jpg", jpeg())]), destination)
+    assert archive.read_upload_name(extracted.root) is None
+    assert archive.write_upload_name(extracted.root, "C:\\Users\\me\\flowers.zip") == (
+        "flowers.zip")
+    assert archive.read_upload_name(extracted.root) == "flowers.zip"
+    assert [path.name for path in list_image_files(extracted.root)] == ["a.jpg"]  # hidden
+    (extracted.root / archive.UPLOAD_NAME_FILE).write_text("[")
+    assert archive.read_upload_name(extracted.root) is None
+    assert archive.clean_upload_name("a/b\x00c.zip" + "x" * 300) == ("bc.zip" + "x" * 300)[
+        :archive.MAX_NAME_LENGTH]
+    assert archive.clean_upload_name("  ") == "upload.zip"

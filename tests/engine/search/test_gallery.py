@@ -16,11 +16,13 @@ from engine.core.storage import load_checked_npz, load_json, load_npz
 from engine.core.types import GalleryContext
 from engine.errors import EmptyGalleryError, InvalidInputError
 from engine.search.gallery import (
+    CHECKPOINT_BATCHES,
     SPOT_CHECK_COSINE,
     SPOT_CHECKS,
     Gallery,
     read_labels,
     save_shipped_features,
+    scan_gallery,
     shipped_features_path,
 )
 
@@ -756,3 +758,65 @@ def test_a_knn_graph_cached_before_items_came_first_is_rebuilt(folder, cache_roo
     assert "does not list every item first" in caplog.text
     assert count(embedded) == 0
     np.testing.assert_array_equal(second.knn.indices[:, 0], np.arange(second.size))
+
+
+def test_a_scan_counts_what_opening_would_embed(folder, cache_root, extractor, embedded):
+    before = scan_gallery(folder, extractor.meta, cache_root)
+    assert (before.files, before.to_embed, before.features) == (15, 15, None)
+    assert len(before.samples) == 3 and all(path.is_file() for path in before.samples)
+    assert count(embedded) == 0  # a scan embeds nothing
+    gallery = open_gallery(folder, extractor, cache_root)
+    after = scan_gallery(folder, extractor.meta, cache_root)
+    assert (after.files, after.to_embed, after.samples) == (15, 0, ())
+    np.testing.assert_array_equal(after.features, gallery.features)
+    shutil.copy(demo_image(241), folder / "daffodil" / "new.jpg")
+    grown = scan_gallery(folder, extractor.meta, cache_root)
+    assert (grown.files, grown.to_embed, grown.features) == (16, 1, None)
+
+
+def test_a_cancelled_indexing_job_keeps_the_caches_and_a_retry_finishes(
+        folder, cache_root, extractor, embedded, monkeypatch):
+    """Cancelled between two checkpoints, an indexing job stops at its next progress report:
+    the cache of the earlier open stays whole, the checkpoint keeps what was embedded before,
+    and opening again embeds only the rest."""
+    import contextlib
+
+    from engine.core.jobs import CANCELLED, JobQueue
+
+    first = open_gallery(folder, extractor, cache_root)
+    cache_dir = first.cache_dir
+    kept = {name: (cache_dir / name).read_bytes() for name in ("manifest.json", "index.faiss",
+                                                               "knn.npz")}
+    batch = 4
+    monkeypatch.setattr(extractor, "batch_size", batch)
+    (folder / "tulip").mkdir()
+    for number in range(241, 265):  # 24 new images: 6 batches, a checkpoint after 4
+        shutil.copy(demo_image(number), folder / "tulip" / demo_image(number).name)
+    jobs, reports = JobQueue(budget=contextlib.nullcontext), []
+
+    def index(progress):
+        def report(fraction, message):
+            reports.append(message)
+            if len(reports) == CHECKPOINT_BATCHES + 1:  # a batch after the checkpoint
+                jobs.cancel("index")
+            progress(fraction, message)
+
+        return open_gallery(folder, extractor, cache_root, progress=report,
+                            checkpoint_seconds=0)
+
+    job = jobs.submit("index", "Indexing flowers", index)
+    embedded.clear()
+    jobs.run_pending()
+    assert job.state == CANCELLED and job.describe() == "Indexing flowers: cancelled"
+    assert len(reports) == CHECKPOINT_BATCHES + 1 and count(embedded) == 24
+    assert {name: (cache_dir / name).read_bytes() for name in kept} == kept
+    checkpoint = load_checked_npz(cache_dir / "features.npz")
+    assert len(checkpoint["files"]) == 12 + CHECKPOINT_BATCHES * batch
+    assert no_temp_files(cache_dir)
+    assert scan_gallery(folder, extractor.meta, cache_root).to_embed == 24 - 16
+    embedded.clear()
+    again = jobs.submit("index", "Indexing flowers", lambda progress: open_gallery(
+        folder, extractor, cache_root, progress=progress))
+    jobs.run_pending()
+    assert again.state == "done" and again.result.size == 36 and count(embedded) == 8
+    np.testing.assert_array_equal(again.result.features[:12], first.features)

@@ -29,14 +29,19 @@
     return Array.isArray(data) && typeof data[0] === "string" && data[0] ? data[0] : null;
   };
 
+  // Left of the cursor, centred on it (plotly puts its hover label on the right); right of
+  // it where the left has no room; inside the window vertically.
+  let cursor = [0, 0];
   const place = (x, y) => {
+    cursor = [x, y];
     const width = tooltip.offsetWidth || 166, height = tooltip.offsetHeight || 166;
-    const left = x + GAP + width > window.innerWidth ? x - GAP - width : x + GAP;
-    const top = y + GAP + height > window.innerHeight ? y - GAP - height : y + GAP;
-    tooltip.style.left = `${Math.max(0, left)}px`;
+    const left = x - GAP - width >= 0 ? x - GAP - width : x + GAP;
+    const top = Math.min(Math.max(0, y - height / 2), window.innerHeight - height);
+    tooltip.style.left = `${left}px`;
     tooltip.style.top = `${Math.max(0, top)}px`;
   };
 
+  tooltip.addEventListener("load", () => place(...cursor));  // its size is known now
   const hide = () => { tooltip.style.display = "none"; };
 
   // A Gradio 6 Textbox takes its value from its field's `input` event (which fires its

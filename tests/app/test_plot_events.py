@@ -4,8 +4,9 @@ A gr.Plot of `embedding_figure` over nine points with real PNG thumbnails, the t
 event Textboxes and visible outputs their `.input` handlers write. Playwright moves the mouse
 over the plot (plotly's own hover, click and box-select events): the thumbnail appears next to
 the cursor and loads, a click reaches the handler with its file, a redraw of the plot does not
-bind the script twice, a box selection reaches the handler with the files inside it. Skips
-like tests/app/test_browser.py where chromium or Playwright is missing.
+bind the script twice, a box selection reaches the handler with the files inside it. The
+browser test skips like tests/app/test_browser.py where chromium or Playwright is missing; the
+value formats are checked without a browser.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,8 @@ from app.plot_events import (
     CLICK_ELEM_ID,
     KNN_ELEM_ID,
     MAP_ELEM_ID,
+    PLOT_EVENTS,
+    SCRIPT,
     SELECTION_ELEM_ID,
     TOOLTIP_ID,
     clicked_file,
@@ -56,10 +60,30 @@ def missing_browser() -> str:
     return ""
 
 
-pytestmark = [
-    pytest.mark.skipif(bool(missing_browser()), reason=missing_browser() or "-"),
-    pytest.mark.filterwarnings("ignore:.*(no_silent_downcasting|copy keyword):Warning"),
-]
+needs_browser = pytest.mark.skipif(bool(missing_browser()), reason=missing_browser() or "-")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:.*(no_silent_downcasting|copy keyword):Warning")
+
+
+def test_click_and_selection_values_read_back():
+    assert clicked_file("a|b.jpg|1796610632293-5") == "a|b.jpg"      # the last bar splits
+    assert clicked_file("") is clicked_file(None) is clicked_file("no-nonce") is None
+    assert selected_files('["x.jpg", "y z.jpg"]') == ["x.jpg", "y z.jpg"]
+    assert selected_files("[]") == selected_files("") == selected_files("{bad") == []
+    assert selected_files('{"x": 1}') == [] and selected_files('["x", 3, ""]') == ["x"]
+
+
+def test_the_script_is_called_with_the_page_ids():
+    script = plot_events_js()
+    assert script.startswith("() => (\n") and SCRIPT.read_text().strip() in script
+    config = json.loads(script.rsplit(")(", 1)[1][:-1])
+    assert config == {"plots": PLOT_EVENTS, "click": CLICK_ELEM_ID,
+                      "selection": SELECTION_ELEM_ID, "tooltip": TOOLTIP_ID}
+    assert set(PLOT_EVENTS) == {MAP_ELEM_ID, KNN_ELEM_ID}
+    assert "plotly_selected" in PLOT_EVENTS[MAP_ELEM_ID]
+    assert "plotly_selected" not in PLOT_EVENTS[KNN_ELEM_ID]
+    handled = set(re.findall(r"^    (plotly_\w+):", SCRIPT.read_text(), flags=re.M))
+    assert handled == {event for events in PLOT_EVENTS.values() for event in events}
 
 
 def figure(urls: list[str], title: str) -> Any:
@@ -172,6 +196,7 @@ def output(page: Any, elem_id: str, expected: str) -> None:
         raise AssertionError(f"#{elem_id} did not get {expected!r}; fields {boxes}") from error
 
 
+@needs_browser
 def test_hover_click_and_box_select_reach_the_page(page_url, browser) -> None:
     page, errors = browser
     page.goto(page_url["url"], wait_until="load")
@@ -194,7 +219,8 @@ def test_hover_click_and_box_select_reach_the_page(page_url, browser) -> None:
     page.wait_for_function(f"document.getElementById('{TOOLTIP_ID}').naturalWidth === 40",
                            polling=50)
     image, cursor = tooltip.bounding_box(), pixel(page, *GRID[0])
-    assert 0 < image["x"] - cursor[0] < 40 and 0 < image["y"] - cursor[1] < 40
+    assert 0 < cursor[0] - (image["x"] + image["width"]) < 40               # left of the cursor
+    assert abs(image["y"] + image["height"] / 2 - cursor[1]) < 2          # centred on it
     page.mouse.move(*pixel(page, *GRID[1]), steps=5)               # another point, its image
     page.wait_for_function(
         "([id, url]) => document.getElementById(id).getAttribute('src') === url",

@@ -11,7 +11,6 @@ explorer's request queue, which the handlers only follow and cancel.
 
 from __future__ import annotations
 
-import json
 import random
 import tempfile
 import time
@@ -23,6 +22,7 @@ import gradio as gr
 
 from app import plots
 from app.feedback import engine_errors_as_gradio, gradio_progress, owner
+from app.plot_events import clicked_file, selected_files
 from app.public import PublicUploads, refuse_folder
 from app.render import (
     QueryView,
@@ -55,7 +55,9 @@ from engine import (
     DEFAULT_TOP_N,
     Explorer,
     GallerySession,
+    Job,
     Plan,
+    PlanStep,
     QueryResult,
     SweepRun,
     Trial,
@@ -67,6 +69,9 @@ from engine import (
     scores_table,
 )
 from engine.errors import EngineError
+
+WAITING, RUNNING, DONE, FAILED = "waiting", "running", "done", "failed"
+"""The states of an engine job (`engine.core.jobs`) the page follows."""
 
 if TYPE_CHECKING:
     from app.layout import PageComponents
@@ -245,7 +250,7 @@ class PageHandlers:
     def pick_plotted(self, clicked: str, key: str, leave_out: bool, top_n: float,
                      plot_method: str, space: str, *control_values: Any) -> dict[Any, Any]:
         """A point of the map or a node of the kNN graph was clicked ("file|nonce")."""
-        file = (clicked or "").rpartition("|")[0]
+        file = clicked_file(clicked)
         if not file:
             return {}
         return self.pick(key, file, leave_out, top_n, plot_method, space, *control_values)
@@ -254,10 +259,7 @@ class PageHandlers:
         """Points were box- or lasso-selected on the map (a JSON list of files): show them as
         a strip and offer their list as a file."""
         ui = self.ui
-        try:
-            files = [str(name) for name in json.loads(selected or "[]")]
-        except (ValueError, TypeError):
-            files = []
+        files = selected_files(selected)
         if not files:
             return {ui.selection: gr.Gallery(value=[], visible=False),
                     ui.selection_file: gr.File(value=None, visible=False)}
@@ -408,15 +410,13 @@ class PageHandlers:
         """
         with engine_errors_as_gradio():
             base = self.explorer.session(key)
-            plan = self.explorer.plan_query_model(base.key, query_model)
-        job_key = (base.key, "query model", query_model)
-
-        def work(progress: Callable[[float, str], None]) -> GallerySession:
-            return self.explorer.with_query_model(base.key, query_model, progress=progress)
-
-        title = f"Query model {query_model} for {base.title}"
-        session = yield from self._run_request(job_key, title, plan, work,
-                                               {self.ui.query_model: base.query_model})
+            title = f"Query model {query_model} for {base.title}"
+            if self.explorer.requests is None:
+                session = self.explorer.with_query_model(base.key, query_model)
+            else:
+                job = self.explorer.request_query_model(base.key, query_model)
+                session = yield from self._follow(job, title,
+                                                  {self.ui.query_model: base.query_model})
         if session is None:
             return
         updates = self._switched(session, request)
@@ -434,13 +434,11 @@ class PageHandlers:
             raise gr.Error("Type the path of a folder of images on the server.",
                            print_exception=False)
         with engine_errors_as_gradio():
-            plan = self.explorer.plan_gallery(folder.strip(), check_allowed=True)
-
-        def work(progress: Callable[[float, str], None]) -> GallerySession:
-            return self.explorer.open_folder(folder.strip(), progress=progress)
-
-        session = yield from self._run_request(("open", folder.strip()), "Opening a folder",
-                                               plan, work, {})
+            if self.explorer.requests is None:
+                session = self.explorer.open_folder(folder.strip())
+            else:
+                job = self.explorer.request_gallery(folder.strip())
+                session = yield from self._follow(job, "Opening a folder", {})
         if session is not None:
             yield self._opened(session, None)
 
@@ -450,66 +448,75 @@ class PageHandlers:
         on a public page into the session's own temporary folder, under the public limits."""
         if not archive:
             raise gr.Error("Choose a .zip of images first.", print_exception=False)
-        with engine_errors_as_gradio():
-            plan = self.explorer.plan_zip(archive)
+        name = Path(archive).name
         visitor = owner(request)
-
-        def work(progress: Callable[[float, str], None]) -> GallerySession:
+        with engine_errors_as_gradio():
             if self.public is not None:
-                return self.public.open_zip(archive, visitor, progress=progress)
-            return self.explorer.open_zip(archive, progress=progress)
+                def work(progress: Callable[[float, str], None]) -> GallerySession:
+                    return self.public.open_zip(archive, visitor, progress=progress)
 
-        session = yield from self._run_request(("open zip", archive),
-                                               f"Opening {Path(archive).name}", plan, work, {})
+                if self.explorer.requests is None:
+                    session = work(lambda fraction, message: None)
+                else:
+                    plan = Plan.of(PlanStep(f"extracts and indexes {name}", None))
+                    job = self.explorer.request(("public zip", visitor, archive),
+                                                f"Opening {name}", plan, work)
+                    session = yield from self._follow(job, f"Opening {name}", {})
+            elif self.explorer.requests is None:
+                session = self.explorer.open_zip(archive)
+            else:
+                root = self.explorer.extract_upload(archive)
+                job = self.explorer.request_gallery(root, check_allowed=False)
+                session = yield from self._follow(job, f"Opening {name}", {})
         if session is not None:
             yield self._opened(session, request)
 
-    def _run_request(self, job_key: Any, title: str, plan: Plan,
-                     work: Callable[[Callable[[float, str], None]], GallerySession],
-                     on_cancel: dict[Any, Any]
-                     ) -> Iterator[dict[Any, Any]]:
-        """Run a build the user asked for, yielding its one progress line; returns its session,
-        or None when it was cancelled (then `on_cancel` is shown with the message).
+    def _follow(self, job: Job, title: str, on_cancel: dict[Any, Any]
+                ) -> Iterator[dict[Any, Any]]:
+        """Follow a build the user asked for (a job of the explorer's request queue),
+        yielding its one progress line with its plan; returns its result (a session), or None
+        when it was cancelled (then `on_cancel` is shown with a message). A job with nothing
+        long to do (an empty plan) is waited for without a line.
 
-        Without a request queue (tests, a script) the work runs here. Closing this generator
-        (the page's Cancel cancels the event) cancels the job: the engine stops it at its next
-        progress report and keeps nothing half-built.
+        Closing this generator (the page's Cancel cancels the event) cancels the job: the
+        engine stops it at its next progress report and keeps nothing half-built.
         """
         ui = self.ui
-        if self.explorer.requests is None or not plan.steps:
-            with engine_errors_as_gradio():
-                return work(lambda fraction, message: None)
-        with engine_errors_as_gradio():
-            job = self.explorer.request(job_key, title, plan, work)
+        plan = job.plan or Plan()
         shown = None
         try:
-            while job.state in ("waiting", "running"):
-                line = f"**{title}**: {plan.text()}.  \nNow: {job.describe()}"
-                if line != shown:
-                    yield {ui.job_row: gr.Row(visible=True), ui.job_status: line,
-                           ui.job: job.key}
-                    shown = line
+            while job.state in (WAITING, RUNNING):
+                if plan.steps:
+                    line = f"**{title}**: {plan.text()}.  \nNow: {job.describe()}"
+                    if line != shown:
+                        yield {ui.job_row: gr.Row(visible=True), ui.job_status: line,
+                               ui.job: list(job.key)}
+                        shown = line
                 time.sleep(JOB_POLL_SECONDS)
         finally:
-            if job.state in ("waiting", "running"):
-                self.explorer.requests.cancel(job.key)
+            if job.state in (WAITING, RUNNING):
+                self._cancel(job.key)
         hidden = {ui.job_row: gr.Row(visible=False), ui.job_status: "", ui.job: None}
-        if job.state == "failed":
+        if job.state == FAILED:
             yield hidden
             raise gr.Error(job.error, print_exception=False)
-        if job.state != "done":
+        if job.state != DONE:
             yield {**hidden, **on_cancel,
                    ui.message: f"Cancelled: {title}. Nothing was changed; choose it again to "
                                "start over."}
             return None
-        yield hidden
+        if shown is not None:
+            yield hidden
         return job.result
+
+    def _cancel(self, job_key: Any) -> None:
+        requests = self.explorer.requests
+        if job_key is not None and requests is not None:
+            requests.cancel(tuple(job_key))
 
     def cancel_request(self, job_key: Any) -> dict[Any, Any]:
         """The job line's Cancel: stop the user's build (its event is cancelled as well)."""
-        requests = self.explorer.requests
-        if job_key is not None and requests is not None:
-            requests.cancel(tuple(job_key) if isinstance(job_key, list) else job_key)
+        self._cancel(job_key)
         return {self.ui.job_row: gr.Row(visible=False), self.ui.job_status: "",
                 self.ui.job: None}
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import gradio as gr
 
 from app.controls import clamped
+from app.plot_events import CLICK_ELEM_ID, SELECTION_ELEM_ID, event_box
 from app.render import example_items, map_figure
 from app.text import (
     ALL_CLASSES,
@@ -171,13 +172,6 @@ class PageComponents:
         return [control for tab in self.tabs.values() for control in tab.controls]
 
 
-def hidden_textbox(elem_id: str) -> gr.Textbox:
-    """A textbox in the page but not shown, that the page's script writes to (a component
-    with visible=False is not rendered at all, so no script could reach it)."""
-    return gr.Textbox(elem_id=elem_id, elem_classes=["hidden-input"], container=False,
-                      show_label=False)
-
-
 def build_layout(explorer: Explorer, handlers: PageHandlers) -> PageComponents:
     """Create the page's components (inside the caller's `gr.Blocks`), showing the first
     gallery. `handlers` give the method names, thumbnails, cached scores and whether the page
@@ -299,9 +293,9 @@ def build_layout(explorer: Explorer, handlers: PageHandlers) -> PageComponents:
                                visible=False, elem_id="selection", scale=4)
         selection_file = gr.File(label="Selected files (list)", visible=False, scale=1,
                                  elem_id="selection-file")
-    plot_click = hidden_textbox("plot-click")
-    plot_selection = hidden_textbox("plot-selection")
-    share = hidden_textbox("share-state")
+    plot_click = event_box(CLICK_ELEM_ID)
+    plot_selection = event_box(SELECTION_ELEM_ID)
+    share = event_box("share-state")
     with gr.Accordion("Results as JSON (the `query` API)", open=False):
         result_json = gr.JSON(label="query result")
     # The API endpoint: its own hidden inputs, so that it takes plain values.

@@ -14,6 +14,7 @@ import gradio as gr
 
 from app.handlers import PageHandlers
 from app.layout import build_layout
+from app.plot_events import plot_events_js
 from app.public import PublicUploads, UploadLimits
 from app.wiring import wire
 from engine import MAX_FILE_BYTES, Explorer
@@ -50,7 +51,6 @@ CSS = """
 #job-row { background: #eef4ff; border-radius: 6px; padding: 2px 8px; }
 #query-note { font-size: 0.85rem; }
 #top-bar { align-items: center; }
-.hidden-input { display: none !important; }
 """
 ENTER_APPLIES_SCRIPT = """<script>
 // Enter in a slider's number box applies the value: Gradio applies it when the box loses
@@ -78,6 +78,7 @@ def launch_options(explorer: Explorer, public: bool = False,
     """
     explorer.thumbnail_root.mkdir(parents=True, exist_ok=True)
     options = {"theme": gr.themes.Soft(), "css": CSS, "head": ENTER_APPLIES_SCRIPT,
+               "js": plot_events_js(),
                "allowed_paths": [str(explorer.thumbnail_root)]}
     if public:
         limits = upload_limits or UploadLimits()

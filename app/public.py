@@ -21,7 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from app.thumbnails import ThumbnailCache
-from engine import Explorer, GallerySession, ProgressCallback, extract_zip, load_json
+from engine import (
+    Explorer,
+    GallerySession,
+    ProgressCallback,
+    extract_zip,
+    load_json,
+    write_upload_name,
+)
 from engine.errors import CacheError, EngineError, InvalidInputError, UnsafePathError
 
 logger = logging.getLogger(__name__)
@@ -106,6 +113,7 @@ class PublicUploads:
                                 max_extracted_bytes=limits.extracted_bytes,
                                 max_entries=limits.entries)
         extraction = folder / extracted.root.relative_to(folder).parts[0]
+        write_upload_name(extracted.root, label)  # the gallery is listed by the zip's name
         try:
             session = self.explorer.open_folder(extracted.root, progress=progress,
                                                 check_allowed=False)

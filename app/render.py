@@ -170,8 +170,10 @@ def plot_updates(ui: PageComponents, session: GallerySession, view: QueryView,
 
 
 def hover_urls(thumbnails: ThumbnailCache, session: GallerySession) -> list[str]:
-    """The URL of every gallery row's hover thumbnail (made in the background as needed)."""
-    return [file_url(path) for path in thumbnails.hover_paths(session.gallery)]
+    """The URL of every gallery row's hover thumbnail, "" for one not made yet (they are
+    made in the background on first use)."""
+    return [file_url(path) if path.is_file() else ""
+            for path in thumbnails.hover_paths(session.gallery)]
 
 
 def map_figure(session: GallerySession, view: QueryView | None, method: str, space: str,

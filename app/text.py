@@ -122,6 +122,8 @@ def source_text(method: str, params: dict[str, Any], source: str | None) -> str:
     origin = {"preset": "this gallery's **preset**",
               "authors' defaults": "the **authors' defaults**",
               CUSTOM: "**custom** parameters"}.get(source or "", "the parameters below")
+    if (source or "").startswith("authors' defaults ("):  # e.g. episodes scaled to the gallery
+        origin = "the **authors' defaults** " + source.removeprefix("authors' defaults ")
     return f"Runs with {origin}: `{setting}`"
 
 

@@ -57,6 +57,7 @@ _PUBLIC: dict[str, str] = {
     "Gallery": "engine.search.gallery",
     "ProgressCallback": "engine.search.gallery",
     "extract_zip": "engine.search.archive",
+    "write_upload_name": "engine.search.archive",
     "MAX_FILE_BYTES": "engine.features.images",
     "load_image": "engine.features.images",
     "make_thumbnail": "engine.features.images",

@@ -302,6 +302,13 @@ class GallerySession:
     def _fit_job_key(setting: MethodSetting) -> tuple[Any, ...]:
         return ("fit", setting.method, setting.key[1])
 
+    def fit_job(self, method: str) -> Job | None:
+        """The background job fitting `method` at its default setting here, None when there
+        is none (no job queue, or never queued)."""
+        if self.jobs is None:
+            return None
+        return self.jobs.get((self.key, *self._fit_job_key(self.setting(method))))
+
     def _submit_fit(self, method: str, params: ParamsOrSetting = None) -> Job:
         setting = self.setting(method, params)
         return self._submit(self._fit_job_key(setting), method_title(method),

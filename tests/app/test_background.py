@@ -29,6 +29,8 @@ def queued(explorer: Explorer, tiny_gallery: Path, app_root: Path) -> Explorer:
 
 
 def test_opening_queues_the_preparation_in_a_fixed_order(queued: Explorer) -> None:
+    """Everything cheap first (fits, the map, the cheap methods' scores and leave-one-out runs),
+    then per method that learns: its training, its map, its scores and run."""
     session = queued.session(None)
     kinds = [job.key[1:] for job in queued.jobs.jobs()]
     cheap = [name for name in list_rerankers() if not get_reranker_class(name).learns]
@@ -38,13 +40,16 @@ def test_opening_queues_the_preparation_in_a_fixed_order(queued: Explorer) -> No
     first_map = kinds.index(("map", "backbone"))
     assert all(kinds.index(key) < first_map for key in kinds if key[0] == "fit"
                and key[1] in cheap)
-    assert all(kinds.index(key) > first_map for key in kinds if key[0] == "fit"
-               and key[1] in learned)
-    last_fit = max(i for i, key in enumerate(kinds) if key[0] == "fit")
+    first_learned = min(i for i, key in enumerate(kinds) if key[0] == "fit"
+                        and key[1] in learned)
+    assert all(i < first_learned for i, key in enumerate(kinds)
+               if key[0] != "fit" and key[1] in (BASELINE, "backbone", *cheap))
+    for name in learned:  # each learned method's own work follows its training
+        fit = kinds.index(next(key for key in kinds if key[:2] == ("fit", name)))
+        assert all(i > fit for i, key in enumerate(kinds) if key[0] != "fit"
+                   and key[1] == name)
     scored = [key[1] for key in kinds if key[0] == "scores"]
-    assert scored == [BASELINE, *list_rerankers()]
-    assert all(i > last_fit for i, key in enumerate(kinds) if key[0] in ("scores",
-                                                                        "leave-one-out"))
+    assert scored == [BASELINE, *cheap, *learned]
     assert {key[1] for key in kinds if key[0] == "leave-one-out"} == {BASELINE,
                                                                       *list_rerankers()}
     assert all(job.key[0] == session.key for job in queued.jobs.jobs())

@@ -113,8 +113,10 @@ def raw_get(base: str, target: str) -> tuple[int, bytes]:
 
 
 def fn_index(demo: gr.Blocks, function: Any) -> int:
-    """The index of the event that runs `function` (a bound handler)."""
-    found = [index for index, block_fn in demo.fns.items() if block_fn.fn == function]
+    """The index of the event that runs `function` (a bound handler, which the page wraps with
+    `app.feedback.shown_in`)."""
+    found = [index for index, block_fn in demo.fns.items()
+             if getattr(block_fn.fn, "__wrapped__", block_fn.fn) == function]
     assert len(found) == 1, found
     return found[0]
 
@@ -236,7 +238,9 @@ def test_the_public_page_has_no_folder_event(public_page: tuple[gr.Blocks, PageH
     # the control: a private page wires it
     private = PageHandlers(explorer)
     private_demo = build_app(explorer, handlers=private)
-    assert any(block_fn.fn == private.open_folder for block_fn in private_demo.fns.values())
+    # (the event runs the handler wrapped by app.feedback.shown_in)
+    assert any(getattr(block_fn.fn, "__wrapped__", None) == private.open_folder
+               for block_fn in private_demo.fns.values())
 
 
 @pytest.mark.parametrize("folder", ["/", "/etc", "tiny", "demo", "../..", "  "])
@@ -248,7 +252,7 @@ def test_the_public_folder_handler_refuses_every_path(public_page: tuple[gr.Bloc
     path = {"tiny": str(tiny_gallery), "demo": str(DEMO_GALLERY)}.get(folder, folder)
     before = explorer.choices()
     with pytest.raises(gr.Error) as raised:
-        handlers.open_folder(path, Progress())
+        list(handlers.open_folder(path))
     assert raised.value.message == FOLDERS_DISABLED
     assert explorer.choices() == before
 
@@ -268,8 +272,9 @@ def test_an_upload_is_its_sessions_until_the_session_ends(
         public_page: tuple[gr.Blocks, PageHandlers], public: PublicUploads,
         explorer: Explorer, tmp_path: Path, leaves_no_upload: None) -> None:
     _, handlers = public_page
-    updates = handlers.open_zip(str(small_zip(tmp_path, "flowers")), Progress(),
-                                request("alice"))
+    updates: dict = {}
+    for step in handlers.open_zip(request("alice"), str(small_zip(tmp_path, "flowers"))):
+        updates.update(step)
     [upload] = public.uploads("alice")
     session = explorer.session(upload.key)
     root, cache_dir = session.gallery.root, session.gallery.cache_dir
@@ -278,6 +283,7 @@ def test_an_upload_is_its_sessions_until_the_session_ends(
     assert upload.folder.parent.name.startswith("session-")
     status = updates[handlers.ui.gallery_status]
     assert "flowers" in status and str(public.root) not in status and "/" not in status
+    assert session.title.startswith("flowers.zip (")  # listed by its name, not a hash
     keys = [key for _, key in updates[handlers.ui.gallery].choices]
     assert upload.key in keys
     assert upload.key not in [key for _, key in handlers.gallery_choices(request("bob"))]

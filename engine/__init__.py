@@ -9,8 +9,8 @@ timm until a name that needs them is used).
   fitted methods, scores, maps, presets), `QueryResult`, `Ranking`, `Familiarity` (is a query
   out of distribution?), `QUERY_MODELS`, `method_title` and `distance_note` (what a method's
   distances mean).
-- galleries and images: `Gallery`, `DEMO_GALLERY`, `extract_zip`, `load_image`,
-  `make_thumbnail`, `MAX_FILE_BYTES`.
+- galleries and images: `Gallery`, `DEMO_GALLERY`, `extract_zip` (an upload's name:
+  `write_upload_name`, `read_upload_name`), `load_image`, `make_thumbnail`, `MAX_FILE_BYTES`.
 - re-ranking: `list_rerankers`, `create_reranker`, `get_reranker_class`.
 - evaluation: `evaluate`, `scores_table` (headers: `SCORES_TABLE_COLUMNS`), `sweep`,
   `SweepRun` (a sweep in a background thread, read as it goes and cancellable),
@@ -57,6 +57,8 @@ _PUBLIC: dict[str, str] = {
     "Gallery": "engine.search.gallery",
     "ProgressCallback": "engine.search.gallery",
     "extract_zip": "engine.search.archive",
+    "read_upload_name": "engine.search.archive",
+    "write_upload_name": "engine.search.archive",
     "write_upload_name": "engine.search.archive",
     "MAX_FILE_BYTES": "engine.features.images",
     "load_image": "engine.features.images",

@@ -59,7 +59,6 @@ _PUBLIC: dict[str, str] = {
     "extract_zip": "engine.search.archive",
     "read_upload_name": "engine.search.archive",
     "write_upload_name": "engine.search.archive",
-    "write_upload_name": "engine.search.archive",
     "MAX_FILE_BYTES": "engine.features.images",
     "load_image": "engine.features.images",
     "make_thumbnail": "engine.features.images",

@@ -343,7 +343,9 @@ class Explorer:
         """Forget an open gallery and the query-model variants opened from it (a public page
         closes a visitor's upload this way); returns them, so that the caller can delete their
         files. The first gallery, the one the page starts on, stays open. Their waiting
-        background jobs are dropped (one running now finishes: see `JobQueue.running`)."""
+        background jobs are dropped and one running now is cancelled (it stops at its next
+        progress report; `JobQueue.running` names it until then), as are the requests that
+        build their query models."""
         with self._lock:
             if key == self.default_key:
                 raise InvalidInputError("the gallery the page starts on cannot be closed")
@@ -353,9 +355,21 @@ class Explorer:
                 del self.galleries[session.key]
                 self._variant_locks.pop(session.key, None)
                 self._open_locks.pop(session.gallery.root, None)
+        keys = {session.key for session in closed} | {key}
+
+        def belongs(job_key: Hashable) -> bool:
+            return isinstance(job_key, tuple) and job_key[0] in keys
+
         if self.jobs is not None:
-            keys = {session.key for session in closed} | {key}
-            self.jobs.drop(lambda job_key: isinstance(job_key, tuple) and job_key[0] in keys)
+            self.jobs.drop(belongs)
+            running = self.jobs.running(belongs)
+            if running is not None:
+                self.jobs.cancel(running.key)
+        if self.requests is not None:
+            for job in self.requests.jobs():
+                if isinstance(job.key, tuple) and job.key[:1] == ("query model",) and (
+                        job.key[1] in keys):
+                    self.requests.cancel(job.key)
         return closed
 
     # -- queries ---------------------------------------------------------------------------------

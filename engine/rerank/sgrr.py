@@ -313,7 +313,8 @@ class SGRR(Reranker):
         features = np.ascontiguousarray(context.features, np.float32)
         sample = min(n, ESTIMATE_SAMPLE)
         started = time.perf_counter()
-        lhrr_from_features(features[:sample], min(self.params.K, sample - 1), self.params.T)
+        lhrr_from_features(features[:sample], max(1, min(self.params.K, sample // 4)),
+                           self.params.T)  # K clamped as LHRR would (lists 4K deep)
         seconds = (time.perf_counter() - started) * (n / sample) ** 1.5
         neighbours = min(self.params.K, n - 1) + 1
         knn = context.knn if context.knn is not None and context.knn.depth >= neighbours \

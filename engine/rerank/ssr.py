@@ -81,8 +81,10 @@ training loss is flat for ~200 episodes, falls from 2.5 to 0.6 between 200 and 5
 ~0 from 600 on, the gallery's pseudo-labels learnt by heart. The floor puts small galleries
 into that descent without reaching the memorising end; two episodes per item keep larger ones
 there too. Galleries of 1,500 items or more train with the authors' 3,000."""
-ESTIMATE_STEPS = 3
-"""Training steps timed (after a warm-up step) to estimate a fit's time."""
+ESTIMATE_WARM_UP = 2
+ESTIMATE_STEPS = 5
+"""Training steps timed, after ESTIMATE_WARM_UP untimed ones (the first steps are slower), to
+estimate a fit's time from their median."""
 QUERY_CHUNK = 64
 INITIAL_CHUNK = 4096
 """Query rows per block of the initial cosine ranking (4096 x G similarities at a time)."""
@@ -482,9 +484,11 @@ class SSR(Reranker):
 
     def estimate_fit_seconds(self, context: GalleryContext) -> float | None:
         """The training time of `fit(context)`: each q_steps level's episodes times the time
-        of one training step of that level, timed here on `ESTIMATE_STEPS` steps of real
-        top-k subgraphs of `context` (after one warm-up step; well under a second at the
-        defaults). About 0 when the state is saved; None when the gallery is too small."""
+        of one training step of that level, the median of `ESTIMATE_STEPS` steps timed here
+        on real top-k subgraphs of `context` (after `ESTIMATE_WARM_UP` steps; under a second
+        at the defaults). About 0 when the state is saved; None when the gallery is too small.
+        Drawing the episodes and the pseudo-labels of an unlabelled training set are left
+        out."""
         training = self._training_set(context)
         k = min(self.params.k, context.size - 1, training.size - 2)
         if k < 2:
@@ -496,7 +500,8 @@ class SSR(Reranker):
         features = np.ascontiguousarray(training.features, np.float32)
         rng = np.random.default_rng(self.params.seed)
         table = torch.from_numpy(features).to(self.device)
-        _, tops = cosine_ranking(features[:ESTIMATE_STEPS + 1], features, k, exclude_self=True)
+        rows = ESTIMATE_WARM_UP + ESTIMATE_STEPS
+        _, tops = cosine_ranking(features[:rows], features, k, exclude_self=True)
         episodes = [Episode(row, tops[row], rng.random(k) < 0.25, np.ones(k, bool))
                     for row in range(len(tops))]
         for episode in episodes:
@@ -506,11 +511,13 @@ class SSR(Reranker):
             model = SubgraphRefiner(k, q_steps, self.params.lr_dni, self.params.hidden
                                     ).to(self.device).train()
             optimiser = make_optimiser(model)
-            training_step(model, optimiser, table, episodes[0])  # warm-up
-            started = time.perf_counter()
-            for episode in episodes[1:]:
+            times = []
+            for number, episode in enumerate(episodes):
+                started = time.perf_counter()
                 training_step(model, optimiser, table, episode)
-            step = (time.perf_counter() - started) / (len(episodes) - 1)
+                if number >= ESTIMATE_WARM_UP:
+                    times.append(time.perf_counter() - started)
+            step = float(np.median(times))
             count = self.params.episodes if q_steps == 1 else max(1, self.params.episodes // 6)
             total += count * step
         return total

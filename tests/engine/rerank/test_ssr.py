@@ -591,8 +591,9 @@ def test_the_fit_estimate_times_real_steps_and_knows_a_saved_state(held_out, tmp
                         lambda *args: steps.append(args[0].q_steps) or real_step(*args))
     reranker = create_reranker("ssr", device="cpu", train_classes=6, **{**QUICK, "q_steps": 2})
     estimate = reranker.estimate_fit_seconds(context)
-    # a warm-up and ESTIMATE_STEPS timed steps per q_steps level, nothing saved
-    assert steps == [1] * (ssr_module.ESTIMATE_STEPS + 1) + [2] * (ssr_module.ESTIMATE_STEPS + 1)
+    # warm-up steps and ESTIMATE_STEPS timed steps per q_steps level, nothing saved
+    per_level = ssr_module.ESTIMATE_WARM_UP + ssr_module.ESTIMATE_STEPS
+    assert steps == [1] * per_level + [2] * per_level
     assert estimate is not None and estimate > 0 and not (tmp_path / "ssr").exists()
     reranker.fit(context)
     again = create_reranker("ssr", device="cpu", train_classes=6, **{**QUICK, "q_steps": 2})

@@ -598,17 +598,18 @@ class PageHandlers:
         and its choices. Nothing is sent when nothing changed."""
         ui = self.ui
         jobs = self.explorer.jobs
+        unchanged = {ui.jobs_seen: seen}  # Gradio takes an empty dict for one missing value
         try:
             session = self.explorer.session(key)
         except EngineError:
-            return {}
+            return unchanged
         if jobs is None:
-            return {}
+            return unchanged
         spaces = tuple(name for name, _ in session.map_spaces()
                        if session.embedding_map(name, fit=False) is not None)
         now = (session.key, jobs.version, spaces)
         if seen == now:
-            return {}
+            return unchanged
         updates: dict[Any, Any] = {ui.jobs_seen: now, ui.background: background_text(session)}
         for method in self.method_names:
             updates[ui.tabs[method].state] = session.state_text(method)

@@ -216,7 +216,7 @@ def build_layout(explorer: Explorer, handlers: PageHandlers) -> PageComponents:
             # gr.File, not gr.Image: gradio would decode an image upload itself and show its
             # own error for a file it cannot read; the engine's message names the file.
             upload = gr.File(label="Upload a query image", file_types=["image"],
-                             type="filepath", height=70, elem_id="query-upload")
+                             type="filepath", height=100, elem_id="query-upload")
             query_class = gr.Dropdown(
                 choices=[NO_CLASS, *gallery.class_names], value=NO_CLASS,
                 label="Class of an uploaded query (to score it)",

@@ -36,6 +36,8 @@ PALETTE_CHROMA = 0.10
 LARGEST_NODE, SMALLEST_NODE = 28.0, 12.0
 AXIS_MARGIN = 0.15
 """Room around the layout's bounding box (fraction of its wider side) for markers and labels."""
+PLOT_HEIGHT = 460
+"""Height of the kNN graph and the map in px (the kNN layout's node spacing assumes it)."""
 MAP_FENCE = 1.5
 """The embedding map's initial view spans the quartiles -/+ this many interquartile ranges
 (Tukey's fences) on each axis, clipped to the data: a few far clusters fall outside instead of
@@ -194,7 +196,8 @@ def knn_figure(graph: NeighbourhoodGraph, ranking_rows: Sequence[int],
 
     x_range, y_range = _fixed_ranges(positions)
     figure.update_layout(
-        title=title, uirevision="knn-graph", hovermode="closest", plot_bgcolor="white",
+        title=title, uirevision="knn-graph", height=PLOT_HEIGHT, hovermode="closest",
+        plot_bgcolor="white",
         margin={"l": 10, "r": 10, "t": 40 if title else 10, "b": 10},
         legend={"orientation": "h", "yanchor": "top", "y": -0.02},
         modebar={"remove": ["select2d", "lasso2d"]},
@@ -285,16 +288,31 @@ def embedding_figure(coordinates: np.ndarray, *, files: Sequence[str],
                 "line": {"color": "white", "width": 1.5}},
         hovertemplate="<b>query</b><extra></extra>"))
     view = map_ranges(coordinates, query)
-    x_axis: dict[str, Any] = {"visible": False, "constrain": "range"}
-    y_axis: dict[str, Any] = {"visible": False, "constrain": "range", "scaleanchor": "x",
-                              "scaleratio": 1}
+    # No equal axis scales: a UMAP's axes mean nothing, and on a wide plot equal scales would
+    # widen the x range again and squeeze the points into the middle.
+    x_axis: dict[str, Any] = {"visible": False}
+    y_axis: dict[str, Any] = {"visible": False}
     if view is not None:
         x_axis["range"], y_axis["range"] = view
+        outside = _outside(coordinates, view)
+        if outside:
+            title += (f"<br><sup>{outside} of {len(coordinates)} points outside this view "
+                      "(autoscale in the toolbar shows all)</sup>")
     figure.update_layout(
-        title=title, uirevision="embedding", hovermode="closest", plot_bgcolor="white",
+        title=title, uirevision="embedding", height=PLOT_HEIGHT, hovermode="closest",
+        plot_bgcolor="white",
         margin={"l": 10, "r": 10, "t": 40 if title else 10, "b": 10},
         modebar={"add": ["select2d", "lasso2d"]}, xaxis=x_axis, yaxis=y_axis)
     return figure
+
+
+def _outside(coordinates: np.ndarray, view: tuple[list[float], list[float]]) -> int:
+    """How many points fall outside the map's initial view."""
+    points = np.asarray(coordinates, dtype=np.float64).reshape(-1, 2)
+    (x_low, x_high), (y_low, y_high) = view
+    inside = ((points[:, 0] >= x_low) & (points[:, 0] <= x_high)
+              & (points[:, 1] >= y_low) & (points[:, 1] <= y_high))
+    return int((~inside).sum())
 
 
 def map_ranges(coordinates: np.ndarray, query: np.ndarray | None = None
@@ -302,9 +320,8 @@ def map_ranges(coordinates: np.ndarray, query: np.ndarray | None = None
     """The embedding map's initial x and y ranges: per axis Tukey's fences (MAP_FENCE), clipped
     to the data, widened to take in the query, plus MAP_MARGIN of the span on each side.
 
-    With equal axis scales plotly then widens the narrower range to the plot's shape
-    (constrain="range"), so the bulk of the points fills the plot. None for no points (plotly
-    picks the ranges).
+    The bulk of the points then fills the plot (the figure's title counts the points left
+    outside). None for no points (plotly picks the ranges).
     """
     points = np.asarray(coordinates, dtype=np.float64).reshape(-1, 2)
     if len(points) == 0:

@@ -24,10 +24,11 @@ from engine.errors import InvalidInputError
 EIGENVALUE_FLOOR = 1e-10
 """MDS eigenvalues below this are rounding noise of float32 similarities (a coordinate spread
 of 1e-5), not structure; they are set to 0 so coincident points do not get a blown-up layout."""
-NODE_SPACING = 0.12
+NODE_SPACING = 0.22
 """Least distance between node centres in the final layout (the wider axis spans [-1, 1]).
-The explorer's largest node marker is 28 px; its kNN plot spans about 2.6 layout units (the
-layout plus a margin) over roughly 600 px, so a 28-px marker is about 0.12 units wide."""
+The explorer's largest node marker is 28 px; its kNN plot is drawn with equal axis scales,
+about 2.6 layout units (the layout plus a margin) over the plot's shorter side, about 360 px
+high: a 28-px marker is about 0.2 units wide."""
 SPREAD_ITERATIONS = 500
 """At most this many rounds of pushing overlapping nodes apart (a few dozen suffice for 30
 nodes at NODE_SPACING; the cap only bounds a pathological input)."""

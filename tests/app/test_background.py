@@ -118,7 +118,7 @@ def test_the_page_shows_each_tab_state_and_refreshes_only_on_change(queued: Expl
         assert "not ready yet" in first[handlers.ui.tabs[method].state]
     assert "Preparing in the background" in first[ui.background]
     assert handlers.refresh_states(session.key, first[ui.jobs_seen], None, BASELINE,
-                                   "backbone") == {}
+                                   "backbone") == {ui.jobs_seen: first[ui.jobs_seen]}
     view = handlers.search(session.key, str(UPLOAD), None, "snowdrop", True, 5, BASELINE,
                            "backbone", *[control.value for control in handlers.ui.all_controls()])
     method = list_rerankers()[0]

@@ -11,6 +11,7 @@ explorer's request queue, which the handlers only follow and cancel.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import tempfile
 import time
@@ -514,11 +515,20 @@ class PageHandlers:
         if job_key is not None and requests is not None:
             requests.cancel(tuple(job_key))
 
-    def cancel_request(self, job_key: Any) -> dict[Any, Any]:
-        """The job line's Cancel: stop the user's build (its event is cancelled as well)."""
+    def cancel_request(self, job_key: Any, key: str) -> dict[Any, Any]:
+        """The job line's Cancel: stop the user's build. Its event is cancelled with it (so
+        that event says nothing more): the line hides and the page says so here, with the
+        query model back on the gallery's own."""
         self._cancel(job_key)
-        return {self.ui.job_row: gr.Row(visible=False), self.ui.job_status: "",
-                self.ui.job: None}
+        updates: dict[Any, Any] = {self.ui.job_row: gr.Row(visible=False),
+                                   self.ui.job_status: "", self.ui.job: None}
+        if job_key is not None:
+            updates[self.ui.message] = ("Cancelled. Nothing was changed; choose it again to "
+                                        "start over.")
+        with contextlib.suppress(EngineError):
+            updates[self.ui.query_model] = gr.update(
+                value=self.explorer.session(key).query_model)
+        return updates
 
     def _switched(self, session: GallerySession, request: gr.Request | None
                   ) -> dict[Any, Any]:

@@ -164,7 +164,8 @@ def _wire_galleries(handlers: PageHandlers, ui: PageComponents) -> None:
                          opened_outputs, **_PRIVATE_REQUESTS))
     builds.append(on(ui, ui.open_zip.click, handlers.open_zip, ui.zip, opened_outputs,
                      **_PRIVATE_REQUESTS))
-    ui.job_cancel.click(handlers.cancel_request, ui.job, job_outputs, cancels=builds,
+    ui.job_cancel.click(handlers.cancel_request, [ui.job, ui.gallery],
+                        [*job_outputs, ui.message, ui.query_model], cancels=builds,
                         api_visibility="private", show_progress="hidden")
     on(ui, ui.compare_button.click, handlers.compute_compare,
        [ui.gallery, *ui.all_controls()], ui.compare_table, **_PRIVATE_INDEX,

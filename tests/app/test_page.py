@@ -666,3 +666,15 @@ def test_an_uploaded_query_is_named_by_its_hash(handlers: PageHandlers,
     reopened = handlers.restore(link(query), BASELINE, "backbone", True, TOP)
     assert reopened[ui.state].result.query_class == "snowdrop"
     assert reopened[ui.uploaded] == str(kept)
+
+
+def test_cancel_says_so_and_puts_the_query_model_back(handlers: PageHandlers,
+                                                      session: GallerySession) -> None:
+    """The Cancel of a build's line: its event is cancelled with it and says nothing more, so
+    the cancel handler itself hides the line, says so and puts the radio back."""
+    ui = handlers.ui
+    updates = handlers.cancel_request(["query model", session.key, "lite2"], session.key)
+    assert updates[ui.job_row].visible is False and updates[ui.job] is None
+    assert updates[ui.message].startswith("Cancelled")
+    assert updates[ui.query_model]["value"] == session.query_model
+    assert ui.message not in handlers.cancel_request(None, session.key)

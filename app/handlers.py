@@ -118,8 +118,8 @@ class PageHandlers:
 
     @property
     def tab_ids(self) -> list[str]:
-        """The ids of the page's tabs, in order (the methods, then Compare and Galleries)."""
-        return [*self.method_names, "compare", "galleries"]
+        """The ids of the page's tabs, in order (the methods, then Compare)."""
+        return [*self.method_names, "compare"]
 
     # -- helpers ---------------------------------------------------------------------------------
     def session(self, key: str | None) -> GallerySession:

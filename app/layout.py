@@ -2,12 +2,13 @@
 dataclasses (`PageComponents`, a `MethodWidgets` per re-ranker tab) that the handlers key their
 updates by and the wiring connects.
 
-Layout: a top bar (gallery, query model), the message area and the progress line of a job the
-user started; then, in the first screen, the query panel (preview, upload, examples, the
-backbone's guess) beside one tab per registered re-ranker (built from the registry and each
-method's parameter metadata, so a new method file adds a tab), a Compare tab and a Galleries
-tab; below, the collapsible gallery browser, the kNN-graph and embedding-map plots with the
-map's selection, the hidden inputs the page's script writes to, and the `query` API's inputs.
+Layout: a top bar (gallery, query model), a collapsed panel to open another gallery, the
+message area and the progress line of a job the user started; then, in the first screen, the
+query panel (preview, upload, examples, the backbone's guess) beside one tab per registered
+re-ranker (built from the registry and each method's parameter metadata, so a new method file
+adds a tab) and a Compare tab; below, the collapsible gallery browser, the kNN-graph and
+embedding-map plots with the map's selection, the hidden inputs the page's script writes to,
+and the `query` API's inputs.
 """
 
 from __future__ import annotations
@@ -139,7 +140,7 @@ class PageComponents:
     # the tabs
     method_tabs: gr.Tabs
     current_tab: gr.State
-    """The id of the tab the user last selected (a method name, "compare" or "galleries")."""
+    """The id of the tab the user last selected (a method name or "compare")."""
     tabs: dict[str, MethodWidgets]
     """Each re-ranker's tab, in registry order."""
     compare_rows: dict[str, gr.Gallery]
@@ -196,6 +197,17 @@ def build_layout(explorer: Explorer, handlers: PageHandlers) -> PageComponents:
             info="which network embeds the query and which the gallery",
             elem_id="query-model")
     header = gr.Markdown(header_text(session), elem_id="header")
+    with gr.Accordion("Open another gallery (a zip of images, or a folder on the server)",
+                      open=False, elem_id="open-gallery"):
+        gr.Markdown(galleries_text(handlers.public))
+        with gr.Row(visible=not public):
+            folder = gr.Textbox(label="Folder on the server", scale=3, visible=not public)
+            open_folder = gr.Button("Open folder", scale=1, visible=not public)
+        with gr.Row():
+            zip_file = gr.File(label="Zip of images", file_types=[".zip"], type="filepath",
+                               height=100, scale=3, elem_id="zip-upload")
+            open_zip = gr.Button("Open zip", scale=1, elem_id="open-zip")
+        gallery_status = gr.Markdown(elem_id="gallery-status")
     message = gr.Markdown("", elem_id="message")
     with gr.Row(visible=False, elem_id="job-row") as job_row:
         job_status = gr.Markdown("", elem_id="job-status")
@@ -254,17 +266,6 @@ def build_layout(explorer: Explorer, handlers: PageHandlers) -> PageComponents:
                         headers=list(SCORES_TABLE_COLUMNS), interactive=False, wrap=True,
                         elem_id="compare-table")
                     compare_button = gr.Button("Compute for the current parameters")
-                with gr.Tab("Galleries", id="galleries", elem_id="tab-galleries"):
-                    gr.Markdown(galleries_text(handlers.public))
-                    with gr.Row(visible=not public):
-                        folder = gr.Textbox(label="Folder on the server", scale=3,
-                                            visible=not public)
-                        open_folder = gr.Button("Open folder", scale=1, visible=not public)
-                    with gr.Row():
-                        zip_file = gr.File(label="Zip of images", file_types=[".zip"],
-                                           type="filepath", scale=3)
-                        open_zip = gr.Button("Open zip", scale=1)
-                    gallery_status = gr.Markdown()
     with gr.Accordion("Browse the gallery", open=False, elem_id="browse"):
         with gr.Row():
             class_filter = gr.Dropdown(choices=[ALL_CLASSES, *gallery.class_names],
@@ -324,12 +325,19 @@ def build_layout(explorer: Explorer, handlers: PageHandlers) -> PageComponents:
         share=share, json=result_json, api=api)
 
 
+def short_title(name: str) -> str:
+    """A method's tab label: its title without the authors ("GNN re-ranking"), so that every
+    tab fits one row at 1600 px; the tab shows the full title."""
+    return method_title(name).split(" (")[0]
+
+
 def _method_tab(name: str, session: GallerySession) -> MethodWidgets:
     """One re-ranker's tab: the baseline and its ranking side by side (first, so that they
     are in the first screen), then its parameters (as the gallery sets them) and tuning."""
     specs = get_reranker_class(name).Params.describe()
     params, source = session.params_for(name)
-    with gr.Tab(method_title(name), id=name, elem_id=f"tab-{name}"):
+    with gr.Tab(short_title(name), id=name, elem_id=f"tab-{name}"):
+        gr.Markdown(f"**{method_title(name)}**", elem_classes=["method-title"])
         source_md = gr.Markdown(source_text(name, params, source),
                                 elem_classes=["method-source"])
         with gr.Row(equal_height=True):

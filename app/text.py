@@ -209,7 +209,8 @@ def header_text(session: GallerySession) -> str:
 
 
 def galleries_text(public: PublicUploads | None) -> str:
-    """The Galleries tab's explanation: what may be opened, and on a public page the limits."""
+    """What "open another gallery" explains: what may be opened, and on a public page the
+    limits."""
     if public is None:
         return ("Open another gallery: a folder on the server (labels from `labels.csv` or "
                 "sub-folders) or an uploaded .zip of images. Indexing is cached: reopening is "

@@ -110,9 +110,11 @@ def _wire_query(handlers: PageHandlers, ui: PageComponents) -> None:
     after_pick = [ui.leave_out, ui.top_n, *plot_inputs, *controls]
     pick_outputs = _pick_outputs(ui)
     query = {**_PRIVATE_QUERY, "show_progress_on": ui.query_image}
+    # The upload box is emptied after every upload, taken or refused, ready for the next one.
     on(ui, ui.upload.upload, handlers.upload,
        [ui.gallery, ui.upload, ui.query_class, ui.leave_out, ui.top_n, *plot_inputs,
-        *controls], [*pick_outputs, ui.upload], **query)
+        *controls], [*pick_outputs, ui.upload], **query).then(
+        lambda: None, None, ui.upload, api_visibility="private", show_progress="hidden")
     on(ui, [ui.search.click, ui.leave_out.input, ui.top_n.release, ui.query_class.input],
        handlers.search, [ui.gallery, *_query_inputs(ui)], _result_outputs(ui), **query)
     on(ui, ui.browser.select, handlers.pick_browsed,

@@ -169,19 +169,22 @@ class QueryModel:
             details["cache_seconds"] = time.perf_counter() - started
             details["cache_cpu_seconds"] = time.process_time() - cpu_started
             if config.head_init != "random":
-                with torch.inference_mode():
-                    clean = cache.activations[::cache.views]
-                    pooled = torch.cat([
-                        network.pooled(network.trained_part(
-                            clean[s:s + 64].to(torch_device, torch.float32), split)).cpu()
-                        for s in range(0, len(clean), 64)]).numpy()
-                details.update(init_head(network.projection, pooled, targets, config.head_init))
+                clean = cache.activations[::cache.views]
+                chunks = []
+                for start in range(0, len(clean), 64):  # reported: a cancel stops here too
+                    report(0.4, f"SSP: the head's initial map {start}/{len(clean)}")
+                    with torch.inference_mode():
+                        chunks.append(network.pooled(network.trained_part(
+                            clean[start:start + 64].to(torch_device, torch.float32),
+                            split)).cpu())
+                details.update(init_head(network.projection, torch.cat(chunks).numpy(),
+                                         targets, config.head_init))
             losses = train_cached(network, cache, target_tensor, anchor_tensor, config,
                                   torch_device, lambda f, m: report(0.4 + 0.6 * f, m))
         else:
             if config.head_init != "random":
                 pooled = _pooled_features(network, training_images, extractor.transform,
-                                          torch_device)
+                                          torch_device, report)
                 details.update(init_head(network.projection, pooled, targets, config.head_init))
             losses = train_full(network, training_images, target_tensor, anchor_tensor,
                                 train_transform, config, torch_device,
@@ -226,13 +229,14 @@ def _transform_config(meta: FeatureMeta) -> dict[str, Any]:
 
 def _pooled_features(network: QueryNetwork, images: Sequence[Any],
                      transform: Callable[[Any], torch.Tensor], device: torch.device,
-                     batch_size: int = 32) -> np.ndarray:
+                     report: ProgressCallback, batch_size: int = 32) -> np.ndarray:
     """The head's inputs (GeM + L2 of the trunk) of the evaluation view of each image."""
     from engine.features.images import load_image
 
     pooled = []
     with torch.inference_mode():
         for start in range(0, len(images), batch_size):
+            report(0.0, f"SSP: the head's initial map {start}/{len(images)}")
             batch = torch.stack([transform(load_image(source))
                                  for source in images[start:start + batch_size]]).to(device)
             pooled.append(network.pooled(network.trained_part(

@@ -53,3 +53,30 @@ def test_the_training_estimate_is_measured_from_the_config(tmp_path):
     assert path.with_suffix(".json").is_file()
     assert not saved_model_path(unit_rows(40, seed=1), tmp_path, meta, config).with_suffix(
         ".json").is_file()
+
+
+def test_a_cancelled_training_saves_nothing_and_a_retry_trains(tmp_path):
+    """The training reports every step (and while caching and initialising the head), so a
+    cancel raised from its progress callback stops it there; nothing is saved."""
+    from engine.errors import JobCancelled
+
+    meta = fake_gallery_meta()
+    config = SSPConfig(**{**TINY, "epochs": 4}, query_weights="none")
+    images, features = tiny_images(40), unit_rows(40)
+    messages = []
+
+    def cancel_in_training(fraction, message):
+        messages.append(message)
+        if message.startswith("SSP: training step 2/"):
+            raise JobCancelled("SSP was cancelled")
+
+    with pytest.raises(JobCancelled):
+        fit_or_load(images, tmp_path, gallery_features=features, gallery_meta=meta,
+                    config=config, device="cpu", progress=cancel_in_training)
+    assert any(m.startswith("SSP: caching activations") for m in messages)
+    assert any(m.startswith("SSP: the head's initial map") for m in messages)
+    assert messages[-2:] == ["SSP: training step 1/20", "SSP: training step 2/20"]
+    assert not (tmp_path / "ssp").exists() or not list((tmp_path / "ssp").iterdir())
+    model = fit_or_load(images, tmp_path, gallery_features=features, gallery_meta=meta,
+                        config=config, device="cpu")
+    assert not model.loaded and len(list((tmp_path / "ssp").iterdir())) == 2

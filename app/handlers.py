@@ -423,7 +423,7 @@ class PageHandlers:
         updates = self._switched(session, request)
         updates.update(self._rerun(session, uploaded, picked, query_class, leave_out, top_n,
                                    plot_method, space))
-        yield updates
+        yield {**updates, **self._job_hidden()}
 
     def open_folder(self, folder: str) -> Iterator[dict[Any, Any]]:
         """Open a gallery folder on the server (inside the allowed folders; never on a public
@@ -441,7 +441,7 @@ class PageHandlers:
                 job = self.explorer.request_gallery(folder.strip())
                 session = yield from self._follow(job, "Opening a folder", {})
         if session is not None:
-            yield self._opened(session, None)
+            yield {**self._opened(session, None), **self._job_hidden()}
 
     def open_zip(self, request: gr.Request | None, archive: str | None
                  ) -> Iterator[dict[Any, Any]]:
@@ -470,7 +470,7 @@ class PageHandlers:
                 job = self.explorer.request_gallery(root, check_allowed=False)
                 session = yield from self._follow(job, f"Opening {name}", {})
         if session is not None:
-            yield self._opened(session, request)
+            yield {**self._opened(session, request), **self._job_hidden()}
 
     def _follow(self, job: Job, title: str, on_cancel: dict[Any, Any]
                 ) -> Iterator[dict[Any, Any]]:
@@ -506,9 +506,14 @@ class PageHandlers:
                    ui.message: f"Cancelled: {title}. Nothing was changed; choose it again to "
                                "start over."}
             return None
-        if shown is not None:
-            yield hidden
+        if shown is not None:  # the line stays until the caller's last update hides it
+            yield {ui.job_status: f"**{title}**: done; opening it..."}
         return job.result
+
+    def _job_hidden(self) -> dict[Any, Any]:
+        """The updates that hide the job line (part of a build's last update)."""
+        return {self.ui.job_row: gr.Row(visible=False), self.ui.job_status: "",
+                self.ui.job: None}
 
     def _cancel(self, job_key: Any) -> None:
         requests = self.explorer.requests
@@ -574,6 +579,7 @@ class PageHandlers:
             session.prepare_views()
         updates = self._switched(session, request)
         updates[self.ui.gallery_status] = opened_text(session, show_root=self.public is None)
+        updates[self.ui.open_panel] = gr.Accordion(open=False)
         return updates
 
     # -- background work -------------------------------------------------------------------------

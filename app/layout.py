@@ -152,6 +152,8 @@ class PageComponents:
     zip: gr.File
     open_zip: gr.Button
     gallery_status: gr.Markdown
+    open_panel: gr.Accordion
+    """The collapsed panel that opens another gallery (closed again once one opened)."""
     # the plots, their selections and the API
     plot_method: gr.Radio
     space: gr.Radio
@@ -198,7 +200,7 @@ def build_layout(explorer: Explorer, handlers: PageHandlers) -> PageComponents:
             elem_id="query-model")
     header = gr.Markdown(header_text(session), elem_id="header")
     with gr.Accordion("Open another gallery (a zip of images, or a folder on the server)",
-                      open=False, elem_id="open-gallery"):
+                      open=False, elem_id="open-gallery") as open_panel:
         gr.Markdown(galleries_text(handlers.public))
         with gr.Row(visible=not public):
             folder = gr.Textbox(label="Folder on the server", scale=3, visible=not public)
@@ -319,7 +321,8 @@ def build_layout(explorer: Explorer, handlers: PageHandlers) -> PageComponents:
         browser=browser, page=page, method_tabs=method_tabs, current_tab=current_tab,
         tabs=tabs, compare_rows=compare_rows, compare_table=compare_table,
         compare_button=compare_button, folder=folder, open_folder=open_folder, zip=zip_file,
-        open_zip=open_zip, gallery_status=gallery_status, plot_method=plot_method,
+        open_zip=open_zip, gallery_status=gallery_status, open_panel=open_panel,
+        plot_method=plot_method,
         space=space, knn_plot=knn_plot, map_plot=map_plot, plot_click=plot_click,
         plot_selection=plot_selection, selection=selection, selection_file=selection_file,
         share=share, json=result_json, api=api)

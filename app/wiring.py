@@ -160,7 +160,8 @@ def _wire_galleries(handlers: PageHandlers, ui: PageComponents) -> None:
     builds = [on(ui, ui.query_model.input, handlers.switch_query_model,
                  [ui.gallery, ui.query_model, *_query_inputs(ui)], switch_outputs,
                  **_PRIVATE_REQUESTS)]
-    opened_outputs = _unique([*gallery_outputs, ui.gallery_status, *job_outputs])
+    opened_outputs = _unique([*gallery_outputs, ui.gallery_status, ui.open_panel,
+                              *job_outputs])
     if handlers.public is None:  # a public page has no event that takes a server path
         builds.append(on(ui, ui.open_folder.click, handlers.open_folder, ui.folder,
                          opened_outputs, **_PRIVATE_REQUESTS))

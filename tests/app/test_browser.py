@@ -137,12 +137,12 @@ def explore(page: Any, server: str, timings: dict[str, float], shot: str) -> Non
 
     def upload(image: Path, timeout: float) -> None:
         before = {elem_id: signature(page, elem_id) for elem_id in galleries}
-        page.locator("#query-image input[type=file]").set_input_files(str(image))
+        page.locator("#query-upload input[type=file]").set_input_files(str(image))
         wait_for_results(page, galleries, before, DEFAULT_TOP_N, timeout)
 
     timed(timings, "page load", lambda: (
         page.goto(server, wait_until="load"),
-        page.locator("#query-image input[type=file]").wait_for(state="attached"),
+        page.locator("#query-upload input[type=file]").wait_for(state="attached"),
         thumbnails(page, "examples").first.wait_for()))
 
     # A demo image of the second class that the tiny gallery does not hold.

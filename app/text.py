@@ -10,7 +10,16 @@ from typing import Any
 import numpy as np
 
 from app.public import PublicUploads
-from engine import CUSTOM, GallerySession, QueryResult, Ranking, Trial, best_trial, method_title
+from engine import (
+    CUSTOM,
+    GallerySession,
+    QueryResult,
+    Ranking,
+    Trial,
+    best_trial,
+    duration_text,
+    method_title,
+)
 from engine.errors import InvalidInputError
 
 BASELINE_LABEL = "Baseline (faiss)"
@@ -67,15 +76,6 @@ def train_label(seconds: float | None) -> str:
     if seconds is None:
         return "Train now"
     return f"Train now (about {duration_text(seconds)})"
-
-
-def duration_text(seconds: float) -> str:
-    """'40 s', '3 min', '1.5 h'."""
-    if seconds < 90:
-        return f"{max(1, round(seconds))} s"
-    if seconds < 5400:
-        return f"{round(seconds / 60)} min"
-    return f"{seconds / 3600:.1f} h"
 
 
 def metrics_text(result: QueryResult, baseline: Ranking, ranking: Ranking) -> str:

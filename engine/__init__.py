@@ -80,6 +80,7 @@ _PUBLIC: dict[str, str] = {
     "LONG_JOB_SECONDS": "engine.core.plans",
     "Plan": "engine.core.plans",
     "PlanStep": "engine.core.plans",
+    "duration_text": "engine.core.plans",
     "configure_threads": "engine.core.threads",
     "configure_logging": "engine.core.logs",
     "resolve_device": "engine.core.device",

@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 
 from app.page import DEFAULT_CONCURRENCY, QUEUE_SIZE, build_app
+from app.wiring import REQUESTS_CONCURRENCY
 from engine.explorer import Explorer
 from tests.app.conftest import free_port
 from tests.child_output import QueuedOutput
@@ -173,8 +174,10 @@ def alone(served: Server, explorer: Explorer) -> dict[Query, dict[str, Any]]:
 
 
 def test_the_query_events_share_one_concurrency_group(explorer: Explorer) -> None:
-    """Model work is one group ("query", DEFAULT_CONCURRENCY at once); builds and training
-    another ("index", one at a time); the queue's size is set."""
+    """Model work is one group ("query", DEFAULT_CONCURRENCY at once); Compare and Tune
+    another ("index", one at a time); following a build the user asked for a third
+    ("requests": the events mostly wait, the engine's request queue builds one at a time);
+    the queue's size is set."""
     demo = build_app(explorer)
     groups: dict[str, set[str]] = {}
     for block_fn in demo.fns.values():
@@ -183,9 +186,12 @@ def test_the_query_events_share_one_concurrency_group(explorer: Explorer) -> Non
     assert api.concurrency_id == "query"
     assert {"api_query", "upload", "search", "pick_example", "pick_browsed", "pick_random",
             "rerank_method_k_reciprocal"} <= groups["query"]
-    assert {"open_zip", "compute_compare", "switch_query_model"} <= groups["index"]
+    assert {"compute_compare", "tune_k_reciprocal"} <= groups["index"]
     assert all(fn.concurrency_limit == 1 for fn in demo.fns.values()
                if fn.concurrency_id == "index")
+    assert {"open_zip", "open_folder", "switch_query_model"} == groups["requests"]
+    assert all(fn.concurrency_limit == REQUESTS_CONCURRENCY for fn in demo.fns.values()
+               if fn.concurrency_id == "requests")
     assert all(fn.concurrency_limit == "default" for fn in demo.fns.values()
                if fn.concurrency_id == "query")
     assert demo._queue.default_concurrency_limit == DEFAULT_CONCURRENCY

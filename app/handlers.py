@@ -782,9 +782,11 @@ class PageHandlers:
         notes = []
         key = None
         if shared.gallery:
-            try:
-                key = self.explorer.session(shared.gallery).key
-            except EngineError:
+            # a public page's visitor may open only the galleries offered to them
+            offered = {choice for _, choice in self.gallery_choices(request)}
+            if shared.gallery in offered:
+                key = shared.gallery
+            else:
                 notes.append("the link's gallery is not open on this server")
         session = self.session(key)
         if key is not None and key != self.explorer.default_key:

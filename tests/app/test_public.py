@@ -25,7 +25,7 @@ from app.page import build_app, launch_options
 from app.public import FOLDERS_DISABLED, PublicUploads, UploadLimits
 from app.thumbnails import ThumbnailCache
 from engine.errors import InvalidInputError, UnknownNameError
-from engine.explorer import Explorer, GallerySession
+from engine.explorer import BASELINE, Explorer, GallerySession
 from engine.search.gallery import DEMO_GALLERY
 from tests.app.conftest import free_port
 from tests.galleries import CLASSES, make_gallery
@@ -435,3 +435,27 @@ def test_a_closed_upload_drops_its_jobs_and_its_caches_outlive_a_running_one(
     assert not cache_dir.exists()
     assert not any(job.key[0] == upload.key and job.state == "done"
                    and job.key[1:] != ("fit", "stand-in") for job in jobs.jobs())
+
+
+def test_a_link_opens_no_other_visitors_upload(
+        public_page: tuple[gr.Blocks, PageHandlers], public: PublicUploads,
+        explorer: Explorer, tmp_path: Path, leaves_no_upload: None) -> None:
+    """A link names a gallery by its key; on a public page a visitor reopens only the
+    galleries offered to them, never another session's upload."""
+    _, handlers = public_page
+    ui = handlers.ui
+    session = public.open_zip(small_zip(tmp_path, "private", per_class=1), "alice")
+    file = session.gallery.files[0]
+
+    def opened_by(visitor: str) -> dict[Any, Any]:
+        link = request(visitor)
+        link.query_params = {"gallery": session.key, "file": file}
+        return handlers.restore(link, BASELINE, "backbone", True, 5)
+
+    mallory = opened_by("mallory")
+    assert "gallery is not open" in mallory[ui.message]
+    assert ui.state not in mallory or mallory[ui.state].result.gallery_key != session.key
+    alice = opened_by("alice")
+    assert ui.message not in alice
+    assert alice[ui.state].result.gallery_key == session.key
+    public.release("alice")

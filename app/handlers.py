@@ -411,12 +411,11 @@ class PageHandlers:
         """
         with engine_errors_as_gradio():
             base = self.explorer.session(key)
-            title = f"Query model {query_model} for {base.title}"
             if self.explorer.requests is None:
                 session = self.explorer.with_query_model(base.key, query_model)
             else:
                 job = self.explorer.request_query_model(base.key, query_model)
-                session = yield from self._follow(job, title,
+                session = yield from self._follow(job, f"{job.title} for {base.title}",
                                                   {self.ui.query_model: base.query_model})
         if session is None:
             return

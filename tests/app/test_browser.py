@@ -2,17 +2,14 @@
 
 Uploads a query, checks every result gallery, both plots and the Compare tab, clicks an example
 and a plot toggle, saves a full-page screenshot and prints how long each step took (timings are
-reported, not asserted). Skips, with the reason, where chromium or Playwright is missing; CI
-(.ci/run) installs both.
+reported, not asserted). Skips, with the reason, where chromium or Playwright is missing
+(`tests.app.browser`).
 """
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,76 +19,27 @@ from app.text import BASELINE_LABEL
 from engine.explorer import DEFAULT_TOP_N, method_title
 from engine.explorer.results import BASELINE_TITLE
 from engine.rerank import list_rerankers
+from tests.app.browser import Browser, needs_browser, open_browser, signature, thumbnails
 from tests.galleries import CLASSES, PER_CLASS, demo_file
 
-CHROMIUM = Path(os.environ.get("RETRIEVAL_EXPLORER_CHROMIUM", "/usr/bin/chromium"))
-# Playwright cannot download its own browser here; without the background-networking flags
-# chromium keeps calling home on a closed network.
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                 "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
 FIRST_QUERY_MS = 240_000
 """The first query embeds with the backbone and compiles numba for the map transform."""
 STEP_MS = 60_000
 
 
-def missing_browser() -> str:
-    """Why the browser cannot run here ('' when it can); checked before the server starts."""
-    if importlib.util.find_spec("playwright") is None:
-        return "Playwright is not installed (pip install -r requirements-dev.txt)"
-    if not os.access(CHROMIUM, os.X_OK):
-        return (f"no chromium at {CHROMIUM} (apt-get install chromium, or set "
-                "RETRIEVAL_EXPLORER_CHROMIUM)")
-    return ""
-
-
 pytestmark = [
-    pytest.mark.skipif(bool(missing_browser()), reason=missing_browser() or "-"),
+    needs_browser,
     # gradio's queue uses pandas options that pandas 3 deprecates; not ours to fix.
     pytest.mark.filterwarnings("ignore:.*(no_silent_downcasting|copy keyword):Warning"),
 ]
 
 
-@dataclass
-class Browser:
-    """A chromium page, with its uncaught errors (asserted) and console warnings (printed)."""
-
-    page: Any
-    errors: list[str] = field(default_factory=list)
-    console: list[str] = field(default_factory=list)
-
-
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Browser]:
     """A page of headless chromium on a fresh profile."""
-    from playwright import sync_api
-
-    profile = tmp_path_factory.mktemp("chromium-profile")
-    with sync_api.sync_playwright() as playwright:
-        context = playwright.chromium.launch_persistent_context(
-            str(profile), executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS,
-            viewport={"width": 1920, "height": 1000})
-        context.set_default_timeout(STEP_MS)
-        found = Browser(context.pages[0] if context.pages else context.new_page())
-        found.page.on("pageerror", lambda error: found.errors.append(str(error)))
-        found.page.on("console", lambda message: message.type in ("error", "warning")
-                      and found.console.append(f"{message.type}: {message.text}"))
-        try:
-            yield found
-        finally:
-            context.close()
-
-
-def thumbnails(page: Any, elem_id: str) -> Any:
-    return page.locator(f"#{elem_id} .thumbnail-item")
-
-
-def signature(page: Any, elem_id: str) -> str:
-    """The captions and image sources of a gallery: changes when its results change."""
-    return page.eval_on_selector_all(
-        f"#{elem_id} .thumbnail-item",
-        "items => items.map(i => (i.querySelector('img')?.src ?? '') + '|' + i.innerText)"
-        ".join('\\n')")
+    with open_browser(tmp_path_factory.mktemp("chromium-profile"), 1920, 1000,
+                      STEP_MS) as found:
+        yield found
 
 
 def wait_for_results(page: Any, elem_ids: list[str], before: dict[str, str], count: int,

@@ -16,8 +16,8 @@ that results are deterministic): the lite2 flow last, as it opens the lite2 gall
 preparation then keeps the background queue busy.
 
 Each flow saves a full-page screenshot (into $RETRIEVAL_EXPLORER_SCREENSHOTS when set, else the
-test's tmp_path) and prints its path; assertion messages name it. Skips like
-tests/app/test_browser.py where chromium or Playwright is missing.
+test's tmp_path) and prints its path; assertion messages name it. Skips where
+chromium or Playwright is missing (`tests.app.browser`).
 """
 
 from __future__ import annotations
@@ -38,19 +38,12 @@ from engine.core.jobs import JobQueue
 from engine.explorer import DEFAULT_TOP_N, Explorer
 from engine.features.backbone import get_extractor
 from engine.rerank import list_rerankers
+from tests.app.browser import Browser, needs_browser, open_browser, signature, thumbnails
 from tests.app.conftest import free_port
-from tests.app.test_browser import (
-    CHROMIUM,
-    CHROMIUM_ARGS,
-    Browser,
-    missing_browser,
-    signature,
-    thumbnails,
-)
 from tests.galleries import PER_CLASS
 
 pytestmark = [
-    pytest.mark.skipif(bool(missing_browser()), reason=missing_browser() or "-"),
+    needs_browser,
     # gradio's queue uses pandas options that pandas 3 deprecates; not ours to fix.
     pytest.mark.filterwarnings("ignore:.*(no_silent_downcasting|copy keyword):Warning"),
 ]
@@ -131,22 +124,9 @@ def ready(served: Served) -> Served:
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Browser]:
     """A chromium page (1600 x 1000) on a fresh profile, shared by the flows."""
-    from playwright import sync_api
-
-    profile = tmp_path_factory.mktemp("chromium-profile")
-    with sync_api.sync_playwright() as playwright:
-        context = playwright.chromium.launch_persistent_context(
-            str(profile), executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS,
-            viewport=VIEWPORT)
-        context.set_default_timeout(STEP_MS)
-        found = Browser(context.pages[0] if context.pages else context.new_page())
-        found.page.on("pageerror", lambda error: found.errors.append(str(error)))
-        found.page.on("console", lambda message: message.type in ("error", "warning")
-                      and found.console.append(f"{message.type}: {message.text}"))
-        try:
-            yield found
-        finally:
-            context.close()
+    with open_browser(tmp_path_factory.mktemp("chromium-profile"), VIEWPORT["width"],
+                      VIEWPORT["height"], STEP_MS) as found:
+        yield found
 
 
 @dataclass

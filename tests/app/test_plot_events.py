@@ -11,12 +11,9 @@ value formats are checked without a browser.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import re
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,29 +35,15 @@ from app.plot_events import (
 from app.plots import embedding_figure, file_url, knn_figure
 from engine.core.knn import knn_graph
 from engine.views.neighbourhood import neighbourhood_graph
+from tests.app.browser import needs_browser, open_browser
 from tests.app.conftest import free_port
 
-CHROMIUM = Path(os.environ.get("RETRIEVAL_EXPLORER_CHROMIUM", "/usr/bin/chromium"))
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                 "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
 STEP_MS = 30_000
 GRID = np.array([(x, y) for y in (0.0, 1.0, 2.0) for x in (0.0, 1.0, 2.0)])
 """Nine points on a 3 x 3 grid; row r at (r % 3, r // 3)."""
 FILES = [f"flower_{row}.jpg" for row in range(len(GRID))]
 
 
-def missing_browser() -> str:
-    """Why the browser cannot run here ('' when it can)."""
-    if importlib.util.find_spec("playwright") is None:
-        return "Playwright is not installed (pip install -r requirements-dev.txt)"
-    if not os.access(CHROMIUM, os.X_OK):
-        return (f"no chromium at {CHROMIUM} (apt-get install chromium, or set "
-                "RETRIEVAL_EXPLORER_CHROMIUM)")
-    return ""
-
-
-needs_browser = pytest.mark.skipif(bool(missing_browser()), reason=missing_browser() or "-")
 pytestmark = pytest.mark.filterwarnings(
     "ignore:.*(no_silent_downcasting|copy keyword):Warning")
 
@@ -149,21 +132,9 @@ def page_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, list[str]]]:
     """A page of headless chromium on a fresh profile, and its uncaught errors."""
-    from playwright import sync_api
-
-    profile = tmp_path_factory.mktemp("chromium-profile")
-    with sync_api.sync_playwright() as playwright:
-        context = playwright.chromium.launch_persistent_context(
-            str(profile), executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS,
-            viewport={"width": 1200, "height": 900})
-        context.set_default_timeout(STEP_MS)
-        page = context.pages[0] if context.pages else context.new_page()
-        errors: list[str] = []
-        page.on("pageerror", lambda error: errors.append(str(error)))
-        try:
-            yield page, errors
-        finally:
-            context.close()
+    with open_browser(tmp_path_factory.mktemp("chromium-profile"), 1200, 900,
+                      STEP_MS) as found:
+        yield found.page, found.errors
 
 
 def pixel(page: Any, x: float, y: float) -> tuple[float, float]:

@@ -7,24 +7,28 @@ last query, the pick or upload) lives in `gr.State`s; everything heavy (backbone
 fitted methods, maps) is shared through the `Explorer`. Slow work runs in the engine: a sweep
 in its own thread, a build the user asks for (another query model, a gallery) in the
 explorer's request queue, which the handlers only follow and cancel.
+
+`PageHandlers` holds the query, browsing, Compare and tuning events; the events of long work
+(`app.builds.BuildEvents`) and of links (`app.links.LinkEvents`) are mixed into it from their
+own modules.
 """
 
 from __future__ import annotations
 
-import contextlib
 import random
 import tempfile
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import gradio as gr
 
 from app import plots
-from app.feedback import engine_errors_as_gradio, gradio_progress, owner
+from app.builds import BuildEvents
+from app.feedback import engine_errors_as_gradio, gradio_progress
+from app.links import LinkEvents
 from app.plot_events import clicked_file, selected_files
-from app.public import PublicUploads, refuse_folder
+from app.public import PublicUploads
 from app.render import (
     QueryView,
     compare_updates,
@@ -35,7 +39,7 @@ from app.render import (
     query_note,
     query_view,
 )
-from app.share import QueryUploads, SharedView, changed_params, decode, encode
+from app.share import QueryUploads
 from app.text import (
     ALL_CLASSES,
     NO_CLASS,
@@ -43,11 +47,9 @@ from app.text import (
     background_text,
     default_grid,
     header_text,
-    opened_text,
     parse_values,
     source_text,
     timings_table,
-    train_label,
     tune_text,
 )
 from app.thumbnails import PREVIEW_SIDE, ThumbnailCache
@@ -56,9 +58,6 @@ from engine import (
     DEFAULT_TOP_N,
     Explorer,
     GallerySession,
-    Job,
-    Plan,
-    PlanStep,
     QueryResult,
     SweepRun,
     Trial,
@@ -69,10 +68,6 @@ from engine import (
     method_title,
     scores_table,
 )
-from engine.errors import EngineError
-
-WAITING, RUNNING, DONE, FAILED = "waiting", "running", "done", "failed"
-"""The states of an engine job (`engine.core.jobs`) the page follows."""
 
 if TYPE_CHECKING:
     from app.layout import PageComponents
@@ -81,13 +76,11 @@ BROWSE_PAGE = 48
 """Gallery images per page of the browser."""
 TUNE_PROTOCOL = "oxford17-split"
 """How a sweep splits the labelled images into queries and gallery (`app.text` says it)."""
-JOB_POLL_SECONDS = 0.5
-"""How often a followed build's progress line is redrawn (only when it changed)."""
 SELECTION_SHOWN = 60
 """Thumbnails shown of a map selection (the file list holds all of it)."""
 
 
-class PageHandlers:
+class PageHandlers(BuildEvents, LinkEvents):
     """The page's event functions, bound to one explorer (plain methods, testable without a UI).
 
     `build_app` sets `ui` (the page's components); handlers return dicts keyed by them.
@@ -396,252 +389,6 @@ class PageHandlers:
             updates[gallery_widget] = gr.Gallery(value=[])
         return updates
 
-    # -- long work the user asks for: another query model, another gallery -----------------------
-    def switch_query_model(self, request: gr.Request | None, key: str, query_model: str,
-                           uploaded: str | None, picked: str | None, query_class: str,
-                           leave_out: bool, top_n: float, plot_method: str, space: str,
-                           *control_values: Any) -> Iterator[dict[Any, Any]]:
-        """Another query model was chosen: open the gallery as that model sees it and switch
-        to it, then run the current query again there.
-
-        A model already built switches at once. Otherwise the build (indexing with the gallery
-        model, training SSP) runs in the explorer's request queue: the page says what it will
-        do and about how long, shows its progress in one line with a Cancel, and stays usable
-        meanwhile; cancelling leaves the page on the gallery it was on.
-        """
-        with engine_errors_as_gradio():
-            base = self.explorer.session(key)
-            if self.explorer.requests is None:
-                session = self.explorer.with_query_model(base.key, query_model)
-            else:
-                job = self.explorer.request_query_model(base.key, query_model)
-                session = yield from self._follow(job, f"{job.title} for {base.title}",
-                                                  {self.ui.query_model: base.query_model})
-        if session is None:
-            return
-        updates = self._switched(session, request)
-        updates.update(self._rerun(session, uploaded, picked, query_class, leave_out, top_n,
-                                   plot_method, space))
-        yield {**updates, **self._job_hidden()}
-
-    def open_folder(self, folder: str) -> Iterator[dict[Any, Any]]:
-        """Open a gallery folder on the server (inside the allowed folders; never on a public
-        page, which does not even wire this handler), in the request queue as above."""
-        with engine_errors_as_gradio():
-            if self.public is not None:
-                refuse_folder()
-        if not folder or not folder.strip():
-            raise gr.Error("Type the path of a folder of images on the server.",
-                           print_exception=False)
-        with engine_errors_as_gradio():
-            if self.explorer.requests is None:
-                session = self.explorer.open_folder(folder.strip())
-            else:
-                job = self.explorer.request_gallery(folder.strip())
-                session = yield from self._follow(job, "Opening a folder", {})
-        if session is not None:
-            yield {**self._opened(session, None), **self._job_hidden()}
-
-    def open_zip(self, request: gr.Request | None, archive: str | None
-                 ) -> Iterator[dict[Any, Any]]:
-        """Extract an uploaded zip (safely) and open it as a gallery, listed by its file name;
-        on a public page into the session's own temporary folder, under the public limits."""
-        if not archive:
-            raise gr.Error("Choose a .zip of images first.", print_exception=False)
-        name = Path(archive).name
-        visitor = owner(request)
-        with engine_errors_as_gradio():
-            if self.public is not None:
-                def work(progress: Callable[[float, str], None]) -> GallerySession:
-                    return self.public.open_zip(archive, visitor, progress=progress)
-
-                if self.explorer.requests is None:
-                    session = work(lambda fraction, message: None)
-                else:
-                    plan = Plan.of(PlanStep(f"extracts and indexes {name}", None))
-                    job = self.explorer.request(("public zip", visitor, archive),
-                                                f"Opening {name}", plan, work)
-                    session = yield from self._follow(job, f"Opening {name}", {})
-            elif self.explorer.requests is None:
-                session = self.explorer.open_zip(archive)
-            else:
-                root = self.explorer.extract_upload(archive)
-                job = self.explorer.request_gallery(root, check_allowed=False)
-                session = yield from self._follow(job, f"Opening {name}", {})
-        if session is not None:
-            yield {**self._opened(session, request), **self._job_hidden()}
-
-    def _follow(self, job: Job, title: str, on_cancel: dict[Any, Any]
-                ) -> Iterator[dict[Any, Any]]:
-        """Follow a build the user asked for (a job of the explorer's request queue),
-        yielding its one progress line with its plan; returns its result (a session), or None
-        when it was cancelled (then `on_cancel` is shown with a message). A job with nothing
-        long to do (an empty plan) is waited for without a line.
-
-        Closing this generator (the page's Cancel cancels the event) cancels the job: the
-        engine stops it at its next progress report and keeps nothing half-built.
-        """
-        ui = self.ui
-        plan = job.plan or Plan()
-        shown = None
-        try:
-            while job.state in (WAITING, RUNNING):
-                if plan.steps:
-                    line = f"**{title}**: {plan.text()}.  \nNow: {job.describe()}"
-                    if line != shown:
-                        yield {ui.job_row: gr.Row(visible=True), ui.job_status: line,
-                               ui.job: list(job.key)}
-                        shown = line
-                time.sleep(JOB_POLL_SECONDS)
-        finally:
-            if job.state in (WAITING, RUNNING):
-                self._cancel(job.key)
-        hidden = {ui.job_row: gr.Row(visible=False), ui.job_status: "", ui.job: None}
-        if job.state == FAILED:
-            yield hidden
-            raise gr.Error(job.error, print_exception=False)
-        if job.state != DONE:
-            yield {**hidden, **on_cancel,
-                   ui.message: f"Cancelled: {title}. Nothing was changed; choose it again to "
-                               "start over."}
-            return None
-        if shown is not None:  # the line stays until the caller's last update hides it
-            yield {ui.job_status: f"**{title}**: done; opening it..."}
-        return job.result
-
-    def _job_hidden(self) -> dict[Any, Any]:
-        """The updates that hide the job line (part of a build's last update)."""
-        return {self.ui.job_row: gr.Row(visible=False), self.ui.job_status: "",
-                self.ui.job: None}
-
-    def _cancel(self, job_key: Any) -> None:
-        requests = self.explorer.requests
-        if job_key is not None and requests is not None:
-            requests.cancel(tuple(job_key))
-
-    def cancel_request(self, job_key: Any, key: str) -> dict[Any, Any]:
-        """The job line's Cancel: stop the user's build. Its event is cancelled with it (so
-        that event says nothing more): the line hides and the page says so here, with the
-        query model back on the gallery's own."""
-        self._cancel(job_key)
-        updates: dict[Any, Any] = {self.ui.job_row: gr.Row(visible=False),
-                                   self.ui.job_status: "", self.ui.job: None}
-        if job_key is not None:
-            updates[self.ui.message] = ("Cancelled. Nothing was changed; choose it again to "
-                                        "start over.")
-        with contextlib.suppress(EngineError):
-            updates[self.ui.query_model] = gr.update(
-                value=self.explorer.session(key).query_model)
-        return updates
-
-    def _switched(self, session: GallerySession, request: gr.Request | None
-                  ) -> dict[Any, Any]:
-        updates = self.switch_gallery(session.key)
-        updates[self.ui.gallery] = gr.Dropdown(choices=self.gallery_choices(request),
-                                               value=session.key)
-        return updates
-
-    def _rerun(self, session: GallerySession, uploaded: str | None, picked: str | None,
-               query_class: str, leave_out: bool, top_n: float, plot_method: str, space: str
-               ) -> dict[Any, Any]:
-        """The current query (a pick or an upload) run again on `session` with its default
-        settings (the controls show them after a switch); nothing when there is none."""
-        ui = self.ui
-        if picked:
-            with engine_errors_as_gradio():
-                path = session.gallery.path_of(session.position_of(picked))
-            result = self._run_query(session.key, None, picked, None, leave_out, top_n, None)
-            return {**self.render_query(result, plot_method, space), ui.picked: picked,
-                    ui.query_image: str(self.thumbnails.get(path, side=PREVIEW_SIDE))}
-        if uploaded:
-            result = self._run_query(session.key, uploaded, None, query_class, leave_out,
-                                     top_n, None)
-            return {**self.render_query(result, plot_method, space), ui.uploaded: uploaded,
-                    ui.query_image: str(self.thumbnails.get(Path(uploaded),
-                                                            side=PREVIEW_SIDE)),
-                    ui.query_class: gr.update(value=query_class)}
-        return {}
-
-    def end_session(self, request: gr.Request) -> None:
-        """A browser session ended (its tab closed): a public page deletes its uploads."""
-        if self.public is not None:
-            self.public.release(owner(request))
-
-    def gallery_choices(self, request: gr.Request | None = None) -> list[tuple[str, str]]:
-        """The galleries a session may choose (on a public page, not others' uploads)."""
-        if self.public is None:
-            return self.explorer.choices()
-        return self.public.choices(owner(request))
-
-    def _opened(self, session: GallerySession, request: gr.Request | None) -> dict[Any, Any]:
-        with engine_errors_as_gradio():
-            session.prepare_views()
-        updates = self._switched(session, request)
-        updates[self.ui.gallery_status] = opened_text(session, show_root=self.public is None)
-        updates[self.ui.open_panel] = gr.Accordion(open=False)
-        return updates
-
-    # -- background work -------------------------------------------------------------------------
-    def train_button(self, session: GallerySession, method: str) -> Any:
-        """The tab's "Train now (about 40 s)": shown while a learned method waits in the
-        background queue for its training here."""
-        hidden = gr.Button(visible=False)
-        if (session.jobs is None or not get_reranker_class(method).learns
-                or method in session.unavailable or session.fitted(method) is not None):
-            return hidden
-        job = session.fit_job(method)
-        if job is not None and job.state != "waiting":
-            return hidden
-        cached = (session.key, method)
-        if cached not in self._fit_estimates:
-            with engine_errors_as_gradio():
-                self._fit_estimates[cached] = session.fit_estimate(method)
-        return gr.Button(value=train_label(self._fit_estimates[cached]), visible=True)
-
-    def train_now(self, method: str, key: str) -> dict[Any, Any]:
-        """Train a learned method next (ahead of the other background work)."""
-        session = self.session(key)
-        with engine_errors_as_gradio():
-            session.train_now(method)
-        tab = self.ui.tabs[method]
-        return {tab.state: session.state_text(method), tab.train: gr.Button(visible=False)}
-
-    def refresh_states(self, key: str, seen: tuple | None, view: QueryView | None,
-                       plot_method: str, space: str) -> dict[Any, Any]:
-        """The timer's tick: while background jobs change, redraw each tab's state and train
-        button, the background line and the Compare table; when a map becomes ready, the map
-        and its choices. Nothing is sent when nothing changed."""
-        ui = self.ui
-        jobs = self.explorer.jobs
-        unchanged = {ui.jobs_seen: seen}  # Gradio takes an empty dict for one missing value
-        try:
-            session = self.explorer.session(key)
-        except EngineError:
-            return unchanged
-        if jobs is None:
-            return unchanged
-        spaces = tuple(name for name, _ in session.map_spaces()
-                       if session.embedding_map(name, fit=False) is not None)
-        now = (session.key, jobs.version, spaces)
-        if seen == now:
-            return unchanged
-        updates: dict[Any, Any] = {ui.jobs_seen: now, ui.background: background_text(session)}
-        for method in self.method_names:
-            updates[ui.tabs[method].state] = session.state_text(method)
-            updates[ui.tabs[method].train] = self.train_button(session, method)
-        updates[ui.compare_table] = self.compare_rows(session)
-        if seen is None or seen[0] != session.key or seen[2] != spaces:
-            choices = [(title, name) for name, title in session.map_spaces()]
-            shown = space if space in dict(choices) else "backbone"
-            updates[ui.space] = gr.Radio(choices=choices, value=shown)
-            if view is None or view.result.gallery_key != session.key:
-                updates[ui.map_plot] = map_figure(session, None, BASELINE, shown,
-                                                  self.thumbnails)
-            else:
-                updates[ui.map_plot] = map_figure(session, view, plot_method, shown,
-                                                  self.thumbnails)
-        return updates
-
     # -- compare ---------------------------------------------------------------------------------
     def compare_rows(self, session: GallerySession, params: dict[str, dict] | None = None,
                      compute: bool = False, progress: Any = None) -> list[list[Any]]:
@@ -739,116 +486,3 @@ class PageHandlers:
         return {tab.source: source_text(method, stored, "preset"),
                 **{control: stored[name]
                    for control, name in zip(tab.controls, tab.param_names, strict=True)}}
-
-    # -- the view as a link ----------------------------------------------------------------------
-    def select_tab(self, event: gr.SelectData) -> str:
-        """The id of the tab the user selected (its position among `tab_ids`)."""
-        ids = self.tab_ids
-        return ids[event.index] if 0 <= event.index < len(ids) else ids[0]
-
-    def share_link(self, key: str, view: QueryView | None, uploaded: str | None,
-                   tab: str, *control_values: Any) -> str:
-        """The view as a URL query string: the gallery, the query (a pick, or an upload this
-        page kept), its class when given for an upload, the tab and the parameters that differ
-        from the gallery's setting."""
-        try:
-            session = self.explorer.session(key)
-        except EngineError:
-            return ""
-        params = {}
-        for method, values in self.all_params(control_values).items():
-            changed = changed_params(values, session.params_for(method)[0])
-            if changed:
-                params[method] = changed
-        file = upload = query_class = None
-        if view is not None and view.result.gallery_key == session.key:
-            file = view.result.source_file
-            if file is None and uploaded and self.query_uploads is not None:
-                upload = Path(uploaded).stem
-                query_class = view.result.query_class
-        return encode(SharedView(gallery=session.key, file=file, upload=upload,
-                                 query_class=query_class, tab=tab, params=params))
-
-    def restore(self, request: gr.Request | None, *defaults: Any) -> dict[Any, Any]:
-        """On load: reopen the view the page's URL names (see `app.share`); a part that no
-        longer exists is skipped with a message. `defaults`: the page's plot choices and
-        leave-out and top-N values (plot method, space, leave_out, top_n)."""
-        ui = self.ui
-        plot_method, space, leave_out, top_n = defaults
-        query = dict(request.query_params) if request is not None else {}
-        shared = decode(query, self.method_names)
-        updates: dict[Any, Any] = {}
-        notes = []
-        key = None
-        if shared.gallery:
-            # a public page's visitor may open only the galleries offered to them
-            offered = {choice for _, choice in self.gallery_choices(request)}
-            if shared.gallery in offered:
-                key = shared.gallery
-            else:
-                notes.append("the link's gallery is not open on this server")
-        session = self.session(key)
-        if key is not None and key != self.explorer.default_key:
-            updates.update(self._switched(session, request))
-        updates.update(self.browse(session.key, ALL_CLASSES, 1))
-        params: dict[str, dict[str, Any]] = {}
-        for method, values in shared.params.items():
-            tab = ui.tabs[method]
-            try:
-                resolved, _ = session.resolve(method, {**session.params_for(method)[0],
-                                                       **_numbers(values)})
-            except EngineError as error:
-                notes.append(f"{method_title(method)}'s parameters in the link: {error}")
-                continue
-            params[method] = resolved
-            for control, name in zip(tab.controls, tab.param_names, strict=True):
-                updates[control] = resolved[name]
-        if shared.tab in self.tab_ids:
-            updates[ui.method_tabs] = gr.Tabs(selected=shared.tab)
-            updates[ui.current_tab] = shared.tab
-        chosen = {method: params.get(method, session.params_for(method)[0])
-                  for method in self.method_names}
-        try:
-            if shared.file:
-                updates.update(self.pick(session.key, shared.file, leave_out, top_n,
-                                         plot_method, space, *self._flat(chosen)))
-            elif shared.upload and self.query_uploads is not None:
-                kept = self.query_uploads.find(shared.upload)
-                if kept is None:
-                    notes.append("the link's uploaded query is no longer kept here")
-                else:
-                    query_class = shared.query_class or NO_CLASS
-                    updates.update(self.search(session.key, str(kept), None, query_class,
-                                               leave_out, top_n, plot_method, space,
-                                               *self._flat(chosen)))
-                    updates.update({ui.uploaded: str(kept), ui.query_class: query_class,
-                                    ui.query_image: str(self.thumbnails.get(
-                                        kept, side=PREVIEW_SIDE))})
-        except gr.Error as error:
-            notes.append(f"the link's query: {error.message}")
-        if notes:
-            updates[ui.message] = "⚠️ Reopening the link: " + "; ".join(notes) + "."
-        return updates
-
-    def _flat(self, params: dict[str, dict[str, Any]]) -> list[Any]:
-        """Per-method parameters as the flat list of every tab's control values."""
-        return [params[method][name] for method in self.method_names
-                for name in self.ui.tabs[method].param_names]
-
-
-def _numbers(values: dict[str, str]) -> dict[str, Any]:
-    """A link's parameter values as numbers where they are numbers ("true"/"false" as
-    booleans); the engine validates them."""
-    parsed: dict[str, Any] = {}
-    for name, text in values.items():
-        lowered = text.strip().lower()
-        if lowered in ("true", "false"):
-            parsed[name] = lowered == "true"
-            continue
-        try:
-            number = float(text)
-        except ValueError:
-            parsed[name] = text
-            continue
-        parsed[name] = int(number) if number.is_integer() else number
-    return parsed

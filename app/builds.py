@@ -1,0 +1,306 @@
+"""The page's event functions for long work: builds the user asks for (another query model,
+another gallery), followed in one progress line with a Cancel, and the background work's
+states (the timer's redraw, "train now").
+
+`BuildEvents` is part of `app.handlers.PageHandlers` (which it is mixed into): it uses the
+page's components (`ui`), the explorer, the thumbnails and the query events (`search`,
+`render_query`, `switch_gallery`, ...) defined there. The builds run in the engine's request
+queue; these functions only start, follow and cancel them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import gradio as gr
+
+from app.feedback import engine_errors_as_gradio, owner
+from app.public import PublicUploads, refuse_folder
+from app.render import QueryView, map_figure
+from app.text import background_text, opened_text, train_label
+from app.thumbnails import PREVIEW_SIDE, ThumbnailCache
+from engine import (
+    BASELINE,
+    Explorer,
+    GallerySession,
+    Job,
+    Plan,
+    PlanStep,
+    QueryResult,
+    get_reranker_class,
+)
+from engine.errors import EngineError
+
+if TYPE_CHECKING:
+    from app.layout import PageComponents
+
+WAITING, RUNNING, DONE, FAILED = "waiting", "running", "done", "failed"
+"""The states of an engine job (`engine.core.jobs`) the page follows."""
+JOB_POLL_SECONDS = 0.5
+"""How often a followed build's progress line is redrawn (only when it changed)."""
+
+
+class BuildEvents:
+    """Builds the user asks for and the background work's states (mixed into PageHandlers)."""
+
+    explorer: Explorer
+    public: PublicUploads | None
+    thumbnails: ThumbnailCache
+    method_names: list[str]
+    _fit_estimates: dict[tuple[str, str], float | None]
+    ui: PageComponents
+    session: Callable[[str | None], GallerySession]
+    switch_gallery: Callable[[str], dict[Any, Any]]
+    render_query: Callable[[QueryResult, str, str], dict[Any, Any]]
+    compare_rows: Callable[..., list[list[Any]]]
+    _run_query: Callable[..., QueryResult]
+
+    # -- long work the user asks for: another query model, another gallery -----------------------
+    def switch_query_model(self, request: gr.Request | None, key: str, query_model: str,
+                           uploaded: str | None, picked: str | None, query_class: str,
+                           leave_out: bool, top_n: float, plot_method: str, space: str,
+                           *control_values: Any) -> Iterator[dict[Any, Any]]:
+        """Another query model was chosen: open the gallery as that model sees it and switch
+        to it, then run the current query again there.
+
+        A model already built switches at once. Otherwise the build (indexing with the gallery
+        model, training SSP) runs in the explorer's request queue: the page says what it will
+        do and about how long, shows its progress in one line with a Cancel, and stays usable
+        meanwhile; cancelling leaves the page on the gallery it was on.
+        """
+        with engine_errors_as_gradio():
+            base = self.explorer.session(key)
+            if self.explorer.requests is None:
+                session = self.explorer.with_query_model(base.key, query_model)
+            else:
+                job = self.explorer.request_query_model(base.key, query_model)
+                session = yield from self._follow(job, f"{job.title} for {base.title}",
+                                                  {self.ui.query_model: base.query_model})
+        if session is None:
+            return
+        updates = self._switched(session, request)
+        updates.update(self._rerun(session, uploaded, picked, query_class, leave_out, top_n,
+                                   plot_method, space))
+        yield {**updates, **self._job_hidden()}
+
+    def open_folder(self, folder: str) -> Iterator[dict[Any, Any]]:
+        """Open a gallery folder on the server (inside the allowed folders; never on a public
+        page, which does not even wire this handler), in the request queue as above."""
+        with engine_errors_as_gradio():
+            if self.public is not None:
+                refuse_folder()
+        if not folder or not folder.strip():
+            raise gr.Error("Type the path of a folder of images on the server.",
+                           print_exception=False)
+        with engine_errors_as_gradio():
+            if self.explorer.requests is None:
+                session = self.explorer.open_folder(folder.strip())
+            else:
+                job = self.explorer.request_gallery(folder.strip())
+                session = yield from self._follow(job, "Opening a folder", {})
+        if session is not None:
+            yield {**self._opened(session, None), **self._job_hidden()}
+
+    def open_zip(self, request: gr.Request | None, archive: str | None
+                 ) -> Iterator[dict[Any, Any]]:
+        """Extract an uploaded zip (safely) and open it as a gallery, listed by its file name;
+        on a public page into the session's own temporary folder, under the public limits."""
+        if not archive:
+            raise gr.Error("Choose a .zip of images first.", print_exception=False)
+        name = Path(archive).name
+        visitor = owner(request)
+        with engine_errors_as_gradio():
+            if self.public is not None:
+                def work(progress: Callable[[float, str], None]) -> GallerySession:
+                    return self.public.open_zip(archive, visitor, progress=progress)
+
+                if self.explorer.requests is None:
+                    session = work(lambda fraction, message: None)
+                else:
+                    plan = Plan.of(PlanStep(f"extracts and indexes {name}", None))
+                    job = self.explorer.request(("public zip", visitor, archive),
+                                                f"Opening {name}", plan, work)
+                    session = yield from self._follow(job, f"Opening {name}", {})
+            elif self.explorer.requests is None:
+                session = self.explorer.open_zip(archive)
+            else:
+                root = self.explorer.extract_upload(archive)
+                job = self.explorer.request_gallery(root, check_allowed=False)
+                session = yield from self._follow(job, f"Opening {name}", {})
+        if session is not None:
+            yield {**self._opened(session, request), **self._job_hidden()}
+
+    def _follow(self, job: Job, title: str, on_cancel: dict[Any, Any]
+                ) -> Iterator[dict[Any, Any]]:
+        """Follow a build the user asked for (a job of the explorer's request queue),
+        yielding its one progress line with its plan; returns its result (a session), or None
+        when it was cancelled (then `on_cancel` is shown with a message). A job with nothing
+        long to do (an empty plan) is waited for without a line.
+
+        Closing this generator (the page's Cancel cancels the event) cancels the job: the
+        engine stops it at its next progress report and keeps nothing half-built.
+        """
+        ui = self.ui
+        plan = job.plan or Plan()
+        shown = None
+        try:
+            while job.state in (WAITING, RUNNING):
+                if plan.steps:
+                    line = f"**{title}**: {plan.text()}.  \nNow: {job.describe()}"
+                    if line != shown:
+                        yield {ui.job_row: gr.Row(visible=True), ui.job_status: line,
+                               ui.job: list(job.key)}
+                        shown = line
+                time.sleep(JOB_POLL_SECONDS)
+        finally:
+            if job.state in (WAITING, RUNNING):
+                self._cancel(job.key)
+        hidden = {ui.job_row: gr.Row(visible=False), ui.job_status: "", ui.job: None}
+        if job.state == FAILED:
+            yield hidden
+            raise gr.Error(job.error, print_exception=False)
+        if job.state != DONE:
+            yield {**hidden, **on_cancel,
+                   ui.message: f"Cancelled: {title}. Nothing was changed; choose it again to "
+                               "start over."}
+            return None
+        if shown is not None:  # the line stays until the caller's last update hides it
+            yield {ui.job_status: f"**{title}**: done; opening it..."}
+        return job.result
+
+    def _job_hidden(self) -> dict[Any, Any]:
+        """The updates that hide the job line (part of a build's last update)."""
+        return {self.ui.job_row: gr.Row(visible=False), self.ui.job_status: "",
+                self.ui.job: None}
+
+    def _cancel(self, job_key: Any) -> None:
+        requests = self.explorer.requests
+        if job_key is not None and requests is not None:
+            requests.cancel(tuple(job_key))
+
+    def cancel_request(self, job_key: Any, key: str) -> dict[Any, Any]:
+        """The job line's Cancel: stop the user's build. Its event is cancelled with it (so
+        that event says nothing more): the line hides and the page says so here, with the
+        query model back on the gallery's own."""
+        self._cancel(job_key)
+        updates: dict[Any, Any] = {self.ui.job_row: gr.Row(visible=False),
+                                   self.ui.job_status: "", self.ui.job: None}
+        if job_key is not None:
+            updates[self.ui.message] = ("Cancelled. Nothing was changed; choose it again to "
+                                        "start over.")
+        with contextlib.suppress(EngineError):
+            updates[self.ui.query_model] = gr.update(
+                value=self.explorer.session(key).query_model)
+        return updates
+
+    def _switched(self, session: GallerySession, request: gr.Request | None
+                  ) -> dict[Any, Any]:
+        updates = self.switch_gallery(session.key)
+        updates[self.ui.gallery] = gr.Dropdown(choices=self.gallery_choices(request),
+                                               value=session.key)
+        return updates
+
+    def _rerun(self, session: GallerySession, uploaded: str | None, picked: str | None,
+               query_class: str, leave_out: bool, top_n: float, plot_method: str, space: str
+               ) -> dict[Any, Any]:
+        """The current query (a pick or an upload) run again on `session` with its default
+        settings (the controls show them after a switch); nothing when there is none."""
+        ui = self.ui
+        if picked:
+            with engine_errors_as_gradio():
+                path = session.gallery.path_of(session.position_of(picked))
+            result = self._run_query(session.key, None, picked, None, leave_out, top_n, None)
+            return {**self.render_query(result, plot_method, space), ui.picked: picked,
+                    ui.query_image: str(self.thumbnails.get(path, side=PREVIEW_SIDE))}
+        if uploaded:
+            result = self._run_query(session.key, uploaded, None, query_class, leave_out,
+                                     top_n, None)
+            return {**self.render_query(result, plot_method, space), ui.uploaded: uploaded,
+                    ui.query_image: str(self.thumbnails.get(Path(uploaded),
+                                                            side=PREVIEW_SIDE)),
+                    ui.query_class: gr.update(value=query_class)}
+        return {}
+
+    def end_session(self, request: gr.Request) -> None:
+        """A browser session ended (its tab closed): a public page deletes its uploads."""
+        if self.public is not None:
+            self.public.release(owner(request))
+
+    def gallery_choices(self, request: gr.Request | None = None) -> list[tuple[str, str]]:
+        """The galleries a session may choose (on a public page, not others' uploads)."""
+        if self.public is None:
+            return self.explorer.choices()
+        return self.public.choices(owner(request))
+
+    def _opened(self, session: GallerySession, request: gr.Request | None) -> dict[Any, Any]:
+        with engine_errors_as_gradio():
+            session.prepare_views()
+        updates = self._switched(session, request)
+        updates[self.ui.gallery_status] = opened_text(session, show_root=self.public is None)
+        updates[self.ui.open_panel] = gr.Accordion(open=False)
+        return updates
+
+    # -- background work -------------------------------------------------------------------------
+    def train_button(self, session: GallerySession, method: str) -> Any:
+        """The tab's "Train now (about 40 s)": shown while a learned method waits in the
+        background queue for its training here."""
+        hidden = gr.Button(visible=False)
+        if (session.jobs is None or not get_reranker_class(method).learns
+                or method in session.unavailable or session.fitted(method) is not None):
+            return hidden
+        job = session.fit_job(method)
+        if job is not None and job.state != "waiting":
+            return hidden
+        cached = (session.key, method)
+        if cached not in self._fit_estimates:
+            with engine_errors_as_gradio():
+                self._fit_estimates[cached] = session.fit_estimate(method)
+        return gr.Button(value=train_label(self._fit_estimates[cached]), visible=True)
+
+    def train_now(self, method: str, key: str) -> dict[Any, Any]:
+        """Train a learned method next (ahead of the other background work)."""
+        session = self.session(key)
+        with engine_errors_as_gradio():
+            session.train_now(method)
+        tab = self.ui.tabs[method]
+        return {tab.state: session.state_text(method), tab.train: gr.Button(visible=False)}
+
+    def refresh_states(self, key: str, seen: tuple | None, view: QueryView | None,
+                       plot_method: str, space: str) -> dict[Any, Any]:
+        """The timer's tick: while background jobs change, redraw each tab's state and train
+        button, the background line and the Compare table; when a map becomes ready, the map
+        and its choices. Nothing is sent when nothing changed."""
+        ui = self.ui
+        jobs = self.explorer.jobs
+        unchanged = {ui.jobs_seen: seen}  # Gradio takes an empty dict for one missing value
+        try:
+            session = self.explorer.session(key)
+        except EngineError:
+            return unchanged
+        if jobs is None:
+            return unchanged
+        spaces = tuple(name for name, _ in session.map_spaces()
+                       if session.embedding_map(name, fit=False) is not None)
+        now = (session.key, jobs.version, spaces)
+        if seen == now:
+            return unchanged
+        updates: dict[Any, Any] = {ui.jobs_seen: now, ui.background: background_text(session)}
+        for method in self.method_names:
+            updates[ui.tabs[method].state] = session.state_text(method)
+            updates[ui.tabs[method].train] = self.train_button(session, method)
+        updates[ui.compare_table] = self.compare_rows(session)
+        if seen is None or seen[0] != session.key or seen[2] != spaces:
+            choices = [(title, name) for name, title in session.map_spaces()]
+            shown = space if space in dict(choices) else "backbone"
+            updates[ui.space] = gr.Radio(choices=choices, value=shown)
+            if view is None or view.result.gallery_key != session.key:
+                updates[ui.map_plot] = map_figure(session, None, BASELINE, shown,
+                                                  self.thumbnails)
+            else:
+                updates[ui.map_plot] = map_figure(session, view, plot_method, shown,
+                                                  self.thumbnails)
+        return updates

@@ -32,7 +32,7 @@ import csv
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,9 +50,10 @@ from engine.core.storage import (
     sha256_file,
 )
 from engine.core.types import GalleryContext, KnnGraph, RerankResult, check_features
-from engine.errors import CacheError, EmptyGalleryError, InvalidInputError
+from engine.errors import CacheError, EmptyGalleryError, InvalidInputError, UnsafePathError
 from engine.features.backbone import FeatureExtractor, FeatureMeta, get_extractor
 from engine.features.images import list_image_files
+from engine.search.features_file import load_features_file
 from engine.search.index import SearchIndex
 
 logger = logging.getLogger(__name__)
@@ -163,6 +164,9 @@ class Gallery:
     files: relative posix paths of the embedded images, row-aligned with `features`.
     labels: (G,) int64 with -1 for unlabelled files, or None when the gallery has no labels.
     skipped: {relative path: reason} for files that could not be decoded.
+    source: the features file of a gallery opened from features (`open_features`), else None.
+        Its `root` is then the image folder given for thumbnails, or the features file itself
+        when there is none (so that `path_of` names a path that never exists).
     """
 
     root: Path
@@ -176,10 +180,17 @@ class Gallery:
     labels: np.ndarray | None = None
     class_names: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
+    source: Path | None = None
 
     @property
     def size(self) -> int:
         return len(self.files)
+
+    @property
+    def has_images(self) -> bool:
+        """Whether its items are image files (a features gallery without an image folder has
+        none: queries must be its items or features)."""
+        return self.source is None or self.root.is_dir()
 
     @property
     def state_dir(self) -> Path:
@@ -187,6 +198,8 @@ class Gallery:
         return self.cache_dir / "state"
 
     def path_of(self, position: int) -> Path:
+        """The image file of a row; for a features gallery without images, a path under the
+        features file, which never exists (the page draws a tile with its name)."""
         return self.root / self.files[position]
 
     def class_of(self, position: int) -> str | None:
@@ -261,6 +274,65 @@ class Gallery:
         return cls(root=root, files=kept_files, features=features, meta=meta,
                    fingerprint=gallery_fingerprint, cache_dir=cache_dir, index=index, knn=knn,
                    labels=label_array, class_names=class_names, skipped=skipped)
+
+    @classmethod
+    def open_features(cls, path: str | os.PathLike, *, names: Sequence[str] | None = None,
+                      labels: Sequence[int] | np.ndarray | None = None,
+                      images: str | os.PathLike | None = None, metric: str = "cosine",
+                      normalize: str = "warn", cache_root: str | os.PathLike | None = None,
+                      device: str = "auto", knn_depth: int = DEFAULT_KNN_DEPTH,
+                      index_kind: str = "flat") -> Gallery:
+        """A gallery of the vectors in a features file (`features_file.load_features_file`
+        reads and checks it: formats, metric and `normalize` are described there).
+
+        The index and kNN graph are built and cached as for an image folder, in a cache folder
+        of the file's path; they are keyed on the file's content hash, names and labels, so a
+        changed file rebuilds them. Nothing in the cache is touched before the file passed its
+        checks.
+
+        Args:
+            names, labels: override the file's item names and labels.
+            images: a folder of the items' images, for thumbnails only: names are paths
+                relative to it.
+        """
+        loaded = load_features_file(path, names=names, labels=labels, metric=metric,
+                                    normalize=normalize)
+        root = loaded.path
+        if images is not None:
+            root = Path(images).expanduser().resolve()
+            if not root.is_dir():
+                raise InvalidInputError(f"image folder {root} does not exist or is not a folder")
+            for name in loaded.names:
+                if Path(name).is_absolute() or ".." in Path(name).parts:
+                    raise UnsafePathError(f"item name {name!r} must be a path relative to the "
+                                          f"image folder {root.name}")
+            missing = sum(not (root / name).is_file() for name in loaded.names)
+            if missing:
+                logger.warning("%d of %d items of %s have no image in %s (shown as tiles)",
+                               missing, len(loaded.names), loaded.path.name, root)
+        meta = loaded.meta
+        cache_dir = (Path(cache_root) if cache_root else default_cache_root()) / "galleries" / (
+            f"{loaded.path.name}-{fingerprint([str(loaded.path), 'features file'])}")
+        for stale in remove_stale_temporaries(cache_dir):
+            logger.info("removed %s, left by an interrupted write", stale)
+        gallery_fingerprint = fingerprint({
+            "version": CACHE_VERSION, "meta": meta.fingerprint, "files": loaded.names,
+            "labels": None if loaded.labels is None else loaded.labels.tolist(),
+            "normalised": loaded.normalised})
+        index, knn, checksums = _index_and_graph(cache_dir, gallery_fingerprint,
+                                                 loaded.features, knn_depth, index_kind, device)
+        save_state(cache_dir / "manifest", kind=INDEX_STATE, version=MANIFEST_FORMAT,
+                   fingerprint=gallery_fingerprint, file_records=checksums, metadata={
+                       "version": CACHE_VERSION, "root": str(root),
+                       "features_file": str(loaded.path), "meta": meta.to_dict(),
+                       "n_images": len(loaded.names), "n_skipped": 0,
+                       "index_kind": index_kind, "knn_depth": knn.depth})
+        logger.info("opened features file %s: %d items of %d dimensions (%s%s)",
+                    loaded.path, len(loaded.names), meta.dim, loaded.features.dtype,
+                    ", memory-mapped" if loaded.memory_mapped else "")
+        return cls(root=root, files=loaded.names, features=loaded.features, meta=meta,
+                   fingerprint=gallery_fingerprint, cache_dir=cache_dir, index=index, knn=knn,
+                   labels=loaded.labels, class_names=loaded.class_names, source=loaded.path)
 
 
 def gallery_cache_dir(root: Path, meta: FeatureMeta, cache_root: str | os.PathLike | None

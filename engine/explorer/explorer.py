@@ -137,6 +137,7 @@ class Explorer:
         base = self.session(self.session(key).base_key)
         if spec.gallery_backbone is None:
             return base
+        _check_embeddable(base, f"the {spec.title} query model")
         variant_key = f"{base.key}@{query_model}"
         with self._lock:
             gate = self._variant_locks.setdefault(variant_key, threading.Lock())
@@ -186,7 +187,8 @@ class Explorer:
             gate = self._open_locks.setdefault(root, threading.Lock())
         with gate:
             for session in self.galleries.values():
-                if session.gallery.root == root and session.key == session.base_key:
+                if (session.gallery.root == root and session.key == session.base_key
+                        and session.gallery.source is None):
                     session.name = name or session.name
                     return session
             gallery = Gallery.open(root, extractor=self.extractor, cache_root=self.cache_root,
@@ -201,6 +203,40 @@ class Explorer:
                         gallery.size, len(gallery.class_names), len(gallery.skipped))
             return session
 
+    def open_features(self, path: str | os.PathLike, *, images: str | os.PathLike | None = None,
+                      names: Sequence[str] | None = None,
+                      labels: Sequence[int] | np.ndarray | None = None, metric: str = "cosine",
+                      normalize: str = "warn", progress: ProgressCallback | None = None,
+                      check_allowed: bool = True, name: str | None = None) -> GallerySession:
+        """Open a gallery from a features file (`Gallery.open_features`), titled by the file's
+        name (or `name`). With `check_allowed`, the file and the image folder must lie inside
+        one of `allowed_roots`. Its queries are its own items or query features: an image
+        cannot be embedded into another model's feature space (`query`)."""
+        source = Path(path).expanduser().resolve()
+        if check_allowed:
+            resolve_allowed_folder(source.parent, self.allowed_roots)
+            if images is not None:
+                images = resolve_allowed_folder(images, self.allowed_roots)
+        with self._lock:
+            gate = self._open_locks.setdefault(source, threading.Lock())
+        with gate:
+            gallery = Gallery.open_features(source, names=names, labels=labels, images=images,
+                                            metric=metric, normalize=normalize,
+                                            cache_root=self.cache_root, device=self.device)
+            key = gallery.cache_dir.name
+            known = self.galleries.get(key)
+            if known is not None and known.gallery.fingerprint == gallery.fingerprint:
+                known.name = name or known.name
+                return known
+            session = GallerySession(key, gallery, self.device, self.method_names,
+                                     jobs=self.jobs, name=name or source.name)
+            self._prepare(session, progress)
+            with self._lock:
+                self.galleries[key] = session
+            logger.info("opened features gallery %s: %d items, %d classes", source,
+                        gallery.size, len(gallery.class_names))
+            return session
+
     def _gallery_root(self, folder: str | os.PathLike, check_allowed: bool) -> Path:
         if check_allowed:
             return resolve_allowed_folder(folder, self.allowed_roots)
@@ -213,7 +249,7 @@ class Explorer:
         then a matter of seconds). Reads the folder and the feature cache, embeds nothing."""
         root = self._gallery_root(folder, check_allowed)
         if any(session.gallery.root == root and session.key == session.base_key
-               for session in list(self.galleries.values())):
+               and session.gallery.source is None for session in list(self.galleries.values())):
             return Plan()
         scan = scan_gallery(root, self.extractor.meta, self.cache_root)
         return Plan.of(self._indexing_step(scan, self.extractor, self._gallery_name(root)))
@@ -226,6 +262,7 @@ class Explorer:
         base = self.session(self.session(key).base_key)
         if spec.gallery_backbone is None or f"{base.key}@{query_model}" in self.galleries:
             return Plan()
+        _check_embeddable(base, f"the {spec.title} query model")
         extractor = get_extractor(spec.gallery_backbone, device=self.device)
         root = base.gallery.root
         scan = scan_gallery(root, extractor.meta, self.cache_root)
@@ -354,7 +391,7 @@ class Explorer:
             for session in closed:
                 del self.galleries[session.key]
                 self._variant_locks.pop(session.key, None)
-                self._open_locks.pop(session.gallery.root, None)
+                self._open_locks.pop(session.gallery.source or session.gallery.root, None)
         keys = {session.key for session in closed} | {key}
 
         def belongs(job_key: Hashable) -> bool:
@@ -375,7 +412,8 @@ class Explorer:
     # -- queries ---------------------------------------------------------------------------------
     def query(self, key: str | None, image: Any = None, *, source_file: str | None = None,
               query_class: str | None = None, params: Mapping[str, Mapping[str, Any]] | None = None,
-              top_n: int = DEFAULT_TOP_N, leave_out: bool = True) -> QueryResult:
+              top_n: int = DEFAULT_TOP_N, leave_out: bool = True,
+              query_feature: np.ndarray | None = None) -> QueryResult:
         """Embed one image and rank the gallery with the baseline and every method; each
         ranking's shown results carry their cosine similarity to the query, and the result says
         how familiar the query is to the gallery (`Familiarity`).
@@ -389,6 +427,8 @@ class Explorer:
             top_n: results shown per method; the rankings themselves go deeper (full up to
                 `FULL_RANKING_LIMIT`) so that AP is over the whole ranking.
             leave_out: drop a pick's own image from its results (leave-one-out).
+            query_feature: (d,) a query already in the gallery's feature space (from the model
+                that made a features file), instead of an image; normalised to a unit row.
         """
         if isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 1:
             raise InvalidInputError(f"the number of results must be a positive integer, got "
@@ -397,20 +437,33 @@ class Explorer:
         session = self.session(key)
         gallery = session.gallery
         source_row = None if source_file is None else session.position_of(source_file)
-        if image is None:
+        if query_feature is not None and (image is not None or source_row is not None):
+            raise InvalidInputError("give one query: an image, a gallery item or a feature")
+        if image is not None and gallery.source is not None:
+            raise InvalidInputError(
+                "this gallery was opened from features of another model; query with one of "
+                "its items or with a query feature (an image cannot be embedded into its "
+                "feature space)")
+        if image is None and query_feature is None:
             if source_row is None:
                 raise InvalidInputError("give a query image or the name of a gallery image")
-            image = gallery.path_of(source_row)
+            if gallery.source is None:
+                image = gallery.path_of(source_row)
         leave_out = bool(leave_out) and source_row is not None
         if gallery.size - leave_out < 1:
             raise InvalidInputError("the gallery has no other image to return")
         timings: dict[str, float] = {}
         started = time.perf_counter()
-        feature, imagenet = self.embed_query(session, image)
+        imagenet: list[tuple[str, float]] = []
+        if query_feature is not None:
+            feature = _unit_query(query_feature, gallery.meta.dim)
+        elif image is not None:
+            feature, imagenet = self.embed_query(session, image)
         timings["embed"] = time.perf_counter() - started
         if source_row is not None:
             if not session.asymmetric:
-                feature = gallery.features[source_row]  # the row every method was fitted on
+                # the row every method was fitted on
+                feature = np.asarray(gallery.features[source_row], np.float32)
             query_label = None if gallery.labels is None else int(gallery.labels[source_row])
             query_label = None if query_label is not None and query_label < 0 else query_label
         else:
@@ -458,6 +511,31 @@ def _query_model(name: str) -> Any:
         raise InvalidInputError(f"no query model {name!r}; choose one of "
                                 f"{', '.join(QUERY_MODELS)}")
     return QUERY_MODELS[name]
+
+
+def _check_embeddable(session: GallerySession, what: str) -> None:
+    """A gallery opened from features has no images for another model to embed."""
+    if session.gallery.source is not None:
+        raise InvalidInputError(f"{session.title} was opened from features of another model: "
+                                f"{what} needs its images, which it does not embed")
+
+
+def _unit_query(query_feature: Any, dim: int) -> np.ndarray:
+    """A query feature as a (d,) float32 unit vector; InvalidInputError for a wrong shape,
+    non-finite values or a zero vector."""
+    vector = np.asarray(query_feature)
+    if vector.ndim == 2 and vector.shape[0] == 1:
+        vector = vector[0]
+    if vector.ndim != 1 or vector.shape[0] != dim:
+        raise InvalidInputError(f"the query feature must be a ({dim},) vector like the "
+                                f"gallery's rows, got shape {vector.shape}")
+    if not np.issubdtype(vector.dtype, np.number):
+        raise InvalidInputError(f"the query feature must be numeric, got dtype {vector.dtype}")
+    vector = vector.astype(np.float32)
+    norm = float(np.linalg.norm(vector))
+    if not np.isfinite(vector).all() or norm == 0:
+        raise InvalidInputError("the query feature must be finite and not all zeros")
+    return vector / norm
 
 
 def _check_method_params(params: Mapping[str, Mapping[str, Any]] | None) -> None:

@@ -2,6 +2,7 @@
 
     python launch.py                         # the demo gallery on http://127.0.0.1:7860
     python launch.py --gallery ~/photos --port 8000 --device cpu
+    python launch.py --features vectors.npz --features-images ~/photos   # bring your own features
     python launch.py --prepare-only --query-models lite2,ssp   # build every cache, then exit
     python launch.py --public --host 0.0.0.0 # hosted: uploads only, no server folders
 """
@@ -30,6 +31,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gallery", metavar="PATH", default=None,
                         help="folder of images (labels from labels.csv or sub-folders); "
                              "default: the bundled demo gallery")
+    parser.add_argument("--features", metavar="PATH", default=None,
+                        help="open a features file (.npy, .npz, .safetensors: vectors another "
+                             "model made) as the first gallery; --gallery, when given, opens "
+                             "after it")
+    parser.add_argument("--features-images", metavar="FOLDER", default=None,
+                        help="images of the --features items, for thumbnails (their names are "
+                             "paths relative to it)")
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
                         help="address to listen on (default $GRADIO_SERVER_NAME, else "
                              "127.0.0.1; 0.0.0.0 for all)")
@@ -65,6 +73,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.public and args.allow_folder:
         parser.error("--public opens no folder on the server: drop --allow-folder")
+    if args.features_images and not args.features:
+        parser.error("--features-images needs --features")
+    if args.features and args.query_models:
+        parser.error("--query-models embeds the first gallery's images: a --features gallery "
+                     "has features of another model (drop --query-models)")
     return args
 
 
@@ -122,10 +135,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     requests = JobQueue(budget=budget)  # work a user asked for: never behind background jobs
     progress = TqdmProgress()
     try:
-        explorer = Explorer.load(args.gallery or DEMO_GALLERY, device=args.device,
-                                 cache_root=args.cache_dir, progress=progress,
+        folder = args.gallery or (None if args.features else DEMO_GALLERY)
+        explorer = Explorer.load(folder, device=args.device, cache_root=args.cache_dir,
+                                 progress=progress,
                                  allowed_roots=[] if args.public else args.allow_folder,
-                                 jobs=jobs, requests=requests)
+                                 jobs=jobs, requests=requests, features=args.features,
+                                 features_images=args.features_images)
         session = explorer.session(None)
         for query_model in args.query_models:
             explorer.prepare_query_model(session.key, query_model)

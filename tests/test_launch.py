@@ -62,6 +62,15 @@ def test_public_takes_no_allowed_folder() -> None:
         launch.parse_args(["--public", "--allow-folder", str(REPO)])
 
 
+def test_features_parse_and_need_what_they_name(tmp_path: Path) -> None:
+    args = launch.parse_args(["--features", "v.npz", "--features-images", "photos"])
+    assert (args.features, args.features_images, args.gallery) == ("v.npz", "photos", None)
+    with pytest.raises(SystemExit):
+        launch.parse_args(["--features-images", "photos"])
+    with pytest.raises(SystemExit):
+        launch.parse_args(["--features", "v.npz", "--query-models", "lite2"])
+
+
 # -- the Dockerfile ----------------------------------------------------------------------------
 def instructions(path: Path = DOCKERFILE) -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) of a Dockerfile in order: continuation lines joined, comments

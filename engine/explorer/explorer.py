@@ -82,18 +82,27 @@ class Explorer:
         self._open_locks: dict[Path, threading.Lock] = {}
 
     @classmethod
-    def load(cls, folder: str | os.PathLike = DEMO_GALLERY, *, device: str = "auto",
+    def load(cls, folder: str | os.PathLike | None = DEMO_GALLERY, *, device: str = "auto",
              cache_root: str | os.PathLike | None = None,
              progress: ProgressCallback | None = None,
              allowed_roots: Sequence[str | os.PathLike] | None = None,
              methods: Sequence[str] | None = None, jobs: JobQueue | None = None,
-             requests: JobQueue | None = None) -> Explorer:
+             requests: JobQueue | None = None, features: str | os.PathLike | None = None,
+             features_images: str | os.PathLike | None = None) -> Explorer:
         """The explorer with its first gallery open (indexed, or loaded from its cache; with
-        `jobs`, the rest of its preparation queued there)."""
+        `jobs`, the rest of its preparation queued there). With `features`, the first gallery
+        is that features file (`open_features`, thumbnails from `features_images`), and the
+        folder, when not None, opens after it."""
         explorer = cls(get_extractor(device=device), device=device, cache_root=cache_root,
                        allowed_roots=allowed_roots, methods=methods, jobs=jobs,
                        requests=requests)
-        explorer.open_folder(folder, progress=progress, check_allowed=False)
+        if features is not None:
+            explorer.open_features(features, images=features_images, progress=progress,
+                                   check_allowed=False)
+        if folder is not None:
+            explorer.open_folder(folder, progress=progress, check_allowed=False)
+        elif features is None:
+            raise InvalidInputError("give a gallery folder or a features file")
         return explorer
 
     @property

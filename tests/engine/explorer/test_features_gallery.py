@@ -75,3 +75,13 @@ def test_a_file_outside_the_allowed_roots_is_refused(features_explorer, tmp_path
     with pytest.raises(UnsafePathError):
         explorer.open_features(path, images=tmp_path)
     assert explorer.open_features(outside, check_allowed=False).gallery.size == 30
+
+
+def test_load_starts_on_the_features_gallery(features_explorer, tmp_path: Path) -> None:
+    _, path = features_explorer
+    explorer = Explorer.load(None, features=path, device="cpu", cache_root=tmp_path / "cache",
+                             methods=["sgrr"])
+    assert explorer.session(None).title == "vectors.npz (30 images)"
+    assert len(explorer.galleries) == 1
+    with pytest.raises(InvalidInputError, match="give a gallery folder or a features file"):
+        Explorer.load(None, device="cpu", cache_root=tmp_path / "cache")

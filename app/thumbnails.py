@@ -11,11 +11,12 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import textwrap
 import threading
 from pathlib import Path
 from typing import Literal
 
-from PIL import Image, ImageOps
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from engine import Gallery, atomic_write_bytes, load_image, make_thumbnail
 from engine.errors import InvalidImageError
@@ -102,13 +103,29 @@ class ThumbnailCache:
 
     @staticmethod
     def _render(source: Path, mark: Mark, side: int) -> bytes:
-        try:
-            image = make_thumbnail(load_image(source), side)
-        except InvalidImageError as error:
-            logger.warning("no thumbnail for %s (%s)", source, error)
-            image = Image.new("RGB", (side, side), (200, 200, 200))
+        if source.parent.is_file():
+            # an item of a gallery opened from a features file without images
+            # (`Gallery.path_of`): a tile with its name
+            image = _name_tile(source.name, side)
+        else:
+            try:
+                image = make_thumbnail(load_image(source), side)
+            except InvalidImageError as error:
+                logger.warning("no thumbnail for %s (%s)", source, error)
+                image = Image.new("RGB", (side, side), (200, 200, 200))
         if mark is not None:
             image = ImageOps.expand(image, border=FRAME_WIDTH, fill=FRAME_COLOURS[mark])
         buffer = io.BytesIO()
         image.save(buffer, format="JPEG", quality=85)
         return buffer.getvalue()
+
+
+def _name_tile(name: str, side: int) -> Image.Image:
+    """A grey tile with `name` written on it, wrapped to the tile's width."""
+    image = Image.new("RGB", (side, side), (200, 200, 200))
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=max(10, side // 12))
+    lines = textwrap.wrap(name, width=18, break_long_words=True)[:6]
+    draw.multiline_text((side // 2, side // 2), "\n".join(lines), fill=(40, 40, 40), font=font,
+                        anchor="mm", align="center")
+    return image

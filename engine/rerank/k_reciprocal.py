@@ -31,6 +31,7 @@ from engine.core.knn import (
     torch_canonical_similarity,
     torch_neighbour_lists,
     torch_topk_largest,
+    torch_topk_similar,
 )
 from engine.core.threads import query_threads
 from engine.core.types import GalleryContext
@@ -54,6 +55,11 @@ from engine.rerank._k_reciprocal import (
 from engine.rerank.base import Reranker, RerankParams, param
 
 GPU_CELLS_PER_CHUNK = 1 << 25  # (query chunk x gallery) cells of the final distances per step
+BATCH_ROWS = 512  # queries per step of the CPU batch (a (rows, G) float32 overlap block)
+RANKING_MARGIN = 16
+"""List entries searched past k in a CPU batch: the candidates' bound then usually proves the
+top k (`_sparse_top_k`)."""
+PAIR_CHUNK = 65536  # (query, candidate) pairs per canonical product step
 
 
 @dataclass(frozen=True)
@@ -165,10 +171,12 @@ class KReciprocalReranker(Reranker):
 
     def _final(self, overlap: np.ndarray, squared: np.ndarray, row_max: np.ndarray
                ) -> np.ndarray:
+        """d* in float32 from overlaps, squared distances and their rows' maxima (`row_max`
+        broadcast against them: (r, 1) for a block, one per entry for pairs)."""
         lam = self.params.lambda_value
         normaliser = np.where(row_max > 0, row_max, np.float32(1.0))  # all-identical: d' = 0
         return ((1.0 - lam) * jaccard_distance(overlap)
-                + lam * squared / normaliser[:, None]).astype(np.float32)
+                + lam * squared / normaliser).astype(np.float32)
 
     def _final_torch(self, overlap: torch.Tensor, squared: torch.Tensor, row_max: torch.Tensor
                      ) -> torch.Tensor:
@@ -187,28 +195,168 @@ class KReciprocalReranker(Reranker):
         return np.vstack([query_features, gallery]), n_queries, n_queries
 
     def _rerank_batch(self, query_features: np.ndarray | None, k: int):
+        """Batch re-ranking on the CPU, without an N x N pass beyond the neighbour search.
+
+        Leave-one-out reuses the gallery's lists: the context's kNN graph when it is deep
+        enough, else one neighbour search at the depth the ranking needs, with each row's
+        farthest item (the row maximum of d') taken from `fit`. Each query's final distances
+        are computed only for its candidates (`_sparse_top_k`); rows where they cannot prove
+        the top k, and rankings so deep that every item is a candidate, take `_dense_top_k`.
+        """
         if self.device.type != "cpu":
             return self._rerank_batch_torch(query_features, k, self.device)
-        gallery = self.gallery.features
-        leave_one_out = query_features is None
         features, n_queries, offset = self._batch_nodes(query_features)
-        k1, k2, details = self._effective(features.shape[0])
-        lists = neighbour_lists(features, max(k1 + 1, k2))
-        expanded = _encode(features, lists, k1, k2, np.arange(features.shape[0]))
+        n_nodes = features.shape[0]
+        k1, k2, details = self._effective(n_nodes)
+        encoding_depth = max(k1 + 1, k2)
+        sparse = k + 1 + RANKING_MARGIN < self.gallery.size
+        depth = max(encoding_depth, k + 1 + RANKING_MARGIN) if sparse else encoding_depth
+        leave_one_out = query_features is None
+        lists = self._batch_lists(features, leave_one_out, depth)
+        if sparse:
+            features64 = self._gallery64 if leave_one_out else features.astype(np.float64)
+        expanded = _encode(features, lists, k1, k2, np.arange(n_nodes))
         query_qe = expanded[:n_queries]
         gallery_qe = expanded[offset:].tocsc()
         indices = np.empty((n_queries, k), np.int64)
         distances = np.empty((n_queries, k), np.float32)
-        chunk = 512
-        for start in range(0, n_queries, chunk):
-            rows = slice(start, min(start + chunk, n_queries))
+        for start in range(0, n_queries, BATCH_ROWS):
+            rows = np.arange(start, min(start + BATCH_ROWS, n_queries))
             overlap = jaccard_overlap(query_qe[rows], gallery_qe)
-            squared = squared_from_similarity(canonical_similarity(features[rows], gallery))
-            final = self._final(overlap, squared, lists.row_max[rows])
-            if leave_one_out:
-                final[np.arange(final.shape[0]), np.arange(rows.start, rows.stop)] = np.inf
-            distances[rows], indices[rows] = top_k_smallest(final, k)
+            if sparse:
+                rows_distances, rows_indices, proven = self._sparse_top_k(
+                    overlap, rows, features64, offset, lists, k)
+            else:
+                proven = np.zeros(len(rows), bool)
+                rows_distances = np.empty((len(rows), k), np.float32)
+                rows_indices = np.empty((len(rows), k), np.int64)
+            if not proven.all():
+                todo = np.flatnonzero(~proven)
+                rows_distances[todo], rows_indices[todo] = self._dense_top_k(
+                    overlap[todo], rows[todo], features, offset, lists.row_max, k)
+            distances[rows], indices[rows] = rows_distances, rows_indices
         return distances, indices, details
+
+    def _batch_lists(self, features: np.ndarray, leave_one_out: bool, depth: int
+                     ) -> NeighbourLists:
+        """Neighbour lists of every node of a batch, at least `depth` deep (or all nodes).
+
+        Leave-one-out's nodes are the gallery's: its kNN graph serves when deep enough, else
+        one search at `depth`; the row maxima are the gallery's, from the graph or `fit`. With
+        queries the graph changes, so the lists and their maxima are searched afresh.
+        """
+        depth = min(depth, features.shape[0])
+        if not leave_one_out:
+            return neighbour_lists(features, depth)
+        shared = self.gallery.knn
+        if (shared is not None and shared.canonical and shared.farthest is not None
+                and shared.depth >= depth):
+            return NeighbourLists.from_graph(shared, depth)
+        stored = self._gallery_lists
+        if stored.indices.shape[1] >= depth:
+            return NeighbourLists(stored.indices[:, :depth], stored.similarities[:, :depth],
+                                  stored.farthest)
+        similarities, indices = torch_topk_similar(torch.from_numpy(features), depth)
+        return NeighbourLists(indices.numpy(), similarities.numpy(), stored.farthest)
+
+    def _sparse_top_k(self, overlap: np.ndarray, rows: np.ndarray, features64: np.ndarray,
+                      offset: int, lists: NeighbourLists, k: int
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The k best gallery items of query rows `rows`, from their candidates only.
+
+        A query's candidates are the gallery items of its neighbour list (squared distances
+        from the list) and the items its expanded encoding overlaps. An item past the list has
+        d' no smaller than the list's last entry, so its final distance is at least the one it
+        would have there (`_final` is monotone in the squared distance): an overlapping item
+        past the list whose such bound exceeds the row's k-th listed distance cannot enter the
+        top k, and the others get canonical (float64) products. An item neither listed nor
+        overlapping has Jaccard distance 1, so at least `bound`, the last entry's final
+        distance without overlap: a row whose k-th candidate is below `bound` has its exact top
+        k (ties by index, as `top_k_smallest`).
+
+        Args:
+            overlap: (r, G) Jaccard overlaps of the rows with the gallery.
+            features64: (n, d) every node's features in float64.
+        Returns:
+            distances (r, k) float32, indices (r, k) int64, and which rows are proven (r,) bool
+            (the others' entries are undefined).
+        """
+        n_rows, size = overlap.shape
+        depth = lists.indices.shape[1]
+        local = np.arange(n_rows)
+        row_max = lists.row_max[rows]
+        last_listed = squared_from_similarity(lists.similarities[rows, depth - 1])
+        # the listed items (not the query itself, nor another query's node)
+        listed = lists.indices[rows] - offset                            # (r, D) gallery ids
+        keep = listed >= 0
+        if offset == 0:
+            keep &= listed != rows[:, None]
+        listed_rows = np.broadcast_to(local[:, None], listed.shape)[keep]
+        listed_columns = listed[keep]
+        listed_squared = squared_from_similarity(lists.similarities[rows][keep])
+        listed_final = self._final(overlap[listed_rows, listed_columns], listed_squared,
+                                   row_max[listed_rows])
+        kth_listed = np.full(n_rows, np.inf, np.float32)
+        full = np.bincount(listed_rows, minlength=n_rows) >= k
+        if full.any():
+            per_row = np.full((n_rows, depth), np.inf, np.float32)
+            slots = np.arange(len(listed_rows)) - np.searchsorted(listed_rows, listed_rows)
+            per_row[listed_rows, slots] = listed_final
+            kth_listed[full] = np.partition(per_row[full], k - 1, axis=1)[:, k - 1]
+        # overlapping items past the lists that may still enter the top k
+        overlap_rows, overlap_columns = np.nonzero(overlap)
+        listed_keys = np.sort(listed_rows * size + listed_columns)
+        overlap_keys = overlap_rows * size + overlap_columns
+        found = np.searchsorted(listed_keys, overlap_keys).clip(max=max(len(listed_keys) - 1, 0))
+        past = (listed_keys[found] != overlap_keys) if len(listed_keys) else np.ones(
+            len(overlap_keys), bool)
+        if offset == 0:
+            past &= overlap_columns != rows[overlap_rows]
+        past_rows, past_columns = overlap_rows[past], overlap_columns[past]
+        lower = self._final(overlap[past_rows, past_columns], last_listed[past_rows],
+                            row_max[past_rows])
+        entering = lower <= kth_listed[past_rows]
+        past_rows, past_columns = past_rows[entering], past_columns[entering]
+        past_squared = np.empty(len(past_rows), np.float32)
+        for start in range(0, len(past_rows), PAIR_CHUNK):
+            part = slice(start, start + PAIR_CHUNK)
+            dots = np.einsum("ij,ij->i", features64[rows[past_rows[part]]],
+                             features64[offset + past_columns[part]])
+            past_squared[part] = squared_from_similarity(np.minimum(dots, 1.0)
+                                                         .astype(np.float32))
+        past_final = self._final(overlap[past_rows, past_columns], past_squared,
+                                 row_max[past_rows])
+        # the k smallest of each row's candidates, ties by index
+        key_rows = np.concatenate([listed_rows, past_rows])
+        key_columns = np.concatenate([listed_columns, past_columns])
+        final = np.concatenate([listed_final, past_final])
+        order = np.lexsort((key_columns, final, key_rows))
+        key_rows, key_columns, final = key_rows[order], key_columns[order], final[order]
+        starts = np.searchsorted(key_rows, local)
+        counts = np.diff(np.append(starts, len(key_rows)))
+        proven = counts >= k
+        rank = np.arange(len(key_rows)) - starts[key_rows]
+        selected = (rank < k) & proven[key_rows]
+        distances = np.zeros((n_rows, k), np.float32)
+        indices = np.zeros((n_rows, k), np.int64)
+        distances[proven] = final[selected].reshape(-1, k)
+        indices[proven] = key_columns[selected].reshape(-1, k)
+        if depth < lists.row_max.shape[0]:  # items past the lists exist: bound them
+            bound = self._final(np.zeros(n_rows, np.float32), last_listed, row_max)
+            proven &= distances[:, k - 1] < bound
+        return distances, indices, proven
+
+    def _dense_top_k(self, overlap: np.ndarray, rows: np.ndarray, features: np.ndarray,
+                     offset: int, row_max: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The k best gallery items of query rows `rows` from their final distances to every
+        item (canonical similarities to the whole gallery): rows `_sparse_top_k` cannot prove.
+        """
+        squared = squared_from_similarity(canonical_similarity(features[rows],
+                                                               features[offset:]))
+        final = self._final(overlap, squared, row_max[rows][:, None])
+        if offset == 0:
+            final[np.arange(len(rows)), rows] = np.inf
+        return top_k_smallest(final, k)
 
     def _rerank_batch_torch(self, query_features: np.ndarray | None, k: int,
                             device: torch.device):
@@ -273,7 +421,7 @@ class KReciprocalReranker(Reranker):
             else:
                 dirty_rows, overlap = self._patched_overlap(query_feature, to_query, lists, k1,
                                                             k2)
-            final = self._final(overlap[None, 1:], to_query[None, :], lists.row_max[:1])
+            final = self._final(overlap[None, 1:], to_query[None, :], lists.row_max[:1, None])
             distances, indices = top_k_smallest(final, k)
         details = {**details, "rows_reencoded": int(dirty_rows.size)}
         return distances[0], indices[0], details

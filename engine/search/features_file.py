@@ -161,6 +161,8 @@ def _read_npy(path: Path) -> Read:
                       else np.lib.format.read_array_header_2_0)
             _, _, dtype = header(handle)
     except (ValueError, OSError, EOFError) as error:
+        if _is_pickle(path):
+            raise InvalidInputError(f"features file {path.name} {PICKLE_REFUSAL}") from error
         raise InvalidInputError(f"features file {path.name} is not a readable .npy file "
                                 f"({error})") from error
     if dtype.hasobject:

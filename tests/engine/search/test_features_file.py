@@ -77,6 +77,17 @@ def test_npy_float16_round_trip_is_memory_mapped(tmp_path: Path) -> None:
     check_clusters(gallery)
 
 
+def test_compressed_npz_float16_is_read_into_memory(tmp_path: Path) -> None:
+    features, labels = clustered(np.float16)
+    path = tmp_path / "half.npz"
+    np.savez_compressed(path, features=features, labels=labels)
+    loaded = load_features_file(path)
+    assert not loaded.memory_mapped and loaded.features.dtype == np.float16
+    np.testing.assert_array_equal(loaded.features, features)
+    assert loaded.class_names == ["0", "1", "2"]
+    check_clusters(open_gallery(path, tmp_path))
+
+
 def test_safetensors_with_sidecar(tmp_path: Path) -> None:
     from safetensors.numpy import save_file
 
@@ -231,7 +242,8 @@ def test_pickle_bearing_files_are_refused_without_unpickling(tmp_path: Path) -> 
     np.savez(tmp_path / "objects.npz", features=clustered()[0],
              names=np.array([Exploding()] * 30, dtype=object))
     (tmp_path / "raw.npz").write_bytes(pickle.dumps(Exploding()))
-    for name in ("objects.npy", "objects.npz", "raw.npz"):
+    (tmp_path / "raw.npy").write_bytes(pickle.dumps(Exploding()))
+    for name in ("objects.npy", "objects.npz", "raw.npz", "raw.npy"):
         with pytest.raises(InvalidInputError, match=r"Python objects \(a pickle\), which is "
                                                     "never loaded"):
             load_features_file(tmp_path / name)

@@ -25,6 +25,7 @@ from app.text import background_text, opened_text, train_label
 from app.thumbnails import PREVIEW_SIDE, ThumbnailCache
 from engine import (
     BASELINE,
+    FEATURE_FILE_FORMATS,
     Explorer,
     GallerySession,
     Job,
@@ -88,22 +89,39 @@ class BuildEvents:
         yield {**updates, **self._job_hidden()}
 
     def open_folder(self, folder: str) -> Iterator[dict[Any, Any]]:
-        """Open a gallery folder on the server (inside the allowed folders; never on a public
-        page, which does not even wire this handler), in the request queue as above."""
+        """Open a gallery folder, or a features file (.npy, .npz, .safetensors), on the server
+        (inside the allowed folders; never on a public page, which does not even wire this
+        handler), in the request queue as above."""
         with engine_errors_as_gradio():
             if self.public is not None:
                 refuse_folder()
         if not folder or not folder.strip():
             raise gr.Error("Type the path of a folder of images on the server.",
                            print_exception=False)
+        path = folder.strip()
         with engine_errors_as_gradio():
-            if self.explorer.requests is None:
-                session = self.explorer.open_folder(folder.strip())
+            if Path(path).suffix.lower() in FEATURE_FILE_FORMATS:
+                session = yield from self._open_features(path)
+            elif self.explorer.requests is None:
+                session = self.explorer.open_folder(path)
             else:
-                job = self.explorer.request_gallery(folder.strip())
+                job = self.explorer.request_gallery(path)
                 session = yield from self._follow(job, "Opening a folder", {})
         if session is not None:
             yield {**self._opened(session, None), **self._job_hidden()}
+
+    def _open_features(self, path: str) -> Iterator[dict[Any, Any]]:
+        """Open a features file on the server (a gallery of another model's features: its
+        items are its queries) as a request; returns its session, None when cancelled."""
+        def work(progress: Callable[[float, str], None]) -> GallerySession:
+            return self.explorer.open_features(path, progress=progress)
+
+        if self.explorer.requests is None:
+            return work(lambda fraction, message: None)
+        name = Path(path).name
+        plan = Plan.of(PlanStep(f"reads {name} and builds its index and kNN graph", None))
+        job = self.explorer.request(("features", path), f"Opening {name}", plan, work)
+        return (yield from self._follow(job, f"Opening {name}", {}))
 
     def open_zip(self, request: gr.Request | None, archive: str | None
                  ) -> Iterator[dict[Any, Any]]:

@@ -203,7 +203,8 @@ def build_layout(explorer: Explorer, handlers: PageHandlers) -> PageComponents:
                       open=False, elem_id="open-gallery") as open_panel:
         gr.Markdown(galleries_text(handlers.public))
         with gr.Row(visible=not public):
-            folder = gr.Textbox(label="Folder on the server", scale=3, visible=not public)
+            folder = gr.Textbox(label="Folder on the server, or a features file (.npy, .npz, "
+                                ".safetensors)", scale=3, visible=not public)
             open_folder = gr.Button("Open folder", scale=1, visible=not public)
         with gr.Row():
             zip_file = gr.File(label="Zip of images", file_types=[".zip"], type="filepath",

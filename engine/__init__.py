@@ -59,6 +59,7 @@ _PUBLIC: dict[str, str] = {
     "extract_zip": "engine.search.archive",
     "read_upload_name": "engine.search.archive",
     "write_upload_name": "engine.search.archive",
+    "FEATURE_FILE_FORMATS": "engine.search.features_file",
     "MAX_FILE_BYTES": "engine.features.images",
     "load_image": "engine.features.images",
     "make_thumbnail": "engine.features.images",

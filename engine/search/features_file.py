@@ -44,6 +44,8 @@ from engine.features.backbone import FeatureMeta
 logger = logging.getLogger(__name__)
 
 FORMATS = (".npy", ".npz", ".safetensors")
+FEATURE_FILE_FORMATS = FORMATS
+"""The suffixes of the features files a gallery opens from (the engine's public name)."""
 METRICS = ("cosine", "euclidean")
 NORMALIZE = ("warn", "refuse")
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32))

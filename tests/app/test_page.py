@@ -678,3 +678,30 @@ def test_cancel_says_so_and_puts_the_query_model_back(handlers: PageHandlers,
     assert updates[ui.message].startswith("Cancelled")
     assert updates[ui.query_model]["value"] == session.query_model
     assert ui.message not in handlers.cancel_request(None, session.key)
+
+
+def test_a_features_file_opens_from_the_folder_box(handlers: PageHandlers, explorer: Explorer,
+                                                   app_root: Path) -> None:
+    """A features file typed into the folder box opens as a gallery of its items; its items
+    query it, an uploaded image is refused with the engine's reason."""
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(3, 16))
+    features = np.repeat(centres, 5, axis=0) + 0.05 * rng.normal(size=(15, 16))
+    features /= np.linalg.norm(features, axis=1, keepdims=True)
+    path = app_root / "own_features" / "clusters.npz"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, features=features.astype(np.float32), labels=np.repeat(np.arange(3), 5),
+             names=np.array([f"item{i:02d}" for i in range(15)]),
+             class_names=np.array(["a", "b", "c"]))
+    ui = handlers.ui
+    updates = run_to_end(handlers.open_folder(str(path)))
+    key = updates[ui.gallery].value
+    session = explorer.session(key)
+    assert session.gallery.size == 15 and "clusters.npz" in updates[ui.header]
+    picked = handlers.pick(key, "item00", True, 4, BASELINE, "backbone",
+                           *controls(handlers, session))
+    result = picked[ui.state].result
+    assert all(session.gallery.class_of(int(row)) == "a" for row in result.top(BASELINE)[1])
+    with pytest.raises(gr.Error, match="features of another model"):
+        handlers.search(key, str(UPLOAD), None, NO_CLASS, True, 4, BASELINE, "backbone",
+                        *controls(handlers, session))

@@ -3,6 +3,7 @@
     python -m engine.bench                                  # demo gallery, leave-one-out
     python -m engine.bench --gallery path/to/oxford17 --protocol oxford17-split
     python -m engine.bench --synthetic 20000 --methods gnn  # scale run on clustered features
+    python -m engine.bench --features feats.npz             # a labelled features file
     python -m engine.bench --gallery path/to/oxford17 --protocol oxford17-heldout \
         --methods k_reciprocal ssr:train_classes=9 ssr:train_classes=9,after_k_reciprocal=true
     python -m engine.bench --gallery path/to/oxford17 --asymmetric   # SSP table
@@ -270,6 +271,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     source.add_argument("--gallery", type=Path, help="image folder (default: the demo gallery)")
     source.add_argument("--synthetic", type=int, metavar="N",
                         help="N clustered random features instead of images")
+    source.add_argument("--features", type=Path, metavar="PATH",
+                        help="a labelled features file (.npy/.npz/.safetensors, see the "
+                        "README's 'Bring your own features') instead of images")
     parser.add_argument("--dim", type=int, default=1280, help="feature size for --synthetic")
     parser.add_argument("--spread", type=float, default=0.6,
                         help="cluster noise for --synthetic (see synthetic_collection)")
@@ -322,6 +326,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                  f"protocol {args.protocol}, device {device}")
         top = args.top or 100
         state_dir = None
+    elif args.features:
+        from engine.search.gallery import Gallery
+
+        gallery = Gallery.open_features(args.features, cache_root=args.cache_dir,
+                                        device=args.device)
+        if gallery.labels is None or (gallery.labels < 0).all():
+            parser.error(f"{args.features} has no labels (an .npz 'labels' array)")
+        features, labels = gallery.features, gallery.labels
+        state_dir = gallery.state_dir / "bench"
+        title = (f"{args.features.name} ({gallery.size} items, d={features.shape[1]}), "
+                 f"protocol {args.protocol}, device {device}")
+        top = args.top
     else:
         from engine.search.gallery import DEMO_GALLERY, Gallery
 

@@ -107,3 +107,17 @@ def test_run_online_times_quiet_and_busy_passes():
     assert "76 gallery items, 4 held-out queries, top 76" in note and "busy" in note
     table = bench.format_online_table(rows, "title")
     assert "busy / quiet" in table and table.count("\n| ") == len(rows) + 1
+
+
+def test_the_bench_runs_on_a_features_file(tmp_path, capsys):
+    """`python -m engine.bench --features PATH` scores a labelled features file."""
+    from engine.bench.rerankers import main
+
+    features, labels = synthetic_collection(60, 16, spread=0.3)
+    path = tmp_path / "clusters.npz"
+    np.savez(path, features=features.astype(np.float32), labels=labels)
+    assert main(["--features", str(path), "--methods", "k_reciprocal", "--device", "cpu",
+                 "--online-queries", "2", "--cache-dir", str(tmp_path / "cache")]) == 0
+    table = capsys.readouterr().out
+    assert "clusters.npz (60 items, d=16)" in table
+    assert "k_reciprocal" in table or "k-reciprocal" in table

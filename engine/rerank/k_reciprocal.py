@@ -59,7 +59,7 @@ BATCH_ROWS = 512  # queries per step of the CPU batch (a (rows, G) float32 overl
 RANKING_MARGIN = 16
 """List entries searched past k in a CPU batch: the candidates' bound then usually proves the
 top k (`_sparse_top_k`)."""
-PAIR_CHUNK = 65536  # (query, candidate) pairs per canonical product step
+NO_ENTRY = np.iinfo(np.int64).max  # an empty slot of `_sparse_top_k`'s candidate keys
 
 
 @dataclass(frozen=True)
@@ -318,29 +318,25 @@ class KReciprocalReranker(Reranker):
         entering = lower <= kth_listed[past_rows]
         past_rows, past_columns = past_rows[entering], past_columns[entering]
         past_squared = np.empty(len(past_rows), np.float32)
-        for start in range(0, len(past_rows), PAIR_CHUNK):
-            part = slice(start, start + PAIR_CHUNK)
-            dots = np.einsum("ij,ij->i", features64[rows[past_rows[part]]],
-                             features64[offset + past_columns[part]])
+        bounds = np.searchsorted(past_rows, np.arange(n_rows + 1))
+        for row in np.flatnonzero(np.diff(bounds)):  # one product per row: no gathered rows
+            part = slice(bounds[row], bounds[row + 1])
+            dots = features64[offset + past_columns[part]] @ features64[rows[row]]
             past_squared[part] = squared_from_similarity(np.minimum(dots, 1.0)
                                                          .astype(np.float32))
         past_final = self._final(overlap[past_rows, past_columns], past_squared,
                                  row_max[past_rows])
-        # the k smallest of each row's candidates, ties by index
-        key_rows = np.concatenate([listed_rows, past_rows])
-        key_columns = np.concatenate([listed_columns, past_columns])
-        final = np.concatenate([listed_final, past_final])
-        order = np.lexsort((key_columns, final, key_rows))
-        key_rows, key_columns, final = key_rows[order], key_columns[order], final[order]
-        starts = np.searchsorted(key_rows, local)
-        counts = np.diff(np.append(starts, len(key_rows)))
-        proven = counts >= k
-        rank = np.arange(len(key_rows)) - starts[key_rows]
-        selected = (rank < k) & proven[key_rows]
-        distances = np.zeros((n_rows, k), np.float32)
-        indices = np.zeros((n_rows, k), np.int64)
-        distances[proven] = final[selected].reshape(-1, k)
-        indices[proven] = key_columns[selected].reshape(-1, k)
+        # the k smallest of each row's candidates, ties by index: one int64 key per entry,
+        # (the float32 bits of a non-negative distance, which sort as it does, then the index)
+        slots = np.full((n_rows, depth + int(np.diff(bounds).max(initial=0))), NO_ENTRY)
+        slots[:, :depth][keep] = _sort_keys(listed_final, listed_columns)
+        past_slot = depth + np.arange(len(past_rows)) - bounds[past_rows]
+        slots[past_rows, past_slot] = _sort_keys(past_final, past_columns)
+        slots.sort(axis=1)
+        best = slots[:, :k]
+        proven = best[:, -1] != NO_ENTRY
+        distances = (best >> 32).astype(np.uint32).view(np.float32)
+        indices = best & 0xFFFFFFFF
         if depth < lists.row_max.shape[0]:  # items past the lists exist: bound them
             bound = self._final(np.zeros(n_rows, np.float32), last_listed, row_max)
             proven &= distances[:, k - 1] < bound
@@ -516,6 +512,12 @@ class KReciprocalReranker(Reranker):
         lists = NeighbourLists(indices.numpy(), similarities.numpy(),
                                farthest.astype(np.float32))
         return lists, squared_from_similarity(to_query)
+
+
+def _sort_keys(distances: np.ndarray, columns: np.ndarray) -> np.ndarray:
+    """int64 keys that sort as (distance, column) for float32 distances >= 0 and columns
+    < 2**31: the distance's bits above the column."""
+    return (distances.view(np.uint32).astype(np.int64) << 32) | columns
 
 
 def _member_sets(lists: np.ndarray, mask: np.ndarray, width: int) -> np.ndarray:

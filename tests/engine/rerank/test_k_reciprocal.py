@@ -497,3 +497,106 @@ def test_k_reciprocal_declares_gpu_and_reports_its_device(split_features):
     assert type(reranker).runs_on_gpu
     assert reranker.rerank(queries[:2], 5).details["device"] == "cpu"
     assert reranker.rerank(queries[:1], 5, mode="online").details["device"] == "cpu"
+
+
+# -- the CPU batch's top k from candidates ------------------------------------------------------
+# `_rerank_batch` computes final distances only for each query's candidates and proves the top
+# k with a bound (`_sparse_top_k`); rows it cannot prove, and full rankings, take every item's
+# distance (`_dense_top_k`). Both must give the full ranking's head exactly.
+
+
+@pytest.fixture(scope="module")
+def clustered_items() -> np.ndarray:
+    from engine.bench.measure import synthetic_collection
+
+    features, _ = synthetic_collection(560, 48, spread=1.5, seed=3)
+    return features
+
+
+def count_rows(monkeypatch) -> dict[str, int]:
+    """Rows ranked by each of the batch's two ways, counted as the batch runs."""
+    from engine.rerank.k_reciprocal import KReciprocalReranker
+
+    counts = {"sparse": 0, "dense": 0}
+    sparse, dense = KReciprocalReranker._sparse_top_k, KReciprocalReranker._dense_top_k
+
+    def counted_sparse(self, overlap, rows, *args):
+        result = sparse(self, overlap, rows, *args)
+        counts["sparse"] += int(result[2].sum())
+        return result
+
+    def counted_dense(self, overlap, rows, *args):
+        counts["dense"] += len(rows)
+        return dense(self, overlap, rows, *args)
+
+    monkeypatch.setattr(KReciprocalReranker, "_sparse_top_k", counted_sparse)
+    monkeypatch.setattr(KReciprocalReranker, "_dense_top_k", counted_dense)
+    return counts
+
+
+@pytest.mark.parametrize(("graph_depth", "margin", "lambda_value"),
+                         [(None, 16, 0.3), (8, 16, 0.3), (64, 16, 0.3), (64, 0, 0.3),
+                          (64, 0, 1.0), (None, 0, 0.0), (64, 16, 0.0)])
+@pytest.mark.parametrize("with_queries", [False, True])
+def test_top_k_from_candidates_is_the_full_rankings_head(clustered_items, monkeypatch,
+                                                          graph_depth, margin, lambda_value,
+                                                          with_queries):
+    """Leave-one-out and query batches, with the gallery's graph deep enough, too shallow or
+    absent, and with no list margin past k: exactly the first k of the full ranking (every
+    item's final distance), distances included. With lambda = 1 and no margin the k-th item is
+    the list's last, so no row is proven and all take the dense way; lambda = 0 ties every
+    item without overlap at distance 1."""
+    from engine.core.knn import knn_graph
+    from engine.core.types import GalleryContext
+    from engine.rerank import k_reciprocal
+
+    gallery = clustered_items[:500]
+    queries = clustered_items[500:] if with_queries else None
+    graph = None if graph_depth is None else knn_graph(gallery, graph_depth)
+    reranker = create_reranker("k_reciprocal", device="cpu", lambda_value=lambda_value).fit(
+        GalleryContext(gallery, knn=graph))
+    full = reranker.rerank(queries, 500 - (queries is None))
+    monkeypatch.setattr(k_reciprocal, "RANKING_MARGIN", margin)
+    counts = count_rows(monkeypatch)
+    k = 40
+    head = reranker.rerank(queries, k)
+    assert counts["sparse"] + counts["dense"] == len(head.indices)
+    if (margin, lambda_value) == (0, 1.0):
+        assert counts["dense"] == len(head.indices)
+    else:
+        assert counts["sparse"] > 0
+    np.testing.assert_array_equal(head.indices, full.indices[:, :k])
+    np.testing.assert_array_equal(head.distances, full.distances[:, :k])
+
+
+def test_top_k_from_candidates_with_duplicates(split_features, monkeypatch):
+    """Exact duplicates tie at distance 0 and at the bound: still the full ranking's head."""
+    _, gallery = split_features
+    gallery = np.vstack([gallery, gallery[:40], gallery[:10]])
+    reranker = create_reranker("k_reciprocal", device="cpu").fit(gallery)
+    full = reranker.rerank(None, len(gallery) - 1)
+    counts = count_rows(monkeypatch)
+    for k in (1, 5, 25):
+        head = reranker.rerank(None, k)
+        np.testing.assert_array_equal(head.indices, full.indices[:, :k])
+        np.testing.assert_array_equal(head.distances, full.distances[:, :k])
+    assert counts["sparse"] > 0
+
+
+def test_batch_top_100_equals_the_authors_code_on_2000_clustered_items():
+    """Leave-one-out top 100 of 2,000 clustered items equals the authors' released dense code
+    (engine/bench/k_reciprocal.py) up to float ties, with the gallery's graph as the app's
+    cache gives it (64 deep: the batch searches deeper itself)."""
+    from engine.bench.k_reciprocal import authors_re_ranking, euclidean_distances
+    from engine.bench.measure import synthetic_collection
+    from engine.core.knn import knn_graph
+    from engine.core.types import GalleryContext
+
+    features, _ = synthetic_collection(2000, 96, seed=1)
+    context = GalleryContext(features, knn=knn_graph(features, 64))
+    result = create_reranker("k_reciprocal", device="cpu").fit(context).rerank(None, 100)
+    final = authors_re_ranking(euclidean_distances(features), len(features))
+    np.fill_diagonal(final, np.inf)
+    pinned = assert_order_matches(result.indices, final, atol=k_reciprocal_atol(2000, 6, 0.3),
+                                  values=result.distances)
+    assert pinned > 10_000  # most positions of the clusters

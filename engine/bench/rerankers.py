@@ -4,6 +4,7 @@
     python -m engine.bench --gallery path/to/oxford17 --protocol oxford17-split
     python -m engine.bench --synthetic 20000 --methods gnn  # scale run on clustered features
     python -m engine.bench --features feats.npz             # a labelled features file
+    python -m engine.bench --features db.npz --queries q.npz --gnd gnd_roxford5k.pkl
     python -m engine.bench --gallery path/to/oxford17 --protocol oxford17-heldout \
         --methods k_reciprocal ssr:train_classes=9 ssr:train_classes=9,after_k_reciprocal=true
     python -m engine.bench --gallery path/to/oxford17 --asymmetric   # SSP table
@@ -15,6 +16,11 @@ Prints one table. Batch seconds are for all gallery images as queries against th
 fitted gallery; fit seconds cover precomputation and, for methods that learn, training; peak
 memory is the largest resident-set growth (CPU) or CUDA allocation during that method's fit and
 batch runs.
+
+With `--queries` and `--gnd` (beside `--features`) the table is the revisited Oxford/Paris one
+(Radenovic et al. 2018, `engine.evaluation.revisited`): the queries file's vectors ranked
+against the whole gallery (batch mode), per method mAP and mP@1/5/10 in the Easy, Medium and
+Hard settings, junk removed per setting; items are matched to the ground truth by name.
 
 `--online` prints the online table instead: each training-free method with its authors'
 defaults and with the demo gallery's preset, fitted on the collection less 50 held-out items,
@@ -42,7 +48,9 @@ from engine.bench.measure import busy_process, peak_memory, synthetic_collection
 from engine.bench.tables import cell, markdown_table
 from engine.core.logs import configure_logging
 from engine.core.threads import configure_threads
+from engine.errors import InvalidInputError
 from engine.evaluation.protocols import PROTOCOLS, Split, make_split
+from engine.evaluation.revisited import REVISITED_PROTOCOLS, RevisitedScores, revisited_map
 from engine.evaluation.scores import median_ms, run_split, score_split, split_context, without_self
 from engine.rerank import (
     GalleryContext,
@@ -116,6 +124,75 @@ def run(features: np.ndarray, labels: np.ndarray, protocol: str, methods: Sequen
                                   online_set)
         rows.append(row)
     return rows
+
+
+REVISITED_KAPPAS = (1, 5, 10)
+
+
+@dataclass
+class RevisitedRow:
+    """One method's revisited scores (percent) and its fit and batch seconds (None: baseline)."""
+
+    method: str
+    scores: RevisitedScores
+    fit_seconds: float | None = None
+    batch_seconds: float | None = None
+
+
+def run_revisited(gallery: np.ndarray, queries: np.ndarray, gnd: Sequence[dict[str, list[int]]],
+                  methods: Sequence[str], top: int | None, device: str,
+                  state_dir: Path | None = None) -> list[RevisitedRow]:
+    """Rank the queries against the gallery with the baseline and each method (batch mode) and
+    score them by the revisited protocol.
+
+    Args:
+        gallery: (G, d) unit rows. queries: (Q, d) unit rows, not part of the gallery.
+        gnd: Q dicts of gallery rows, in the queries' order (`align_revisitop_gnd`).
+        top: ranking length (default the whole gallery, as revisitop scores).
+    """
+    from engine.search.index import exact_knn
+
+    gallery = np.ascontiguousarray(gallery, dtype=np.float32)
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    k = len(gallery) if top is None else min(top, len(gallery))
+    rows = [RevisitedRow("baseline (cosine)",
+                         revisited_map(exact_knn(gallery, k, queries=queries)[1], gnd,
+                                       REVISITED_KAPPAS))]
+    context = GalleryContext(gallery, state_dir=state_dir)
+    for spec in methods:
+        name, params = parse_method(spec)
+        started = time.perf_counter()
+        reranker = create_reranker(name, device=device, **params).fit(context)
+        fit_seconds = getattr(reranker, "training_seconds", None) or (
+            time.perf_counter() - started)
+        started = time.perf_counter()
+        result = reranker.rerank(queries, k)
+        rows.append(RevisitedRow(spec, revisited_map(result.indices, gnd, REVISITED_KAPPAS),
+                                 fit_seconds, time.perf_counter() - started))
+    return rows
+
+
+def format_revisited_table(rows: Sequence[RevisitedRow], title: str) -> str:
+    """The revisited rows as a Markdown table: mAP and mP@1/5/10 per setting (E, M, H), in
+    percent, and the excluded queries (without positives in a setting) in the title."""
+    headers = ["method"]
+    for protocol in REVISITED_PROTOCOLS:
+        letter = protocol[0].upper()
+        headers += [f"{letter} mAP", *(f"{letter} mP@{kappa}" for kappa in REVISITED_KAPPAS)]
+    headers += ["fit s", "batch s"]
+    lines = []
+    for row in rows:
+        line = [row.method]
+        for protocol in REVISITED_PROTOCOLS:
+            line += [f"{row.scores.map[protocol]:.2f}",
+                     *(f"{row.scores.mp_at[protocol][kappa]:.2f}" for kappa in REVISITED_KAPPAS)]
+        lines.append([*line, cell(row.fit_seconds, ".2f"), cell(row.batch_seconds, ".3f")])
+    if rows:
+        excluded = rows[0].scores.n_excluded
+        dropped = [f"{count} from {protocol}" for protocol, count in excluded.items() if count]
+        if dropped:
+            title += f" (queries without positives left out: {', '.join(dropped)})"
+    return markdown_table(title, headers, lines)
 
 
 @dataclass
@@ -274,6 +351,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     source.add_argument("--features", type=Path, metavar="PATH",
                         help="a labelled features file (.npy/.npz/.safetensors, see the "
                         "README's 'Bring your own features') instead of images")
+    parser.add_argument("--queries", type=Path, metavar="PATH",
+                        help="with --features and --gnd: a features file of the query vectors "
+                        "(same dimension), ranked against the whole --features gallery")
+    parser.add_argument("--gnd", type=Path, metavar="PATH",
+                        help="with --features and --queries: a revisitop ground truth "
+                        "(gnd_roxford5k.pkl, gnd_rparis6k.pkl); prints the revisited table "
+                        "(Easy/Medium/Hard mAP and mP@1/5/10, junk removed per setting)")
     parser.add_argument("--dim", type=int, default=1280, help="feature size for --synthetic")
     parser.add_argument("--spread", type=float, default=0.6,
                         help="cluster noise for --synthetic (see synthetic_collection)")
@@ -320,6 +404,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.online:
         return _main_online(args, device, budget.describe())
     methods = args.methods or list_rerankers()
+    if args.queries is not None or args.gnd is not None:
+        if args.features is None or args.queries is None or args.gnd is None:
+            parser.error("--queries and --gnd go together, with --features (the gallery)")
+        return _main_revisited(args, methods, device)
     if args.synthetic:
         features, labels = synthetic_collection(args.synthetic, args.dim, spread=args.spread)
         title = (f"synthetic N={args.synthetic}, d={args.dim}, spread {args.spread}, "
@@ -360,6 +448,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = run(features, labels, args.protocol, methods, top, device, online_queries,
                state_dir)
     print(format_table(rows, title))
+    return 0
+
+
+def _main_revisited(args: argparse.Namespace, methods: Sequence[str], device: str) -> int:
+    from engine.evaluation.revisited import align_revisitop_gnd, load_revisitop_gnd
+    from engine.search.features_file import load_features_file
+    from engine.search.gallery import Gallery
+
+    data = load_revisitop_gnd(args.gnd)
+    gallery = Gallery.open_features(args.features, cache_root=args.cache_dir, device=args.device)
+    queries = load_features_file(args.queries)
+    if queries.features.shape[1] != gallery.features.shape[1]:
+        raise InvalidInputError(
+            f"the queries in {args.queries.name} have {queries.features.shape[1]} dimensions, "
+            f"the gallery {args.features.name} {gallery.features.shape[1]}")
+    gnd = align_revisitop_gnd(data, gallery.files, queries.names)
+    rows = run_revisited(gallery.features, queries.features, gnd, methods, args.top, device,
+                         gallery.state_dir / "bench")
+    title = (f"revisited {args.gnd.name}: {len(queries.names)} queries ({args.queries.name}) "
+             f"against {gallery.size} items ({args.features.name}, "
+             f"d={gallery.features.shape[1]}), device {device}, percent")
+    print(format_revisited_table(rows, title))
     return 0
 
 

@@ -194,3 +194,59 @@ def load_revisitop_gnd(path: str | Path) -> dict[str, Any]:
                 raise InvalidInputError(
                     f"{path}: gnd[{i}]['{key}'] must be a list of indices into imlist")
     return data
+
+
+MISSING_SHOWN = 5
+"""How many missing names an alignment error lists before it only counts the rest."""
+
+
+def _positions(expected: Sequence[str], given: Sequence[str], what: str, key: str
+               ) -> np.ndarray:
+    """For each name of `expected` (the ground truth's `key`), its row among `given` (the
+    features file's names), refusing any name that is missing on either side."""
+    rows = {name: row for row, name in enumerate(given)}
+    missing = [name for name in expected if name not in rows]
+    extra = sorted(set(given) - set(expected))
+    problems = []
+    for names, where in ((missing, f"missing from the {what}"),
+                         (extra, f"in the {what} but not in the ground truth's {key!r}")):
+        if names:
+            shown = ", ".join(repr(name) for name in names[:MISSING_SHOWN])
+            more = f" and {len(names) - MISSING_SHOWN} more" if len(names) > MISSING_SHOWN else ""
+            problems.append(f"{len(names)} item{'s' if len(names) > 1 else ''} {where}: "
+                            f"{shown}{more}")
+    if problems:
+        raise InvalidInputError(
+            f"the {what}'s names do not match the ground truth's {key!r} ({len(expected)} names, "
+            f"{len(given)} given): " + "; ".join(problems)
+            + " (names must match exactly; their order may differ)")
+    return np.array([rows[name] for name in expected], dtype=np.int64)
+
+
+def align_revisitop_gnd(data: Mapping[str, Any], gallery_names: Sequence[str],
+                        query_names: Sequence[str]) -> list[dict[str, list[int]]]:
+    """The ground truth's per-query lists for features stored in another order than its own.
+
+    A revisitop file indexes `imlist` and orders its entries as `qimlist`; features files keep
+    their own order. Items are matched by name, so that `revisited_map` scores rankings of the
+    gallery's rows for the queries' rows.
+
+    Args:
+        data: `load_revisitop_gnd(path)`.
+        gallery_names: the gallery's item names, the same set as `imlist` in any order.
+        query_names: the queries' names, the same set as `qimlist` in any order.
+
+    Returns:
+        One dict per query, in `query_names`' order, with 'easy', 'hard', 'junk' as lists of
+        gallery rows.
+
+    Raises:
+        InvalidInputError: naming the items missing on either side.
+    """
+    gallery_rows = _positions(data["imlist"], gallery_names, "gallery", "imlist")
+    query_rows = _positions(data["qimlist"], query_names, "queries", "qimlist")
+    entries: list[dict[str, list[int]]] = [{}] * len(query_rows)
+    for entry, row in zip(data["gnd"], query_rows, strict=True):
+        entries[int(row)] = {key: gallery_rows[np.asarray(entry[key], dtype=np.int64)].tolist()
+                             for key in ("easy", "hard", "junk")}
+    return entries

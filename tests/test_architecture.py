@@ -18,7 +18,8 @@ Floors (lowest first). A module may import its own floor and the floors below, n
 3. The concepts that combine them: `engine.search` (a gallery embeds its images with the
    features' backbone), `engine.asymmetric` (SSP's query model wraps the features' extractor
    and trains its anchors with the search index), `engine.evaluation` (scores and parameter
-   sweeps over the registry's methods) and `engine.views` (plot data). They may use one
+   sweeps over the registry's methods), `engine.views` (plot data) and `engine.distributed`
+   (a folder embedded on a Ray cluster into shards, merged into a features file). They may use one
    another sideways; the no-cycle test keeps those uses one-directional.
 4. `engine.explorer`: ties the concepts together for the page.
 5. `engine.bench`: command-line benchmarks over the same pieces (nothing in the engine runs
@@ -51,6 +52,7 @@ FLOORS: dict[str, int] = {
     "engine.asymmetric": 3,
     "engine.evaluation": 3,
     "engine.views": 3,
+    "engine.distributed": 3,
     "engine.explorer": 4,
     "engine.bench": 5,
     "engine": 6,

@@ -66,7 +66,7 @@ def import_ray() -> Any:
     """`ray` with Ray Data, or MissingDependencyError saying what to install."""
     try:
         import ray
-        import ray.data  # noqa: F401
+        import ray.data
     except ImportError as error:
         raise MissingDependencyError(
             "distributed embedding needs Ray Data: pip install -r requirements-scale.txt"
@@ -160,8 +160,8 @@ def embed_folder(folder: str | os.PathLike, out: str | os.PathLike, *,
     started_ray = _connect(ray, address, num_cpus)
     try:
         started = time.perf_counter()
-        embedded, new_skips = _run(ray, root, out, todo, meta, backbone, weights, batch_size, actors,
-                        progress)
+        embedded, new_skips = _run(ray, root, out, todo, meta, backbone, weights, batch_size,
+                                   actors, progress)
         seconds = time.perf_counter() - started
     finally:
         if started_ray:

@@ -31,7 +31,6 @@ from engine.core.knn import (
     torch_canonical_similarity,
     torch_neighbour_lists,
     torch_topk_largest,
-    torch_topk_similar,
 )
 from engine.core.threads import query_threads
 from engine.core.types import GalleryContext
@@ -195,26 +194,25 @@ class KReciprocalReranker(Reranker):
         return np.vstack([query_features, gallery]), n_queries, n_queries
 
     def _rerank_batch(self, query_features: np.ndarray | None, k: int):
-        """Batch re-ranking on the CPU, without an N x N pass beyond the neighbour search.
+        """Batch re-ranking on the CPU.
 
-        Leave-one-out reuses the gallery's lists: the context's kNN graph when it is deep
-        enough, else one neighbour search at the depth the ranking needs, with each row's
-        farthest item (the row maximum of d') taken from `fit`. Each query's final distances
-        are computed only for its candidates (`_sparse_top_k`); rows where they cannot prove
-        the top k, and rankings so deep that every item is a candidate, take `_dense_top_k`.
+        Leave-one-out searches no neighbours: its nodes are the gallery's, whose lists and row
+        maxima the context's kNN graph or `fit` already hold. When those lists reach k + 1 +
+        `RANKING_MARGIN` deep, each query's final distances are computed only for its
+        candidates (`_sparse_top_k`); rows they cannot prove, shallower lists and query
+        batches (whose nodes form a new graph, searched here) take every item's distance
+        (`_dense_top_k`).
         """
         if self.device.type != "cpu":
             return self._rerank_batch_torch(query_features, k, self.device)
         features, n_queries, offset = self._batch_nodes(query_features)
         n_nodes = features.shape[0]
         k1, k2, details = self._effective(n_nodes)
-        encoding_depth = max(k1 + 1, k2)
-        sparse = k + 1 + RANKING_MARGIN < self.gallery.size
-        depth = max(encoding_depth, k + 1 + RANKING_MARGIN) if sparse else encoding_depth
         leave_one_out = query_features is None
-        lists = self._batch_lists(features, leave_one_out, depth)
-        if sparse:
-            features64 = self._gallery64 if leave_one_out else features.astype(np.float64)
+        ranking_depth = k + 1 + RANKING_MARGIN
+        lists = self._batch_lists(features, leave_one_out, max(k1 + 1, k2), ranking_depth)
+        sparse = (leave_one_out and ranking_depth < n_nodes
+                  and lists.indices.shape[1] >= ranking_depth)
         expanded = _encode(features, lists, k1, k2, np.arange(n_nodes))
         query_qe = expanded[:n_queries]
         gallery_qe = expanded[offset:].tocsc()
@@ -224,8 +222,8 @@ class KReciprocalReranker(Reranker):
             rows = np.arange(start, min(start + BATCH_ROWS, n_queries))
             overlap = jaccard_overlap(query_qe[rows], gallery_qe)
             if sparse:
-                rows_distances, rows_indices, proven = self._sparse_top_k(
-                    overlap, rows, features64, offset, lists, k)
+                rows_distances, rows_indices, proven = self._sparse_top_k(overlap, rows,
+                                                                          lists, k)
             else:
                 proven = np.zeros(len(rows), bool)
                 rows_distances = np.empty((len(rows), k), np.float32)
@@ -237,32 +235,27 @@ class KReciprocalReranker(Reranker):
             distances[rows], indices[rows] = rows_distances, rows_indices
         return distances, indices, details
 
-    def _batch_lists(self, features: np.ndarray, leave_one_out: bool, depth: int
-                     ) -> NeighbourLists:
-        """Neighbour lists of every node of a batch, at least `depth` deep (or all nodes).
+    def _batch_lists(self, features: np.ndarray, leave_one_out: bool, depth: int,
+                     ranking_depth: int) -> NeighbourLists:
+        """Neighbour lists of every node of a batch, `depth` deep (or all nodes).
 
-        Leave-one-out's nodes are the gallery's: its kNN graph serves when deep enough, else
-        one search at `depth`; the row maxima are the gallery's, from the graph or `fit`. With
-        queries the graph changes, so the lists and their maxima are searched afresh.
+        Leave-one-out's nodes are the gallery's: its kNN graph, `ranking_depth` deep where it
+        reaches that far, else the lists `fit` kept (from that graph or its own search). With
+        queries the graph changes: the lists and their maxima are searched afresh.
         """
-        depth = min(depth, features.shape[0])
         if not leave_one_out:
-            return neighbour_lists(features, depth)
+            return neighbour_lists(features, min(depth, features.shape[0]))
         shared = self.gallery.knn
-        if (shared is not None and shared.canonical and shared.farthest is not None
-                and shared.depth >= depth):
-            return NeighbourLists.from_graph(shared, depth)
-        stored = self._gallery_lists
-        if stored.indices.shape[1] >= depth:
-            return NeighbourLists(stored.indices[:, :depth], stored.similarities[:, :depth],
-                                  stored.farthest)
-        similarities, indices = torch_topk_similar(torch.from_numpy(features), depth)
-        return NeighbourLists(indices.numpy(), similarities.numpy(), stored.farthest)
+        size = features.shape[0]
+        if shared is not None and shared.canonical and shared.farthest is not None:
+            deepest = min(max(depth, ranking_depth, shared.depth), size)
+            if shared.depth >= min(max(depth, ranking_depth), size):
+                return NeighbourLists.from_graph(shared, deepest)
+        return self._gallery_lists
 
-    def _sparse_top_k(self, overlap: np.ndarray, rows: np.ndarray, features64: np.ndarray,
-                      offset: int, lists: NeighbourLists, k: int
-                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The k best gallery items of query rows `rows`, from their candidates only.
+    def _sparse_top_k(self, overlap: np.ndarray, rows: np.ndarray, lists: NeighbourLists,
+                      k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Leave-one-out: the k best gallery items of query rows `rows`, from their candidates.
 
         A query's candidates are the gallery items of its neighbour list (squared distances
         from the list) and the items its expanded encoding overlaps. An item past the list has
@@ -276,7 +269,7 @@ class KReciprocalReranker(Reranker):
 
         Args:
             overlap: (r, G) Jaccard overlaps of the rows with the gallery.
-            features64: (n, d) every node's features in float64.
+            lists: the gallery's lists, more than k + 1 deep, with their row maxima.
         Returns:
             distances (r, k) float32, indices (r, k) int64, and which rows are proven (r,) bool
             (the others' entries are undefined).
@@ -286,11 +279,8 @@ class KReciprocalReranker(Reranker):
         local = np.arange(n_rows)
         row_max = lists.row_max[rows]
         last_listed = squared_from_similarity(lists.similarities[rows, depth - 1])
-        # the listed items (not the query itself, nor another query's node)
-        listed = lists.indices[rows] - offset                            # (r, D) gallery ids
-        keep = listed >= 0
-        if offset == 0:
-            keep &= listed != rows[:, None]
+        listed = lists.indices[rows]                                     # (r, D)
+        keep = listed != rows[:, None]                                   # not the query itself
         listed_rows = np.broadcast_to(local[:, None], listed.shape)[keep]
         listed_columns = listed[keep]
         listed_squared = squared_from_similarity(lists.similarities[rows][keep])
@@ -310,8 +300,7 @@ class KReciprocalReranker(Reranker):
         found = np.searchsorted(listed_keys, overlap_keys).clip(max=max(len(listed_keys) - 1, 0))
         past = (listed_keys[found] != overlap_keys) if len(listed_keys) else np.ones(
             len(overlap_keys), bool)
-        if offset == 0:
-            past &= overlap_columns != rows[overlap_rows]
+        past &= overlap_columns != rows[overlap_rows]
         past_rows, past_columns = overlap_rows[past], overlap_columns[past]
         lower = self._final(overlap[past_rows, past_columns], last_listed[past_rows],
                             row_max[past_rows])
@@ -321,7 +310,7 @@ class KReciprocalReranker(Reranker):
         bounds = np.searchsorted(past_rows, np.arange(n_rows + 1))
         for row in np.flatnonzero(np.diff(bounds)):  # one product per row: no gathered rows
             part = slice(bounds[row], bounds[row + 1])
-            dots = features64[offset + past_columns[part]] @ features64[rows[row]]
+            dots = self._gallery64[past_columns[part]] @ self._gallery64[rows[row]]
             past_squared[part] = squared_from_similarity(np.minimum(dots, 1.0)
                                                          .astype(np.float32))
         past_final = self._final(overlap[past_rows, past_columns], past_squared,

@@ -535,17 +535,17 @@ def count_rows(monkeypatch) -> dict[str, int]:
 
 
 @pytest.mark.parametrize(("graph_depth", "margin", "lambda_value"),
-                         [(None, 16, 0.3), (8, 16, 0.3), (64, 16, 0.3), (64, 0, 0.3),
-                          (64, 0, 1.0), (None, 0, 0.0), (64, 16, 0.0)])
+                         [(None, 16, 0.3), (8, 16, 0.3), (64, 16, 0.3), (41, 0, 0.3),
+                          (41, 0, 1.0), (41, 0, 0.0), (64, 16, 0.0)])
 @pytest.mark.parametrize("with_queries", [False, True])
 def test_top_k_from_candidates_is_the_full_rankings_head(clustered_items, monkeypatch,
                                                           graph_depth, margin, lambda_value,
                                                           with_queries):
     """Leave-one-out and query batches, with the gallery's graph deep enough, too shallow or
     absent, and with no list margin past k: exactly the first k of the full ranking (every
-    item's final distance), distances included. With lambda = 1 and no margin the k-th item is
-    the list's last, so no row is proven and all take the dense way; lambda = 0 ties every
-    item without overlap at distance 1."""
+    item's final distance), distances included. Only leave-one-out with a graph deep enough
+    takes candidates; with lambda = 1 and no margin the k-th item is the list's last, so no row
+    is proven and all take the dense way; lambda = 0 ties every item without overlap at 1."""
     from engine.core.knn import knn_graph
     from engine.core.types import GalleryContext
     from engine.rerank import k_reciprocal
@@ -561,7 +561,8 @@ def test_top_k_from_candidates_is_the_full_rankings_head(clustered_items, monkey
     k = 40
     head = reranker.rerank(queries, k)
     assert counts["sparse"] + counts["dense"] == len(head.indices)
-    if (margin, lambda_value) == (0, 1.0):
+    deep_enough = graph_depth is not None and graph_depth >= k + 1 + margin
+    if with_queries or not deep_enough or (margin, lambda_value) == (0, 1.0):
         assert counts["dense"] == len(head.indices)
     else:
         assert counts["sparse"] > 0
@@ -573,7 +574,11 @@ def test_top_k_from_candidates_with_duplicates(split_features, monkeypatch):
     """Exact duplicates tie at distance 0 and at the bound: still the full ranking's head."""
     _, gallery = split_features
     gallery = np.vstack([gallery, gallery[:40], gallery[:10]])
-    reranker = create_reranker("k_reciprocal", device="cpu").fit(gallery)
+    from engine.core.knn import knn_graph
+    from engine.core.types import GalleryContext
+
+    context = GalleryContext(gallery, knn=knn_graph(gallery, 64))
+    reranker = create_reranker("k_reciprocal", device="cpu").fit(context)
     full = reranker.rerank(None, len(gallery) - 1)
     counts = count_rows(monkeypatch)
     for k in (1, 5, 25):

@@ -213,7 +213,10 @@ class KReciprocalReranker(Reranker):
         lists = self._batch_lists(features, leave_one_out, max(k1 + 1, k2), ranking_depth)
         sparse = (leave_one_out and ranking_depth < n_nodes
                   and lists.indices.shape[1] >= ranking_depth)
-        expanded = _encode(features, lists, k1, k2, np.arange(n_nodes))
+        depth = max(k1 + 1, k2)  # the encoding's lists: the same pairs' distances as ever
+        encoding_lists = NeighbourLists(lists.indices[:, :depth], lists.similarities[:, :depth],
+                                        lists.farthest)
+        expanded = _encode(features, encoding_lists, k1, k2, np.arange(n_nodes))
         query_qe = expanded[:n_queries]
         gallery_qe = expanded[offset:].tocsc()
         indices = np.empty((n_queries, k), np.int64)
@@ -294,7 +297,9 @@ class KReciprocalReranker(Reranker):
             per_row[listed_rows, slots] = listed_final
             kth_listed[full] = np.partition(per_row[full], k - 1, axis=1)[:, k - 1]
         # overlapping items past the lists that may still enter the top k
-        overlap_rows, overlap_columns = np.nonzero(overlap)
+        # (overlaps are sums of positive minima: a zero is all zero bits, and integers scan
+        # faster than floats)
+        overlap_rows, overlap_columns = np.divmod(np.flatnonzero(overlap.view(np.int32)), size)
         listed_keys = np.sort(listed_rows * size + listed_columns)
         overlap_keys = overlap_rows * size + overlap_columns
         found = np.searchsorted(listed_keys, overlap_keys).clip(max=max(len(listed_keys) - 1, 0))

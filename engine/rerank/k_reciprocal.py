@@ -311,13 +311,13 @@ class KReciprocalReranker(Reranker):
                             row_max[past_rows])
         entering = lower <= kth_listed[past_rows]
         past_rows, past_columns = past_rows[entering], past_columns[entering]
-        past_squared = np.empty(len(past_rows), np.float32)
+        dots = np.empty(len(past_rows))
         bounds = np.searchsorted(past_rows, np.arange(n_rows + 1))
-        for row in np.flatnonzero(np.diff(bounds)):  # one product per row: no gathered rows
-            part = slice(bounds[row], bounds[row + 1])
-            dots = self._gallery64[past_columns[part]] @ self._gallery64[rows[row]]
-            past_squared[part] = squared_from_similarity(np.minimum(dots, 1.0)
-                                                         .astype(np.float32))
+        gallery64 = self._gallery64
+        for row in np.flatnonzero(np.diff(bounds)).tolist():  # a product per row: no row copies
+            start, stop = bounds[row], bounds[row + 1]
+            dots[start:stop] = gallery64[past_columns[start:stop]] @ gallery64[rows[row]]
+        past_squared = squared_from_similarity(np.minimum(dots, 1.0).astype(np.float32))
         past_final = self._final(overlap[past_rows, past_columns], past_squared,
                                  row_max[past_rows])
         # the k smallest of each row's candidates, ties by index: one int64 key per entry,

@@ -123,14 +123,13 @@ def run(sizes: Sequence[int], dim: int, k: int, authors: bool = True) -> list[li
     ranking (as a gallery cache built at that depth gives it), the ratio, ours with the app's
     default graph depth (which then searches the neighbours again), the graph's own build
     seconds, and whether the top-k agree with the authors' (`same_top_k`)."""
-    from engine.rerank import create_reranker
-    from engine.rerank.k_reciprocal import RANKING_MARGIN
+    from engine.rerank import create_reranker, get_reranker_class
 
     rows = []
     for n in sizes:
         features, _ = synthetic_collection(n, dim)
         started = time.perf_counter()
-        graph = knn_graph(features, k + 1 + RANKING_MARGIN)
+        graph = knn_graph(features, get_reranker_class("k_reciprocal").batch_graph_depth(k))
         graph_seconds = time.perf_counter() - started
         timings, results = [], []
         for context in (GalleryContext(features, knn=graph),

@@ -113,6 +113,12 @@ class KReciprocalReranker(Reranker):
     """Batch mode runs on `self.device`; `_fit` and the online mode always use the CPU (numpy
     and scipy.sparse), whatever the device: they patch a few sparse rows per query."""
 
+    @staticmethod
+    def batch_graph_depth(k: int) -> int:
+        """The gallery kNN graph depth from which a CPU leave-one-out batch of top-k rankings
+        takes each query's candidates (`_sparse_top_k`) instead of every item's distance."""
+        return k + 1 + RANKING_MARGIN
+
     def _effective(self, n_nodes: int, device: str = "cpu") -> tuple[int, int, dict[str, Any]]:
         k1 = min(self.params.k1, n_nodes - 1)
         k2 = min(self.params.k2, k1 + 1)
@@ -209,7 +215,7 @@ class KReciprocalReranker(Reranker):
         n_nodes = features.shape[0]
         k1, k2, details = self._effective(n_nodes)
         leave_one_out = query_features is None
-        ranking_depth = k + 1 + RANKING_MARGIN
+        ranking_depth = self.batch_graph_depth(k)
         lists = self._batch_lists(features, leave_one_out, max(k1 + 1, k2), ranking_depth)
         sparse = (leave_one_out and ranking_depth < n_nodes
                   and lists.indices.shape[1] >= ranking_depth)

@@ -1,1 +1,2 @@
-"""Benchmarks (`python -m engine.bench`, `-m engine.bench.search`, `-m engine.bench.asymmetric`)."""
+"""Benchmarks (`python -m engine.bench`, `-m engine.bench.search`, `-m engine.bench.asymmetric`,
+`-m engine.bench.k_reciprocal`)."""

@@ -8,6 +8,7 @@ over rows and bounded by the neighbourhood sizes (never an N x N dense matrix).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -100,6 +101,17 @@ class NeighbourLists:
         return cls(graph.indices[:, :depth], graph.similarities[:, :depth], graph.farthest)
 
 
+def read_only_tensor(array: np.ndarray) -> torch.Tensor:
+    """A tensor sharing `array`'s memory, for reading only. A memory-mapped features file is
+    read-only; torch warns about that (it cannot mark a tensor read-only), and copying it
+    would double the memory of a large gallery. Nothing here writes to it."""
+    if array.flags.writeable:
+        return torch.from_numpy(array)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array)
+
+
 def knn_graph(features: np.ndarray, depth: int, device: str | torch.device = "cpu"
               ) -> KnnGraph:
     """The exact kNN graph of `features` with canonical similarities (see `torch_topk_similar`).
@@ -107,7 +119,7 @@ def knn_graph(features: np.ndarray, depth: int, device: str | torch.device = "cp
     Shared by the gallery cache, the plots and every re-ranker, so they all see the same lists.
     Returns a KnnGraph of depth min(depth, n) with each row's farthest similarity.
     """
-    tensor = torch.from_numpy(np.ascontiguousarray(features, np.float32)).to(device)
+    tensor = read_only_tensor(np.ascontiguousarray(features, np.float32)).to(device)
     similarities, indices = torch_topk_similar(tensor, min(depth, tensor.shape[0]))
     farthest = torch_farthest_similarity(tensor)
     return KnnGraph(indices=indices.cpu().numpy(), similarities=similarities.cpu().numpy(),

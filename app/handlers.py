@@ -368,7 +368,11 @@ class PageHandlers(BuildEvents, LinkEvents):
             ui.map_plot: map_figure(session, None, BASELINE, "backbone", self.thumbnails),
             ui.space: gr.Radio(choices=[(t, n) for n, t in session.map_spaces()],
                                value="backbone"),
-            ui.query_model: gr.update(value=session.query_model),
+            # A gallery of another model's features takes no image query and no other
+            # query model: the page offers neither there.
+            ui.query_model: gr.update(value=session.query_model,
+                                      interactive=gallery.source is None),
+            ui.upload: gr.update(interactive=gallery.source is None),
             ui.selection: gr.Gallery(value=[], visible=False),
             ui.selection_file: gr.File(value=None, visible=False),
         }

@@ -81,7 +81,8 @@ def _pick_outputs(ui: PageComponents) -> list[Any]:
 
 def _gallery_outputs(ui: PageComponents) -> list[Any]:
     """Every component switching the gallery updates."""
-    outputs = [ui.header, ui.state, ui.picked, ui.uploaded, ui.query_image, ui.query_class,
+    outputs = [ui.header, ui.state, ui.picked, ui.uploaded, ui.query_image, ui.upload,
+               ui.query_class,
                ui.class_filter, ui.examples, ui.compare_table, ui.knn_plot, ui.json,
                ui.timings, ui.query_note, ui.map_plot, ui.space, ui.browser, ui.page,
                ui.query_model, ui.selection, ui.selection_file, *ui.compare_rows.values(),

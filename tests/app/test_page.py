@@ -698,6 +698,11 @@ def test_a_features_file_opens_from_the_folder_box(handlers: PageHandlers, explo
     key = updates[ui.gallery].value
     session = explorer.session(key)
     assert session.gallery.size == 15 and "clusters.npz" in updates[ui.header]
+    # no image upload and no other query model on a gallery of another model's features
+    assert updates[ui.upload]["interactive"] is False
+    assert updates[ui.query_model]["interactive"] is False
+    back = handlers.switch_gallery(explorer.default_key)
+    assert back[ui.upload]["interactive"] is True
     picked = handlers.pick(key, "item00", True, 4, BASELINE, "backbone",
                            *controls(handlers, session))
     result = picked[ui.state].result

@@ -159,27 +159,29 @@ def plot_updates(ui: PageComponents, session: GallerySession, view: QueryView,
     method = plot_method if plot_method in result.rankings else BASELINE
     distances, indices = result.top(method)
     gallery = session.gallery
+    urls = hover_urls(thumbnails, session)  # both figures show the same hover images
     knn = plots.knn_figure(
         view.graph, indices.tolist(), distances.tolist(), files=gallery.files,
         labels=gallery.labels, class_names=gallery.class_names,
         query_label=result.query_label,
         title=f"kNN graph: query and {method_title(method)} top {result.top_n}",
-        thumbnail_urls=hover_urls(thumbnails, session))
+        thumbnail_urls=urls)
     return {ui.knn_plot: knn,
-            ui.map_plot: map_figure(session, view, method, space, thumbnails)}
+            ui.map_plot: map_figure(session, view, method, space, thumbnails, urls)}
 
 
 def hover_urls(thumbnails: ThumbnailCache, session: GallerySession) -> list[str]:
     """The URL of every gallery row's hover thumbnail, "" for one not made yet (they are
     made in the background on first use)."""
-    return [file_url(path) if path.is_file() else ""
-            for path in thumbnails.hover_paths(session.gallery)]
+    return [file_url(path) if path is not None else ""
+            for path in thumbnails.hover_thumbnails(session.gallery)]
 
 
 def map_figure(session: GallerySession, view: QueryView | None, method: str, space: str,
-               thumbnails: ThumbnailCache) -> Any:
+               thumbnails: ThumbnailCache, urls: list[str] | None = None) -> Any:
     """The gallery's embedding map in `space` (if computed), with the query and `method`'s top
-    results when there is a query; hovering a point shows its thumbnail."""
+    results when there is a query; hovering a point shows its thumbnail (`urls`: the hover
+    URLs when the caller has them already, see `hover_urls`)."""
     spaces = dict(session.map_spaces())
     space = space if space in spaces else "backbone"
     with engine_errors_as_gradio():
@@ -201,7 +203,7 @@ def map_figure(session: GallerySession, view: QueryView | None, method: str, spa
     return plots.embedding_figure(
         layout.coordinates, files=gallery.files, labels=gallery.labels,
         class_names=gallery.class_names, title=f"UMAP of {spaces[space]}",
-        thumbnail_urls=hover_urls(thumbnails, session), **kwargs)
+        thumbnail_urls=hover_urls(thumbnails, session) if urls is None else urls, **kwargs)
 
 
 def query_note(result: QueryResult) -> str:

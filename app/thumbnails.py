@@ -38,6 +38,8 @@ class ThumbnailCache:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self._hover: dict[tuple[Path, int, str], list[Path]] = {}
+        self._hover_made: set[tuple[Path, int, str]] = set()
+        """The galleries (keys of `_hover`) whose hover thumbnails are all made."""
         self._lock = threading.Lock()
 
     def path_for(self, source: Path, mark: Mark = None, side: int = RESULT_SIDE) -> Path:
@@ -52,32 +54,37 @@ class ThumbnailCache:
             atomic_write_bytes(path, self._render(Path(source).absolute(), mark, side))
         return path
 
-    def hover_paths(self, gallery: Gallery) -> list[Path]:
-        """The hover thumbnail of every gallery row, by row. The paths are returned at once;
-        the missing thumbnails are made by one background thread per gallery (a plot shows no
-        image for a point whose thumbnail is not made yet)."""
+    def hover_thumbnails(self, gallery: Gallery) -> list[Path | None]:
+        """The hover thumbnail of every gallery row, by row; None for one not made yet. The
+        missing ones are made by one background thread per gallery, started on the first call;
+        once it has made them all, a call returns the kept list without looking at the disk."""
         key = (gallery.root, gallery.size, gallery.fingerprint)
         with self._lock:
             paths = self._hover.get(key)
-            if paths is not None:
-                return paths
-            sources = [gallery.path_of(row) for row in range(gallery.size)]
-            paths = [self.path_for(source, None, HOVER_SIDE) for source in sources]
-            self._hover[key] = paths
-        missing = [source for source, path in zip(sources, paths, strict=True)
-                   if not path.is_file()]
-        if missing:
-            threading.Thread(target=self._make_all, args=(missing, HOVER_SIDE),
-                             name="hover-thumbnails", daemon=True).start()
-        return paths
+            if paths is None:
+                sources = [gallery.path_of(row) for row in range(gallery.size)]
+                paths = [self.path_for(source, None, HOVER_SIDE) for source in sources]
+                self._hover[key] = paths
+                missing = [source for source, path in zip(sources, paths, strict=True)
+                           if not path.is_file()]
+                if missing:
+                    threading.Thread(target=self._make_all, args=(key, missing, HOVER_SIDE),
+                                     name="hover-thumbnails", daemon=True).start()
+                else:
+                    self._hover_made.add(key)
+            if key in self._hover_made:
+                return list(paths)
+        return [path if path.is_file() else None for path in paths]
 
-    def _make_all(self, sources: list[Path], side: int) -> None:
+    def _make_all(self, key: tuple[Path, int, str], sources: list[Path], side: int) -> None:
         for source in sources:
             try:
                 self.get(source, side=side)
             except OSError as error:  # a full disk or a vanished cache: the plot shows none
                 logger.warning("hover thumbnails stopped: %s", error)
                 return
+        with self._lock:
+            self._hover_made.add(key)
 
     def forget(self, source: Path) -> int:
         """Delete every thumbnail of `source` (all sides and marks); returns how many.

@@ -26,6 +26,7 @@ import numpy as np
 from engine.asymmetric.query_models import QUERY_MODELS
 from engine.core.jobs import Job, JobProgress, JobQueue
 from engine.core.plans import Plan, PlanStep
+from engine.core.types import check_features
 from engine.errors import InvalidInputError, UnknownNameError
 from engine.explorer.results import BASELINE, DEFAULT_TOP_N, QueryResult, Ranking
 from engine.explorer.session import GallerySession
@@ -538,12 +539,10 @@ def _unit_query(query_feature: Any, dim: int) -> np.ndarray:
     if vector.ndim != 1 or vector.shape[0] != dim:
         raise InvalidInputError(f"the query feature must be a ({dim},) vector like the "
                                 f"gallery's rows, got shape {vector.shape}")
-    if not np.issubdtype(vector.dtype, np.number):
-        raise InvalidInputError(f"the query feature must be numeric, got dtype {vector.dtype}")
-    vector = vector.astype(np.float32)
+    vector = check_features(vector, "the query feature", dim, unit_norm=False)[0]
     norm = float(np.linalg.norm(vector))
-    if not np.isfinite(vector).all() or norm == 0:
-        raise InvalidInputError("the query feature must be finite and not all zeros")
+    if norm == 0:
+        raise InvalidInputError("the query feature must not be all zeros")
     return vector / norm
 
 

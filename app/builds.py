@@ -25,7 +25,11 @@ from app.text import background_text, opened_text, train_label
 from app.thumbnails import PREVIEW_SIDE, ThumbnailCache
 from engine import (
     BASELINE,
+    DONE,
+    FAILED,
     FEATURE_FILE_FORMATS,
+    RUNNING,
+    WAITING,
     Explorer,
     GallerySession,
     Job,
@@ -39,8 +43,6 @@ from engine.errors import EngineError
 if TYPE_CHECKING:
     from app.layout import PageComponents
 
-WAITING, RUNNING, DONE, FAILED = "waiting", "running", "done", "failed"
-"""The states of an engine job (`engine.core.jobs`) the page follows."""
 JOB_POLL_SECONDS = 0.5
 """How often a followed build's progress line is redrawn (only when it changed)."""
 
@@ -271,7 +273,7 @@ class BuildEvents:
                 or method in session.unavailable or session.fitted(method) is not None):
             return hidden
         job = session.fit_job(method)
-        if job is not None and job.state != "waiting":
+        if job is not None and job.state != WAITING:
             return hidden
         cached = (session.key, method)
         if cached not in self._fit_estimates:

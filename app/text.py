@@ -12,6 +12,9 @@ import numpy as np
 from app.public import PublicUploads
 from engine import (
     CUSTOM,
+    FAILED,
+    RUNNING,
+    WAITING,
     GallerySession,
     QueryResult,
     Ranking,
@@ -184,9 +187,9 @@ def background_text(session: GallerySession) -> str:
     if jobs is None:
         return ""
     mine = [job for job in jobs.jobs() if job.key[0] == session.key]
-    running = [job for job in mine if job.state == "running"]
-    waiting = [job for job in mine if job.state == "waiting"]
-    failed = [job for job in mine if job.state == "failed"]
+    running = [job for job in mine if job.state == RUNNING]
+    waiting = [job for job in mine if job.state == WAITING]
+    failed = [job for job in mine if job.state == FAILED]
     if not running and not waiting:
         done = f"Background preparation done ({len(mine) - len(failed)} jobs"
         return done + (f", {len(failed)} failed)." if failed else ").") if mine else ""

@@ -16,8 +16,9 @@ timm until a name that needs them is used).
   `SweepRun` (a sweep in a background thread, read as it goes and cancellable),
   `SweepProgress`, `Trial`, `best_trial`.
 - views: `neighbourhood_graph`, `NeighbourhoodGraph`.
-- runtime: `JobQueue` and its `Job`s (cancellable: `JobCancelled`), `Plan` and `PlanStep`
-  (what long work will do and about how long, said before it starts; `LONG_JOB_SECONDS`),
+- runtime: `JobQueue` and its `Job`s (states `WAITING`, `RUNNING`, `DONE`, `FAILED`;
+  cancellable: `JobCancelled`), `Plan` and `PlanStep` (what long work will do and about how
+  long, said before it starts; `LONG_JOB_SECONDS`),
   `configure_threads`, `configure_logging`, `resolve_device`, and the small file helpers the
   page's caches use (`atomic_write_bytes`, `load_json`).
 - errors: every error the engine raises derives from `EngineError`.
@@ -78,6 +79,10 @@ _PUBLIC: dict[str, str] = {
     "neighbourhood_graph": "engine.views.neighbourhood",
     "JobQueue": "engine.core.jobs",
     "Job": "engine.core.jobs",
+    "WAITING": "engine.core.jobs",
+    "RUNNING": "engine.core.jobs",
+    "DONE": "engine.core.jobs",
+    "FAILED": "engine.core.jobs",
     "LONG_JOB_SECONDS": "engine.core.plans",
     "Plan": "engine.core.plans",
     "PlanStep": "engine.core.plans",

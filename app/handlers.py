@@ -184,7 +184,7 @@ class PageHandlers(BuildEvents, LinkEvents):
                               space, *control_values)
         kept = file
         if self.query_uploads is not None:
-            kept = str(self.query_uploads.find(self.query_uploads.keep(file)))
+            kept = str(self.query_uploads.keep(file))
         return {**updates, self.ui.picked: None, self.ui.uploaded: kept,
                 self.ui.upload: None,
                 self.ui.query_image: str(self.thumbnails.get(Path(kept), side=PREVIEW_SIDE))}

@@ -88,8 +88,9 @@ class QueryUploads:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
 
-    def keep(self, path: str | Path) -> str:
-        """Copy an uploaded file into the store (once per content); returns its hash."""
+    def keep(self, path: str | Path) -> Path:
+        """Copy an uploaded file into the store (once per content); returns the kept file,
+        named by the hash of its bytes (its stem, what a link carries)."""
         source = Path(path)
         digest = hashlib.sha256(source.read_bytes()).hexdigest()[:16]
         suffix = source.suffix.lower() if UPLOAD_SUFFIX.match(source.suffix) else ""
@@ -99,7 +100,7 @@ class QueryUploads:
             partial = target.with_name(target.name + ".partial")
             shutil.copyfile(source, partial)
             partial.replace(target)
-        return digest
+        return target
 
     def find(self, digest: str) -> Path | None:
         """The kept file of a hash, or None (unknown or malformed hash)."""

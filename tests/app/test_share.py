@@ -37,9 +37,11 @@ def test_uploads_are_kept_by_content(tmp_path: Path) -> None:
     first.write_bytes(b"same bytes")
     copy = tmp_path / "other-name.jpg"
     copy.write_bytes(b"same bytes")
-    digest = store.keep(first)
-    assert store.keep(copy) == digest and len(digest) == 16
+    kept_first = store.keep(first)
+    digest = kept_first.stem
+    assert store.keep(copy) == kept_first and len(digest) == 16
     kept = store.find(digest)
+    assert kept == kept_first
     assert kept is not None and kept.read_bytes() == b"same bytes" and kept.suffix == ".jpg"
     assert [path.name for path in (tmp_path / "store").iterdir()] == [kept.name]
     assert store.find("0" * 16) is None

@@ -54,7 +54,6 @@ class BuildEvents:
     public: PublicUploads | None
     thumbnails: ThumbnailCache
     method_names: list[str]
-    _fit_estimates: dict[tuple[str, str], float | None]
     ui: PageComponents
     session: Callable[[str | None], GallerySession]
     switch_gallery: Callable[[str], dict[Any, Any]]
@@ -275,11 +274,9 @@ class BuildEvents:
         job = session.fit_job(method)
         if job is not None and job.state != WAITING:
             return hidden
-        cached = (session.key, method)
-        if cached not in self._fit_estimates:
-            with engine_errors_as_gradio():
-                self._fit_estimates[cached] = session.fit_estimate(method)
-        return gr.Button(value=train_label(self._fit_estimates[cached]), visible=True)
+        with engine_errors_as_gradio():  # measured once, then remembered by the session
+            seconds = session.fit_estimate(method)
+        return gr.Button(value=train_label(seconds), visible=True)
 
     def train_now(self, method: str, key: str) -> dict[Any, Any]:
         """Train a learned method next (ahead of the other background work)."""

@@ -95,7 +95,6 @@ class PageHandlers(BuildEvents, LinkEvents):
         self.thumbnails = ThumbnailCache(explorer.thumbnail_root)
         self.query_uploads = (None if public is not None
                               else QueryUploads(explorer.cache_root / "query-uploads"))
-        self._fit_estimates: dict[tuple[str, str], float | None] = {}
         self._ui: PageComponents | None = None
 
     @property

@@ -22,7 +22,7 @@ from app.feedback import engine_errors_as_gradio, owner
 from app.public import PublicUploads, refuse_folder
 from app.render import QueryView, map_figure
 from app.text import background_text, opened_text, train_label
-from app.thumbnails import PREVIEW_SIDE, ThumbnailCache
+from app.thumbnails import ThumbnailCache
 from engine import (
     BASELINE,
     DONE,
@@ -35,7 +35,6 @@ from engine import (
     Job,
     Plan,
     PlanStep,
-    QueryResult,
     get_reranker_class,
 )
 from engine.errors import EngineError
@@ -57,9 +56,10 @@ class BuildEvents:
     ui: PageComponents
     session: Callable[[str | None], GallerySession]
     switch_gallery: Callable[[str], dict[Any, Any]]
-    render_query: Callable[[QueryResult, str, str], dict[Any, Any]]
     compare_rows: Callable[..., list[list[Any]]]
-    _run_query: Callable[..., QueryResult]
+    default_controls: Callable[[GallerySession], list[Any]]
+    pick: Callable[..., dict[Any, Any]]
+    show_upload: Callable[..., dict[Any, Any]]
 
     # -- long work the user asks for: another query model, another gallery -----------------------
     def switch_query_model(self, request: gr.Request | None, key: str, query_model: str,
@@ -228,20 +228,13 @@ class BuildEvents:
                ) -> dict[Any, Any]:
         """The current query (a pick or an upload) run again on `session` with its default
         settings (the controls show them after a switch); nothing when there is none."""
-        ui = self.ui
+        controls = self.default_controls(session)
         if picked:
-            with engine_errors_as_gradio():
-                path = session.gallery.path_of(session.position_of(picked))
-            result = self._run_query(session.key, None, picked, None, leave_out, top_n, None)
-            return {**self.render_query(result, plot_method, space), ui.picked: picked,
-                    ui.query_image: str(self.thumbnails.get(path, side=PREVIEW_SIDE))}
+            return self.pick(session.key, picked, leave_out, top_n, plot_method, space,
+                             *controls)
         if uploaded:
-            result = self._run_query(session.key, uploaded, None, query_class, leave_out,
-                                     top_n, None)
-            return {**self.render_query(result, plot_method, space), ui.uploaded: uploaded,
-                    ui.query_image: str(self.thumbnails.get(Path(uploaded),
-                                                            side=PREVIEW_SIDE)),
-                    ui.query_class: gr.update(value=query_class)}
+            return self.show_upload(session.key, uploaded, query_class, leave_out, top_n,
+                                    plot_method, space, *controls)
         return {}
 
     def end_session(self, request: gr.Request) -> None:

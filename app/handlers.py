@@ -130,6 +130,17 @@ class PageHandlers(BuildEvents, LinkEvents):
             at += count
         return params
 
+    def flat_controls(self, params: dict[str, dict[str, Any]]) -> list[Any]:
+        """Per-method parameters as the flat list of every tab's control values (the inverse
+        of `all_params`)."""
+        return [params[method][name] for method in self.method_names
+                for name in self.ui.tabs[method].param_names]
+
+    def default_controls(self, session: GallerySession) -> list[Any]:
+        """Every tab's control values at the gallery's setting (preset or authors' defaults)."""
+        return self.flat_controls({method: session.params_for(method)[0]
+                                   for method in self.method_names})
+
     # -- API -------------------------------------------------------------------------------------
     def api_query(self, image: str | None, gallery_file: str | None, leave_out: bool = True,
                   gallery: str | None = None, top_n: float = DEFAULT_TOP_N,
@@ -200,6 +211,17 @@ class PageHandlers(BuildEvents, LinkEvents):
         return {**updates, self.ui.picked: file,
                 self.ui.query_image: str(self.thumbnails.get(path, side=PREVIEW_SIDE)),
                 self.ui.query_class: gr.update(value=NO_CLASS)}
+
+    def show_upload(self, key: str, kept: str, query_class: str, leave_out: bool,
+                    top_n: float, plot_method: str, space: str, *control_values: Any
+                    ) -> dict[Any, Any]:
+        """An upload already kept (a link's, or the current one under another query model)
+        shown as the query again and ranked."""
+        updates = self.search(key, kept, None, query_class, leave_out, top_n, plot_method,
+                              space, *control_values)
+        return {**updates, self.ui.picked: None, self.ui.uploaded: kept,
+                self.ui.query_class: gr.update(value=query_class),
+                self.ui.query_image: str(self.thumbnails.get(Path(kept), side=PREVIEW_SIDE))}
 
     def pick_browsed(self, event: gr.SelectData, key: str, class_filter: str, page: float,
                      leave_out: bool, top_n: float, plot_method: str, space: str,

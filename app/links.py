@@ -17,7 +17,7 @@ import gradio as gr
 from app.render import QueryView
 from app.share import QueryUploads, SharedView, changed_params, decode, encode
 from app.text import ALL_CLASSES, NO_CLASS
-from app.thumbnails import PREVIEW_SIDE, ThumbnailCache
+from app.thumbnails import ThumbnailCache
 from engine import Explorer, GallerySession, method_title
 from engine.errors import EngineError
 
@@ -39,7 +39,8 @@ class LinkEvents:
     gallery_choices: Callable[..., list[tuple[str, str]]]
     browse: Callable[..., dict[Any, Any]]
     pick: Callable[..., dict[Any, Any]]
-    search: Callable[..., dict[Any, Any]]
+    show_upload: Callable[..., dict[Any, Any]]
+    flat_controls: Callable[[dict[str, dict[str, Any]]], list[Any]]
     _switched: Callable[..., dict[Any, Any]]
 
     # -- the view as a link ----------------------------------------------------------------------
@@ -113,29 +114,20 @@ class LinkEvents:
         try:
             if shared.file:
                 updates.update(self.pick(session.key, shared.file, leave_out, top_n,
-                                         plot_method, space, *self._flat(chosen)))
+                                         plot_method, space, *self.flat_controls(chosen)))
             elif shared.upload and self.query_uploads is not None:
                 kept = self.query_uploads.find(shared.upload)
                 if kept is None:
                     notes.append("the link's uploaded query is no longer kept here")
                 else:
-                    query_class = shared.query_class or NO_CLASS
-                    updates.update(self.search(session.key, str(kept), None, query_class,
-                                               leave_out, top_n, plot_method, space,
-                                               *self._flat(chosen)))
-                    updates.update({ui.uploaded: str(kept), ui.query_class: query_class,
-                                    ui.query_image: str(self.thumbnails.get(
-                                        kept, side=PREVIEW_SIDE))})
+                    updates.update(self.show_upload(
+                        session.key, str(kept), shared.query_class or NO_CLASS, leave_out,
+                        top_n, plot_method, space, *self.flat_controls(chosen)))
         except gr.Error as error:
             notes.append(f"the link's query: {error.message}")
         if notes:
             updates[ui.message] = "⚠️ Reopening the link: " + "; ".join(notes) + "."
         return updates
-
-    def _flat(self, params: dict[str, dict[str, Any]]) -> list[Any]:
-        """Per-method parameters as the flat list of every tab's control values."""
-        return [params[method][name] for method in self.method_names
-                for name in self.ui.tabs[method].param_names]
 
 
 def _numbers(values: dict[str, str]) -> dict[str, Any]:

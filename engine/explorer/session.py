@@ -302,12 +302,12 @@ class GallerySession:
     def _fit_job_key(setting: MethodSetting) -> tuple[Any, ...]:
         return ("fit", setting.method, setting.key[1])
 
-    def fit_job(self, method: str) -> Job | None:
-        """The background job fitting `method` at its default setting here, None when there
-        is none (no job queue, or never queued)."""
+    def fit_job(self, method: str, params: ParamsOrSetting = None) -> Job | None:
+        """The background job fitting `method` here with `params` (default: its default
+        setting), None when there is none (no job queue, or never queued)."""
         if self.jobs is None:
             return None
-        return self.jobs.get((self.key, *self._fit_job_key(self.setting(method))))
+        return self.jobs.get((self.key, *self._fit_job_key(self.setting(method, params))))
 
     def _submit_fit(self, method: str, params: ParamsOrSetting = None) -> Job:
         setting = self.setting(method, params)
@@ -338,7 +338,7 @@ class GallerySession:
             return
         if self.fitted(method, setting) is not None:
             return
-        job = self.jobs.get((self.key, *self._fit_job_key(setting)))
+        job = self.fit_job(method, setting)
         if job is not None and job.state == CANCELLED:
             raise JobCancelled(f"the training of {method_title(method)} was cancelled")
 
@@ -359,7 +359,7 @@ class GallerySession:
         setting = self.setting(method, params)
         if self.fitted(method, setting) is not None:
             return None
-        job = self.jobs.get((self.key, *self._fit_job_key(setting)))
+        job = self.fit_job(method, setting)
         if job is None:
             if not get_reranker_class(method).learns:
                 return None
@@ -377,8 +377,9 @@ class GallerySession:
         if method in self.unavailable:
             return f"**Unavailable on this gallery:** {self.unavailable[method]}"
         text = "Ready."
-        if self.jobs is not None and self.fitted(method) is None:
-            described = self.jobs.describe((self.key, *self._fit_job_key(self.setting(method))))
+        job = self.fit_job(method)
+        if job is not None and self.fitted(method) is None:
+            described = self.jobs.describe(job.key)
             text = text if described is None or described.endswith(": ready") else described
         if self.jobs is not None:
             failed = [job.describe() for job in self.jobs.jobs()

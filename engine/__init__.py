@@ -36,6 +36,7 @@ from engine.errors import (
     JobCancelled,
     MissingDependencyError,
     NotFittedError,
+    TooLargeError,
     UnknownNameError,
     UnsafePathError,
 )
@@ -103,6 +104,7 @@ __all__ = [
     "JobCancelled",
     "MissingDependencyError",
     "NotFittedError",
+    "TooLargeError",
     "UnknownNameError",
     "UnsafePathError",
     *_PUBLIC,

@@ -23,6 +23,11 @@ class UnsafePathError(InvalidInputError):
     """A path escapes the folder it must stay in."""
 
 
+class TooLargeError(InvalidInputError):
+    """The work asked for cannot run at this size on this machine (memory or time); the
+    message says the limit and what to do instead."""
+
+
 class NotFittedError(EngineError, RuntimeError):
     """A re-ranker was used before `fit` gave it a gallery."""
 

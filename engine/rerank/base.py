@@ -24,7 +24,7 @@ from engine.core.types import (
     RerankResult,
     check_features,
 )
-from engine.errors import InvalidInputError, NotFittedError
+from engine.errors import InvalidInputError, NotFittedError, TooLargeError
 
 logger = logging.getLogger(__name__)
 
@@ -258,6 +258,12 @@ class Reranker(ABC):
                 f"use k <= {available}")
         if mode not in ("batch", "online"):
             raise InvalidInputError(f"mode must be 'batch' or 'online', got {mode!r}")
+        if mode == "batch":
+            n_queries = (context.size if leave_one_out
+                         else np.atleast_2d(query_features).shape[0])
+            refusal = self.batch_refusal(context.size, n_queries)
+            if refusal is not None:
+                raise TooLargeError(f"{self.title or self.name} batch mode: {refusal}")
         if leave_one_out:
             if mode != "batch":
                 raise InvalidInputError("leave-one-out (query_features=None) is a batch mode")
@@ -281,6 +287,13 @@ class Reranker(ABC):
     def rerank_online(self, query_feature: np.ndarray, k: int | None = None) -> RerankResult:
         """Shorthand for `rerank(query_feature, k, mode="online")`."""
         return self.rerank(query_feature, k, mode="online")
+
+    def batch_refusal(self, gallery_size: int, n_queries: int) -> str | None:
+        """Why batch mode cannot run for `n_queries` queries against a gallery of
+        `gallery_size` on this machine (say, the memory it would need, with the number), or
+        None when it can (the default). `rerank` raises `TooLargeError` with it instead of
+        trying; the page and the benchmark show it instead of a result."""
+        return None
 
     def estimate_fit_seconds(self, context: GalleryContext) -> float | None:
         """Seconds `fit(context)` would take here with these parameters, measured briefly (a

@@ -30,14 +30,19 @@ class KnnGraph:
     indices: (G, K) int64 gallery rows, most similar first (ties: smaller index first).
     similarities: (G, K) float32 canonical inner products (`knn.canonical_similarity`).
     farthest: (G,) float32 smallest similarity of each row (k-reciprocal's normaliser), or None.
-    canonical: True when built by `knn.knn_graph` (exact, canonical similarities); only such a
-        graph may stand in for a re-ranker's own neighbour search.
+    canonical: True when built by `knn.knn_graph` (exact, canonical similarities): a re-ranker
+        that reads it gives what its own exact search would.
+    recall: for an approximate graph (built through an approximate index above the exact-search
+        size), its measured recall of the exact lists on a sample of rows; None when unmeasured
+        or exact. A re-ranker uses an approximate graph rather than search the whole gallery
+        itself: that is what makes a gallery of a million workable, at the cost this states.
     """
 
     indices: np.ndarray
     similarities: np.ndarray
     farthest: np.ndarray | None = None
     canonical: bool = False
+    recall: float | None = None
 
     @property
     def depth(self) -> int:

@@ -9,7 +9,9 @@ over rows and bounded by the neighbourhood sizes (never an N x N dense matrix).
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -315,3 +317,191 @@ def torch_reciprocal_mask(lists: torch.Tensor, width: int, rows: torch.Tensor | 
         part = rows[start:start + step]
         mask[start:start + step] = (head[head[part]] == part[:, None, None]).any(dim=2)
     return mask
+
+
+# -- the approximate graph, through an index, at scale ------------------------------------------
+EXACT_CHUNK_ROWS = 65536
+"""Gallery rows converted to float32 at a time by `exact_candidates` (192 MiB at d = 768)."""
+GATHER_ELEMENTS = 1 << 23
+"""Elements of one gathered (rows, candidates, d) block of the approximate graph (64 MiB in
+float64): bounds its memory whatever the batch, width and dimension."""
+FARTHEST_CANDIDATES = 8
+"""Items the negated search proposes for each row's farthest (the smallest canonical similarity
+among them is kept)."""
+RECALL_ROWS = 200
+"""Gallery rows on which an approximate graph's recall is measured against exact search."""
+GRAPH_BATCH = 4096
+
+
+class CandidateSearch(Protocol):
+    """What `approximate_knn_graph` searches through (`engine.search.index.SearchIndex`):
+    `neighbours(queries, k)` returns faiss's (similarities (Q, k) descending, indices (Q, k)
+    int64) with -1 where the index found fewer than k items."""
+
+    def neighbours(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+def _float32_rows(features: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """Rows start:stop as contiguous float32 (no copy when they already are)."""
+    return np.ascontiguousarray(features[start:stop], dtype=np.float32)
+
+
+def merge_top_k(similarities: np.ndarray, indices: np.ndarray, k: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the k best (similarity descending, ties by the smaller index) of candidate
+    lists; -1 indices (missing) sort last. Returns (similarities (n, k), indices (n, k))."""
+    keyed = np.where(indices < 0, -np.inf, similarities)
+    order = np.lexsort((np.where(indices < 0, np.iinfo(np.int64).max, indices), -keyed),
+                       axis=-1)[:, :k]
+    return (np.take_along_axis(similarities, order, 1),
+            np.take_along_axis(indices, order, 1))
+
+
+def exact_candidates(features: np.ndarray, queries: np.ndarray, k: int,
+                     chunk: int = EXACT_CHUNK_ROWS) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k float32 inner products of `queries` against `features`, read in row chunks.
+
+    Works on the gallery's own array, of any float dtype and memory-mapped, without a second
+    copy of it: each chunk is converted to float32 (no copy when it is float32 already) and
+    searched with faiss's brute-force `knn`, and the chunks' best are merged.
+
+    Args:
+        features: (n, d) float rows; queries: (Q, d) float32; 1 <= k <= n.
+    Returns:
+        similarities (Q, k) float32 descending, indices (Q, k) int64 (faiss's order).
+    """
+    import faiss
+
+    queries = np.ascontiguousarray(queries, np.float32)
+    n = features.shape[0]
+    best_values = best_indices = None
+    for start in range(0, n, chunk):
+        block = _float32_rows(features, start, start + chunk)
+        values, found = faiss.knn(queries, block, min(k, block.shape[0]),
+                                  metric=faiss.METRIC_INNER_PRODUCT)
+        found = found.astype(np.int64) + start
+        if best_values is not None:
+            values, found = merge_top_k(np.concatenate([best_values, values], 1),
+                                        np.concatenate([best_indices, found], 1), k)
+        best_values, best_indices = values, found
+    return best_values.astype(np.float32), best_indices
+
+
+def gathered_similarity(features: np.ndarray, rows: np.ndarray, candidates: np.ndarray,
+                        dtype: type = np.float64) -> np.ndarray:
+    """Inner products of each row's features with its candidates' features, in `dtype`
+    (float64: canonical before the cast), in blocks of `GATHER_ELEMENTS`.
+
+    Args:
+        features: (n, d) gallery; rows: (b,) row ids; candidates: (b, w) ids (-1: none, gives 0).
+    Returns:
+        (b, w) similarities in `dtype`.
+    """
+    b, width = candidates.shape
+    out = np.empty((b, width), dtype)
+    step = max(1, GATHER_ELEMENTS // max(1, width * features.shape[1]))
+    for start in range(0, b, step):
+        part = candidates[start:start + step]
+        gathered = np.asarray(features[np.maximum(part, 0)], dtype)  # (p, w, d)
+        own = np.asarray(features[rows[start:start + step]], dtype)[:, :, None]
+        out[start:start + step] = np.matmul(gathered, own)[:, :, 0]
+    return out
+
+
+def _choose_lists(features: np.ndarray, row_ids: np.ndarray, candidates: np.ndarray,
+                  depth: int, keep: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's `depth` best canonical neighbours among its candidates, itself first.
+
+    Candidates (-1: none) are rescored in float32 when there are more than `keep` (an
+    approximate index's scores, such as product quantisation's, do not order them well), the
+    best `keep` canonically (float64, `canonical_similarity`), and the best `depth` of those kept.
+    Rows with fewer than `depth` valid candidates are returned with -1 entries for the caller.
+    """
+    candidates = np.concatenate([row_ids[:, None], candidates], 1)
+    candidates[:, 1:][candidates[:, 1:] == row_ids[:, None]] = -1  # self once, at the front
+    if candidates.shape[1] > keep:
+        rough = gathered_similarity(features, row_ids, candidates, np.float32)
+        rough[:, 0] = np.inf
+        _, candidates = merge_top_k(rough, candidates, keep)
+    canonical = np.minimum(gathered_similarity(features, row_ids, candidates), 1.0)
+    canonical = canonical.astype(np.float32)
+    canonical[candidates[:, 0] == row_ids, 0] = np.inf
+    similarities, indices = merge_top_k(canonical, candidates, depth)
+    return np.minimum(similarities, np.float32(1.0)), indices
+
+
+def graph_recall(features: np.ndarray, graph_indices: np.ndarray, rows: np.ndarray,
+                 tolerance: float = FLOAT32_SLACK) -> float:
+    """Recall of the listed neighbours of `rows` against the exact lists, tie-aware.
+
+    A listed item counts as found when its canonical similarity to the row reaches the exact
+    depth-th similarity (less `tolerance`): an item tied with the exact list's last one is as
+    good as it. Returns the mean over rows of found / depth.
+    """
+    depth = graph_indices.shape[1]
+    queries = _float32_rows(features[rows], 0, len(rows))
+    _, exact_indices = exact_candidates(features, queries, depth)
+    bound = np.minimum(gathered_similarity(features, rows, exact_indices), 1.0)[:, -1]
+    listed = np.minimum(gathered_similarity(features, rows, graph_indices[rows]), 1.0)
+    listed[graph_indices[rows] < 0] = -np.inf
+    return float(np.mean((listed >= bound[:, None] - tolerance).sum(axis=1) / depth))
+
+
+def approximate_knn_graph(features: np.ndarray, depth: int, index: CandidateSearch, *,
+                          candidates: int | None = None, batch: int = GRAPH_BATCH,
+                          recall_rows: int = RECALL_ROWS, seed: int = 0,
+                          progress: Callable[[float, str], None] | None = None) -> KnnGraph:
+    """The kNN graph of `features` through a search index, in batches of rows (never N x N).
+
+    Each batch of rows is searched through `index` for `candidates` items (default depth + 8;
+    more for an index whose scores are rough, such as IVF-PQ: see `SearchIndex.graph_width`);
+    the candidates are rescored from `features` themselves and the best `depth` kept with
+    canonical similarities (float64-accumulated, `canonical_similarity`), each row first in its
+    own list at similarity 1. Each row's farthest similarity (k-reciprocal's normaliser) is
+    min_y <x, y> = -max_y <-x, y>: the negated rows are searched through the same index for
+    `FARTHEST_CANDIDATES` items and the smallest canonical similarity kept. Rows for which the
+    index finds fewer than `depth` items are searched exactly (`exact_candidates`).
+
+    Recall against the exact lists is measured on `recall_rows` seeded random rows
+    (`graph_recall`) and returned in the graph; `canonical` is False, since an approximate
+    index may miss neighbours.
+
+    Args:
+        features: (n, d) float unit rows, float16 or memory-mapped allowed (read in batches).
+        depth: list length (self included), at most n.
+    Returns:
+        KnnGraph of depth min(depth, n), canonical=False, recall set.
+    """
+    n = features.shape[0]
+    depth = min(int(depth), n)
+    keep = min(depth + 8, n)
+    width = min(max(candidates or keep, keep), n)
+    indices = np.empty((n, depth), np.int64)
+    similarities = np.empty((n, depth), np.float32)
+    farthest = np.empty(n, np.float32)
+    for start in range(0, n, batch):
+        stop = min(start + batch, n)
+        row_ids = np.arange(start, stop, dtype=np.int64)
+        queries = _float32_rows(features, start, stop)
+        _, found = index.neighbours(queries, width)
+        values, lists = _choose_lists(features, row_ids, found.astype(np.int64), depth, keep)
+        short = np.flatnonzero((lists < 0).any(axis=1))
+        if short.size:  # the index found too few: those rows exactly
+            _, found = exact_candidates(features, queries[short], keep)
+            values[short], lists[short] = _choose_lists(features, row_ids[short], found,
+                                                        depth, keep)
+        indices[start:stop], similarities[start:stop] = lists, values
+        _, opposite = index.neighbours(-queries, min(FARTHEST_CANDIDATES, n))
+        far = gathered_similarity(features, row_ids, opposite.astype(np.int64))
+        far[opposite < 0] = np.inf
+        missing = ~np.isfinite(far.min(axis=1))
+        if missing.any():
+            _, exact_far = exact_candidates(features, -queries[missing], 1)
+            far[missing, 0] = gathered_similarity(features, row_ids[missing], exact_far)[:, 0]
+        farthest[start:stop] = np.minimum(far.min(axis=1), 1.0)
+        if progress is not None:
+            progress(stop / n, f"kNN graph {stop}/{n} rows")
+    rows = np.sort(np.random.default_rng(seed).choice(n, min(recall_rows, n), replace=False))
+    recall = graph_recall(features, indices, rows)
+    return KnnGraph(indices=indices, similarities=similarities, farthest=farthest,
+                    canonical=False, recall=recall)

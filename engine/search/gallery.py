@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from engine.core.device import resolve_device
-from engine.core.knn import knn_graph
+from engine.core.knn import approximate_knn_graph, knn_graph
 from engine.core.state import StaleStateError, file_record, load_state, save_state
 from engine.core.storage import (
     atomic_save_checked_npz,
@@ -54,7 +54,7 @@ from engine.errors import CacheError, EmptyGalleryError, InvalidInputError, Unsa
 from engine.features.backbone import FeatureExtractor, FeatureMeta, get_extractor
 from engine.features.images import list_image_files
 from engine.search.features_file import load_features_file
-from engine.search.index import SearchIndex
+from engine.search.index import SearchIndex, choose_index_kind
 
 logger = logging.getLogger(__name__)
 
@@ -258,8 +258,8 @@ class Gallery:
         gallery_fingerprint = fingerprint({
             "version": CACHE_VERSION, "meta": meta.fingerprint,
             "files": [[files[i], int(sizes[i]), int(mtimes[i])] for i in kept]})
-        index, knn, checksums = _index_and_graph(cache_dir, gallery_fingerprint, features,
-                                                 knn_depth, index_kind, device)
+        index, knn, checksums, built = _index_and_graph(
+            cache_dir, gallery_fingerprint, features, knn_depth, index_kind, device)
         labels = read_labels(root, kept_files)
         label_array = None
         class_names: list[str] = []
@@ -270,7 +270,7 @@ class Gallery:
                    fingerprint=gallery_fingerprint, file_records=checksums, metadata={
                        "version": CACHE_VERSION, "root": str(root), "meta": meta.to_dict(),
                        "n_images": len(kept_files), "n_skipped": len(skipped),
-                       "index_kind": index_kind, "knn_depth": knn.depth})
+                       "index_kind": index_kind, "knn_depth": knn.depth, **built})
         return cls(root=root, files=kept_files, features=features, meta=meta,
                    fingerprint=gallery_fingerprint, cache_dir=cache_dir, index=index, knn=knn,
                    labels=label_array, class_names=class_names, skipped=skipped)
@@ -319,14 +319,14 @@ class Gallery:
             "version": CACHE_VERSION, "meta": meta.fingerprint, "files": loaded.names,
             "labels": None if loaded.labels is None else loaded.labels.tolist(),
             "normalised": loaded.normalised})
-        index, knn, checksums = _index_and_graph(cache_dir, gallery_fingerprint,
-                                                 loaded.features, knn_depth, index_kind, device)
+        index, knn, checksums, built = _index_and_graph(
+            cache_dir, gallery_fingerprint, loaded.features, knn_depth, index_kind, device)
         save_state(cache_dir / "manifest", kind=INDEX_STATE, version=MANIFEST_FORMAT,
                    fingerprint=gallery_fingerprint, file_records=checksums, metadata={
                        "version": CACHE_VERSION, "root": str(root),
                        "features_file": str(loaded.path), "meta": meta.to_dict(),
                        "n_images": len(loaded.names), "n_skipped": 0,
-                       "index_kind": index_kind, "knn_depth": knn.depth})
+                       "index_kind": index_kind, "knn_depth": knn.depth, **built})
         logger.info("opened features file %s: %d items of %d dimensions (%s%s)",
                     loaded.path, len(loaded.names), meta.dim, loaded.features.dtype,
                     ", memory-mapped" if loaded.memory_mapped else "")
@@ -574,12 +574,37 @@ def _save_feature_cache(path: Path, meta: FeatureMeta, keys: list[CacheKey],
         skipped_reasons=np.array([cached_skips[key] for key in skipped], dtype=str))
 
 
+EXACT_GRAPH_MAX = 20_000
+"""The gallery kNN graph is exact (`knn.knn_graph`, canonical) up to this many items, and built
+through an approximate index above (`knn.approximate_knn_graph`, its recall measured on a
+sample). Measured on 2 cores: the exact graph takes about 20 s at 20k and 539 s at 100k (about
+15 h at 1M); the approximate one is linear in the size (see the README's scale table)."""
+
+
+def build_knn_graph(features: np.ndarray, depth: int, index: SearchIndex | None = None,
+                    device: str = "cpu", progress: ProgressCallback | None = None) -> KnnGraph:
+    """The gallery kNN graph of `depth`: exact up to `EXACT_GRAPH_MAX` items, else through
+    `index` when it is approximate, or through an IVF (IVF-PQ when a float32 copy does not fit,
+    `choose_index_kind`) built for the purpose when `index` is exact or missing."""
+    size, dim = features.shape
+    if size <= EXACT_GRAPH_MAX:
+        return knn_graph(np.asarray(features, np.float32), depth, resolve_device(device))
+    through = index
+    if through is None or through.exact:
+        kind, reason = choose_index_kind(size, dim, exact_max=0)
+        logger.info("kNN graph of %d items through a %s index (%s)", size, kind, reason)
+        through = SearchIndex(features, kind=kind, device="cpu", recall_queries=0)
+    return approximate_knn_graph(features, depth, through,
+                                 candidates=through.graph_width(depth), progress=progress)
+
+
 def _index_and_graph(cache_dir: Path, gallery_fingerprint: str, features: np.ndarray,
                      knn_depth: int, index_kind: str, device: str
-                     ) -> tuple[SearchIndex, KnnGraph, dict[str, dict[str, Any]]]:
+                     ) -> tuple[SearchIndex, KnnGraph, dict[str, dict[str, Any]], dict[str, Any]]:
     """Load the cached index and kNN graph when they pass `_load_index_and_graph`'s checks,
-    else build and save them. Returns them and the {file: {bytes, sha256}} record of both for
-    the manifest."""
+    else build and save them. Returns them, the {file: {bytes, sha256}} record of both and
+    what the manifest records of them besides (`index_built`, `index_recall`, `knn_canonical`,
+    `knn_recall`)."""
     depth = min(knn_depth, features.shape[0])
     try:
         return _load_index_and_graph(cache_dir, gallery_fingerprint, features, depth,
@@ -589,13 +614,20 @@ def _index_and_graph(cache_dir: Path, gallery_fingerprint: str, features: np.nda
     except (CacheError, KeyError, ValueError, IndexError, TypeError) as error:
         logger.warning("rebuilding the index of %s (%s)", cache_dir, error)
     index = SearchIndex(features, kind=index_kind, device=device)
-    # The exact graph with canonical similarities, as the re-rankers would compute it, so they
-    # can share it (an approximate index serves search only).
-    knn = knn_graph(features, depth, resolve_device(device))
+    # Canonical similarities, as the re-rankers would compute them, so they can share the
+    # graph: exact up to EXACT_GRAPH_MAX items, through an approximate index above.
+    knn = build_knn_graph(features, depth, index, device)
     index.save(cache_dir / "index.faiss")
     atomic_save_checked_npz(cache_dir / "knn.npz", indices=knn.indices,
                             similarities=knn.similarities, farthest=knn.farthest)
-    return index, knn, {name: file_record(cache_dir / name) for name in INDEX_FILES}
+    return index, knn, {name: file_record(cache_dir / name) for name in INDEX_FILES}, (
+        _index_metadata(index, knn))
+
+
+def _index_metadata(index: SearchIndex, knn: KnnGraph) -> dict[str, Any]:
+    """What the manifest keeps of the index and graph besides their files."""
+    return {"index_built": index.kind, "index_recall": dict(index.recall),
+            "knn_canonical": bool(knn.canonical), "knn_recall": knn.recall}
 
 
 INDEX_FILES = ("index.faiss", "knn.npz")
@@ -608,11 +640,12 @@ class _Outdated(CacheError):
 
 def _load_index_and_graph(cache_dir: Path, gallery_fingerprint: str, features: np.ndarray,
                           depth: int, index_kind: str, device: str
-                          ) -> tuple[SearchIndex, KnnGraph, dict[str, dict[str, Any]]]:
-    """The cached index and kNN graph; CacheError unless the manifest is intact (`load_state`:
-    its own checksum, both files match its sizes and sha256s, read before faiss parses a byte)
-    and was written for this gallery, index kind and a deep enough graph (else `_Outdated`),
-    and the files' shapes and values fit `features`."""
+                          ) -> tuple[SearchIndex, KnnGraph, dict[str, dict[str, Any]],
+                                     dict[str, Any]]:
+    """The cached index and kNN graph (and `_index_metadata`); CacheError unless the manifest
+    is intact (`load_state`: its own checksum, both files match its sizes and sha256s, read
+    before faiss parses a byte) and was written for this gallery, index kind and a deep
+    enough graph (else `_Outdated`), and the files' shapes and values fit `features`."""
     if not (cache_dir / "manifest.json").is_file():
         if not any((cache_dir / name).exists() for name in INDEX_FILES):
             raise _Outdated("a new gallery")
@@ -629,7 +662,11 @@ def _load_index_and_graph(cache_dir: Path, gallery_fingerprint: str, features: n
         raise _Outdated(f"the cached kNN graph is shallower than {depth}")
     records = manifest["files"]
     size, dim = features.shape
-    index = SearchIndex.load(cache_dir / "index.faiss", device=device)
+    index = SearchIndex.load(cache_dir / "index.faiss", device=device, features=features,
+                             recall=manifest.get("index_recall"))
+    if index.kind != manifest.get("index_built", index.kind):
+        raise CacheError(f"the cached index is {index.kind}, the manifest says "
+                         f"{manifest['index_built']}")
     if (index.size, index.dim) != (size, dim):
         raise CacheError(f"the cached index holds {index.size} vectors of {index.dim} "
                          f"dimensions, not {size} of {dim}")
@@ -647,5 +684,11 @@ def _load_index_and_graph(cache_dir: Path, gallery_fingerprint: str, features: n
         raise CacheError("the cached kNN graph has NaN or infinite similarities")
     if not (indices[:, 0] == np.arange(size)).all():
         raise _Outdated("the cached kNN graph does not list every item first in its own list")
-    knn = KnnGraph(indices[:, :depth], similarities[:, :depth], farthest, canonical=True)
-    return index, knn, {name: records[name] for name in INDEX_FILES}
+    canonical = manifest.get("knn_canonical", True)
+    recall = manifest.get("knn_recall")
+    if not isinstance(canonical, bool) or not (recall is None or isinstance(recall, float)):
+        raise CacheError("the manifest's kNN graph record is malformed")
+    knn = KnnGraph(indices[:, :depth], similarities[:, :depth], farthest, canonical=canonical,
+                   recall=recall)
+    return index, knn, {name: records[name] for name in INDEX_FILES}, (
+        _index_metadata(index, knn))

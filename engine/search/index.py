@@ -36,14 +36,22 @@ import numpy as np
 import torch
 
 from engine.core.device import resolve_device
-from engine.core.knn import torch_topk_largest
+from engine.core.knn import (
+    FLOAT32_SLACK,
+    GATHER_ELEMENTS,
+    exact_candidates,
+    gathered_similarity,
+    merge_top_k,
+    torch_topk_largest,
+)
 from engine.core.storage import atomic_path
 from engine.core.types import check_features
 from engine.errors import EmptyGalleryError, InvalidInputError
 
 logger = logging.getLogger(__name__)
 
-INDEX_KINDS = ("flat", "ivf", "hnsw")
+INDEX_KINDS = ("flat", "ivf", "hnsw", "ivfpq")
+INDEX_CHOICES = ("auto", *INDEX_KINDS)
 SEARCH_BACKENDS = ("auto", "faiss", "torch")
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -316,7 +324,7 @@ class TorchExactSearch:
 # -- the index -----------------------------------------------------------------------------------
 def _check_options(kind: str, precision: str, backend: str) -> None:
     if kind not in INDEX_KINDS:
-        raise InvalidInputError(f"index kind must be one of {INDEX_KINDS}, got {kind!r}")
+        raise InvalidInputError(f"index kind must be one of {INDEX_CHOICES}, got {kind!r}")
     if backend not in SEARCH_BACKENDS:
         raise InvalidInputError(f"backend must be one of {SEARCH_BACKENDS}, got {backend!r}")
     _check_precision(precision)
@@ -330,45 +338,158 @@ def _check_options(kind: str, precision: str, backend: str) -> None:
             "or 'auto'")
 
 
+EXACT_SEARCH_MAX = 200_000
+"""`kind="auto"`: exact (flat) search up to this many items. A flat query reads the whole
+feature store: about 50 ms at 100k x 1280 float32 on one core, too slow beyond."""
+COPY_MEMORY_FRACTION = 0.25
+"""`kind="auto"` above `EXACT_SEARCH_MAX`: an IVF index (exact vectors in its lists, a float32
+copy of the gallery) while that copy takes at most this fraction of the available memory, else
+IVF-PQ (product-quantised codes, d / 8 bytes per item: 96 MB at 1M x 768)."""
+DEFAULT_REFINE = 4
+"""IVF-PQ: a search for k items takes k * refine candidates from the codes and rescores them
+exactly from the gallery's features (when the index has them), since PQ scores are rough."""
+RECALL_QUERIES = 200
+"""Gallery rows (seeded) on which an approximate index's recall@10 and @100 are measured."""
+RECALL_DEPTHS = (10, 100)
+TRAIN_MAX = 100_000
+"""At most this many (seeded random) rows train an IVF or IVF-PQ index's quantisers."""
+CHECK_ROWS = 65536
+
+
+def choose_index_kind(size: int, dim: int, available: int | None = None,
+                      exact_max: int = EXACT_SEARCH_MAX) -> tuple[str, str]:
+    """The index kind `kind="auto"` builds for `size` items of `dim` dimensions, and why.
+
+    Flat (exact, served from the gallery's own features) up to `exact_max` items; above,
+    IVF while its float32 copy fits `COPY_MEMORY_FRACTION` of the available memory (`available`
+    bytes, default: what the system reports), else IVF-PQ. HNSW is never chosen automatically:
+    its build is the slowest on a small CPU, and it holds a float32 copy too.
+    """
+    if size <= exact_max:
+        return "flat", f"{size} items <= {exact_max}: exact search"
+    if available is None:
+        from engine.search.features_file import available_memory
+
+        available = available_memory()
+    copy = size * dim * 4
+    if available is not None and copy > COPY_MEMORY_FRACTION * available:
+        return "ivfpq", (f"{size} items > {exact_max} and a float32 copy "
+                         f"({copy / 2**30:.1f} GiB) exceeds {COPY_MEMORY_FRACTION:.0%} of the "
+                         f"available {available / 2**30:.1f} GiB: IVF-PQ")
+    return "ivf", f"{size} items > {exact_max}: IVF (its float32 copy fits in memory)"
+
+
+def check_store(features: np.ndarray, what: str = "gallery features") -> np.ndarray:
+    """Check (n, d) features as `check_features` does, in row chunks, and return the array
+    itself (float16 and memory-mapped stay so: the flat index searches it in place)."""
+    array = np.asarray(features) if not isinstance(features, np.ndarray) else features
+    if array.ndim != 2 or not np.issubdtype(array.dtype, np.floating):
+        return check_features(array, what)
+    for start in range(0, array.shape[0], CHECK_ROWS):
+        check_features(array[start:start + CHECK_ROWS], what)
+    return array
+
+
+def _pq_layout(size: int, dim: int) -> tuple[int, int]:
+    """(sub-quantisers m, bits per code) of an IVF-PQ index: m the largest divisor of `dim`
+    with at least 8 dimensions each (d / 8 bytes per item), 8 bits, fewer for galleries too
+    small to train 256 centroids per sub-quantiser."""
+    m = max([m for m in range(1, dim + 1) if dim % m == 0 and dim // m >= 8] or [1])
+    bits = int(max(1, min(8, np.floor(np.log2(max(2, size // 4))))))
+    return m, bits
+
+
+class StoreSearch:
+    """Exact search over the gallery's own feature array (`knn.exact_candidates`): no second
+    copy of the features, float16 or memory-mapped ones included."""
+
+    def __init__(self, features: np.ndarray) -> None:
+        self.features = features
+        self.ntotal, self.d = features.shape
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return exact_candidates(self.features, queries, int(k))
+
+
 class SearchIndex:
     """An index over L2-normalised gallery features, searched on the best backend available.
 
     kind: "flat" (exact inner product, the default), "ivf" (IndexIVFFlat, `nlist` cells,
-    `nprobe` probed) or "hnsw" (IndexHNSWFlat, `hnsw_m` links) for large galleries.
+    `nprobe` probed), "hnsw" (IndexHNSWFlat, `hnsw_m` links), "ivfpq" (IndexIVFPQ: d / 8 bytes
+    per item, for memory; candidates rescored from the features, `refine`) or "auto"
+    (`choose_index_kind`; the choice and why in `kind` and `kind_reason`).
     device: "auto" uses a GPU when there is a usable one (faiss-gpu, else torch exact on CUDA),
     "cpu" the CPU, "cuda[:N]" a GPU (an error without one; faiss-cpu for kinds and builds that
     have no GPU path, with the reason in `backend_reason`).
     precision: "fp32", or "bf16"/"fp16" for the torch backend (exact kind only).
     backend: "auto" (see the module docstring), "faiss" or "torch" to force one.
 
-    A faiss CPU index is always built: it is what `save` writes, whatever searches.
+    The flat kind on the CPU searches `features` in place (`StoreSearch`): the index is no
+    second copy of the gallery. Other kinds keep a faiss CPU index, which `save` writes; a flat
+    index saves an empty faiss index of its dimension and is loaded with the features.
+
+    recall: {"recall@10", "recall@100", "queries"} measured at build against exact search on
+    `RECALL_QUERIES` seeded gallery rows (1.0 for flat, which is exact), tie-aware.
     """
 
     def __init__(self, features: np.ndarray, kind: str = "flat", device: str = "auto",
                  nlist: int | None = None, nprobe: int = 16, hnsw_m: int = 32, *,
-                 precision: str = "fp32", backend: str = "auto") -> None:
-        _check_options(kind, precision, backend)
+                 precision: str = "fp32", backend: str = "auto", refine: int = DEFAULT_REFINE,
+                 recall_queries: int = RECALL_QUERIES, seed: int = 0) -> None:
         if features is None or len(features) == 0:
             raise EmptyGalleryError("cannot build an index over an empty gallery: add images")
-        features = check_features(features, "gallery features")
+        features = check_store(features)
+        self.size, self.dim = features.shape
+        self.kind_reason = f"kind={kind!r}"
+        if kind == "auto":
+            kind, self.kind_reason = choose_index_kind(self.size, self.dim)
+            logger.info("index kind: %s (%s)", kind, self.kind_reason)
+        _check_options(kind, precision, backend)
         faiss = faiss_module()
-        dim = features.shape[1]
-        self.kind, self.size, self.dim = kind, features.shape[0], dim
+        dim = self.dim
+        self.kind, self.refine, self._features = kind, max(1, int(refine)), features
         if kind == "flat":
-            index = faiss.IndexFlatIP(dim)
-        elif kind == "ivf":
+            index = faiss.IndexFlatIP(dim)  # empty: the features are searched in place
+        elif kind in ("ivf", "ivfpq"):
             nlist = nlist or max(1, min(4096, int(4 * np.sqrt(self.size))))
             nlist = min(nlist, self.size)
-            index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist,
-                                       faiss.METRIC_INNER_PRODUCT)
-            index.train(features)
+            if kind == "ivf":
+                index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist,
+                                           faiss.METRIC_INNER_PRODUCT)
+            else:
+                m, bits = _pq_layout(self.size, dim)
+                index = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, nlist, m, bits,
+                                         faiss.METRIC_INNER_PRODUCT)
+            rng = np.random.default_rng(seed)
+            train = (np.sort(rng.choice(self.size, TRAIN_MAX, replace=False))
+                     if self.size > TRAIN_MAX else slice(None))
+            index.train(np.ascontiguousarray(features[train], np.float32))
             index.nprobe = min(nprobe, nlist)
         else:
             index = faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
             index.hnsw.efSearch = max(64, 2 * hnsw_m)
-        index.add(features)
+        if kind != "flat":
+            for start in range(0, self.size, CHECK_ROWS):  # float32 a chunk at a time
+                index.add(np.ascontiguousarray(features[start:start + CHECK_ROWS], np.float32))
         self._cpu_index = index
-        self._place(device, precision, backend, lambda: features)
+        self._place(device, precision, backend, lambda: check_features(features, "features"))
+        self.recall = self.measure_recall(recall_queries, seed)
+
+    @property
+    def _cpu_search(self):
+        """The CPU searcher: the faiss index, or the in-place search of a flat one."""
+        if self.kind == "flat" and self._cpu_index.ntotal == 0:
+            return StoreSearch(self._features)
+        return self._cpu_index
+
+    def _gpu_source(self):
+        """A faiss CPU index holding the vectors, to copy to a GPU (flat: built for the copy)."""
+        if self.kind != "flat" or self._cpu_index.ntotal:
+            return self._cpu_index
+        full = faiss_module().IndexFlatIP(self.dim)
+        for start in range(0, self.size, CHECK_ROWS):
+            full.add(np.ascontiguousarray(self._features[start:start + CHECK_ROWS], np.float32))
+        return full
 
     def _place(self, device: str | torch.device, precision: str, backend: str,
                gallery: Callable[[], np.ndarray]) -> None:
@@ -379,11 +500,12 @@ class SearchIndex:
         gpus = (torch_device.index,) if torch_device.index is not None else None
         self.precision = precision
         notes: list[str] = []
+        probe_kind = "ivf" if self.kind == "ivfpq" else self.kind
         if backend != "torch" and precision == "fp32" and wants_gpu:
-            probe = faiss_gpu_probe(self.kind, gpus)
+            probe = faiss_gpu_probe(probe_kind, gpus)
             if probe.usable:
                 try:
-                    gpu_index = _faiss_to_gpu(self._cpu_index, gpus)
+                    gpu_index = _faiss_to_gpu(self._gpu_source(), gpus)
                 # as in the probe: any failure of the GPU library means "stay off it"
                 except Exception as error:
                     notes.append(f"moving the index to the GPU failed "
@@ -407,7 +529,7 @@ class SearchIndex:
                           on_gpu=torch_device.type == "cuda")
                 return
             notes.append(f"the torch backend is exact only: a {self.kind} index stays faiss")
-        self._use(self._cpu_index, f"faiss-cpu {self.kind}",
+        self._use(self._cpu_search, f"faiss-cpu {self.kind}",
                   "; ".join(notes) or "device='cpu'", on_gpu=False)
 
     def _use(self, index, backend: str, reason: str, *, on_gpu: bool) -> None:
@@ -419,6 +541,43 @@ class SearchIndex:
     def on_gpu(self) -> bool:
         return self._on_gpu
 
+    @property
+    def exact(self) -> bool:
+        """Whether search is exact (the flat kind)."""
+        return self.kind == "flat"
+
+    def graph_width(self, depth: int) -> int:
+        """Candidates per row the kNN graph asks this index for (`knn.approximate_knn_graph`):
+        depth + 8, or depth x refine for IVF-PQ, whose code scores are rough."""
+        return depth * self.refine if self.kind == "ivfpq" else depth + 8
+
+    def neighbours(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Raw top-k of the index in faiss's order: (similarities (Q, k) float32 descending,
+        indices (Q, k) int64), -1 where an approximate index found fewer than k items; IVF-PQ
+        similarities are code estimates (no rescoring). For `knn.approximate_knn_graph`."""
+        searcher = self._index
+        if k > FAISS_GPU_MAX_K and self.backend.startswith("faiss-gpu"):
+            searcher = self._cpu_search
+        similarities, indices = searcher.search(np.ascontiguousarray(queries, np.float32),
+                                                int(min(k, self.size)))
+        return similarities, indices.astype(np.int64)
+
+    def _rescored(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """IVF-PQ with the features at hand: k * refine code candidates, rescored exactly
+        (float32 products of the gallery's own rows), best k. Else the raw search."""
+        if self.kind != "ivfpq" or self._features is None:
+            return self.neighbours(queries, k)
+        width = min(k * self.refine, self.size)
+        _, candidates = self.neighbours(queries, width)
+        scores = np.empty(candidates.shape, np.float32)
+        step = max(1, GATHER_ELEMENTS // (width * self.dim))
+        for start in range(0, len(queries), step):
+            part = candidates[start:start + step]
+            rows = np.asarray(self._features[np.maximum(part, 0)], np.float32)
+            scores[start:start + step] = np.matmul(rows, queries[start:start + step, :, None]
+                                                   )[:, :, 0]
+        return merge_top_k(scores, candidates, k)
+
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k gallery items per query.
 
@@ -429,7 +588,7 @@ class SearchIndex:
             distances (Q, k) float32 = 1 - cosine, ascending; indices (Q, k) int64.
 
         On faiss-gpu, k > FAISS_GPU_MAX_K searches the CPU copy (faiss GPU selects at most
-        that many).
+        that many). IVF-PQ rescores k * refine candidates from the features (`_rescored`).
         """
         queries = check_features(queries, "query features", self.dim)
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
@@ -437,26 +596,59 @@ class SearchIndex:
         if k > self.size:
             raise InvalidInputError(
                 f"k={k} is larger than the gallery ({self.size} items); use k <= {self.size}")
-        searcher = self._index
-        if k > FAISS_GPU_MAX_K and self.backend.startswith("faiss-gpu"):
-            searcher = self._cpu_index  # deeper rankings than faiss GPU selects: the CPU copy
-        similarities, indices = searcher.search(queries, int(k))
+        similarities, indices = self._rescored(queries, int(k))
         if (indices < 0).any():  # approximate indexes can return fewer than k hits
             raise InvalidInputError(
                 f"the {self.kind} index returned fewer than {k} neighbours; raise nprobe/efSearch "
                 "or use kind='flat'")
         return (1.0 - similarities).astype(np.float32), indices.astype(np.int64)
 
+    def measure_recall(self, queries: int = RECALL_QUERIES, seed: int = 0
+                       ) -> dict[str, float | int]:
+        """recall@10 and recall@100 of `search` against exact search, on `queries` seeded
+        random gallery rows (as queries), tie-aware: a returned item counts when its similarity
+        reaches the exact k-th (less float32 error). Flat is exact: 1.0 without measuring.
+        Returns {"recall@10": r, "recall@100": r, "queries": n} (k capped at the size)."""
+        if self.exact or self._features is None or queries < 1:
+            return {**{f"recall@{k}": 1.0 for k in RECALL_DEPTHS}, "queries": 0} if (
+                self.exact) else {}
+        rows = np.sort(np.random.default_rng(seed).choice(
+            self.size, min(queries, self.size), replace=False))
+        sample = np.ascontiguousarray(self._features[rows], np.float32)
+        depth = min(max(RECALL_DEPTHS), self.size)
+        exact_values, _ = exact_candidates(self._features, sample, depth)
+        _, found = self._rescored(sample, depth)
+        true = gathered_similarity(self._features, rows, found, np.float32)  # of the returned
+        true[found < 0] = -np.inf
+        recall: dict[str, float | int] = {}
+        for k in RECALL_DEPTHS:
+            k = min(k, self.size)
+            bound = exact_values[:, k - 1:k] - FLOAT32_SLACK
+            recall[f"recall@{k}"] = float(np.mean((true[:, :k] >= bound).sum(axis=1) / k))
+        recall["queries"] = len(rows)
+        logger.info("%s index recall on %d gallery rows: %s", self.kind, len(rows), recall)
+        return recall
+
     def save(self, path: str | os.PathLike) -> None:
-        """Write the (CPU copy of the) index atomically."""
+        """Write the (CPU copy of the) index atomically (flat: an empty index of its
+        dimension; the features are the gallery's)."""
         faiss = faiss_module()
         with atomic_path(path) as temporary:
             faiss.write_index(self._cpu_index, str(temporary))
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str = "auto", *, precision: str = "fp32",
-             backend: str = "auto") -> SearchIndex:
-        """Read an index written by `save` and place it as the constructor would."""
+             backend: str = "auto", features: np.ndarray | None = None,
+             refine: int = DEFAULT_REFINE, recall: dict[str, float | int] | None = None
+             ) -> SearchIndex:
+        """Read an index written by `save` and place it as the constructor would.
+
+        features: the gallery's (n, d) features. A flat index searches them in place (an index
+        file from before that holds vectors drops them); IVF-PQ rescores its candidates with
+        them. Without them a flat file must hold its vectors.
+        recall: the recall measured at build (kept with the index by its owner, e.g. the
+        gallery cache manifest).
+        """
         faiss = faiss_module()
         path = Path(path)
         try:
@@ -466,14 +658,39 @@ class SearchIndex:
 
             raise CacheError(f"index file {path} is unreadable ({error})") from error
         self = cls.__new__(cls)
-        self.size, self.dim = int(index.ntotal), int(index.d)
-        self.kind = ("ivf" if "IVF" in type(index).__name__
-                     else "hnsw" if "HNSW" in type(index).__name__ else "flat")
+        name = type(index).__name__
+        self.kind = ("ivfpq" if "IVFPQ" in name else "ivf" if "IVF" in name
+                     else "hnsw" if "HNSW" in name else "flat")
+        self.kind_reason = "loaded"
+        self.refine, self.recall = max(1, int(refine)), dict(recall or {})
         _check_options(self.kind, precision, backend)
+        self.dim = int(index.d)
+        self._features = None if features is None else check_store(features)
+        if self.kind == "flat" and self._features is not None:
+            index.reset()  # searched in place
+        if self._features is not None:
+            self.size = int(self._features.shape[0])
+            if self._features.shape[1] != self.dim or (
+                    self.kind != "flat" and index.ntotal != self.size):
+                from engine.errors import CacheError
+
+                raise CacheError(f"index file {path} holds {index.ntotal} vectors of "
+                                 f"{self.dim} dimensions, not {self._features.shape}")
+        elif self.kind == "flat" and index.ntotal == 0:
+            raise InvalidInputError(f"the flat index {path} searches the gallery's features in "
+                                    "place: load it with features=")
+        else:
+            self.size = int(index.ntotal)
         self._cpu_index = index
+        if self.kind == "flat" and self._features is None:
+            self._features = np.ascontiguousarray(index.reconstruct_n(0, index.ntotal),
+                                                  np.float32)
+            index.reset()
+        if self.exact and not self.recall:
+            self.recall = {**{f"recall@{k}": 1.0 for k in RECALL_DEPTHS}, "queries": 0}
+        store = self._features
         self._place(device, precision, backend,
-                    lambda: np.ascontiguousarray(index.reconstruct_n(0, index.ntotal),
-                                                 np.float32))
+                    lambda: check_features(store, "features"))
         return self
 
 

@@ -167,7 +167,7 @@ def test_save_load_round_trip(rng, tmp_path, kind):
     index.save(path)
     assert path.is_file()
     assert sorted(p.name for p in path.parent.iterdir()) == ["index.faiss"]  # no temp file left
-    loaded = SearchIndex.load(path, device="cpu")
+    loaded = SearchIndex.load(path, device="cpu", features=gallery)
     assert (loaded.kind, loaded.size, loaded.dim) == (kind, 400, 16)
     before, after = index.search(queries, 10), loaded.search(queries, 10)
     np.testing.assert_array_equal(before[1], after[1])
@@ -506,11 +506,11 @@ def test_torch_backend_save_load(rng, tmp_path):
     index = SearchIndex(gallery, backend="torch", device="cpu")
     path = tmp_path / "index.faiss"
     index.save(path)
-    loaded = SearchIndex.load(path, device="cpu", backend="torch")
+    loaded = SearchIndex.load(path, device="cpu", backend="torch", features=gallery)
     assert (loaded.backend, loaded.kind, loaded.size) == ("torch-cpu exact (fp32)", "flat", 120)
     np.testing.assert_array_equal(index.search(queries, 9)[1], loaded.search(queries, 9)[1])
     np.testing.assert_array_equal(index.search(queries, 9)[0], loaded.search(queries, 9)[0])
-    assert SearchIndex.load(path, device="cpu").backend == "faiss-cpu flat"
+    assert SearchIndex.load(path, device="cpu", features=gallery).backend == "faiss-cpu flat"
     SearchIndex(gallery, kind="hnsw", device="cpu").save(tmp_path / "hnsw.faiss")
     with pytest.raises(InvalidInputError, match="exact search only"):
         SearchIndex.load(tmp_path / "hnsw.faiss", device="cpu", backend="torch")

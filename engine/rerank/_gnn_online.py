@@ -45,19 +45,6 @@ def _placed(rows: np.ndarray, n: int) -> sp.csr_matrix:
                          shape=(n, len(rows)))
 
 
-def _rows(stored: sp.csr_matrix, fresh: sp.csr_matrix, fresh_ids: np.ndarray,
-          wanted: np.ndarray) -> sp.csr_matrix:
-    """Rows `wanted` of a matrix equal to `stored` except rows `fresh_ids` (sorted), which are
-    the rows of `fresh`."""
-    position = np.searchsorted(fresh_ids, wanted).clip(max=len(fresh_ids) - 1)
-    is_fresh = fresh_ids[position] == wanted
-    kept = sp.diags((~is_fresh).astype(np.float32)) @ stored[wanted]
-    pick = sp.csr_matrix((np.ones(is_fresh.sum(), np.float32),
-                          (np.flatnonzero(is_fresh), position[is_fresh])),
-                         shape=(len(wanted), len(fresh_ids)))
-    return (kept + pick @ fresh).tocsr()
-
-
 def _query_layout(neighbours: np.ndarray, similarities: np.ndarray, k1: int, k2: int
                   ) -> tuple[int, np.ndarray, np.ndarray, sp.csr_matrix, sp.csr_matrix]:
     """The gallery graph numbered as for an online query (the query is node 0, an empty row
@@ -73,85 +60,120 @@ def _query_layout(neighbours: np.ndarray, similarities: np.ndarray, k1: int, k2:
 
 
 class GalleryPropagation:
-    """The gallery-only graph propagated once, so an online query recomputes only the rows its
-    arrival changes (exactly; CPU, scipy).
+    """The gallery-only graph propagated once, so that an online query's scores come from the
+    few rows its arrival changes (exactly; CPU, scipy).
 
     Nodes are numbered as for an online query: the query is node 0 (an empty row here), gallery
-    item j is node j + 1. Adding the query changes the kNN lists of the rows that take it in
-    (each drops its last entry); each layer then changes only the rows whose first k2
-    neighbours have changed rows, plus, through A + A^T, the columns of changed rows.
+    item j is node j + 1. The query changes the kNN lists of the rows that take it in (each
+    drops its last entry), hence the rows C of A1 whose first k2 neighbours are among the
+    changed rows of B0. Every row of A1 in C changes by a full renormalisation, and through
+    B1 = A1 + A1^T so does one entry of each of its columns: on a kNN graph that leaks between
+    clusters the rows of the last layer that move reach most of the gallery, so they are not
+    propagated afresh. Instead, with D = B1' - B1 (rows and columns C only) and P = W B1 the
+    unnormalised last layer kept at fit, a row j whose weights W[j] do not change has
+    P'[j] = P[j] + E[j], E = W D, and
+
+        score[j] = <a, A2'[j]> = W[j] (B1' a) / |P'[j]|,
+        |P'[j]|^2 = |P[j]|^2 + 2 <P[j], E[j]> + |E[j]|^2,
+
+    with a = A2'[0]: sparse products with one vector, plus the entries of E (a few per row it
+    reaches). Only the rows whose first k2 neighbours change (the query's own and those that
+    take it in there) and the rows C of A1 are propagated afresh.
     """
 
     def __init__(self, neighbours: np.ndarray, similarities: np.ndarray, k1: int, k2: int
                  ) -> None:
         self.k1, self.k2 = k1, k2
-        self.n, self.lists, _, adjacency, weight = _query_layout(neighbours, similarities,
-                                                                 k1, k2)
-        self.adjacency_t = adjacency.T.tocsr()
-        self.b0 = (adjacency + self.adjacency_t).tocsr()
-        self.a1 = _normalise_rows(weight @ self.b0)
-        self.a1_t = self.a1.T.tocsr()
-        self.b1 = (self.a1 + self.a1_t).tocsr()
-        self.a2_columns = _normalise_rows(weight @ self.b1).tocsc()
+        self.n, self.lists, weights, adjacency, self.weight = _query_layout(
+            neighbours, similarities, k1, k2)
+        self.w = (weights[:, :k2] ** 2).astype(np.float32)               # (n, k2) W's values
+        self.heads_of = self.weight.T.tocsr()  # row m: the rows with m among their first k2
+        self.b0 = (adjacency + adjacency.T).tocsr()
+        a1 = _normalise_rows(self.weight @ self.b0)
+        self.a1 = a1
+        self.b1 = (a1 + a1.T).tocsr()
+        self.p2 = (self.weight @ self.b1).tocsr()
+        self.p2.sort_indices()  # entry look-ups by binary search
+        self.p2_norms = np.bincount(_csr_rows_of_entries(self.p2),
+                                    weights=np.square(self.p2.data, dtype=np.float64),
+                                    minlength=self.n)
 
-    def graph_scores(self, lists: np.ndarray, similarities: np.ndarray
+    @property
+    def edges(self) -> int:
+        """Non-zeros of the propagated gallery graph (what a batch run over it holds)."""
+        return int(self.p2.nnz)
+
+    def graph_scores(self, rows: np.ndarray, lists: np.ndarray, similarities: np.ndarray
                      ) -> tuple[np.ndarray, int]:
-        """<A2[query], A2[node]> for every node, given the (n, k1) lists with the query in.
+        """<A2'[0], A2'[node]> for every node, given the lists the query changes.
 
-        Returns the (n,) scores and how many rows of the last layer were recomputed.
+        Args:
+            rows: (m,) sorted node ids whose kNN lists change, 0 (the query) first.
+            lists, similarities: (m, k1) their new lists (node ids) and similarities.
+        Returns:
+            the (n,) float32 scores and how many rows were propagated afresh.
         """
-        n = self.n
-        took_query = np.flatnonzero((lists[1:] == 0).any(axis=1)) + 1
-        dropped = self.lists[took_query, self.k1 - 1]
-        changed0 = np.unique(np.concatenate([[0], took_query, dropped, lists[0]]))
-        # rows of B0 = A0 + A0^T that change: their own list, or their column of A0
-        forward = _adjacency_rows(lists[changed0], n)
-        backward = self.adjacency_t[changed0].tocoo()
-        stale = np.isin(backward.col, took_query)
-        stale[stale] = (dropped[np.searchsorted(took_query, backward.col[stale])]
-                        == changed0[backward.row[stale]])
-        rows = [backward.row[~stale], np.searchsorted(changed0, lists[0]),
-                np.full(len(took_query), np.searchsorted(changed0, 0))]
-        cols = [backward.col[~stale], np.zeros(len(lists[0]), np.int64), took_query]
-        backward = sp.csr_matrix((np.ones(sum(map(len, rows)), np.float32),
-                                  (np.concatenate(rows), np.concatenate(cols))),
-                                 shape=(len(changed0), n))
-        b0_fresh = (forward + backward).tocsr()
-        changed1 = self._affected(lists, changed0)
-        a1_fresh = self._layer(lists, similarities, changed1, self.b0, b0_fresh, changed0)
-        # rows of B1 = A1 + A1^T that change: changed rows of A1 and their (old and new) columns
-        touched = np.unique(np.concatenate([changed1, self.a1[changed1].indices,
-                                            a1_fresh.indices]))
-        a1_rows = _rows(self.a1, a1_fresh, changed1, touched)
-        old_t = self.a1_t[touched].tocoo()
-        keep = ~np.isin(old_t.col, changed1)
-        new_t = a1_fresh.T.tocsr()[touched].tocoo()
-        a1_t_rows = sp.csr_matrix(
-            (np.concatenate([old_t.data[keep], new_t.data]),
-             (np.concatenate([old_t.row[keep], new_t.row]),
-              np.concatenate([old_t.col[keep], changed1[new_t.col]]))),
-            shape=(len(touched), n))
-        b1_fresh = (a1_rows + a1_t_rows).tocsr()
-        changed2 = self._affected(lists, touched)
-        a2_fresh = self._layer(lists, similarities, changed2, self.b1, b1_fresh, touched)
-        query_row = a2_fresh[np.searchsorted(changed2, 0)]
-        scores = np.asarray(self.a2_columns[:, query_row.indices] @ query_row.data).ravel()
-        scores[changed2] = (a2_fresh @ query_row.T).toarray().ravel()
-        return scores.astype(np.float32), len(changed2)
+        n, k1, k2 = self.n, self.k1, self.k2
+        took = rows[1:]
+        dropped = self.lists[took, k1 - 1]
+        # B0' - B0: the query's row, and each row that took it in gains node 0, loses its last
+        entries = np.concatenate([np.zeros(k1, np.int64), took, took])
+        columns = np.concatenate([lists[0], np.zeros(len(took), np.int64), dropped])
+        values = np.concatenate([np.ones(k1 + len(took), np.float32),
+                                 np.full(len(took), -1.0, np.float32)])
+        change0 = sp.csr_matrix((values, (entries, columns)), shape=(n, n))
+        change0 = (change0 + change0.T).tocsr()
+        rewired = rows[(lists[:, :k2] != self.lists[rows, :k2]).any(axis=1) | (rows == 0)]
+        new_heads = {int(r): i for i, r in enumerate(rows)}
+        # C: rows of A1 with a changed row of B0 among their first k2 (old or new) neighbours
+        moved = np.flatnonzero(np.diff(change0.indptr))
+        changed = np.union1d(self.heads_of[moved].indices, rewired)
+        heads, weights = self._heads(changed, rows, lists, similarities, new_heads)
+        a1_fresh = self._layer(heads, weights, self.b0, change0)
+        delta = (_placed(changed, n) @ (a1_fresh - self.a1[changed])).tocsr()
+        change1 = (delta + delta.T).tocsr()                              # D = B1' - B1
+        change1.eliminate_zeros()
+        # the rows whose weights change (the query's among them), propagated afresh
+        heads, weights = self._heads(rewired, rows, lists, similarities, new_heads)
+        fresh = self._layer(heads, weights, self.b1, change1)
+        query = fresh[0]                                                 # a = A2'[0]
+        # numerators W[j] (B1' a) and squared norms |P[j] + E[j]|^2 of every other row
+        through = np.zeros(n)
+        reached = query @ self.b1 + query @ change1
+        through[reached.indices] = reached.data
+        numerator = self.weight @ through
+        spread = (self.weight @ change1).tocsr()                          # E = W D
+        spread.sum_duplicates()
+        spread_rows = _csr_rows_of_entries(spread)
+        spread_values = spread.data.astype(np.float64)
+        kept = np.asarray(self.p2[spread_rows, spread.indices], np.float64).ravel()
+        norms = self.p2_norms + np.bincount(
+            spread_rows, weights=spread_values * (2.0 * kept + spread_values), minlength=n)
+        norms = np.sqrt(np.maximum(norms, 0.0))
+        scores = numerator / np.where(norms > 0, norms, 1.0)
+        scores[rewired] = (fresh @ query.T).toarray().ravel()
+        return scores.astype(np.float32), len(rewired) + len(changed)
 
-    def _affected(self, lists: np.ndarray, changed: np.ndarray) -> np.ndarray:
-        """Rows whose first k2 neighbours include a changed row (the query's row included)."""
-        marked = np.zeros(self.n, bool)
-        marked[changed] = True
-        return np.flatnonzero(marked[lists[:, :self.k2]].any(axis=1))
+    def _heads(self, nodes: np.ndarray, rows: np.ndarray, lists: np.ndarray,
+               similarities: np.ndarray, new: dict[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """The first k2 neighbours (ids and weights s^2) of `nodes`, with the query in."""
+        k2 = self.k2
+        heads, weights = self.lists[nodes, :k2], self.w[nodes]
+        for i, node in enumerate(nodes):
+            if int(node) in new:
+                heads[i] = lists[new[int(node)], :k2]
+                weights[i] = similarities[new[int(node)], :k2] ** 2
+        return heads, weights
 
-    def _layer(self, lists: np.ndarray, similarities: np.ndarray, rows: np.ndarray,
-               stored: sp.csr_matrix, fresh: sp.csr_matrix, fresh_ids: np.ndarray
-               ) -> sp.csr_matrix:
-        """normalise(W B)[rows], with B = `stored` except rows `fresh_ids` taken from `fresh`."""
-        needed = np.unique(lists[rows, :self.k2])
-        weights = _weight_rows(lists[rows], similarities[rows], self.k2, columns=needed)
-        return _normalise_rows(weights @ _rows(stored, fresh, fresh_ids, needed))
+    def _layer(self, heads: np.ndarray, weights: np.ndarray, stored: sp.csr_matrix,
+               change: sp.csr_matrix) -> sp.csr_matrix:
+        """normalise(W' B')[rows] for rows with first k2 neighbours `heads` weighted by
+        `weights`, where B' = `stored` + `change`."""
+        needed, position = np.unique(heads, return_inverse=True)
+        indptr = np.arange(len(heads) + 1, dtype=np.int64) * self.k2
+        rows = sp.csr_matrix((weights.ravel(), position.ravel(), indptr),
+                             shape=(len(heads), len(needed)))
+        return _normalise_rows(rows @ (stored[needed] + change[needed]))
 
 
 def _segments(starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from engine.core.knn import (
-    canonical_similarity,
     lists_with_query,
+    read_only_tensor,
     torch_canonical_similarity,
     torch_topk_largest,
     torch_topk_similar,
@@ -27,12 +27,25 @@ from engine.core.knn import (
 from engine.core.threads import query_threads
 from engine.core.types import GalleryContext
 from engine.rerank import register
-from engine.rerank._gnn import normalise_sparse_rows, sparse_rows
+from engine.rerank._gnn import (
+    available_memory,
+    lists_with_queries,
+    normalise_sparse_rows,
+    query_lists,
+    query_similarities,
+    sparse_rows,
+)
 from engine.rerank._gnn_online import GalleryPropagation, SmallGraphPropagation
 from engine.rerank.base import Reranker, RerankParams, param
 
 SCORE_CHUNK = 1024
 DENSE_NODE_LIMIT = 4096
+BATCH_MEMORY_FRACTION = 0.5
+"""Share of the memory available now that a batch run may take (`batch_refusal`)."""
+BATCH_BYTES_PER_EDGE = 80
+"""Peak bytes per non-zero of the propagated graph in a batch run: COO entries (two int64
+indices, a float32 value) alive in about four copies at once (A + A^T, the product, its
+coalesced and normalised forms)."""
 
 
 @dataclass(frozen=True)
@@ -176,30 +189,80 @@ class GNNReranker(Reranker):
         return k1, k2, details
 
     def _fit(self, context: GalleryContext) -> None:
+        """Takes the gallery's kNN lists from `context.knn` when it is deep enough (exact or
+        approximate; a search of its own otherwise) and, for CPU online queries, propagates
+        the gallery-only graph once (`_gnn_online`)."""
         k1, _, _ = self._effective(context.size + 1)
         depth = min(k1, context.size)
-        self._gallery = torch.from_numpy(context.features).to(self.device)
+        self._features = context.features
+        self._gallery = read_only_tensor(context.features).to(self.device)
         shared = context.knn
-        if shared is not None and shared.canonical and shared.depth >= depth:  # gallery's cache
-            self._gallery_similarities = torch.from_numpy(
-                context.knn.similarities[:, :depth]).to(self.device)
-            self._gallery_neighbours = torch.from_numpy(context.knn.indices[:, :depth]
-                                                        ).to(self.device)
+        if shared is not None and shared.depth >= depth:
+            self._lists = np.ascontiguousarray(shared.indices[:, :depth])
+            self._list_similarities = np.ascontiguousarray(shared.similarities[:, :depth])
         else:
-            self._gallery_similarities, self._gallery_neighbours = torch_topk_similar(
-                self._gallery, depth)
+            similarities, neighbours = torch_topk_similar(self._gallery, depth)
+            self._lists = neighbours.cpu().numpy()
+            self._list_similarities = similarities.cpu().numpy()
+        self._floors = self._list_similarities.min(axis=1)  # a list's smallest similarity
+        self._gallery_neighbours = torch.from_numpy(self._lists).to(self.device)
+        self._gallery_similarities = torch.from_numpy(self._list_similarities).to(self.device)
         # CPU online queries patch the propagated gallery graph instead of propagating every
         # row again: up to `patch_min_nodes` nodes through the small-graph path, above it the
         # sparse one.
         self._propagation: GalleryPropagation | SmallGraphPropagation | None = None
-        self._gallery64 = None
         if self.device.type == "cpu" and context.size >= k1 and self.params.k2 > 1:
             patch = (GalleryPropagation if context.size + 1 > self.patch_min_nodes
                      else SmallGraphPropagation)
-            self._propagation = patch(self._gallery_neighbours.numpy(),
-                                      self._gallery_similarities.numpy(), k1,
+            self._propagation = patch(self._lists, self._list_similarities, k1,
                                       min(self.params.k2, k1))
-            self._gallery64 = context.features.astype(np.float64)  # canonical similarities
+
+    def batch_refusal(self, gallery_size: int, n_queries: int) -> str | None:
+        """Refuses when the propagated graph of queries + gallery (its non-zeros per row
+        measured on the fitted gallery's graph, or bounded) would not fit in
+        `BATCH_MEMORY_FRACTION` of the memory available now."""
+        available = available_memory()
+        if available is None:
+            return None
+        needed = self._batch_bytes(gallery_size, n_queries)
+        budget = BATCH_MEMORY_FRACTION * available
+        if needed <= budget:
+            return None
+        return (f"it would need about {needed / 2 ** 30:.1f} GiB for the propagated graph of "
+                f"{gallery_size + n_queries:,} nodes, more than {budget / 2 ** 30:.1f} GiB "
+                f"({BATCH_MEMORY_FRACTION:.0%} of the memory available); use online mode")
+
+    def _batch_bytes(self, gallery_size: int, n_queries: int) -> int:
+        """Peak bytes of a batch run: the propagated graph's non-zeros times
+        `BATCH_BYTES_PER_EDGE` (sparse copies alive at once), one dense score chunk, the
+        nodes' kNN lists. Edges per row: as measured at fit on the gallery's graph, else the
+        bound k1 (no propagation) or min(n, (2 k1 k2)^2)."""
+        n = gallery_size + (n_queries if n_queries else 0)
+        k1, k2 = min(self.params.k1, n), min(self.params.k2, self.params.k1, n)
+        if k2 == 1:
+            per_row = k1
+        elif isinstance(getattr(self, "_propagation", None), GalleryPropagation):
+            per_row = self._propagation.edges / max(1, self._propagation.n - 1)
+        else:
+            per_row = min(n, (2 * k1 * k2) ** 2)
+        scored = min(SCORE_CHUNK, n_queries or gallery_size) * gallery_size * 4
+        return int(n * per_row * BATCH_BYTES_PER_EDGE + scored + n * k1 * 12)
+
+    def _node_lists(self, query_features: np.ndarray | None, k1: int
+                    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The batch graph's kNN lists from fit's (no second gallery search), or None when
+        fit's lists are too short (a gallery smaller than k1: the batch searches itself)."""
+        if self._lists.shape[1] < k1:
+            return None
+        if query_features is None:
+            similarities, lists = self._list_similarities[:, :k1], self._lists[:, :k1]
+        else:
+            floors = self._list_similarities[:, :k1].min(axis=1)
+            similarities, lists = lists_with_queries(self._list_similarities, self._lists,
+                                                     floors, query_features, self._features,
+                                                     k1)
+        return (torch.from_numpy(np.ascontiguousarray(lists)).to(self.device),
+                torch.from_numpy(np.ascontiguousarray(similarities)).to(self.device))
 
     def _rerank_batch(self, query_features: np.ndarray | None, k: int):
         gallery = self._gallery
@@ -209,43 +272,62 @@ class GNNReranker(Reranker):
             features = torch.cat([torch.from_numpy(query_features).to(self.device), gallery])
             n_queries = query_features.shape[0]
         k1, k2, details = self._effective(features.shape[0])
+        known = self._node_lists(query_features, k1)
+        neighbours, similarities = known if known is not None else (None, None)
         with torch.inference_mode():
             scores, indices = gnn_scores(features, n_queries, k1, k2, self.params.lambda_value,
-                                         k, exclude_self=query_features is None)
+                                         k, exclude_self=query_features is None,
+                                         neighbours=neighbours, similarities=similarities)
         return (1.0 - scores).cpu().numpy(), indices.cpu().numpy(), details
 
     def _rerank_online(self, query_feature: np.ndarray, k: int):
         """Batch with this single query, reusing the gallery's precomputed kNN graph.
 
         The query is node 0, gallery item j node j + 1 (`knn.lists_with_query`): only the
-        query's own similarities are computed. On the CPU the propagated gallery graph is
-        patched (`_gnn_online`): only the rows the query changes are propagated again; on a
-        GPU (or a graph too small to patch) the graph is propagated as in batch. One query's
-        steps are small, so they run on one thread (`engine.core.threads.query_threads`).
+        query's own similarities are computed, in float32, and canonically (float64 sums) only
+        where they decide a list (`_gnn.query_similarities`). On the CPU the propagated gallery
+        graph is patched (`_gnn_online`): only the rows the query changes are propagated
+        again; on a GPU (or a graph too small to patch) the graph is propagated as in batch.
+        One query's steps are small, so they run on one thread (`query_threads`).
         """
         gallery = self._gallery
         size = gallery.shape[0]
         k1, k2, details = self._effective(size + 1)
         with torch.inference_mode(), query_threads():
             query = torch.from_numpy(query_feature).to(self.device)
-            if self._gallery64 is not None:
-                to_query = torch.from_numpy(
-                    canonical_similarity(self._gallery64, query_feature[None, :])[:, 0])
+            cosine = (query[None, :] @ gallery.t())[0]
+            if self.device.type == "cpu":
+                floors = (self._floors if self._lists.shape[1] >= k1 else
+                          np.full(size, -np.inf, np.float32))  # every list has a free slot
+                to_query = torch.from_numpy(query_similarities(
+                    cosine.numpy(), self._features, query_feature, floors, min(k1 - 1, size)))
             else:
                 to_query = torch_canonical_similarity(gallery, query[None, :])[:, 0]
+            if isinstance(self._propagation, GalleryPropagation):
+                rows, lists, similarities = query_lists(
+                    self._list_similarities, self._lists, self._floors, to_query.numpy(), k1)
+                graph, recomputed = self._propagation.graph_scores(rows, lists, similarities)
+                return self._online_result(graph, cosine, k, {**details,
+                                                              "rows_recomputed": recomputed})
             all_similarities, all_neighbours = lists_with_query(
                 self._gallery_similarities, self._gallery_neighbours, to_query, k1)
             if self._propagation is not None:
                 graph, recomputed = self._propagation.graph_scores(all_neighbours.numpy(),
                                                                    all_similarities.numpy())
-                score = (1.0 - self.params.lambda_value) * torch.from_numpy(graph[1:])
-                if self.params.lambda_value:
-                    score = score + self.params.lambda_value * (query[None, :] @ gallery.t())[0]
-                values, order = torch_topk_largest(score[None, :], k)
-                details = {**details, "rows_recomputed": recomputed}
-                return (1.0 - values[0]).numpy(), order[0].numpy(), details
+                return self._online_result(graph, cosine, k, {**details,
+                                                              "rows_recomputed": recomputed})
             features = torch.cat([query[None, :], gallery])
             scores, indices = gnn_scores(features, 1, k1, k2, self.params.lambda_value, k,
                                          exclude_self=False, neighbours=all_neighbours,
                                          similarities=all_similarities)
         return (1.0 - scores[0]).cpu().numpy(), indices[0].cpu().numpy(), details
+
+    def _online_result(self, graph: np.ndarray, cosine: torch.Tensor, k: int,
+                       details: dict[str, Any]):
+        """Distances and indices of the top k from the graph scores of all nodes (the query's
+        own, node 0, dropped) and the query's cosine to every gallery item."""
+        score = (1.0 - self.params.lambda_value) * torch.from_numpy(graph[1:])
+        if self.params.lambda_value:
+            score = score + self.params.lambda_value * cosine
+        values, order = torch_topk_largest(score[None, :], k)
+        return (1.0 - values[0]).numpy(), order[0].numpy(), details

@@ -18,6 +18,7 @@ from engine.core.knn import (
 )
 
 ROW_CHUNK = 1024
+PAIR_CHUNK = 65536  # pairs per step of the pair distances (a (chunk, d) float64 gather)
 
 
 def half_neighbourhood(k1: int) -> int:
@@ -38,7 +39,7 @@ def k_reciprocal_expansion(lists: np.ndarray, k1: int, rows: np.ndarray | None =
         lists: (n, >= k1 + 1) ascending neighbour lists over all n nodes.
         rows: the rows to expand (default all).
         masks: `reciprocal_mask(lists, k1 + 1)` and `reciprocal_mask(lists, h + 1)` of every
-            row when already known (an online query patches stored ones), else computed.
+            row when already known (fit computes them once), else computed.
     Returns:
         (row_ids, member_ids): parallel int64 arrays listing each (row, member) pair once,
         sorted by row then member.
@@ -52,32 +53,52 @@ def k_reciprocal_expansion(lists: np.ndarray, k1: int, rows: np.ndarray | None =
                             else masks[1][candidates])                   # (u, H)
     position = np.zeros(n, dtype=np.int64)
     position[candidates] = np.arange(len(candidates))
-    # a chunk holds a few (rows, W, H) int64 arrays and a (rows, n) bool mask: bound them
-    row_chunk = max(1, min(ROW_CHUNK, knn.EXPANSION_ELEMENTS // (4 * width * half_width),
-                           knn.EXPANSION_ELEMENTS // n))
-    keys = [np.zeros(0, dtype=np.int64)]
+    # a chunk holds a few (rows, W, H) int64 arrays: bound them
+    row_chunk = max(1, min(ROW_CHUNK, knn.EXPANSION_ELEMENTS // (4 * width * half_width)))
+    row_ids, member_ids = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
     for start in range(0, len(rows), row_chunk):
         chunk = rows[start:start + row_chunk]
-        local = np.arange(len(chunk))
         forward = lists[chunk, :width]                                   # (r, W)
         reciprocal = (reciprocal_mask(lists, width, chunk) if masks is None
                       else masks[0][chunk])                              # (r, W)
-        candidate_half = lists[forward, :half_width]                     # (r, W, H)
-        candidate_half_mask = candidate_half_masks[position[forward]]    # (r, W, H)
-        in_reciprocal = np.zeros((len(chunk), n), dtype=bool)            # R(i, k1) per row
-        in_reciprocal[np.broadcast_to(local[:, None], forward.shape)[reciprocal],
-                      forward[reciprocal]] = True
-        in_set = in_reciprocal[local[:, None, None], candidate_half]     # (r, W, H)
-        overlap = (in_set & candidate_half_mask).sum(axis=2)             # (r, W)
-        half_size = candidate_half_mask.sum(axis=2)
-        selected = reciprocal & (overlap > (2.0 / 3.0) * half_size)
-        expansion_mask = selected[..., None] & candidate_half_mask
-        chunk_rows = np.broadcast_to(chunk[:, None], forward.shape)
-        chunk_keys = [chunk_rows[reciprocal] * n + forward[reciprocal],
-                      np.broadcast_to(chunk[:, None, None], candidate_half.shape)[expansion_mask]
-                      * n + candidate_half[expansion_mask]]
-        keys.append(np.unique(np.concatenate(chunk_keys)))  # rows ascend: chunks stay sorted
-    keys = np.concatenate(keys)
+        pairs = expansion_pairs(chunk, forward, reciprocal, lists[forward, :half_width],
+                                candidate_half_masks[position[forward]], n)
+        row_ids.append(pairs[0])
+        member_ids.append(pairs[1])
+    return np.concatenate(row_ids), np.concatenate(member_ids)
+
+
+def expansion_pairs(rows: np.ndarray, forward: np.ndarray, reciprocal: np.ndarray,
+                    candidate_half: np.ndarray, candidate_half_mask: np.ndarray, n: int
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """R*(i) of the given rows from their gathered neighbourhoods (see
+    `k_reciprocal_expansion`): the online mode gathers them from patched lists.
+
+    Args:
+        rows: (r,) ascending node ids; forward: (r, W) their first k1 + 1 entries;
+        reciprocal: (r, W) `reciprocal_mask` of those entries; candidate_half: (r, W, H) each
+            entry's own first h + 1 entries, candidate_half_mask: (r, W, H) their masks.
+        n: the number of nodes (ids are below it).
+    Returns:
+        (row_ids, member_ids) int64, each pair once, sorted by row then member.
+    """
+    local = np.arange(len(rows))
+    # R(i, k1) per row, sorted, with a row offset: one searchsorted tests every membership
+    members = np.sort(np.where(reciprocal, forward, -1), axis=1) + 1 + local[:, None] * (n + 1)
+    flat = members.ravel()
+    wanted = (candidate_half + 1 + local[:, None, None] * (n + 1)).reshape(len(rows), -1)
+    found = np.searchsorted(flat, wanted).clip(max=max(len(flat) - 1, 0))
+    in_set = (flat[found] == wanted).reshape(candidate_half.shape) if len(flat) else (
+        np.zeros(candidate_half.shape, bool))                          # (r, W, H)
+    overlap = (in_set & candidate_half_mask).sum(axis=2)               # (r, W)
+    half_size = candidate_half_mask.sum(axis=2)
+    selected = reciprocal & (overlap > (2.0 / 3.0) * half_size)
+    expansion_mask = selected[..., None] & candidate_half_mask
+    keys = np.concatenate([
+        np.broadcast_to(rows[:, None], forward.shape)[reciprocal] * n + forward[reciprocal],
+        np.broadcast_to(rows[:, None, None], candidate_half.shape)[expansion_mask] * n
+        + candidate_half[expansion_mask]])
+    keys = np.unique(keys)
     return keys // n, keys % n
 
 
@@ -161,23 +182,36 @@ def pair_squared_distances(features: np.ndarray, row_ids: np.ndarray, member_ids
     """Squared distance (2 - 2 cos) of each (row, member) pair, self pairs exactly 0.
 
     Pairs whose member is in the row's neighbour list take the listed distance; only the rest
-    are computed from the features.
+    are computed from the features (`canonical_pair_similarity`). In chunks of `PAIR_CHUNK`
+    pairs, so a whole gallery's pairs need no (pairs, depth) gather at once.
     """
     result = np.empty(len(row_ids), np.float32)
-    missing = np.ones(len(row_ids), bool)
-    if lists is not None:
-        hits = lists.indices[row_ids] == member_ids[:, None]
-        found = hits.any(axis=1)
-        result[found] = lists.distances[row_ids[found], hits[found].argmax(axis=1)]
-        missing = ~found
-    rows, members = row_ids[missing], member_ids[missing]
-    for start in range(0, len(rows), 65536):
-        part = slice(start, start + 65536)
-        dots = np.minimum(np.einsum("ij,ij->i", features[rows[part]].astype(np.float64),
-                                    features[members[part]].astype(np.float64)), 1.0
-                          ).astype(np.float32)
-        result[np.flatnonzero(missing)[part]] = squared_from_similarity(dots)
+    for start in range(0, len(row_ids), PAIR_CHUNK):
+        rows, members = row_ids[start:start + PAIR_CHUNK], member_ids[start:start + PAIR_CHUNK]
+        part = result[start:start + PAIR_CHUNK]
+        missing = np.ones(len(rows), bool)
+        if lists is not None:
+            hits = lists.indices[rows] == members[:, None]
+            found = hits.any(axis=1)
+            part[found] = lists.distances[rows[found], hits[found].argmax(axis=1)]
+            missing = ~found
+        part[missing] = squared_from_similarity(
+            canonical_pair_similarity(features, rows[missing], members[missing]))
     result[row_ids == member_ids] = 0.0
+    return result
+
+
+def canonical_pair_similarity(features: np.ndarray, rows: np.ndarray, columns: np.ndarray
+                              ) -> np.ndarray:
+    """(P,) float32 similarity of each pair of rows (features[rows[p]], features[columns[p]]):
+    float64 accumulation, rounded once and capped at 1, as `knn.canonical_similarity`, from the
+    float32 features in chunks (no float64 copy of the whole matrix)."""
+    result = np.empty(len(rows), np.float32)
+    for start in range(0, len(rows), PAIR_CHUNK):
+        part = slice(start, start + PAIR_CHUNK)
+        dots = np.einsum("ij,ij->i", features[rows[part]].astype(np.float64),
+                         features[columns[part]].astype(np.float64))
+        result[part] = np.minimum(dots, 1.0)
     return result
 
 

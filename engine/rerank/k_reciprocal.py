@@ -13,6 +13,7 @@ docs/methods/k_reciprocal.md.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -29,6 +30,7 @@ from engine.core.knn import (
     squared_from_similarity,
     top_k_smallest,
     torch_canonical_similarity,
+    torch_farthest_similarity,
     torch_neighbour_lists,
     torch_topk_largest,
 )
@@ -36,6 +38,8 @@ from engine.core.threads import query_threads
 from engine.core.types import GalleryContext
 from engine.rerank import register
 from engine.rerank._k_reciprocal import (
+    canonical_pair_similarity,
+    expansion_pairs,
     half_neighbourhood,
     jaccard_distance,
     jaccard_overlap,
@@ -59,6 +63,16 @@ RANKING_MARGIN = 16
 """List entries searched past k in a CPU batch: the candidates' bound then usually proves the
 top k (`_sparse_top_k`)."""
 NO_ENTRY = np.iinfo(np.int64).max  # an empty slot of `_sparse_top_k`'s candidate keys
+FLOAT32_DOT_ERROR_PER_DIM = 2.0 ** -23
+"""Bound, per dimension, on the error of a float32 inner product of unit vectors against the
+canonical (float64-accumulated) one: d unit roundoffs (2^-24) for a sum of d products, doubled
+for margin. An online query ranks the gallery by one float32 product and takes canonical
+products only for the items whose decisions fall within d times this of a boundary."""
+BATCH_MEMORY_FRACTION = 0.5
+"""Batch mode is refused when its estimated memory exceeds this share of the memory available
+now (`batch_refusal`)."""
+PAIRS_PER_ROW = 2
+"""Expected size of an expanded set R* in units of k1 + 1 (for the batch's memory estimate)."""
 
 
 @dataclass(frozen=True)
@@ -130,36 +144,36 @@ class KReciprocalReranker(Reranker):
         return k1, k2, details
 
     def _fit(self, context: GalleryContext) -> None:
-        """Precompute the gallery-only graph: lists, reciprocal sets, V and V_qe.
+        """Precompute the gallery-only graph: lists, reciprocal masks and sets, R* pair
+        distances, V and V_qe, and an inverted index of the lists' heads.
 
         On the CPU with numpy/scipy whatever `self.device` is (only the online mode uses them).
         Everything is stored in the node numbering of an online query (query = node 0, gallery
-        item j = node j + 1), so a query only recomputes the rows its presence changes.
+        item j = node j + 1), so a query only recomputes the rows its presence changes. The
+        lists come from the context's kNN graph when it is deep enough, exact or approximate
+        (no search of the whole gallery then); pair products are computed from the float32
+        features in chunks: no whole-gallery float64 copy and no N x N matrix.
         """
         size = context.size
         k1, k2, _ = self._effective(size + 1)
         depth = max(k1 + 1, k2)
-        shared = context.knn
-        if shared is not None and shared.canonical and shared.depth >= min(depth, size):
-            lists = NeighbourLists.from_graph(shared, depth)  # the gallery's cached graph
-        else:
-            lists = neighbour_lists(context.features, depth)
+        lists = _gallery_lists(context, depth)
         self._gallery_lists = lists
-        self._gallery64 = context.features.astype(np.float64)  # for canonical similarities
         # A graph smaller than the neighbourhoods changes everywhere when a query joins it:
         # online queries then re-encode every row instead of patching stored ones.
-        self._patchable = max(k1 + 1, k2) <= size
+        self._patchable = depth <= size
         if not self._patchable:
             return
         width, half = k1 + 1, half_neighbourhood(k1) + 1
-        node_lists = lists.indices + 1
-        masks = reciprocal_mask(lists.indices, width), reciprocal_mask(lists.indices, half)
-        self._reciprocal_sets = _member_sets(node_lists, masks[0], width)
-        self._half_sets = _member_sets(node_lists, masks[1], half)
-        # the masks in node numbering, with a row for the query (recomputed per query)
-        self._reciprocal_masks = tuple(np.vstack([np.zeros((1, mask.shape[1]), bool), mask])
-                                       for mask in masks)
-        row_ids, member_ids = k_reciprocal_expansion(lists.indices, k1)
+        masks = _chunked_mask(lists.indices, width), _chunked_mask(lists.indices, half)
+        self._masks = {width: masks[0], half: masks[1]}
+        node_lists = lists.indices[:, :width] + 1
+        self._sets = {w: _member_sets(node_lists, mask, w).astype(np.int32)
+                      for w, mask in self._masks.items()}
+        self._listed_by = _inverted_heads(node_lists)
+        self._list_floor = lists.similarities[:, :depth].min(axis=1)  # a query below: no entry
+        self._farthest = np.asarray(lists.farthest, np.float32)
+        row_ids, member_ids = k_reciprocal_expansion(lists.indices, k1, masks=masks)
         squared = pair_squared_distances(context.features, row_ids, member_ids, lists)
         # R* pair distances by node key, so a query looks up the pairs it keeps
         self._pair_keys = (row_ids + 1) * (size + 1) + member_ids + 1
@@ -167,7 +181,8 @@ class KReciprocalReranker(Reranker):
         encoding = k_reciprocal_encoding(row_ids + 1, member_ids + 1, squared,
                                          np.concatenate([[1.0], lists.row_max]), size + 1,
                                          size + 1)
-        padded_lists = np.vstack([np.zeros((1, node_lists.shape[1]), np.int64), node_lists])
+        del row_ids, member_ids
+        padded_lists = np.vstack([np.zeros((1, depth), np.int64), lists.indices[:, :depth] + 1])
         self._encoding = encoding
         gallery_rows = local_query_expansion(encoding, padded_lists, k2, np.arange(1, size + 1))
         # node 0 (the query) has no stored row
@@ -317,13 +332,9 @@ class KReciprocalReranker(Reranker):
                             row_max[past_rows])
         entering = lower <= kth_listed[past_rows]
         past_rows, past_columns = past_rows[entering], past_columns[entering]
-        dots = np.empty(len(past_rows))
         bounds = np.searchsorted(past_rows, np.arange(n_rows + 1))
-        gallery64 = self._gallery64
-        for row in np.flatnonzero(np.diff(bounds)).tolist():  # a product per row: no row copies
-            start, stop = bounds[row], bounds[row + 1]
-            dots[start:stop] = gallery64[past_columns[start:stop]] @ gallery64[rows[row]]
-        past_squared = squared_from_similarity(np.minimum(dots, 1.0).astype(np.float32))
+        past_squared = squared_from_similarity(canonical_pair_similarity(
+            self.gallery.features, rows[past_rows], past_columns))
         past_final = self._final(overlap[past_rows, past_columns], past_squared,
                                  row_max[past_rows])
         # the k smallest of each row's candidates, ties by index: one int64 key per entry,
@@ -396,122 +407,387 @@ class KReciprocalReranker(Reranker):
         """Exactly the batch result for this single query, recomputing only what it changes.
 
         The query is node 0 and gallery item j node j + 1. The query enters each gallery list
-        where it is closer than the list's last entry and raises row maxima it exceeds: the
-        lists a batch run over (query + gallery) builds. Rows whose reciprocal sets, candidate
-        half-sets and row maximum are all unchanged keep their precomputed encoding, so only
-        the query's neighbourhood is re-encoded. Always on the CPU (numpy/scipy), also for a
-        reranker on CUDA: patching a few sparse rows gains nothing from a GPU; and on one
-        thread (`engine.core.threads.query_threads`): split over two, each small step waits for
-        the second thread, which on a busy machine costs more than the step.
+        where it is closer than the list's last entry and lowers row maxima it undercuts: the
+        lists a batch run over (query + gallery) builds. Only the rows whose reciprocal sets,
+        candidate half-sets or row maximum change are re-encoded (`_patched_overlap`); the
+        fitted structures are read, never copied. The query's similarities come from one
+        float32 product with the gallery, canonical ones only where a decision is that close
+        (`_QuerySimilarities`). Always on the CPU (numpy/scipy), also for a reranker on CUDA:
+        patching a few sparse rows gains nothing from a GPU; and on one thread
+        (`engine.core.threads.query_threads`): split over two, each small step waits for the
+        second thread, which on a busy machine costs more than the step.
         """
         gallery = self.gallery.features
         size = gallery.shape[0]
         k1, k2, details = self._effective(size + 1)
+        depth = max(k1 + 1, k2)
         with query_threads():
-            lists, to_query = self._lists_with_query(query_feature, max(k1 + 1, k2))
-            if not self._patchable:
+            similarities = _QuerySimilarities(gallery, query_feature)
+            if self._patchable:
+                graph = self._graph_with_query(similarities, depth)
+                dirty_rows, overlap = self._patched_overlap(graph, similarities, k1, k2)
+                query_row_max = graph.query_row_max
+            else:
+                lists = self._lists_with_query(similarities.exact(np.arange(size)), depth)
                 features = np.vstack([query_feature[None, :], gallery])
                 expanded = _encode(features, lists, k1, k2, np.arange(size + 1))
                 overlap = jaccard_overlap(expanded[:1], expanded.tocsc())[0]
                 dirty_rows = np.arange(size + 1)
-            else:
-                dirty_rows, overlap = self._patched_overlap(query_feature, to_query, lists, k1,
-                                                            k2)
-            final = self._final(overlap[None, 1:], to_query[None, :], lists.row_max[:1, None])
-            distances, indices = top_k_smallest(final, k)
+                query_row_max = lists.row_max[0]
+            distances, indices = self._online_top_k(overlap[1:], similarities, query_row_max,
+                                                    k)
         details = {**details, "rows_reencoded": int(dirty_rows.size)}
-        return distances[0], indices[0], details
+        return distances, indices, details
 
-    def _patched_overlap(self, query_feature: np.ndarray, to_query: np.ndarray,
-                         lists: NeighbourLists, k1: int, k2: int
-                         ) -> tuple[np.ndarray, np.ndarray]:
+    def _graph_with_query(self, similarities: _QuerySimilarities, depth: int) -> _QueryGraph:
+        """The lists of (query + gallery) as `knn.lists_with_query` builds them, as patches:
+        the query's own row, the gallery rows it enters (a listed similarity at or below the
+        query's) and the row maxima it lowers. Canonical similarities only for the items
+        within the float32 error of those tests."""
+        stored = self._gallery_lists
+        approximate, slack = similarities.approximate, similarities.slack
+        near = np.flatnonzero(approximate >= self._list_floor - slack)
+        entered = near[similarities.exact(near) >= self._list_floor[near]]
+        to_query = similarities.exact(entered)
+        positions = np.maximum(
+            (stored.similarities[entered, :depth] > to_query[:, None]).sum(axis=1), 1)
+        rows = stored.indices[entered, :depth] + 1
+        columns = np.arange(depth)[None, :]
+        shifted = np.concatenate([rows[:, :1], rows[:, :-1]], axis=1)  # one slot later
+        entered_rows = np.where(columns < positions[:, None], rows,
+                                np.where(columns == positions[:, None], 0, shifted))
+        low = np.flatnonzero(approximate < self._farthest + slack)
+        lowered = low[similarities.exact(low) < self._farthest[low]]
+        # the query's own row: itself, then its depth - 1 most similar items (ties: smaller
+        # index), and its farthest similarity
+        size = len(approximate)
+        kth = np.partition(approximate, size - depth + 1)[size - depth + 1]
+        candidates = np.flatnonzero(approximate >= kth - 2 * slack)
+        order = np.lexsort((candidates, -similarities.exact(candidates)))[:depth - 1]
+        query_row = np.concatenate([[0], candidates[order] + 1])
+        lowest = np.flatnonzero(approximate <= approximate.min() + 2 * slack)
+        query_farthest = similarities.exact(lowest).min()
+        return _QueryGraph(
+            stored=stored.indices, query_row=query_row, entered=entered + 1,
+            entered_rows=entered_rows, positions=positions, lowered=lowered + 1,
+            lowered_max=squared_from_similarity(similarities.exact(lowered)),
+            stored_max=stored.row_max,
+            query_row_max=squared_from_similarity(np.float32(query_farthest)))
+
+    def _patched_overlap(self, graph: _QueryGraph, similarities: _QuerySimilarities,
+                         k1: int, k2: int) -> tuple[np.ndarray, np.ndarray]:
         """Jaccard overlap of the query (node 0) with every node, re-encoding only the rows the
         query changes: those whose reciprocal set, a candidate's half-set or row maximum moved.
 
         A row's reciprocal mask over its first w entries can change only if its own first w
         entries or those of one of them changed, i.e. if the query is among them: only those
-        rows' masks are recomputed, the others are the ones stored at fit.
+        rows' masks are recomputed (found through the inverted lists of `fit`), the others are
+        the ones stored at fit. Returns the re-encoded rows (node ids) and the (G + 1,)
+        overlaps.
         """
-        size = lists.indices.shape[0] - 1
+        size = self.gallery.size
         width, half = k1 + 1, half_neighbourhood(k1) + 1
-        stored_farthest = np.concatenate([[-np.inf], self._gallery_lists.farthest])
-        max_changed = lists.farthest < stored_farthest
-        changed_sets = []
-        for mask_width, stored_mask, stored_sets in (
-                (width, self._reciprocal_masks[0], self._reciprocal_sets),
-                (half, self._reciprocal_masks[1], self._half_sets)):
-            head = lists.indices[:, :mask_width]
-            moved = (head == 0).any(axis=1)
-            moved[0] = True
-            rows = np.flatnonzero(moved | moved[head].any(axis=1))
-            mask = stored_mask.copy()
-            mask[rows] = reciprocal_mask(lists.indices, mask_width, rows)
-            changed = np.zeros(size + 1, bool)
-            gallery_rows = rows[rows > 0]
-            changed[gallery_rows] = (
-                _member_sets(lists.indices[gallery_rows], mask[gallery_rows], mask_width)
-                != stored_sets[gallery_rows - 1]).any(axis=1)
-            changed_sets.append((mask, changed))
-        (reciprocal, set_changed), (half_mask, half_changed) = changed_sets
-        half_changed[0] = True
-        candidates_changed = (half_changed[lists.indices[:, :width]] & reciprocal).any(axis=1)
-        dirty = max_changed | candidates_changed | set_changed
-        dirty[0] = True
-        dirty_rows = np.flatnonzero(dirty)
-        row_ids, member_ids = k_reciprocal_expansion(lists.indices, k1, dirty_rows,
-                                                     masks=(reciprocal, half_mask))
-        squared = self._pair_distances(row_ids, member_ids, to_query)
-        fresh = k_reciprocal_encoding(row_ids, member_ids, squared, lists.row_max, size + 1,
-                                      size + 1)
-        encoding = sp.diags((~dirty).astype(np.float32)) @ self._encoding + fresh
-        stored_heads = np.vstack([np.full((1, k2), -1), self._gallery_lists.indices[:, :k2] + 1])
-        qe_changed = ((lists.indices[:, :k2] != stored_heads).any(axis=1)
-                      | dirty[lists.indices[:, :k2]].any(axis=1))
-        qe_changed[0] = True
-        changed_rows = np.flatnonzero(qe_changed)
-        expanded = local_query_expansion(encoding.tocsr(), lists.indices, k2, changed_rows)
-        query_row = expanded[:1]
+        masks, changed = {}, {}
+        for mask_width in (width, half):
+            moved = graph.moved(mask_width)
+            rows = np.union1d(moved, self._rows_listing(moved))
+            heads = graph.heads(rows, mask_width)
+            values = (graph.heads(heads, mask_width) == rows[:, None, None]).any(axis=2)
+            masks[mask_width] = _PatchedMasks(rows, values, self._masks[mask_width])
+            gallery = np.flatnonzero(rows > 0)
+            differs = (_member_sets(heads[gallery], values[gallery], mask_width)
+                       != self._sets[mask_width][rows[gallery] - 1]).any(axis=1)
+            changed[mask_width] = rows[gallery[differs]]
+        half_changed = np.union1d([0], changed[half])
+        near = np.union1d(graph.moved(width), self._rows_listing(half_changed))
+        candidates_changed = near[(np.isin(graph.heads(near, width), half_changed)
+                                   & masks[width].of(near)).any(axis=1)]
+        dirty = np.union1d(np.union1d([0], graph.lowered),
+                           np.union1d(candidates_changed, changed[width]))
+        forward = graph.heads(dirty, width)
+        row_ids, member_ids = expansion_pairs(dirty, forward, masks[width].of(dirty),
+                                              graph.heads(forward, half),
+                                              masks[half].of(forward), size + 1)
+        squared = self._pair_distances(row_ids, member_ids, similarities)
+        fresh = k_reciprocal_encoding(np.searchsorted(dirty, row_ids), member_ids, squared,
+                                      graph.row_max(dirty), len(dirty), size + 1)
+        # V_qe changes where the query entered the first k2 entries or one of them is dirty
+        moved = graph.moved(k2)
+        near = np.union1d(moved, self._rows_listing(dirty))
+        changed_rows = near[np.isin(near, moved)
+                            | np.isin(graph.heads(near, k2), dirty).any(axis=1)]
+        expanded = self._expanded_rows(graph.heads(changed_rows, k2), dirty, fresh)
+        query_row = expanded[:1]  # node 0 is the first changed row
         overlap = jaccard_overlap(query_row, self._expanded_columns)[0]
         overlap[changed_rows] = jaccard_overlap(query_row, expanded.tocsc())[0]
-        return dirty_rows, overlap
+        return dirty, overlap
+
+    def _expanded_rows(self, sources: np.ndarray, dirty: np.ndarray, fresh: sp.csr_matrix
+                       ) -> sp.csr_matrix:
+        """V_qe rows as `local_query_expansion` computes them: the mean of the V rows of each
+        row's first k2 entries `sources` (c, k2), V being `fresh` for the `dirty` rows and the
+        fitted encoding for the others; the sources keep node order (the same sums)."""
+        needed, inverse = np.unique(sources, return_inverse=True)
+        slot, is_dirty = _lookup(dirty, needed)
+        stacked = sp.vstack([self._encoding[needed[~is_dirty]], fresh[slot[is_dirty]]],
+                            format="csr")
+        position = np.empty(len(needed), np.int64)
+        position[~is_dirty] = np.arange(int((~is_dirty).sum()))
+        position[is_dirty] = int((~is_dirty).sum()) + np.arange(int(is_dirty.sum()))
+        encoding = stacked[position]  # in `needed` (node) order
+        n_rows, k2 = sources.shape
+        if k2 <= 1:
+            return encoding[inverse.ravel()]
+        averaging = sp.csr_matrix(
+            (np.full(n_rows * k2, 1.0 / k2, np.float32),
+             (np.repeat(np.arange(n_rows), k2), inverse.ravel())), shape=(n_rows, len(needed)))
+        return (averaging @ encoding).tocsr()
+
+    def _online_top_k(self, overlap: np.ndarray, similarities: _QuerySimilarities,
+                      row_max: np.floating, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The k smallest final distances (ties by index) from the overlaps (G,) and the
+        query's similarities: every item's final distance from the float32 ones bounds which
+        items can be in the top k, and only those get canonical similarities."""
+        approximate = self._final(overlap, squared_from_similarity(similarities.approximate),
+                                  row_max)
+        # the float32 similarity's error through d' = lambda (2 - 2 s) / max, and roundings
+        normaliser = float(row_max) if row_max > 0 else 1.0
+        error = (self.params.lambda_value * (2 * similarities.slack + 2.0 ** -20) / normaliser
+                 + 2.0 ** -20)
+        kth = np.partition(approximate, k - 1)[k - 1] if k < len(approximate) else np.inf
+        candidates = np.flatnonzero(approximate <= kth + 2 * error)
+        final = self._final(overlap[candidates],
+                            squared_from_similarity(similarities.exact(candidates)), row_max)
+        distances, order = top_k_smallest(final[None, :], k)
+        return distances[0], candidates[order[0]]
+
+    def _rows_listing(self, nodes: np.ndarray) -> np.ndarray:
+        """Gallery rows (node ids, ascending) whose fitted first k1 + 1 entries hold one of the
+        gallery `nodes` (node 0, the query, is in no fitted list): a superset of the rows whose
+        lists with the query hold them, since the query only pushes entries out."""
+        starts, rows = self._listed_by
+        nodes = nodes[nodes > 0]
+        lengths = starts[nodes + 1] - starts[nodes]
+        first = np.repeat(starts[nodes] - (np.cumsum(lengths) - lengths), lengths)
+        return np.unique(rows[np.arange(int(lengths.sum())) + first])
 
     def _pair_distances(self, row_ids: np.ndarray, member_ids: np.ndarray,
-                        to_query: np.ndarray) -> np.ndarray:
-        """Squared distances of (row, member) node pairs: the query's from `to_query` (its
-        squared distances to the gallery), gallery pairs from the fit's R* pairs where there,
-        the rest from canonical (float64) products; self pairs exactly 0."""
+                        similarities: _QuerySimilarities) -> np.ndarray:
+        """Squared distances of (row, member) node pairs: the query's from its canonical
+        similarities, gallery pairs from the fit's R* pairs where there, the rest from
+        canonical products of the features; self pairs exactly 0."""
         n = self.gallery.size + 1
         result = np.zeros(len(row_ids), np.float32)
         with_query = (row_ids == 0) | (member_ids == 0)
         other = row_ids[with_query] + member_ids[with_query]
-        result[with_query] = to_query[np.maximum(other - 1, 0)]
+        result[with_query] = squared_from_similarity(similarities.exact(np.maximum(other - 1,
+                                                                                   0)))
         rest = np.flatnonzero(~with_query & (row_ids != member_ids))
         keys = row_ids[rest] * n + member_ids[rest]
         found = np.searchsorted(self._pair_keys, keys).clip(max=len(self._pair_keys) - 1)
         known = self._pair_keys[found] == keys
         result[rest[known]] = self._pair_squared[found[known]]
         rest = rest[~known]
-        for start in range(0, len(rest), 8192):
-            part = rest[start:start + 8192]
-            dots = np.einsum("ij,ij->i", self._gallery64[row_ids[part] - 1],
-                             self._gallery64[member_ids[part] - 1])
-            result[part] = squared_from_similarity(np.minimum(dots, 1.0).astype(np.float32))
+        result[rest] = squared_from_similarity(canonical_pair_similarity(
+            self.gallery.features, row_ids[rest] - 1, member_ids[rest] - 1))
         result[(row_ids == member_ids)] = 0.0
         return result
 
-    def _lists_with_query(self, query_feature: np.ndarray, depth: int
-                          ) -> tuple[NeighbourLists, np.ndarray]:
+    def _lists_with_query(self, to_query: np.ndarray, depth: int) -> NeighbourLists:
         """Neighbour lists over (query + gallery) from the stored gallery lists
-        (`knn.lists_with_query`), and the query's squared distances to the gallery."""
+        (`knn.lists_with_query`) and the query's canonical similarities (G,) to the gallery:
+        the small-gallery way, where every row changes."""
         stored = self._gallery_lists
-        to_query = canonical_similarity(self._gallery64, query_feature[None])[:, 0]
         similarities, indices = lists_with_query(
-            torch.from_numpy(stored.similarities), torch.from_numpy(stored.indices),
+            torch.from_numpy(np.ascontiguousarray(stored.similarities)),
+            torch.from_numpy(np.ascontiguousarray(stored.indices)),
             torch.from_numpy(to_query), depth)
         farthest = np.concatenate([[to_query.min()], np.minimum(stored.farthest, to_query)])
-        lists = NeighbourLists(indices.numpy(), similarities.numpy(),
-                               farthest.astype(np.float32))
-        return lists, squared_from_similarity(to_query)
+        return NeighbourLists(indices.numpy(), similarities.numpy(),
+                              farthest.astype(np.float32))
+
+    def batch_refusal(self, gallery_size: int, n_queries: int) -> str | None:
+        """Refuses a batch whose estimated memory (`_batch_bytes`) exceeds
+        `BATCH_MEMORY_FRACTION` of the memory available now (the GPU's for a CUDA batch)."""
+        need = self._batch_bytes(gallery_size, n_queries)
+        available = _available_memory(self.device)
+        if available is None or need <= BATCH_MEMORY_FRACTION * available:
+            return None
+        where = " on the GPU" if self.device.type == "cuda" else ""
+        return (f"it needs about {need / 2**30:.1f} GiB for {n_queries} queries against "
+                f"{gallery_size} items, more than {BATCH_MEMORY_FRACTION:.0%} of the "
+                f"{available / 2**30:.1f} GiB available{where}; re-rank one query at a time "
+                "(online mode) or use a smaller gallery")
+
+    def _batch_bytes(self, gallery_size: int, n_queries: int) -> int:
+        """Estimated peak bytes of a batch, from the arrays it holds at once.
+
+        Counts the queries as new nodes (an upper estimate for leave-one-out, whose nodes are
+        the gallery's): the nodes' features with the search's float32 and float64 copies
+        (`knn.knn_graph`); lists; R* pairs (about `PAIRS_PER_ROW` (k1 + 1) a row) with their
+        distances and V; V_qe (k2 rows of V each) and its CSC copy; and one step's (rows, G)
+        blocks with the gallery in float64 for the canonical products (`_dense_top_k`), or
+        on a GPU the nodes in float64 and one chunk of final distances.
+        """
+        dim = self.gallery.features.shape[1] if self.is_fitted else 2048
+        nodes = gallery_size + n_queries
+        k1, k2, _ = self._effective(nodes)
+        pairs = PAIRS_PER_ROW * (k1 + 1)
+        graph = nodes * dim * (4 + 4 + 8) + nodes * max(k1 + 1, k2) * 12
+        encoding = nodes * pairs * (8 + 8 + 4 + 8) + nodes * min(nodes, k2 * pairs) * 8 * 3
+        if self.device.type == "cuda":
+            block = GPU_CELLS_PER_CHUNK * (8 + 4 + 4 + 4)
+        else:
+            block = BATCH_ROWS * gallery_size * (4 + 8 + 8 + 4 * 4) + gallery_size * dim * 8
+        return int(graph + encoding + block)
+
+
+class _QuerySimilarities:
+    """One online query's similarities to the gallery: float32 from one matrix-vector product
+    (`approximate`, within `slack` of the canonical ones), canonical (float64-accumulated,
+    rounded once, as `knn.canonical_similarity`) only for the items asked (`exact`): those
+    whose decisions fall within `slack` of a boundary. A float64 pass over a large gallery
+    would cost several times the float32 one."""
+
+    def __init__(self, gallery: np.ndarray, query: np.ndarray) -> None:
+        self._gallery, self._query = gallery, np.asarray(query, np.float64)
+        self.approximate = gallery @ query                          # (G,) float32
+        self.slack = gallery.shape[1] * FLOAT32_DOT_ERROR_PER_DIM
+        self._values = self.approximate.copy()
+        self._known = np.zeros(len(self.approximate), bool)
+
+    def exact(self, items: np.ndarray) -> np.ndarray:
+        """Canonical float32 similarities of gallery `items` (computed once each)."""
+        items = np.asarray(items, np.int64)
+        todo = np.unique(items[~self._known[items]])
+        if len(todo):
+            self._values[todo] = np.minimum(self._gallery[todo].astype(np.float64)
+                                            @ self._query, 1.0)
+            self._known[todo] = True
+        return self._values[items]
+
+
+@dataclass(frozen=True)
+class _QueryGraph:
+    """The lists of (query + gallery) for one online query, as patches over the fitted gallery
+    lists: node 0 is the query, gallery item j node j + 1. Only the query's row and the rows
+    it entered differ from the stored lists; only the rows it lowered have another maximum.
+
+    stored: (G, >= depth) fitted lists (gallery numbering); query_row: (depth,) node ids;
+    entered: (m,) ascending node ids, entered_rows (m, depth) their lists, positions (m,) the
+    query's place in them; lowered: (l,) ascending node ids whose maximum squared distance is
+    now lowered_max (l,); stored_max: (G,) the fitted maxima; query_row_max: the query's.
+    """
+
+    stored: np.ndarray
+    query_row: np.ndarray
+    entered: np.ndarray
+    entered_rows: np.ndarray
+    positions: np.ndarray
+    lowered: np.ndarray
+    lowered_max: np.ndarray
+    stored_max: np.ndarray
+    query_row_max: np.floating
+
+    def heads(self, nodes: np.ndarray, width: int) -> np.ndarray:
+        """The first `width` entries of each node's list: nodes.shape + (width,) node ids."""
+        flat = np.asarray(nodes).ravel()
+        heads = self.stored[np.maximum(flat - 1, 0), :width] + 1
+        heads[flat == 0] = self.query_row[:width]
+        slot, hit = _lookup(self.entered, flat)
+        heads[hit] = self.entered_rows[slot[hit], :width]
+        return heads.reshape((*np.shape(nodes), width))
+
+    def moved(self, width: int) -> np.ndarray:
+        """The nodes (ascending) whose first `width` entries hold the query: itself and the
+        rows it entered that far up."""
+        return np.concatenate([[0], self.entered[self.positions < width]])
+
+    def row_max(self, nodes: np.ndarray) -> np.ndarray:
+        """Each node's largest squared distance (the encoding's normaliser), (len(nodes),)."""
+        result = self.stored_max[np.maximum(nodes - 1, 0)].astype(np.float32)
+        result[nodes == 0] = self.query_row_max
+        slot, hit = _lookup(self.lowered, nodes)
+        result[hit] = self.lowered_max[slot[hit]]
+        return result
+
+
+@dataclass(frozen=True)
+class _PatchedMasks:
+    """Reciprocal masks of one width over (query + gallery): `values` for the recomputed
+    `rows` (ascending node ids, the query's among them), the fitted `stored` (G, w) for the
+    others."""
+
+    rows: np.ndarray
+    values: np.ndarray
+    stored: np.ndarray
+
+    def of(self, nodes: np.ndarray) -> np.ndarray:
+        """nodes.shape + (w,) bool masks."""
+        flat = np.asarray(nodes).ravel()
+        masks = self.stored[np.maximum(flat - 1, 0)]
+        slot, hit = _lookup(self.rows, flat)
+        masks[hit] = self.values[slot[hit]]
+        return masks.reshape((*np.shape(nodes), self.values.shape[1]))
+
+
+def _lookup(keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For ascending `keys`: each value's slot in them and whether it is there."""
+    if len(keys) == 0:
+        return np.zeros(len(values), np.int64), np.zeros(len(values), bool)
+    slot = np.searchsorted(keys, values).clip(max=len(keys) - 1)
+    return slot, keys[slot] == values
+
+
+def _gallery_lists(context: GalleryContext, depth: int) -> NeighbourLists:
+    """The gallery's lists `depth` deep: the context's kNN graph when it is that deep (or lists
+    every item), exact or approximate, else an exact search; row maxima from the graph, or
+    computed when it has none."""
+    shared = context.knn
+    if shared is None or shared.depth < min(depth, context.size):
+        return neighbour_lists(context.features, depth)
+    farthest = shared.farthest
+    if farthest is None:
+        farthest = torch_farthest_similarity(torch.from_numpy(context.features)).numpy()
+    return NeighbourLists(shared.indices[:, :depth], shared.similarities[:, :depth], farthest)
+
+
+MASK_CHUNK = 8192
+"""Rows per step of fit's reciprocal masks (a (rows, w, w) int64 gather)."""
+
+
+def _chunked_mask(lists: np.ndarray, width: int) -> np.ndarray:
+    """`reciprocal_mask` of every row, a few thousand rows at a time."""
+    return np.concatenate([reciprocal_mask(lists, width, np.arange(start, min(
+        start + MASK_CHUNK, lists.shape[0]))) for start in range(0, lists.shape[0], MASK_CHUNK)])
+
+
+def _inverted_heads(node_lists: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Which rows list each node: (starts (n + 2,), rows) so that the rows (node ids) whose
+    `node_lists` (G, w) hold node m are rows[starts[m]:starts[m + 1]]."""
+    flat = node_lists.ravel()
+    order = np.argsort(flat, kind="stable")
+    starts = np.zeros(node_lists.shape[0] + 2, np.int64)
+    starts[1:] = np.cumsum(np.bincount(flat, minlength=node_lists.shape[0] + 1))
+    return starts, (order // node_lists.shape[1] + 1).astype(np.int32)
+
+
+def _available_memory(device: torch.device) -> int | None:
+    """Bytes available now: the GPU's free memory for a CUDA device, else the system's
+    (MemAvailable, else free pages); None where unknown."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as info:
+            for line in info:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def _sort_keys(distances: np.ndarray, columns: np.ndarray) -> np.ndarray:

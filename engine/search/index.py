@@ -354,6 +354,7 @@ RECALL_DEPTHS = (10, 100)
 TRAIN_MAX = 100_000
 """At most this many (seeded random) rows train an IVF or IVF-PQ index's quantisers."""
 CHECK_ROWS = 65536
+PQ_POINTS_PER_CENTROID = 39
 
 
 def choose_index_kind(size: int, dim: int, available: int | None = None,
@@ -393,9 +394,10 @@ def check_store(features: np.ndarray, what: str = "gallery features") -> np.ndar
 def _pq_layout(size: int, dim: int) -> tuple[int, int]:
     """(sub-quantisers m, bits per code) of an IVF-PQ index: m the largest divisor of `dim`
     with at least 8 dimensions each (d / 8 bytes per item), 8 bits, fewer for galleries too
-    small to train 256 centroids per sub-quantiser."""
+    small to train 256 centroids per sub-quantiser (faiss asks `PQ_POINTS_PER_CENTROID` points
+    per centroid)."""
     m = max([m for m in range(1, dim + 1) if dim % m == 0 and dim // m >= 8] or [1])
-    bits = int(max(1, min(8, np.floor(np.log2(max(2, size // 4))))))
+    bits = int(max(1, min(8, np.floor(np.log2(max(2, size // PQ_POINTS_PER_CENTROID))))))
     return m, bits
 
 

@@ -28,11 +28,19 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from engine.core.knn import canonical_similarity, knn_graph, torch_canonical_similarity
+from engine.core.knn import knn_graph, torch_canonical_similarity
 from engine.core.threads import query_threads
 from engine.core.types import GalleryContext, RerankResult
 from engine.errors import InvalidInputError
 from engine.rerank import register
+from engine.rerank._scale import (
+    GALLERY_BLOCK,
+    canonical_block,
+    float32_scores,
+    gib,
+    memory_budget,
+    query_top,
+)
 from engine.rerank.base import Reranker, RerankParams, param
 
 HISTORY_DEPTH = 20
@@ -44,6 +52,12 @@ QUERY_CHUNK = 512
 """Queries per matrix product of the consensus (gallery-only voting)."""
 DENSE_LIMIT = 8192
 """Up to this many gallery items the vote matrix is dense."""
+BYTES_PER_PAIR = 96
+"""Memory of a batch per (query, gallery item) pair of a chunk: canonical similarities and
+distances, their sort, the iterations' orders, scores and votes (measured peak: about 80)."""
+HEAD_MARGIN = 256
+"""Online: gallery items ranked beyond those that must be exact (voters, top-k, history) at
+the first try; each failed proof takes four times as many."""
 
 
 @dataclass(frozen=True)
@@ -85,14 +99,18 @@ def query_distances(queries: np.ndarray | torch.Tensor, gallery: np.ndarray | to
     """(Q, G) float32 Euclidean distances of unit queries to the gallery from canonical
     similarities (float64 products rounded to float32), so both layouts give the same values.
 
-    A numpy gallery (float64, the CPU path) gives numpy; a torch gallery gives a tensor on its
-    device, the queries moved there.
+    A numpy gallery (the CPU path) gives numpy; a torch gallery gives a tensor on its device,
+    the queries moved there. The gallery is converted to float64 a block at a time, never whole.
     """
     if isinstance(gallery, torch.Tensor):
         rows = torch.as_tensor(queries, device=gallery.device)
-        similarity = torch_canonical_similarity(rows, gallery).double()
-        return torch.sqrt(torch.clamp(2.0 - 2.0 * similarity, min=0.0)).float()
-    return euclidean_from_similarity(canonical_similarity(queries, gallery))
+        similarity = torch.empty((rows.shape[0], gallery.shape[0]), dtype=torch.float32,
+                                 device=gallery.device)
+        for start in range(0, gallery.shape[0], GALLERY_BLOCK):
+            similarity[:, start:start + GALLERY_BLOCK] = torch_canonical_similarity(
+                rows, gallery[start:start + GALLERY_BLOCK])
+        return torch.sqrt(torch.clamp(2.0 - 2.0 * similarity.double(), min=0.0)).float()
+    return euclidean_from_similarity(canonical_block(queries, gallery))
 
 
 def ascending_candidates(distances: np.ndarray | torch.Tensor,
@@ -347,6 +365,93 @@ def icfrr_from_distances(query_gallery: np.ndarray, gallery_gallery: np.ndarray,
                         {**details, "history": output.history})
 
 
+def vote_weights(n_items: int, kg: int, depth: int) -> np.ndarray:
+    """(depth,) float32 weight of each column of a gallery list, as `vote_matrix` gives it:
+    alpha[c - 1] for columns 1..kg, 0 for the item itself (column 0) and beyond."""
+    ranks = np.arange(depth) - 1
+    weights = np.float32(1.0) - ranks.astype(np.float32) / np.float32(max(n_items - 1, 1))
+    return np.where((ranks >= 0) & (ranks < kg), weights, np.float32(0.0)).astype(np.float32)
+
+
+def sparse_consensus(lists: np.ndarray, voters: np.ndarray, weights: np.ndarray, size: int
+                     ) -> np.ndarray:
+    """delta of one query (`consensus`) from its voters' lists alone, O(KQ * KG) work.
+
+    The float32 weights are summed in float64 (exactly, in practice: KQ terms of at most 24
+    significant bits) and the mean rounded once to float32, so the order of the sum does not
+    matter. Returns (size,) float32, 0 for items no voter lists.
+    """
+    columns = np.flatnonzero(weights)
+    listed = lists[voters][:, columns]
+    sums = np.bincount(listed.ravel(), np.broadcast_to(weights[columns], listed.shape).ravel(),
+                       minlength=size)
+    return (sums / len(voters)).astype(np.float32)
+
+
+def online_head(distances: np.ndarray, ids: np.ndarray, size: int, lists: np.ndarray,
+                params: ICFRRParams, kg: int, kq: int, needed: int,
+                history_depth: int = HISTORY_DEPTH) -> ICFRROutput | None:
+    """ICFRR for one query from its nearest gallery items only, or None when they cannot
+    prove the result of the run over the whole gallery (the caller then gives more).
+
+    The head is the query's first N items; an item beyond it climbs only by its votes. With
+    the per-position prior, any item outside the `exact` leading positions of the previous
+    order scores at most base[exact] + beta * (the largest vote outside them), so the items
+    scoring above that bound lead the full run's order too, in the same order: they are its
+    new `exact` positions. Paper-literal scores are per item and the bound is the tail's best
+    accumulated score. The run is exact when the voters, the history and the `needed`
+    returned items stay within the exact positions.
+
+    Args:
+        distances, ids: (N + 1,) the query's nearest items by ascending distance (ties: the
+            smaller id), the last one only bounding the tail; or all `size` items (the full
+            run, always exact).
+        lists: (size, >= kg + 1) the gallery lists; kg, kq: as clamped for `size` items.
+    Returns:
+        ICFRROutput of one query: order and score (1, needed), history (1, n_times + 1, h).
+    """
+    complete = len(ids) >= size
+    head = size if complete else len(ids) - 1
+    width = min(history_depth, size)
+    exact = head
+    if max(needed, width, kq if params.n_times else 0) > head:
+        return None
+    base = -np.asarray(distances, np.float32)
+    order = np.asarray(ids[:head], np.int64)
+    score = base[:head]
+    tail = None if complete else base[head]        # the best score beyond the head
+    weights = vote_weights(size, kg, lists.shape[1])
+    beta = np.float32(params.beta)
+    history = [order[:width]]
+    for _ in range(params.n_times):
+        if kq > exact:
+            return None
+        gain = beta * sparse_consensus(lists, order[:kq], weights, size)
+        bound = None
+        if params.paper_literal:
+            score = score + gain[order]
+            if tail is not None:
+                gain[ids[:head]] = 0
+                tail = np.float32(tail + gain.max())
+                bound = tail
+        else:
+            if tail is not None:
+                outside = gain.copy()
+                outside[order[:exact]] = 0
+                bound = np.float32(base[exact] + outside.max())
+            score = base[:head] + gain[order]
+        permutation = np.argsort(-score, kind="stable")
+        order, score = order[permutation], score[permutation]
+        if bound is not None:
+            exact = int(np.count_nonzero(score > bound))
+        if width > exact:
+            return None
+        history.append(order[:width])
+    if needed > exact:
+        return None
+    return ICFRROutput(order[None, :needed], score[None, :needed], np.stack(history)[None])
+
+
 @register
 class ICFRR(Reranker):
     """Iterative cluster-free re-ranking; see the module docstring."""
@@ -372,34 +477,69 @@ class ICFRR(Reranker):
     def _fit(self, context: GalleryContext) -> None:
         depth = min(self.params.KG + 2, context.size)
         knn = context.knn
-        if knn is not None and knn.canonical and knn.depth >= depth:
-            self._lists = np.ascontiguousarray(knn.indices[:, :depth])
+        if knn is not None and knn.depth >= depth:  # the gallery's graph, exact or approximate
+            self._lists = np.ascontiguousarray(knn.indices[:, :depth], np.int64)
         else:
             self._lists = knn_graph(context.features, depth, self.device).indices
-        # Precomputed once per gallery: the lists on the device and the vote matrix that
-        # online queries (and batches of new queries) multiply by.
-        self._lists_t = torch.from_numpy(np.ascontiguousarray(self._lists, np.int64)).to(
-            self.device)
-        kg, _, _ = clamped(self.params, context.size)
-        self._votes = vote_matrix(self._lists_t, context.size, kg)
-        # float64 once, so each query's canonical similarities do not convert the gallery; on a
-        # GPU a tensor there, so the distances and their sort stay on the device
-        gallery64 = context.features.astype(np.float64)
-        self._gallery64 = (gallery64 if self.device.type == "cpu"
-                           else torch.from_numpy(gallery64).to(self.device))
+        self._lists_t = torch.from_numpy(self._lists).to(self.device)
+        self._votes_cache: torch.Tensor | sp.csr_matrix | None = None
+        # the float32 gallery the batch reads (on a GPU a tensor there, so the distances and
+        # their sort stay on the device); canonical products convert it a block at a time
+        self._gallery_source = (context.features if self.device.type == "cpu"
+                                else torch.from_numpy(context.features).to(self.device))
+
+    @property
+    def _votes(self) -> torch.Tensor | sp.csr_matrix | None:
+        """The gallery's vote matrix that batches of new queries multiply by, built at the
+        first batch (online queries read the lists alone)."""
+        if self._votes_cache is None:
+            kg, _, _ = clamped(self.params, self.gallery.size)
+            self._votes_cache = vote_matrix(self._lists_t, self.gallery.size, kg)
+        return self._votes_cache
+
+    def _fixed_bytes(self, size: int) -> int:
+        """Memory of the gallery-side structures of a batch: the vote matrix (dense, or KG
+        entries of value and column per row, built from 20-byte triplets) and the lists."""
+        kg = min(self.params.KG, max(size - 1, 1))
+        votes = 4 * size * size if size <= DENSE_LIMIT else 28 * size * kg
+        return votes + 16 * size * (kg + 2)
+
+    def _chunk_rows(self, size: int, n_queries: int) -> int:
+        """Queries per chunk of a batch: `DISTANCE_CHUNK`, fewer where the memory budget
+        (`memory_budget`) holds fewer (Q, G) rows."""
+        rows = min(DISTANCE_CHUNK, max(1, n_queries))
+        budget = memory_budget()
+        if budget is not None:
+            room = (budget - self._fixed_bytes(size)) // (size * BYTES_PER_PAIR)
+            rows = min(rows, max(1, room))
+        return rows
+
+    def batch_refusal(self, gallery_size: int, n_queries: int) -> str | None:
+        """A batch works on chunks of queries against the whole gallery ((rows, G) distances,
+        orders and scores, `BYTES_PER_PAIR` each) beside the vote matrix; refused when even
+        one query's row does not fit the memory budget."""
+        budget = memory_budget()
+        need = self._fixed_bytes(gallery_size) + gallery_size * BYTES_PER_PAIR
+        if budget is not None and need > budget:
+            return (f"{gib(need)} for the vote matrix and one query's (1, {gallery_size}) rows, "
+                    f"beyond the {gib(budget)} this batch may use")
+        return None
 
     def _run(self, queries: np.ndarray | None, k: int
              ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-        source = self._gallery64 if queries is None else queries
+        source = self._gallery_source if queries is None else queries
+        size = self.gallery.size
+        chunk = self._chunk_rows(size, len(source))
         orders, scores, histories, details = [], [], [], {}
-        for start in range(0, len(source), DISTANCE_CHUNK):
-            stop = min(start + DISTANCE_CHUNK, len(source))
+        for start in range(0, len(source), chunk):
+            stop = min(start + chunk, len(source))
             exclude = None if queries is not None else np.arange(start, stop)
-            output, details = run(query_distances(source[start:stop], self._gallery64),
+            output, details = run(query_distances(source[start:stop], self._gallery_source),
                                   self._lists_t, self.params, exclude, self.device,
                                   None if exclude is not None else self._votes)
-            orders.append(output.order[:, :k])
-            scores.append(output.score[:, :k])
+            # copies, so that the chunk's (rows, G) arrays are freed
+            orders.append(np.ascontiguousarray(output.order[:, :k]))
+            scores.append(np.ascontiguousarray(output.score[:, :k]))
             histories.append(output.history)
         details = {**details, "history": np.concatenate(histories),
                    "distance": "minus the final ICFRR score"}
@@ -411,9 +551,24 @@ class ICFRR(Reranker):
 
     def _rerank_online(self, query_feature: np.ndarray, k: int
                        ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-        """One query as a batch of one, on one thread (`engine.core.threads.query_threads`): its
-        (1, G) products and sorts are too small to gain from a second thread, and on a busy
-        machine each would wait for it."""
+        """One query from its nearest items only (`online_head`), on one thread
+        (`engine.core.threads.query_threads`): one float32 product with the gallery proposes
+        them, their canonical distances are computed, and the head grows four-fold until it
+        proves the full run's result (the whole gallery at worst). Only the voters' lists are
+        read: no (1, G) distances, sort or vote vector of the whole gallery."""
+        gallery = self.gallery.features
+        size = len(gallery)
+        kg, kq, note = clamped(self.params, size)
+        head = max(k, kq, min(HISTORY_DEPTH, size)) + HEAD_MARGIN
         with query_threads():
-            distances, indices, details = self._run(query_feature[None, :], k)
-        return distances[0], indices[0], {**details, "history": details["history"][0]}
+            scores = float32_scores(gallery, query_feature)
+            while True:
+                distances, ids = query_top(gallery, query_feature, head + 1, scores=scores,
+                                           key=euclidean_from_similarity)
+                output = online_head(distances, ids, size, self._lists, self.params, kg, kq, k)
+                if output is not None:
+                    break
+                head *= 4
+        details = {"clamped": note} if note else {}
+        return -output.score[0], output.order[0], {
+            **details, "history": output.history[0], "distance": "minus the final ICFRR score"}

@@ -20,7 +20,8 @@ from oracles import (
 from tie_aware import U32, assert_order_matches
 
 from engine.core.knn import canonical_similarity, knn_graph
-from engine.errors import InvalidInputError
+from engine.core.types import KnnGraph
+from engine.errors import InvalidInputError, TooLargeError
 from engine.evaluation.metrics import mean_average_precision
 from engine.evaluation.protocols import every_tenth_split
 from engine.rerank import GalleryContext, create_reranker, icfrr
@@ -438,7 +439,8 @@ def test_run_torch_distances_equal_numpy(split_features, distances, KG, KQ, leav
 @pytest.mark.parametrize(("KG", "KQ"), [(256, 250), (10, 15)])
 def test_reranker_torch_path_equals_numpy_path(split_features, monkeypatch, KG, KQ):
     """The re-ranker with its gallery as a tensor (as on a GPU) sorts with torch and gives the
-    numpy path's rankings: batch, leave-one-out and online."""
+    numpy path's rankings: batch and leave-one-out (online reads the numpy gallery either
+    way)."""
     queries, gallery = split_features
     reranker = create_reranker("icfrr", device="cpu", KG=KG, KQ=KQ).fit(gallery)
 
@@ -454,7 +456,7 @@ def test_reranker_torch_path_equals_numpy_path(split_features, monkeypatch, KG, 
         return ascending_candidates(distances, exclude)
 
     monkeypatch.setattr(icfrr, "ascending_candidates", recording)
-    monkeypatch.setattr(reranker, "_gallery64", torch.from_numpy(reranker._gallery64))
+    monkeypatch.setattr(reranker, "_gallery_source", torch.from_numpy(gallery))
     for got, want in zip(rankings(), expected, strict=True):
         np.testing.assert_array_equal(got.indices, want.indices)
         np.testing.assert_allclose(got.distances, want.distances, atol=1e-6)
@@ -513,3 +515,135 @@ def test_every_tenth_split_map_changes(demo_features):
     after = mean_average_precision(reranked.indices, query_labels, gallery_labels).value
     assert 0.0 <= before <= 1.0 and 0.0 <= after <= 1.0
     assert after != before
+
+
+# -- online from the query's nearest items only --------------------------------------------------
+def synthetic(size: int, dim: int = 48, n_queries: int = 12, seed: int = 0
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """Clustered unit features and queries near gallery items (float32)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((size // 20, dim))
+    gallery = centres[rng.integers(0, len(centres), size)] + 1.2 * rng.standard_normal(
+        (size, dim))
+    gallery = (gallery / np.linalg.norm(gallery, axis=1, keepdims=True)).astype(np.float32)
+    queries = gallery[rng.integers(0, size, n_queries)] + 0.1 * rng.standard_normal(
+        (n_queries, dim))
+    return (queries / np.linalg.norm(queries, axis=1, keepdims=True)).astype(np.float32), gallery
+
+
+def recorded_heads(monkeypatch) -> list[tuple[int, int, bool]]:
+    """Record (items given, gallery size, proven) of every `online_head` call."""
+    calls = []
+    original = icfrr.online_head
+
+    def recording(distances, ids, size, *args, **kwargs):
+        output = original(distances, ids, size, *args, **kwargs)
+        calls.append((len(ids), size, output is not None))
+        return output
+
+    monkeypatch.setattr(icfrr, "online_head", recording)
+    return calls
+
+
+def full_online(reranker, query: np.ndarray, k: int) -> icfrr.ICFRROutput:
+    """`online_head` over the whole gallery: the run the head must reproduce."""
+    gallery = reranker.gallery.features
+    size = len(gallery)
+    kg, kq, _ = icfrr.clamped(reranker.params, size)
+    distances = euclidean_from_similarity(canonical_similarity(query[None], gallery))[0]
+    ids = np.argsort(distances, kind="stable")
+    return icfrr.online_head(distances[ids], ids, size, reranker._lists, reranker.params, kg, kq,
+                             k)
+
+
+@pytest.mark.parametrize("params", [{}, {"KG": 32, "KQ": 32}, {"paper_literal": True},
+                                    {"KG": 10, "KQ": 15, "beta": 2.0, "n_times": 2}])
+def test_online_head_equals_the_full_run(monkeypatch, params):
+    """Online ranks from the query's nearest items (grown until they prove the result) and
+    gives, bit for bit, the run over the whole gallery with the same votes; the head was
+    smaller than the gallery for some queries, so the proof was used."""
+    queries, gallery = synthetic(3000)
+    reranker = create_reranker("icfrr", device="cpu", **params).fit(
+        GalleryContext(gallery, knn=knn_graph(gallery, 300)))
+    calls = recorded_heads(monkeypatch)
+    result = reranker.rerank(queries, 40, mode="online")
+    calls = list(calls)
+    for q, query in enumerate(queries):
+        full = full_online(reranker, query, 40)
+        np.testing.assert_array_equal(result.indices[q], full.order[0])
+        np.testing.assert_array_equal(-result.distances[q], full.score[0])
+        np.testing.assert_array_equal(result.details["per_query"][q]["history"], full.history[0])
+    proven = [given for given, size, ok in calls if ok]
+    assert len(proven) == len(queries)
+    assert min(proven) < len(gallery)
+    assert any(not ok for _, _, ok in calls)  # a head too short to prove was refused
+
+
+@pytest.mark.parametrize(("KG", "KQ", "beta"), [(10, 15, 2.0), (5, 3, 0.5), (32, 32, 0.5)])
+def test_online_head_against_the_batch_and_the_oracle(oracle_split_features, monkeypatch, KG,
+                                                      KQ, beta):
+    """On the demo features, with a head margin small enough to be tried: online's top 12
+    after one iteration is the oracle's step from the original order (up to float ties) and
+    the batch's (today's online) ranking up to those ties."""
+    queries, gallery = oracle_split_features
+    monkeypatch.setattr(icfrr, "HEAD_MARGIN", 4)
+    qg = euclidean_from_similarity(canonical_similarity(queries, gallery))
+    gg = euclidean_from_similarity(canonical_similarity(gallery, gallery))
+    kg, kq = used(KG, KQ, len(gallery))
+    reranker = create_reranker("icfrr", device="cpu", KG=KG, KQ=KQ, beta=beta,
+                               n_times=1).fit(gallery)
+    calls = recorded_heads(monkeypatch)
+    online = reranker.rerank(queries, 12, mode="online")
+    assert any(ok and given < len(gallery) for given, _, ok in calls)
+    lists = checked_gallery_lists(reranker._lists, gallery)
+    order0 = np.argsort(qg, axis=1, kind="stable")
+    expected = icfrr_step_reference(qg, gg, kg, kq, beta, [order0], lists=lists)
+    atol = icfrr_atol(beta, kq)
+    assert_order_matches(online.indices, expected, values=-online.distances,
+                         larger_is_better=True, atol=atol, label="online")
+    batch = reranker.rerank(queries, 12)
+    assert_order_matches(batch.indices, expected, values=-batch.distances,
+                         larger_is_better=True, atol=atol, label="batch")
+    np.testing.assert_allclose(online.distances, batch.distances, atol=2 * atol)
+
+
+def test_fit_reads_an_approximate_graph(monkeypatch):
+    """A deep enough graph of the context is used as it is, exact or not (no search)."""
+    _, gallery = synthetic(400)
+    graph = knn_graph(gallery, 40)
+    approximate = KnnGraph(graph.indices[:, ::-1].copy(), graph.similarities,
+                                 graph.farthest, canonical=False, recall=0.5)
+
+    def no_search(*args, **kwargs):
+        raise AssertionError("searched the gallery")
+
+    monkeypatch.setattr(icfrr, "knn_graph", no_search)
+    reranker = create_reranker("icfrr", device="cpu", KG=20, KQ=20).fit(
+        GalleryContext(gallery, knn=approximate))
+    np.testing.assert_array_equal(reranker._lists, approximate.indices[:, :22])
+    assert reranker.rerank(gallery[:2], 5, mode="online").indices.shape == (2, 5)
+
+
+# -- batch memory ----------------------------------------------------------------------------------
+def test_batch_refusal_and_chunks(monkeypatch):
+    """Batches run in query chunks sized by the memory budget; a gallery whose vote matrix and
+    one query's rows do not fit is refused with the numbers, before any work."""
+    queries, gallery = synthetic(400)
+    reranker = create_reranker("icfrr", device="cpu", KG=10, KQ=10).fit(gallery)
+    assert reranker.batch_refusal(400, 12) is None
+    assert reranker.batch_refusal(100_000, 100_000) is None  # CSR votes, chunked rows
+    expected = reranker.rerank(queries, 10)
+    need = reranker._fixed_bytes(400) + 400 * icfrr.BYTES_PER_PAIR
+    monkeypatch.setattr(icfrr, "memory_budget", lambda: need + 2 * 400 * icfrr.BYTES_PER_PAIR)
+    assert reranker._chunk_rows(400, 12) == 3
+    chunked = reranker.rerank(queries, 10)
+    np.testing.assert_array_equal(chunked.indices, expected.indices)
+    np.testing.assert_array_equal(chunked.distances, expected.distances)
+    monkeypatch.setattr(icfrr, "memory_budget", lambda: need - 1)
+    reason = reranker.batch_refusal(400, 12)
+    assert reason is not None and "GiB" in reason and "(1, 400)" in reason
+    with pytest.raises(TooLargeError, match="ICFRR"):
+        reranker.rerank(queries, 10)
+    assert reranker.rerank(queries[:1], 10, mode="online").indices.shape == (1, 10)
+    monkeypatch.setattr(icfrr, "memory_budget", lambda: None)  # unknown: no refusal
+    assert reranker.batch_refusal(10**7, 1) is None

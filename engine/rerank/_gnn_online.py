@@ -45,6 +45,27 @@ def _placed(rows: np.ndarray, n: int) -> sp.csr_matrix:
                          shape=(n, len(rows)))
 
 
+def _entries(matrix: sp.csr_matrix, rows: np.ndarray, columns: np.ndarray) -> np.ndarray:
+    """matrix[rows[i], columns[i]] (0 where absent) of a CSR matrix with sorted indices: a
+    binary search in each entry's row, vectorised over the entries."""
+    low = matrix.indptr[rows].astype(np.int64)
+    high = matrix.indptr[rows + 1].astype(np.int64)
+    end = high.copy()
+    while True:
+        active = np.flatnonzero(low < high)
+        if not active.size:
+            break
+        middle = (low[active] + high[active]) // 2
+        right = matrix.indices[middle] < columns[active]
+        low[active[right]] = middle[right] + 1
+        high[active[~right]] = middle[~right]
+    found = low < end
+    found[found] = matrix.indices[low[found]] == columns[found]
+    values = np.zeros(len(rows), matrix.dtype)
+    values[found] = matrix.data[low[found]]
+    return values
+
+
 def _query_layout(neighbours: np.ndarray, similarities: np.ndarray, k1: int, k2: int
                   ) -> tuple[int, np.ndarray, np.ndarray, sp.csr_matrix, sp.csr_matrix]:
     """The gallery graph numbered as for an online query (the query is node 0, an empty row
@@ -142,11 +163,13 @@ class GalleryPropagation:
         reached = query @ self.b1 + query @ change1
         through[reached.indices] = reached.data
         numerator = self.weight @ through
-        spread = (self.weight @ change1).tocsr()                          # E = W D
+        # E = W D, on the rows with a head among D's rows
+        reach = np.unique(self.heads_of[np.flatnonzero(np.diff(change1.indptr))].indices)
+        spread = (self.weight[reach] @ change1).tocsr()
         spread.sum_duplicates()
-        spread_rows = _csr_rows_of_entries(spread)
+        spread_rows = reach[_csr_rows_of_entries(spread)]
         spread_values = spread.data.astype(np.float64)
-        kept = np.asarray(self.p2[spread_rows, spread.indices], np.float64).ravel()
+        kept = _entries(self.p2, spread_rows, spread.indices).astype(np.float64)
         norms = self.p2_norms + np.bincount(
             spread_rows, weights=spread_values * (2.0 * kept + spread_values), minlength=n)
         norms = np.sqrt(np.maximum(norms, 0.0))

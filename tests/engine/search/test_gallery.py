@@ -819,3 +819,60 @@ def test_a_cancelled_indexing_job_keeps_the_caches_and_a_retry_finishes(
     jobs.run_pending()
     assert again.state == "done" and again.result.size == 36 and count(embedded) == 8
     np.testing.assert_array_equal(again.result.features[:12], first.features)
+
+
+# -- above the exact-graph size: the approximate graph and the index recall --------------------
+def test_above_the_exact_graph_size_the_gallery_builds_and_reloads_an_approximate_graph(
+        tmp_path, monkeypatch, caplog):
+    """Above EXACT_GRAPH_MAX the graph is built through an index (never N x N): not canonical,
+    with its recall measured, recorded in the manifest with the index's recall, and reloaded
+    as it was without a rebuild."""
+    from engine.core.knn import knn_graph
+    from engine.search import gallery as gallery_module
+
+    rng = np.random.default_rng(5)
+    centres = rng.standard_normal((12, 32))
+    points = centres[rng.integers(0, 12, 900)] + 0.7 * rng.standard_normal((900, 32))
+    features = (points / np.linalg.norm(points, axis=1, keepdims=True)).astype(np.float32)
+    np.savez(tmp_path / "items.npz", features=features)
+    monkeypatch.setattr(gallery_module, "EXACT_GRAPH_MAX", 500)
+    built = Gallery.open_features(tmp_path / "items.npz", cache_root=tmp_path / "cache",
+                                  device="cpu", knn_depth=16, index_kind="ivf")
+    assert built.knn.canonical is False and 0.5 < built.knn.recall <= 1.0
+    assert built.index.kind == "ivf" and 0 < built.index.recall["recall@10"] <= 1.0
+    manifest = load_json(built.cache_dir / "manifest.json")
+    assert manifest["knn_canonical"] is False and manifest["knn_recall"] == built.knn.recall
+    assert manifest["index_recall"] == built.index.recall and manifest["index_built"] == "ivf"
+    exact = knn_graph(features, 16)
+    np.testing.assert_array_equal(built.knn.indices[:, 0], np.arange(900))
+    held = (built.knn.indices[:, :, None] == exact.indices[:, None, :]).any(axis=2).mean()
+    assert held == pytest.approx(built.knn.recall, abs=0.05)  # the sample speaks for all rows
+    caplog.set_level(logging.INFO)
+    monkeypatch.setattr(gallery_module, "approximate_knn_graph",
+                        lambda *args, **kwargs: pytest.fail("rebuilt a cached graph"))
+    again = Gallery.open_features(tmp_path / "items.npz", cache_root=tmp_path / "cache",
+                                  device="cpu", knn_depth=16, index_kind="ivf")
+    assert not any("building the index" in record.message for record in caplog.records)
+    assert (again.knn.canonical, again.knn.recall) == (False, built.knn.recall)
+    assert again.index.recall == built.index.recall
+    np.testing.assert_array_equal(again.knn.indices, built.knn.indices)
+    np.testing.assert_array_equal(again.knn.farthest, built.knn.farthest)
+
+
+def test_a_flat_gallery_holds_its_features_once(tmp_path):
+    """The flat index searches the gallery's feature array in place: its faiss index is
+    empty, and the cached index file holds no vectors."""
+    rng = np.random.default_rng(6)
+    features = rng.standard_normal((400, 16)).astype(np.float32)
+    features /= np.linalg.norm(features, axis=1, keepdims=True)
+    np.save(tmp_path / "items.npy", features.astype(np.float16))
+    gallery = Gallery.open_features(tmp_path / "items.npy", cache_root=tmp_path / "cache",
+                                    device="cpu", knn_depth=8)
+    assert gallery.knn.canonical and gallery.knn.recall is None
+    assert gallery.index._cpu_index.ntotal == 0 and gallery.index._features is gallery.features
+    assert (gallery.cache_dir / "index.faiss").stat().st_size < 200
+    assert gallery.index.recall["recall@10"] == 1.0
+    reopened = Gallery.open_features(tmp_path / "items.npy", cache_root=tmp_path / "cache",
+                                     device="cpu", knn_depth=8)
+    np.testing.assert_array_equal(reopened.search(features[:3], 5).indices,
+                                  gallery.search(features[:3], 5).indices)

@@ -201,6 +201,103 @@ def test_ivf_with_more_cells_than_items(rng):
     np.testing.assert_array_equal(indices[:, 0], [0, 1, 2])
 
 
+def test_ivfpq_builds_searches_saves_and_loads(rng, tmp_path):
+    """IVF-PQ: d / 8 bytes of codes per item; a search rescores k x refine code candidates from
+    the features, so its distances are the true ones and its top 10 nearly the exact one."""
+    data = clustered(rng, 4100, 32, 40)
+    gallery, queries = data[:4000], data[4000:]
+    index = SearchIndex(gallery, kind="ivfpq", device="cpu")
+    assert index.kind == "ivfpq" and index._cpu_index.pq.M == 4  # 32 / 8 dimensions each
+    assert index._cpu_index.pq.nbits == 6  # 4000 items train 64 centroids (39 points each)
+    distances, found = index.search(queries, 10)
+    true = 1.0 - queries.astype(np.float64) @ gallery.astype(np.float64).T
+    np.testing.assert_allclose(distances, np.take_along_axis(true, found, 1), atol=1e-6)
+    _, exact = SearchIndex(gallery, device="cpu").search(queries, 10)
+    assert recall(found, exact) >= 0.9
+    path = tmp_path / "ivfpq.faiss"
+    index.save(path)
+    loaded = SearchIndex.load(path, device="cpu", features=gallery, recall=index.recall)
+    assert (loaded.kind, loaded.size, loaded.recall) == ("ivfpq", 4000, index.recall)
+    np.testing.assert_array_equal(loaded.search(queries, 10)[1], found)
+    raw = SearchIndex.load(path, device="cpu")  # without features: code scores, no rescoring
+    assert raw.search(queries, 10)[1].shape == (100, 10)
+    with pytest.raises(CacheError, match="holds 4000 vectors"):
+        SearchIndex.load(path, device="cpu", features=gallery[:100])
+
+
+@pytest.mark.parametrize("kind", ["ivf", "ivfpq", "hnsw"])
+def test_recall_is_measured_at_build_against_exact_search(rng, kind):
+    """`recall` holds recall@10 and @100 of `search` on 200 seeded gallery rows, which an
+    independent count over the same rows reproduces."""
+    gallery = clustered(rng, 3000, 32, 30)
+    index = SearchIndex(gallery, kind=kind, nlist=60, nprobe=2, device="cpu")
+    assert set(index.recall) == {"recall@10", "recall@100", "queries"}
+    assert index.recall["queries"] == 200
+    rows = np.sort(np.random.default_rng(0).choice(3000, 200, replace=False))
+    true = gallery[rows].astype(np.float64) @ gallery.astype(np.float64).T
+    for k in (10, 100):
+        _, found = index._rescored(gallery[rows], k)  # search's answer, -1 where it has none
+        kth = np.sort(true, axis=1)[:, -k][:, None]
+        held = ((np.take_along_axis(true, found, 1) >= kth - 1e-5)
+                & (found >= 0)).sum(axis=1) / k
+        assert index.recall[f"recall@{k}"] == pytest.approx(held.mean(), abs=0.01)
+    assert 0.0 < index.recall["recall@100"] <= 1.0
+    if kind != "hnsw":  # 2 of 60 cells: deep lists miss items, and it says so
+        assert index.recall["recall@100"] < 0.99
+    flat = SearchIndex(gallery, device="cpu")
+    assert flat.recall == {"recall@10": 1.0, "recall@100": 1.0, "queries": 0}
+
+
+def test_the_flat_index_searches_the_features_in_place(rng, tmp_path):
+    """No second copy of the gallery: the faiss index is empty and the features, float16 and
+    memory-mapped included, are searched where they are; its file holds no vectors."""
+    gallery = unit_rows(rng, 500, 16)
+    np.save(tmp_path / "store.npy", gallery.astype(np.float16))
+    store = np.load(tmp_path / "store.npy", mmap_mode="r")
+    index = SearchIndex(store, device="cpu")
+    assert index._cpu_index.ntotal == 0 and index._features is store
+    queries = unit_rows(rng, 7, 16)
+    distances, indices = index.search(queries, 9)
+    assert_matches_brute_force(distances, indices, np.asarray(store, np.float32), queries, 9)
+    index.save(tmp_path / "flat.faiss")
+    assert (tmp_path / "flat.faiss").stat().st_size < 200
+    with pytest.raises(InvalidInputError, match="features="):
+        SearchIndex.load(tmp_path / "flat.faiss", device="cpu")
+    loaded = SearchIndex.load(tmp_path / "flat.faiss", device="cpu", features=store)
+    np.testing.assert_array_equal(loaded.search(queries, 9)[1], indices)
+
+
+def test_a_flat_index_file_with_vectors_still_loads(rng, tmp_path):
+    """An index file written before the in-place search (vectors inside) loads alone, and with
+    the features drops its vectors."""
+    import faiss
+
+    gallery, queries = unit_rows(rng, 300, 16), unit_rows(rng, 4, 16)
+    old = faiss.IndexFlatIP(16)
+    old.add(gallery)
+    faiss.write_index(old, str(tmp_path / "old.faiss"))
+    alone = SearchIndex.load(tmp_path / "old.faiss", device="cpu")
+    with_features = SearchIndex.load(tmp_path / "old.faiss", device="cpu", features=gallery)
+    assert with_features._cpu_index.ntotal == 0 and alone.size == 300
+    expected = SearchIndex(gallery, device="cpu").search(queries, 5)[1]
+    np.testing.assert_array_equal(alone.search(queries, 5)[1], expected)
+    np.testing.assert_array_equal(with_features.search(queries, 5)[1], expected)
+
+
+def test_the_automatic_kind_by_size_and_memory(rng, monkeypatch):
+    from engine.search.index import EXACT_SEARCH_MAX, choose_index_kind
+
+    assert choose_index_kind(EXACT_SEARCH_MAX, 768, 2**40)[0] == "flat"
+    assert choose_index_kind(EXACT_SEARCH_MAX + 1, 768, 2**40)[0] == "ivf"
+    kind, reason = choose_index_kind(1_000_000, 768, 8 * 2**30)  # a 2.9 GiB copy of 8 GiB
+    assert kind == "ivfpq" and "2.9 GiB" in reason
+    monkeypatch.setattr(index_module, "EXACT_SEARCH_MAX", 100)
+    monkeypatch.setattr(index_module.choose_index_kind, "__defaults__", (None, 100))
+    index = SearchIndex(clustered(rng, 400, 16, 8), kind="auto", device="cpu")
+    assert index.kind == "ivf" and "400 items > 100" in index.kind_reason
+    assert index.recall["queries"] == 200
+
+
 # -- kNN graph -----------------------------------------------------------------------------------
 def test_knn_graph_has_self_first(rng):
     from engine.core.knn import knn_graph

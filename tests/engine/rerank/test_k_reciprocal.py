@@ -605,3 +605,204 @@ def test_batch_top_100_equals_the_authors_code_on_2000_clustered_items():
     pinned = assert_order_matches(result.indices, final, atol=k_reciprocal_atol(2000, 6, 0.3),
                                   values=result.distances)
     assert pinned > 10_000  # most positions of the clusters
+
+
+# -- the online patch at scale: exactly the full recomputation, without whole-gallery copies ------
+# `_rerank_online` patches only the rows a query touches, ranks the gallery by one float32
+# product and takes canonical similarities only where a decision is that close. Each test
+# below compares it with a path that recomputes everything: the batch with that single query
+# (its own exact search), or the online mode's full re-encoding of every row (`_patchable`
+# False), which reads the same fitted lists.
+
+
+def online_items(n: int = 900, dim: int = 48, spread: float = 1.5) -> np.ndarray:
+    """Clustered items with exact duplicates (rows n..n+29 copy rows 0..29, and row 0 once
+    more): a kNN graph full of exact ties."""
+    from engine.bench.measure import synthetic_collection
+
+    features, _ = synthetic_collection(n, dim, spread=spread, seed=11)
+    return np.vstack([features, features[:30], features[:1]])
+
+
+def online_queries(gallery: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Queries equal to gallery items (a duplicated one, a triplicated one, a single one),
+    near-duplicates a few ulps away, and new items near gallery items."""
+    from tie_aware import perturb_ulps
+
+    near = gallery[rng.choice(len(gallery), 4, replace=False)]
+    near = unit(near + 0.3 * rng.standard_normal(near.shape).astype(np.float32)
+                / np.sqrt(gallery.shape[1]))
+    return np.vstack([gallery[[5, 0, 700]], perturb_ulps(gallery[[5, 0]], seed=4), near])
+
+
+def full_recomputation(reranker, query: np.ndarray, k: int):
+    """The online result with every row re-encoded from the query's lists (the small-graph
+    way), over the same fitted lists as the patch."""
+    patchable = reranker._patchable
+    reranker._patchable = False
+    try:
+        return reranker.rerank_online(query, k)
+    finally:
+        reranker._patchable = patchable
+
+
+@pytest.mark.parametrize(("k1", "k2", "lambda_value"),
+                         [(20, 6, 0.3), (12, 1, 0.0), (8, 9, 1.0), (40, 10, 0.0), (5, 3, 0.7)])
+def test_online_patch_equals_the_full_recomputation_and_the_batch(k1, k2, lambda_value):
+    gallery = online_items()
+    reranker = create_reranker("k_reciprocal", device="cpu", k1=k1, k2=k2,
+                               lambda_value=lambda_value).fit(gallery)
+    assert reranker._patchable
+    pinned = 0
+    for query in online_queries(gallery, np.random.default_rng(k1)):
+        for k in (1, 17, len(gallery)):
+            online = reranker.rerank_online(query, k)
+            full = full_recomputation(reranker, query, k)
+            np.testing.assert_array_equal(online.indices, full.indices)
+            np.testing.assert_allclose(online.distances, full.distances, rtol=0, atol=4 * U32)
+            assert 0 < online.details["rows_reencoded"] < len(gallery)  # patched
+            assert full.details["rows_reencoded"] == len(gallery) + 1
+        batch = reranker.rerank(query[None, :])
+        reference = np.empty((1, len(gallery)))
+        reference[0, batch.indices[0]] = batch.distances[0]
+        pinned += assert_order_matches(online.indices, reference, values=online.distances,
+                                       atol=16 * U32, ties_by_index=True)
+    assert pinned > 100  # lambda = 0 ties every item without overlap at 1
+
+
+def test_online_patch_matches_the_reference_with_duplicates_and_ties(split_features):
+    """Against the plain-loop oracle: a gallery of real features with exact duplicates and
+    queries equal to gallery items, large enough that the query changes only part of it."""
+    queries, gallery = split_features
+    gallery = np.vstack([gallery, gallery[:12]])  # a query equal to item 0 makes 3 equal nodes
+    queries = np.vstack([gallery[[0, 2, 40]], queries[:2]])
+    reranker = create_reranker("k_reciprocal", device="cpu", k1=8, k2=3).fit(gallery)
+    assert reranker._patchable
+    for query in queries:
+        result = reranker.rerank_online(query)
+        assert result.details["rows_reencoded"] < len(gallery)
+        assert_matches_reference(result, reference(query[None, :], gallery, 8, 3, 0.3), 3, 0.3)
+
+
+def approximate_graph(features: np.ndarray, depth: int, seed: int):
+    """An approximate kNN graph as an index gives one: each row misses one of its true
+    neighbours (a random entry after the first), so later ones move up; canonical=False."""
+    from engine.core.knn import knn_graph
+    from engine.core.types import KnnGraph
+
+    exact = knn_graph(features, depth + 1)
+    rng = np.random.default_rng(seed)
+    dropped = rng.integers(1, depth + 1, len(features))
+    keep = np.arange(depth + 1)[None, :] != dropped[:, None]
+    indices = exact.indices[keep].reshape(len(features), depth)
+    similarities = exact.similarities[keep].reshape(len(features), depth)
+    return KnnGraph(indices, similarities, exact.farthest, canonical=False, recall=0.95)
+
+
+def test_fit_uses_an_approximate_graph_without_searching(monkeypatch):
+    """A deep enough approximate graph is used as it is (no search over the gallery), and the
+    online patch over it still equals the full recomputation over the same lists."""
+    from engine.core.types import GalleryContext
+    from engine.rerank import k_reciprocal
+
+    gallery = online_items()
+    graph = approximate_graph(gallery, 30, seed=2)
+
+    def no_search(*args, **kwargs):
+        raise AssertionError("fit searched the gallery although the context's graph serves")
+
+    monkeypatch.setattr(k_reciprocal, "neighbour_lists", no_search)
+    reranker = create_reranker("k_reciprocal", device="cpu").fit(GalleryContext(gallery,
+                                                                                 knn=graph))
+    np.testing.assert_array_equal(reranker._gallery_lists.indices, graph.indices[:, :21])
+    compared = 0
+    for query in online_queries(gallery, np.random.default_rng(5)):
+        online = reranker.rerank_online(query, 50)
+        full = full_recomputation(reranker, query, 50)
+        np.testing.assert_array_equal(online.indices, full.indices)
+        np.testing.assert_allclose(online.distances, full.distances, rtol=0, atol=4 * U32)
+        compared += online.indices.size
+    assert compared == 9 * 50
+
+
+def test_an_exact_graph_flagged_approximate_gives_the_same_results(clustered_items):
+    """The graph is used whether canonical or not: the same lists give the same rankings."""
+    import dataclasses
+
+    from engine.core.knn import knn_graph
+    from engine.core.types import GalleryContext
+
+    gallery = clustered_items[:500]
+    exact = knn_graph(gallery, 32)
+    rankings = []
+    for graph in (exact, dataclasses.replace(exact, canonical=False)):
+        reranker = create_reranker("k_reciprocal", device="cpu").fit(
+            GalleryContext(gallery, knn=graph))
+        rankings.append(reranker.rerank(clustered_items[500:], 40, mode="online"))
+    np.testing.assert_array_equal(rankings[0].indices, rankings[1].indices)
+    np.testing.assert_array_equal(rankings[0].distances, rankings[1].distances)
+    assert rankings[0].indices.size == 60 * 40
+
+
+def test_fit_keeps_no_float64_copy_of_the_gallery():
+    gallery = online_items()
+    reranker = create_reranker("k_reciprocal", device="cpu").fit(gallery)
+    arrays = [value for value in vars(reranker).values() if isinstance(value, np.ndarray)]
+    assert arrays  # the fitted state holds arrays, none of them the gallery in float64
+    assert not [a for a in arrays if a.dtype == np.float64 and a.size >= gallery.size]
+
+
+def test_float32_similarities_decide_only_far_from_a_boundary():
+    """`_QuerySimilarities`: the float32 product is within its slack of the canonical one,
+    and `exact` gives the canonical similarities (knn.canonical_similarity)."""
+    from engine.core.knn import canonical_similarity
+    from engine.rerank.k_reciprocal import _QuerySimilarities
+
+    rng = np.random.default_rng(0)
+    gallery = unit(rng.standard_normal((3000, 1280)))
+    query = unit(gallery[:1] + 0.5 * rng.standard_normal((1, 1280)) / np.sqrt(1280))[0]
+    similarities = _QuerySimilarities(gallery, query)
+    canonical = canonical_similarity(gallery, query[None])[:, 0]
+    assert np.abs(similarities.approximate - canonical).max() < similarities.slack
+    picked = rng.choice(3000, 200, replace=False)
+    np.testing.assert_array_equal(similarities.exact(picked), canonical[picked])
+    np.testing.assert_array_equal(similarities.exact(picked[:5]), canonical[picked[:5]])
+
+
+# -- batch_refusal ---------------------------------------------------------------------------------
+def test_batch_refusal_states_the_memory_it_would_need(monkeypatch):
+    from engine.errors import TooLargeError
+    from engine.rerank import k_reciprocal
+
+    gallery = online_items()
+    reranker = create_reranker("k_reciprocal", device="cpu").fit(gallery)
+    small = reranker._batch_bytes(len(gallery), 5)
+    assert small < reranker._batch_bytes(10 * len(gallery), 5)
+    assert small < reranker._batch_bytes(len(gallery), 5000)
+    monkeypatch.setattr(k_reciprocal, "_available_memory", lambda device: 4 * small)
+    assert reranker.batch_refusal(len(gallery), 5) is None
+    assert reranker.rerank(gallery[:5], 10).indices.shape == (5, 10)
+    monkeypatch.setattr(k_reciprocal, "_available_memory", lambda device: small)
+    reason = reranker.batch_refusal(len(gallery), 5)
+    assert reason is not None and f"{small / 2**30:.1f} GiB" in reason
+    with pytest.raises(TooLargeError, match="GiB"):
+        reranker.rerank(gallery[:5], 10)
+    with pytest.raises(TooLargeError):
+        reranker.rerank(None, 10)
+    assert reranker.rerank(gallery[:2], 10, mode="online").indices.shape == (2, 10)
+    monkeypatch.setattr(k_reciprocal, "_available_memory", lambda device: None)
+    assert reranker.batch_refusal(len(gallery), 5) is None  # unknown: let it run
+
+
+def test_batch_refusal_at_a_million_items_on_this_machine():
+    """A million items of d = 1,280 need more than half of any machine this runs on (the
+    whole gallery in float64 alone is 10 GB); a few thousand fit."""
+    from engine.rerank import k_reciprocal
+
+    reranker = create_reranker("k_reciprocal", device="cpu").fit(
+        unit(np.random.default_rng(0).standard_normal((50, 1280))))
+    available = k_reciprocal._available_memory(reranker.device)
+    assert reranker._batch_bytes(1_000_000, 1) > 16 * 2**30
+    if available is not None and available < 32 * 2**30:
+        assert "GiB" in reranker.batch_refusal(1_000_000, 1)
+    assert reranker.batch_refusal(2000, 10) is None

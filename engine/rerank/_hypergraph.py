@@ -68,6 +68,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from engine.core.knn import knn_graph, reciprocal_mask, top_k_smallest
+from engine.core.types import KnnGraph
 from engine.errors import InvalidInputError
 
 logger = logging.getLogger(__name__)
@@ -420,14 +421,18 @@ def lhrr(initial_lists: np.ndarray, k: int, iterations: int = 2,
 
 
 def lhrr_from_features(features: np.ndarray, k: int, iterations: int = 2,
-                       progress: ProgressCallback | None = None) -> Hypergraph:
-    """LHRR from features: initial lists by `engine.core.knn.knn_graph` (depth 4K).
+                       progress: ProgressCallback | None = None,
+                       knn: KnnGraph | None = None) -> Hypergraph:
+    """LHRR from features: initial lists from `knn` when it is 4K deep (the gallery's graph,
+    exact or approximate: no search of the whole collection), else by
+    `engine.core.knn.knn_graph` (depth 4K).
 
     Rows are used as unit vectors (the gallery stores them so); rows that are not are divided
     by their norm, so cosine order = Euclidean order (the authors' default BallTree metric).
 
     Args:
         features: (n, d) float, finite, no zero rows.
+        knn: the rows' kNN graph (n rows, self first), or None.
     """
     array = np.asarray(features, np.float32)
     if array.ndim != 2 or array.shape[0] == 0:
@@ -441,6 +446,8 @@ def lhrr_from_features(features: np.ndarray, k: int, iterations: int = 2,
         logger.info("LHRR: normalising feature rows to unit length")
         array = (array / norms[:, None]).astype(np.float32)
     k = usable_k(k, array.shape[0])
+    if knn is not None and knn.indices.shape[0] == array.shape[0] and knn.depth >= 4 * k:
+        return lhrr(knn.indices[:, :4 * k], k, iterations, progress)
     return lhrr(knn_graph(array, 4 * k).indices, k, iterations, progress)
 
 

@@ -23,8 +23,9 @@ import os
 from collections.abc import Callable
 
 import numpy as np
+import torch
 
-from engine.core.knn import FLOAT32_SLACK
+from engine.core.knn import FLOAT32_SLACK, torch_canonical_similarity
 
 GALLERY_BLOCK = 8192
 """Gallery rows converted to float64 at a time (80 MiB at d = 1280)."""
@@ -76,6 +77,16 @@ def canonical_block(queries: np.ndarray, gallery: np.ndarray) -> np.ndarray:
     for start in range(0, len(gallery), GALLERY_BLOCK):
         block = np.asarray(gallery[start:start + GALLERY_BLOCK], np.float64)
         out[:, start:start + len(block)] = np.minimum(queries64 @ block.T, 1.0)
+    return out
+
+
+def torch_canonical_block(queries: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
+    """Torch twin of `canonical_block`: (Q, G) float32 on the gallery's device."""
+    out = torch.empty((queries.shape[0], gallery.shape[0]), dtype=torch.float32,
+                      device=gallery.device)
+    for start in range(0, gallery.shape[0], GALLERY_BLOCK):
+        out[:, start:start + GALLERY_BLOCK] = torch_canonical_similarity(
+            queries, gallery[start:start + GALLERY_BLOCK])
     return out
 
 

@@ -28,18 +28,18 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from engine.core.knn import knn_graph, torch_canonical_similarity
+from engine.core.knn import knn_graph
 from engine.core.threads import query_threads
 from engine.core.types import GalleryContext, RerankResult
 from engine.errors import InvalidInputError
 from engine.rerank import register
 from engine.rerank._scale import (
-    GALLERY_BLOCK,
     canonical_block,
     float32_scores,
     gib,
     memory_budget,
     query_top,
+    torch_canonical_block,
 )
 from engine.rerank.base import Reranker, RerankParams, param
 
@@ -103,12 +103,8 @@ def query_distances(queries: np.ndarray | torch.Tensor, gallery: np.ndarray | to
     the queries moved there. The gallery is converted to float64 a block at a time, never whole.
     """
     if isinstance(gallery, torch.Tensor):
-        rows = torch.as_tensor(queries, device=gallery.device)
-        similarity = torch.empty((rows.shape[0], gallery.shape[0]), dtype=torch.float32,
-                                 device=gallery.device)
-        for start in range(0, gallery.shape[0], GALLERY_BLOCK):
-            similarity[:, start:start + GALLERY_BLOCK] = torch_canonical_similarity(
-                rows, gallery[start:start + GALLERY_BLOCK])
+        similarity = torch_canonical_block(torch.as_tensor(queries, device=gallery.device),
+                                           gallery)
         return torch.sqrt(torch.clamp(2.0 - 2.0 * similarity.double(), min=0.0)).float()
     return euclidean_from_similarity(canonical_block(queries, gallery))
 

@@ -32,13 +32,22 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engine.core.knn import knn_graph, torch_canonical_similarity, torch_topk_largest
+from engine.core.knn import knn_graph, torch_topk_largest
 from engine.core.state import MissingStateError, load_state, save_state
 from engine.core.storage import fingerprint
+from engine.core.threads import query_threads
 from engine.core.types import GalleryContext, KnnGraph
 from engine.errors import CacheError, InvalidInputError
 from engine.rerank import register
 from engine.rerank._hypergraph import default_clusters, lhrr_from_features, reciprocal_edges, sgcc
+from engine.rerank._scale import (
+    canonical_block,
+    canonical_rows,
+    gib,
+    memory_budget,
+    query_top,
+    torch_canonical_block,
+)
 from engine.rerank.base import Reranker, RerankParams, param
 
 logger = logging.getLogger(__name__)
@@ -57,6 +66,14 @@ ESTIMATE_EPOCHS = 4
 """Epochs of each training stage timed to estimate a fit's time."""
 FITTED = ("degree", "once", "hidden", "hidden_once", "embeddings")
 """The fitted tensors of `train` that online queries read."""
+TRIPLET_ELEMENTS = 1 << 25
+"""Bound on triplets x clusters: each triplet epoch gathers three (triplets, clusters) rows of
+log-probabilities. Every ordered pair of each cluster makes n^2 P^2 / c triplets (27,000 on
+the 1,360 demo items; 11 million on 100,000 items in 224 clusters, 10 GiB a gather): above
+the bound a seeded sample of them is kept (150,000 at 224 clusters)."""
+BYTES_PER_PAIR = 40
+"""Memory of a batch's ranking per (query, gallery item): float32 embedding distances and
+original cosines (their float64 block), two int64 sort orders and the gathered values."""
 
 
 @dataclass(frozen=True)
@@ -130,10 +147,12 @@ def normalised_adjacency(edges: np.ndarray, n: int, device: torch.device
     return adjacency, torch.from_numpy(degree).to(device)
 
 
-def cluster_triplets(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def cluster_triplets(labels: np.ndarray, rng: np.random.Generator,
+                     limit: int | None = None) -> np.ndarray:
     """(3, T) anchor, positive, negative: every ordered pair inside each cluster, with one
     negative drawn uniformly from the items outside that cluster (unlabelled ones included).
-    Drawn once per training, as the authors' `_make_triplets` does before training starts."""
+    Drawn once per training, as the authors' `_make_triplets` does before training starts.
+    Above `limit` triplets, a seeded sample of `limit` of them, in their order."""
     n = len(labels)
     triplets = []
     for cluster in np.unique(labels[labels >= 0]):
@@ -146,7 +165,17 @@ def cluster_triplets(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray
         anchors, positives = anchors[keep], positives[keep]
         negatives = outside[rng.integers(0, len(outside), len(anchors))]
         triplets.append(np.stack([anchors, positives, negatives]))
-    return np.concatenate(triplets, axis=1) if triplets else np.zeros((3, 0), np.int64)
+    if not triplets:
+        return np.zeros((3, 0), np.int64)
+    triplets = np.concatenate(triplets, axis=1)
+    if limit is not None and triplets.shape[1] > limit:
+        triplets = triplets[:, np.sort(rng.choice(triplets.shape[1], limit, replace=False))]
+    return triplets
+
+
+def triplet_limit(classes: int) -> int:
+    """Most triplets a training keeps with `classes` clusters (`TRIPLET_ELEMENTS`)."""
+    return max(1, TRIPLET_ELEMENTS // max(1, classes))
 
 
 @dataclass(frozen=True)
@@ -212,7 +241,8 @@ def train(features: np.ndarray, edges: np.ndarray, labels: np.ndarray, classes: 
     graph = TrainingGraph(
         propagated=torch.sparse.mm(adjacency, once), adjacency=adjacency,
         labels=torch.from_numpy(np.array(labels, np.int64)).to(device),
-        triplets=torch.from_numpy(cluster_triplets(labels, rng)).to(device))
+        triplets=torch.from_numpy(cluster_triplets(labels, rng, triplet_limit(classes))
+                                  ).to(device))
     stages = ["nll"] * params.nll_epochs
     if graph.triplets.shape[1]:
         stages += ["triplet"] * params.triplet_epochs
@@ -256,6 +286,28 @@ def rank_by_distance(distances: torch.Tensor, original: torch.Tensor, k: int
     return by_distance.values[:, :k], by_original.gather(1, by_distance.indices[:, :k])
 
 
+def rank_top(distances: np.ndarray, gallery: np.ndarray, query: np.ndarray, k: int
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """`rank_by_distance` of one query, computing the original cosines only where they can
+    decide: for the items at or below the k-th smallest distance (ties included).
+
+    Args:
+        distances: (G,) float32 embedding distances; gallery (G, d), query (d,) float32.
+    Returns:
+        the k smallest distances, ascending (ties: the higher canonical cosine, then the
+        smaller index), and their ids int64.
+    """
+    size = len(distances)
+    if k < size:
+        kth = np.partition(distances, k - 1)[k - 1]
+        candidates = np.flatnonzero(distances <= kth)
+    else:
+        candidates = np.arange(size)
+    original = canonical_rows(gallery, candidates, query)
+    order = np.lexsort((candidates, -original, distances[candidates]))[:k]
+    return distances[candidates[order]], candidates[order].astype(np.int64)
+
+
 @register
 class SGRR(Reranker):
     """Self-supervised hypergraph + GCN re-ranking; see the module docstring."""
@@ -288,7 +340,7 @@ class SGRR(Reranker):
             logger.info("loaded the trained SGRR state %s", path.name)
             return
         started = time.perf_counter()
-        state = self._train(context.features, classes)
+        state = self._train(context.features, classes, context.knn)
         self._set_state(context.features, state)
         self.fit_seconds = time.perf_counter() - started
         if path is not None:
@@ -330,8 +382,8 @@ class SGRR(Reranker):
         graph = TrainingGraph(
             propagated=torch.sparse.mm(adjacency, torch.sparse.mm(adjacency, x)),
             adjacency=adjacency, labels=torch.from_numpy(labels).to(self.device),
-            triplets=torch.from_numpy(cluster_triplets(labels, np.random.default_rng(0))
-                                      ).to(self.device))
+            triplets=torch.from_numpy(cluster_triplets(labels, np.random.default_rng(0),
+                                                       triplet_limit(classes))).to(self.device))
         model = SGCNet(features.shape[1], classes).to(self.device).train()
         optimiser = optimiser_for(model, self.params.learning_rate)
         for stage, epochs in (("nll", self.params.nll_epochs),
@@ -360,7 +412,10 @@ class SGRR(Reranker):
         return fingerprint({"version": STATE_VERSION, "gallery": identity,
                             "params": self.params.as_dict(), "classes": classes})
 
-    def _train(self, features: np.ndarray, classes: int) -> dict[str, Any]:
+    def _train(self, features: np.ndarray, classes: int, knn: KnnGraph | None = None
+               ) -> dict[str, Any]:
+        """LHRR (initial lists from `knn`, the features' graph, when 4K deep), SGCC and the
+        GCN's training on `features`."""
         n = len(features)
         if n < 4:
             raise InvalidInputError(f"SGRR needs at least 4 gallery images, got {n}")
@@ -368,7 +423,7 @@ class SGRR(Reranker):
             raise InvalidInputError(f"SGRR needs between 2 and {n} clusters, got {classes}")
         report = self._report
         report(0.0, "SGRR: LHRR hypergraph")
-        hypergraph = lhrr_from_features(features, self.params.K, self.params.T)
+        hypergraph = lhrr_from_features(features, self.params.K, self.params.T, knn=knn)
         report(0.2, "SGRR: clustering")
         clustering = sgcc(hypergraph, classes, self.params.P)
         edges = reciprocal_edges(hypergraph.ranked_lists, hypergraph.k)
@@ -398,10 +453,10 @@ class SGRR(Reranker):
         self.classes = int(state["classes"])
 
     def gallery_knn(self, features: np.ndarray, depth: int) -> KnnGraph:
-        """The gallery's canonical kNN graph of at least `depth` (the cached one when deep
-        enough)."""
+        """The gallery's kNN graph of at least `depth`: the context's when deep enough, exact
+        or approximate (no search of the whole gallery), else an exact one."""
         cached = self._fitting_knn
-        if cached is not None and cached.canonical and cached.depth >= depth:
+        if cached is not None and cached.depth >= depth and len(cached.indices) == len(features):
             return cached
         return knn_graph(features, min(depth, len(features)), self.device)
 
@@ -462,15 +517,35 @@ class SGRR(Reranker):
     def _on_device(self, features: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(features, np.float32)).to(self.device)
 
+    def _query_neighbours(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each query's K + 1 most similar gallery items by canonical cosine (ties: the smaller
+        index) and those cosines, (Q, K + 1) each. On the CPU a float32 product proposes
+        them and only the candidates get canonical cosines (`query_top`); on a GPU the whole
+        row is canonical, the gallery converted a block at a time."""
+        depth = self.k_used + 1
+        if self.device.type == "cpu":
+            found = [query_top(self.gallery.features, query, depth) for query in queries.numpy()]
+            return (torch.from_numpy(np.stack([values for values, _ in found])),
+                    torch.from_numpy(np.stack([ids for _, ids in found])))
+        similarity = self._canonical(queries)
+        values, neighbours = torch_topk_largest(similarity, depth)
+        return values, neighbours
+
+    def _canonical(self, queries: torch.Tensor) -> torch.Tensor:
+        """(Q, G) canonical cosines of queries to the gallery, on the device, the gallery
+        converted to float64 a block at a time."""
+        if self.device.type == "cpu":
+            return torch.from_numpy(canonical_block(queries.numpy(), self.gallery.features))
+        return torch_canonical_block(queries, self._features)
+
     @torch.no_grad()
     def _embed_queries(self, queries: torch.Tensor) -> torch.Tensor:
         """`query_embeddings` on the device: (Q, d) float32 queries -> (Q, c) unit rows. The
         propagation is accumulated in float64."""
-        similarity = torch_canonical_similarity(queries, self._features)
-        neighbours = torch_topk_largest(similarity, self.k_used + 1)[1]
+        similarity, neighbours = self._query_neighbours(queries)
         # Reciprocal, as the gallery's edges are: v is a neighbour when the query would also
         # enter v's own top K + 1 (at least the nearest item, so the query is connected).
-        linked = similarity.gather(1, neighbours) >= self._thresholds[neighbours]
+        linked = similarity >= self._thresholds[neighbours]
         linked[:, 0] = True
         degree = linked.sum(dim=1, keepdim=True).double() + 1.0    # self loop included
         own = 1.0 / degree                                          # A[q, q]
@@ -493,7 +568,7 @@ class SGRR(Reranker):
         """Cosine distances in the embedding space, best first; exact ties (a class collapses
         to nearly one point) go to the higher original cosine, then the smaller index."""
         distances = 1.0 - query_embeddings @ gallery_embeddings.T
-        original = torch_canonical_similarity(query_features, self._features)
+        original = self._canonical(query_features)
         if exclude_self:
             distances.fill_diagonal_(torch.inf)
         distances, indices = rank_by_distance(distances, original, k)
@@ -518,7 +593,32 @@ class SGRR(Reranker):
 
     def _rerank_online(self, query_feature: np.ndarray, k: int
                        ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+        """One query embedded inductively (`_embed_queries`), ranked by embedding distance; on
+        the CPU the original cosines that break exact ties are computed for the items that
+        can reach the top k only (`rank_top`), on one thread."""
+        details = {"K": self.k_used, "clusters": self.classes}
         query = self._on_device(query_feature[None, :])
-        distances, indices = self._rank(self._embed_queries(query), self._unit_embeddings, k,
-                                        False, query)
-        return distances[0], indices[0], {"K": self.k_used, "clusters": self.classes}
+        if self.device.type != "cpu":
+            distances, indices = self._rank(self._embed_queries(query), self._unit_embeddings,
+                                            k, False, query)
+            return distances[0], indices[0], details
+        with query_threads():
+            embedding = self._embed_queries(query)
+            distances = (1.0 - embedding @ self._unit_embeddings.T)[0].numpy()
+            values, indices = rank_top(distances, self.gallery.features, query_feature, k)
+        return values, indices, details
+
+    def batch_refusal(self, gallery_size: int, n_queries: int) -> str | None:
+        """A batch ranks every query against the whole gallery at once ((Q, G) embedding
+        distances, original cosines and two sorts, `BYTES_PER_PAIR` each: leave-one-out is
+        G x G) and, for new queries, retrains on them with the gallery; refused when that
+        does not fit the memory budget."""
+        budget = memory_budget()
+        dim = self.gallery.features.shape[1]
+        need = n_queries * gallery_size * BYTES_PER_PAIR
+        if n_queries and n_queries != gallery_size:  # the transductive retraining's features
+            need += 4 * (n_queries + gallery_size) * dim * 4
+        if budget is not None and need > budget:
+            return (f"{gib(need)} to rank {n_queries} queries against {gallery_size} items at "
+                    f"once, beyond the {gib(budget)} this batch may use")
+        return None

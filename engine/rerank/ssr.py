@@ -45,9 +45,10 @@ from engine.core.knn import (
 )
 from engine.core.state import MissingStateError, StaleStateError, load_state, save_state
 from engine.core.storage import fingerprint
-from engine.core.types import GalleryContext, TrainingSet, check_features
+from engine.core.types import GalleryContext, KnnGraph, TrainingSet, check_features
 from engine.errors import CacheError, InvalidInputError
 from engine.rerank import register
+from engine.rerank._scale import canonical_block, gib, memory_budget, query_top
 from engine.rerank.base import Reranker, RerankParams, param
 
 logger = logging.getLogger(__name__)
@@ -87,7 +88,16 @@ ESTIMATE_STEPS = 5
 estimate a fit's time from their median."""
 QUERY_CHUNK = 64
 INITIAL_CHUNK = 4096
-"""Query rows per block of the initial cosine ranking (4096 x G similarities at a time)."""
+"""Query rows per block of the initial cosine ranking (4096 x G similarities at a time, fewer
+where the memory budget holds fewer)."""
+BYTES_PER_SIMILARITY = 24
+"""Memory of the initial cosine ranking per (query, gallery item) of a block: the float32
+similarities, their negation and partition, the selection mask and its indices."""
+PSEUDO_LABEL_WORK = 2e10
+"""Bound on the LHRR work of the pseudo-labels, n K^4 multiply-adds (its Cartesian products
+sum K^2 hyperedges of K^2 members per item): the neighbourhood K, n / clusters, is capped at
+(PSEUDO_LABEL_WORK / n)^(1/4) (61 at 1,360 items, 21 at 100,000, where n / clusters would be
+447 and the work 4e15). Training sets of fewer than 1,711 items are not capped."""
 
 
 @dataclass(frozen=True)
@@ -285,6 +295,15 @@ def list_average_precision(relevant: np.ndarray) -> float:
     return float(np.mean(np.arange(1, hits.size + 1) / (hits + 1)))
 
 
+def ranking_rows(size: int) -> int:
+    """Query rows per block of `cosine_ranking` against `size` gallery items: `INITIAL_CHUNK`,
+    fewer where the memory budget holds fewer."""
+    budget = memory_budget()
+    if budget is None:
+        return INITIAL_CHUNK
+    return int(min(INITIAL_CHUNK, max(1, budget // (size * BYTES_PER_SIMILARITY))))
+
+
 def cosine_ranking(queries: np.ndarray, gallery: np.ndarray, depth: int, exclude_self: bool,
                    gallery_tensor: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(Q, depth) gallery ids by descending canonical cosine (ties: smaller id first) and their
@@ -292,10 +311,11 @@ def cosine_ranking(queries: np.ndarray, gallery: np.ndarray, depth: int, exclude
     `gallery_tensor` the products and the top-k run in torch on its device (same result)."""
     indices = np.empty((len(queries), depth), np.int64)
     distances = np.empty((len(queries), depth), np.float32)
-    for begin in range(0, len(queries), INITIAL_CHUNK):
-        rows = slice(begin, begin + INITIAL_CHUNK)
+    chunk = ranking_rows(len(gallery))
+    for begin in range(0, len(queries), chunk):
+        rows = slice(begin, begin + chunk)
         if gallery_tensor is None:
-            similarity = canonical_similarity(queries[rows], gallery)
+            similarity = canonical_block(queries[rows], gallery)
             if exclude_self:
                 local = np.arange(len(similarity))
                 similarity[local, local + begin] = -np.inf
@@ -424,15 +444,24 @@ def train_refiner(features: np.ndarray, labels: np.ndarray, k: int, q_steps: int
     return model, log
 
 
-def pseudo_labels(features: np.ndarray) -> tuple[np.ndarray, str]:
+def pseudo_label_neighbourhood(n: int, clusters: int) -> int:
+    """LHRR's K for the pseudo-labels of n items in `clusters` clusters: about one cluster,
+    n / clusters, capped so that LHRR's work stays under `PSEUDO_LABEL_WORK`."""
+    cap = max(2, int((PSEUDO_LABEL_WORK / n) ** 0.25))
+    return max(2, min(n // clusters, n - 1, cap))
+
+
+def pseudo_labels(features: np.ndarray, knn: KnnGraph | None = None) -> tuple[np.ndarray, str]:
     """Label-free positives: SGCC clusters of the LHRR hypergraph (neighbourhood about one
-    cluster, every item kept), -1 where an item joins no cluster."""
+    cluster, every item kept, `pseudo_label_neighbourhood`), -1 where an item joins no
+    cluster. `knn`: the items' kNN graph (exact or approximate), LHRR's initial lists when
+    deep enough."""
     from engine.rerank._hypergraph import default_clusters, lhrr_from_features, sgcc
 
     n = len(features)
     clusters = default_clusters(n)
-    neighbourhood = max(2, min(n // clusters, n - 1))
-    hypergraph = lhrr_from_features(features, neighbourhood)
+    neighbourhood = pseudo_label_neighbourhood(n, clusters)
+    hypergraph = lhrr_from_features(features, neighbourhood, knn=knn)
     clustering = sgcc(hypergraph, clusters, 1.0)
     return clustering.labels, (f"pseudo-labels: {clusters} LHRR/SGCC clusters "
                                f"(K={hypergraph.k})")
@@ -478,7 +507,8 @@ class SSR(Reranker):
                 "k_reciprocal", device=str(self.device), k1=self.params.k1, k2=self.params.k2,
                 lambda_value=self.params.lambda_value).fit(context)
         self._gallery_tensor = torch.from_numpy(context.features).to(self.device)
-        self.model, self.manifest = self.fit_or_load(training, context.state_dir)
+        self.model, self.manifest = self.fit_or_load(
+            training, context.state_dir, knn=context.knn if context.training is None else None)
         self.training_seconds = self.manifest["log"]["seconds"] + self.manifest.get(
             "earlier_seconds", 0.0)
 
@@ -522,6 +552,21 @@ class SSR(Reranker):
             total += count * step
         return total
 
+    def batch_refusal(self, gallery_size: int, n_queries: int) -> str | None:
+        """The initial cosine ranking works on blocks of queries against the whole gallery
+        (`BYTES_PER_SIMILARITY` per pair, `ranking_rows`); refused when one query's row does
+        not fit the memory budget, or when k-reciprocal, refined after, refuses."""
+        if self._k_reciprocal is not None:
+            refusal = self._k_reciprocal.batch_refusal(gallery_size, n_queries)
+            if refusal is not None:
+                return f"k-reciprocal's initial ranking: {refusal}"
+        budget = memory_budget()
+        need = gallery_size * BYTES_PER_SIMILARITY
+        if budget is not None and need > budget:
+            return (f"{gib(need)} for one query's cosines to the {gallery_size} items, beyond "
+                    f"the {gib(budget)} this batch may use")
+        return None
+
     def _training_set(self, context: GalleryContext) -> TrainingSet:
         """What the module learns from: the protocol's training items if the context has
         them, else the gallery; with `train_classes` N, only items of classes 0..N-1 and their
@@ -563,9 +608,11 @@ class SSR(Reranker):
         return path, identity
 
     def fit_or_load(self, training: TrainingSet, state_dir: Path | None,
-                    q_steps: int | None = None) -> tuple[SubgraphRefiner, dict[str, Any]]:
+                    q_steps: int | None = None, knn: KnnGraph | None = None
+                    ) -> tuple[SubgraphRefiner, dict[str, Any]]:
         """The trained module for this training set and parameters: loaded from `state_dir`
-        when saved there, else trained (the (q_steps - 1)-step model first) and saved."""
+        when saved there, else trained (the (q_steps - 1)-step model first) and saved. `knn`:
+        the training items' kNN graph, when they are the gallery (for the pseudo-labels)."""
         q_steps = q_steps or self.params.q_steps
         path, identity = self._state_path(training, state_dir, q_steps)
         if path is not None:
@@ -578,13 +625,13 @@ class SSR(Reranker):
                 return loaded
         start, episodes, earlier = None, self.params.episodes, 0.0
         if q_steps > 1:
-            start, before = self.fit_or_load(training, state_dir, q_steps - 1)
+            start, before = self.fit_or_load(training, state_dir, q_steps - 1, knn)
             episodes = max(1, episodes // 6)
             earlier = before["log"]["seconds"] + before.get("earlier_seconds", 0.0)
         labels, mode = training.labels, training.description
         if labels is None:
             self._report(0.0, "pseudo-labels from the LHRR hypergraph")
-            labels, how = pseudo_labels(training.features)
+            labels, how = pseudo_labels(training.features, knn)
             mode = f"{training.description}; {how}"
         model, log = train_refiner(
             training.features, np.asarray(labels, np.int64), self.k_used, q_steps,
@@ -606,6 +653,10 @@ class SSR(Reranker):
             result = self._k_reciprocal.rerank(query_features, depth, mode=mode)
             return result.distances, result.indices
         gallery = self.gallery.features
+        if mode == "online" and self.device.type == "cpu":
+            # one query: a float32 product proposes its top, only those get canonical cosines
+            similarities, indices = query_top(gallery, query_features[0], depth)
+            return (1.0 - similarities)[None, :], indices[None, :]
         return cosine_ranking(gallery if query_features is None else query_features, gallery,
                               depth, exclude_self=query_features is None,
                               gallery_tensor=None if self.device.type == "cpu"

@@ -27,7 +27,8 @@ from tie_aware import U32, assert_order_matches
 
 from engine.core.knn import knn_graph
 from engine.core.storage import load_json
-from engine.errors import InvalidInputError
+from engine.core.types import KnnGraph
+from engine.errors import InvalidInputError, TooLargeError
 from engine.evaluation.metrics import mean_average_precision
 from engine.rerank import GalleryContext, create_reranker
 from engine.rerank import sgrr as sgrr_module
@@ -614,8 +615,9 @@ def test_online_embedding_of_an_item_with_its_own_edges_is_its_embedding(split, 
         thresholds = torch.full((len(gallery),), torch.inf)
         thresholds[own] = -torch.inf
         monkeypatch.setattr(reranker, "_thresholds", thresholds)
-        monkeypatch.setattr(sgrr_module, "torch_topk_largest",
-                            lambda values, depth, rows=candidates[None, :]: (None, rows))
+        monkeypatch.setattr(reranker, "_query_neighbours",
+                            lambda queries, rows=candidates[None, :]: (
+                                torch.zeros(rows.shape), rows))
         embedding = reranker.query_embeddings(gallery[item][None, :])
         np.testing.assert_allclose(embedding[0], reranker.gallery_embeddings()[item], atol=ATOL)
 
@@ -847,3 +849,121 @@ def test_the_fit_estimate_is_measured_and_knows_a_saved_state(demo_features, tmp
     again = create_reranker("sgrr", device="cpu", nll_epochs=40, triplet_epochs=40)
     assert again.estimate_fit_seconds(context) == 0.0
     assert create_reranker("k_reciprocal").estimate_fit_seconds(context) is None
+
+
+# -- scale: online from the query's top only, bounded triplets, the context's graph, memory -----
+def whole_gallery_rank(reranker, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Today's online ranking: the whole-gallery canonical neighbours and `_rank`'s full
+    sorts (`rank_by_distance` over every gallery item)."""
+    tensor = torch.from_numpy(query[None, :])
+    similarity = torch.from_numpy(
+        np.minimum(query.astype(np.float64) @ reranker.gallery.features.T.astype(np.float64),
+                   1.0).astype(np.float32))[None]
+    values, neighbours = sgrr_module.torch_topk_largest(similarity, reranker.k_used + 1)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(reranker, "_query_neighbours", lambda queries: (values, neighbours))
+        embedding = reranker._embed_queries(tensor)
+    distances, indices = reranker._rank(embedding, reranker._unit_embeddings, k, False, tensor)
+    return distances[0], indices[0]
+
+
+def test_online_equals_the_whole_gallery_ranking(split):
+    """Online reads the query's K + 1 neighbours from a float32 product and canonical
+    cosines of candidates only, and breaks exact distance ties with the original cosines of
+    the items that can reach the top k only: the same as today's whole-gallery path."""
+    reranker, queries = split
+    g = reranker.gallery.size
+    compared = 0
+    for k in (1, 10, g):
+        result = reranker.rerank(queries, k, mode="online")
+        for q, query in enumerate(queries):
+            distances, indices = whole_gallery_rank(reranker, query, k)
+            np.testing.assert_array_equal(result.indices[q], indices)
+            np.testing.assert_array_equal(result.distances[q], distances)
+            compared += 1
+    assert compared == 3 * len(queries) > 0
+
+
+@pytest.mark.parametrize("k", [1, 3, 7, 40])
+def test_rank_top_breaks_ties_as_rank_by_distance(k):
+    """Distances with many exact ties (as a collapsed class gives): the top k of `rank_top`
+    is `rank_by_distance`'s, ties to the higher original cosine, then the smaller index."""
+    rng = np.random.default_rng(k)
+    gallery = rng.standard_normal((60, 8)).astype(np.float32)
+    gallery /= np.linalg.norm(gallery, axis=1, keepdims=True)
+    gallery[10] = gallery[3]  # an exact duplicate: equal distance and cosine
+    query = gallery[5] + np.float32(0.1)
+    query = (query / np.linalg.norm(query)).astype(np.float32)
+    distances = np.round(rng.random(60), 1).astype(np.float32)
+    distances[10] = distances[3]
+    original = np.minimum(gallery.astype(np.float64) @ query.astype(np.float64), 1.0)
+    expected_distances, expected = sgrr_module.rank_by_distance(
+        torch.from_numpy(distances[None]), torch.from_numpy(original.astype(np.float32)[None]),
+        k)
+    got_distances, got = sgrr_module.rank_top(distances, gallery, query, k)
+    np.testing.assert_array_equal(got, expected[0].numpy())
+    np.testing.assert_array_equal(got_distances, expected_distances[0].numpy())
+    assert len(np.unique(distances[got])) < k or k == 1  # ties were broken
+
+
+def test_triplets_are_bounded():
+    """Below the bound every triplet is kept (the authors' set); above it, a seeded sample in
+    the same order, drawn after the negatives."""
+    labels = np.repeat(np.arange(5), 30)
+    everything = cluster_triplets(labels, np.random.default_rng(3))
+    assert everything.shape[1] == 5 * 30 * 29
+    np.testing.assert_array_equal(
+        cluster_triplets(labels, np.random.default_rng(3), everything.shape[1]), everything)
+    kept = cluster_triplets(labels, np.random.default_rng(3), 1000)
+    assert kept.shape == (3, 1000)
+    keys = everything[0] * 10**6 + everything[1] * 10**3 + everything[2]
+    where = np.searchsorted(keys, kept[0] * 10**6 + kept[1] * 10**3 + kept[2])
+    assert (np.diff(where) > 0).all() and (keys[where] == kept[0] * 10**6 + kept[1] * 10**3
+                                           + kept[2]).all()
+    assert sgrr_module.triplet_limit(17) * 17 <= sgrr_module.TRIPLET_ELEMENTS
+    assert sgrr_module.triplet_limit(17) > 1360 ** 2  # every demo-sized training keeps all
+
+
+def test_fit_reads_an_approximate_graph(demo, monkeypatch):
+    """A context graph deep enough for LHRR (4K) and the thresholds (K + 2), exact or not, is
+    read instead of searching; an exact one gives the searched fit."""
+    features, labels = demo
+    rows = np.flatnonzero(np.arange(len(features)) % 17 < 8)
+    gallery, gallery_labels = features[rows], labels[rows]
+    searched = make(nll_epochs=5, triplet_epochs=5).fit(context(gallery, gallery_labels))
+    graph = knn_graph(gallery, 40)
+    approximate = KnnGraph(graph.indices, graph.similarities, graph.farthest, canonical=False,
+                           recall=1.0)
+
+    def no_search(*args, **kwargs):
+        raise AssertionError("searched the gallery")
+
+    import engine.rerank._hypergraph as hypergraph
+
+    monkeypatch.setattr(hypergraph, "knn_graph", no_search)
+    monkeypatch.setattr(sgrr_module, "knn_graph", no_search)
+    given = make(nll_epochs=5, triplet_epochs=5).fit(
+        GalleryContext(gallery, knn=approximate, labels=gallery_labels, fingerprint="demo"))
+    np.testing.assert_array_equal(given.pseudo_labels, searched.pseudo_labels)
+    np.testing.assert_array_equal(given.gallery_embeddings(), searched.gallery_embeddings())
+    np.testing.assert_array_equal(given._thresholds.numpy(), searched._thresholds.numpy())
+
+
+def test_batch_refusal(small, monkeypatch):
+    """Leave-one-out ranks G x G at once and a batch of new queries retrains on them: refused
+    with the numbers when that does not fit the memory budget, online still answers."""
+    features, labels = small
+    reranker = make(nll_epochs=5, triplet_epochs=5).fit(context(features, labels))
+    g = len(features)
+    assert reranker.batch_refusal(g, g) is None
+    monkeypatch.setattr(sgrr_module, "memory_budget", lambda: 16 * 2**30)
+    reason = reranker.batch_refusal(100_000, 100_000)  # leave-one-out at 100k: 373 GiB
+    assert reason is not None and "372.5 GiB" in reason
+    assert reranker.batch_refusal(100_000, 10) is None
+    budget = g * g * sgrr_module.BYTES_PER_PAIR - 1
+    monkeypatch.setattr(sgrr_module, "memory_budget", lambda: budget)
+    reason = reranker.batch_refusal(g, g)
+    assert reason is not None and "GiB" in reason and f"{g} queries" in reason
+    with pytest.raises(TooLargeError, match="SGRR"):
+        reranker.rerank(None, 5)
+    assert reranker.rerank(features[:1], 5, mode="online").indices.shape == (1, 5)

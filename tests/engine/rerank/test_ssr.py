@@ -10,8 +10,10 @@ import torch
 import torch.nn.functional as F
 from tie_aware import PERTURBATION_ULPS, U32, assert_order_matches, perturb_ulps
 
-from engine.errors import CacheError, InvalidInputError
+import engine.rerank.ssr as ssr_module
+from engine.errors import CacheError, InvalidInputError, TooLargeError
 from engine.rerank import GalleryContext, TrainingSet, create_reranker
+from engine.rerank._scale import query_top
 from engine.rerank.ssr import (
     SubgraphRefiner,
     cosine_ranking,
@@ -598,3 +600,87 @@ def test_the_fit_estimate_times_real_steps_and_knows_a_saved_state(held_out, tmp
     reranker.fit(context)
     again = create_reranker("ssr", device="cpu", train_classes=6, **{**QUICK, "q_steps": 2})
     assert again.estimate_fit_seconds(context) == 0.0  # saved: loading is instant
+
+
+# -- scale: online from the query's top only, bounded pseudo-labels, batch memory --------------
+def test_online_initial_ranking_is_the_batch_one(held_out, tail_state):
+    """Online finds the query's top from a float32 product and canonical cosines of its
+    candidates only: the same ids and distances as the batch's whole-gallery ranking of that
+    one query (today's online path), so the refined rankings are identical too."""
+    context, queries, _ = held_out
+    reranker = create_reranker("ssr", device="cpu", **QUICK).fit(
+        GalleryContext(context.features, labels=context.labels, training=context.training,
+                       state_dir=tail_state))
+    compared = 0
+    for query in queries:
+        online = reranker._refine(query[None], 30, "online")
+        batch = reranker._refine(query[None], 30, "batch")
+        np.testing.assert_array_equal(online[1], batch[1])
+        np.testing.assert_array_equal(online[0], batch[0])
+        assert online[2] == batch[2]
+        compared += 1
+    assert compared == len(queries) > 0
+    # with exact ties: a duplicated gallery row ties at the boundary of a short top
+    gallery = np.concatenate([context.features, context.features[:3]])
+    for query in queries[:4]:
+        distances, indices = cosine_ranking(query[None], gallery, 12, False)
+        similarities, ids = query_top(gallery, query, 12)
+        np.testing.assert_array_equal(ids, indices[0])
+        np.testing.assert_array_equal(1.0 - similarities, distances[0])
+
+
+def test_pseudo_label_neighbourhood_is_bounded():
+    """LHRR's K for the pseudo-labels is about one cluster (unchanged below 1,711 items) and
+    capped so that its work n K^4 stays under PSEUDO_LABEL_WORK."""
+    from engine.rerank._hypergraph import default_clusters
+
+    for n in (60, 200, 1360, 1710):
+        clusters = default_clusters(n)
+        assert ssr_module.pseudo_label_neighbourhood(n, clusters) == max(
+            2, min(n // clusters, n - 1))
+    for n in (1711, 20_000, 100_000, 10**6):
+        k = ssr_module.pseudo_label_neighbourhood(n, default_clusters(n))
+        assert k < n // default_clusters(n)
+        assert n * k ** 4 <= ssr_module.PSEUDO_LABEL_WORK
+    assert ssr_module.pseudo_label_neighbourhood(100_000, default_clusters(100_000)) == 21
+
+
+def test_pseudo_labels_read_a_deep_enough_graph(demo_features, monkeypatch):
+    """Given the items' graph (exact here, approximate at scale), the pseudo-labels use it
+    instead of searching, and an exact one gives the searched labels."""
+    import engine.rerank._hypergraph as hypergraph
+    from engine.core.knn import knn_graph
+
+    features = demo_features.features[:120]
+    searched, _ = ssr_module.pseudo_labels(features)
+    graph = knn_graph(features, 119)
+
+    def no_search(*args, **kwargs):
+        raise AssertionError("searched the items")
+
+    monkeypatch.setattr(hypergraph, "knn_graph", no_search)
+    given, _ = ssr_module.pseudo_labels(features, graph)
+    np.testing.assert_array_equal(given, searched)
+    assert (given >= 0).any()
+
+
+def test_batch_refusal(held_out, monkeypatch):
+    """A batch's initial ranking works in query blocks sized by the memory budget (the same
+    ranking in blocks of one); refused with the numbers when one query's row does not fit."""
+    context, queries, _ = held_out
+    reranker = create_reranker("ssr", device="cpu", **QUICK).fit(context)
+    size = context.size
+    assert reranker.batch_refusal(size, len(queries)) is None
+    expected = reranker.rerank(queries, 20)
+    monkeypatch.setattr(ssr_module, "memory_budget",
+                        lambda: size * ssr_module.BYTES_PER_SIMILARITY)
+    assert ssr_module.ranking_rows(size) == 1
+    blocked = reranker.rerank(queries, 20)
+    np.testing.assert_array_equal(blocked.indices, expected.indices)
+    monkeypatch.setattr(ssr_module, "memory_budget",
+                        lambda: size * ssr_module.BYTES_PER_SIMILARITY - 1)
+    reason = reranker.batch_refusal(size, len(queries))
+    assert reason is not None and "GiB" in reason and str(size) in reason
+    with pytest.raises(TooLargeError, match="SSR"):
+        reranker.rerank(queries, 20)
+    assert reranker.rerank(queries[:1], 20, mode="online").indices.shape == (1, 20)

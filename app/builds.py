@@ -37,7 +37,7 @@ from engine import (
     PlanStep,
     get_reranker_class,
 )
-from engine.errors import EngineError
+from engine.errors import EngineError, InvalidInputError
 
 if TYPE_CHECKING:
     from app.layout import PageComponents
@@ -111,11 +111,14 @@ class BuildEvents:
         if session is not None:
             yield {**self._opened(session, None), **self._job_hidden()}
 
-    def _open_features(self, path: str) -> Iterator[dict[Any, Any]]:
-        """Open a features file on the server (a gallery of another model's features: its
-        items are its queries) as a request; returns its session, None when cancelled."""
+    def _open_features(self, path: str, check_allowed: bool = True
+                       ) -> Iterator[dict[Any, Any]]:
+        """Open a features file (a gallery of another model's features: its items are its
+        queries) as a request; returns its session, None when cancelled. A file typed in must
+        lie in the allowed folders; an upload's kept copy need not (`check_allowed`)."""
         def work(progress: Callable[[float, str], None]) -> GallerySession:
-            return self.explorer.open_features(path, progress=progress)
+            return self.explorer.open_features(path, progress=progress,
+                                               check_allowed=check_allowed)
 
         if self.explorer.requests is None:
             return work(lambda fraction, message: None)
@@ -127,13 +130,21 @@ class BuildEvents:
     def open_zip(self, request: gr.Request | None, archive: str | None
                  ) -> Iterator[dict[Any, Any]]:
         """Extract an uploaded zip (safely) and open it as a gallery, listed by its file name;
-        on a public page into the session's own temporary folder, under the public limits."""
+        on a public page into the session's own temporary folder, under the public limits. An
+        uploaded features file (.npy, .npz, .safetensors) opens as a features gallery instead
+        (not on a public page)."""
         if not archive:
-            raise gr.Error("Choose a .zip of images first.", print_exception=False)
+            raise gr.Error("Choose a .zip of images or a features file first.",
+                           print_exception=False)
         name = Path(archive).name
         visitor = owner(request)
         with engine_errors_as_gradio():
-            if self.public is not None:
+            if Path(name).suffix.lower() in FEATURE_FILE_FORMATS:
+                if self.public is not None:
+                    raise InvalidInputError("this public page opens zips of images only")
+                kept = self.explorer.keep_features_upload(archive)
+                session = yield from self._open_features(str(kept), check_allowed=False)
+            elif self.public is not None:
                 def work(progress: Callable[[float, str], None]) -> GallerySession:
                     return self.public.open_zip(archive, visitor, progress=progress)
 

@@ -36,6 +36,8 @@ from app.text import (
 from engine import (
     BASELINE,
     DEFAULT_TOP_N,
+    FEATURE_FILE_FORMATS,
+    FULL_RANKING_LIMIT,
     QUERY_MODELS,
     SCORES_TABLE_COLUMNS,
     Explorer,
@@ -199,7 +201,8 @@ def build_layout(explorer: Explorer, handlers: PageHandlers) -> PageComponents:
             info="which network embeds the query and which the gallery",
             elem_id="query-model")
     header = gr.Markdown(header_text(session), elem_id="header")
-    with gr.Accordion("Open another gallery (a zip of images, or a folder on the server)",
+    with gr.Accordion("Open another gallery (a zip of images, a features file, or a folder "
+                      "on the server)",
                       open=False, elem_id="open-gallery") as open_panel:
         gr.Markdown(galleries_text(handlers.public))
         with gr.Row(visible=not public):
@@ -207,9 +210,12 @@ def build_layout(explorer: Explorer, handlers: PageHandlers) -> PageComponents:
                                 ".safetensors)", scale=3, visible=not public)
             open_folder = gr.Button("Open folder", scale=1, visible=not public)
         with gr.Row():
-            zip_file = gr.File(label="Zip of images", file_types=[".zip"], type="filepath",
-                               height=100, scale=3, elem_id="zip-upload")
-            open_zip = gr.Button("Open zip", scale=1, elem_id="open-zip")
+            zip_file = gr.File(
+                label="Zip of images" if public else "Zip of images, or a features file "
+                "(.npz, .npy, .safetensors)", type="filepath", height=100, scale=3,
+                file_types=[".zip"] if public else [".zip", *sorted(FEATURE_FILE_FORMATS)],
+                elem_id="zip-upload")
+            open_zip = gr.Button("Open upload", scale=1, elem_id="open-zip")
         gallery_status = gr.Markdown(elem_id="gallery-status")
     message = gr.Markdown("", elem_id="message")
     with gr.Row(visible=False, elem_id="job-row") as job_row:
@@ -259,11 +265,14 @@ def build_layout(explorer: Explorer, handlers: PageHandlers) -> PageComponents:
                             label=title, columns=DEFAULT_TOP_N, rows=1, height=150,
                             object_fit="cover", interactive=False, allow_preview=False,
                             elem_classes=["ranking"], elem_id=f"compare-{method}")
-                    gr.Markdown("Whole-gallery scores: every labelled image a query against "
-                                "the others (leave-one-out, batch); online ms is the median "
-                                "of single queries against the fitted gallery, measured when "
-                                "the scores were computed (when, and the machine's load then, "
-                                "in the last column).")
+                    gr.Markdown("Leave-one-out scores: labelled gallery images as queries "
+                                "against the others; every image up to "
+                                f"{FULL_RANKING_LIMIT:,} images (batch), above a fixed random "
+                                "sample ranked online (the queries column says which). The "
+                                "interval is a 95 % bootstrap over the queries. Online ms is "
+                                "the median of single queries against the fitted gallery, "
+                                "measured when the scores were computed (when, and the "
+                                "machine's load then, in the measured column).")
                     compare_table = gr.Dataframe(
                         value=handlers.compare_rows(session),
                         headers=list(SCORES_TABLE_COLUMNS), interactive=False, wrap=True,

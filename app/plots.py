@@ -39,6 +39,12 @@ AXIS_MARGIN = 0.15
 PLOT_HEIGHT = 460
 """Height of the kNN graph and the map in px (the kNN layout's node spacing assumes it)."""
 MAP_FENCE = 1.5
+MAP_POINT_LIMIT = 20000
+"""The most gallery points the map draws: a larger gallery shows a fixed random sample of
+this many (its query and results always), so one update stays a few MB."""
+MAX_CLASS_TRACES = 40
+"""Above this many classes on the map, one trace coloured per point (no legend) replaces one
+trace per class: plotly slows down with thousands of traces."""
 """The embedding map's initial view spans the quartiles -/+ this many interquartile ranges
 (Tukey's fences) on each axis, clipped to the data: a few far clusters fall outside instead of
 squeezing the bulk of the gallery into a corner (zooming out shows them)."""
@@ -207,12 +213,21 @@ def knn_figure(graph: NeighbourhoodGraph, ranking_rows: Sequence[int],
     return figure
 
 
+def map_sample(size: int, limit: int = MAP_POINT_LIMIT) -> np.ndarray | None:
+    """The gallery rows a map of `size` points draws: None (all) up to `limit`, else a fixed
+    seeded random sample of `limit` rows, ascending (the same every time)."""
+    if size <= limit:
+        return None
+    return np.sort(np.random.default_rng(0).choice(size, limit, replace=False))
+
+
 def embedding_figure(coordinates: np.ndarray, *, files: Sequence[str],
                      labels: np.ndarray | None, class_names: Sequence[str],
                      query_xy: Sequence[float] | None = None,
                      result_rows: Sequence[int] = (), result_distances: Sequence[float] = (),
                      query_row: int | None = None, title: str = "",
-                     thumbnail_urls: Sequence[str] | None = None) -> go.Figure:
+                     thumbnail_urls: Sequence[str] | None = None,
+                     point_limit: int = MAP_POINT_LIMIT) -> go.Figure:
     """The whole gallery in 2-D coloured by class, the query as a star joined to its results.
 
     The gallery is drawn with WebGL (thousands of points stay fast); the few results, lines and
@@ -226,10 +241,13 @@ def embedding_figure(coordinates: np.ndarray, *, files: Sequence[str],
         query_xy: the query's position; without it, `query_row`'s position (a gallery pick).
         result_rows: gallery rows of the results, best first; result_distances: their
             distances (or empty: hover without them).
-        thumbnail_urls: as for `knn_figure`.
+        thumbnail_urls: as for `knn_figure` (only the drawn rows' are read).
+        point_limit: above this many rows, only `map_sample`'s fixed sample of the gallery is
+            drawn (the results and the query always), and the title says so.
     Returns:
         Traces in a fixed order: the gallery (one per class, ascending label, "unlabelled"
-        last; or one "gallery" trace), the query-result lines, the results, the query.
+        last; one "gallery" trace without labels or above `MAX_CLASS_TRACES` classes), the
+        query-result lines, the results, the query.
     """
     coordinates = np.asarray(coordinates, dtype=np.float64)
     if coordinates.ndim != 2 or coordinates.shape[1] != 2:
@@ -252,9 +270,23 @@ def embedding_figure(coordinates: np.ndarray, *, files: Sequence[str],
         query = None
 
     figure = go.Figure()
-    every_label = _labels_of(np.arange(size), labels)
-    for label in _label_order(every_label):
-        members = np.flatnonzero(every_label == label)
+    sample = map_sample(size, point_limit)
+    drawn = np.arange(size) if sample is None else sample
+    drawn_labels = _labels_of(drawn, labels)
+    order = _label_order(drawn_labels)
+    if labels is not None and len(order) > MAX_CLASS_TRACES:
+        names = [class_name(label, class_names) for label in drawn_labels]
+        figure.add_trace(go.Scattergl(
+            x=coordinates[drawn, 0], y=coordinates[drawn, 1], mode="markers", name="gallery",
+            showlegend=False,
+            marker={"color": [class_colour(label) for label in drawn_labels], "size": 5,
+                    "opacity": 0.6},
+            hovertext=[f"{files[row]}<br>class: {name}"
+                       for row, name in zip(drawn, names, strict=True)],
+            customdata=_point_data(drawn, files, thumbnail_urls),
+            hovertemplate="%{hovertext}<extra></extra>"))
+    for label in [] if labels is not None and len(order) > MAX_CLASS_TRACES else order:
+        members = drawn[drawn_labels == label]
         name = class_name(label, class_names) if labels is not None else "gallery"
         figure.add_trace(go.Scattergl(
             x=coordinates[members, 0], y=coordinates[members, 1], mode="markers", name=name,
@@ -263,6 +295,9 @@ def embedding_figure(coordinates: np.ndarray, *, files: Sequence[str],
             hovertext=[f"{files[i]}<br>class: {name}" for i in members],
             customdata=_point_data(members, files, thumbnail_urls),
             hovertemplate="%{hovertext}<extra></extra>"))
+    if sample is not None:
+        title += (f"<br><sup>{len(sample):,} of {size:,} points drawn (a fixed random sample; "
+                  "the query and its results always)</sup>")
 
     x, y = [], []
     if query is not None:                       # point 0 = the query, 1.. = the results
@@ -287,16 +322,16 @@ def embedding_figure(coordinates: np.ndarray, *, files: Sequence[str],
         marker={"symbol": "star", "size": 22, "color": QUERY_COLOUR,
                 "line": {"color": "white", "width": 1.5}},
         hovertemplate="<b>query</b><extra></extra>"))
-    view = map_ranges(coordinates, query)
+    view = map_ranges(coordinates[drawn], query)
     # No equal axis scales: a UMAP's axes mean nothing, and on a wide plot equal scales would
     # widen the x range again and squeeze the points into the middle.
     x_axis: dict[str, Any] = {"visible": False}
     y_axis: dict[str, Any] = {"visible": False}
     if view is not None:
         x_axis["range"], y_axis["range"] = view
-        outside = _outside(coordinates, view)
+        outside = _outside(coordinates[drawn], view)
         if outside:
-            title += (f"<br><sup>{outside} of {len(coordinates)} points outside this view "
+            title += (f"<br><sup>{outside} of {len(drawn)} points outside this view "
                       "(autoscale in the toolbar shows all)</sup>")
     figure.update_layout(
         title=title, uirevision="embedding", height=PLOT_HEIGHT, hovermode="closest",

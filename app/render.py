@@ -172,9 +172,18 @@ def plot_updates(ui: PageComponents, session: GallerySession, view: QueryView,
 
 def hover_urls(thumbnails: ThumbnailCache, session: GallerySession) -> list[str]:
     """The URL of every gallery row's hover thumbnail, "" for one not made yet (they are
-    made in the background on first use)."""
-    return [file_url(path) if path is not None else ""
-            for path in thumbnails.hover_thumbnails(session.gallery)]
+    made in the background on first use) and for rows a large gallery's map does not draw
+    (`plots.map_sample`)."""
+    size = session.gallery.size
+    drawn = plots.map_sample(size)
+    paths = thumbnails.hover_thumbnails(session.gallery, None if drawn is None else drawn)
+    if drawn is None:
+        return [file_url(path) if path is not None else "" for path in paths]
+    urls = [""] * size  # a large gallery's map draws a sample: only its points hover
+    for row, path in zip(drawn.tolist(), paths, strict=True):
+        if path is not None:
+            urls[row] = file_url(path)
+    return urls
 
 
 def map_figure(session: GallerySession, view: QueryView | None, method: str, space: str,

@@ -13,6 +13,7 @@ import io
 import logging
 import textwrap
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -54,15 +55,19 @@ class ThumbnailCache:
             atomic_write_bytes(path, self._render(Path(source).absolute(), mark, side))
         return path
 
-    def hover_thumbnails(self, gallery: Gallery) -> list[Path | None]:
-        """The hover thumbnail of every gallery row, by row; None for one not made yet. The
-        missing ones are made by one background thread per gallery, started on the first call;
-        once it has made them all, a call returns the kept list without looking at the disk."""
+    def hover_thumbnails(self, gallery: Gallery, rows: Sequence[int] | None = None
+                         ) -> list[Path | None]:
+        """The hover thumbnail of every gallery row (or of `rows`, the points a large
+        gallery's map draws), in that order; None for one not made yet. The missing ones are
+        made by one background thread per gallery, started on the first call; once it has made
+        them all, a call returns the kept list without looking at the disk. A gallery is asked
+        for the same rows every time (the map's fixed sample)."""
         key = (gallery.root, gallery.size, gallery.fingerprint)
         with self._lock:
             paths = self._hover.get(key)
             if paths is None:
-                sources = [gallery.path_of(row) for row in range(gallery.size)]
+                chosen = range(gallery.size) if rows is None else rows
+                sources = [gallery.path_of(int(row)) for row in chosen]
                 paths = [self.path_for(source, None, HOVER_SIDE) for source in sources]
                 self._hover[key] = paths
                 missing = [source for source, path in zip(sources, paths, strict=True)

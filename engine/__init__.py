@@ -47,6 +47,7 @@ _PUBLIC: dict[str, str] = {
     "BASELINE": "engine.explorer",
     "CUSTOM": "engine.explorer",
     "DEFAULT_TOP_N": "engine.explorer",
+    "FULL_RANKING_LIMIT": "engine.explorer",
     "QUERY_MODELS": "engine.explorer",
     "Explorer": "engine.explorer",
     "Familiarity": "engine.explorer",

@@ -33,6 +33,11 @@ logger = logging.getLogger(__name__)
 
 SCORES_FILE = "scores.json"
 ONLINE_TIMING_QUERIES = 20
+SCORE_SAMPLE = 500
+"""Queries a gallery too large for whole leave-one-out runs is scored on (a fixed random
+sample; each a query against the rest): the mAP's 95 % interval is then about +-0.02."""
+BOOTSTRAP_RESAMPLES = 2000
+INTERVAL_LEVEL = 0.95
 UNKNOWN = "unknown"
 """What the table shows for a timing whose conditions were not recorded (scores cached before
 they were)."""
@@ -58,6 +63,37 @@ def split_context(features: np.ndarray, labels: np.ndarray, split: Split, *,
                              labels=labels[split.gallery_rows], training=training,
                              state_dir=state_dir)
     return context, (None if split.leave_one_out else features[split.query_rows])
+
+
+def sample_rows(size: int, count: int, seed_text: str) -> np.ndarray:
+    """A fixed random sample of `count` rows of `size` (all rows when fewer), ascending, seeded
+    by `seed_text` (the gallery's fingerprint): the same queries every time for one gallery."""
+    if count >= size:
+        return np.arange(size, dtype=np.int64)
+    seed = int(fingerprint([seed_text, "score sample"])[:12], 16)
+    return np.sort(np.random.default_rng(seed).choice(size, count, replace=False)).astype(
+        np.int64)
+
+
+def bootstrap_interval(values: np.ndarray, resamples: int = BOOTSTRAP_RESAMPLES,
+                       level: float = INTERVAL_LEVEL, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of `values` (NaN entries, queries without
+    positives, left out): `resamples` resamples with replacement, seeded. (NaN, NaN) without
+    values; a single value gives (value, value)."""
+    kept = np.asarray(values, np.float64)
+    kept = kept[np.isfinite(kept)]
+    if kept.size == 0:
+        return float("nan"), float("nan")
+    generator = np.random.default_rng(seed)
+    means = np.empty(resamples)
+    chunk = max(1, (1 << 22) // kept.size)  # about 32 MiB of indices at a time
+    for start in range(0, resamples, chunk):
+        stop = min(resamples, start + chunk)
+        picks = generator.integers(0, kept.size, (stop - start, kept.size))
+        means[start:stop] = kept[picks].mean(axis=1)
+    tail = (1.0 - level) / 2.0
+    low, high = np.quantile(means, [tail, 1.0 - tail])
+    return float(low), float(high)
 
 
 def score_split(indices: np.ndarray, split: Split, labels: np.ndarray,
@@ -140,6 +176,11 @@ class OnlineTiming:
 class MethodScores:
     """One method's leave-one-out scores on a gallery (NaN when the gallery has no labels).
 
+    map_low, map_high: the mAP's 95 % percentile bootstrap interval over the queries
+    (`resamples` resamples; None without labels, and in scores cached before intervals
+    were). sampled_from: the
+    gallery size when the queries are a fixed random sample of it (`SCORE_SAMPLE`), else None
+    (every item a query); n_queries counts the queries scored either way.
     online_ms: median time of one online query against the fitted gallery; measured_at, load
     and cpus: when and under what load it was measured (see `OnlineTiming`; None in scores
     cached before they were recorded, which still load and read "unknown").
@@ -156,20 +197,40 @@ class MethodScores:
     measured_at: str | None = None
     load: float | None = None
     cpus: int | None = None
+    map_low: float | None = None
+    map_high: float | None = None
+    sampled_from: int | None = None
+    resamples: int = 0
+
+    @property
+    def queries_text(self) -> str:
+        """Which queries the scores are over: "all 1360" or "500 sampled of 100000"."""
+        if self.sampled_from is None:
+            return f"all {self.n_queries}"
+        return f"{self.n_queries} sampled of {self.sampled_from}"
+
+    @property
+    def interval_text(self) -> str:
+        """The mAP's 95 % bootstrap interval, like "0.601 to 0.632" ("-" when unknown)."""
+        if self.map_low is None or self.map_high is None:
+            return "-"
+        return f"{self.map_low:.4f} to {self.map_high:.4f}"
 
     @property
     def online(self) -> OnlineTiming:
         return OnlineTiming(self.online_ms, self.measured_at, self.load, self.cpus)
 
 
-def without_self(distances: np.ndarray, indices: np.ndarray, depth: int
-                 ) -> tuple[np.ndarray, np.ndarray]:
-    """Drop each row's own index (row i is query i) wherever it landed, keep `depth` columns.
+def without_self(distances: np.ndarray, indices: np.ndarray, depth: int,
+                 query_rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Drop each row's own index (row i is query `query_rows[i]`, default i) wherever it
+    landed, keep `depth` columns.
 
     Duplicate images may outrank the query itself, so the query is removed by index, not by
     position; a row that does not contain itself keeps its first `depth` entries.
     """
-    keep = indices != np.arange(len(indices))[:, None]
+    rows = np.arange(len(indices)) if query_rows is None else np.asarray(query_rows)
+    keep = indices != rows[:, None]
     order = np.argsort(~keep, axis=1, kind="stable")[:, :depth]
     return (np.take_along_axis(distances, order, axis=1),
             np.take_along_axis(indices, order, axis=1))
@@ -211,19 +272,35 @@ def time_online(rank_one: Callable[[np.ndarray], Any], queries: np.ndarray) -> O
 
 
 def score_rankings(method: str, params: Mapping[str, Any], rankings: LeaveOneOutRankings,
-                   labels: np.ndarray | None, online: OnlineTiming) -> MethodScores:
-    """mAP, P@1 and P@5 of leave-one-out rankings against the gallery's labels (NaN without
-    labels), with the method's online timing and its conditions."""
+                   labels: np.ndarray | None, online: OnlineTiming,
+                   query_rows: np.ndarray | None = None, gallery_size: int | None = None
+                   ) -> MethodScores:
+    """mAP (with its bootstrap interval), P@1 and P@5 of leave-one-out rankings against the
+    gallery's labels (NaN without labels), with the method's online timing and its conditions.
+
+    `query_rows`: the gallery rows the rankings' rows are the queries of, when they are a
+    sample (`sample_rows`) of the `gallery_size` items; None when every gallery item is (row i
+    is item i).
+    """
     n_queries = len(rankings.indices)
     map_ = p1 = p5 = float("nan")
+    low = high = None
     if labels is not None and not (labels < 0).all():
         depth = rankings.indices.shape[1]
-        scores = score_split(rankings.indices, leave_one_out(labels), labels,
-                             ks=(1, min(5, depth)))
+        split = leave_one_out(labels)
+        rows = np.arange(len(labels)) if query_rows is None else np.asarray(query_rows)
+        scores = evaluate(rankings.indices, labels[rows], labels, ks=(1, min(5, depth)),
+                          n_positives=split.n_positives[rows])
         map_, p1, p5 = scores.map, scores.precision_at[1], scores.precision_at[min(5, depth)]
         n_queries -= scores.n_excluded
-    return MethodScores(method, dict(params), map_, p1, p5, online.ms, rankings.seconds,
-                        n_queries, online.measured_at, online.load, online.cpus)
+        if np.isfinite(scores.map):
+            low, high = bootstrap_interval(scores.per_query_ap)
+    sampled = query_rows is not None
+    return MethodScores(method, dict(params), map_, p1, p5, online.ms,
+                        float("nan") if sampled else rankings.seconds, n_queries,
+                        online.measured_at, online.load, online.cpus, low, high,
+                        gallery_size if sampled else None,
+                        0 if low is None else BOOTSTRAP_RESAMPLES)
 
 
 class ScoreCache:
@@ -263,19 +340,19 @@ class ScoreCache:
 
 
 def scores_table(rows: Sequence[MethodScores], titles: Mapping[str, str]) -> list[list[Any]]:
-    """Rows for a table: method title, mAP, P@1, P@5, online ms/query, when and under what
-    load that was measured ("unknown" for scores cached before it was recorded), batch s,
-    parameters."""
+    """Rows for a table: method title, mAP, its 95 % interval, the queries scored, P@1, P@5,
+    online ms/query, when and under what load that was measured ("unknown" for scores cached
+    before it was recorded), batch s (blank for sampled scores: no whole run), parameters."""
     def rounded(value: float, digits: int) -> float | None:
-        return None if np.isnan(value) else round(float(value), digits)
+        return None if not np.isfinite(value) else round(float(value), digits)
 
-    return [[titles.get(row.method, row.method), rounded(row.map, 4), rounded(row.p1, 4),
-             rounded(row.p5, 4), round(row.online_ms, 2), row.online.describe(),
-             round(row.batch_seconds, 3),
+    return [[titles.get(row.method, row.method), rounded(row.map, 4), row.interval_text,
+             row.queries_text, rounded(row.p1, 4), rounded(row.p5, 4), round(row.online_ms, 2),
+             row.online.describe(), rounded(row.batch_seconds, 3),
              ", ".join(f"{name}={value}" for name, value in row.params.items()) or "-"]
             for row in rows]
 
 
-SCORES_TABLE_COLUMNS = ("method", "mAP", "P@1", "P@5", "online ms/query", "measured",
-                        "batch s", "parameters")
+SCORES_TABLE_COLUMNS = ("method", "mAP", "mAP 95 % interval", "queries", "P@1", "P@5",
+                        "online ms/query", "measured", "batch s", "parameters")
 """Headers of `scores_table`'s columns, in order."""

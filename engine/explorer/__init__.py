@@ -12,8 +12,9 @@ from engine.explorer.results import (
     distance_note,
     method_title,
 )
-from engine.explorer.session import GallerySession
+from engine.explorer.session import FULL_RANKING_LIMIT, GallerySession
 from engine.rerank.setting import CUSTOM
 
-__all__ = ["BASELINE", "CUSTOM", "DEFAULT_TOP_N", "QUERY_MODELS", "Explorer", "Familiarity",
+__all__ = ["BASELINE", "CUSTOM", "DEFAULT_TOP_N", "FULL_RANKING_LIMIT", "QUERY_MODELS",
+           "Explorer", "Familiarity",
            "GallerySession", "QueryResult", "Ranking", "distance_note", "method_title"]

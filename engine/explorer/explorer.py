@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import threading
 import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
@@ -26,6 +27,7 @@ import numpy as np
 from engine.asymmetric.query_models import QUERY_MODELS
 from engine.core.jobs import Job, JobProgress, JobQueue
 from engine.core.plans import Plan, PlanStep
+from engine.core.storage import atomic_path, sha256_file
 from engine.core.types import check_features
 from engine.errors import InvalidInputError, UnknownNameError
 from engine.explorer.results import BASELINE, DEFAULT_TOP_N, QueryResult, Ranking
@@ -38,6 +40,7 @@ from engine.search.archive import (
     resolve_allowed_folder,
     write_upload_name,
 )
+from engine.search.features_file import FEATURE_FILE_FORMATS
 from engine.search.gallery import (
     DEMO_GALLERY,
     Gallery,
@@ -385,6 +388,26 @@ class Explorer:
             logger.info("zip entry %s not extracted: %s", entry, reason)
         write_upload_name(extracted.root, name or Path(archive).name)
         return extracted.root
+
+    def keep_features_upload(self, path: str | os.PathLike, *, name: str | None = None) -> Path:
+        """Copy an uploaded features file under `upload_root/features/<sha256>/`, named `name`
+        (default: its own name), reusing an earlier copy of the same bytes; returns the copy,
+        for `open_features(..., check_allowed=False)`. Only the copy is opened: Gradio may
+        delete its temporary upload at any time."""
+        source = Path(path)
+        if not source.is_file():
+            raise InvalidInputError(f"the uploaded features file {source.name} is gone")
+        name = Path(name or source.name).name
+        if Path(name).suffix.lower() not in FEATURE_FILE_FORMATS:
+            raise InvalidInputError(f"{name}: a features file must be one of "
+                                    f"{', '.join(sorted(FEATURE_FILE_FORMATS))}")
+        folder = self.upload_root / "features" / sha256_file(source)[:16]
+        kept = folder / name
+        if not kept.is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+            with atomic_path(kept) as temporary:
+                shutil.copyfile(source, temporary)
+        return kept
 
     def close(self, key: str) -> list[GallerySession]:
         """Forget an open gallery and the query-model variants opened from it (a public page

@@ -23,10 +23,12 @@ from engine.core.threads import background_threads
 from engine.errors import EngineError, InvalidInputError, JobCancelled
 from engine.evaluation.metrics import average_precision
 from engine.evaluation.scores import (
+    SCORE_SAMPLE,
     LeaveOneOutRankings,
     MethodScores,
     ScoreCache,
     median_ms,
+    sample_rows,
     score_rankings,
     time_online,
     timing_queries,
@@ -59,7 +61,9 @@ the gallery's default setting."""
 
 MAX_EXAMPLES = 8
 FULL_RANKING_LIMIT = 5000
-"""Galleries up to this size get full rankings (exact AP) and leave-one-out gallery picks."""
+"""Galleries up to this size get full rankings (exact AP), leave-one-out gallery picks and
+Compare scores over every item; above, picks are ranked online and the Compare table scores a
+fixed sample of `SCORE_SAMPLE` items, each ranked online against the rest."""
 PARTIAL_DEPTH = 1000
 """Ranking depth for larger galleries (AP is then AP@1000)."""
 FITTED_CACHE_SIZE = 16
@@ -233,11 +237,13 @@ class GallerySession:
         return fit
 
     def _schedule_runs(self, method: str) -> None:
-        """Queue `method`'s Compare scores (labelled galleries) and leave-one-out run."""
+        """Queue `method`'s Compare scores (labelled galleries) and leave-one-out run (up to
+        `FULL_RANKING_LIMIT` items: above, picks are ranked online and no whole run is made)."""
         if self.gallery.labels is not None:
             self._submit(("scores", method), f"{method_title(method)} scores",
                          functools.partial(self._scores_job, method))
-        self.leave_one_out(method, wait=False)
+        if self.full_rankings:
+            self.leave_one_out(method, wait=False)
 
     def train_now(self, method: str) -> Job:
         """Fit (train) `method` at its default setting next: its fit job is queued if it is
@@ -327,8 +333,9 @@ class GallerySession:
         if method in self.unavailable:
             return None
         self._check_fit_not_cancelled(method, self.setting(method))
-        progress(0.0, "scoring every image against the others")
-        return self.scores(method)
+        progress(0.0, "scoring every image against the others" if self.full_rankings
+                 else f"scoring a sample of {min(SCORE_SAMPLE, self.gallery.size)} images")
+        return self.scores(method, progress=progress)
 
     def _check_fit_not_cancelled(self, method: str, setting: MethodSetting) -> None:
         """Work that needs a method that learns, fitted at `setting`, is cancelled too when
@@ -448,8 +455,11 @@ class GallerySession:
         return self._leave_one_out.get(key, build)
 
     def scores(self, method: str, params: ParamsOrSetting = None,
-               cached_only: bool = False) -> MethodScores | None:
-        """Leave-one-out mAP, P@1, P@5 and online ms/query of a method (disk-cached).
+               cached_only: bool = False, progress: ProgressCallback | None = None
+               ) -> MethodScores | None:
+        """Leave-one-out mAP (with its 95 % bootstrap interval), P@1, P@5 and online ms/query
+        of a method (disk-cached): over every gallery item up to `FULL_RANKING_LIMIT`, above
+        over `score_sample`'s fixed sample, each ranked online against the rest.
 
         With `cached_only`, returns None instead of computing missing scores.
         """
@@ -458,16 +468,49 @@ class GallerySession:
         stored = self._scores.get(method, validated)
         if stored is not None or cached_only:
             return stored
-        rankings = self.leave_one_out(method, setting)
         online = time_online(self._rank_one(method, setting),
                              timing_queries(self.gallery.features))
-        scores = score_rankings(method, validated, rankings, self.gallery.labels, online)
+        if self.full_rankings:
+            rankings = self.leave_one_out(method, setting)
+            scores = score_rankings(method, validated, rankings, self.gallery.labels, online)
+        else:
+            rows = self.score_sample
+            rankings = self._sampled_rankings(method, setting, rows, progress)
+            scores = score_rankings(method, validated, rankings, self.gallery.labels, online,
+                                    query_rows=rows, gallery_size=self.gallery.size)
         self._scores.put(scores)
         return scores
 
-    def _rank_one(self, method: str, setting: MethodSetting) -> Callable[[np.ndarray], Any]:
-        """What the online timing times: one (1, d) query ranked online, top `DEFAULT_TOP_N`."""
-        k = min(DEFAULT_TOP_N, self.gallery.size)
+    @functools.cached_property
+    def score_sample(self) -> np.ndarray:
+        """The gallery rows a large gallery's Compare table is scored on: `SCORE_SAMPLE` fixed
+        random rows (seeded by the gallery's fingerprint)."""
+        return sample_rows(self.gallery.size, SCORE_SAMPLE, self.gallery.fingerprint)
+
+    def _sampled_rankings(self, method: str, setting: MethodSetting, rows: np.ndarray,
+                          progress: ProgressCallback | None) -> LeaveOneOutRankings:
+        """Each sampled gallery item's ranking of the others: ranked online against the fitted
+        gallery, its own row dropped, as a gallery pick of it is (`rank`)."""
+        depth = self.depth(leave_one_out=True)
+        rank = self._rank_one(method, setting, depth + 1)
+        found_indices, found_distances = [], []
+        started = time.perf_counter()
+        for done, row in enumerate(rows):
+            result = rank(self.gallery.features[row][None, :])
+            distances, indices = without_self(result.distances, result.indices, depth,
+                                              np.array([row]))
+            found_indices.append(indices[0])
+            found_distances.append(distances[0])
+            if progress is not None and done % 25 == 0:
+                progress(done / len(rows), f"scoring sampled image {done + 1}/{len(rows)}")
+        return LeaveOneOutRankings(np.stack(found_indices), np.stack(found_distances),
+                                   time.perf_counter() - started)
+
+    def _rank_one(self, method: str, setting: MethodSetting, k: int = DEFAULT_TOP_N
+                  ) -> Callable[[np.ndarray], Any]:
+        """One (1, d) query ranked online, top `k` (what the online timing times, at
+        `DEFAULT_TOP_N`)."""
+        k = min(k, self.gallery.size)
         if method == BASELINE:
             return lambda query: self.gallery.search(query, k)
         reranker = self.reranker(method, setting)

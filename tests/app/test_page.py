@@ -24,6 +24,7 @@ from app.page import build_app, launch_options
 from app.render import QueryView
 from app.text import ALL_CLASSES, BASELINE_LABEL, NO_CLASS, NO_PARAMETER, rank_change
 from app.thumbnails import FRAME_COLOURS
+from engine.errors import InvalidInputError
 from engine.evaluation import tuning
 from engine.evaluation.tuning import PRESETS_FILE, best_trial, sweep
 from engine.explorer import BASELINE, CUSTOM, Explorer, GallerySession, method_title
@@ -430,8 +431,12 @@ def test_compare_rows_have_one_row_per_method(handlers: PageHandlers,
     rows = handlers.compare_rows(session)
     assert [row[0] for row in rows] == [title for _, title in session.methods()]
     for row, (method, _) in zip(rows, session.methods(), strict=True):
-        assert 0 <= row[1] <= 1 and 0 <= row[2] <= 1 and 0 <= row[3] <= 1
-        assert row[1] == round(session.scores(method).map, 4)
+        assert 0 <= row[1] <= 1 and 0 <= row[4] <= 1 and 0 <= row[5] <= 1
+        scores = session.scores(method)
+        assert row[1] == round(scores.map, 4)
+        assert row[2] == f"{scores.map_low:.4f} to {scores.map_high:.4f}"
+        assert scores.map_low <= scores.map <= scores.map_high
+        assert row[3] == f"all {session.gallery.size}"
 
 
 # -- tuning ------------------------------------------------------------------------------------
@@ -710,3 +715,29 @@ def test_a_features_file_opens_from_the_folder_box(handlers: PageHandlers, explo
     with pytest.raises(gr.Error, match="features of another model"):
         handlers.search(key, str(UPLOAD), None, NO_CLASS, True, 4, BASELINE, "backbone",
                         *controls(handlers, session))
+
+
+def test_an_uploaded_features_file_opens_from_a_kept_copy(handlers: PageHandlers,
+                                                          explorer: Explorer,
+                                                          tmp_path: Path) -> None:
+    """A features file uploaded through the zip box (outside the allowed folders, as Gradio's
+    temporary files are) opens from a copy under the cache's uploads, which outlives the
+    temporary file; the same bytes uploaded again reuse that copy."""
+    rng = np.random.default_rng(1)
+    features = rng.normal(size=(12, 8)).astype(np.float32)
+    features /= np.linalg.norm(features, axis=1, keepdims=True)
+    upload = tmp_path / "gradio-temp" / "mine.npz"
+    upload.parent.mkdir()
+    np.savez(upload, features=features, labels=np.repeat(np.arange(3), 4))
+    updates = run_to_end(handlers.open_zip(None, str(upload)))
+    session = explorer.session(updates[handlers.ui.gallery].value)
+    assert session.gallery.size == 12 and "mine.npz" in updates[handlers.ui.header]
+    kept = explorer.keep_features_upload(upload)
+    assert kept.parent.parent == explorer.upload_root / "features" and kept.name == "mine.npz"
+    assert kept.read_bytes() == upload.read_bytes()
+    upload.unlink()  # Gradio cleans its temporary files; the gallery's source is the copy
+    assert session.gallery.size == 12 and kept.is_file()
+    notes = tmp_path / "gradio-temp" / "notes.txt"
+    notes.write_text("not features")
+    with pytest.raises(InvalidInputError, match="must be one of"):
+        explorer.keep_features_upload(notes)

@@ -8,6 +8,7 @@ import numpy as np
 import plotly.colors
 import pytest
 
+from app import plots
 from app.plots import (
     PALETTE,
     UNLABELLED_COLOUR,
@@ -331,3 +332,36 @@ def test_sweep_figure_without_trials():
     figure = sweep_figure([], ["k1"])
     assert len(figure.data) == 0
     assert figure.layout.annotations[0].text == "no trials yet"
+
+
+def test_a_large_map_draws_a_fixed_sample_and_always_the_results():
+    size, limit = 500, 120
+    coordinates = np.random.default_rng(2).normal(size=(size, 2))
+    files = [f"item{row}" for row in range(size)]
+    labels = np.arange(size) % 3
+    results = [7, 450, 499]
+    figure = embedding_figure(coordinates, files=files, labels=labels, class_names=["a", "b", "c"],
+                              query_row=3, result_rows=results, point_limit=limit)
+    gallery_traces = [trace for trace in figure.data if trace.name in ("a", "b", "c")]
+    drawn = sorted(point[0] for trace in gallery_traces for point in trace.customdata)
+    sample = plots.map_sample(size, limit)
+    assert drawn == sorted(files[row] for row in sample) and len(drawn) == limit
+    np.testing.assert_array_equal(sample, plots.map_sample(size, limit))  # fixed
+    result_trace = next(trace for trace in figure.data if trace.name == "results")
+    assert [point[0] for point in result_trace.customdata] == [files[row] for row in results]
+    assert "120 of 500 points drawn" in figure.layout.title.text
+    assert plots.map_sample(limit, limit) is None
+
+
+def test_a_map_of_many_classes_is_one_trace_coloured_per_point():
+    size = 200
+    coordinates = np.random.default_rng(3).normal(size=(size, 2))
+    labels = np.arange(size) // 2  # 100 classes
+    names = [f"class{label}" for label in range(100)]
+    figure = embedding_figure(coordinates, files=[str(row) for row in range(size)],
+                              labels=labels, class_names=names)
+    gallery = [trace for trace in figure.data if trace.name == "gallery"]
+    assert len(gallery) == 1 and len(gallery[0].x) == size
+    assert list(gallery[0].marker.color[:3]) == [plots.class_colour(0), plots.class_colour(0),
+                                                 plots.class_colour(1)]
+    assert "class: class1" in gallery[0].hovertext[2]

@@ -20,7 +20,9 @@ from engine.evaluation.scores import (
     MethodScores,
     OnlineTiming,
     ScoreCache,
+    bootstrap_interval,
     median_ms,
+    sample_rows,
     score_rankings,
     scores_table,
     time_online,
@@ -176,7 +178,7 @@ def test_scores_cached_before_timings_had_conditions_still_load(tmp_path) -> Non
     assert (loaded.map, loaded.online_ms) == (0.5, 3.25)
     assert (loaded.measured_at, loaded.load, loaded.cpus) == (None, None, None)
     assert loaded.online.describe() == "unknown"
-    assert scores_table([loaded], {})[0][5] == "unknown"
+    assert scores_table([loaded], {})[0][7] == "unknown"
 
 
 def test_score_cache_ignores_entries_of_another_version(tmp_path) -> None:
@@ -266,13 +268,63 @@ def test_timing_queries_spread_over_the_gallery() -> None:
 def test_scores_table_rows() -> None:
     rows = scores_table(
         [MethodScores("baseline", {}, 0.123456, 0.5, 0.4, 0.04449, 0.0004, 24,
-                      "2026-12-07T14:02:31+01:00", 1.26, 2),
+                      "2026-12-07T14:02:31+01:00", 1.26, 2, 0.1, 0.15, None, 2000),
          MethodScores("k_reciprocal", {"k1": 20, "k2": 6}, float("nan"), float("nan"),
-                      float("nan"), 6.789, 0.02116, 24)],
+                      float("nan"), 6.789, float("nan"), 500, sampled_from=100000)],
         {"baseline": "Baseline (faiss, cosine)"})
     assert rows == [
-        ["Baseline (faiss, cosine)", 0.1235, 0.5, 0.4, 0.04, "2026-12-07 14:02, load 1.3 on 2 CPUs",
-         0.0, "-"],
-        ["k_reciprocal", None, None, None, 6.79, "unknown", 0.021, "k1=20, k2=6"],
+        ["Baseline (faiss, cosine)", 0.1235, "0.1000 to 0.1500", "all 24", 0.5, 0.4, 0.04,
+         "2026-12-07 14:02, load 1.3 on 2 CPUs", 0.0, "-"],
+        ["k_reciprocal", None, "-", "500 sampled of 100000", None, None, 6.79, "unknown", None,
+         "k1=20, k2=6"],
     ]
     assert all(len(row) == len(SCORES_TABLE_COLUMNS) for row in rows)
+
+
+def test_bootstrap_interval_hand_cases() -> None:
+    assert bootstrap_interval(np.full(40, 0.25)) == (0.25, 0.25)  # no spread, no width
+    assert bootstrap_interval(np.array([0.7])) == (0.7, 0.7)
+    assert all(math.isnan(bound) for bound in bootstrap_interval(np.array([np.nan, np.nan])))
+    values = np.array([0.0, 1.0] * 50)
+    with_nan = np.concatenate([values, [np.nan] * 7])  # queries without positives: left out
+    assert bootstrap_interval(with_nan) == bootstrap_interval(values)
+    low, high = bootstrap_interval(values)
+    # The mean of 100 fair coin flips: sd 0.05, so a 95 % interval of about 0.40 to 0.60.
+    assert 0.38 < low < 0.42 and 0.58 < high < 0.62
+    assert bootstrap_interval(values, seed=3) == bootstrap_interval(values, seed=3)
+
+
+def test_bootstrap_interval_agrees_with_scipy() -> None:
+    """scipy's percentile bootstrap of the mean as the oracle: the bounds agree within the
+    resampling noise of 2000 resamples (a small fraction of the interval's width)."""
+    stats = pytest.importorskip("scipy.stats")
+    values = np.random.default_rng(5).beta(2, 3, 300)
+    low, high = bootstrap_interval(values)
+    oracle = stats.bootstrap((values,), np.mean, n_resamples=20000, method="percentile",
+                             confidence_level=0.95, random_state=1).confidence_interval
+    width = oracle.high - oracle.low
+    assert width > 0.03
+    assert abs(low - oracle.low) < 0.08 * width and abs(high - oracle.high) < 0.08 * width
+
+
+def test_sample_rows_are_fixed_per_seed_and_sorted() -> None:
+    rows = sample_rows(100000, 500, "gallery-a")
+    assert rows.shape == (500,) and np.all(np.diff(rows) > 0) and rows[-1] < 100000
+    np.testing.assert_array_equal(rows, sample_rows(100000, 500, "gallery-a"))
+    assert not np.array_equal(rows, sample_rows(100000, 500, "gallery-b"))
+    np.testing.assert_array_equal(sample_rows(30, 500, "x"), np.arange(30))
+
+
+def test_sampled_scores_are_those_queries_leave_one_out_terms() -> None:
+    """Rankings of sampled rows 1 and 4 of a 6-item gallery (labels 0 0 0 1 1 1): each is
+    scored against its class less itself, and the table says which queries it covers."""
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    indices = np.array([[0, 3, 2, 4, 5],    # query 1: hits at ranks 1 and 3 of 2 positives
+                        [5, 3, 0, 1, 2]])   # query 4: hits at ranks 1 and 2
+    rankings = LeaveOneOutRankings(indices, np.zeros(indices.shape), 1.0)
+    scores = score_rankings("m", {}, rankings, labels, OnlineTiming(1.0),
+                            query_rows=np.array([1, 4]), gallery_size=6)
+    assert scores.map == pytest.approx(((1 + 2 / 3) / 2 + 1.0) / 2)
+    assert scores.p1 == 1.0 and scores.n_queries == 2 and scores.sampled_from == 6
+    assert scores.queries_text == "2 sampled of 6" and math.isnan(scores.batch_seconds)
+    assert scores.map_low == pytest.approx((1 + 2 / 3) / 2) and scores.map_high == 1.0

@@ -85,3 +85,28 @@ def test_load_starts_on_the_features_gallery(features_explorer, tmp_path: Path) 
     assert len(explorer.galleries) == 1
     with pytest.raises(InvalidInputError, match="give a gallery folder or a features file"):
         Explorer.load(None, device="cpu", cache_root=tmp_path / "cache")
+
+
+def test_a_large_gallery_is_scored_on_a_fixed_sample_its_picks_reproduce(
+        features_explorer, monkeypatch) -> None:
+    """Above FULL_RANKING_LIMIT the Compare table scores SCORE_SAMPLE fixed items, each ranked
+    online against the rest; the AP a pick of each shows averages to that mAP, and no whole
+    leave-one-out run is made."""
+    from engine.explorer import session as session_module
+
+    monkeypatch.setattr(session_module, "FULL_RANKING_LIMIT", 20)
+    monkeypatch.setattr(session_module, "SCORE_SAMPLE", 12)
+    explorer, path = features_explorer
+    session = explorer.open_features(path)
+    assert not session.full_rankings
+    rows = session.score_sample
+    assert len(rows) == 12 and len(set(rows.tolist())) == 12
+    for method in (BASELINE, "sgrr"):
+        scores = session.scores(method)
+        assert (scores.n_queries, scores.sampled_from) == (12, 30)
+        assert scores.queries_text == "12 sampled of 30"
+        assert scores.map_low <= scores.map <= scores.map_high
+        picked = [explorer.query(session.key, source_file=session.gallery.files[row],
+                                 top_n=5).rankings[method].ap for row in rows]
+        assert np.mean(picked) == pytest.approx(scores.map, abs=1e-9)
+    assert session._leave_one_out.peek((BASELINE,)) is None

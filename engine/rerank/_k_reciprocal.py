@@ -193,7 +193,8 @@ def pair_squared_distances(features: np.ndarray, row_ids: np.ndarray, member_ids
         if lists is not None:
             hits = lists.indices[rows] == members[:, None]
             found = hits.any(axis=1)
-            part[found] = lists.distances[rows[found], hits[found].argmax(axis=1)]
+            part[found] = squared_from_similarity(
+                lists.similarities[rows[found], hits[found].argmax(axis=1)])
             missing = ~found
         part[missing] = squared_from_similarity(
             canonical_pair_similarity(features, rows[missing], members[missing]))

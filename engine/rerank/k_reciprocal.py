@@ -184,10 +184,8 @@ class KReciprocalReranker(Reranker):
         del row_ids, member_ids
         padded_lists = np.vstack([np.zeros((1, depth), np.int64), lists.indices[:, :depth] + 1])
         self._encoding = encoding
-        gallery_rows = local_query_expansion(encoding, padded_lists, k2, np.arange(1, size + 1))
-        # node 0 (the query) has no stored row
-        self._expanded_columns = sp.vstack([sp.csr_matrix((1, size + 1), dtype=np.float32),
-                                            gallery_rows]).tocsc()
+        # node 0 (the query) has no stored row: its V row and so its V_qe row are empty
+        self._expanded_columns = local_query_expansion(encoding, padded_lists, k2).tocsc()
 
     def _final(self, overlap: np.ndarray, squared: np.ndarray, row_max: np.ndarray
                ) -> np.ndarray:

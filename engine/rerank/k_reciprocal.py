@@ -173,6 +173,7 @@ class KReciprocalReranker(Reranker):
         self._listed_by = _inverted_heads(node_lists)
         self._list_floor = lists.similarities[:, :depth].min(axis=1)  # a query below: no entry
         self._farthest = np.asarray(lists.farthest, np.float32)
+        self._row_max = squared_from_similarity(self._farthest)
         row_ids, member_ids = k_reciprocal_expansion(lists.indices, k1, masks=masks)
         squared = pair_squared_distances(context.features, row_ids, member_ids, lists)
         # R* pair distances by node key, so a query looks up the pairs it keeps
@@ -469,7 +470,7 @@ class KReciprocalReranker(Reranker):
             stored=stored.indices, query_row=query_row, entered=entered + 1,
             entered_rows=entered_rows, positions=positions, lowered=lowered + 1,
             lowered_max=squared_from_similarity(similarities.exact(lowered)),
-            stored_max=stored.row_max,
+            stored_max=self._row_max,
             query_row_max=squared_from_similarity(np.float32(query_farthest)))
 
     def _patched_overlap(self, graph: _QueryGraph, similarities: _QuerySimilarities,
@@ -703,7 +704,7 @@ class _QueryGraph:
 
     def row_max(self, nodes: np.ndarray) -> np.ndarray:
         """Each node's largest squared distance (the encoding's normaliser), (len(nodes),)."""
-        result = self.stored_max[np.maximum(nodes - 1, 0)].astype(np.float32)
+        result = self.stored_max[np.maximum(nodes - 1, 0)]
         result[nodes == 0] = self.query_row_max
         slot, hit = _lookup(self.lowered, nodes)
         result[hit] = self.lowered_max[slot[hit]]

@@ -1,8 +1,12 @@
 """Embedding on a local Ray cluster: the single-process extractor's features, resume by shard,
-bad files skipped and listed. Skipped where Ray is not installed (requirements-scale.txt)."""
+bad files skipped and listed. Skipped where Ray is not installed (requirements-scale.txt),
+except where RETRIEVAL_EXPLORER_REQUIRE_RAY is set (CI installs Ray and sets it: a missing Ray
+is then a failure, not a silent skip)."""
 
 from __future__ import annotations
 
+import importlib
+import os
 import shutil
 from pathlib import Path
 
@@ -16,8 +20,9 @@ from engine.features.backbone import FeatureExtractor
 from engine.search.features_file import load_features_file
 from tests.galleries import make_gallery
 
-ray = pytest.importorskip(
-    "ray", reason="Ray is an optional extra: pip install -r requirements-scale.txt")
+ray = (importlib.import_module("ray") if os.environ.get("RETRIEVAL_EXPLORER_REQUIRE_RAY")
+       else pytest.importorskip(
+           "ray", reason="Ray is an optional extra: pip install -r requirements-scale.txt"))
 
 PER_CLASS = 3
 SHARD_SIZE = 3

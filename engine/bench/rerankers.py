@@ -342,6 +342,8 @@ def extraction_speed(folder: Path, count: int, device: str) -> tuple[float, int]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if "--scale" in (sys.argv[1:] if argv is None else argv):  # the scale table
+        return __import__("engine.bench.scale", fromlist=["main"]).main(argv)
     parser = argparse.ArgumentParser(prog="python -m engine.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group()

@@ -14,7 +14,8 @@ queries. Then:
   the resident memory it added;
 - the gallery kNN graph (`engine.search.gallery.build_knn_graph`: exact up to
   `EXACT_GRAPH_MAX` items, through an approximate index above): seconds, recall of the exact
-  lists on 200 rows, and the mean error of the farthest similarity on those rows;
+  lists (all `--depth` entries, and the first 10) on 200 rows, and the mean error of the
+  farthest similarity on those rows;
 - per registered training-free method (and those that learn with `--learned`): fit seconds on
   `GalleryContext(features, knn=graph)`, online ms/query median and p95 over the held-out
   queries (wall, and CPU of the calling thread), batch seconds of the held-out queries where
@@ -125,6 +126,7 @@ class SizeResult:
     graph_cpu: float = 0.0
     graph_mib: float = 0.0
     graph_recall: float | None = None
+    graph_recall_10: float | None = None
     farthest_error: float | None = None
     load: str = ""
     methods: list[MethodRow] = field(default_factory=list)
@@ -198,6 +200,7 @@ def run_size(size: int, dim: int, *, store: str = "float32", index_kind: str = "
              methods: Sequence[str] = (), k: int = 100, device: str = "cpu",
              batch_max: int = DEFAULT_BATCH_MAX, folder: Path | None = None) -> SizeResult:
     """One size's measurements (see the module docstring)."""
+    from engine.core.knn import graph_recall
     from engine.search.gallery import build_knn_graph
     from engine.search.index import SearchIndex
 
@@ -230,6 +233,8 @@ def run_size(size: int, dim: int, *, store: str = "float32", index_kind: str = "
     rows = np.sort(np.random.default_rng(1).choice(len(gallery), min(RECALL_ROWS, len(gallery)),
                                                    replace=False))
     result.farthest_error = farthest_error(gallery, graph.farthest, rows)
+    result.graph_recall_10 = (1.0 if graph.canonical
+                              else graph_recall(gallery, graph.indices[:, :10], rows))
     logger.info("N=%d: %s", size, result)
     if methods:
         result.methods = run_methods(gallery, graph, queries, methods, min(k, len(gallery)),
@@ -241,7 +246,7 @@ def format_results(results: Sequence[SizeResult], machine: str) -> str:
     """The index/graph table, then one method table per size."""
     headers = ["N", "d", "store", "index", "build s (CPU s)", "index MiB", "recall@10",
                "recall@100", "kNN graph", "graph s (CPU s)", "graph MiB", "graph recall",
-               "farthest error", "load"]
+               "graph recall@10", "farthest error", "load"]
     rows = []
     for r in results:
         rows.append([str(r.size), str(r.dim), r.store, r.index_kind,
@@ -249,7 +254,8 @@ def format_results(results: Sequence[SizeResult], machine: str) -> str:
                      cell(r.recall.get("recall@10"), ".3f"),
                      cell(r.recall.get("recall@100"), ".3f"), r.graph,
                      f"{r.graph_seconds:.1f} ({r.graph_cpu:.1f})", f"{r.graph_mib:.0f}",
-                     cell(r.graph_recall, ".3f"), cell(r.farthest_error, ".2g"), r.load])
+                     cell(r.graph_recall, ".3f"), cell(r.graph_recall_10, ".3f"),
+                     cell(r.farthest_error, ".2g"), r.load])
     parts = [markdown_table(f"Index and kNN graph ({machine}); recall against exact search on "
                             f"{RECALL_ROWS} gallery rows", headers, rows)]
     for r in results:

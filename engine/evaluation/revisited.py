@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from engine.errors import InvalidInputError
+from engine.core.storage import atomic_write_json, fingerprint, load_json
+from engine.errors import CacheError, InvalidInputError
 from engine.evaluation.metrics import (
     _average_precision,
     _check_indices,
@@ -250,3 +251,184 @@ def align_revisitop_gnd(data: Mapping[str, Any], gallery_names: Sequence[str],
         entries[int(row)] = {key: gallery_rows[np.asarray(entry[key], dtype=np.int64)].tolist()
                              for key in ("easy", "hard", "junk")}
     return entries
+
+
+def ground_truth_for(data: Mapping[str, Any], gallery_names: Sequence[str],
+                     query_names: Sequence[str], source: str = "the ground truth"
+                     ) -> list[dict[str, list[int]]]:
+    """`align_revisitop_gnd` after checking the counts first, so that a ground truth made for
+    another gallery or query set says so plainly (with both numbers) before naming items.
+
+    Args:
+        data: `load_revisitop_gnd(path)`. source: what the messages call it (its file name).
+        gallery_names, query_names: the gallery's and the queries' item names.
+
+    Raises:
+        InvalidInputError: a count or a name that does not match.
+    """
+    for key, names, what in (("qimlist", query_names, "queries"),
+                             ("imlist", gallery_names, "gallery items")):
+        if len(data[key]) != len(names):
+            raise InvalidInputError(
+                f"{source} has {len(data[key])} {what} ({key!r}) but {len(names)} were given: "
+                f"it belongs to another {'query set' if key == 'qimlist' else 'gallery'}")
+    return align_revisitop_gnd(data, gallery_names, query_names)
+
+
+@dataclass(frozen=True)
+class QueryGroundTruthScore:
+    """One query's ranking scored by its revisited ground truth in one protocol.
+
+    ap: AP in [0, 1] (trapezoid, junk removed: its term in `revisited_map`'s mAP), NaN when
+        the protocol gives the query no positives. precision: the fraction of positives among
+        the first `top_n` places once junk is removed. n_positives: the protocol's positives.
+    hits: (k,) bool in the ranking's own order (junk included), True at a positive; junk: the
+        same for junk items (neither hit nor miss), for the page's marks.
+    """
+
+    ap: float
+    precision: float
+    n_positives: int
+    hits: np.ndarray
+    junk: np.ndarray
+
+
+def score_query(indices: Any, entry: Mapping[str, Any], protocol: str = "medium",
+                top_n: int = 10) -> QueryGroundTruthScore:
+    """Score one query's ranking (k,) of gallery rows by its ground-truth `entry` ('easy',
+    'hard', 'junk' lists of gallery rows) under `protocol`, with the code `revisited_map` uses,
+    so that the AP is this query's term in the table's mAP (for the same ranking depth)."""
+    if protocol not in REVISITED_PROTOCOLS:
+        raise InvalidInputError(f"protocol must be one of {', '.join(REVISITED_PROTOCOLS)}, "
+                                f"got {protocol!r}")
+    row = _check_indices(np.asarray(indices).reshape(1, -1))
+    _check_gnd([entry], 1)
+    positives, junk = _protocol_lists([entry], protocol)
+    relevant = relevance_from_lists(row, positives, junk)
+    count = np.array([len(positives[0])], dtype=np.int64)
+    ap = float(_average_precision(relevant, _check_n_positives(count, relevant),
+                                  "trapezoid")[0])
+    shown = relevant[0, :max(1, min(int(top_n), relevant.shape[1]))]
+    return QueryGroundTruthScore(
+        ap=ap, precision=float(shown.mean()), n_positives=int(count[0]),
+        hits=np.isin(row[0], np.asarray(positives[0], np.int64)),
+        junk=np.isin(row[0], np.asarray(junk[0], np.int64)))
+
+
+@dataclass(frozen=True)
+class RevisitedRun:
+    """One method's revisited scores on a gallery and query set, as the Compare table shows
+    them: the method, its parameters, its `RevisitedScores` (percent) and the seconds its
+    batch ranking of the queries took."""
+
+    method: str
+    params: dict[str, Any]
+    scores: RevisitedScores
+    batch_seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (NaN as None, cut-offs as strings)."""
+        scores = self.scores
+
+        def number(value: float) -> float | None:
+            return None if not np.isfinite(value) else float(value)
+
+        return {"method": self.method, "params": dict(self.params),
+                "batch_seconds": float(self.batch_seconds),
+                "map": {p: number(v) for p, v in scores.map.items()},
+                "mp_at": {p: {str(k): number(v) for k, v in cut.items()}
+                          for p, cut in scores.mp_at.items()},
+                "n_excluded": dict(scores.n_excluded), "n_queries": scores.n_queries,
+                "per_query_ap": {p: [number(v) for v in ap.tolist()]
+                                 for p, ap in scores.per_query_ap.items()}}
+
+    @classmethod
+    def from_dict(cls, stored: Mapping[str, Any]) -> RevisitedRun:
+        """The run `to_dict` wrote; KeyError, TypeError or ValueError when it is not one."""
+        def number(value: Any) -> float:
+            return float("nan") if value is None else float(value)
+
+        scores = RevisitedScores(
+            map=MappingProxyType({p: number(stored["map"][p]) for p in REVISITED_PROTOCOLS}),
+            mp_at=MappingProxyType({p: MappingProxyType(
+                {int(k): number(v) for k, v in stored["mp_at"][p].items()})
+                for p in REVISITED_PROTOCOLS}),
+            n_excluded=MappingProxyType({p: int(stored["n_excluded"][p])
+                                         for p in REVISITED_PROTOCOLS}),
+            per_query_ap=MappingProxyType({p: _frozen(np.array(
+                [number(v) for v in stored["per_query_ap"][p]], np.float64))
+                for p in REVISITED_PROTOCOLS}),
+            n_queries=int(stored["n_queries"]))
+        return cls(str(stored["method"]), dict(stored["params"]), scores,
+                   float(stored["batch_seconds"]))
+
+
+REVISITED_SCORES_FILE = "revisited-scores.json"
+
+
+class RevisitedCache:
+    """Revisited runs by (gallery fingerprint, query set fingerprint, method, parameters) in
+    `folder/revisited-scores.json`, beside the gallery's `scores.json` (`ScoreCache`): a
+    damaged file reads as empty and is replaced on the next write; writes are atomic."""
+
+    def __init__(self, folder: Path, gallery_fingerprint: str, queries_fingerprint: str
+                 ) -> None:
+        self.path = Path(folder) / REVISITED_SCORES_FILE
+        self.fingerprints = [gallery_fingerprint, queries_fingerprint]
+
+    def key(self, method: str, params: Mapping[str, Any]) -> str:
+        return fingerprint([*self.fingerprints, method, dict(params)])
+
+    def _read(self) -> dict[str, Any]:
+        if not self.path.is_file():
+            return {}
+        try:
+            stored = load_json(self.path)
+        except CacheError:
+            return {}
+        return stored if isinstance(stored, dict) else {}
+
+    def get(self, method: str, params: Mapping[str, Any]) -> RevisitedRun | None:
+        entry = self._read().get(self.key(method, params))
+        try:
+            return None if entry is None else RevisitedRun.from_dict(entry)
+        except (KeyError, TypeError, ValueError, AttributeError):  # another version's entry
+            return None
+
+    def put(self, run: RevisitedRun) -> None:
+        stored = self._read()
+        stored[self.key(run.method, run.params)] = run.to_dict()
+        atomic_write_json(self.path, stored)
+
+
+REVISITED_TABLE_KAPPAS = (1, 5, 10)
+REVISITED_TABLE_COLUMNS: tuple[str, ...] = (
+    "method",
+    *(f"{protocol[0].upper()} {what}" for protocol in REVISITED_PROTOCOLS
+      for what in ("mAP", *(f"mP@{kappa}" for kappa in REVISITED_TABLE_KAPPAS))),
+    "queries", "batch s", "parameters")
+"""Headers of `revisited_table`'s columns: per setting (E, M, H) mAP and mP@1/5/10."""
+
+
+def revisited_table(runs: Sequence[RevisitedRun], titles: Mapping[str, str]) -> list[list[Any]]:
+    """Rows for a table (`REVISITED_TABLE_COLUMNS`): the method's title, per setting mAP and
+    mP@1/5/10 in percent (2 decimals; blank where no query has positives), the queries scored
+    (those without positives in a setting named), batch seconds and the parameters."""
+    def rounded(value: float) -> float | None:
+        return None if not np.isfinite(value) else round(float(value), 2)
+
+    rows = []
+    for run in runs:
+        scores = run.scores
+        row: list[Any] = [titles.get(run.method, run.method)]
+        for protocol in REVISITED_PROTOCOLS:
+            row += [rounded(scores.map[protocol]),
+                    *(rounded(scores.mp_at[protocol].get(kappa, float("nan")))
+                      for kappa in REVISITED_TABLE_KAPPAS)]
+        left_out = [f"{count} without positives in {protocol}"
+                    for protocol, count in scores.n_excluded.items() if count]
+        row += [f"{scores.n_queries}" + (f" ({'; '.join(left_out)})" if left_out else ""),
+                round(run.batch_seconds, 3),
+                ", ".join(f"{name}={value}" for name, value in run.params.items()) or "-"]
+        rows.append(row)
+    return rows

@@ -13,6 +13,7 @@ job's one-line state and may cancel it (`JobQueue.cancel`).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -27,11 +28,12 @@ import numpy as np
 from engine.asymmetric.query_models import QUERY_MODELS
 from engine.core.jobs import Job, JobProgress, JobQueue
 from engine.core.plans import Plan, PlanStep
-from engine.core.storage import atomic_path, sha256_file
+from engine.core.storage import atomic_path, fingerprint, sha256_file
 from engine.core.types import check_features
 from engine.errors import InvalidInputError, UnknownNameError
+from engine.evaluation.revisited import ground_truth_for, load_revisitop_gnd
 from engine.explorer.results import BASELINE, DEFAULT_TOP_N, QueryResult, Ranking
-from engine.explorer.session import GallerySession
+from engine.explorer.session import GallerySession, QuerySet
 from engine.features.backbone import FeatureExtractor, get_extractor
 from engine.rerank import list_rerankers
 from engine.search.archive import (
@@ -40,7 +42,7 @@ from engine.search.archive import (
     resolve_allowed_folder,
     write_upload_name,
 )
-from engine.search.features_file import FEATURE_FILE_FORMATS
+from engine.search.features_file import FEATURE_FILE_FORMATS, load_query_features
 from engine.search.gallery import (
     DEMO_GALLERY,
     Gallery,
@@ -92,17 +94,24 @@ class Explorer:
              allowed_roots: Sequence[str | os.PathLike] | None = None,
              methods: Sequence[str] | None = None, jobs: JobQueue | None = None,
              requests: JobQueue | None = None, features: str | os.PathLike | None = None,
-             features_images: str | os.PathLike | None = None) -> Explorer:
+             features_images: str | os.PathLike | None = None,
+             features_queries: str | os.PathLike | None = None,
+             ground_truth: str | os.PathLike | None = None) -> Explorer:
         """The explorer with its first gallery open (indexed, or loaded from its cache; with
         `jobs`, the rest of its preparation queued there). With `features`, the first gallery
-        is that features file (`open_features`, thumbnails from `features_images`), and the
-        folder, when not None, opens after it."""
+        is that features file (`open_features`, thumbnails from `features_images`, query
+        features from `features_queries` scored by `ground_truth`), and the folder, when not
+        None, opens after it."""
+        if (features_queries is not None or ground_truth is not None) and features is None:
+            raise InvalidInputError("query features and ground truth go with a features file "
+                                    "(features=...)")
         explorer = cls(get_extractor(device=device), device=device, cache_root=cache_root,
                        allowed_roots=allowed_roots, methods=methods, jobs=jobs,
                        requests=requests)
         if features is not None:
             explorer.open_features(features, images=features_images, progress=progress,
-                                   check_allowed=False)
+                                   check_allowed=False, queries=features_queries,
+                                   ground_truth=ground_truth)
         if folder is not None:
             explorer.open_folder(folder, progress=progress, check_allowed=False)
         elif features is None:
@@ -220,16 +229,35 @@ class Explorer:
                       names: Sequence[str] | None = None,
                       labels: Sequence[int] | np.ndarray | None = None, metric: str = "cosine",
                       normalize: str = "warn", progress: ProgressCallback | None = None,
-                      check_allowed: bool = True, name: str | None = None) -> GallerySession:
+                      check_allowed: bool = True, name: str | None = None,
+                      queries: str | os.PathLike | None = None,
+                      ground_truth: str | os.PathLike | None = None) -> GallerySession:
         """Open a gallery from a features file (`Gallery.open_features`), titled by the file's
-        name (or `name`). With `check_allowed`, the file and the image folder must lie inside
-        one of `allowed_roots`. Its queries are its own items or query features: an image
-        cannot be embedded into another model's feature space (`query`)."""
+        name (or `name`). With `check_allowed`, the file, the image folder and the query and
+        ground-truth files must lie inside one of `allowed_roots`. Its queries are its own
+        items or query features: an image cannot be embedded into another model's feature
+        space (`query`).
+
+        `queries`: a features file of query vectors (a query/gallery split), checked as the
+        gallery's (`load_query_features`: the same dimension, `metric` and `normalize`) and
+        kept on the session (`GallerySession.query_set`, `query_from_set`). `ground_truth`: a
+        revisited Oxford/Paris ground-truth file (gnd_roxford5k.pkl style) for those queries,
+        matched by name; the Compare table is then the revisited one. They are checked before
+        the session is made or changed: a bad file raises InvalidInputError and leaves an
+        open session as it was (the gallery's index cache is kept either way).
+        """
+        if ground_truth is not None and queries is None:
+            raise InvalidInputError("a ground-truth file needs query features (queries=...): "
+                                    "it scores their rankings")
         source = Path(path).expanduser().resolve()
         if check_allowed:
             resolve_allowed_folder(source.parent, self.allowed_roots)
             if images is not None:
                 images = resolve_allowed_folder(images, self.allowed_roots)
+            for extra in (queries, ground_truth):
+                if extra is not None:
+                    resolve_allowed_folder(Path(extra).expanduser().resolve().parent,
+                                           self.allowed_roots)
         with self._lock:
             gate = self._open_locks.setdefault(source, threading.Lock())
         with gate:
@@ -237,13 +265,19 @@ class Explorer:
                                             metric=metric, normalize=normalize,
                                             cache_root=self.cache_root, device=self.device)
             key = gallery.cache_dir.name
+            query_set = None if queries is None else load_query_set(
+                gallery, queries, ground_truth, metric=metric, normalize=normalize)
             known = self.galleries.get(key)
             if known is not None and known.gallery.fingerprint == gallery.fingerprint:
                 known.name = name or known.name
+                if query_set is not None:
+                    known.attach_queries(query_set)
                 return known
             session = GallerySession(key, gallery, self.device, self.method_names,
                                      jobs=self.jobs, name=name or source.name)
             self._prepare(session, progress)
+            if query_set is not None:
+                session.attach_queries(query_set)
             with self._lock:
                 self.galleries[key] = session
             logger.info("opened features gallery %s: %d items, %d classes", source,
@@ -523,6 +557,42 @@ class Explorer:
                            session.embedded_by, not_ready,
                            session.familiarity(feature, source_row, leave_out))
 
+    def query_from_set(self, key: str | None, name: str, *,
+                       params: Mapping[str, Mapping[str, Any]] | None = None,
+                       top_n: int = DEFAULT_TOP_N) -> QueryResult:
+        """Rank the gallery for one query of the session's query features (`query` with its
+        `query_feature`), every method. With revisited ground truth each ranking carries the
+        query's Medium-protocol AP (junk removed; its term in the Compare table's Medium mAP)
+        and precision at `top_n`; else, when the query has a label, its class-based AP."""
+        session = self.session(key)
+        queries = session.query_set
+        if queries is None:
+            raise InvalidInputError(f"{session.title} has no query features; open it with "
+                                    "a queries file (launch.py --features-queries)")
+        row = queries.row_of(name)
+        label = None if queries.labels is None else int(queries.labels[row])
+        query_class = (None if label is None or label < 0 or queries.gnd is not None
+                       else session.gallery.class_names[label])
+        result = self.query(session.key, query_feature=queries.features[row],
+                            query_class=query_class, params=params, top_n=top_n)
+        if queries.gnd is None:
+            return result
+        return self.score_from_set(result, row)
+
+    def score_from_set(self, result: QueryResult, row: int) -> QueryResult:
+        """A query-set query's result with every ranking scored by the revisited ground truth
+        of query `row` (Medium protocol), and its number of positives."""
+        session = self.session(result.gallery_key)
+        queries = session.query_set
+        if queries is None or queries.gnd is None:
+            return result
+        entry = queries.gnd[row]
+        rankings = {method: session.score_ground_truth(ranking, row, result.top_n)
+                    for method, ranking in result.rankings.items()}
+        return dataclasses.replace(result, rankings=rankings, query_label=None,
+                                   query_class=None,
+                                   n_positives=len(entry["easy"]) + len(entry["hard"]))
+
     def rerank(self, result: QueryResult, method: str, params: Mapping[str, Any] | None
                ) -> QueryResult:
         """The same query with one method re-run at new parameters."""
@@ -536,6 +606,37 @@ class Explorer:
         ranking = session.score(ranking, result.query_label, result.n_positives, result.top_n,
                                 result.feature)
         return result.with_ranking(ranking)
+
+
+def load_query_set(gallery: Gallery, queries: str | os.PathLike,
+                   ground_truth: str | os.PathLike | None = None, *, metric: str = "cosine",
+                   normalize: str = "warn") -> QuerySet:
+    """Read and check query features for a gallery opened from a features file, and their
+    revisited ground truth when given (matched by name, counts first: `ground_truth_for`).
+    Nothing is kept or changed here: the caller attaches the result to a session.
+
+    Raises:
+        InvalidInputError: a queries file of another dimension, with NaN rows, ...; a ground
+            truth of another number of queries or items, or with names that do not match.
+    """
+    if gallery.source is None:
+        raise InvalidInputError("query features go with a gallery opened from a features "
+                                "file; a folder's queries are its images")
+    loaded = load_query_features(queries, dim=int(gallery.meta.dim),
+                                 class_names=gallery.class_names, metric=metric,
+                                 normalize=normalize, gallery_name=f"the gallery "
+                                 f"{gallery.source.name}")
+    features = np.ascontiguousarray(loaded.features, np.float32)
+    gnd = truth_name = None
+    digest = loaded.sha256
+    if ground_truth is not None:
+        truth = Path(ground_truth).expanduser().resolve()
+        data = load_revisitop_gnd(truth)
+        gnd = ground_truth_for(data, gallery.files, loaded.names, truth.name)
+        truth_name, digest = truth.name, f"{digest}+{sha256_file(truth)[:16]}"
+    return QuerySet(source=loaded.path.name, names=list(loaded.names), features=features,
+                    labels=loaded.labels, fingerprint=fingerprint([digest, loaded.normalised]),
+                    ground_truth=truth_name, gnd=gnd)
 
 
 def _query_model(name: str) -> Any:

@@ -22,6 +22,14 @@ from engine.core.storage import fingerprint
 from engine.core.threads import background_threads
 from engine.errors import EngineError, InvalidInputError, JobCancelled
 from engine.evaluation.metrics import average_precision
+from engine.evaluation.revisited import (
+    REVISITED_TABLE_COLUMNS,
+    RevisitedCache,
+    RevisitedRun,
+    revisited_map,
+    revisited_table,
+    score_query,
+)
 from engine.evaluation.scores import (
     SCORE_SAMPLE,
     LeaveOneOutRankings,
@@ -70,6 +78,40 @@ FITTED_CACHE_SIZE = 16
 LEAVE_ONE_OUT_CACHE_SIZE = 8
 MEASURE_NOW_QUERIES = 5
 """Queries `measure_online` times: a median in well under a second for every method."""
+
+
+REVISITED_DEPTH = 100_000
+"""The revisited Compare table ranks the whole gallery for each query (as revisitop scores) up
+to this many items; a larger gallery is ranked to this depth (positives beyond it count as
+misses)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class QuerySet:
+    """Query features of a gallery opened from a features file (a query/gallery split), kept
+    on its session: the page offers them as queries and, with ground truth, scores them.
+
+    source: the queries file's name. names: Q unique item names. features: (Q, d) float32 unit
+    rows in the gallery's feature space. labels: (Q,) int64 gallery labels (-1: none), or None.
+    ground_truth: the revisited ground truth's file name, and `gnd` its Q per-query dicts
+    ('easy', 'hard', 'junk': gallery rows, in the queries' order), or None.
+    fingerprint: of the queries file and the ground truth's contents (caches key on it).
+    """
+
+    source: str
+    names: list[str]
+    features: np.ndarray
+    labels: np.ndarray | None
+    fingerprint: str
+    ground_truth: str | None = None
+    gnd: list[dict[str, list[int]]] | None = None
+
+    def row_of(self, name: str) -> int:
+        """The row of a query by name; an unknown name raises InvalidInputError."""
+        try:
+            return self.names.index(name)
+        except ValueError:
+            raise InvalidInputError(f"{name!r} is not a query of {self.source}") from None
 
 
 class GallerySession:
@@ -713,3 +755,103 @@ class GallerySession:
         return Familiarity.of(nearest, row, usual)
 
 
+
+    # -- query features and the revisited protocol -----------------------------------------------
+    query_set: QuerySet | None = None
+    """The query features of a features gallery (`Explorer.open_features(queries=...)`), or
+    None: then its queries are its own items."""
+    _revisited_cache: RevisitedCache | None = None
+
+    def attach_queries(self, query_set: QuerySet) -> None:
+        """Keep `query_set` (checked by the explorer) as this gallery's queries; with ground
+        truth and a job queue, queue the revisited Compare table's runs."""
+        self.query_set = query_set
+        self._revisited_cache = RevisitedCache(self.gallery.cache_dir, self.gallery.fingerprint,
+                                               query_set.fingerprint)
+        if query_set.gnd is not None and self.jobs is not None:
+            self.schedule_revisited()
+
+    @property
+    def revisited_ready(self) -> bool:
+        """Whether this gallery has query features with revisited ground truth (the Compare
+        table is then the revisited one)."""
+        return self.query_set is not None and self.query_set.gnd is not None
+
+    def revisited(self, method: str, params: ParamsOrSetting = None, cached_only: bool = False,
+                  progress: ProgressCallback | None = None) -> RevisitedRun | None:
+        """The revisited protocol's scores of `method` (Easy/Medium/Hard mAP and mP@1/5/10,
+        `revisited_map`, as `python -m engine.bench --queries --gnd` computes them): every
+        query ranked against the whole gallery (up to `REVISITED_DEPTH`) in batch mode by the
+        method fitted here, the baseline by the gallery's index; cached on disk per gallery,
+        query set, method and parameters. With `cached_only`, None instead of computing."""
+        if not self.revisited_ready:
+            raise InvalidInputError(
+                "this gallery has no query features with revisited ground truth; open it with "
+                "queries and a ground-truth file (launch.py --features-queries "
+                "--ground-truth)")
+        assert self.query_set is not None and self.query_set.gnd is not None
+        setting = self.setting(method, params)
+        validated = dict(setting.params)
+        store = self._revisited_cache
+        assert store is not None
+        stored = store.get(method, validated)
+        if stored is not None or cached_only:
+            return stored
+        queries = np.ascontiguousarray(self.query_set.features, np.float32)
+        k = min(self.gallery.size, REVISITED_DEPTH)
+        if progress is not None:
+            progress(0.0, f"ranking {len(queries)} queries with {method_title(method)}")
+        if method == BASELINE:
+            started = time.perf_counter()
+            indices = self.gallery.search(queries, k).indices
+        else:
+            reranker = self.reranker(method, setting)
+            started = time.perf_counter()
+            indices = reranker.rerank(queries, k).indices
+        seconds = time.perf_counter() - started
+        run = RevisitedRun(method, validated, revisited_map(indices, self.query_set.gnd),
+                           seconds)
+        store.put(run)
+        return run
+
+    def schedule_revisited(self) -> None:
+        """Queue the revisited Compare table's runs: the baseline, then each method (those
+        that learn after their fit, which `schedule` queued first)."""
+        if self.jobs is None:
+            raise InvalidInputError("this gallery has no background job queue")
+        for method, title in self.methods():
+            self._submit(("revisited", method), f"{title} revisited scores",
+                         functools.partial(self._revisited_job, method))
+
+    def _revisited_job(self, method: str, progress: JobProgress) -> RevisitedRun | None:
+        if method in self.unavailable or not self.revisited_ready:
+            return None
+        self._check_fit_not_cancelled(method, self.setting(method))
+        return self.revisited(method, progress=progress)
+
+    def score_ground_truth(self, ranking: Ranking, query_row: int, top_n: int) -> Ranking:
+        """A query-set query's ranking scored by its revisited ground truth, Medium protocol
+        (`score_query`: AP with junk removed, this query's term in the table's Medium mAP),
+        precision over the first `top_n` places once junk is removed, hits as relevance."""
+        assert self.query_set is not None and self.query_set.gnd is not None
+        scored = score_query(ranking.indices, self.query_set.gnd[query_row], "medium", top_n)
+        ap = None if not np.isfinite(scored.ap) else scored.ap
+        return dataclasses.replace(ranking, relevant=scored.hits, ap=ap,
+                                   precision=None if ap is None else scored.precision)
+
+    def revisited_rows(self, params: Mapping[str, ParamsOrSetting] | None = None,
+                       compute: bool = False, progress: ProgressCallback | None = None
+                       ) -> tuple[list[str], list[list[Any]]]:
+        """The revisited Compare table: its headers and a row per method (the baseline and
+        every available method; `params` per method, default their setting) with a run
+        (cached ones; all of them, computed now, with `compute`)."""
+        runs = []
+        methods = self.methods()
+        for index, (method, title) in enumerate(methods):
+            if progress is not None:
+                progress(index / len(methods), f"revisited scores of {title}")
+            chosen = None if params is None or method == BASELINE else params.get(method)
+            run = self.revisited(method, chosen, cached_only=not compute)
+            if run is not None:
+                runs.append(run)
+        return list(REVISITED_TABLE_COLUMNS), revisited_table(runs, dict(methods))

@@ -24,6 +24,7 @@ L2 index and re-rankers on L2 distances, which the engine does not have.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -399,3 +400,53 @@ def _unit_rows(features: np.ndarray, what: str, metric: str, normalize: str
     array = np.asarray(features, np.float32)
     array = array / np.linalg.norm(array, axis=1, keepdims=True)
     return array.astype(features.dtype), count
+
+
+def load_query_features(path: str | os.PathLike, *, dim: int, class_names: Sequence[str],
+                        metric: str = "cosine", normalize: str = "warn",
+                        gallery_name: str = "the gallery") -> FeaturesFile:
+    """Read and check a file of query features for a gallery opened from a features file (a
+    query/gallery split): the same formats and checks as `load_features_file` (finite rows,
+    `metric` and `normalize` handled alike), and the dimension must be the gallery's `dim`.
+    Query labels are put in the gallery's label space (`class_names`) by class name, or by
+    number when the query file names no classes; a class the gallery lacks becomes -1 (the
+    query is then not scored by labels), with a warning.
+
+    Raises:
+        InvalidInputError: naming what is wrong, with both dimensions for a mismatch.
+    """
+    loaded = load_features_file(path, metric=metric, normalize=normalize)
+    found = int(loaded.features.shape[1])
+    if found != dim:
+        raise InvalidInputError(
+            f"the query features in {loaded.path.name} have {found} dimensions but "
+            f"{gallery_name} has {dim}: queries must come from the model that made the "
+            "gallery's features")
+    labels = map_query_labels(loaded.labels, loaded.class_names, list(class_names),
+                              loaded.path.name)
+    return dataclasses.replace(loaded, labels=labels, class_names=list(class_names))
+
+
+def map_query_labels(labels: np.ndarray | None, query_classes: Sequence[str],
+                     gallery_classes: Sequence[str], what: str) -> np.ndarray | None:
+    """Query labels (indices into `query_classes`) as gallery labels (indices into
+    `gallery_classes`): by class name; when no query class name is a gallery class and the
+    query classes are the bare numbers a file without class names gets ("0", "1", ...), by
+    number. Classes the gallery lacks become -1 (logged). None when nothing is labelled."""
+    if labels is None:
+        return None
+    by_name = {name: row for row, name in enumerate(gallery_classes)}
+    used = sorted({int(label) for label in labels.tolist() if label >= 0})
+    numbered = all(query_classes[label] == str(label) for label in used)
+    if numbered and not any(query_classes[label] in by_name for label in used):
+        table = {label: (label if label < len(gallery_classes) else -1) for label in used}
+    else:
+        table = {label: by_name.get(query_classes[label], -1) for label in used}
+    missing = [query_classes[label] for label in used if table[label] < 0]
+    if missing:
+        logger.warning("%s: %d query class%s not in the gallery (%s): those queries are not "
+                       "scored by labels", what, len(missing), "es" if len(missing) > 1 else "",
+                       ", ".join(missing[:5]))
+    mapped = np.array([table.get(int(label), -1) if label >= 0 else -1
+                       for label in labels.tolist()], dtype=np.int64)
+    return None if (mapped < 0).all() else mapped

@@ -45,27 +45,6 @@ def _placed(rows: np.ndarray, n: int) -> sp.csr_matrix:
                          shape=(n, len(rows)))
 
 
-def _entries(matrix: sp.csr_matrix, rows: np.ndarray, columns: np.ndarray) -> np.ndarray:
-    """matrix[rows[i], columns[i]] (0 where absent) of a CSR matrix with sorted indices: a
-    binary search in each entry's row, vectorised over the entries."""
-    low = matrix.indptr[rows].astype(np.int64)
-    high = matrix.indptr[rows + 1].astype(np.int64)
-    end = high.copy()
-    while True:
-        active = np.flatnonzero(low < high)
-        if not active.size:
-            break
-        middle = (low[active] + high[active]) // 2
-        right = matrix.indices[middle] < columns[active]
-        low[active[right]] = middle[right] + 1
-        high[active[~right]] = middle[~right]
-    found = low < end
-    found[found] = matrix.indices[low[found]] == columns[found]
-    values = np.zeros(len(rows), matrix.dtype)
-    values[found] = matrix.data[low[found]]
-    return values
-
-
 def _query_layout(neighbours: np.ndarray, similarities: np.ndarray, k1: int, k2: int
                   ) -> tuple[int, np.ndarray, np.ndarray, sp.csr_matrix, sp.csr_matrix]:
     """The gallery graph numbered as for an online query (the query is node 0, an empty row
@@ -151,9 +130,9 @@ class GalleryPropagation:
         changed = np.union1d(self.heads_of[moved].indices, rewired)
         heads, weights = self._heads(changed, rows, lists, similarities, new_heads)
         a1_fresh = self._layer(heads, weights, self.b0, change0)
-        delta = (_placed(changed, n) @ (a1_fresh - self.a1[changed])).tocsr()
+        delta = (_placed(changed, n) @ (a1_fresh - self.a1[changed])).tocsr()  # A1' - A1
+        delta.eliminate_zeros()
         change1 = (delta + delta.T).tocsr()                              # D = B1' - B1
-        change1.eliminate_zeros()
         # the rows whose weights change (the query's among them), propagated afresh
         heads, weights = self._heads(rewired, rows, lists, similarities, new_heads)
         fresh = self._layer(heads, weights, self.b1, change1)
@@ -163,19 +142,37 @@ class GalleryPropagation:
         reached = query @ self.b1 + query @ change1
         through[reached.indices] = reached.data
         numerator = self.weight @ through
-        # E = W D, on the rows with a head among D's rows
-        reach = np.unique(self.heads_of[np.flatnonzero(np.diff(change1.indptr))].indices)
-        spread = (self.weight[reach] @ change1).tocsr()
-        spread.sum_duplicates()
-        spread_rows = reach[_csr_rows_of_entries(spread)]
-        spread_values = spread.data.astype(np.float64)
-        kept = _entries(self.p2, spread_rows, spread.indices).astype(np.float64)
-        norms = self.p2_norms + np.bincount(
-            spread_rows, weights=spread_values * (2.0 * kept + spread_values), minlength=n)
+        norms = self.p2_norms + self._correction(changed, delta, change1)
         norms = np.sqrt(np.maximum(norms, 0.0))
         scores = numerator / np.where(norms > 0, norms, 1.0)
         scores[rewired] = (fresh @ query.T).toarray().ravel()
         return scores.astype(np.float32), len(rewired) + len(changed)
+
+    def _correction(self, changed: np.ndarray, delta: sp.csr_matrix, change: sp.csr_matrix
+                    ) -> np.ndarray:
+        """2 <P[j], E[j]> + |E[j]|^2 for every row j, E = W D, D = delta + delta^T = `change`.
+
+        E splits by where D's entries lie: the rows with a head in C take whole rows of
+        delta (E1, against the same rows of P), the rows with a head among delta's columns
+        take entries at the columns C (E2, against P[:, C] = W B1[C]^T, B1 symmetric).
+        """
+        n = self.n
+        delta_t = delta.T.tocsr()
+        by_rows = np.unique(self.heads_of[changed].indices)
+        by_columns = np.unique(self.heads_of[np.flatnonzero(np.diff(delta_t.indptr))].indices)
+        e1 = self.weight[by_rows] @ delta
+        e2 = self.weight[by_columns] @ delta_t[:, changed]                # columns C only
+        along = np.zeros(n)
+        along[by_rows] += np.asarray(self.p2[by_rows].multiply(e1).sum(axis=1)).ravel()
+        p_changed = self.weight[by_columns] @ self.b1[changed].T           # P[:, C]
+        along[by_columns] += np.asarray(p_changed.multiply(e2).sum(axis=1)).ravel()
+        reached = np.union1d(by_rows, by_columns)
+        spread = self.weight[reached] @ change                             # E's rows
+        own = np.zeros(n)
+        own[reached] = np.bincount(_csr_rows_of_entries(spread),
+                                   weights=np.square(spread.data, dtype=np.float64),
+                                   minlength=len(reached))
+        return 2.0 * along + own
 
     def _heads(self, nodes: np.ndarray, rows: np.ndarray, lists: np.ndarray,
                similarities: np.ndarray, new: dict[int, int]) -> tuple[np.ndarray, np.ndarray]:

@@ -172,7 +172,8 @@ class GNNReranker(Reranker):
         "lambda_value": "weight of the original similarity in the final score",
         "device": "where the batch ran (cpu, cuda:0, ...)",
         "clamped": "why k1 / k2 were lowered (a gallery smaller than the neighbourhood)",
-        "rows_recomputed": "online: graph rows recomputed because the query entered them",
+        "rows_recomputed": ("online: graph rows propagated afresh because the query changed "
+                            "them (the other rows' scores are corrected, not recomputed)"),
     }
     patch_min_nodes: ClassVar[int] = DENSE_NODE_LIMIT
     """Graphs of more nodes patch online queries with the sparse `GalleryPropagation`; smaller
@@ -220,7 +221,9 @@ class GNNReranker(Reranker):
     def batch_refusal(self, gallery_size: int, n_queries: int) -> str | None:
         """Refuses when the propagated graph of queries + gallery (its non-zeros per row
         measured on the fitted gallery's graph, or bounded) would not fit in
-        `BATCH_MEMORY_FRACTION` of the memory available now."""
+        `BATCH_MEMORY_FRACTION` of the memory available now. Leave-one-out arrives as
+        `n_queries = gallery_size` and is counted as that many extra nodes: an estimate high
+        by up to 2x, never low."""
         available = available_memory()
         if available is None:
             return None

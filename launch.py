@@ -3,6 +3,7 @@
     python launch.py                         # the demo gallery on http://127.0.0.1:7860
     python launch.py --gallery ~/photos --port 8000 --device cpu
     python launch.py --features vectors.npz --features-images ~/photos   # bring your own features
+    python launch.py --features db.npz --features-queries q.npz --ground-truth gnd_roxford5k.pkl
     python launch.py --prepare-only --query-models lite2,ssp   # build every cache, then exit
     python launch.py --public --host 0.0.0.0 # hosted: uploads only, no server folders
 """
@@ -38,6 +39,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--features-images", metavar="FOLDER", default=None,
                         help="images of the --features items, for thumbnails (their names are "
                              "paths relative to it)")
+    parser.add_argument("--features-queries", metavar="PATH", default=None,
+                        help="a features file of query vectors for the --features gallery (a "
+                             "query/gallery split, same model and dimension): the page offers "
+                             "them as its queries")
+    parser.add_argument("--ground-truth", metavar="PATH", default=None,
+                        help="revisited Oxford/Paris ground truth of --features-queries "
+                             "(gnd_roxford5k.pkl style, items matched by name): each query "
+                             "shows its Medium AP and the Compare table the Easy/Medium/Hard "
+                             "mAP and mP@1/5/10 of every method")
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
                         help="address to listen on (default $GRADIO_SERVER_NAME, else "
                              "127.0.0.1; 0.0.0.0 for all)")
@@ -75,6 +85,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--public opens no folder on the server: drop --allow-folder")
     if args.features_images and not args.features:
         parser.error("--features-images needs --features")
+    if args.features_queries and not args.features:
+        parser.error("--features-queries needs --features (the gallery they query)")
+    if args.ground_truth and not args.features_queries:
+        parser.error("--ground-truth needs --features-queries (the queries it scores)")
     if args.features and args.query_models:
         parser.error("--query-models embeds the first gallery's images: a --features gallery "
                      "has features of another model (drop --query-models)")
@@ -140,7 +154,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  progress=progress,
                                  allowed_roots=[] if args.public else args.allow_folder,
                                  jobs=jobs, requests=requests, features=args.features,
-                                 features_images=args.features_images)
+                                 features_images=args.features_images,
+                                 features_queries=args.features_queries,
+                                 ground_truth=args.ground_truth)
         session = explorer.session(None)
         for query_model in args.query_models:
             explorer.prepare_query_model(session.key, query_model)

@@ -71,6 +71,43 @@ def test_features_parse_and_need_what_they_name(tmp_path: Path) -> None:
         launch.parse_args(["--features", "v.npz", "--query-models", "lite2"])
 
 
+def test_query_features_and_ground_truth_parse_and_need_what_they_name() -> None:
+    args = launch.parse_args(["--features", "db.npz", "--features-queries", "q.npz",
+                              "--ground-truth", "gnd.pkl"])
+    assert (args.features, args.features_queries, args.ground_truth) == ("db.npz", "q.npz",
+                                                                         "gnd.pkl")
+    assert launch.parse_args(["--features", "db.npz"]).features_queries is None
+    with pytest.raises(SystemExit):
+        launch.parse_args(["--features-queries", "q.npz"])
+    with pytest.raises(SystemExit):
+        launch.parse_args(["--features", "db.npz", "--ground-truth", "gnd.pkl"])
+
+
+def test_prepare_only_with_query_features_fills_the_revisited_table(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A features gallery with queries and ground truth: the bake queues and computes the
+    revisited Compare rows of every method (here one training-free method, to stay quick); a
+    ground truth of another query set stops the start with its reason."""
+    import engine.explorer.session
+    from tests.engine.explorer.test_query_features import constructed
+
+    monkeypatch.setattr(engine.explorer.session, "list_rerankers", lambda: ["k_reciprocal"])
+    db, queries, truth = constructed(tmp_path)
+    where = ["--features", str(db), "--features-queries", str(queries), "--cache-dir",
+             str(tmp_path / "cache"), "--device", "cpu"]
+    assert launch.main(["--prepare-only", *where, "--ground-truth", str(truth)]) == 0
+    stored = json.loads(next((tmp_path / "cache" / "galleries").glob(
+        "db.npz-*/revisited-scores.json")).read_text())
+    assert sorted(entry["method"] for entry in stored.values()) == ["baseline",
+                                                                     "k_reciprocal"]
+    other = tmp_path / "allowed" / "gnd_other.pkl"
+    other.write_bytes(truth.read_bytes().replace(b"qa", b"qz"))
+    caplog.clear()
+    assert launch.main(["--prepare-only", *where, "--ground-truth", str(other)]) == 2
+    assert "1 item missing from the queries: 'qz'" in caplog.text
+
+
 # -- the Dockerfile ----------------------------------------------------------------------------
 def instructions(path: Path = DOCKERFILE) -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) of a Dockerfile in order: continuation lines joined, comments

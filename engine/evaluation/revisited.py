@@ -217,8 +217,10 @@ def _positions(expected: Sequence[str], given: Sequence[str], what: str, key: st
             problems.append(f"{len(names)} item{'s' if len(names) > 1 else ''} {where}: "
                             f"{shown}{more}")
     if problems:
+        possessive = "'" if what.endswith("s") else "'s"
         raise InvalidInputError(
-            f"the {what}'s names do not match the ground truth's {key!r} ({len(expected)} names, "
+            f"the {what}{possessive} names do not match the ground truth's {key!r} "
+            f"({len(expected)} names, "
             f"{len(given)} given): " + "; ".join(problems)
             + " (names must match exactly; their order may differ)")
     return np.array([rows[name] for name in expected], dtype=np.int64)

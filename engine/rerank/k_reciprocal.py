@@ -467,8 +467,9 @@ class KReciprocalReranker(Reranker):
         lowest = np.flatnonzero(approximate <= approximate.min() + 2 * slack)
         query_farthest = similarities.exact(lowest).min()
         return _QueryGraph(
-            stored=stored.indices, query_row=query_row, entered=entered + 1,
-            entered_rows=entered_rows, positions=positions, lowered=lowered + 1,
+            stored=stored.indices, rows=np.vstack([query_row, entered_rows]),
+            slots=_slots(np.concatenate([[0], entered + 1]), size + 1),
+            entered=entered + 1, positions=positions, lowered=lowered + 1,
             lowered_max=squared_from_similarity(similarities.exact(lowered)),
             stored_max=self._row_max,
             query_row_max=squared_from_similarity(np.float32(query_farthest)))
@@ -492,7 +493,8 @@ class KReciprocalReranker(Reranker):
             rows = np.union1d(moved, self._rows_listing(moved))
             heads = graph.heads(rows, mask_width)
             values = (graph.heads(heads, mask_width) == rows[:, None, None]).any(axis=2)
-            masks[mask_width] = _PatchedMasks(rows, values, self._masks[mask_width])
+            masks[mask_width] = _PatchedMasks(_slots(rows, size + 1), values,
+                                              self._masks[mask_width])
             gallery = np.flatnonzero(rows > 0)
             differs = (_member_sets(heads[gallery], values[gallery], mask_width)
                        != self._sets[mask_width][rows[gallery] - 1]).any(axis=1)
@@ -672,16 +674,17 @@ class _QueryGraph:
     lists: node 0 is the query, gallery item j node j + 1. Only the query's row and the rows
     it entered differ from the stored lists; only the rows it lowered have another maximum.
 
-    stored: (G, >= depth) fitted lists (gallery numbering); query_row: (depth,) node ids;
-    entered: (m,) ascending node ids, entered_rows (m, depth) their lists, positions (m,) the
-    query's place in them; lowered: (l,) ascending node ids whose maximum squared distance is
-    now lowered_max (l,); stored_max: (G,) the fitted maxima; query_row_max: the query's.
+    stored: (G, >= depth) fitted lists (gallery numbering); rows: (1 + m, depth) the lists
+    (node ids) of the query and of the m rows it entered, slots (G + 1,) each node's row
+    there or -1; entered: (m,) those rows' node ids, ascending, positions (m,) the query's
+    place in them; lowered: (l,) ascending node ids whose maximum squared distance is now
+    lowered_max (l,); stored_max: (G,) the fitted maxima; query_row_max: the query's.
     """
 
     stored: np.ndarray
-    query_row: np.ndarray
+    rows: np.ndarray
+    slots: np.ndarray
     entered: np.ndarray
-    entered_rows: np.ndarray
     positions: np.ndarray
     lowered: np.ndarray
     lowered_max: np.ndarray
@@ -692,9 +695,9 @@ class _QueryGraph:
         """The first `width` entries of each node's list: nodes.shape + (width,) node ids."""
         flat = np.asarray(nodes).ravel()
         heads = self.stored[np.maximum(flat - 1, 0), :width] + 1
-        heads[flat == 0] = self.query_row[:width]
-        slot, hit = _lookup(self.entered, flat)
-        heads[hit] = self.entered_rows[slot[hit], :width]
+        slot = self.slots[flat]
+        patched = slot >= 0
+        heads[patched] = self.rows[slot[patched], :width]
         return heads.reshape((*np.shape(nodes), width))
 
     def moved(self, width: int) -> np.ndarray:
@@ -713,11 +716,11 @@ class _QueryGraph:
 
 @dataclass(frozen=True)
 class _PatchedMasks:
-    """Reciprocal masks of one width over (query + gallery): `values` for the recomputed
-    `rows` (ascending node ids, the query's among them), the fitted `stored` (G, w) for the
-    others."""
+    """Reciprocal masks of one width over (query + gallery): `values` for the recomputed rows
+    (`slots` (G + 1,): each node's row in `values`, or -1; the query's is there), the fitted
+    `stored` (G, w) for the others."""
 
-    rows: np.ndarray
+    slots: np.ndarray
     values: np.ndarray
     stored: np.ndarray
 
@@ -725,9 +728,17 @@ class _PatchedMasks:
         """nodes.shape + (w,) bool masks."""
         flat = np.asarray(nodes).ravel()
         masks = self.stored[np.maximum(flat - 1, 0)]
-        slot, hit = _lookup(self.rows, flat)
-        masks[hit] = self.values[slot[hit]]
+        slot = self.slots[flat]
+        patched = slot >= 0
+        masks[patched] = self.values[slot[patched]]
         return masks.reshape((*np.shape(nodes), self.values.shape[1]))
+
+
+def _slots(nodes: np.ndarray, n: int) -> np.ndarray:
+    """(n,) int32: each node's position in `nodes`, -1 for the others (a lookup by gather)."""
+    slots = np.full(n, -1, np.int32)
+    slots[nodes] = np.arange(len(nodes), dtype=np.int32)
+    return slots
 
 
 def _lookup(keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

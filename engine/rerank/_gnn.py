@@ -3,8 +3,6 @@ normalisation on torch sparse tensors. Used by `gnn.py` only."""
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import torch
 
@@ -173,10 +171,3 @@ def lists_with_queries(similarities: np.ndarray, neighbours: np.ndarray, floors:
     return (np.vstack([np.concatenate(query_values), values]).astype(np.float32),
             np.vstack([np.concatenate(query_ids), lists]).astype(np.int64))
 
-
-def available_memory() -> int | None:
-    """Bytes of memory available now (os.sysconf), or None where the system does not say."""
-    try:
-        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError):
-        return None

@@ -28,7 +28,6 @@ from engine.core.threads import query_threads
 from engine.core.types import GalleryContext
 from engine.rerank import register
 from engine.rerank._gnn import (
-    available_memory,
     lists_with_queries,
     normalise_sparse_rows,
     query_lists,
@@ -36,12 +35,11 @@ from engine.rerank._gnn import (
     sparse_rows,
 )
 from engine.rerank._gnn_online import GalleryPropagation, SmallGraphPropagation
+from engine.rerank._scale import MEMORY_FRACTION, gib, memory_budget
 from engine.rerank.base import Reranker, RerankParams, param
 
 SCORE_CHUNK = 1024
 DENSE_NODE_LIMIT = 4096
-BATCH_MEMORY_FRACTION = 0.5
-"""Share of the memory available now that a batch run may take (`batch_refusal`)."""
 BATCH_BYTES_PER_EDGE = 80
 """Peak bytes per non-zero of the propagated graph in a batch run: COO entries (two int64
 indices, a float32 value) alive in about four copies at once (A + A^T, the product, its
@@ -223,20 +221,17 @@ class GNNReranker(Reranker):
 
     def batch_refusal(self, gallery_size: int, n_queries: int) -> str | None:
         """Refuses when the propagated graph of queries + gallery (its non-zeros per row
-        measured on the fitted gallery's graph, or bounded) would not fit in
-        `BATCH_MEMORY_FRACTION` of the memory available now. Leave-one-out arrives as
-        `n_queries = gallery_size` and is counted as that many extra nodes: an estimate high
-        by up to 2x, never low."""
-        available = available_memory()
-        if available is None:
-            return None
+        measured on the fitted gallery's graph, or bounded) would not fit in the share of the
+        memory available now that a batch may plan to use (`_scale.memory_budget`).
+        Leave-one-out arrives as `n_queries = gallery_size` and is counted as that many extra
+        nodes: an estimate high by up to 2x, never low."""
+        budget = memory_budget()
         needed = self._batch_bytes(gallery_size, n_queries)
-        budget = BATCH_MEMORY_FRACTION * available
-        if needed <= budget:
+        if budget is None or needed <= budget:
             return None
-        return (f"it would need about {needed / 2 ** 30:.1f} GiB for the propagated graph of "
-                f"{gallery_size + n_queries:,} nodes, more than {budget / 2 ** 30:.1f} GiB "
-                f"({BATCH_MEMORY_FRACTION:.0%} of the memory available); use online mode")
+        return (f"it would need about {gib(needed)} for the propagated graph of "
+                f"{gallery_size + n_queries:,} nodes, more than {gib(budget)} "
+                f"({MEMORY_FRACTION:.0%} of the memory available); use online mode")
 
     def _batch_bytes(self, gallery_size: int, n_queries: int) -> int:
         """Peak bytes of a batch run: the propagated graph's non-zeros times

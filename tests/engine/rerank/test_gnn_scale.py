@@ -172,18 +172,18 @@ def test_batch_with_fits_lists_matches_dense_reference():
 
 def test_batch_refusal(monkeypatch):
     reranker = gnn().fit(GalleryContext(tied_collection(300), knn=None))
-    monkeypatch.setattr(gnn_module, "available_memory", lambda: 1 << 40)
+    monkeypatch.setattr(gnn_module, "memory_budget", lambda: 1 << 40)
     assert reranker.batch_refusal(300, 10) is None
     needed = reranker._batch_bytes(300, 10)
     assert needed > 300 * 26 * 12  # at least the lists
-    monkeypatch.setattr(gnn_module, "available_memory", lambda: int(needed))  # half is budget
+    monkeypatch.setattr(gnn_module, "memory_budget", lambda: needed // 2)
     refusal = reranker.batch_refusal(300, 10)
     assert refusal is not None and "GiB" in refusal and "online" in refusal
     with pytest.raises(TooLargeError, match="GiB"):
         reranker.rerank(tied_collection(20, seed=2)[:2])
     # the estimate grows with the nodes
     assert reranker._batch_bytes(3000, 10) > 5 * needed
-    monkeypatch.setattr(gnn_module, "available_memory", lambda: None)
+    monkeypatch.setattr(gnn_module, "memory_budget", lambda: None)
     assert reranker.batch_refusal(10 ** 9, 10) is None  # unknown memory: no refusal
 
 

@@ -20,6 +20,7 @@ from engine.core.knn import (
     torch_neighbour_lists,
     torch_topk_similar,
 )
+from engine.core.types import KnnGraph
 from engine.errors import InvalidInputError
 from engine.evaluation.metrics import evaluate
 from engine.rerank._hypergraph import (
@@ -135,15 +136,24 @@ def test_merge_candidates_matches_loop():
 
 
 # -- LHRR against the oracle --------------------------------------------------------------------
+@pytest.fixture(params=["dense", "sparse"])
+def layout(request, monkeypatch) -> str:
+    """Run a test with the iteration's products read as dense blocks (small collections) and
+    as sparse ones (large: `DENSE_ITEMS` set to 0 here)."""
+    if request.param == "sparse":
+        monkeypatch.setattr(hypergraph_module, "DENSE_ITEMS", 0)
+    return request.param
+
+
 @pytest.mark.parametrize(("k", "iterations"), [(5, 2), (8, 2), (6, 1), (4, 3)])
-def test_lhrr_matches_reference(subset, k, iterations):
+def test_lhrr_matches_reference(subset, layout, k, iterations):
     lists = knn_graph(subset, 4 * k).indices
     graph = lhrr(lists, k, iterations)
     assert graph.k == k and graph.iterations == iterations
     assert_matches_reference(graph, lhrr_reference(lists, k, iterations))
 
 
-def test_lhrr_blocks_match_one_block(subset, monkeypatch):
+def test_lhrr_blocks_match_one_block(subset, layout, monkeypatch):
     lists = knn_graph(subset, 24).indices
     whole = lhrr(lists, 6)
     monkeypatch.setattr(hypergraph_module, "BLOCK_ELEMENTS", 7 * SUBSET + 5)  # 7-row blocks
@@ -154,7 +164,7 @@ def test_lhrr_blocks_match_one_block(subset, monkeypatch):
     np.testing.assert_array_equal(blocked.confidence, whole.confidence)
 
 
-def test_lhrr_duplicates_match_reference(subset):
+def test_lhrr_duplicates_match_reference(subset, layout):
     # Exact duplicates tie with the item itself. The kNN graph puts the item first; the
     # authors' BallTree may list the duplicate first instead (the C++ then swaps the item to
     # the front after its first re-sort): both kinds of list match the reference.
@@ -171,7 +181,7 @@ def test_lhrr_duplicates_match_reference(subset):
         assert (graph.ranked_lists[:, 0] == items).all()
 
 
-def test_lhrr_lists_without_their_item(subset, caplog):
+def test_lhrr_lists_without_their_item(subset, layout, caplog):
     lists = knn_graph(subset[:60], 21).indices[:, 1:]  # the item removed from every list
     with caplog.at_level(logging.WARNING, logger="engine.rerank._hypergraph"):
         graph = lhrr(lists, 5)
@@ -410,3 +420,23 @@ def test_lhrr_and_sgcc_quality_on_real_features(demo_features):
           f"{after.precision_at[1]:.4f}; SGCC purity {purity:.3f} over {kept.sum()} items")
     assert after.map > before.map + 0.02
     assert purity > 0.5  # chance is ~1/17
+
+
+def test_lhrr_from_features_reads_a_deep_enough_graph(subset, monkeypatch):
+    """Given the items' graph 4K deep (exact or approximate), LHRR starts from its lists
+    without searching; a shallower one is not used."""
+    graph = knn_graph(subset, 30)
+    searched = lhrr_from_features(subset, 6)
+    approximate = KnnGraph(graph.indices, graph.similarities, graph.farthest,
+                           canonical=False, recall=0.9)
+
+    def no_search(*args, **kwargs):
+        raise AssertionError("searched the items")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(hypergraph_module, "knn_graph", no_search)
+        given = lhrr_from_features(subset, 6, knn=approximate)
+    np.testing.assert_array_equal(given.ranked_lists, searched.ranked_lists)
+    shallow = KnnGraph(graph.indices[:, :20], graph.similarities[:, :20], graph.farthest)
+    np.testing.assert_array_equal(lhrr_from_features(subset, 6, knn=shallow).ranked_lists,
+                                  searched.ranked_lists)

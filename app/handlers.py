@@ -32,11 +32,12 @@ from app.public import PublicUploads
 from app.render import (
     QueryView,
     compare_updates,
-    example_items,
+    examples_for,
     map_figure,
     method_updates,
     plot_updates,
     query_note,
+    query_set_note,
     query_view,
 )
 from app.share import QueryUploads
@@ -78,6 +79,9 @@ TUNE_PROTOCOL = "oxford17-split"
 """How a sweep splits the labelled images into queries and gallery (`app.text` says it)."""
 SELECTION_SHOWN = 60
 """Thumbnails shown of a map selection (the file list holds all of it)."""
+QUERY_SET_PICK = "query-set:"
+"""How the `picked` state names a query of the session's query features (its name follows),
+apart from a gallery item of the same name."""
 
 
 class PageHandlers(BuildEvents, LinkEvents):
@@ -178,9 +182,39 @@ class PageHandlers(BuildEvents, LinkEvents):
         """Run the current query (a pick if there is one, else the upload) with every method."""
         if not uploaded and not picked:
             return {}
+        if picked and picked.startswith(QUERY_SET_PICK):
+            return self._query_from_set(key, picked.removeprefix(QUERY_SET_PICK), top_n,
+                                        plot_method, space, control_values)
         result = self._run_query(key, None if picked else uploaded, picked, query_class,
                                  leave_out, top_n, self.all_params(control_values))
         return self.render_query(result, plot_method, space)
+
+    def _query_from_set(self, key: str, name: str, top_n: float, plot_method: str, space: str,
+                        control_values: Sequence[Any]) -> dict[Any, Any]:
+        """Rank for one query of the session's query features (every method) and show it,
+        with its AP by the revisited ground truth (Medium) or its class."""
+        with engine_errors_as_gradio():
+            result = self.explorer.query_from_set(key, name,
+                                                  params=self.all_params(control_values),
+                                                  top_n=int(top_n))
+        queries = self.session(result.gallery_key).query_set
+        updates = self.render_query(result, plot_method, space)
+        if queries is not None:
+            updates[self.ui.query_note] = query_set_note(result, name, queries.source,
+                                                         queries.ground_truth)
+        return updates
+
+    def pick_query(self, key: str, name: str, top_n: float, plot_method: str, space: str,
+                   *control_values: Any) -> dict[Any, Any]:
+        """A query of the session's query features was chosen (the examples list shows them):
+        show it as the query (its image when the gallery has an image folder holding it,
+        else a tile with its name) and rank with every method."""
+        session = self.session(key)
+        updates = self._query_from_set(key, name, top_n, plot_method, space, control_values)
+        return {**updates, self.ui.picked: f"{QUERY_SET_PICK}{name}", self.ui.uploaded: None,
+                self.ui.query_image: str(self.thumbnails.get(session.gallery.root / name,
+                                                             side=PREVIEW_SIDE)),
+                self.ui.query_class: gr.update(value=NO_CLASS)}
 
     def upload(self, key: str, file: str | None, query_class: str, leave_out: bool,
                top_n: float, plot_method: str, space: str, *control_values: Any
@@ -202,7 +236,11 @@ class PageHandlers(BuildEvents, LinkEvents):
     def pick(self, key: str, file: str, leave_out: bool, top_n: float, plot_method: str,
              space: str, *control_values: Any) -> dict[Any, Any]:
         """A gallery image was chosen (browser, example, random, a result, a plot point):
-        show it as the query, rank."""
+        show it as the query, rank. A `QUERY_SET_PICK` name is a query of the session's query
+        features (`pick_query`)."""
+        if file.startswith(QUERY_SET_PICK):
+            return self.pick_query(key, file.removeprefix(QUERY_SET_PICK), top_n, plot_method,
+                                   space, *control_values)
         session = self.session(key)
         with engine_errors_as_gradio():
             path = session.gallery.path_of(session.position_of(file))
@@ -232,7 +270,14 @@ class PageHandlers(BuildEvents, LinkEvents):
 
     def pick_example(self, event: gr.SelectData, key: str, leave_out: bool, top_n: float,
                      plot_method: str, space: str, *control_values: Any) -> dict[Any, Any]:
-        files = self.session(key).example_files()
+        session = self.session(key)
+        if session.query_set is not None:  # the examples list shows the query features
+            names = session.query_set.names
+            if not 0 <= event.index < len(names):
+                return {}
+            return self.pick_query(key, names[event.index], top_n, plot_method, space,
+                                   *control_values)
+        files = session.example_files()
         return self.pick(key, files[event.index], leave_out, top_n, plot_method, space,
                          *control_values)
 
@@ -383,7 +428,7 @@ class PageHandlers(BuildEvents, LinkEvents):
             ui.query_class: gr.Dropdown(choices=[NO_CLASS, *classes], value=NO_CLASS,
                                         interactive=bool(classes)),
             ui.class_filter: gr.Dropdown(choices=[ALL_CLASSES, *classes], value=ALL_CLASSES),
-            ui.examples: example_items(self.thumbnails, session),
+            ui.examples: examples_for(self.thumbnails, session),
             ui.compare_table: self.compare_rows(session),
             ui.knn_plot: None, ui.json: None, ui.timings: "", ui.query_note: "",
             ui.map_plot: map_figure(session, None, BASELINE, "backbone", self.thumbnails),
@@ -416,8 +461,17 @@ class PageHandlers(BuildEvents, LinkEvents):
 
     # -- compare ---------------------------------------------------------------------------------
     def compare_rows(self, session: GallerySession, params: dict[str, dict] | None = None,
-                     compute: bool = False, progress: Any = None) -> list[list[Any]]:
-        """Whole-gallery scores per method (leave-one-out): cached ones, or all when computing."""
+                     compute: bool = False, progress: Any = None
+                     ) -> list[list[Any]] | dict[str, Any]:
+        """Whole-gallery scores per method (leave-one-out): cached ones, or all when computing.
+        A gallery with query features and revisited ground truth gets the revisited table
+        instead (Easy/Medium/Hard mAP and mP@1/5/10), as {"headers": ..., "data": ...}, so that
+        its own headers come with it."""
+        if session.revisited_ready:
+            with engine_errors_as_gradio():
+                headers, data = session.revisited_rows(params, compute=compute,
+                                                       progress=progress)
+            return {"headers": headers, "data": data}
         rows = []
         methods = session.methods()
         for index, (method, _) in enumerate(methods):
@@ -430,14 +484,15 @@ class PageHandlers(BuildEvents, LinkEvents):
         return scores_table(rows, dict(methods))
 
     def compute_compare(self, progress: gr.Progress = gr.Progress(), *inputs: Any
-                        ) -> list[list[Any]]:
+                        ) -> list[list[Any]] | dict[str, Any]:
         """Score every method at the tabs' current parameters (inputs: gallery key, then every
         tab's control values)."""
         key, *control_values = inputs
         session = self.session(key)
-        if session.gallery.labels is None:
+        if session.gallery.labels is None and not session.revisited_ready:
             raise gr.Error("The Compare table needs a labelled gallery (labels.csv or "
-                           "sub-folders).", print_exception=False)
+                           "sub-folders), or query features with revisited ground truth.",
+                           print_exception=False)
         with engine_errors_as_gradio():
             return self.compare_rows(session, self.all_params(control_values), compute=True,
                                      progress=gradio_progress(progress))

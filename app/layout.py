@@ -20,7 +20,7 @@ import gradio as gr
 
 from app.controls import clamped
 from app.plot_events import CLICK_ELEM_ID, SELECTION_ELEM_ID, event_box
-from app.render import example_items, map_figure
+from app.render import examples_shown, map_figure
 from app.text import (
     ALL_CLASSES,
     BASELINE_LABEL,
@@ -248,9 +248,10 @@ def build_layout(explorer: Explorer, handlers: PageHandlers) -> PageComponents:
                                       label="Results per method"))
             search = gr.Button("Search again", variant="primary", size="sm")
             query_note = gr.Markdown("", elem_id="query-note")
+            example_values, example_label = examples_shown(handlers.thumbnails, session)
             examples = gr.Gallery(
-                value=example_items(handlers.thumbnails, session),
-                label="Examples: click to query", columns=4, height=130, allow_preview=False,
+                value=example_values,
+                label=example_label, columns=4, height=130, allow_preview=False,
                 object_fit="cover", interactive=False, elem_id="examples")
             with gr.Accordion("Timings", open=False):
                 timings = gr.Markdown(elem_id="timings")
@@ -272,7 +273,12 @@ def build_layout(explorer: Explorer, handlers: PageHandlers) -> PageComponents:
                                 "interval is a 95 % bootstrap over the queries. Online ms is "
                                 "the median of single queries against the fitted gallery, "
                                 "measured when the scores were computed (when, and the "
-                                "machine's load then, in the measured column).")
+                                "machine's load then, in the measured column). A gallery "
+                                "opened with query features and revisited Oxford/Paris "
+                                "ground truth shows the revisited protocol instead: its "
+                                "queries ranked against the whole gallery (batch), per "
+                                "method mAP and mP@1/5/10 in percent in the Easy (E), "
+                                "Medium (M) and Hard (H) settings, junk removed per setting.")
                     compare_table = gr.Dataframe(
                         value=handlers.compare_rows(session),
                         headers=list(SCORES_TABLE_COLUMNS), interactive=False, wrap=True,

@@ -232,3 +232,52 @@ def example_items(thumbnails: ThumbnailCache, session: GallerySession
     return [(str(thumbnails.get(session.gallery.path_of(session.position_of(name)))),
              session.gallery.class_of(session.position_of(name)) or Path(name).stem)
             for name in session.example_files()]
+
+
+def query_set_items(thumbnails: ThumbnailCache, session: GallerySession
+                    ) -> list[tuple[str, str]]:
+    """(thumbnail, name and class) of each query of the session's query features: its image
+    under the gallery's image folder when there is one, else a tile with its name."""
+    queries = session.query_set
+    if queries is None:
+        return []
+    gallery = session.gallery
+    items = []
+    for row, name in enumerate(queries.names):
+        label = None if queries.labels is None else int(queries.labels[row])
+        caption = name if label is None or label < 0 else f"{name} · {gallery.class_names[label]}"
+        items.append((str(thumbnails.get(gallery.root / name)), caption))
+    return items
+
+
+def examples_shown(thumbnails: ThumbnailCache, session: GallerySession
+                   ) -> tuple[list[tuple[str, str]], str]:
+    """The query panel's examples and their label: the session's query features when it has
+    some (a query/gallery split), else example images of the gallery."""
+    queries = session.query_set
+    if queries is None:
+        return example_items(thumbnails, session), "Examples: click to query"
+    scored = (f", scored by {queries.ground_truth}" if queries.ground_truth
+              else ", scored by their labels" if queries.labels is not None else "")
+    return (query_set_items(thumbnails, session),
+            f"Queries from {queries.source} ({len(queries.names)}{scored}): click to query")
+
+
+def examples_for(thumbnails: ThumbnailCache, session: GallerySession) -> gr.Gallery:
+    """`examples_shown` as an update of the examples gallery."""
+    items, label = examples_shown(thumbnails, session)
+    return gr.Gallery(value=items, label=label)
+
+
+def query_set_note(result: QueryResult, name: str, source: str,
+                   ground_truth: str | None) -> str:
+    """Under the query, for a query of the session's query features: its name and file, what
+    scores it (the revisited ground truth's Medium protocol, or its class) and how far it is
+    from the gallery."""
+    what = f"**Query:** `{name}` from {source}"
+    if ground_truth and result.n_positives is not None:
+        what += (f" · AP by {ground_truth}, Medium protocol: {result.n_positives} positives, "
+                 "junk ignored (junk results are marked as misses)")
+    elif result.query_class:
+        what += f" (class {result.query_class})"
+    return "\n\n".join(part for part in (what, familiarity_text(result)) if part)

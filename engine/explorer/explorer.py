@@ -605,6 +605,10 @@ class Explorer:
                                setting)
         ranking = session.score(ranking, result.query_label, result.n_positives, result.top_n,
                                 result.feature)
+        row = _query_set_row(session, result)
+        if row is not None and session.query_set is not None and (
+                session.query_set.gnd is not None):
+            ranking = session.score_ground_truth(ranking, row, result.top_n)
         return result.with_ranking(ranking)
 
 
@@ -637,6 +641,22 @@ def load_query_set(gallery: Gallery, queries: str | os.PathLike,
     return QuerySet(source=loaded.path.name, names=list(loaded.names), features=features,
                     labels=loaded.labels, fingerprint=fingerprint([digest, loaded.normalised]),
                     ground_truth=truth_name, gnd=gnd)
+
+
+QUERY_MATCH = 1e-5
+"""A query feature within this cosine distance of a query-set row is that query (the unit
+division in `query` may move its last bits)."""
+
+
+def _query_set_row(session: GallerySession, result: QueryResult) -> int | None:
+    """The row of the session's query features that `result` queried, or None (a gallery
+    item, or a feature that is none of them)."""
+    queries = session.query_set
+    if queries is None or result.source_row is not None:
+        return None
+    cosines = queries.features @ np.asarray(result.feature, np.float32)
+    row = int(np.argmax(cosines))
+    return row if cosines[row] >= 1.0 - QUERY_MATCH else None
 
 
 def _query_model(name: str) -> Any:

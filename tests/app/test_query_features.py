@@ -1,0 +1,134 @@
+"""The page on a features gallery with query features and revisited ground truth: the examples
+list offers the queries, picking one ranks it with every method and shows its Medium AP, and
+the Compare table is the revisited one (its own headers, Easy/Medium/Hard mAP and mP@k)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gradio as gr
+import numpy as np
+import pytest
+
+from app.handlers import QUERY_SET_PICK, PageHandlers
+from app.page import build_app
+from engine.evaluation.revisited import REVISITED_TABLE_COLUMNS
+from engine.explorer import BASELINE, Explorer, GallerySession
+from tests.engine.explorer.test_query_features import (
+    A_EASY,
+    A_HARD,
+    A_JUNK,
+    A_MEDIUM_AP,
+    A_NEG,
+    constructed,
+)
+
+# gradio's queue uses pandas options that pandas 3 deprecates; not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:.*(no_silent_downcasting|copy keyword):Warning")
+
+
+METHODS = ["k_reciprocal", "gnn"]
+"""Two training-free methods keep the module quick; the page still has every method's tab."""
+
+
+@pytest.fixture(scope="module")
+def explorer(tmp_path_factory: pytest.TempPathFactory) -> Explorer:
+    """An explorer (no backbone) starting on the constructed gallery with its two queries and
+    their ground truth, and a second features gallery without queries."""
+    root = tmp_path_factory.mktemp("query-features")
+    db, queries, truth = constructed(root)
+    explorer = Explorer(None, device="cpu", cache_root=root / "cache", allowed_roots=[root],
+                        methods=METHODS)
+    explorer.open_features(db, queries=queries, ground_truth=truth)
+    plain = root / "allowed" / "plain.npz"
+    np.savez(plain, features=np.eye(12, 8, dtype=np.float32) + 0.1)
+    explorer.open_features(plain)
+    return explorer
+
+
+@pytest.fixture(scope="module")
+def handlers(explorer: Explorer) -> PageHandlers:
+    handlers = PageHandlers(explorer)
+    build_app(explorer, handlers=handlers)
+    return handlers
+
+
+@pytest.fixture(scope="module")
+def split(explorer: Explorer) -> GallerySession:
+    return explorer.session(None)
+
+
+def controls(handlers: PageHandlers, session: GallerySession) -> list[Any]:
+    return [session.params_for(method)[0][name] for method in handlers.method_names
+            for name in handlers.ui.tabs[method].param_names]
+
+
+def test_the_examples_offer_the_query_features(handlers: PageHandlers, split: GallerySession,
+                                               explorer: Explorer) -> None:
+    ui = handlers.ui
+    other = next(key for key in explorer.galleries if key != split.key)
+    updates = handlers.switch_gallery(split.key)
+    examples = updates[ui.examples]
+    assert [item["caption"] for item in examples.value] == ["qa", "qb"]
+    assert examples.label == ("Queries from queries.npz (2, scored by gnd_constructed.pkl): "
+                              "click to query")
+    table = updates[ui.compare_table]
+    assert table["headers"] == list(REVISITED_TABLE_COLUMNS)
+    back = handlers.switch_gallery(other)
+    assert back[ui.examples].label == "Examples: click to query"
+    assert isinstance(back[ui.compare_table], list)
+
+
+def test_a_picked_query_ranks_with_every_method_and_shows_its_medium_ap(
+        handlers: PageHandlers, split: GallerySession) -> None:
+    ui = handlers.ui
+    values = controls(handlers, split)
+    event = gr.SelectData(None, {"index": 0, "value": None})
+    updates = handlers.pick_example(event, split.key, True, 4, BASELINE, "backbone", *values)
+    assert updates[ui.picked] == f"{QUERY_SET_PICK}qa"
+    result = updates[ui.state].result
+    assert set(result.rankings) == {BASELINE, *METHODS}
+    baseline = result.rankings[BASELINE]
+    assert baseline.indices[:4].tolist() == [A_EASY, A_JUNK, A_NEG, A_HARD]
+    assert baseline.ap == pytest.approx(A_MEDIUM_AP / 100)
+    assert f"AP {A_MEDIUM_AP / 100:.3f}" in updates[ui.compare_rows[BASELINE]].label
+    assert "`qa` from queries.npz" in updates[ui.query_note]
+    assert "Medium protocol: 2 positives" in updates[ui.query_note]
+    # "search again" (a new top N) runs the same query
+    again = handlers.search(split.key, None, updates[ui.picked], "", True, 6, BASELINE,
+                            "backbone", *values)
+    assert again[ui.state].result.top_n == 6
+    assert again[ui.state].result.rankings[BASELINE].ap == pytest.approx(A_MEDIUM_AP / 100)
+    # a method's parameters changed: re-ranked and scored by the ground truth again
+    tab = ui.tabs["k_reciprocal"]
+    params = dict(split.params_for("k_reciprocal")[0], k1=5, k2=2)
+    reranked = handlers.rerank_method("k_reciprocal", split.key, updates[ui.state], BASELINE,
+                                      "backbone", *[params[name] for name in tab.param_names])
+    ranking = reranked[ui.state].result.rankings["k_reciprocal"]
+    assert ranking.params["k1"] == 5 and ranking.ap is not None and 0 <= ranking.ap <= 1
+    # the picked state of a query reopens it through `pick` as well (a gallery item named
+    # like a query stays a gallery item)
+    picked = handlers.pick(split.key, f"{QUERY_SET_PICK}qb", True, 4, BASELINE, "backbone",
+                           *values)
+    assert picked[ui.state].result.rankings[BASELINE].ap == pytest.approx(1.0)
+    with pytest.raises(gr.Error, match="not a query of queries"):
+        handlers.pick(split.key, f"{QUERY_SET_PICK}nope", True, 4, BASELINE, "backbone",
+                      *values)
+
+
+def test_compare_computes_the_revisited_table(handlers: PageHandlers,
+                                              split: GallerySession) -> None:
+    values = controls(handlers, split)
+    table = handlers.compute_compare(lambda *args, **kwargs: None, split.key, *values)
+    assert table["headers"] == list(REVISITED_TABLE_COLUMNS)
+    rows = [dict(zip(table["headers"], row, strict=True)) for row in table["data"]]
+    assert len(rows) == 1 + len(METHODS)
+    assert rows[0]["method"].startswith("Baseline")
+    assert (rows[0]["E mAP"], rows[0]["H mAP"]) == (pytest.approx(100.0), pytest.approx(62.5))
+    assert rows[0]["M mAP"] == pytest.approx(round((A_MEDIUM_AP + 100) / 2, 2))
+    for row in rows:
+        scores = [row[name] for name in REVISITED_TABLE_COLUMNS[1:13]]
+        assert all(0 <= score <= 100 for score in scores)
+    # cached: the table reads the same rows without computing (the timer's refresh)
+    assert handlers.compare_rows(split, handlers.all_params(values)) == table
+    assert np.isfinite(split.revisited(BASELINE, cached_only=True).scores.map["medium"])

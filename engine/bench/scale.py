@@ -189,9 +189,14 @@ def run_methods(gallery: np.ndarray, graph, queries: np.ndarray, methods: Sequen
     return rows
 
 
+_reported = [-1]
+
+
 def report_every_tenth(fraction: float, message: str) -> None:
-    """Log the graph's progress about every tenth of the rows."""
-    if int(fraction * 10) != int((fraction - 1e-9) * 10) or fraction >= 1:
+    """Log the graph's progress each time it passes another tenth of the rows."""
+    tenth = int(fraction * 10)
+    if tenth != _reported[0]:
+        _reported[0] = tenth
         logger.info("%s (load %s)", message, load())
 
 

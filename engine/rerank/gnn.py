@@ -223,8 +223,8 @@ class GNNReranker(Reranker):
         """Refuses when the propagated graph of queries + gallery (its non-zeros per row
         measured on the fitted gallery's graph, or bounded) would not fit in the share of the
         memory available now that a batch may plan to use (`_scale.memory_budget`).
-        Leave-one-out arrives as `n_queries = gallery_size` and is counted as that many extra
-        nodes: an estimate high by up to 2x, never low."""
+        `n_queries = gallery_size` is how leave-one-out arrives, and is counted as that (no
+        extra nodes)."""
         budget = memory_budget()
         needed = self._batch_bytes(gallery_size, n_queries)
         if budget is None or needed <= budget:
@@ -238,7 +238,7 @@ class GNNReranker(Reranker):
         `BATCH_BYTES_PER_EDGE` (sparse copies alive at once), one dense score chunk, the
         nodes' kNN lists. Edges per row: as measured at fit on the gallery's graph, else the
         bound k1 (no propagation) or min(n, (2 k1 k2)^2)."""
-        n = gallery_size + (n_queries if n_queries else 0)
+        n = gallery_size + (0 if n_queries in (0, gallery_size) else n_queries)
         k1, k2 = min(self.params.k1, n), min(self.params.k2, self.params.k1, n)
         if k2 == 1:
             per_row = k1

@@ -744,6 +744,24 @@ def test_an_exact_graph_flagged_approximate_gives_the_same_results(clustered_ite
     assert rankings[0].indices.size == 60 * 40
 
 
+def test_a_graph_without_row_maxima_gets_them_computed(clustered_items):
+    """An index's graph may come without each row's farthest similarity: fit computes those
+    (not the lists), and the rankings are those of the graph that has them."""
+    import dataclasses
+
+    from engine.core.knn import knn_graph
+    from engine.core.types import GalleryContext
+
+    gallery, queries = clustered_items[:500], clustered_items[500:]
+    graph = knn_graph(gallery, 32)
+    rankings = [create_reranker("k_reciprocal", device="cpu").fit(
+        GalleryContext(gallery, knn=g)).rerank(queries, 40, mode="online")
+        for g in (graph, dataclasses.replace(graph, farthest=None, canonical=False))]
+    np.testing.assert_array_equal(rankings[0].indices, rankings[1].indices)
+    np.testing.assert_array_equal(rankings[0].distances, rankings[1].distances)
+    assert rankings[0].indices.size == 60 * 40
+
+
 def test_fit_keeps_no_float64_copy_of_the_gallery():
     gallery = online_items()
     reranker = create_reranker("k_reciprocal", device="cpu").fit(gallery)

@@ -13,7 +13,6 @@ docs/methods/k_reciprocal.md.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -55,6 +54,13 @@ from engine.rerank._k_reciprocal import (
     torch_local_query_expansion,
     torch_pair_squared_distances,
 )
+from engine.rerank._scale import (
+    MEMORY_FRACTION,
+    canonical_rows,
+    float32_scores,
+    gib,
+    memory_budget,
+)
 from engine.rerank.base import Reranker, RerankParams, param
 
 GPU_CELLS_PER_CHUNK = 1 << 25  # (query chunk x gallery) cells of the final distances per step
@@ -68,9 +74,6 @@ FLOAT32_DOT_ERROR_PER_DIM = 2.0 ** -23
 canonical (float64-accumulated) one: d unit roundoffs (2^-24) for a sum of d products, doubled
 for margin. An online query ranks the gallery by one float32 product and takes canonical
 products only for the items whose decisions fall within d times this of a boundary."""
-BATCH_MEMORY_FRACTION = 0.5
-"""Batch mode is refused when its estimated memory exceeds this share of the memory available
-now (`batch_refusal`)."""
 PAIRS_PER_ROW = 2
 """Expected size of an expanded set R* in units of k1 + 1 (for the batch's memory estimate)."""
 
@@ -608,39 +611,43 @@ class KReciprocalReranker(Reranker):
                               farthest.astype(np.float32))
 
     def batch_refusal(self, gallery_size: int, n_queries: int) -> str | None:
-        """Refuses a batch whose estimated memory (`_batch_bytes`) exceeds
-        `BATCH_MEMORY_FRACTION` of the memory available now (the GPU's for a CUDA batch)."""
+        """Refuses a batch whose estimated memory (`_batch_bytes`) exceeds the share of the
+        memory available now that a batch may plan to use (`_scale.memory_budget`; for a CUDA
+        batch the same share of the GPU's free memory)."""
         need = self._batch_bytes(gallery_size, n_queries)
-        available = _available_memory(self.device)
-        if available is None or need <= BATCH_MEMORY_FRACTION * available:
+        budget = _batch_budget(self.device)
+        if budget is None or need <= budget:
             return None
         where = " on the GPU" if self.device.type == "cuda" else ""
-        return (f"it needs about {need / 2**30:.1f} GiB for {n_queries} queries against "
-                f"{gallery_size} items, more than {BATCH_MEMORY_FRACTION:.0%} of the "
-                f"{available / 2**30:.1f} GiB available{where}; re-rank one query at a time "
-                "(online mode) or use a smaller gallery")
+        return (f"it needs about {gib(need)} for {n_queries:,} queries against "
+                f"{gallery_size:,} items, more than {gib(budget)} ({MEMORY_FRACTION:.0%} of the "
+                f"memory available{where}); re-rank one query at a time (online mode) or use a "
+                "smaller gallery")
 
     def _batch_bytes(self, gallery_size: int, n_queries: int) -> int:
         """Estimated peak bytes of a batch, from the arrays it holds at once.
 
-        Counts the queries as new nodes (an upper estimate for leave-one-out, whose nodes are
-        the gallery's): the nodes' features with the search's float32 and float64 copies
-        (`knn.knn_graph`); lists; R* pairs (about `PAIRS_PER_ROW` (k1 + 1) a row) with their
-        distances and V; V_qe (k2 rows of V each) and its CSC copy; and one step's (rows, G)
-        blocks with the gallery in float64 for the canonical products (`_dense_top_k`), or
-        on a GPU the nodes in float64 and one chunk of final distances.
+        `n_queries = gallery_size` is how leave-one-out arrives: its nodes are the gallery's
+        and it searches nothing. A query batch searches its nodes: their features with the
+        search's float32 and float64 copies (`knn.knn_graph`) and lists. Both encode: R* pairs
+        (about `PAIRS_PER_ROW` (k1 + 1) a row) with their distances and V; V_qe (k2 rows of V
+        each) and its CSC copy; and one step's (rows, G) blocks with the gallery in float64
+        for the canonical products (`_dense_top_k`), or on a GPU the nodes in float64 and one
+        chunk of final distances.
         """
         dim = self.gallery.features.shape[1] if self.is_fitted else 2048
-        nodes = gallery_size + n_queries
+        leave_one_out = n_queries == gallery_size
+        nodes = gallery_size + (0 if leave_one_out else n_queries)
         k1, k2, _ = self._effective(nodes)
         pairs = PAIRS_PER_ROW * (k1 + 1)
-        graph = nodes * dim * (4 + 4 + 8) + nodes * max(k1 + 1, k2) * 12
+        search = 0 if leave_one_out else nodes * dim * (4 + 4 + 8) + nodes * max(k1 + 1,
+                                                                                  k2) * 12
         encoding = nodes * pairs * (8 + 8 + 4 + 8) + nodes * min(nodes, k2 * pairs) * 8 * 3
         if self.device.type == "cuda":
-            block = GPU_CELLS_PER_CHUNK * (8 + 4 + 4 + 4)
+            block = nodes * dim * 12 + GPU_CELLS_PER_CHUNK * (8 + 4 + 4 + 4)
         else:
             block = BATCH_ROWS * gallery_size * (4 + 8 + 8 + 4 * 4) + gallery_size * dim * 8
-        return int(graph + encoding + block)
+        return int(search + encoding + block)
 
 
 class _QuerySimilarities:
@@ -651,8 +658,8 @@ class _QuerySimilarities:
     would cost several times the float32 one."""
 
     def __init__(self, gallery: np.ndarray, query: np.ndarray) -> None:
-        self._gallery, self._query = gallery, np.asarray(query, np.float64)
-        self.approximate = gallery @ query                          # (G,) float32
+        self._gallery, self._query = gallery, query
+        self.approximate = float32_scores(gallery, query)           # (G,) float32
         self.slack = gallery.shape[1] * FLOAT32_DOT_ERROR_PER_DIM
         self._values = self.approximate.copy()
         self._known = np.zeros(len(self.approximate), bool)
@@ -662,8 +669,7 @@ class _QuerySimilarities:
         items = np.asarray(items, np.int64)
         todo = np.unique(items[~self._known[items]])
         if len(todo):
-            self._values[todo] = np.minimum(self._gallery[todo].astype(np.float64)
-                                            @ self._query, 1.0)
+            self._values[todo] = canonical_rows(self._gallery, todo, self._query)
             self._known[todo] = True
         return self._values[items]
 
@@ -782,22 +788,12 @@ def _inverted_heads(node_lists: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return starts, (order // node_lists.shape[1] + 1).astype(np.int32)
 
 
-def _available_memory(device: torch.device) -> int | None:
-    """Bytes available now: the GPU's free memory for a CUDA device, else the system's
-    (MemAvailable, else free pages); None where unknown."""
+def _batch_budget(device: torch.device) -> int | None:
+    """Bytes a batch may plan to use: `_scale.memory_budget`, or on a CUDA device the same
+    share of its free memory; None where unknown."""
     if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        with open("/proc/meminfo") as info:
-            for line in info:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError):
-        return None
+        return int(torch.cuda.mem_get_info(device)[0] * MEMORY_FRACTION)
+    return memory_budget()
 
 
 def _sort_keys(distances: np.ndarray, columns: np.ndarray) -> np.ndarray:

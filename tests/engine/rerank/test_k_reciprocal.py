@@ -793,23 +793,25 @@ def test_batch_refusal_states_the_memory_it_would_need(monkeypatch):
     from engine.rerank import k_reciprocal
 
     gallery = online_items()
+    size = len(gallery)
     reranker = create_reranker("k_reciprocal", device="cpu").fit(gallery)
-    small = reranker._batch_bytes(len(gallery), 5)
-    assert small < reranker._batch_bytes(10 * len(gallery), 5)
-    assert small < reranker._batch_bytes(len(gallery), 5000)
-    monkeypatch.setattr(k_reciprocal, "_available_memory", lambda device: 4 * small)
-    assert reranker.batch_refusal(len(gallery), 5) is None
+    small = reranker._batch_bytes(size, 5)
+    assert small < reranker._batch_bytes(10 * size, 5)
+    assert small < reranker._batch_bytes(size, 5000)
+    assert reranker._batch_bytes(size, size) < reranker._batch_bytes(size, size + 1)  # no search
+    monkeypatch.setattr(k_reciprocal, "memory_budget", lambda: 2 * small)
+    assert reranker.batch_refusal(size, 5) is None
     assert reranker.rerank(gallery[:5], 10).indices.shape == (5, 10)
-    monkeypatch.setattr(k_reciprocal, "_available_memory", lambda device: small)
-    reason = reranker.batch_refusal(len(gallery), 5)
+    monkeypatch.setattr(k_reciprocal, "memory_budget", lambda: small // 2)
+    reason = reranker.batch_refusal(size, 5)
     assert reason is not None and f"{small / 2**30:.1f} GiB" in reason
     with pytest.raises(TooLargeError, match="GiB"):
         reranker.rerank(gallery[:5], 10)
     with pytest.raises(TooLargeError):
         reranker.rerank(None, 10)
     assert reranker.rerank(gallery[:2], 10, mode="online").indices.shape == (2, 10)
-    monkeypatch.setattr(k_reciprocal, "_available_memory", lambda device: None)
-    assert reranker.batch_refusal(len(gallery), 5) is None  # unknown: let it run
+    monkeypatch.setattr(k_reciprocal, "memory_budget", lambda: None)
+    assert reranker.batch_refusal(size, 5) is None  # unknown: let it run
 
 
 def test_batch_refusal_at_a_million_items_on_this_machine():
@@ -819,8 +821,8 @@ def test_batch_refusal_at_a_million_items_on_this_machine():
 
     reranker = create_reranker("k_reciprocal", device="cpu").fit(
         unit(np.random.default_rng(0).standard_normal((50, 1280))))
-    available = k_reciprocal._available_memory(reranker.device)
+    budget = k_reciprocal.memory_budget()
     assert reranker._batch_bytes(1_000_000, 1) > 16 * 2**30
-    if available is not None and available < 32 * 2**30:
+    if budget is not None and budget < 16 * 2**30:
         assert "GiB" in reranker.batch_refusal(1_000_000, 1)
     assert reranker.batch_refusal(2000, 10) is None

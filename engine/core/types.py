@@ -21,6 +21,7 @@ import numpy as np
 from engine.errors import InvalidInputError
 
 UNIT_NORM_TOLERANCE = 1e-3
+CHECK_CHUNK = 16384  # rows per chunk of `check_features`' tests (80 MiB at d = 1280)
 
 
 @dataclass(frozen=True)
@@ -130,15 +131,21 @@ def check_features(features: Any, name: str, dim: int | None = None, *,
             f"{name} has {array.shape[1]} dimensions but the gallery has {dim}: were they made "
             "with another backbone?")
     array = np.ascontiguousarray(array, dtype=np.float32)
-    if not np.isfinite(array).all():
-        bad = np.flatnonzero(~np.isfinite(array).all(axis=1))
+    # In row chunks: a whole-array test would allocate a temporary as large as the gallery.
+    finite = np.concatenate([np.isfinite(array[start:start + CHECK_CHUNK]).all(axis=1)
+                             for start in range(0, array.shape[0], CHECK_CHUNK)])
+    if not finite.all():
+        bad = np.flatnonzero(~finite)
         raise InvalidInputError(
             f"{name} contains NaN or infinite values in rows {bad[:10].tolist()}"
             f"{' ...' if bad.size > 10 else ''}; re-extract those features")
-    norms = np.linalg.norm(array, axis=1)
-    if unit_norm and (np.abs(norms - 1.0) > UNIT_NORM_TOLERANCE).any():
-        bad = np.flatnonzero(np.abs(norms - 1.0) > UNIT_NORM_TOLERANCE)
-        raise InvalidInputError(
-            f"{name} must be L2-normalised (cosine = inner product); rows {bad[:10].tolist()} "
-            f"have norms {np.round(norms[bad[:3]], 4).tolist()}: divide each row by its norm")
+    if unit_norm:
+        norms = np.concatenate([np.linalg.norm(array[start:start + CHECK_CHUNK], axis=1)
+                                for start in range(0, array.shape[0], CHECK_CHUNK)])
+        if (np.abs(norms - 1.0) > UNIT_NORM_TOLERANCE).any():
+            bad = np.flatnonzero(np.abs(norms - 1.0) > UNIT_NORM_TOLERANCE)
+            raise InvalidInputError(
+                f"{name} must be L2-normalised (cosine = inner product); rows "
+                f"{bad[:10].tolist()} have norms {np.round(norms[bad[:3]], 4).tolist()}: "
+                "divide each row by its norm")
     return array

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from collections.abc import Iterable
 from typing import Any
 
 from engine.core.types import GalleryContext, KnnGraph, RerankResult, TrainingSet
@@ -70,6 +71,18 @@ def create_reranker(name: str, *, device: str = "auto", **params: Any) -> Rerank
     return get_reranker_class(name)(device=device, **params)
 
 
+def shared_graph_depth(methods: Iterable[str], size: int | None = None) -> int:
+    """The deepest kNN graph the methods read at their default settings (for a gallery of
+    `size` items, where defaults scale with it: `RerankParams.for_gallery`); a gallery builds
+    its shared graph at least this deep. Methods are created on the CPU, nothing is fitted."""
+    depths = [0]
+    for name in methods:
+        cls = get_reranker_class(name)
+        defaults = {} if size is None else cls.Params.for_gallery(size)
+        depths.append(cls(device="cpu", **defaults).graph_depth())
+    return max(depths)
+
+
 __all__ = [
     "GalleryContext",
     "KnnGraph",
@@ -83,4 +96,5 @@ __all__ = [
     "list_rerankers",
     "param",
     "register",
+    "shared_graph_depth",
 ]

@@ -288,6 +288,13 @@ class Reranker(ABC):
         """Shorthand for `rerank(query_feature, k, mode="online")`."""
         return self.rerank(query_feature, k, mode="online")
 
+    def graph_depth(self) -> int:
+        """Neighbours per gallery item (itself included) that `fit` reads from the gallery's
+        shared kNN graph at these parameters. A gallery builds its graph at least as deep as
+        its methods' defaults need (`shared_graph_depth`), so that no method searches the
+        whole gallery itself; 0 (the default): the method reads no graph."""
+        return 0
+
     def batch_refusal(self, gallery_size: int, n_queries: int) -> str | None:
         """Why batch mode cannot run for `n_queries` queries against a gallery of
         `gallery_size` on this machine (say, the memory it would need, with the number), or

@@ -146,6 +146,10 @@ class KReciprocalReranker(Reranker):
                                   f"k1={k1}, k2={k2} for a graph of {n_nodes} nodes")
         return k1, k2, details
 
+    def graph_depth(self) -> int:
+        """Fit reads each item's k1 + 1 nearest (itself first)."""
+        return max(self.params.k1 + 1, self.params.k2)
+
     def _fit(self, context: GalleryContext) -> None:
         """Precompute the gallery-only graph: lists, reciprocal masks and sets, R* pair
         distances, V and V_qe, and an inverted index of the lists' heads.

@@ -6,8 +6,11 @@ Cache layout (one folder per gallery folder and backbone, under the cache root):
                     checksum of itself
     features.npz    files, sizes, mtimes, features (only decodable files), skipped files, and a
                     sha256 of those arrays
-    index.faiss     the faiss index
-    knn.npz         the gallery kNN graph (self included), with a sha256 of its arrays
+    index.faiss     the faiss index (a flat one holds no vectors: it searches the features in
+                    place); the manifest records its kind and recall@10/@100 (`index_recall`)
+    knn.npz         the gallery kNN graph (self included), with a sha256 of its arrays: exact up
+                    to `EXACT_GRAPH_MAX` items, through an index above, with its measured recall
+                    in the manifest (`knn_recall`, `knn_canonical`)
 Every file is written atomically, so a crash leaves the previous cache intact. Reopening a
 gallery embeds only files that are new or changed (by size and mtime); a long embedding run
 saves its features every `checkpoint_seconds`, so a killed run resumes where it saved.

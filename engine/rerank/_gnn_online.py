@@ -103,11 +103,6 @@ class GalleryPropagation:
         """Non-zeros of the propagated gallery graph (what a batch run over it holds)."""
         return int(self.p2.nnz)
 
-    def propagated_gallery(self) -> sp.csr_matrix:
-        """The gallery-only graph's last layer A2 (G, G) with unit rows, gallery item j at
-        row j: the graph a leave-one-out batch propagates."""
-        return _normalise_rows(self.p2[1:, 1:])
-
     def graph_scores(self, rows: np.ndarray, lists: np.ndarray, similarities: np.ndarray
                      ) -> tuple[np.ndarray, int]:
         """<A2'[0], A2'[node]> for every node, given the lists the query changes.

@@ -97,22 +97,19 @@ def propagate(neighbours: torch.Tensor, similarities: torch.Tensor, k2: int,
 
 def gnn_scores(features: torch.Tensor, n_queries: int, k1: int, k2: int, lambda_value: float,
                k: int, exclude_self: bool, neighbours: torch.Tensor | None = None,
-               similarities: torch.Tensor | None = None, adjacency: torch.Tensor | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+               similarities: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k re-ranked gallery items for the first `n_queries` nodes.
 
     Args:
         features: (n, d) unit rows; rows [0, n_queries) are queries, the gallery is rows
             [n_queries, n) or, with `exclude_self`, all rows (leave-one-out, n_queries = n).
         neighbours, similarities: the (n, k1) kNN graph when already known.
-        adjacency: the propagated graph (`propagate`'s result) when already known.
     Returns:
         scores (n_queries, k) descending and gallery indices (n_queries, k).
     """
-    if adjacency is None:
-        if neighbours is None:
-            similarities, neighbours = torch_topk_similar(features, k1)
-        adjacency = propagate(neighbours, similarities, k2)
+    if neighbours is None:
+        similarities, neighbours = torch_topk_similar(features, k1)
+    adjacency = propagate(neighbours, similarities, k2)
     offset = 0 if exclude_self else n_queries
     gallery_features = features[offset:]
     if adjacency.is_sparse:
@@ -273,20 +270,12 @@ class GNNReranker(Reranker):
             features = torch.cat([torch.from_numpy(query_features).to(self.device), gallery])
             n_queries = query_features.shape[0]
         k1, k2, details = self._effective(features.shape[0])
-        from_fit = query_features is None and isinstance(self._propagation, GalleryPropagation)
-        known = None if from_fit else self._node_lists(query_features, k1)
+        known = self._node_lists(query_features, k1)
         neighbours, similarities = known if known is not None else (None, None)
         with torch.inference_mode():
-            adjacency = None
-            if from_fit:  # leave-one-out's graph is the gallery graph that fit propagated
-                propagated = self._propagation.propagated_gallery().tocoo()
-                adjacency = sparse_rows(torch.from_numpy(propagated.row.astype(np.int64)),
-                                        torch.from_numpy(propagated.col.astype(np.int64)),
-                                        torch.from_numpy(propagated.data), propagated.shape)
             scores, indices = gnn_scores(features, n_queries, k1, k2, self.params.lambda_value,
                                          k, exclude_self=query_features is None,
-                                         neighbours=neighbours, similarities=similarities,
-                                         adjacency=adjacency)
+                                         neighbours=neighbours, similarities=similarities)
         return (1.0 - scores).cpu().numpy(), indices.cpu().numpy(), details
 
     def _rerank_online(self, query_feature: np.ndarray, k: int):

@@ -234,21 +234,3 @@ def test_patch_recomputes_only_the_rows_the_query_touches(monkeypatch):
     assert 0 < max(counts) <= (3 * 26 + 1) * 7 * 2 + 26
     assert max(counts) < 4000 / 8
 
-
-@pytest.mark.parametrize("lambda_value", [0.3, 0.0])
-def test_leave_one_out_from_fits_propagation(monkeypatch, lambda_value):
-    """Leave-one-out reads the gallery graph fit propagated (no propagation of its own): the
-    plain computation's ranking, and never the item itself."""
-    monkeypatch.setattr(GNNReranker, "patch_min_nodes", 0)
-    gallery = tied_collection(500)
-    reranker = gnn(k1=12, k2=4, lambda_value=lambda_value).fit(
-        GalleryContext(gallery, knn=knn_graph(gallery, 20)))
-    assert isinstance(reranker._propagation, gnn_module.GalleryPropagation)
-    expected = plain_scores(None, gallery, 12, 4, lambda_value, 25)
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("propagated again what fit propagated")
-    monkeypatch.setattr(gnn_module, "propagate", refuse)
-    result = reranker.rerank(None, 25)
-    assert not (result.indices == np.arange(500)[:, None]).any()
-    assert_same_ranking(result, *expected, atol=gnn_atol(500, 12, 4, lambda_value, 48))

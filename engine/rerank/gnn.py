@@ -187,6 +187,10 @@ class GNNReranker(Reranker):
                                   f"k1={k1}, k2={k2} for a graph of {n_nodes} nodes")
         return k1, k2, details
 
+    def graph_depth(self) -> int:
+        """Fit reads each item's k1 nearest (itself first)."""
+        return self.params.k1
+
     def _fit(self, context: GalleryContext) -> None:
         """Takes the gallery's kNN lists from `context.knn` when it is deep enough (exact or
         approximate; a search of its own otherwise) and, for CPU online queries, propagates

@@ -754,8 +754,6 @@ class GallerySession:
         nearest = float(query_similarities(feature, self.gallery.features, np.array([row]))[0])
         return Familiarity.of(nearest, row, usual)
 
-
-
     # -- query features and the revisited protocol -----------------------------------------------
     query_set: QuerySet | None = None
     """The query features of a features gallery (`Explorer.open_features(queries=...)`), or

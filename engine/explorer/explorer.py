@@ -35,7 +35,7 @@ from engine.evaluation.revisited import ground_truth_for, load_revisitop_gnd
 from engine.explorer.results import BASELINE, DEFAULT_TOP_N, QueryResult, Ranking
 from engine.explorer.session import GallerySession, QuerySet
 from engine.features.backbone import FeatureExtractor, get_extractor
-from engine.rerank import list_rerankers
+from engine.rerank import list_rerankers, shared_graph_depth
 from engine.search.archive import (
     extract_zip,
     read_upload_name,
@@ -44,6 +44,7 @@ from engine.search.archive import (
 )
 from engine.search.features_file import FEATURE_FILE_FORMATS, load_query_features
 from engine.search.gallery import (
+    DEFAULT_KNN_DEPTH,
     DEMO_GALLERY,
     Gallery,
     GalleryScan,
@@ -82,6 +83,10 @@ class Explorer:
         self.allowed_roots = [Path(root).expanduser().resolve() for root in (
             allowed_roots if allowed_roots is not None else default_allowed_roots())]
         self.method_names = methods
+        self.knn_depth = max(DEFAULT_KNN_DEPTH, shared_graph_depth(
+            list_rerankers() if methods is None else methods))
+        """Depth of every gallery's shared kNN graph: what the methods' defaults read, so that
+        none searches a large gallery itself."""
         self.galleries: dict[str, GallerySession] = {}
         self._lock = threading.Lock()
         self._variant_locks: dict[str, threading.Lock] = {}
@@ -169,7 +174,7 @@ class Explorer:
             gallery_extractor = get_extractor(spec.gallery_backbone, device=self.device)
             gallery = Gallery.open(base.gallery.root, extractor=gallery_extractor,
                                    cache_root=self.cache_root, progress=progress,
-                                   device=self.device)
+                                   device=self.device, knn_depth=self.knn_depth)
             session = GallerySession(variant_key, gallery, self.device, self.method_names,
                                      query_model=query_model, base_key=base.key,
                                      jobs=self.jobs, name=base.name)
@@ -214,7 +219,8 @@ class Explorer:
                     session.name = name or session.name
                     return session
             gallery = Gallery.open(root, extractor=self.extractor, cache_root=self.cache_root,
-                                   progress=progress, device=self.device)
+                                   progress=progress, device=self.device,
+                                   knn_depth=self.knn_depth)
             key = gallery.cache_dir.name
             session = GallerySession(key, gallery, self.device, self.method_names,
                                      jobs=self.jobs, name=name)
@@ -263,7 +269,8 @@ class Explorer:
         with gate:
             gallery = Gallery.open_features(source, names=names, labels=labels, images=images,
                                             metric=metric, normalize=normalize,
-                                            cache_root=self.cache_root, device=self.device)
+                                            cache_root=self.cache_root, device=self.device,
+                                            knn_depth=self.knn_depth)
             key = gallery.cache_dir.name
             query_set = None if queries is None else load_query_set(
                 gallery, queries, ground_truth, metric=metric, normalize=normalize)

@@ -137,7 +137,7 @@ def test_a_failed_scoring_job_shows_in_its_method_tab_only(
     method = list_rerankers()[0]
     scores = type(session).scores
 
-    def failing(self, name, params=None, cached_only=False):
+    def failing(self, name, params=None, cached_only=False, progress=None):
         if name == method and not cached_only:
             raise MemoryError("no memory left for the leave-one-out run")
         return scores(self, name, params, cached_only)

@@ -226,7 +226,7 @@ class Gallery:
     def open(cls, folder: str | os.PathLike = DEMO_GALLERY,
              extractor: FeatureExtractor | None = None, cache_root: str | os.PathLike | None = None,
              progress: ProgressCallback | None = None, knn_depth: int = DEFAULT_KNN_DEPTH,
-             index_kind: str = "flat", device: str = "auto",
+             index_kind: str = "auto", device: str = "auto",
              checkpoint_seconds: float = CHECKPOINT_SECONDS) -> Gallery:
         """Index a folder (or load its cache) and return the gallery.
 
@@ -237,6 +237,8 @@ class Gallery:
             progress: called with (fraction in [0, 1], message) while embedding.
             checkpoint_seconds: save the features embedded so far at least this often, so that
                 a killed run resumes from there (0: after every chunk of batches).
+            index_kind: "auto" (exact up to `index.EXACT_SEARCH_MAX` items, then IVF or
+                IVF-PQ: `index.choose_index_kind`), or "flat", "ivf", "ivfpq", "hnsw".
         """
         root = Path(folder).resolve()
         if not root.is_dir():
@@ -284,7 +286,7 @@ class Gallery:
                       images: str | os.PathLike | None = None, metric: str = "cosine",
                       normalize: str = "warn", cache_root: str | os.PathLike | None = None,
                       device: str = "auto", knn_depth: int = DEFAULT_KNN_DEPTH,
-                      index_kind: str = "flat") -> Gallery:
+                      index_kind: str = "auto") -> Gallery:
         """A gallery of the vectors in a features file (`features_file.load_features_file`
         reads and checks it: formats, metric and `normalize` are described there).
 

@@ -576,7 +576,8 @@ def test_the_manifest_records_the_index_files_checksums(folder, cache_root, extr
     for name, record in manifest["files"].items():
         path = gallery.cache_dir / name
         assert record == {"bytes": path.stat().st_size, "sha256": storage.sha256_file(path)}
-    assert manifest["index_kind"] == "flat" and manifest["knn_depth"] == 12
+    assert (manifest["index_kind"], manifest["index_built"]) == ("auto", "flat")
+    assert manifest["knn_depth"] == 12
     # features.npz vouches for itself (its checksum is verified by load_checked_npz)
     assert load_checked_npz(gallery.cache_dir / "features.npz")["features"].shape == (12, 1280)
 

@@ -58,7 +58,9 @@ distances, their sort, the iterations' orders, scores and votes (measured peak: 
 queries against 20,000 items), with room."""
 HEAD_MARGIN = 256
 """Online: gallery items ranked beyond those that must be exact (voters, top-k, history) at
-the first try; each failed proof takes four times as many."""
+the first try; each failed proof takes HEAD_GROWTH times as many (the whole gallery at
+last)."""
+HEAD_GROWTH = 16
 
 
 @dataclass(frozen=True)
@@ -550,9 +552,11 @@ class ICFRR(Reranker):
                        ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
         """One query from its nearest items only (`online_head`), on one thread
         (`engine.core.threads.query_threads`): one float32 product with the gallery proposes
-        them, their canonical distances are computed, and the head grows four-fold until it
-        proves the full run's result (the whole gallery at worst). Only the voters' lists are
-        read: no (1, G) distances, sort or vote vector of the whole gallery."""
+        them, their canonical distances are computed, and the head grows `HEAD_GROWTH`-fold
+        until it proves the full run's result. Only the voters' lists are read (no vote vector
+        or matrix of the gallery); where no head short of the gallery proves it (items that
+        climb by a few votes past near-equidistant ones, iteration after iteration), the
+        whole gallery's distances are computed and sorted, as in a batch of one."""
         gallery = self.gallery.features
         size = len(gallery)
         kg, kq, note = clamped(self.params, size)
@@ -560,12 +564,18 @@ class ICFRR(Reranker):
         with query_threads():
             scores = float32_scores(gallery, query_feature)
             while True:
-                distances, ids = query_top(gallery, query_feature, head + 1, scores=scores,
-                                           key=euclidean_from_similarity)
+                if head + 1 < size:
+                    distances, ids = query_top(gallery, query_feature, head + 1, scores=scores,
+                                               key=euclidean_from_similarity)
+                else:  # the whole gallery, read in contiguous blocks
+                    distances = euclidean_from_similarity(
+                        canonical_block(query_feature[None, :], gallery))[0]
+                    ids = np.argsort(distances, kind="stable")
+                    distances = distances[ids]
                 output = online_head(distances, ids, size, self._lists, self.params, kg, kq, k)
                 if output is not None:
                     break
-                head *= 4
+                head *= HEAD_GROWTH
         details = {"clamped": note} if note else {}
         return -output.score[0], output.order[0], {
             **details, "history": output.history[0], "distance": "minus the final ICFRR score"}

@@ -152,25 +152,48 @@ def cluster_triplets(labels: np.ndarray, rng: np.random.Generator,
     """(3, T) anchor, positive, negative: every ordered pair inside each cluster, with one
     negative drawn uniformly from the items outside that cluster (unlabelled ones included).
     Drawn once per training, as the authors' `_make_triplets` does before training starts.
-    Above `limit` triplets, a seeded sample of `limit` of them, in their order."""
+    Above `limit` pairs, a seeded sample of `limit` of them in the same order, drawn without
+    listing the pairs (one cluster of 50,000 items holds 2.5 billion)."""
     n = len(labels)
-    triplets = []
+    clusters = []
     for cluster in np.unique(labels[labels >= 0]):
         members = np.flatnonzero(labels == cluster)
+        if len(members) >= 2 and len(members) < n:
+            clusters.append(members)
+    if not clusters:
+        return np.zeros((3, 0), np.int64)
+    sizes = np.array([len(members) for members in clusters], np.int64)
+    pairs = sizes * (sizes - 1)
+    if limit is not None and pairs.sum() > limit:
+        return _sampled_triplets(clusters, pairs, n, limit, rng)
+    triplets = []
+    for members in clusters:
         outside = np.setdiff1d(np.arange(n), members)
-        if len(members) < 2 or len(outside) == 0:
-            continue
         anchors, positives = np.meshgrid(members, members, indexing="ij")
         keep = anchors != positives
         anchors, positives = anchors[keep], positives[keep]
         negatives = outside[rng.integers(0, len(outside), len(anchors))]
         triplets.append(np.stack([anchors, positives, negatives]))
-    if not triplets:
-        return np.zeros((3, 0), np.int64)
-    triplets = np.concatenate(triplets, axis=1)
-    if limit is not None and triplets.shape[1] > limit:
-        triplets = triplets[:, np.sort(rng.choice(triplets.shape[1], limit, replace=False))]
-    return triplets
+    return np.concatenate(triplets, axis=1)
+
+
+def _sampled_triplets(clusters: list[np.ndarray], pairs: np.ndarray, n: int, limit: int,
+                      rng: np.random.Generator) -> np.ndarray:
+    """`limit` of the ordered pairs of `clusters` (pairs[c] in cluster c), uniformly without
+    replacement and in the full list's order, each with a negative outside its cluster."""
+    chosen = np.sort(rng.choice(int(pairs.sum()), limit, replace=False))
+    starts = np.concatenate([[0], np.cumsum(pairs)])
+    which = np.searchsorted(starts, chosen, side="right") - 1
+    triplets = []
+    for c in np.unique(which):
+        members = clusters[c]
+        local = chosen[which == c] - starts[c]
+        anchor, other = np.divmod(local, len(members) - 1)
+        positive = other + (other >= anchor)  # skip the anchor itself
+        outside = np.setdiff1d(np.arange(n), members)
+        negatives = outside[rng.integers(0, len(outside), len(local))]
+        triplets.append(np.stack([members[anchor], members[positive], negatives]))
+    return np.concatenate(triplets, axis=1)
 
 
 def triplet_limit(classes: int) -> int:

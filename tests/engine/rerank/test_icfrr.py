@@ -563,6 +563,7 @@ def test_online_head_equals_the_full_run(monkeypatch, params):
     gives, bit for bit, the run over the whole gallery with the same votes; the head was
     smaller than the gallery for some queries, so the proof was used."""
     queries, gallery = synthetic(3000)
+    monkeypatch.setattr(icfrr, "HEAD_GROWTH", 4)  # heads between the first and the gallery
     reranker = create_reranker("icfrr", device="cpu", **params).fit(
         GalleryContext(gallery, knn=knn_graph(gallery, 300)))
     calls = recorded_heads(monkeypatch)

@@ -907,8 +907,9 @@ def test_rank_top_breaks_ties_as_rank_by_distance(k):
 
 
 def test_triplets_are_bounded():
-    """Below the bound every triplet is kept (the authors' set); above it, a seeded sample in
-    the same order, drawn after the negatives."""
+    """Below the bound every triplet is kept (the authors' set, the same draws); above it, a
+    seeded sample of the same pairs in the same order, negatives outside their cluster,
+    without listing every pair."""
     labels = np.repeat(np.arange(5), 30)
     everything = cluster_triplets(labels, np.random.default_rng(3))
     assert everything.shape[1] == 5 * 30 * 29
@@ -916,10 +917,15 @@ def test_triplets_are_bounded():
         cluster_triplets(labels, np.random.default_rng(3), everything.shape[1]), everything)
     kept = cluster_triplets(labels, np.random.default_rng(3), 1000)
     assert kept.shape == (3, 1000)
-    keys = everything[0] * 10**6 + everything[1] * 10**3 + everything[2]
-    where = np.searchsorted(keys, kept[0] * 10**6 + kept[1] * 10**3 + kept[2])
-    assert (np.diff(where) > 0).all() and (keys[where] == kept[0] * 10**6 + kept[1] * 10**3
-                                           + kept[2]).all()
+    keys = everything[0] * 1000 + everything[1]  # the pairs, ascending in the full list
+    where = np.searchsorted(keys, kept[0] * 1000 + kept[1])
+    assert (np.diff(where) > 0).all() and (keys[where] == kept[0] * 1000 + kept[1]).all()
+    assert (labels[kept[2]] != labels[kept[0]]).all()
+    huge = np.zeros(200_000, np.int64)  # one cluster of 40 billion pairs
+    huge[::2] = 1
+    sample = cluster_triplets(huge, np.random.default_rng(0), 500)
+    assert sample.shape == (3, 500) and (sample[0] != sample[1]).all()
+    assert (huge[sample[0]] == huge[sample[1]]).all() and (huge[sample[2]] != huge[sample[0]]).all()
     assert sgrr_module.triplet_limit(17) * 17 <= sgrr_module.TRIPLET_ELEMENTS
     assert sgrr_module.triplet_limit(17) > 1360 ** 2  # every demo-sized training keeps all
 

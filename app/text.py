@@ -15,6 +15,7 @@ from engine import (
     FAILED,
     RUNNING,
     WAITING,
+    Gallery,
     GallerySession,
     QueryResult,
     Ranking,
@@ -207,8 +208,24 @@ def header_text(session: GallerySession) -> str:
     classes = f", {len(gallery.class_names)} classes" if gallery.labels is not None else ""
     skipped = f" ({len(gallery.skipped)} unreadable files skipped)" if gallery.skipped else ""
     return (f"**{session.title}**{classes}{skipped} · embedded by {session.embedded_by} · "
-            f"search: {gallery.index.backend} · pick, click or upload a query "
-            "to compare the baseline ranking with every re-ranking method.")
+            f"search: {gallery.index.backend}{search_quality(gallery)} · pick, click or upload "
+            "a query to compare the baseline ranking with every re-ranking method.")
+
+
+def search_quality(gallery: Gallery) -> str:
+    """How exact search and the shared kNN graph are: nothing for exact ones, else their
+    recall against exact search measured when they were built (a sample of gallery rows)."""
+    parts = []
+    index = gallery.index
+    if not index.exact and index.recall:
+        recalls = ", ".join(f"{name} {value:.3f}" for name, value in index.recall.items()
+                            if name.startswith("recall@"))
+        parts.append(f" (approximate: {recalls} on {index.recall.get('queries', '?')} rows)")
+    if gallery.knn is not None and not gallery.knn.canonical:
+        recall = ("unmeasured" if gallery.knn.recall is None
+                  else f"recall {gallery.knn.recall:.3f} of its {gallery.knn.depth} neighbours")
+        parts.append(f" · kNN graph approximate ({recall})")
+    return "".join(parts)
 
 
 def galleries_text(public: PublicUploads | None) -> str:

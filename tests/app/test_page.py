@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import subprocess
 import sys
 import threading
+import types
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -741,3 +743,19 @@ def test_an_uploaded_features_file_opens_from_a_kept_copy(handlers: PageHandlers
     notes.write_text("not features")
     with pytest.raises(InvalidInputError, match="must be one of"):
         explorer.keep_features_upload(notes)
+
+
+def test_the_header_states_an_approximate_search_and_graph_with_their_recall(
+        session: GallerySession) -> None:
+    """Exact search and graph say nothing more; approximate ones state their measured recall."""
+    from app.text import search_quality
+
+    gallery = session.gallery
+    assert search_quality(gallery) == ""
+    approximate = dataclasses.replace(gallery.knn, canonical=False, recall=0.912)
+
+    index = types.SimpleNamespace(
+        exact=False, recall={"recall@10": 0.995, "recall@100": 0.33, "queries": 200})
+    text = search_quality(types.SimpleNamespace(index=index, knn=approximate))
+    assert "recall@10 0.995, recall@100 0.330 on 200 rows" in text
+    assert f"kNN graph approximate (recall 0.912 of its {gallery.knn.depth} neighbours)" in text

@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import math
 import os
 import statistics
 import sys
@@ -48,7 +49,7 @@ from engine.bench.measure import busy_process, peak_memory, synthetic_collection
 from engine.bench.tables import cell, markdown_table
 from engine.core.logs import configure_logging
 from engine.core.threads import configure_threads
-from engine.errors import InvalidInputError
+from engine.errors import InvalidInputError, TooLargeError
 from engine.evaluation.protocols import PROTOCOLS, Split, make_split
 from engine.evaluation.revisited import REVISITED_PROTOCOLS, RevisitedScores, revisited_map
 from engine.evaluation.scores import median_ms, run_split, score_split, split_context, without_self
@@ -111,10 +112,15 @@ def run(features: np.ndarray, labels: np.ndarray, protocol: str, methods: Sequen
             started = time.perf_counter()
             reranker = create_reranker(name, device=device, **params).fit(context)
             fit_seconds = time.perf_counter() - started
-            scores = run_split(reranker, split, labels, queries, k).scores
-            started = time.perf_counter()
-            reranker.rerank(None, min(k, len(gallery) - 1))
-            batch_seconds = time.perf_counter() - started
+            try:
+                scores = run_split(reranker, split, labels, queries, k).scores
+                started = time.perf_counter()
+                reranker.rerank(None, min(k, len(gallery) - 1))
+                batch_seconds = time.perf_counter() - started
+            except TooLargeError as refusal:  # the method says why, with the number
+                rows.append(Row(f"{spec}: {refusal}", math.nan, math.nan, math.nan, None,
+                                None, None, fit_seconds=fit_seconds))
+                continue
         row = Row(spec, scores.map, scores.precision_at[1], scores.precision_at[5],
                   batch_seconds, None, None)
         row.fit_seconds = getattr(reranker, "training_seconds", None) or fit_seconds

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from tie_aware import U32
@@ -242,3 +244,23 @@ def test_revisited_bench_refuses_mismatched_names_and_lone_flags(tmp_path):
         main([*argv, "--methods", "gnn", "--device", "cpu"])
     with pytest.raises(SystemExit):
         main(["--features", paths["--features"], "--gnd", paths["--gnd"]])
+
+
+def test_a_method_whose_batch_cannot_run_says_why_in_its_row(monkeypatch) -> None:
+    """A batch refused at the collection's size (`Reranker.batch_refusal`) is a row with the
+    method's reason and no scores, and the other methods still run."""
+    from engine.bench import rerankers as bench
+    from engine.bench.measure import synthetic_collection
+    from engine.rerank import get_reranker_class
+
+    features, labels = synthetic_collection(60, 16, n_classes=6)
+    cls = get_reranker_class("k_reciprocal")
+    monkeypatch.setattr(cls, "batch_refusal",
+                        lambda self, size, queries: f"about 9 GiB for {size} items")
+    rows = bench.run(features, labels, "leave-one-out", ["k_reciprocal", "gnn"], 10, "cpu", 2)
+    refused, gnn = rows[1], rows[2]
+    assert refused.method.startswith("k_reciprocal: ")
+    assert refused.method.endswith("batch mode: about 9 GiB for 60 items")
+    assert math.isnan(refused.map) and refused.fit_seconds is not None
+    assert gnn.method == "gnn" and 0 < gnn.map <= 1
+    assert "about 9 GiB" in bench.format_table(rows, "t")

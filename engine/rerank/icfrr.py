@@ -473,6 +473,10 @@ class ICFRR(Reranker):
     resolve differently changes every later score (the per-position prior), so quick runs that
     compare the two stay at one; test_icfrr.py checks every iteration against the oracle."""
 
+    def graph_depth(self) -> int:
+        """Fit reads each item's KG + 2 nearest (itself first)."""
+        return self.params.KG + 2
+
     def _fit(self, context: GalleryContext) -> None:
         depth = min(self.params.KG + 2, context.size)
         knn = context.knn

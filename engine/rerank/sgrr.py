@@ -354,6 +354,10 @@ class SGRR(Reranker):
     exact_neighbours: ClassVar[bool] = False
 
     # -- fitting -----------------------------------------------------------------------------------
+    def graph_depth(self) -> int:
+        """Fit's LHRR reads each item's 4K nearest (its initial ranked lists)."""
+        return 4 * self.params.K
+
     def _fit(self, context: GalleryContext) -> None:
         self._fitting_knn = context.knn
         classes = self._classes(context)

@@ -110,3 +110,14 @@ def test_a_large_gallery_is_scored_on_a_fixed_sample_its_picks_reproduce(
                                  top_n=5).rankings[method].ap for row in rows]
         assert np.mean(picked) == pytest.approx(scores.map, abs=1e-9)
     assert session._leave_one_out.peek((BASELINE,)) is None
+
+
+def test_the_shared_graph_is_as_deep_as_the_methods_read(tmp_path: Path) -> None:
+    from engine.rerank import get_reranker_class, shared_graph_depth
+    from engine.search.gallery import DEFAULT_KNN_DEPTH
+
+    every = Explorer(None, device="cpu", cache_root=tmp_path / "cache")
+    icfrr = get_reranker_class("icfrr").Params()
+    assert every.knn_depth == shared_graph_depth(["icfrr"]) == icfrr.KG + 2 > DEFAULT_KNN_DEPTH
+    few = Explorer(None, device="cpu", cache_root=tmp_path / "cache", methods=["gnn"])
+    assert few.knn_depth == DEFAULT_KNN_DEPTH  # GNN reads 26: the usual depth serves

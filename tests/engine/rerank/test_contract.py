@@ -553,3 +553,35 @@ def test_details_hold_only_the_keys_each_method_documents(fitted, features):
         seen |= set(details)
     assert set(several.details) <= set(schema) | set(COMMON_DETAILS)
     assert seen, f"{fitted.name} returned no details to check"
+
+
+@pytest.mark.parametrize("name", list_rerankers())
+def test_fit_searches_nothing_when_the_graph_is_as_deep_as_the_method_says(name, monkeypatch):
+    """`graph_depth` is a promise: given a shared graph that deep, fit runs no search of the
+    whole gallery (the exact top-k behind every graph builder fails if called)."""
+    import sys
+
+    from engine.core.knn import knn_graph
+    from engine.rerank import shared_graph_depth
+
+    reranker = make(name, **get_reranker_class(name).quick_params)
+    depth = reranker.graph_depth()
+    if depth == 0:
+        pytest.skip(f"{name} reads no shared graph")
+    assert shared_graph_depth([name]) == make(name).graph_depth() > 0
+    rng = np.random.default_rng(4)
+    features = rng.normal(size=(80, 12)).astype(np.float32)
+    features /= np.linalg.norm(features, axis=1, keepdims=True)
+    context = GalleryContext(features, knn=knn_graph(features, min(depth, 80)))
+
+    def searched(*args, **kwargs):
+        raise AssertionError(f"{name} searched the gallery although the graph is {depth} deep")
+
+    patched = 0
+    for module_name, module in list(sys.modules.items()):
+        if module_name.startswith("engine.") and hasattr(module, "torch_topk_similar"):
+            monkeypatch.setattr(module, "torch_topk_similar", searched)
+            patched += 1
+    assert patched >= 2  # engine.core.knn and the methods that import it
+    reranker.fit(context)
+    assert reranker.is_fitted

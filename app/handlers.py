@@ -472,16 +472,8 @@ class PageHandlers(BuildEvents, LinkEvents):
                 headers, data = session.revisited_rows(params, compute=compute,
                                                        progress=progress)
             return {"headers": headers, "data": data}
-        rows = []
-        methods = session.methods()
-        for index, (method, _) in enumerate(methods):
-            if progress is not None:
-                progress(index / len(methods), f"scoring {method_title(method)}")
-            chosen = None if params is None or method == BASELINE else params.get(method)
-            scores = session.scores(method, chosen, cached_only=not compute)
-            if scores is not None:
-                rows.append(scores)
-        return scores_table(rows, dict(methods))
+        rows = session.scores_rows(params, compute=compute, progress=progress)
+        return scores_table(rows, dict(session.methods()))
 
     def compute_compare(self, progress: gr.Progress = gr.Progress(), *inputs: Any
                         ) -> list[list[Any]] | dict[str, Any]:

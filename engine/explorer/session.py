@@ -843,13 +843,29 @@ class GallerySession:
         """The revisited Compare table: its headers and a row per method (the baseline and
         every available method; `params` per method, default their setting) with a run
         (cached ones; all of them, computed now, with `compute`)."""
-        runs = []
+        runs = self._per_method(self.revisited, "revisited scores of", params, compute,
+                                progress)
+        return list(REVISITED_TABLE_COLUMNS), revisited_table(runs, dict(self.methods()))
+
+    def scores_rows(self, params: Mapping[str, ParamsOrSetting] | None = None,
+                    compute: bool = False, progress: ProgressCallback | None = None
+                    ) -> list[MethodScores]:
+        """The Compare table's scores, one per method with scores (the baseline and every
+        available method; `params` per method, default their setting): cached ones, or all
+        of them, computed now, with `compute`."""
+        return self._per_method(self.scores, "scoring", params, compute, progress)
+
+    def _per_method(self, run: Callable[..., Any], doing: str,
+                    params: Mapping[str, ParamsOrSetting] | None, compute: bool,
+                    progress: ProgressCallback | None) -> list[Any]:
+        """`run(method, setting, cached_only=...)` of every method, those that gave one."""
+        found = []
         methods = self.methods()
         for index, (method, title) in enumerate(methods):
             if progress is not None:
-                progress(index / len(methods), f"revisited scores of {title}")
+                progress(index / len(methods), f"{doing} {title}")
             chosen = None if params is None or method == BASELINE else params.get(method)
-            run = self.revisited(method, chosen, cached_only=not compute)
-            if run is not None:
-                runs.append(run)
-        return list(REVISITED_TABLE_COLUMNS), revisited_table(runs, dict(methods))
+            result = run(method, chosen, cached_only=not compute)
+            if result is not None:
+                found.append(result)
+        return found

@@ -59,6 +59,19 @@ def _query_layout(neighbours: np.ndarray, similarities: np.ndarray, k1: int, k2:
     return n, lists, weights, adjacency, weight
 
 
+
+def first_layer_change(n: int, k1: int, query_list: np.ndarray, took: np.ndarray,
+                       dropped: np.ndarray) -> sp.csr_matrix:
+    """B0' - B0 of a query joining the graph, symmetrised: the query's row (node 0) gains its
+    k1 neighbours `query_list`, and each row in `took` gains node 0 and loses its last
+    neighbour (`dropped`, in the same order)."""
+    entries = np.concatenate([np.zeros(k1, np.int64), took, took])
+    columns = np.concatenate([query_list, np.zeros(len(took), np.int64), dropped])
+    values = np.concatenate([np.ones(k1 + len(took), np.float32),
+                             np.full(len(took), -1.0, np.float32)])
+    change = sp.csr_matrix((values, (entries, columns)), shape=(n, n))
+    return (change + change.T).tocsr()
+
 class GalleryPropagation:
     """The gallery-only graph propagated once, so that an online query's scores come from the
     few rows its arrival changes (exactly; CPU, scipy).
@@ -116,13 +129,7 @@ class GalleryPropagation:
         n, k1, k2 = self.n, self.k1, self.k2
         took = rows[1:]
         dropped = self.lists[took, k1 - 1]
-        # B0' - B0: the query's row, and each row that took it in gains node 0, loses its last
-        entries = np.concatenate([np.zeros(k1, np.int64), took, took])
-        columns = np.concatenate([lists[0], np.zeros(len(took), np.int64), dropped])
-        values = np.concatenate([np.ones(k1 + len(took), np.float32),
-                                 np.full(len(took), -1.0, np.float32)])
-        change0 = sp.csr_matrix((values, (entries, columns)), shape=(n, n))
-        change0 = (change0 + change0.T).tocsr()
+        change0 = first_layer_change(n, k1, lists[0], took, dropped)
         rewired = rows[(lists[:, :k2] != self.lists[rows, :k2]).any(axis=1) | (rows == 0)]
         new_heads = {int(r): i for i, r in enumerate(rows)}
         # C: rows of A1 with a changed row of B0 among their first k2 (old or new) neighbours
@@ -271,13 +278,7 @@ class SmallGraphPropagation:
         n, k1, k2, old = self.n, self.k1, self.k2, self.lists
         took = np.flatnonzero((lists[1:] == 0).any(axis=1)) + 1
         dropped = old[took, k1 - 1]
-        # B0' - B0: the query's row, and each row that took it in gains node 0, loses its last
-        entries = np.concatenate([np.zeros(k1, np.int64), took, took])
-        columns = np.concatenate([lists[0], np.zeros(len(took), np.int64), dropped])
-        values = np.concatenate([np.ones(k1 + len(took), np.float32),
-                                 np.full(len(took), -1.0, np.float32)])
-        change0 = sp.csr_matrix((values, (entries, columns)), shape=(n, n))
-        change0 = (change0 + change0.T).tocsr()
+        change0 = first_layer_change(n, k1, lists[0], took, dropped)
         marked = np.zeros(n, bool)
         marked[np.flatnonzero(np.diff(change0.indptr))] = True
         changed = np.flatnonzero(marked[lists[:, :k2]].any(axis=1))      # C: rows of A1

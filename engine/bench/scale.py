@@ -288,7 +288,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="feature dtype; float16 is written to a temporary .npy and "
                         "memory-mapped, as a features file is opened")
     parser.add_argument("--index", default="auto", help="index kind (default: auto)")
-    parser.add_argument("--depth", type=int, default=DEFAULT_DEPTH, help="kNN graph depth")
+    parser.add_argument("--depth", type=int, default=None,
+                        help="kNN graph depth (default: the deepest the methods read, at least "
+                             f"{DEFAULT_DEPTH}, as a gallery builds it)")
     parser.add_argument("--queries", type=int, default=DEFAULT_QUERIES,
                         help="held-out queries timed online")
     parser.add_argument("--top", type=int, default=100)
@@ -302,19 +304,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     sizes = args.sizes or ([args.synthetic] if args.synthetic else [10_000])
     configure_logging(fmt="%(levelname)s %(name)s: %(message)s")
     budget = configure_threads()
-    from engine.rerank import get_reranker_class, list_rerankers
+    from engine.rerank import get_reranker_class, list_rerankers, shared_graph_depth
 
     if args.no_methods:
         methods: list[str] = []
     else:
         methods = args.methods or [name for name in list_rerankers()
                                    if args.learned or not get_reranker_class(name).learns]
+    depth = args.depth or max(DEFAULT_DEPTH, shared_graph_depth(methods))
     results = []
     with tempfile.TemporaryDirectory(prefix="scale-bench-") as temporary:
         for size in sizes:
             folder = Path(temporary) if args.store == "float16" else None
             results.append(run_size(size, args.dim, store=args.store, index_kind=args.index,
-                                    depth=args.depth, n_queries=args.queries, methods=methods,
+                                    depth=depth, n_queries=args.queries, methods=methods,
                                     k=args.top, device=args.device, batch_max=args.batch_max,
                                     folder=folder))
             print(format_results(results[-1:], f"{os.cpu_count()} CPUs"), flush=True)

@@ -12,6 +12,7 @@ click or a lasso into a query; the query's own marker carries none.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,7 @@ FILE_ROUTE = "gradio_api/file="
 file=<absolute path>` (gradio/routes.py `file`, API_PREFIX in gradio/route_utils.py)."""
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def file_url(path: str | Path) -> str:
     """The URL of a file the page serves (it must lie under one of launch's `allowed_paths`).
 

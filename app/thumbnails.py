@@ -41,6 +41,9 @@ class ThumbnailCache:
         self._hover: dict[tuple[Path, int, str], list[Path]] = {}
         self._hover_made: set[tuple[Path, int, str]] = set()
         """The galleries (keys of `_hover`) whose hover thumbnails are all made."""
+        self._hover_ready: dict[tuple[Path, int, str], set[Path]] = {}
+        """Per gallery being made: the hover thumbnails made so far (no disk look-up per call:
+        a large gallery's map asks for 20,000 of them on every update)."""
         self._lock = threading.Lock()
 
     def path_for(self, source: Path, mark: Mark = None, side: int = RESULT_SIDE) -> Path:
@@ -70,26 +73,32 @@ class ThumbnailCache:
                 sources = [gallery.path_of(int(row)) for row in chosen]
                 paths = [self.path_for(source, None, HOVER_SIDE) for source in sources]
                 self._hover[key] = paths
+                ready = {path for path in paths if path.is_file()}
                 missing = [source for source, path in zip(sources, paths, strict=True)
-                           if not path.is_file()]
+                           if path not in ready]
                 if missing:
+                    self._hover_ready[key] = ready
                     threading.Thread(target=self._make_all, args=(key, missing, HOVER_SIDE),
                                      name="hover-thumbnails", daemon=True).start()
                 else:
                     self._hover_made.add(key)
             if key in self._hover_made:
                 return list(paths)
-        return [path if path.is_file() else None for path in paths]
+            ready = set(self._hover_ready.get(key, ()))
+        return [path if path in ready else None for path in paths]
 
     def _make_all(self, key: tuple[Path, int, str], sources: list[Path], side: int) -> None:
         for source in sources:
             try:
-                self.get(source, side=side)
+                made = self.get(source, side=side)
             except OSError as error:  # a full disk or a vanished cache: the plot shows none
                 logger.warning("hover thumbnails stopped: %s", error)
                 return
+            with self._lock:
+                self._hover_ready[key].add(made)
         with self._lock:
             self._hover_made.add(key)
+            self._hover_ready.pop(key, None)
 
     def forget(self, source: Path) -> int:
         """Delete every thumbnail of `source` (all sides and marks); returns how many.

@@ -562,7 +562,8 @@ class Explorer:
                            n_positives, feature, imagenet, rankings, timings,
                            min(top_n, len(rankings[BASELINE].indices)), leave_out,
                            session.embedded_by, not_ready,
-                           session.familiarity(feature, source_row, leave_out))
+                           session.familiarity(feature, source_row, leave_out,
+                                               int(rankings[BASELINE].indices[0])))
 
     def query_from_set(self, key: str | None, name: str, *,
                        params: Mapping[str, Mapping[str, Any]] | None = None,

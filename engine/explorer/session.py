@@ -739,18 +739,21 @@ class GallerySession:
         the gallery's kNN graph (what `familiarity` compares a query with)."""
         return nearest_other_similarities(self.gallery.knn)
 
-    def familiarity(self, feature: np.ndarray, source_row: int | None, leave_out: bool
-                    ) -> Familiarity | None:
+    def familiarity(self, feature: np.ndarray, source_row: int | None, leave_out: bool,
+                    nearest_row: int | None = None) -> Familiarity | None:
         """How close the query's (d,) `feature` is to the gallery, against how close gallery
-        items are to each other (see `Familiarity`): its nearest item is found by the index,
-        the pick's own row skipped when it is left out. None for a one-image gallery."""
+        items are to each other (see `Familiarity`): its nearest item is `nearest_row` (the
+        baseline ranking's first, when the caller has it) or found by the index, the pick's
+        own row skipped when it is left out. None for a one-image gallery."""
         usual = self.usual_nearest
         if usual.size == 0:
             return None
         drop = source_row if leave_out else None
-        query = unit_query(feature).astype(np.float32)[None, :]
-        found = self.gallery.search(query, min(self.gallery.size, 1 + (drop is not None)))
-        row = next(int(row) for row in found.indices[0] if row != drop)
+        row = nearest_row
+        if row is None:
+            query = unit_query(feature).astype(np.float32)[None, :]
+            found = self.gallery.search(query, min(self.gallery.size, 1 + (drop is not None)))
+            row = next(int(row) for row in found.indices[0] if row != drop)
         nearest = float(query_similarities(feature, self.gallery.features, np.array([row]))[0])
         return Familiarity.of(nearest, row, usual)
 

@@ -693,7 +693,8 @@ def _load_index_and_graph(cache_dir: Path, gallery_fingerprint: str, features: n
     recall = manifest.get("knn_recall")
     if not isinstance(canonical, bool) or not (recall is None or isinstance(recall, float)):
         raise CacheError("the manifest's kNN graph record is malformed")
-    knn = KnnGraph(indices[:, :depth], similarities[:, :depth], farthest, canonical=canonical,
-                   recall=recall)
+    # The whole stored graph, even when deeper than asked: the manifest records its depth, so
+    # that a shallower request never downgrades what the cache holds (methods slice it).
+    knn = KnnGraph(indices, similarities, farthest, canonical=canonical, recall=recall)
     return index, knn, {name: records[name] for name in INDEX_FILES}, (
         _index_metadata(index, knn))

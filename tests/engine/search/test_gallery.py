@@ -877,3 +877,25 @@ def test_a_flat_gallery_holds_its_features_once(tmp_path):
                                      device="cpu", knn_depth=8)
     np.testing.assert_array_equal(reopened.search(features[:3], 5).indices,
                                   gallery.search(features[:3], 5).indices)
+
+
+def test_a_shallower_request_keeps_the_cached_deeper_graph(tmp_path):
+    """Opening with a shallower graph than the cache holds reads the cached one whole and
+    leaves the manifest's depth alone: the next deep request rebuilds nothing."""
+    rng = np.random.default_rng(7)
+    features = rng.standard_normal((60, 8)).astype(np.float32)
+    features /= np.linalg.norm(features, axis=1, keepdims=True)
+    np.save(tmp_path / "items.npy", features)
+
+    def open_at(depth: int) -> Gallery:
+        return Gallery.open_features(tmp_path / "items.npy", cache_root=tmp_path / "cache",
+                                     device="cpu", knn_depth=depth)
+
+    deep = open_at(20)
+    written = (deep.cache_dir / "knn.npz").stat().st_mtime_ns
+    shallow = open_at(6)
+    assert shallow.knn.depth == 20
+    np.testing.assert_array_equal(shallow.knn.indices, deep.knn.indices)
+    assert json.loads((deep.cache_dir / "manifest.json").read_text())["knn_depth"] == 20
+    assert open_at(20).knn.depth == 20
+    assert (deep.cache_dir / "knn.npz").stat().st_mtime_ns == written  # nothing rebuilt

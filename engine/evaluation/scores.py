@@ -221,16 +221,14 @@ class MethodScores:
         return OnlineTiming(self.online_ms, self.measured_at, self.load, self.cpus)
 
 
-def without_self(distances: np.ndarray, indices: np.ndarray, depth: int,
-                 query_rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Drop each row's own index (row i is query `query_rows[i]`, default i) wherever it
-    landed, keep `depth` columns.
+def without_self(distances: np.ndarray, indices: np.ndarray, depth: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Drop each row's own index (row i is query i) wherever it landed, keep `depth` columns.
 
     Duplicate images may outrank the query itself, so the query is removed by index, not by
     position; a row that does not contain itself keeps its first `depth` entries.
     """
-    rows = np.arange(len(indices)) if query_rows is None else np.asarray(query_rows)
-    keep = indices != rows[:, None]
+    keep = indices != np.arange(len(indices))[:, None]
     order = np.argsort(~keep, axis=1, kind="stable")[:, :depth]
     return (np.take_along_axis(distances, order, axis=1),
             np.take_along_axis(indices, order, axis=1))

@@ -531,28 +531,22 @@ class GallerySession:
 
     def _sampled_rankings(self, method: str, setting: MethodSetting, rows: np.ndarray,
                           progress: ProgressCallback | None) -> LeaveOneOutRankings:
-        """Each sampled gallery item's ranking of the others: ranked online against the fitted
-        gallery, its own row dropped, as a gallery pick of it is (`rank`)."""
-        depth = self.depth(leave_one_out=True)
-        rank = self._rank_one(method, setting, depth + 1)
-        found_indices, found_distances = [], []
+        """Each sampled gallery item's ranking of the others: `rank` of it as a gallery pick
+        left out (online against the fitted gallery, its own row dropped)."""
+        rankings = []
         started = time.perf_counter()
         for done, row in enumerate(rows):
-            result = rank(self.gallery.features[row][None, :])
-            distances, indices = without_self(result.distances, result.indices, depth,
-                                              np.array([row]))
-            found_indices.append(indices[0])
-            found_distances.append(distances[0])
+            rankings.append(self.rank(method, self.gallery.features[row], int(row), True,
+                                      setting))
             if progress is not None and done % 25 == 0:
                 progress(done / len(rows), f"scoring sampled image {done + 1}/{len(rows)}")
-        return LeaveOneOutRankings(np.stack(found_indices), np.stack(found_distances),
+        return LeaveOneOutRankings(np.stack([ranking.indices for ranking in rankings]),
+                                   np.stack([ranking.distances for ranking in rankings]),
                                    time.perf_counter() - started)
 
-    def _rank_one(self, method: str, setting: MethodSetting, k: int = DEFAULT_TOP_N
-                  ) -> Callable[[np.ndarray], Any]:
-        """One (1, d) query ranked online, top `k` (what the online timing times, at
-        `DEFAULT_TOP_N`)."""
-        k = min(k, self.gallery.size)
+    def _rank_one(self, method: str, setting: MethodSetting) -> Callable[[np.ndarray], Any]:
+        """What the online timing times: one (1, d) query ranked online, top `DEFAULT_TOP_N`."""
+        k = min(DEFAULT_TOP_N, self.gallery.size)
         if method == BASELINE:
             return lambda query: self.gallery.search(query, k)
         reranker = self.reranker(method, setting)

@@ -276,25 +276,25 @@ def embedding_figure(coordinates: np.ndarray, *, files: Sequence[str],
     drawn = np.arange(size) if sample is None else sample
     drawn_labels = _labels_of(drawn, labels)
     order = _label_order(drawn_labels)
-    if labels is not None and len(order) > MAX_CLASS_TRACES:
-        names = [class_name(label, class_names) for label in drawn_labels]
-        figure.add_trace(go.Scattergl(
-            x=coordinates[drawn, 0], y=coordinates[drawn, 1], mode="markers", name="gallery",
-            showlegend=False,
-            marker={"color": [class_colour(label) for label in drawn_labels], "size": 5,
-                    "opacity": 0.6},
-            hovertext=[f"{files[row]}<br>class: {name}"
-                       for row, name in zip(drawn, names, strict=True)],
-            customdata=_point_data(drawn, files, thumbnail_urls),
-            hovertemplate="%{hovertext}<extra></extra>"))
-    for label in [] if labels is not None and len(order) > MAX_CLASS_TRACES else order:
-        members = drawn[drawn_labels == label]
-        name = class_name(label, class_names) if labels is not None else "gallery"
+    # (trace name, its members' positions in `drawn`, colour, shown in the legend)
+    if labels is None:
+        groups = [("gallery", np.arange(len(drawn)), PALETTE[0], True)]
+    elif len(order) > MAX_CLASS_TRACES:
+        groups = [("gallery", np.arange(len(drawn)),
+                   [class_colour(label) for label in drawn_labels], False)]
+    else:
+        groups = [(class_name(label, class_names), np.flatnonzero(drawn_labels == label),
+                   class_colour(label), True) for label in order]
+    for name, positions, colour, legend in groups:
+        members = drawn[positions]
+        point_classes = ["gallery" if labels is None else class_name(label, class_names)
+                         for label in drawn_labels[positions]]
         figure.add_trace(go.Scattergl(
             x=coordinates[members, 0], y=coordinates[members, 1], mode="markers", name=name,
-            marker={"color": class_colour(label) if labels is not None else PALETTE[0],
-                    "size": 5, "opacity": 0.6},
-            hovertext=[f"{files[i]}<br>class: {name}" for i in members],
+            showlegend=None if legend else False,
+            marker={"color": colour, "size": 5, "opacity": 0.6},
+            hovertext=[f"{files[row]}<br>class: {point_class}"
+                       for row, point_class in zip(members, point_classes, strict=True)],
             customdata=_point_data(members, files, thumbnail_urls),
             hovertemplate="%{hovertext}<extra></extra>"))
     if sample is not None:

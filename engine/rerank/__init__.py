@@ -71,16 +71,11 @@ def create_reranker(name: str, *, device: str = "auto", **params: Any) -> Rerank
     return get_reranker_class(name)(device=device, **params)
 
 
-def shared_graph_depth(methods: Iterable[str], size: int | None = None) -> int:
-    """The deepest kNN graph the methods read at their default settings (for a gallery of
-    `size` items, where defaults scale with it: `RerankParams.for_gallery`); a gallery builds
-    its shared graph at least this deep. Methods are created on the CPU, nothing is fitted."""
-    depths = [0]
-    for name in methods:
-        cls = get_reranker_class(name)
-        defaults = {} if size is None else cls.Params.for_gallery(size)
-        depths.append(cls(device="cpu", **defaults).graph_depth())
-    return max(depths)
+def shared_graph_depth(methods: Iterable[str]) -> int:
+    """The deepest kNN graph the methods read at their default settings; a gallery builds its
+    shared graph at least this deep. Methods are created on the CPU, nothing is fitted."""
+    return max([0, *(get_reranker_class(name)(device="cpu").graph_depth()
+                     for name in methods)])
 
 
 __all__ = [

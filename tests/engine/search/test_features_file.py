@@ -77,6 +77,24 @@ def test_npy_float16_round_trip_is_memory_mapped(tmp_path: Path) -> None:
     check_clusters(gallery)
 
 
+def test_a_float16_store_gives_every_method_one_float32_copy(tmp_path: Path) -> None:
+    """The re-rankers of a float16 gallery share one float32 conversion of it (each would
+    otherwise convert its own), equal to the stored values; the store stays float16."""
+    from engine.rerank import create_reranker
+
+    features, _ = clustered(np.float16)
+    path = tmp_path / "half.npy"
+    np.save(path, features)
+    gallery = open_gallery(path, tmp_path)
+    first, second = (create_reranker(name, device="cpu").fit(gallery.context())
+                     for name in ("k_reciprocal", "icfrr"))
+    assert first.gallery.features.dtype == np.float32
+    assert np.shares_memory(first.gallery.features, second.gallery.features)
+    assert gallery.context().features is gallery.method_features
+    np.testing.assert_array_equal(gallery.method_features, features.astype(np.float32))
+    assert gallery.features.dtype == np.float16
+
+
 def test_compressed_npz_float16_is_read_into_memory(tmp_path: Path) -> None:
     features, labels = clustered(np.float16)
     path = tmp_path / "half.npz"

@@ -19,7 +19,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -430,25 +430,78 @@ class Explorer:
         write_upload_name(extracted.root, name or Path(archive).name)
         return extracted.root
 
-    def keep_features_upload(self, path: str | os.PathLike, *, name: str | None = None) -> Path:
-        """Copy an uploaded features file under `upload_root/features/<sha256>/`, named `name`
-        (default: its own name), reusing an earlier copy of the same bytes; returns the copy,
-        for `open_features(..., check_allowed=False)`. Only the copy is opened: Gradio may
-        delete its temporary upload at any time."""
+    def keep_upload(self, path: str | os.PathLike, kind: str, suffixes: Collection[str], *,
+                    what: str, name: str | None = None) -> Path:
+        """Copy an uploaded file under `upload_root/<kind>/<sha256>/`, named `name` (default:
+        its own name), reusing an earlier copy of the same bytes; returns the copy. Only the
+        copy is opened: Gradio may delete its temporary upload at any time.
+
+        suffixes: the name's allowed suffixes (lower case, with the dot); what: the file's role
+        in messages ("features file", ...). A missing file or another suffix raises
+        InvalidInputError.
+        """
         source = Path(path)
         if not source.is_file():
-            raise InvalidInputError(f"the uploaded features file {source.name} is gone")
+            raise InvalidInputError(f"the uploaded {what} {source.name} is gone")
         name = Path(name or source.name).name
-        if Path(name).suffix.lower() not in FEATURE_FILE_FORMATS:
-            raise InvalidInputError(f"{name}: a features file must be one of "
-                                    f"{', '.join(sorted(FEATURE_FILE_FORMATS))}")
-        folder = self.upload_root / "features" / sha256_file(source)[:16]
+        if Path(name).suffix.lower() not in suffixes:
+            raise InvalidInputError(f"{name}: a {what} must be one of "
+                                    f"{', '.join(sorted(suffixes))}")
+        folder = self.upload_root / kind / sha256_file(source)[:16]
         kept = folder / name
         if not kept.is_file():
             folder.mkdir(parents=True, exist_ok=True)
             with atomic_path(kept) as temporary:
                 shutil.copyfile(source, temporary)
         return kept
+
+    def keep_features_upload(self, path: str | os.PathLike, *, name: str | None = None) -> Path:
+        """An uploaded features file kept under `upload_root/features/` (`keep_upload`), for
+        `open_features(..., check_allowed=False)`."""
+        return self.keep_upload(path, "features", FEATURE_FILE_FORMATS, what="features file",
+                                name=name)
+
+    def keep_queries_upload(self, queries: str | os.PathLike,
+                            ground_truth: str | os.PathLike | None = None
+                            ) -> tuple[Path, Path | None]:
+        """Uploaded query features (a features file) and revisited ground truth (.pkl), kept
+        under `upload_root/queries/` and `upload_root/ground-truth/` (`keep_upload`), for
+        `attach_queries(..., check_allowed=False)`."""
+        kept = self.keep_upload(queries, "queries", FEATURE_FILE_FORMATS,
+                                what="query features file")
+        truth = None if ground_truth is None else self.keep_upload(
+            ground_truth, "ground-truth", GROUND_TRUTH_FORMATS, what="ground-truth file")
+        return kept, truth
+
+    def attach_queries(self, key: str | None, queries: str | os.PathLike,
+                       ground_truth: str | os.PathLike | None = None, *,
+                       check_allowed: bool = True, metric: str = "cosine",
+                       normalize: str = "warn") -> GallerySession:
+        """Give an open features gallery query features (a query/gallery split) and, when
+        given, their revisited ground truth, replacing any it had (`load_query_set`, then
+        `GallerySession.attach_queries`); returns the session. With `check_allowed`, the files
+        must lie inside one of `allowed_roots`.
+
+        Raises:
+            InvalidInputError: a gallery opened from images (its queries are its images), or a
+                bad file (`load_query_set`); the session then keeps its query set and caches.
+        """
+        session = self.session(key)
+        if session.gallery.source is None:
+            raise InvalidInputError(
+                f"{session.title} was opened from images: query features go with a gallery "
+                "opened from a features file (an image gallery's queries are its images)")
+        if check_allowed:
+            for extra in (queries, ground_truth):
+                if extra is not None:
+                    resolve_allowed_folder(Path(extra).expanduser().resolve().parent,
+                                           self.allowed_roots)
+        query_set = load_query_set(session.gallery, queries, ground_truth, metric=metric,
+                                   normalize=normalize)
+        session.attach_queries(query_set)
+        logger.info("attached %d queries from %s to %s", len(query_set.names),
+                    query_set.source, session.title)
+        return session
 
     def close(self, key: str) -> list[GallerySession]:
         """Forget an open gallery and the query-model variants opened from it (a public page
@@ -575,14 +628,17 @@ class Explorer:
         session = self.session(key)
         queries = session.query_set
         if queries is None:
-            raise InvalidInputError(f"{session.title} has no query features; open it with "
-                                    "a queries file (launch.py --features-queries)")
+            raise InvalidInputError(f"{session.title} has no query features; attach a "
+                                    "queries file (the page's Open another gallery, "
+                                    "launch.py --features-queries or `attach_queries`)")
         row = queries.row_of(name)
         label = None if queries.labels is None else int(queries.labels[row])
         query_class = (None if label is None or label < 0 or queries.gnd is not None
                        else session.gallery.class_names[label])
-        result = self.query(session.key, query_feature=queries.features[row],
-                            query_class=query_class, params=params, top_n=top_n)
+        result = dataclasses.replace(
+            self.query(session.key, query_feature=queries.features[row],
+                       query_class=query_class, params=params, top_n=top_n),
+            query_set_name=name)
         if queries.gnd is None:
             return result
         return self.score_from_set(result, row)
@@ -650,6 +706,9 @@ def load_query_set(gallery: Gallery, queries: str | os.PathLike,
                     labels=loaded.labels, fingerprint=fingerprint([digest, loaded.normalised]),
                     ground_truth=truth_name, gnd=gnd)
 
+
+GROUND_TRUTH_FORMATS = frozenset({".pkl"})
+"""The suffix of a revisited Oxford/Paris ground-truth file (gnd_roxford5k.pkl style)."""
 
 QUERY_MATCH = 1e-5
 """A query feature within this cosine distance of a query-set row is that query (the unit

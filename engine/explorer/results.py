@@ -40,6 +40,8 @@ class Ranking:
         "preset" or "custom").
     ap / precision: per-query AP over the ranking and precision at the top N, when the query's
         class is known; relevant: (depth,) bool hits, likewise.
+    junk: (depth,) bool, the results its revisited ground truth ignores (neither hit nor
+        miss: AP and precision leave them out), for a query of a query set with one; else None.
     similarities: (top N,) float32 cosine similarity of the query's feature to each of the
         first N results' gallery features: one scale for every method (its `distances` are
         its own, see `distance_note`). None until the ranking is scored.
@@ -55,6 +57,7 @@ class Ranking:
     params_source: str = ""
     details: Mapping[str, Any] = field(default_factory=dict)
     relevant: np.ndarray | None = None
+    junk: np.ndarray | None = None
     ap: float | None = None
     precision: float | None = None
     similarities: np.ndarray | None = None
@@ -155,6 +158,8 @@ class QueryResult:
         training 41 %, ...); such a method is missing from `rankings`.
     familiarity: the query against the gallery's usual nearest-neighbour similarity (None for a
         one-image gallery).
+    query_set_name: the name of the session's query-set query this is (`query_from_set`),
+        or None.
     """
 
     gallery_key: str
@@ -172,6 +177,7 @@ class QueryResult:
     embedded_by: str = ""
     not_ready: dict[str, str] = field(default_factory=dict)
     familiarity: Familiarity | None = None
+    query_set_name: str | None = None
 
     def top(self, method: str) -> tuple[np.ndarray, np.ndarray]:
         """The first `top_n` (distances, indices) of a method's ranking."""

@@ -811,11 +811,14 @@ class GallerySession:
 
     def schedule_revisited(self) -> None:
         """Queue the revisited Compare table's runs: the baseline, then each method (those
-        that learn after their fit, which `schedule` queued first)."""
+        that learn after their fit, which `schedule` queued first). Keyed by the query set,
+        so that another one attached later is scored too."""
         if self.jobs is None:
             raise InvalidInputError("this gallery has no background job queue")
+        assert self.query_set is not None
         for method, title in self.methods():
-            self._submit(("revisited", method), f"{title} revisited scores",
+            self._submit(("revisited", method, self.query_set.fingerprint),
+                         f"{title} revisited scores",
                          functools.partial(self._revisited_job, method))
 
     def _revisited_job(self, method: str, progress: JobProgress) -> RevisitedRun | None:
@@ -827,11 +830,12 @@ class GallerySession:
     def score_ground_truth(self, ranking: Ranking, query_row: int, top_n: int) -> Ranking:
         """A query-set query's ranking scored by its revisited ground truth, Medium protocol
         (`score_query`: AP with junk removed, this query's term in the table's Medium mAP),
-        precision over the first `top_n` places once junk is removed, hits as relevance."""
+        precision over the first `top_n` places once junk is removed, hits as relevance and
+        the junk flagged (`Ranking.junk`)."""
         assert self.query_set is not None and self.query_set.gnd is not None
         scored = score_query(ranking.indices, self.query_set.gnd[query_row], "medium", top_n)
         ap = None if not np.isfinite(scored.ap) else scored.ap
-        return dataclasses.replace(ranking, relevant=scored.hits, ap=ap,
+        return dataclasses.replace(ranking, relevant=scored.hits, junk=scored.junk, ap=ap,
                                    precision=None if ap is None else scored.precision)
 
     def revisited_rows(self, params: Mapping[str, ParamsOrSetting] | None = None,

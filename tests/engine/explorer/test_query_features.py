@@ -288,3 +288,111 @@ def test_a_folder_gallery_takes_no_query_features(tmp_path: Path) -> None:
 
     with pytest.raises(InvalidInputError, match="gallery opened from a features file"):
         load_query_set(SimpleNamespace(source=None), tmp_path / "q.npz")
+
+
+# -- query features attached to a gallery already open ------------------------------------------
+def test_queries_attach_to_an_open_gallery_and_junk_is_flagged(explorer: Explorer,
+                                                               tmp_path: Path) -> None:
+    db, queries, truth = constructed(tmp_path)
+    session = explorer.open_features(db)
+    assert session.query_set is None
+    with pytest.raises(InvalidInputError, match="has no query features; attach"):
+        explorer.query_from_set(session.key, "qa")
+    assert explorer.attach_queries(session.key, queries, truth) is session
+    assert session.query_set.names == ["qa", "qb"] and session.revisited_ready
+    result = explorer.query_from_set(session.key, "qa", top_n=3)
+    assert result.query_set_name == "qa"
+    baseline = result.rankings[BASELINE]
+    # [a, j, n, h, ...]: the junk is flagged apart from the misses, and left out of the AP
+    assert baseline.indices[:4].tolist() == [A_EASY, A_JUNK, A_NEG, A_HARD]
+    assert baseline.relevant[:4].tolist() == [True, False, False, True]
+    assert baseline.junk[:4].tolist() == [False, True, False, False]
+    assert int(baseline.junk.sum()) == 1
+    assert baseline.ap == pytest.approx(A_MEDIUM_AP / 100)
+    assert baseline.precision == pytest.approx(2 / 3)
+    for ranking in result.rankings.values():
+        assert ranking.junk is not None and ranking.junk.shape == ranking.relevant.shape
+        assert not (ranking.junk & ranking.relevant).any()
+    # re-ranking one method keeps it scored by the ground truth, junk flagged
+    reranked = explorer.rerank(result, "k_reciprocal", {"k1": 5, "k2": 2})
+    assert reranked.rankings["k_reciprocal"].junk is not None
+    assert reranked.query_set_name == "qa"
+    # a query by class (no ground truth) has no junk
+    plain = explorer.open_features(db, queries=queries)
+    assert explorer.query_from_set(plain.key, "qa").rankings[BASELINE].junk is None
+
+
+def test_a_bad_attachment_is_refused_and_the_query_set_kept(explorer: Explorer,
+                                                            tmp_path: Path) -> None:
+    db, queries, truth = constructed(tmp_path)
+    session = explorer.attach_queries(explorer.open_features(db).key, queries, truth)
+    kept, cache = session.query_set, session._revisited_cache
+    wrong = tmp_path / "allowed" / "wide.npy"
+    np.save(wrong, np.eye(2, DIM + 4, dtype=np.float32))
+    with pytest.raises(InvalidInputError, match=rf"wide.npy have {DIM + 4} dimensions"):
+        explorer.attach_queries(session.key, wrong)
+    three = tmp_path / "allowed" / "three.npz"
+    np.savez(three, features=np.eye(3, DIM, dtype=np.float32),
+             names=np.array(["qa", "qb", "qc"]))
+    with pytest.raises(InvalidInputError, match=r"has 2 queries \('qimlist'\) but 3"):
+        explorer.attach_queries(session.key, three, truth)
+    assert session.query_set is kept and session._revisited_cache is cache
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    np.savez(outside / "q.npz", features=np.eye(2, DIM, dtype=np.float32))
+    with pytest.raises(InvalidInputError):
+        explorer.attach_queries(session.key, outside / "q.npz")
+    assert session.query_set is kept
+    # the page's uploads are kept copies: opened without the allowed-folder check
+    attached = explorer.attach_queries(session.key, outside / "q.npz", check_allowed=False)
+    assert len(attached.query_set.names) == 2 and attached.query_set.source == "q.npz"
+    assert not attached.revisited_ready
+
+
+def test_an_image_gallery_takes_no_attached_queries(explorer: Explorer, tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    _, queries, _ = constructed(tmp_path)
+    explorer.galleries["photos"] = SimpleNamespace(  # type: ignore[assignment]
+        gallery=SimpleNamespace(source=None), title="Photos")
+    with pytest.raises(InvalidInputError, match="Photos was opened from images"):
+        explorer.attach_queries("photos", queries)
+
+
+def test_uploads_are_kept_by_kind_and_suffix(explorer: Explorer, tmp_path: Path) -> None:
+    _, queries, truth = constructed(tmp_path)
+    kept_queries, kept_truth = explorer.keep_queries_upload(queries, truth)
+    assert kept_queries.parent.parent == explorer.upload_root / "queries"
+    assert kept_truth is not None and kept_truth.parent.parent == (
+        explorer.upload_root / "ground-truth")
+    assert kept_truth.name == truth.name and kept_truth.read_bytes() == truth.read_bytes()
+    assert explorer.keep_queries_upload(queries) == (kept_queries, None)  # reused, no truth
+    with pytest.raises(InvalidInputError, match=r"ground-truth file notes\.txt is gone"):
+        explorer.keep_queries_upload(queries, tmp_path / "allowed" / "notes.txt")
+    (tmp_path / "allowed" / "notes.txt").write_text("not a pickle")
+    with pytest.raises(InvalidInputError, match=r"notes.txt: a ground-truth file must be one "
+                                                r"of \.pkl"):
+        explorer.keep_queries_upload(queries, tmp_path / "allowed" / "notes.txt")
+    with pytest.raises(InvalidInputError, match="query features file must be one of"):
+        explorer.keep_queries_upload(truth)
+
+
+def test_another_query_set_attached_is_scored_in_the_background(tmp_path: Path) -> None:
+    from engine.core.jobs import JobQueue
+
+    db, queries, truth = constructed(tmp_path)
+    queued = Explorer(None, device="cpu", cache_root=tmp_path / "cache",
+                      allowed_roots=[tmp_path / "allowed"], methods=METHODS, jobs=JobQueue())
+    session = queued.open_features(db, queries=queries, ground_truth=truth)
+    queued.jobs.run_pending()
+    first = session.revisited_rows()[1]
+    assert len(first) == 1 + len(METHODS)
+    # the same queries with a ground truth file listing the gallery in its own order: another
+    # query set (its fingerprint), so its runs are queued again rather than found done
+    other = tmp_path / "other"
+    other.mkdir()
+    _, _, reordered = constructed(other, permute_truth=False)
+    queued.attach_queries(session.key, queries, reordered, check_allowed=False)
+    assert session.revisited_rows()[1] == []
+    queued.jobs.run_pending()
+    assert session.revisited_rows()[1] == first  # the same answers, scored anew

@@ -20,8 +20,8 @@ import gradio as gr
 
 from app.feedback import engine_errors_as_gradio, owner
 from app.public import PublicUploads, refuse_folder
-from app.render import QueryView, map_figure
-from app.text import background_text, opened_text, train_label
+from app.render import QueryView, examples_for, map_figure
+from app.text import attached_text, background_text, opened_text, train_label
 from app.thumbnails import ThumbnailCache
 from engine import (
     BASELINE,
@@ -163,6 +163,28 @@ class BuildEvents:
                 session = yield from self._follow(job, f"Opening {name}", {})
         if session is not None:
             yield {**self._opened(session, request), **self._job_hidden()}
+
+    def attach_queries(self, key: str, queries: str | None, ground_truth: str | None
+                       ) -> dict[Any, Any]:
+        """The "Attach queries" button: give the features gallery shown query features (and,
+        optionally, their revisited ground truth), both uploads kept by the engine; the
+        examples list then offers the queries and the Compare table is theirs. Refused on a
+        public page and for a gallery opened from images; a bad file leaves the gallery's
+        queries as they were."""
+        with engine_errors_as_gradio():
+            if self.public is not None:
+                raise InvalidInputError("this public page attaches no query features")
+        if not queries:
+            raise gr.Error("Choose a query features file (.npz, .npy, .safetensors) first.",
+                           print_exception=False)
+        ui = self.ui
+        with engine_errors_as_gradio():
+            kept, truth = self.explorer.keep_queries_upload(queries, ground_truth or None)
+            session = self.explorer.attach_queries(key, kept, truth, check_allowed=False)
+        return {ui.examples: examples_for(self.thumbnails, session),
+                ui.compare_table: self.compare_rows(session),
+                ui.gallery_status: attached_text(session),
+                ui.queries_file: None, ui.truth_file: None}
 
     def _follow(self, job: Job, title: str, on_cancel: dict[Any, Any]
                 ) -> Iterator[dict[Any, Any]]:

@@ -153,6 +153,11 @@ class PageComponents:
     open_folder: gr.Button
     zip: gr.File
     open_zip: gr.Button
+    queries_file: gr.File
+    """Query features to attach to the features gallery shown (not on a public page)."""
+    truth_file: gr.File
+    """Their revisited ground truth (optional)."""
+    attach_queries: gr.Button
     gallery_status: gr.Markdown
     open_panel: gr.Accordion
     """The collapsed panel that opens another gallery (closed again once one opened)."""
@@ -216,6 +221,20 @@ def build_layout(explorer: Explorer, handlers: PageHandlers) -> PageComponents:
                 file_types=[".zip"] if public else [".zip", *sorted(FEATURE_FILE_FORMATS)],
                 elem_id="zip-upload")
             open_zip = gr.Button("Open upload", scale=1, elem_id="open-zip")
+        # query features go with a features gallery; a public page opens none of those
+        with gr.Row(visible=not public):
+            queries_file = gr.File(
+                label="Query features for the features gallery shown (.npz, .npy, "
+                ".safetensors)", type="filepath", height=100, scale=2,
+                file_types=sorted(FEATURE_FILE_FORMATS), visible=not public,
+                elem_id="queries-upload")
+            truth_file = gr.File(
+                label="Revisited ground truth for them (gnd_*.pkl, optional)",
+                type="filepath", height=100, scale=2,
+                file_types=sorted(Explorer.GROUND_TRUTH_FORMATS), visible=not public,
+                elem_id="truth-upload")
+            attach_queries = gr.Button("Attach queries", scale=1, visible=not public,
+                                       elem_id="attach-queries")
         gallery_status = gr.Markdown(elem_id="gallery-status")
     message = gr.Markdown("", elem_id="message")
     with gr.Row(visible=False, elem_id="job-row") as job_row:
@@ -337,7 +356,8 @@ def build_layout(explorer: Explorer, handlers: PageHandlers) -> PageComponents:
         browser=browser, page=page, method_tabs=method_tabs, current_tab=current_tab,
         tabs=tabs, compare_rows=compare_rows, compare_table=compare_table,
         compare_button=compare_button, folder=folder, open_folder=open_folder, zip=zip_file,
-        open_zip=open_zip, gallery_status=gallery_status, open_panel=open_panel,
+        open_zip=open_zip, queries_file=queries_file, truth_file=truth_file,
+        attach_queries=attach_queries, gallery_status=gallery_status, open_panel=open_panel,
         plot_method=plot_method,
         space=space, knn_plot=knn_plot, map_plot=map_plot, plot_click=plot_click,
         plot_selection=plot_selection, selection=selection, selection_file=selection_file,

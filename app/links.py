@@ -39,6 +39,7 @@ class LinkEvents:
     gallery_choices: Callable[..., list[tuple[str, str]]]
     browse: Callable[..., dict[Any, Any]]
     pick: Callable[..., dict[Any, Any]]
+    pick_query: Callable[..., dict[Any, Any]]
     show_upload: Callable[..., dict[Any, Any]]
     flat_controls: Callable[[dict[str, dict[str, Any]]], list[Any]]
     _switched: Callable[..., dict[Any, Any]]
@@ -51,9 +52,9 @@ class LinkEvents:
 
     def share_link(self, key: str, view: QueryView | None, uploaded: str | None,
                    tab: str, *control_values: Any) -> str:
-        """The view as a URL query string: the gallery, the query (a pick, or an upload this
-        page kept), its class when given for an upload, the tab and the parameters that differ
-        from the gallery's setting."""
+        """The view as a URL query string: the gallery, the query (a pick, a query of the
+        gallery's query features by name, or an upload this page kept), its class when given
+        for an upload, the tab and the parameters that differ from the gallery's setting."""
         try:
             session = self.explorer.session(key)
         except EngineError:
@@ -63,13 +64,14 @@ class LinkEvents:
             changed = changed_params(values, session.params_for(method)[0])
             if changed:
                 params[method] = changed
-        file = upload = query_class = None
+        file = name = upload = query_class = None
         if view is not None and view.result.gallery_key == session.key:
             file = view.result.source_file
-            if file is None and uploaded and self.query_uploads is not None:
+            name = view.result.query_set_name
+            if file is None and name is None and uploaded and self.query_uploads is not None:
                 upload = Path(uploaded).stem
                 query_class = view.result.query_class
-        return encode(SharedView(gallery=session.key, file=file, upload=upload,
+        return encode(SharedView(gallery=session.key, file=file, query=name, upload=upload,
                                  query_class=query_class, tab=tab, params=params))
 
     def restore(self, request: gr.Request | None, *defaults: Any) -> dict[Any, Any]:
@@ -115,6 +117,9 @@ class LinkEvents:
             if shared.file:
                 updates.update(self.pick(session.key, shared.file, leave_out, top_n,
                                          plot_method, space, *self.flat_controls(chosen)))
+            elif shared.query:
+                updates.update(self.pick_query(session.key, shared.query, top_n, plot_method,
+                                               space, *self.flat_controls(chosen)))
             elif shared.upload and self.query_uploads is not None:
                 kept = self.query_uploads.find(shared.upload)
                 if kept is None:

@@ -41,6 +41,8 @@ if TYPE_CHECKING:
 
 EDGE_K = 10
 """Neighbours drawn per node in the kNN graph."""
+JUNK_CAPTION = "junk (ignored)"
+"""A result the revisited ground truth ignores: neither hit nor miss (AP and P@N skip it)."""
 
 
 @dataclass
@@ -76,7 +78,9 @@ def _drawn_rows(result: QueryResult) -> list[int]:
 def ranked_items(thumbnails: ThumbnailCache, session: GallerySession, result: QueryResult,
                  method: str, compare_to_baseline: bool) -> list[tuple[str, str]]:
     """(thumbnail, caption) per top-N result: rank, class, cosine similarity to the query (the
-    same scale for every method), the method's own distance, rank change and hit mark."""
+    same scale for every method), the method's own distance, rank change and hit mark (a
+    green or red frame and ✓/✗); a result the revisited ground truth ignores (`Ranking.junk`)
+    is neither: unframed, captioned "junk (ignored)"."""
     ranking = result.rankings[method]
     distances, indices = result.top(method)
     similarities = ranking.similarities
@@ -95,7 +99,9 @@ def ranked_items(thumbnails: ThumbnailCache, session: GallerySession, result: Qu
         if compare_to_baseline:
             caption += " · " + rank_change(rank, baseline_rank.get(row), result.top_n)
         mark = None
-        if ranking.relevant is not None:
+        if ranking.junk is not None and bool(ranking.junk[rank - 1]):
+            caption += f" · {JUNK_CAPTION}"
+        elif ranking.relevant is not None:
             hit = bool(ranking.relevant[rank - 1])
             mark = "hit" if hit else "miss"
             caption += " ✓" if hit else " ✗"
@@ -277,7 +283,7 @@ def query_set_note(result: QueryResult, name: str, source: str,
     what = f"**Query:** `{name}` from {source}"
     if ground_truth and result.n_positives is not None:
         what += (f" · AP by {ground_truth}, Medium protocol: {result.n_positives} positives, "
-                 "junk ignored (junk results are marked as misses)")
+                 f"junk ignored (unframed, captioned “{JUNK_CAPTION}”)")
     elif result.query_class:
         what += f" (class {result.query_class})"
     return "\n\n".join(part for part in (what, familiarity_text(result)) if part)

@@ -4,6 +4,7 @@ string; and the store of uploaded queries that such a link names.
 
     ?gallery=<key>&file=<gallery file>&tab=k_reciprocal&k_reciprocal.k1=30
     ?gallery=<key>&upload=<hash>&class=daisy&tab=compare
+    ?gallery=<key>&query=<name>&tab=compare      (a query of the gallery's query features)
 
 Pure functions over plain values (no gradio): `app.handlers` writes the string into a hidden
 textbox that the page's script puts in the address bar, and reads the page's URL back on load.
@@ -30,6 +31,8 @@ class SharedView:
 
     gallery: str | None = None
     file: str | None = None
+    query: str | None = None
+    """The name of a query of the gallery's query features (`GallerySession.query_set`)."""
     upload: str | None = None
     query_class: str | None = None
     tab: str | None = None
@@ -41,7 +44,7 @@ def encode(view: SharedView) -> str:
     """The URL query string of a view (empty parts left out, parameters as method.name)."""
     pairs: list[tuple[str, str]] = []
     for key, value in (("gallery", view.gallery), ("file", view.file),
-                       ("upload", view.upload), ("class", view.query_class),
+                       ("query", view.query), ("upload", view.upload), ("class", view.query_class),
                        ("tab", view.tab)):
         if value:
             pairs.append((key, str(value)))
@@ -60,6 +63,7 @@ def decode(query: Mapping[str, str], methods: list[str]) -> SharedView:
             params.setdefault(method, {})[name] = value
     upload = query.get("upload") or None
     return SharedView(gallery=query.get("gallery") or None, file=query.get("file") or None,
+                      query=query.get("query") or None,
                       upload=upload if upload and UPLOAD_HASH.match(upload) else None,
                       query_class=query.get("class") or None, tab=query.get("tab") or None,
                       params=params)

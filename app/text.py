@@ -234,13 +234,32 @@ def galleries_text(public: PublicUploads | None) -> str:
     if public is None:
         return ("Open another gallery: a folder on the server (labels from `labels.csv` or "
                 "sub-folders) or an uploaded .zip of images. Indexing is cached: reopening is "
-                "instant.")
+                "instant. A gallery opened from a features file takes query features (a "
+                "query/gallery split) below, optionally with revisited Oxford/Paris ground "
+                "truth (gnd_*.pkl): its queries then fill the examples and the Compare table "
+                "scores them.")
     limits = public.limits
     return (f"Open another gallery: upload a .zip of images (labels from `labels.csv` or "
             f"sub-folders; at most {limits.archive_bytes >> 20} MiB, "
             f"{limits.extracted_bytes >> 20} MiB extracted and {limits.entries:,} files). "
             f"Your uploads are visible to you only, at most {limits.per_session} at a time, "
             "and are deleted when you close this page.")
+
+
+def attached_text(session: GallerySession) -> str:
+    """What attaching query features to a features gallery gave: how many queries, from which
+    file, and what scores them."""
+    queries = session.query_set
+    if queries is None:
+        return ""
+    count = len(queries.names)
+    scored = (f", scored by **{queries.ground_truth}** (the Compare table is the revisited "
+              "protocol's, computed in the background or with its button)"
+              if queries.ground_truth else
+              ", scored by their labels" if queries.labels is not None else
+              " (no labels or ground truth: ranked, not scored)")
+    return (f"Attached **{count} quer{'y' if count == 1 else 'ies'}** from `{queries.source}` "
+            f"to **{session.title}**{scored}. Pick one in the examples list.")
 
 
 def opened_text(session: GallerySession, show_root: bool = True) -> str:

@@ -168,6 +168,12 @@ def _wire_galleries(handlers: PageHandlers, ui: PageComponents) -> None:
                          opened_outputs, **_PRIVATE_REQUESTS))
     builds.append(on(ui, ui.open_zip.click, handlers.open_zip, ui.zip, opened_outputs,
                      **_PRIVATE_REQUESTS))
+    if handlers.public is None:  # query features go with features files, never public
+        on(ui, ui.attach_queries.click, handlers.attach_queries,
+           [ui.gallery, ui.queries_file, ui.truth_file],
+           [ui.examples, ui.compare_table, ui.gallery_status, ui.queries_file, ui.truth_file],
+           api_visibility="private", concurrency_id="requests",
+           concurrency_limit=REQUESTS_CONCURRENCY)
     ui.job_cancel.click(handlers.cancel_request, [ui.job, ui.gallery],
                         [*job_outputs, ui.message, ui.query_model], cancels=builds,
                         api_visibility="private", show_progress="hidden")

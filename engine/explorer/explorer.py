@@ -56,6 +56,9 @@ from engine.search.gallery import (
 
 logger = logging.getLogger(__name__)
 
+GROUND_TRUTH_FORMATS = frozenset({".pkl"})
+"""The suffix of a revisited Oxford/Paris ground-truth file (gnd_roxford5k.pkl style)."""
+
 
 class Explorer:
     """The backbone and every open gallery of the process.
@@ -66,6 +69,9 @@ class Explorer:
     requests: where work a user asked for and waits on runs (`request`), one job at a time
         beside `jobs` (default: a queue of its own when there is `jobs`, else None).
     """
+
+    GROUND_TRUTH_FORMATS = GROUND_TRUTH_FORMATS
+    """The suffix of a revisited ground-truth file (`attach_queries`), for the page's box."""
 
     def __init__(self, extractor: FeatureExtractor, *, device: str = "auto",
                  cache_root: str | os.PathLike | None = None,
@@ -706,9 +712,6 @@ def load_query_set(gallery: Gallery, queries: str | os.PathLike,
                     labels=loaded.labels, fingerprint=fingerprint([digest, loaded.normalised]),
                     ground_truth=truth_name, gnd=gnd)
 
-
-GROUND_TRUTH_FORMATS = frozenset({".pkl"})
-"""The suffix of a revisited Oxford/Paris ground-truth file (gnd_roxford5k.pkl style)."""
 
 QUERY_MATCH = 1e-5
 """A query feature within this cosine distance of a query-set row is that query (the unit

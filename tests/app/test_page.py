@@ -719,6 +719,18 @@ def test_a_features_file_opens_from_the_folder_box(handlers: PageHandlers, explo
                         *controls(handlers, session))
 
 
+def test_query_features_are_refused_for_a_gallery_of_images(handlers: PageHandlers,
+                                                             session: GallerySession,
+                                                             tmp_path: Path) -> None:
+    """The "Attach queries" box takes query features for a features gallery only: an image
+    gallery's queries are its images."""
+    queries = tmp_path / "queries.npz"
+    np.savez(queries, features=np.eye(2, 8, dtype=np.float32))
+    with pytest.raises(gr.Error, match=rf"{re.escape(session.title)} was opened from images"):
+        handlers.attach_queries(session.key, str(queries), None)
+    assert session.query_set is None
+
+
 def test_an_uploaded_features_file_opens_from_a_kept_copy(handlers: PageHandlers,
                                                           explorer: Explorer,
                                                           tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ from urllib.parse import quote, urlsplit
 
 import gradio as gr
 import httpx
+import numpy as np
 import pytest
 
 from app.handlers import PageHandlers
@@ -241,6 +242,23 @@ def test_the_public_page_has_no_folder_event(public_page: tuple[gr.Blocks, PageH
     # (the event runs the handler wrapped by app.feedback.shown_in)
     assert any(getattr(block_fn.fn, "__wrapped__", None) == private.open_folder
                for block_fn in private_demo.fns.values())
+
+
+def test_the_public_page_attaches_no_query_features(public_page: tuple[gr.Blocks,
+                                                                      PageHandlers],
+                                                   session_gallery: GallerySession,
+                                                   tmp_path: Path) -> None:
+    """Query features go with features files, which a public page never opens: the box is
+    hidden, no event takes it, and the handler refuses."""
+    demo, handlers = public_page
+    assert handlers.ui.attach_queries.visible is False
+    assert not any(getattr(getattr(block_fn.fn, "__wrapped__", None), "__name__", "")
+                   == "attach_queries" for block_fn in demo.fns.values())
+    queries = tmp_path / "queries.npz"
+    np.savez(queries, features=np.eye(2, 8, dtype=np.float32))
+    with pytest.raises(gr.Error, match="public page attaches no query features"):
+        handlers.attach_queries(session_gallery.key, str(queries), None)
+    assert session_gallery.query_set is None
 
 
 @pytest.mark.parametrize("folder", ["/", "/etc", "tiny", "demo", "../..", "  "])

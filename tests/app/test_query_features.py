@@ -4,7 +4,11 @@ the Compare table is the revisited one (its own headers, Easy/Medium/Hard mAP an
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
+from urllib.parse import parse_qsl
 
 import gradio as gr
 import numpy as np
@@ -56,6 +60,11 @@ def handlers(explorer: Explorer) -> PageHandlers:
 @pytest.fixture(scope="module")
 def split(explorer: Explorer) -> GallerySession:
     return explorer.session(None)
+
+
+def link(query: str) -> Any:
+    """Stands in for the gr.Request of a page opened at `?query`."""
+    return SimpleNamespace(query_params=dict(parse_qsl(query)))
 
 
 def controls(handlers: PageHandlers, session: GallerySession) -> list[Any]:
@@ -132,3 +141,98 @@ def test_compare_computes_the_revisited_table(handlers: PageHandlers,
     # cached: the table reads the same rows without computing (the timer's refresh)
     assert handlers.compare_rows(split, handlers.all_params(values)) == table
     assert np.isfinite(split.revisited(BASELINE, cached_only=True).scores.map["medium"])
+
+
+def test_a_junk_result_is_shown_as_junk_not_as_a_miss(handlers: PageHandlers,
+                                                      split: GallerySession) -> None:
+    """qa's baseline begins easy, junk, negative, hard: ✓, junk (ignored), ✗, ✓; the junk is
+    unframed where a hit is green and a miss red, and the AP is the one without it."""
+    ui = handlers.ui
+    updates = handlers.pick_query(split.key, "qa", 4, BASELINE, "backbone",
+                                  *controls(handlers, split))
+    row = updates[ui.compare_rows[BASELINE]]
+    captions = [item["caption"] for item in row.value]
+    assert captions[0].endswith(" ✓") and captions[3].endswith(" ✓")
+    assert captions[1].endswith(" · junk (ignored)") and "✗" not in captions[1]
+    assert captions[2].endswith(" ✗")
+    marks = [item["image"]["orig_name"].rsplit("-", 1)[1] for item in row.value]
+    assert marks == ["hit.jpg", "plain.jpg", "miss.jpg", "hit.jpg"]
+    assert f"AP {A_MEDIUM_AP / 100:.3f}" in row.label
+    assert "junk ignored (unframed" in updates[ui.query_note]
+    # every method's strip flags the junk it ranks (the engine's flags, not recomputed)
+    for method in METHODS:
+        ranking = updates[ui.state].result.rankings[method]
+        strip = updates[ui.tabs[method].reranked].value
+        for item, junk in zip(strip, ranking.junk[:4].tolist(), strict=True):
+            assert ("junk (ignored)" in item["caption"]) == junk
+
+
+def test_the_link_of_a_query_set_pick_reopens_it(handlers: PageHandlers,
+                                                 split: GallerySession) -> None:
+    ui = handlers.ui
+    changed = {**split.params_for("k_reciprocal")[0], "k1": 7}
+    values = [changed[name] if method == "k_reciprocal" else split.params_for(method)[0][name]
+              for method in handlers.method_names
+              for name in ui.tabs[method].param_names]
+    updates = handlers.pick_query(split.key, "qa", 4, BASELINE, "backbone", *values)
+    query = handlers.share_link(split.key, updates[ui.state], None, "compare", *values)
+    shared = dict(parse_qsl(query))
+    assert shared["query"] == "qa" and shared["tab"] == "compare"
+    assert shared["k_reciprocal.k1"] == "7" and "file" not in shared and "upload" not in shared
+
+    reopened = handlers.restore(link(query), BASELINE, "backbone", True, 4)
+    result = reopened[ui.state].result
+    assert result.query_set_name == "qa" and result.source_row is None
+    assert reopened[ui.picked] == f"{QUERY_SET_PICK}qa"
+    assert result.rankings["k_reciprocal"].params["k1"] == 7
+    assert result.rankings[BASELINE].ap == pytest.approx(A_MEDIUM_AP / 100)
+    assert result.rankings[BASELINE].indices[:4].tolist() == [A_EASY, A_JUNK, A_NEG, A_HARD]
+    assert ui.message not in reopened
+    # a name the query set does not hold says so, and the page opens anyway
+    gone = handlers.restore(link(f"gallery={split.key}&query=nope"), BASELINE, "backbone",
+                            True, 4)
+    assert "the link's query" in gone[ui.message] and "'nope' is not a query" in (
+        gone[ui.message])
+
+
+def test_query_features_attach_from_the_page(handlers: PageHandlers, explorer: Explorer,
+                                            tmp_path: Path) -> None:
+    """Uploaded query features and ground truth (outside the allowed folders, as Gradio's
+    temporary files are) attach to the features gallery shown from kept copies; the examples
+    list then offers the queries and the Compare table is the revisited one."""
+    ui = handlers.ui
+    db, queries, truth = constructed(tmp_path)
+    session = explorer.open_features(db, check_allowed=False)
+    assert session.query_set is None
+    uploads = tmp_path / "gradio-temp"
+    uploads.mkdir()
+    shutil.copy(queries, uploads / queries.name)
+    shutil.copy(truth, uploads / truth.name)
+    with pytest.raises(gr.Error, match="Choose a query features file"):
+        handlers.attach_queries(session.key, None, None)
+    updates = handlers.attach_queries(session.key, str(uploads / queries.name),
+                                      str(uploads / truth.name))
+    assert [item["caption"] for item in updates[ui.examples].value] == ["qa", "qb"]
+    assert updates[ui.examples].label.startswith("Queries from queries.npz (2, scored by "
+                                                 "gnd_constructed.pkl)")
+    assert updates[ui.compare_table]["headers"] == list(REVISITED_TABLE_COLUMNS)
+    assert "Attached **2 queries** from `queries.npz`" in updates[ui.gallery_status]
+    assert updates[ui.queries_file] is None and updates[ui.truth_file] is None
+    attached = session.query_set
+    assert attached is not None and attached.ground_truth == "gnd_constructed.pkl"
+    for upload in uploads.iterdir():  # Gradio cleans its temporary files: copies were kept
+        upload.unlink()
+    picked = handlers.pick_query(session.key, "qb", 4, BASELINE, "backbone",
+                                 *controls(handlers, session))
+    assert picked[ui.state].result.rankings[BASELINE].ap == pytest.approx(1.0)
+    # a bad file is refused by name and leaves the gallery's queries as they were
+    wide = uploads / "wide.npy"
+    np.save(wide, np.eye(2, 100, dtype=np.float32))
+    with pytest.raises(gr.Error, match=r"wide\.npy have 100 dimensions"):
+        handlers.attach_queries(session.key, str(wide), None)
+    notes = uploads / "notes.txt"
+    notes.write_text("not a pickle")
+    np.savez(uploads / "q.npz", features=np.eye(2, 96, dtype=np.float32))
+    with pytest.raises(gr.Error, match=r"ground-truth file must be one of \.pkl"):
+        handlers.attach_queries(session.key, str(uploads / "q.npz"), str(notes))
+    assert session.query_set is attached

@@ -18,6 +18,14 @@ def test_a_view_survives_its_link() -> None:
     assert decode(dict(parse_qsl(text)), METHODS) == view
 
 
+def test_a_query_set_pick_survives_its_link() -> None:
+    view = SharedView(gallery="db-1a2b", query="all_souls_000013", tab="compare",
+                      params={"gnn": {"k1": "30"}})
+    text = encode(view)
+    assert "query=all_souls_000013" in text and "file=" not in text
+    assert decode(dict(parse_qsl(text)), METHODS) == view
+
+
 def test_decoding_ignores_what_it_does_not_know() -> None:
     decoded = decode({"gallery": "g", "upload": "../../etc/passwd", "ssr.k": "3",
                       "gnn.k1": "20", "utm_source": "x"}, METHODS)

@@ -51,10 +51,14 @@ def explorer(tmp_path_factory: pytest.TempPathFactory) -> Explorer:
 
 
 @pytest.fixture(scope="module")
-def handlers(explorer: Explorer) -> PageHandlers:
+def page(explorer: Explorer) -> tuple[gr.Blocks, PageHandlers]:
     handlers = PageHandlers(explorer)
-    build_app(explorer, handlers=handlers)
-    return handlers
+    return build_app(explorer, handlers=handlers), handlers
+
+
+@pytest.fixture(scope="module")
+def handlers(page: tuple[gr.Blocks, PageHandlers]) -> PageHandlers:
+    return page[1]
 
 
 @pytest.fixture(scope="module")
@@ -195,12 +199,20 @@ def test_the_link_of_a_query_set_pick_reopens_it(handlers: PageHandlers,
         gone[ui.message])
 
 
-def test_query_features_attach_from_the_page(handlers: PageHandlers, explorer: Explorer,
-                                            tmp_path: Path) -> None:
+def test_query_features_attach_from_the_page(page: tuple[gr.Blocks, PageHandlers],
+                                            explorer: Explorer, tmp_path: Path) -> None:
     """Uploaded query features and ground truth (outside the allowed folders, as Gradio's
     temporary files are) attach to the features gallery shown from kept copies; the examples
     list then offers the queries and the Compare table is the revisited one."""
+    demo, handlers = page
     ui = handlers.ui
+    wired = [block_fn for block_fn in demo.fns.values()
+             if getattr(block_fn.fn, "__wrapped__", None) == handlers.attach_queries]
+    assert len(wired) == 1
+    assert [block._id for block in wired[0].inputs] == [
+        ui.gallery._id, ui.queries_file._id, ui.truth_file._id]
+    assert {ui.examples._id, ui.compare_table._id, ui.message._id} <= {
+        block._id for block in wired[0].outputs}
     db, queries, truth = constructed(tmp_path)
     session = explorer.open_features(db, check_allowed=False)
     assert session.query_set is None

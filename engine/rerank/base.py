@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 
+from engine.core.threads import query_threads
 from engine.core.types import (
     GalleryContext,
     RerankResult,
@@ -133,7 +134,8 @@ class Reranker(ABC):
       it, queries (Q, d) against the gallery, or, when `query_features` is None, every gallery item
       as a query against the rest (leave-one-out; the item itself must not be returned).
     - `_rerank_online(query_feature, k)`: one new query (d,) against the fitted gallery, using only
-      precomputed gallery structures and the query's own neighbours.
+      precomputed gallery structures and the query's own neighbours; `rerank` runs it on one
+      thread (`engine.core.threads.query_threads`).
 
     Each hook returns `(distances, indices, details)`, faiss's order: distances (n, k) float
     ascending (smaller is closer), indices (n, k) int, details a dict. The public `rerank`
@@ -275,7 +277,10 @@ class Reranker(ABC):
             if mode == "batch":
                 distances, indices, details = self._rerank_batch(queries, int(k))
             else:
-                rows = [self._rerank_online(query, int(k)) for query in queries]
+                # one query's steps are small: threads would wait on each other (and on the
+                # other work of a shared machine) more than they help
+                with query_threads():
+                    rows = [self._rerank_online(query, int(k)) for query in queries]
                 distances = np.stack([row[0] for row in rows])
                 indices = np.stack([row[1] for row in rows])
                 details = rows[0][2] if n_queries == 1 else {"per_query": [r[2] for r in rows]}

@@ -35,7 +35,7 @@ from engine.rerank._gnn import (
     sparse_rows,
 )
 from engine.rerank._gnn_online import GalleryPropagation, SmallGraphPropagation
-from engine.rerank._scale import MEMORY_FRACTION, gib, memory_budget
+from engine.rerank._scale import MEMORY_FRACTION, float32_scores, gib, memory_budget
 from engine.rerank.base import Reranker, RerankParams, param
 
 SCORE_CHUNK = 1024
@@ -297,7 +297,10 @@ class GNNReranker(Reranker):
         k1, k2, details = self._effective(size + 1)
         with torch.inference_mode(), query_threads():
             query = torch.from_numpy(query_feature).to(self.device)
-            cosine = (query[None, :] @ gallery.t())[0]
+            if self.device.type == "cpu":  # the product the other methods' query read too
+                cosine = torch.from_numpy(float32_scores(self._features, query_feature).copy())
+            else:
+                cosine = (query[None, :] @ gallery.t())[0]
             if self.device.type == "cpu":
                 floors = (self._floors if self._lists.shape[1] >= k1 else
                           np.full(size, -np.inf, np.float32))  # every list has a free slot

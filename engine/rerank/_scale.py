@@ -13,8 +13,8 @@ float64 costs a gigabyte and most of a query's time, so:
   the float32 error bound (`FLOAT32_SLACK`) proves that no other item can reach the returned
   ones (else the candidates widen). The result equals sorting the whole gallery's canonical
   similarities, ties to the smaller index;
-- `float32_scores` keeps the last few queries' products, so that the methods ranking one query
-  one after another (a pick on the page runs every method) read the gallery once between them;
+- `float32_scores` (`engine.core.knn`) is one query's float32 product with the gallery, kept
+  for the next method that ranks the same query;
 - `memory_budget` is the share of the memory available now that a batch may plan to use
   (`Reranker.batch_refusal`).
 """
@@ -22,15 +22,12 @@ float64 costs a gigabyte and most of a query's time, so:
 from __future__ import annotations
 
 import os
-import threading
-import weakref
-from collections import OrderedDict
 from collections.abc import Callable
 
 import numpy as np
 import torch
 
-from engine.core.knn import FLOAT32_SLACK, torch_canonical_similarity
+from engine.core.knn import FLOAT32_SLACK, float32_scores, torch_canonical_similarity
 
 CONVERT_BYTES = 1 << 20
 """Size of the float64 buffer gallery rows are converted into for one query (102 rows at
@@ -62,48 +59,6 @@ def memory_budget() -> int | None:
 def gib(size: float) -> str:
     """Bytes as GiB for a message."""
     return f"{size / 2**30:.1f} GiB"
-
-
-RECENT_QUERIES = 4
-"""Queries whose float32 products `float32_scores` keeps (one page pick ranks one query with
-every method; a few more serve pages open at once)."""
-_recent_scores: OrderedDict[tuple, tuple[weakref.ref, np.ndarray]] = OrderedDict()
-_recent_lock = threading.Lock()
-
-
-def _memory_key(gallery: np.ndarray, query: np.ndarray) -> tuple:
-    """What identifies a product: the gallery's memory (address, shape, strides, type: the
-    methods' views of one gallery are distinct objects over the same memory) and the query's
-    bytes."""
-    interface = gallery.__array_interface__
-    return (interface["data"][0], gallery.shape, gallery.strides, gallery.dtype.str,
-            query.tobytes())
-
-
-def float32_scores(gallery: np.ndarray, query: np.ndarray) -> np.ndarray:
-    """(G,) float32 inner products of one query (d,) with every gallery row: one
-    matrix-vector product, read straight from the gallery (memory-mapped too).
-
-    The last `RECENT_QUERIES` products are kept (read-only) while the array they were computed
-    from is alive: its memory is then still the same gallery (features are never written in
-    place), so a view of it with the same address, shape and strides gets the same product.
-    """
-    query = np.ascontiguousarray(query, np.float32)
-    if not isinstance(gallery, np.ndarray):
-        return np.asarray(gallery, np.float32) @ query
-    key = _memory_key(gallery, query)
-    with _recent_lock:
-        kept = _recent_scores.get(key)
-        if kept is not None and kept[0]() is not None:
-            _recent_scores.move_to_end(key)
-            return kept[1]
-    scores = np.asarray(gallery, np.float32) @ query
-    scores.setflags(write=False)
-    with _recent_lock:
-        _recent_scores[key] = (weakref.ref(gallery), scores)
-        while len(_recent_scores) > RECENT_QUERIES:
-            _recent_scores.popitem(last=False)
-    return scores
 
 
 def _block_rows(dim: int) -> int:

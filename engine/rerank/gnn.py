@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from engine.core.knn import (
+    float32_scores,
     lists_with_query,
     read_only_tensor,
     torch_canonical_similarity,
@@ -35,7 +36,7 @@ from engine.rerank._gnn import (
     sparse_rows,
 )
 from engine.rerank._gnn_online import GalleryPropagation, SmallGraphPropagation
-from engine.rerank._scale import MEMORY_FRACTION, float32_scores, gib, memory_budget
+from engine.rerank._scale import MEMORY_FRACTION, gib, memory_budget
 from engine.rerank.base import Reranker, RerankParams, param
 
 SCORE_CHUNK = 1024

@@ -28,14 +28,13 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from engine.core.knn import knn_graph
+from engine.core.knn import float32_scores, knn_graph
 from engine.core.threads import query_threads
 from engine.core.types import GalleryContext, RerankResult
 from engine.errors import InvalidInputError
 from engine.rerank import register
 from engine.rerank._scale import (
     canonical_block,
-    float32_scores,
     gib,
     memory_budget,
     query_top,

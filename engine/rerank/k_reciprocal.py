@@ -23,6 +23,7 @@ import torch
 from engine.core.knn import (
     NeighbourLists,
     canonical_similarity,
+    float32_scores,
     lists_with_query,
     neighbour_lists,
     reciprocal_mask,
@@ -57,7 +58,6 @@ from engine.rerank._k_reciprocal import (
 from engine.rerank._scale import (
     MEMORY_FRACTION,
     canonical_rows,
-    float32_scores,
     gib,
     memory_budget,
 )

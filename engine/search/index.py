@@ -40,8 +40,10 @@ from engine.core.knn import (
     FLOAT32_SLACK,
     GATHER_ELEMENTS,
     exact_candidates,
+    float32_scores,
     gathered_similarity,
     merge_top_k,
+    top_k_smallest,
     torch_topk_largest,
 )
 from engine.core.storage import atomic_path
@@ -415,6 +417,14 @@ class StoreSearch:
         self.ntotal, self.d = features.shape
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k float32 inner products. One query against float32 features reads the
+        product the re-rankers ranking the same query read (`float32_scores`), ties to the
+        smaller index; else faiss's brute force in row chunks (`exact_candidates`)."""
+        if len(queries) == 1 and self.features.dtype == np.float32:
+            negated, indices = top_k_smallest(
+                -float32_scores(self.features, np.asarray(queries[0], np.float32))[None, :],
+                int(k))
+            return -negated, indices
         return exact_candidates(self.features, queries, int(k))
 
 

@@ -4,15 +4,7 @@ import numpy as np
 import pytest
 
 from engine.core.knn import canonical_similarity
-from engine.rerank._scale import (
-    _block_rows,
-    _memory_key,
-    _recent_scores,
-    canonical_block,
-    canonical_rows,
-    float32_scores,
-    query_top,
-)
+from engine.rerank._scale import _block_rows, canonical_block, canonical_rows, query_top
 
 
 def unit_rows(count: int, dim: int, seed: int) -> np.ndarray:
@@ -71,32 +63,3 @@ def test_query_top_is_the_sorted_canonical_row():
     np.testing.assert_array_equal(ids, want)
     np.testing.assert_array_equal(values, row[want])
 
-
-def test_float32_scores_are_shared_between_views_of_one_gallery(gallery):
-    """Two methods' views of the same gallery memory get one product (read-only); another
-    gallery, or the same query against other memory, gets its own."""
-    query = unit_rows(1, gallery.shape[1], 7)[0]
-    first = float32_scores(gallery, query)
-    np.testing.assert_array_equal(first, gallery @ query)
-    assert not first.flags.writeable
-    view = gallery[:]
-    assert view is not gallery
-    assert float32_scores(view, query) is first
-    copy = gallery.copy()
-    assert float32_scores(copy, query) is not first
-    other = unit_rows(1, gallery.shape[1], 8)[0]
-    assert float32_scores(gallery, other) is not first
-
-
-def test_float32_scores_forget_a_gallery_that_is_gone():
-    """A product is not given for new memory that happens to reuse a freed gallery's
-    address: the kept product dies with the array it was computed from."""
-    rows = unit_rows(64, 32, 9)
-    query = rows[0].copy()
-    kept = float32_scores(rows, query)
-    assert float32_scores(rows, query) is kept
-    key = _memory_key(rows, query)
-    del rows
-    assert _recent_scores[key][0]() is None
-    other = unit_rows(64, 32, 10)
-    np.testing.assert_array_equal(float32_scores(other, query), other @ query)

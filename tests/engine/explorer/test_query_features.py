@@ -395,4 +395,8 @@ def test_another_query_set_attached_is_scored_in_the_background(tmp_path: Path) 
     queued.attach_queries(session.key, queries, reordered, check_allowed=False)
     assert session.revisited_rows()[1] == []
     queued.jobs.run_pending()
-    assert session.revisited_rows()[1] == first  # the same answers, scored anew
+    headers, again = session.revisited_rows()
+    timed = headers.index("batch s")  # how long each run took differs between runs
+    assert [row[:timed] + row[timed + 1:] for row in again] == [
+        row[:timed] + row[timed + 1:] for row in first]  # the same answers, scored anew
+    assert all(row[timed] >= 0 for row in again)

@@ -564,6 +564,7 @@ def test_online_head_equals_the_full_run(monkeypatch, params):
     smaller than the gallery for some queries, so the proof was used."""
     queries, gallery = synthetic(3000)
     monkeypatch.setattr(icfrr, "HEAD_GROWTH", 4)  # heads between the first and the gallery
+    monkeypatch.setattr(icfrr, "HEAD_LIMIT", 1.0)
     reranker = create_reranker("icfrr", device="cpu", **params).fit(
         GalleryContext(gallery, knn=knn_graph(gallery, 300)))
     calls = recorded_heads(monkeypatch)
@@ -578,6 +579,23 @@ def test_online_head_equals_the_full_run(monkeypatch, params):
     assert len(proven) == len(queries)
     assert min(proven) < len(gallery)
     assert any(not ok for _, _, ok in calls)  # a head too short to prove was refused
+
+
+def test_a_head_grown_past_the_limit_is_the_whole_gallery(monkeypatch):
+    """Where the first head fails and the next would pass `HEAD_LIMIT` of the gallery, the
+    next run is the whole gallery, with the same result as growing step by step."""
+    queries, gallery = synthetic(3000)
+    reranker = create_reranker("icfrr", device="cpu").fit(
+        GalleryContext(gallery, knn=knn_graph(gallery, 300)))
+    calls = recorded_heads(monkeypatch)
+    result = reranker.rerank(queries, 40, mode="online")
+    sizes = [given for given, _, _ in calls]
+    failed = [given for given, _, ok in calls if not ok]
+    assert failed and all(given * icfrr.HEAD_GROWTH > icfrr.HEAD_LIMIT * len(gallery)
+                          for given in failed)
+    assert sizes.count(len(gallery)) == len(failed)  # each failure went straight to the whole
+    for q, query in enumerate(queries):
+        np.testing.assert_array_equal(result.indices[q], full_online(reranker, query, 40).order[0])
 
 
 @pytest.mark.parametrize(("KG", "KQ", "beta"), [(10, 15, 2.0), (5, 3, 0.5), (32, 32, 0.5)])

@@ -8,6 +8,7 @@ them, `app.text` says what the page says and `app.render` turns a query result i
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -86,6 +87,22 @@ def launch_options(explorer: Explorer, public: bool = False,
     return {**options, "max_file_size": MAX_FILE_BYTES * 20, "show_error": True}
 
 
+def serve_thumbnails_in_place(root: Path) -> None:
+    """Let Gradio serve the thumbnail cache's files from where they are (a static path), as
+    `launch_options` already allows, instead of copying each shown thumbnail into its own
+    cache on every update: a pick shows some 160 of them (16 result strips), and the copies
+    and their checks took about 0.1 s of it. Thumbnails never change once written (their
+    names are their content's keys). Gradio's static paths are global to the process: a root
+    is added once."""
+    root = root.resolve()
+    if root not in _static_roots:
+        gr.set_static_paths([root])
+        _static_roots.add(root)
+
+
+_static_roots: set[Path] = set()
+
+
 def build_app(explorer: Explorer, concurrency_limit: int = DEFAULT_CONCURRENCY,
               handlers: PageHandlers | None = None, public: bool = False) -> gr.Blocks:
     """The page for an explorer; launch it with `launch(**launch_options(explorer, public))`.
@@ -100,6 +117,7 @@ def build_app(explorer: Explorer, concurrency_limit: int = DEFAULT_CONCURRENCY,
     handlers = handlers or PageHandlers(explorer,
                                         PublicUploads(explorer) if public else None)
     public = handlers.public is not None
+    serve_thumbnails_in_place(explorer.thumbnail_root)
     with gr.Blocks(title="Retrieval Explorer",
                    delete_cache=(3600, PUBLIC_CACHE_SECONDS) if public else None) as demo:
         handlers.ui = build_layout(explorer, handlers)

@@ -189,7 +189,7 @@ def test_the_query_events_share_one_concurrency_group(explorer: Explorer) -> Non
     assert {"compute_compare", "tune_k_reciprocal"} <= groups["index"]
     assert all(fn.concurrency_limit == 1 for fn in demo.fns.values()
                if fn.concurrency_id == "index")
-    assert {"open_zip", "open_folder", "switch_query_model"} == groups["requests"]
+    assert {"open_zip", "open_folder", "switch_query_model", "attach_queries"} == groups["requests"]
     assert all(fn.concurrency_limit == REQUESTS_CONCURRENCY for fn in demo.fns.values()
                if fn.concurrency_id == "requests")
     assert all(fn.concurrency_limit == "default" for fn in demo.fns.values()

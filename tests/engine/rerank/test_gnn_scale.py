@@ -196,6 +196,36 @@ def test_batch_refusal_uses_the_measured_edges(monkeypatch):
     assert expected <= reranker._batch_bytes(400, 10) <= 1.5 * expected
 
 
+
+def test_fit_refuses_a_propagated_graph_beyond_the_memory_budget(monkeypatch):
+    """The propagated gallery graph's entry bound is at least its real count (so the refusal
+    never lets through a graph that does not fit); below the budget fit refuses with
+    TooLargeError, saying how much it may need, and leaves nothing half-fitted."""
+    import engine.rerank._gnn_online as online
+
+    monkeypatch.setattr(GNNReranker, "patch_min_nodes", 0)
+    features = tied_collection(400)
+    seen = {}
+    original = online.check_propagation_memory
+
+    def recording(weight, b1):
+        seen["bound"] = float(((weight != 0).astype(np.float64)
+                               @ np.diff(b1.indptr).astype(np.float64)).sum())
+        return original(weight, b1)
+
+    monkeypatch.setattr(online, "check_propagation_memory", recording)
+    fitted = gnn().fit(features)
+    assert fitted._propagation.edges <= seen["bound"] <= 5 * fitted._propagation.edges
+    needed = seen["bound"] * online.PROPAGATED_BYTES_PER_EDGE
+    monkeypatch.setattr(online, "memory_budget", lambda: int(needed) - 1)
+    refused = gnn()
+    with pytest.raises(TooLargeError, match=r"propagated gallery graph may need up to .* GiB "
+                                            r"for 400 items"):
+        refused.fit(features)
+    assert not refused.is_fitted
+    monkeypatch.setattr(online, "memory_budget", lambda: int(needed) + 1)
+    assert gnn().fit(features).is_fitted
+
 # -- the online patch -----------------------------------------------------------------------------
 @pytest.mark.parametrize("lambda_value", [0.3, 0.0])
 @pytest.mark.parametrize(("k1", "k2"), [(26, 7), (8, 3)])

@@ -1,3 +1,3 @@
-"""Scoring rankings: metrics, evaluation protocols, whole-gallery scores, parameter sweeps and
-presets.
+"""Scoring rankings: metrics, evaluation protocols, whole-gallery scores, paired statistics
+between methods, parameter sweeps and presets.
 """

@@ -38,6 +38,7 @@ from engine import (
     DEFAULT_TOP_N,
     FEATURE_FILE_FORMATS,
     FULL_RANKING_LIMIT,
+    GROUND_TRUTH_FORMATS,
     QUERY_MODELS,
     SCORES_TABLE_COLUMNS,
     Explorer,
@@ -231,7 +232,7 @@ def build_layout(explorer: Explorer, handlers: PageHandlers) -> PageComponents:
             truth_file = gr.File(
                 label="Revisited ground truth for them (gnd_*.pkl, optional)",
                 type="filepath", height=100, scale=2,
-                file_types=sorted(Explorer.GROUND_TRUTH_FORMATS), visible=not public,
+                file_types=sorted(GROUND_TRUTH_FORMATS), visible=not public,
                 elem_id="truth-upload")
             attach_queries = gr.Button("Attach queries", scale=1, visible=not public,
                                        elem_id="attach-queries")

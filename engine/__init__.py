@@ -12,7 +12,8 @@ timm until a name that needs them is used).
 - galleries and images: `Gallery`, `DEMO_GALLERY`, `extract_zip` (an upload's name:
   `write_upload_name`, `read_upload_name`), `load_image`, `make_thumbnail`, `MAX_FILE_BYTES`.
 - re-ranking: `list_rerankers`, `create_reranker`, `get_reranker_class`.
-- evaluation: `evaluate`, `scores_table` (headers: `SCORES_TABLE_COLUMNS`), `sweep`,
+- evaluation: `evaluate`, `scores_table` (headers: `SCORES_TABLE_COLUMNS`),
+  `GROUND_TRUTH_FORMATS` (a revisited ground-truth file's suffix), `sweep`,
   `SweepRun` (a sweep in a background thread, read as it goes and cancellable),
   `SweepProgress`, `Trial`, `best_trial`.
 - views: `neighbourhood_graph`, `NeighbourhoodGraph`.
@@ -70,6 +71,7 @@ _PUBLIC: dict[str, str] = {
     "get_reranker_class": "engine.rerank",
     "list_rerankers": "engine.rerank",
     "evaluate": "engine.evaluation.metrics",
+    "GROUND_TRUTH_FORMATS": "engine.evaluation.revisited",
     "SCORES_TABLE_COLUMNS": "engine.evaluation.scores",
     "scores_table": "engine.evaluation.scores",
     "SweepProgress": "engine.evaluation.tuning",

@@ -142,6 +142,9 @@ def revisited_map(indices: Any, gnd: Sequence[Mapping[str, Any]],
                            n_queries=int(array.shape[0]))
 
 
+GROUND_TRUTH_FORMATS = frozenset({".pkl"})
+"""The suffix of a revisited Oxford/Paris ground-truth file (gnd_roxford5k.pkl style), which
+`load_revisitop_gnd` reads."""
 _SAFE_BUILTINS = frozenset({"dict", "list", "str", "int", "float", "tuple"})
 
 

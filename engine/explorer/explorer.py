@@ -31,7 +31,11 @@ from engine.core.plans import Plan, PlanStep
 from engine.core.storage import atomic_path, fingerprint, sha256_file
 from engine.core.types import check_features
 from engine.errors import InvalidInputError, UnknownNameError
-from engine.evaluation.revisited import ground_truth_for, load_revisitop_gnd
+from engine.evaluation.revisited import (
+    GROUND_TRUTH_FORMATS,
+    ground_truth_for,
+    load_revisitop_gnd,
+)
 from engine.explorer.results import BASELINE, DEFAULT_TOP_N, QueryResult, Ranking
 from engine.explorer.session import GallerySession, QuerySet
 from engine.features.backbone import FeatureExtractor, get_extractor
@@ -56,9 +60,6 @@ from engine.search.gallery import (
 
 logger = logging.getLogger(__name__)
 
-GROUND_TRUTH_FORMATS = frozenset({".pkl"})
-"""The suffix of a revisited Oxford/Paris ground-truth file (gnd_roxford5k.pkl style)."""
-
 
 class Explorer:
     """The backbone and every open gallery of the process.
@@ -69,9 +70,6 @@ class Explorer:
     requests: where work a user asked for and waits on runs (`request`), one job at a time
         beside `jobs` (default: a queue of its own when there is `jobs`, else None).
     """
-
-    GROUND_TRUTH_FORMATS = GROUND_TRUTH_FORMATS
-    """The suffix of a revisited ground-truth file (`attach_queries`), for the page's box."""
 
     def __init__(self, extractor: FeatureExtractor, *, device: str = "auto",
                  cache_root: str | os.PathLike | None = None,
@@ -266,10 +264,7 @@ class Explorer:
             resolve_allowed_folder(source.parent, self.allowed_roots)
             if images is not None:
                 images = resolve_allowed_folder(images, self.allowed_roots)
-            for extra in (queries, ground_truth):
-                if extra is not None:
-                    resolve_allowed_folder(Path(extra).expanduser().resolve().parent,
-                                           self.allowed_roots)
+            self._check_allowed_files(queries, ground_truth)
         with self._lock:
             gate = self._open_locks.setdefault(source, threading.Lock())
         with gate:
@@ -296,6 +291,13 @@ class Explorer:
             logger.info("opened features gallery %s: %d items, %d classes", source,
                         gallery.size, len(gallery.class_names))
             return session
+
+    def _check_allowed_files(self, *paths: str | os.PathLike | None) -> None:
+        """Raise UnsafePathError unless each given file lies inside one of `allowed_roots`."""
+        for path in paths:
+            if path is not None:
+                resolve_allowed_folder(Path(path).expanduser().resolve().parent,
+                                       self.allowed_roots)
 
     def _gallery_root(self, folder: str | os.PathLike, check_allowed: bool) -> Path:
         if check_allowed:
@@ -498,10 +500,7 @@ class Explorer:
                 f"{session.title} was opened from images: query features go with a gallery "
                 "opened from a features file (an image gallery's queries are its images)")
         if check_allowed:
-            for extra in (queries, ground_truth):
-                if extra is not None:
-                    resolve_allowed_folder(Path(extra).expanduser().resolve().parent,
-                                           self.allowed_roots)
+            self._check_allowed_files(queries, ground_truth)
         query_set = load_query_set(session.gallery, queries, ground_truth, metric=metric,
                                    normalize=normalize)
         session.attach_queries(query_set)

@@ -65,7 +65,6 @@ def _query_layout(neighbours: np.ndarray, similarities: np.ndarray, k1: int, k2:
     return n, lists, weights, adjacency, weight
 
 
-
 def first_layer_change(n: int, k1: int, query_list: np.ndarray, took: np.ndarray,
                        dropped: np.ndarray) -> sp.csr_matrix:
     """B0' - B0 of a query joining the graph, symmetrised: the query's row (node 0) gains its
@@ -77,6 +76,7 @@ def first_layer_change(n: int, k1: int, query_list: np.ndarray, took: np.ndarray
                              np.full(len(took), -1.0, np.float32)])
     change = sp.csr_matrix((values, (entries, columns)), shape=(n, n))
     return (change + change.T).tocsr()
+
 
 def check_propagation_memory(weight: sp.csr_matrix, b1: sp.csr_matrix) -> None:
     """Refuse (TooLargeError) before building P = W B1 when its entries may not fit the

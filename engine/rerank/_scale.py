@@ -36,9 +36,8 @@ reads it. Blocks of 80 MiB went through main memory twice and took 2.5 times as 
 against 92 CPU ms for one query against 100k x 1280)."""
 GALLERY_BLOCK = 8192
 """Gallery rows converted at a time for several queries, and on a torch device (80 MiB at
-d = 1280): there the
-product dominates, and larger blocks let it reuse the queries (8 to 512 queries: 10 to 30 %
-faster than cache-sized blocks)."""
+d = 1280): there the product dominates, and larger blocks let it reuse the queries (8 to 512
+queries: 10 to 30 % faster than cache-sized blocks)."""
 CANDIDATE_MARGIN = 64
 """Candidates proposed beyond the depth asked for; each failed proof widens them four-fold."""
 MEMORY_FRACTION = 0.5

@@ -25,7 +25,6 @@ from engine.core.knn import (
     torch_topk_largest,
     torch_topk_similar,
 )
-from engine.core.threads import query_threads
 from engine.core.types import GalleryContext
 from engine.rerank import register
 from engine.rerank._gnn import (
@@ -291,23 +290,21 @@ class GNNReranker(Reranker):
         where they decide a list (`_gnn.query_similarities`). On the CPU the propagated gallery
         graph is patched (`_gnn_online`): only the rows the query changes are propagated
         again; on a GPU (or a graph too small to patch) the graph is propagated as in batch.
-        One query's steps are small, so they run on one thread (`query_threads`).
         """
         gallery = self._gallery
         size = gallery.shape[0]
         k1, k2, details = self._effective(size + 1)
-        with torch.inference_mode(), query_threads():
+        with torch.inference_mode():
             query = torch.from_numpy(query_feature).to(self.device)
-            if self.device.type == "cpu":  # the product the other methods' query read too
-                cosine = torch.from_numpy(float32_scores(self._features, query_feature).copy())
-            else:
-                cosine = (query[None, :] @ gallery.t())[0]
             if self.device.type == "cpu":
+                # the product the baseline and the other methods ranking this query read too
+                cosine = torch.from_numpy(float32_scores(self._features, query_feature).copy())
                 floors = (self._floors if self._lists.shape[1] >= k1 else
                           np.full(size, -np.inf, np.float32))  # every list has a free slot
                 to_query = torch.from_numpy(query_similarities(
                     cosine.numpy(), self._features, query_feature, floors, min(k1 - 1, size)))
             else:
+                cosine = (query[None, :] @ gallery.t())[0]
                 to_query = torch_canonical_similarity(gallery, query[None, :])[:, 0]
             if isinstance(self._propagation, GalleryPropagation):
                 rows, lists, similarities = query_lists(

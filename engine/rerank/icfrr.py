@@ -29,7 +29,6 @@ import scipy.sparse as sp
 import torch
 
 from engine.core.knn import float32_scores, knn_graph
-from engine.core.threads import query_threads
 from engine.core.types import GalleryContext, RerankResult
 from engine.errors import InvalidInputError
 from engine.rerank import register
@@ -570,23 +569,22 @@ class ICFRR(Reranker):
         size = len(gallery)
         kg, kq, note = clamped(self.params, size)
         head = max(k, kq, min(HISTORY_DEPTH, size)) + HEAD_MARGIN
-        with query_threads():
-            scores = float32_scores(gallery, query_feature)
-            while True:
-                if head + 1 < size:
-                    distances, ids = query_top(gallery, query_feature, head + 1, scores=scores,
-                                               key=euclidean_from_similarity)
-                else:  # the whole gallery, read in contiguous blocks
-                    distances = euclidean_from_similarity(
-                        canonical_block(query_feature[None, :], gallery))[0]
-                    ids = np.argsort(distances, kind="stable")
-                    distances = distances[ids]
-                output = online_head(distances, ids, size, self._lists, self.params, kg, kq, k)
-                if output is not None:
-                    break
-                head *= HEAD_GROWTH
-                if head > HEAD_LIMIT * size:
-                    head = size
+        scores = float32_scores(gallery, query_feature)
+        while True:
+            if head + 1 < size:
+                distances, ids = query_top(gallery, query_feature, head + 1, scores=scores,
+                                           key=euclidean_from_similarity)
+            else:  # the whole gallery, read in contiguous blocks
+                distances = euclidean_from_similarity(
+                    canonical_block(query_feature[None, :], gallery))[0]
+                ids = np.argsort(distances, kind="stable")
+                distances = distances[ids]
+            output = online_head(distances, ids, size, self._lists, self.params, kg, kq, k)
+            if output is not None:
+                break
+            head *= HEAD_GROWTH
+            if head > HEAD_LIMIT * size:
+                head = size
         details = {"clamped": note} if note else {}
         return -output.score[0], output.order[0], {
             **details, "history": output.history[0], "distance": "minus the final ICFRR score"}

@@ -34,7 +34,6 @@ from engine.core.knn import (
     torch_neighbour_lists,
     torch_topk_largest,
 )
-from engine.core.threads import query_threads
 from engine.core.types import GalleryContext
 from engine.rerank import register
 from engine.rerank._k_reciprocal import (
@@ -419,29 +418,26 @@ class KReciprocalReranker(Reranker):
         fitted structures are read, never copied. The query's similarities come from one
         float32 product with the gallery, canonical ones only where a decision is that close
         (`_QuerySimilarities`). Always on the CPU (numpy/scipy), also for a reranker on CUDA:
-        patching a few sparse rows gains nothing from a GPU; and on one thread
-        (`engine.core.threads.query_threads`): split over two, each small step waits for the
-        second thread, which on a busy machine costs more than the step.
+        patching a few sparse rows gains nothing from a GPU.
         """
         gallery = self.gallery.features
         size = gallery.shape[0]
         k1, k2, details = self._effective(size + 1)
         depth = max(k1 + 1, k2)
-        with query_threads():
-            similarities = _QuerySimilarities(gallery, query_feature)
-            if self._patchable:
-                graph = self._graph_with_query(similarities, depth)
-                dirty_rows, overlap = self._patched_overlap(graph, similarities, k1, k2)
-                query_row_max = graph.query_row_max
-            else:
-                lists = self._lists_with_query(similarities.exact(np.arange(size)), depth)
-                features = np.vstack([query_feature[None, :], gallery])
-                expanded = _encode(features, lists, k1, k2, np.arange(size + 1))
-                overlap = jaccard_overlap(expanded[:1], expanded.tocsc())[0]
-                dirty_rows = np.arange(size + 1)
-                query_row_max = lists.row_max[0]
-            distances, indices = self._online_top_k(overlap[1:], similarities, query_row_max,
-                                                    k)
+        similarities = _QuerySimilarities(gallery, query_feature)
+        if self._patchable:
+            graph = self._graph_with_query(similarities, depth)
+            dirty_rows, overlap = self._patched_overlap(graph, similarities, k1, k2)
+            query_row_max = graph.query_row_max
+        else:
+            lists = self._lists_with_query(similarities.exact(np.arange(size)), depth)
+            features = np.vstack([query_feature[None, :], gallery])
+            expanded = _encode(features, lists, k1, k2, np.arange(size + 1))
+            overlap = jaccard_overlap(expanded[:1], expanded.tocsc())[0]
+            dirty_rows = np.arange(size + 1)
+            query_row_max = lists.row_max[0]
+        distances, indices = self._online_top_k(overlap[1:], similarities, query_row_max,
+                                                k)
         details = {**details, "rows_reencoded": int(dirty_rows.size)}
         return distances, indices, details
 

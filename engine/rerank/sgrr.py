@@ -35,7 +35,6 @@ import torch.nn.functional as F
 from engine.core.knn import knn_graph, torch_topk_largest
 from engine.core.state import MissingStateError, load_state, save_state
 from engine.core.storage import fingerprint
-from engine.core.threads import query_threads
 from engine.core.types import GalleryContext, KnnGraph
 from engine.errors import CacheError, InvalidInputError
 from engine.rerank import register
@@ -622,17 +621,16 @@ class SGRR(Reranker):
                        ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
         """One query embedded inductively (`_embed_queries`), ranked by embedding distance; on
         the CPU the original cosines that break exact ties are computed for the items that
-        can reach the top k only (`rank_top`), on one thread."""
+        can reach the top k only (`rank_top`)."""
         details = {"K": self.k_used, "clusters": self.classes}
         query = self._on_device(query_feature[None, :])
         if self.device.type != "cpu":
             distances, indices = self._rank(self._embed_queries(query), self._unit_embeddings,
                                             k, False, query)
             return distances[0], indices[0], details
-        with query_threads():
-            embedding = self._embed_queries(query)
-            distances = (1.0 - embedding @ self._unit_embeddings.T)[0].numpy()
-            values, indices = rank_top(distances, self.gallery.features, query_feature, k)
+        embedding = self._embed_queries(query)
+        distances = (1.0 - embedding @ self._unit_embeddings.T)[0].numpy()
+        values, indices = rank_top(distances, self.gallery.features, query_feature, k)
         return values, indices, details
 
     def batch_refusal(self, gallery_size: int, n_queries: int) -> str | None:

@@ -67,6 +67,8 @@ _PUBLIC: dict[str, str] = {
     "MAX_FILE_BYTES": "engine.features.images",
     "load_image": "engine.features.images",
     "make_thumbnail": "engine.features.images",
+    "Evidence": "engine.rerank",
+    "EvidenceGroup": "engine.rerank",
     "create_reranker": "engine.rerank",
     "get_reranker_class": "engine.rerank",
     "list_rerankers": "engine.rerank",

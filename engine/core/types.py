@@ -113,6 +113,74 @@ class RerankResult:
     details: Mapping[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class EvidenceGroup:
+    """A named set of gallery rows a method's evidence rests on, with one number per row.
+
+    rows: (n,) int64 gallery rows. values: (n,) float64, what `value_name` says (a
+    contribution to the final similarity, the rank a voter gave the result, ...); NaN where a
+    row has none. highlight: the kNN-graph plot marks these rows as evidence nodes.
+    """
+
+    name: str
+    rows: np.ndarray
+    values: np.ndarray
+    value_name: str
+    highlight: bool = True
+
+    def __post_init__(self) -> None:
+        rows = np.asarray(self.rows, np.int64).reshape(-1)
+        values = np.asarray(self.values, np.float64).reshape(-1)
+        if rows.shape != values.shape:
+            raise ValueError(f"evidence group {self.name!r}: {rows.size} rows but "
+                             f"{values.size} values")
+        object.__setattr__(self, "rows", rows)
+        object.__setattr__(self, "values", values)
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """Why a method put one gallery item where it did for one query: the one schema the page
+    renders for every method, without knowing the method.
+
+    method: the method's registry name. item: the gallery row explained.
+    summary: the reason in one clause, to follow "moved from #14 to #3: " on the page ("9 of
+        its 20 k-reciprocal neighbours are also the query's").
+    numbers: the named scalars that made the item's score, in reading order (say "Jaccard
+        distance", "original distance", "lambda", "final distance"); JSON-able floats.
+    groups: the sets of gallery rows the score rests on (`EvidenceGroup`), in reading order.
+    """
+
+    method: str
+    item: int
+    summary: str
+    numbers: Mapping[str, float] = field(default_factory=dict)
+    groups: tuple[EvidenceGroup, ...] = ()
+
+    def group(self, name: str) -> EvidenceGroup:
+        """The group called `name` (KeyError when this evidence has none)."""
+        for group in self.groups:
+            if group.name == name:
+                return group
+        raise KeyError(f"{self.method} evidence has no group {name!r}; it has "
+                       f"{[group.name for group in self.groups]}")
+
+    def highlighted_rows(self) -> np.ndarray:
+        """Every row of a highlighted group, once, ascending: the kNN plot's evidence nodes."""
+        rows = [group.rows for group in self.groups if group.highlight]
+        return np.unique(np.concatenate(rows)) if rows else np.zeros(0, np.int64)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-able: numbers as floats, rows as ints, a NaN value as None."""
+        return {"method": self.method, "item": int(self.item), "summary": self.summary,
+                "numbers": {name: float(value) for name, value in self.numbers.items()},
+                "groups": [{"name": group.name, "value_name": group.value_name,
+                            "highlight": group.highlight, "rows": group.rows.tolist(),
+                            "values": [None if not np.isfinite(value) else float(value)
+                                       for value in group.values]}
+                           for group in self.groups]}
+
+
 def check_features(features: Any, name: str, dim: int | None = None, *,
                    unit_norm: bool = True) -> np.ndarray:
     """Validate a (n, d) feature matrix (a (d,) vector is one row) and return it as contiguous

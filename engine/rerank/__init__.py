@@ -11,7 +11,14 @@ import pkgutil
 from collections.abc import Iterable
 from typing import Any
 
-from engine.core.types import GalleryContext, KnnGraph, RerankResult, TrainingSet
+from engine.core.types import (
+    Evidence,
+    EvidenceGroup,
+    GalleryContext,
+    KnnGraph,
+    RerankResult,
+    TrainingSet,
+)
 from engine.errors import InvalidInputError, UnknownNameError
 from engine.rerank.base import Reranker, RerankParams, param
 
@@ -79,6 +86,8 @@ def shared_graph_depth(methods: Iterable[str]) -> int:
 
 
 __all__ = [
+    "Evidence",
+    "EvidenceGroup",
     "GalleryContext",
     "KnnGraph",
     "RerankParams",

@@ -21,6 +21,8 @@ import numpy as np
 
 from engine.core.threads import query_threads
 from engine.core.types import (
+    Evidence,
+    EvidenceGroup,
     GalleryContext,
     RerankResult,
     check_features,
@@ -293,6 +295,28 @@ class Reranker(ABC):
         """Shorthand for `rerank(query_feature, k, mode="online")`."""
         return self.rerank(query_feature, k, mode="online")
 
+    def explain(self, query_feature: np.ndarray, item: int) -> Evidence:
+        """Why `item` (a gallery row) sits where it does in this method's online ranking of
+        `query_feature` ((d,) or (1, d), unit norm): the evidence the method used, in the one
+        schema the page renders (`engine.core.types.Evidence`).
+
+        Every method explains its online computation (`_explain`); a gallery pick shown from
+        the leave-one-out run is explained by the online ranking of its feature. The default
+        (`_explain` not overridden) gives the item's cosine similarity to the query only.
+        """
+        context = self.gallery
+        query = check_features(query_feature, "query feature", context.features.shape[1])
+        if query.shape[0] != 1:
+            raise InvalidInputError(f"explain takes one query, got {query.shape[0]}")
+        if isinstance(item, bool) or not isinstance(item, (int, np.integer)) or not (
+                0 <= item < context.size):
+            raise InvalidInputError(f"item must be a gallery row in [0, {context.size}), "
+                                    f"got {item!r}")
+        with query_threads():
+            evidence = self._explain(query[0], int(item))
+        self._check_evidence(evidence, int(item))
+        return evidence
+
     def graph_depth(self) -> int:
         """Neighbours per gallery item (itself included) that `fit` reads from the gallery's
         shared kNN graph at these parameters. A gallery builds its graph at least as deep as
@@ -336,6 +360,32 @@ class Reranker(ABC):
     def _rerank_online(self, query_feature: np.ndarray, k: int
                        ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
         """One query (d,) against the fitted gallery; returns (k,) distances and indices."""
+
+    def _explain(self, query_feature: np.ndarray, item: int) -> Evidence:
+        """The evidence behind `item`'s place in the online ranking of one query (d,); the
+        default states the cosine similarity, which every method starts from."""
+        similarity = float(np.dot(query_feature.astype(np.float64),
+                                  self.gallery.features[item].astype(np.float64)))
+        return Evidence(self.name, item,
+                        f"{self.title or self.name} gives no evidence of its own; its cosine "
+                        f"similarity to the query is {similarity:.3f}",
+                        {"cosine similarity": similarity})
+
+    def _check_evidence(self, evidence: Evidence, item: int) -> None:
+        problem = None
+        if not isinstance(evidence, Evidence):
+            problem = f"explain returned {type(evidence).__name__}, not Evidence"
+        elif evidence.method != self.name or evidence.item != item:
+            problem = (f"evidence is for {evidence.method!r} item {evidence.item}, asked "
+                       f"{self.name!r} item {item}")
+        elif not all(np.isfinite(float(value)) for value in evidence.numbers.values()):
+            problem = "non-finite evidence numbers"
+        elif any(not isinstance(group, EvidenceGroup) or (group.rows.size and (
+                group.rows.min() < 0 or group.rows.max() >= self.gallery.size))
+                 for group in evidence.groups):
+            problem = "evidence rows outside the gallery"
+        if problem:
+            raise RuntimeError(f"re-ranker {self.name!r} broke the evidence contract: {problem}")
 
     # -- output check ---------------------------------------------------------------------------
     def _check_result(self, result: RerankResult, n_queries: int, k: int,

@@ -7,8 +7,8 @@ timm until a name that needs them is used).
 
 - explorer: `Explorer` (a backbone and its open galleries), `GallerySession` (one gallery's
   fitted methods, scores, maps, presets), `QueryResult`, `Ranking`, `Familiarity` (is a query
-  out of distribution?), `QUERY_MODELS`, `method_title` and `distance_note` (what a method's
-  distances mean).
+  out of distribution?), `Explanation` (a shown result's `Evidence` and where it moved),
+  `QUERY_MODELS`, `method_title` and `distance_note` (what a method's distances mean).
 - galleries and images: `Gallery`, `DEMO_GALLERY`, `extract_zip` (an upload's name:
   `write_upload_name`, `read_upload_name`), `load_image`, `make_thumbnail`, `MAX_FILE_BYTES`.
 - re-ranking: `list_rerankers`, `create_reranker`, `get_reranker_class`.
@@ -50,6 +50,7 @@ _PUBLIC: dict[str, str] = {
     "DEFAULT_TOP_N": "engine.explorer",
     "FULL_RANKING_LIMIT": "engine.explorer",
     "QUERY_MODELS": "engine.explorer",
+    "Explanation": "engine.explorer",
     "Explorer": "engine.explorer",
     "Familiarity": "engine.explorer",
     "GallerySession": "engine.explorer",

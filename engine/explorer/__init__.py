@@ -6,6 +6,7 @@ from engine.explorer.explorer import Explorer
 from engine.explorer.results import (
     BASELINE,
     DEFAULT_TOP_N,
+    Explanation,
     Familiarity,
     QueryResult,
     Ranking,
@@ -16,5 +17,5 @@ from engine.explorer.session import FULL_RANKING_LIMIT, GallerySession
 from engine.rerank.setting import CUSTOM
 
 __all__ = ["BASELINE", "CUSTOM", "DEFAULT_TOP_N", "FULL_RANKING_LIMIT", "QUERY_MODELS",
-           "Explorer", "Familiarity",
+           "Explanation", "Explorer", "Familiarity",
            "GallerySession", "QueryResult", "Ranking", "distance_note", "method_title"]

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from engine.core.knn import FLOAT32_SLACK, canonical_similarity
-from engine.core.types import KnnGraph
+from engine.core.types import Evidence, KnnGraph
 from engine.errors import InvalidInputError
 from engine.rerank import documented_details, get_reranker_class
 from engine.search.gallery import Gallery
@@ -227,6 +227,24 @@ class QueryResult:
             "not_ready": dict(self.not_ready),
             "timings_ms": {stage: round(s * 1000, 2) for stage, s in self.timings.items()},
         }
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """Why a shown result of one method sits where it does: the method's `Evidence` for the
+    query's feature, and where the item is in the method's and the baseline's rankings of
+    the result (1-based; None when the ranking, `depth` items deep, does not hold it)."""
+
+    evidence: Evidence
+    method_rank: int | None
+    baseline_rank: int | None
+    depth: int
+
+
+def rank_of(ranking: Ranking, row: int) -> int | None:
+    """The 1-based place of gallery row `row` in `ranking`, None when it is not there."""
+    found = np.flatnonzero(ranking.indices == row)
+    return int(found[0]) + 1 if found.size else None
 
 
 def method_title(name: str) -> str:

@@ -48,12 +48,14 @@ from engine.explorer.results import (
     BASELINE,
     BASELINE_TITLE,
     DEFAULT_TOP_N,
+    Explanation,
     Familiarity,
     QueryResult,
     Ranking,
     method_title,
     nearest_other_similarities,
     query_similarities,
+    rank_of,
     unit_query,
 )
 from engine.rerank import Reranker, get_reranker_class, list_rerankers
@@ -750,6 +752,37 @@ class GallerySession:
             row = next(int(row) for row in found.indices[0] if row != drop)
         nearest = float(query_similarities(feature, self.gallery.features, np.array([row]))[0])
         return Familiarity.of(nearest, row, usual)
+
+    def explain(self, result: QueryResult, method: str, item: int,
+                params: ParamsOrSetting = None) -> Explanation:
+        """Why `method` put gallery row `item` where it is for `result`'s query: the fitted
+        re-ranker's `Reranker.explain` of the query's feature as ranked (`result.feature`, in
+        the gallery's space), with the item's place in the method's and the baseline's
+        rankings of `result`. `params`: None for the setting that made the shown ranking (the
+        default setting when there is none). A method not fitted yet at that setting raises
+        InvalidInputError with its job's state instead of waiting; so do the baseline (it
+        re-ranks nothing) and a method unavailable here."""
+        if result.gallery_key != self.key:
+            raise InvalidInputError(f"the result is of gallery {result.gallery_key!r}, not of "
+                                    f"{self.key!r}")
+        if method == BASELINE:
+            raise InvalidInputError("the baseline re-ranks nothing: only a method's results "
+                                    "have evidence")
+        title = method_title(method)
+        if method in self.unavailable:
+            raise InvalidInputError(f"{title} is unavailable on this gallery: "
+                                    f"{self.unavailable[method]}")
+        shown = result.rankings.get(method)
+        setting = self.setting(method, shown.params if params is None and shown is not None
+                               else params)
+        reason = self.not_ready(method, setting)
+        if reason is not None:
+            raise InvalidInputError(f"{title} is not ready to explain its results: {reason}")
+        evidence = self.reranker(method, setting).explain(result.feature, item)
+        baseline = result.rankings.get(BASELINE)
+        depth = len((shown or baseline).indices) if (shown or baseline) is not None else 0
+        return Explanation(evidence, None if shown is None else rank_of(shown, item),
+                           None if baseline is None else rank_of(baseline, item), depth)
 
     # -- query features and the revisited protocol -----------------------------------------------
     query_set: QuerySet | None = None

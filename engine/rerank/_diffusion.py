@@ -1,0 +1,272 @@
+"""Diffusion's math (Iscen et al., CVPR 2017): the mutual kNN affinity, its symmetric
+normalisation, the query's seed vector, conjugate gradient over a block of right-hand sides,
+and the ranking of the solved scores. Pure functions on numpy and scipy.sparse; the class in
+`engine.rerank.diffusion` holds the parameters and the fitted graph.
+
+Every gallery-by-gallery matrix here is scipy.sparse CSR with at most k - 1 entries a row; the
+dense blocks are (G, B) for B right-hand sides at a time, never (G, G).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+
+from engine.core.knn import top_k_smallest
+
+DEGREE_CANCELLATION = 1e-12
+"""Leave-one-out: a neighbour of the left-out item whose degree, less its edge to that item,
+is below this share of its full degree has no other edge (the subtraction leaves a rounding
+residue of about 1e-16 of the degree, a real edge is larger by many orders)."""
+
+
+def mutual_affinity(indices: np.ndarray, similarities: np.ndarray, gamma: float) -> sp.csr_matrix:
+    """The affinity W of the mutual kNN graph: w_ij = max(0, s_ij)^gamma when j is in i's list
+    and i in j's, 0 otherwise and on the diagonal.
+
+    Args:
+        indices: (G, k) each item's k nearest gallery rows, itself normally among them (the
+            authors' lists include the item; it is dropped wherever it stands).
+        similarities: (G, k) their similarities (canonical float32).
+        gamma: the similarity exponent.
+    Returns:
+        (G, G) float64 CSR, symmetric, zero diagonal, no explicit zeros. An approximate graph
+        may list a pair with two float32 values that differ in the last bits; their mean is
+        taken, so W stays symmetric (for a canonical graph both are the same number).
+    """
+    size, depth = indices.shape
+    rows = np.repeat(np.arange(size, dtype=np.int64), depth)
+    columns = np.asarray(indices, np.int64).ravel()
+    values = np.asarray(similarities, np.float64).ravel()
+    off_diagonal = rows != columns
+    listed = sp.csr_matrix((values[off_diagonal], (rows[off_diagonal], columns[off_diagonal])),
+                           shape=(size, size))
+    listed.sum_duplicates()
+    pattern = listed.copy()
+    pattern.data = np.ones_like(pattern.data)
+    mutual = pattern.multiply(pattern.T).tocsr()          # 1 where both list each other
+    similarity = ((listed + listed.T) * 0.5).multiply(mutual).tocsr()
+    similarity.data = np.maximum(similarity.data, 0.0) ** gamma
+    similarity.eliminate_zeros()
+    similarity.sort_indices()
+    return similarity
+
+
+def inverse_sqrt_degree(affinity: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
+    """Each item's degree d_i = sum_j w_ij and d_i^-1/2, 0 for an item without edges (its row
+    of S is empty, as in the authors' sparse product). Returns ((G,), (G,)) float64."""
+    degree = np.asarray(affinity.sum(axis=1), np.float64).ravel()
+    inverse = np.zeros_like(degree)
+    positive = degree > 0
+    inverse[positive] = degree[positive] ** -0.5
+    return degree, inverse
+
+
+def normalised(affinity: sp.csr_matrix, inverse: np.ndarray) -> sp.csr_matrix:
+    """S = D^-1/2 W D^-1/2, (G, G) float64 CSR, symmetric."""
+    scaling = sp.diags(inverse)
+    transition = (scaling @ affinity @ scaling).tocsr()
+    transition.sort_indices()
+    return transition
+
+
+def left_out_scaling(affinity: sp.csr_matrix, degree: np.ndarray, inverse: np.ndarray,
+                     left_out: np.ndarray) -> np.ndarray:
+    """D_b^-1/2 of the graph without item left_out[b], one column per left-out item.
+
+    Removing an item removes its edges: its own scale is 0 (it is isolated), and each of its
+    neighbours j loses w_jq from its degree. Its neighbours' lists are not refilled with their
+    next neighbour (that would need each list one deeper and a new mutual test per query).
+
+    Args:
+        affinity: (G, G) W; degree, inverse: its degrees and d^-1/2 (`inverse_sqrt_degree`).
+        left_out: (B,) gallery rows.
+    Returns:
+        (G, B) float64.
+    """
+    scaling = np.repeat(inverse[:, None], len(left_out), axis=1)
+    for column, item in enumerate(left_out):
+        start, stop = affinity.indptr[item], affinity.indptr[item + 1]
+        neighbours = affinity.indices[start:stop]
+        rest = degree[neighbours] - affinity.data[start:stop]
+        alone = rest <= DEGREE_CANCELLATION * degree[neighbours]
+        scaling[neighbours, column] = np.where(alone, 0.0, np.where(alone, 1.0, rest) ** -0.5)
+        scaling[item, column] = 0.0
+    return scaling
+
+
+def seed_vectors(ids: np.ndarray, similarities: np.ndarray, size: int, gamma: float
+                 ) -> np.ndarray:
+    """y: each query's top-kq gallery items hold max(0, s)^gamma, every other item 0.
+
+    Args:
+        ids: (B, kq) gallery rows; similarities: (B, kq) their similarities to the query.
+    Returns:
+        (G, B) float64, one column per query.
+    """
+    seeds = np.zeros((size, ids.shape[0]), np.float64)
+    weights = np.maximum(np.asarray(similarities, np.float64), 0.0) ** gamma
+    seeds[ids.T, np.arange(ids.shape[0])[None, :]] = weights.T
+    return seeds
+
+
+Operator = Callable[[np.ndarray, np.ndarray | None], np.ndarray]
+"""A x for the (G, c) columns x of the right-hand sides `columns` ((c,) ints, None: all)."""
+
+
+def shared_operator(transition: sp.csr_matrix, alpha: float) -> Operator:
+    """A = I - alpha S, the same for every column."""
+    def apply(block: np.ndarray, columns: np.ndarray | None) -> np.ndarray:
+        return block - alpha * (transition @ block)
+    return apply
+
+
+def left_out_operator(affinity: sp.csr_matrix, scaling: np.ndarray, alpha: float) -> Operator:
+    """A_b = I - alpha D_b^-1/2 W D_b^-1/2 for column b (`left_out_scaling`). The rows and
+    columns of W at the left-out item need no removing: its scale is 0 on both sides."""
+    def apply(block: np.ndarray, columns: np.ndarray | None) -> np.ndarray:
+        scale = scaling if columns is None else scaling[:, columns]
+        return block - alpha * scale * (affinity @ (scale * block))
+    return apply
+
+
+@dataclass(frozen=True)
+class Solution:
+    """Conjugate gradient's answer for B right-hand sides.
+
+    f: (G, B) float64 iterates. iterations: (B,) steps taken. residual: (B,) final relative
+    residual |y - A f| / |y| (from CG's recurrence; 0 for y = 0). steps, directions: (n, B)
+    the step lengths and direction updates of each column's iterations (0 after it stopped):
+    replaying them (`replay`) applies the very same polynomial in A to other vectors.
+    """
+
+    f: np.ndarray
+    iterations: np.ndarray
+    residual: np.ndarray
+    steps: np.ndarray
+    directions: np.ndarray
+
+
+def _column_dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.einsum("ij,ij->j", a, b)
+
+
+def conjugate_gradient(apply: Operator, right: np.ndarray, tolerance: float, iterations: int
+                       ) -> Solution:
+    """Solve A f = y for every column of y by conjugate gradient from f = 0, each column on its
+    own: it stops when |r| <= tolerance |y| (MATLAB pcg's test, the authors' solver) or after
+    `iterations` steps, returning its last iterate.
+
+    Args:
+        apply: the operator (`shared_operator`, `left_out_operator`), symmetric positive
+            definite for alpha < 1.
+        right: (G, B) float64 right-hand sides.
+    """
+    size, width = right.shape
+    f = np.zeros_like(right)
+    residual_vectors = right.copy()
+    direction = right.copy()
+    squared = _column_dot(right, right)
+    norm = np.sqrt(squared)
+    active = norm > 0
+    taken = np.zeros(width, np.int64)
+    relative = np.zeros(width, np.float64)
+    steps = np.zeros((iterations, width), np.float64)
+    updates = np.zeros((iterations, width), np.float64)
+    for step in range(iterations):
+        columns = np.flatnonzero(active)
+        if columns.size == 0:
+            break
+        every = columns.size == width
+        p = direction if every else direction[:, columns]
+        product = apply(p, None if every else columns)
+        curvature = _column_dot(p, product)
+        length = np.where(curvature > 0, squared[columns] / np.where(curvature > 0, curvature, 1),
+                          0.0)
+        if every:
+            f += length * p
+            residual_vectors -= length * product
+            r = residual_vectors
+        else:
+            f[:, columns] += length * p
+            residual_vectors[:, columns] -= length * product
+            r = residual_vectors[:, columns]
+        new_squared = _column_dot(r, r)
+        taken[columns] = step + 1
+        relative[columns] = np.sqrt(new_squared) / norm[columns]
+        steps[step, columns] = length
+        done = (relative[columns] <= tolerance) | (curvature <= 0)
+        update = np.where(done, 0.0, new_squared / np.where(squared[columns] > 0,
+                                                            squared[columns], 1))
+        updates[step, columns] = update
+        if every:
+            direction *= update
+            direction += r
+        else:
+            direction[:, columns] = r + update * p
+        squared[columns] = new_squared
+        active[columns[done]] = False
+    used = int(taken.max(initial=0))
+    return Solution(f, taken, relative, steps[:used], updates[:used])
+
+
+def replay(apply: Operator, seeds: np.ndarray, steps: np.ndarray, directions: np.ndarray
+           ) -> np.ndarray:
+    """CG's recurrence on other right-hand sides with one column's step lengths and direction
+    updates ((n,) each): x_n = p(A) e for the same polynomial p CG built for y, so that for
+    y = sum_j y_j e_j the iterate is f = sum_j y_j x_n(e_j) (to rounding), whether CG
+    converged or stopped after its last step. Returns (G, m) for seeds (G, m)."""
+    x = np.zeros_like(seeds)
+    r = seeds.copy()
+    p = seeds.copy()
+    for length, update in zip(steps, directions, strict=True):
+        product = apply(p, None)
+        x += length * p
+        r -= length * product
+        p = r + update * p
+    return x
+
+
+def rank_scores(f: np.ndarray, similarity: Callable[[np.ndarray], np.ndarray], k: int,
+                exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The top k of each column's diffusion scores, best first: items the walk reaches (f != 0)
+    by f descending, then the others by their original similarity descending (ties: the
+    smaller row).
+
+    Distances are -f for reached items; an unreached item's is the column's largest reached
+    distance (at least 0) plus 1 - s, so they stay ascending.
+
+    Args:
+        f: (G, B) scores. similarity: rows (c,) of B's columns -> (c, G) their original
+            (canonical) similarities, called only for columns whose reached items are
+            fewer than k. k: at most G (G - 1 with `exclude`).
+        exclude: (B,) a row each column must not return (leave-one-out's item), or None.
+    Returns:
+        distances (B, k) float32, indices (B, k) int64, reached (B,) int64 items with f != 0.
+    """
+    size, width = f.shape
+    scores = np.ascontiguousarray(f.T)                          # (B, G)
+    reached = scores != 0
+    if exclude is not None:
+        reached[np.arange(width), exclude] = False
+    key = np.where(reached, -scores, np.inf)
+    distances, indices = top_k_smallest(key, k)
+    distances = distances.astype(np.float32)
+    counts = reached.sum(axis=1)
+    short = np.flatnonzero(counts < k)
+    if short.size:
+        similar = np.asarray(similarity(short), np.float32)     # (c, G)
+        tail_key = np.where(reached[short], np.inf, -similar.astype(np.float64))
+        if exclude is not None:
+            tail_key[np.arange(short.size), exclude[short]] = np.inf
+        for row, column in enumerate(short):
+            count = int(counts[column])
+            ahead = distances[column, :count]
+            base = np.float32(max(float(ahead.max(initial=0.0)), 0.0))
+            _, tail = top_k_smallest(tail_key[row:row + 1], k - count)
+            indices[column, count:] = tail[0]
+            distances[column, count:] = base + (np.float32(1.0) - similar[row, tail[0]])
+    return distances, indices, counts.astype(np.int64)

@@ -9,6 +9,9 @@ timm until a name that needs them is used).
   fitted methods, scores, maps, presets), `QueryResult`, `Ranking`, `Familiarity` (is a query
   out of distribution?), `Explanation` (a shown result's `Evidence` and where it moved),
   `QUERY_MODELS`, `method_title` and `distance_note` (what a method's distances mean).
+- exports with their run card (`RunCard`: backbone and weights hash, gallery, protocol,
+  settings, versions, device, date): `export_rankings`, `export_table`, `exports_folder`,
+  `read_csv_export`.
 - galleries and images: `Gallery`, `DEMO_GALLERY`, `extract_zip` (an upload's name:
   `write_upload_name`, `read_upload_name`), `load_image`, `make_thumbnail`, `MAX_FILE_BYTES`.
 - re-ranking: `list_rerankers`, `create_reranker`, `get_reranker_class`.
@@ -54,10 +57,16 @@ _PUBLIC: dict[str, str] = {
     "Explorer": "engine.explorer",
     "Familiarity": "engine.explorer",
     "GallerySession": "engine.explorer",
+    "QueryChanges": "engine.explorer",
     "QueryResult": "engine.explorer",
     "Ranking": "engine.explorer",
     "distance_note": "engine.explorer",
     "method_title": "engine.explorer",
+    "export_rankings": "engine.explorer.exports",
+    "export_table": "engine.explorer.exports",
+    "exports_folder": "engine.explorer.exports",
+    "read_csv_export": "engine.explorer.exports",
+    "RunCard": "engine.evaluation.runcard",
     "DEMO_GALLERY": "engine.search.gallery",
     "Gallery": "engine.search.gallery",
     "ProgressCallback": "engine.search.gallery",

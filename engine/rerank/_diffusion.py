@@ -165,7 +165,7 @@ def conjugate_gradient(apply: Operator, right: np.ndarray, tolerance: float, ite
             definite for alpha < 1.
         right: (G, B) float64 right-hand sides.
     """
-    size, width = right.shape
+    width = right.shape[1]
     f = np.zeros_like(right)
     residual_vectors = right.copy()
     direction = right.copy()
@@ -247,7 +247,7 @@ def rank_scores(f: np.ndarray, similarity: Callable[[np.ndarray], np.ndarray], k
     Returns:
         distances (B, k) float32, indices (B, k) int64, reached (B,) int64 items with f != 0.
     """
-    size, width = f.shape
+    width = f.shape[1]
     scores = np.ascontiguousarray(f.T)                          # (B, G)
     reached = scores != 0
     if exclude is not None:

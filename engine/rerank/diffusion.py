@@ -83,6 +83,10 @@ class Diffusion(Reranker):
     distance_note: ClassVar[str] = DISTANCE_NOTE
     Params: ClassVar[type[RerankParams]] = DiffusionParams
     runs_on_gpu: ClassVar[bool] = False
+    exact_neighbours: ClassVar[bool] = False
+    """With alpha near 1, f leans towards the seeds' well-connected items (as alpha -> 1 it
+    tends to the component's sqrt-degree profile), so a near-duplicate of a gallery item can
+    rank below a better-connected neighbour of it: the paper's method does not promise it."""
     details_schema: ClassVar[dict[str, str]] = {
         "distance": "what the distances are",
         "clamped": "parameters lowered to fit the gallery, with the values used",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 from tie_aware import U32, assert_order_matches
 
 from engine.core.knn import canonical_similarity, knn_graph
@@ -314,7 +315,6 @@ def test_evidence_seed_walks_equal_the_dense_green_function(gallery):
     """Converged, a seed's walk g_j is column j of (I - alpha S)^-1 (the dense inverse)."""
     queries, features = gallery
     reranker = create_reranker("diffusion", device="cpu", **CONVERGED).fit(features)
-    lists, similarity = loop_lists(features, 50)
     inverse = np.linalg.inv(np.eye(len(features)) - 0.99 * reranker._transition.toarray())
     item = 7
     evidence = reranker.explain(queries[1], item)
@@ -330,7 +330,6 @@ def test_replay_is_linear_in_the_seeds():
     raw = rng.random((30, 30))
     affinity = np.where(raw > 0.8, raw, 0)
     affinity = np.triu(affinity, 1) + np.triu(affinity, 1).T
-    import scipy.sparse as sp
     w = sp.csr_matrix(affinity)
     _, inverse = inverse_sqrt_degree(w)
     apply = shared_operator(normalised(w, inverse), 0.9)

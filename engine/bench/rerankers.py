@@ -10,6 +10,7 @@
     python -m engine.bench --gallery path/to/oxford17 --asymmetric   # SSP table
     python -m engine.bench --online --busy                  # online latency, quiet and busy
     python -m engine.bench --online --synthetic 2000 --spread 2.5 --busy
+    python -m engine.bench --card ~/.cache/retrieval-explorer/runs/bench-<time>.json
 
 Prints one table. Batch seconds are for all gallery images as queries against the rest
 (leave-one-out, transductive); online ms/query is the median over single queries against the
@@ -21,6 +22,11 @@ With `--queries` and `--gnd` (beside `--features`) the table is the revisited Ox
 (Radenovic et al. 2018, `engine.evaluation.revisited`): the queries file's vectors ranked
 against the whole gallery (batch mode), per method mAP and mP@1/5/10 in the Easy, Medium and
 Hard settings, junk removed per setting; items are matched to the ground truth by name.
+
+Every run writes its run card (`engine.bench.cards`: backbone and weights hash, gallery,
+protocol, each method's complete parameters, versions, device, date, figures) to `--card-out`
+(default `<cache root>/runs/bench-<UTC time>.json`); `--card run.json` runs what a card
+describes again and prints its figures beside the new ones.
 
 `--online` prints the online table instead: each training-free method with its authors'
 defaults and with the demo gallery's preset, fitted on the collection less 50 held-out items,
@@ -42,9 +48,17 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from engine.bench.cards import (
+    BenchRun,
+    bench_card,
+    comparison,
+    default_card_path,
+    replay_argv,
+)
 from engine.bench.measure import busy_process, peak_memory, synthetic_collection
 from engine.bench.tables import cell, markdown_table
 from engine.core.logs import configure_logging
@@ -52,6 +66,7 @@ from engine.core.threads import configure_threads
 from engine.errors import InvalidInputError, TooLargeError
 from engine.evaluation.protocols import PROTOCOLS, Split, make_split
 from engine.evaluation.revisited import REVISITED_PROTOCOLS, RevisitedScores, revisited_map
+from engine.evaluation.runcard import RunCard, gallery_entry
 from engine.evaluation.scores import median_ms, run_split, score_split, split_context, without_self
 from engine.rerank import (
     GalleryContext,
@@ -322,10 +337,19 @@ def parse_method(spec: str) -> tuple[str, dict[str, float | bool]]:
     return name, params
 
 
+TABLE_HEADERS = ("method", "mAP", "P@1", "P@5", "fit s", "batch s", "online ms/query",
+                 "peak MiB (RSS)", "peak MiB (GPU)")
+
+
+def table_figures(rows: Sequence[Row]) -> list[list[Any]]:
+    """The rows' numbers in `TABLE_HEADERS` order (for the run card)."""
+    return [[row.method, row.map, row.p1, row.p5, row.fit_seconds, row.batch_seconds,
+             row.online_ms, row.peak_mib, row.gpu_mib] for row in rows]
+
+
 def format_table(rows: Sequence[Row], title: str) -> str:
     """The benchmark's rows as a Markdown table."""
-    headers = ("method", "mAP", "P@1", "P@5", "fit s", "batch s", "online ms/query",
-               "peak MiB (RSS)", "peak MiB (GPU)")
+    headers = TABLE_HEADERS
     return markdown_table(title, headers, [
         (row.method, f"{row.map:.4f}", f"{row.p1:.4f}", f"{row.p5:.4f}",
          cell(row.fit_seconds, ".2f"), cell(row.batch_seconds, ".3f"),
@@ -376,7 +400,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         f"(default all: {', '.join(list_rerankers())})")
     parser.add_argument("--top", type=int, default=None,
                         help="ranking length (default: full ranking; 100 for --synthetic)")
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--device", default=None, help="auto (default), cpu or cuda[:N]; "
+                        "with --card: instead of the card's")
     parser.add_argument("--extraction", type=int, default=0, metavar="N",
                         help="also time feature extraction on N images of the gallery")
     parser.add_argument("--online-queries", type=int, default=None, metavar="N",
@@ -392,7 +417,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--asymmetric", action="store_true",
                         help="print the asymmetric query-model table instead (SSP against "
                         "symmetric lite0/lite2, untrained and ridge maps; engine.bench.asymmetric)")
+    parser.add_argument("--card-out", type=Path, default=None, metavar="PATH",
+                        help="where the run card goes (default: <cache root>/runs/"
+                        "bench-<UTC time>.json; the cache root is --cache-dir, else "
+                        "$RETRIEVAL_EXPLORER_CACHE, else ~/.cache/retrieval-explorer)")
+    parser.add_argument("--card", type=Path, default=None, metavar="PATH",
+                        help="run what this run card describes again and print its figures "
+                        "beside the new ones (mAP differences, time ratios)")
     args = parser.parse_args(argv)
+    device_given, args.device = args.device, args.device or "auto"
     if args.asymmetric:
         from engine.bench import asymmetric as bench_asymmetric
         from engine.search.gallery import DEMO_GALLERY
@@ -405,23 +438,54 @@ def main(argv: Sequence[str] | None = None) -> int:
         return bench_asymmetric.main(forwarded)
     configure_logging(fmt="%(levelname)s %(name)s: %(message)s")
     budget = configure_threads()
+    card = None
+    if args.card is not None:
+        card = RunCard.load(args.card)
+        card_out = args.card_out
+        args = parser.parse_args(replay_argv(card, device_given))
+        args.card_out = card_out
+    run = _bench(parser, args, budget.describe())
+    print(run.table)
+    now = bench_card(run, args, _device(args), parse_method)
+    if card is not None:
+        print()
+        print(comparison(card, now))
+    path = now.save(args.card_out or default_card_path(_cache_root(args)))
+    print(f"\nrun card: {path}")
+    return 0
 
+
+def _device(args: argparse.Namespace) -> str:
     from engine.core.device import resolve_device
 
-    device = str(resolve_device(args.device))
+    return str(resolve_device(args.device))
+
+
+def _cache_root(args: argparse.Namespace) -> Path:
+    from engine.search.gallery import default_cache_root
+
+    return Path(args.cache_dir) if args.cache_dir else default_cache_root()
+
+
+def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace, budget: str
+           ) -> BenchRun:
+    """Run the table the options ask for (main, revisited or online)."""
+    device = _device(args)
     if args.online:
-        return _main_online(args, device, budget.describe())
+        return _main_online(args, device, budget)
     methods = args.methods or list_rerankers()
     if args.queries is not None or args.gnd is not None:
         if args.features is None or args.queries is None or args.gnd is None:
             parser.error("--queries and --gnd go together, with --features (the gallery)")
         return _main_revisited(args, methods, device)
+    backbone = weights = None
     if args.synthetic:
         features, labels = synthetic_collection(args.synthetic, args.dim, spread=args.spread)
         title = (f"synthetic N={args.synthetic}, d={args.dim}, spread {args.spread}, "
                  f"protocol {args.protocol}, device {device}")
         top = args.top or 100
         state_dir = None
+        entry = _synthetic_entry(args)
     elif args.features:
         from engine.search.gallery import Gallery
 
@@ -434,6 +498,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         title = (f"{args.features.name} ({gallery.size} items, d={features.shape[1]}), "
                  f"protocol {args.protocol}, device {device}")
         top = args.top
+        entry = gallery_entry(gallery)
+        backbone, weights = gallery.meta.backbone, gallery.meta.weights
     else:
         from engine.search.gallery import DEMO_GALLERY, Gallery
 
@@ -448,6 +514,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         title = (f"{Path(folder).name} ({gallery.size} images, {gallery.meta.backbone}), "
                  f"protocol {args.protocol}, device {device}")
         top = args.top
+        entry = gallery_entry(gallery)
+        backbone, weights = gallery.meta.backbone, gallery.meta.weights
         if args.extraction:
             speed, count = extraction_speed(Path(folder), args.extraction, args.device)
             print(f"feature extraction: {speed:.1f} images/s over {count} images "
@@ -455,11 +523,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     online_queries = args.online_queries or (5 if args.synthetic else ONLINE_QUERIES)
     rows = run(features, labels, args.protocol, methods, top, device, online_queries,
                state_dir)
-    print(format_table(rows, title))
-    return 0
+    return BenchRun("table", title, format_table(rows, title), list(TABLE_HEADERS),
+                    table_figures(rows), entry, args.protocol, list(methods), backbone,
+                    weights)
 
 
-def _main_revisited(args: argparse.Namespace, methods: Sequence[str], device: str) -> int:
+def _synthetic_entry(args: argparse.Namespace) -> dict[str, Any]:
+    """A run card's gallery for a synthetic collection: its recipe (it is drawn again from
+    it, with its fixed seed)."""
+    from engine.core.storage import fingerprint
+
+    recipe = {"n": args.synthetic, "dim": args.dim, "spread": args.spread}
+    return {"name": f"synthetic N={args.synthetic}", "fingerprint": fingerprint(recipe),
+            "size": args.synthetic, "path": None, "kind": "synthetic", "recipe": recipe}
+
+
+def _main_revisited(args: argparse.Namespace, methods: Sequence[str], device: str
+                    ) -> BenchRun:
     from engine.evaluation.revisited import align_revisitop_gnd, load_revisitop_gnd
     from engine.search.features_file import load_features_file
     from engine.search.gallery import Gallery
@@ -477,17 +557,31 @@ def _main_revisited(args: argparse.Namespace, methods: Sequence[str], device: st
     title = (f"revisited {args.gnd.name}: {len(queries.names)} queries ({args.queries.name}) "
              f"against {gallery.size} items ({args.features.name}, "
              f"d={gallery.features.shape[1]}), device {device}, percent")
-    print(format_revisited_table(rows, title))
-    return 0
+    headers = ["method"]
+    for protocol in REVISITED_PROTOCOLS:
+        letter = protocol[0].upper()
+        headers += [f"{letter} mAP", *(f"{letter} mP@{kappa}" for kappa in REVISITED_KAPPAS)]
+    figures = [[row.method,
+                *(value for protocol in REVISITED_PROTOCOLS
+                  for value in (row.scores.map[protocol],
+                                *(row.scores.mp_at[protocol][k] for k in REVISITED_KAPPAS))),
+                row.fit_seconds, row.batch_seconds] for row in rows]
+    return BenchRun("revisited", title, format_revisited_table(rows, title),
+                    [*headers, "fit s", "batch s"], figures, gallery_entry(gallery),
+                    f"revisited Oxford/Paris ({args.gnd.name}; {len(queries.names)} queries of "
+                    f"{args.queries.name})", list(methods), gallery.meta.backbone,
+                    gallery.meta.weights)
 
 
-def _main_online(args: argparse.Namespace, device: str, budget: str) -> int:
+def _main_online(args: argparse.Namespace, device: str, budget: str) -> BenchRun:
     from engine.evaluation.tuning import load_presets
     from engine.search.gallery import DEMO_GALLERY
 
+    backbone = weights = None
     if args.synthetic:
         features, _ = synthetic_collection(args.synthetic, args.dim, spread=args.spread)
         source = f"synthetic N={args.synthetic}, d={args.dim}, spread {args.spread}"
+        entry = _synthetic_entry(args)
     else:
         from engine.search.gallery import Gallery
 
@@ -495,13 +589,20 @@ def _main_online(args: argparse.Namespace, device: str, budget: str) -> int:
         gallery = Gallery.open(folder, cache_root=args.cache_dir, device=args.device)
         features = gallery.features
         source = f"{Path(folder).name} ({gallery.size} images, {gallery.meta.backbone})"
+        entry = gallery_entry(gallery)
+        backbone, weights = gallery.meta.backbone, gallery.meta.weights
     specs = online_specs(args.methods or training_free_methods(), load_presets(DEMO_GALLERY))
     rows, note = run_online(features, specs, args.top, device,
                             args.online_queries or ONLINE_QUERIES, args.busy)
     title = (f"Online ms/query (median over single queries), {source}, device {device}, "
              f"{note}; threads: {budget}")
-    print(format_online_table(rows, title))
-    return 0
+    figures = [[f"{row.method} ({row.parameters})", row.fit_seconds, row.quiet_ms,
+                row.quiet_cpu_ms, row.busy_ms] for row in rows]
+    return BenchRun("online", title, format_online_table(rows, title),
+                    ["method", "fit s", "online ms/query (quiet)", "CPU ms/query (quiet)",
+                     "online ms/query (busy)"], figures, entry,
+                    f"online: {args.online_queries or ONLINE_QUERIES} held-out queries",
+                    [spec for spec, _ in specs], backbone, weights)
 
 
 if __name__ == "__main__":

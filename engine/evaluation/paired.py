@@ -1,8 +1,10 @@
 """Is one method's gain over another on these queries real or noise: paired statistics over the
 queries' average precisions (both methods ranked the same queries, so each query is a pair).
 
+- `bootstrap_interval`: the percentile bootstrap interval of a mean over queries (one method's
+  mAP in the Compare table).
 - `paired_comparison`: the mean AP difference, its percentile bootstrap interval (queries
-  resampled with replacement, seeded: `scores.bootstrap_interval` of the differences) and the
+  resampled with replacement, seeded: `bootstrap_interval` of the differences) and the
   two-sided p-value of a paired randomisation test (`sign_flip_p_value`).
 - `holm_adjusted`: Holm's step-down adjustment of several p-values (one per method against the
   baseline), which keeps the chance of any false claim among them at most the level.
@@ -18,13 +20,35 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.errors import InvalidInputError
-from engine.evaluation.scores import BOOTSTRAP_RESAMPLES, INTERVAL_LEVEL, bootstrap_interval
 
+BOOTSTRAP_RESAMPLES = 2000
+INTERVAL_LEVEL = 0.95
 PERMUTATIONS = 10_000
 """Sign flips drawn by the randomisation test; with at most this many possible flips (up to
 13 queries) all of them are enumerated and the p-value is exact."""
 FLIP_CHUNK = 1 << 22
 """Signs drawn at a time (32 MiB of float64)."""
+
+
+def bootstrap_interval(values: np.ndarray, resamples: int = BOOTSTRAP_RESAMPLES,
+                       level: float = INTERVAL_LEVEL, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of `values` (NaN entries, queries without
+    positives, left out): `resamples` resamples with replacement, seeded. (NaN, NaN) without
+    values; a single value gives (value, value)."""
+    kept = np.asarray(values, np.float64)
+    kept = kept[np.isfinite(kept)]
+    if kept.size == 0:
+        return float("nan"), float("nan")
+    generator = np.random.default_rng(seed)
+    means = np.empty(resamples)
+    chunk = max(1, (1 << 22) // kept.size)  # about 32 MiB of indices at a time
+    for start in range(0, resamples, chunk):
+        stop = min(resamples, start + chunk)
+        picks = generator.integers(0, kept.size, (stop - start, kept.size))
+        means[start:stop] = kept[picks].mean(axis=1)
+    tail = (1.0 - level) / 2.0
+    low, high = np.quantile(means, [tail, 1.0 - tail])
+    return float(low), float(high)
 
 
 @dataclass(frozen=True)
@@ -66,7 +90,7 @@ def sign_flip_p_value(differences: np.ndarray, permutations: int = PERMUTATIONS,
         raise InvalidInputError("no queries to compare")
     observed = abs(values.sum())
     allowance = 1e-12 * max(1.0, float(np.abs(values).sum()))
-    if 2.0 ** n <= permutations:
+    if n <= permutations.bit_length() - 1:  # 2^n <= permutations, without overflow
         signs = 1.0 - 2.0 * ((np.arange(2 ** n)[:, None] >> np.arange(n)) & 1)
         hits = int((np.abs(signs @ values) >= observed - allowance).sum())
         return hits / 2 ** n, 2 ** n, True

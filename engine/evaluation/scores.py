@@ -23,21 +23,25 @@ from typing import Any
 import numpy as np
 
 from engine.core.knn import knn_graph
-from engine.core.storage import atomic_write_json, fingerprint, load_json
+from engine.core.storage import atomic_save_npz, atomic_write_json, fingerprint, load_json
 from engine.core.types import GalleryContext, RerankResult, TrainingSet
 from engine.errors import CacheError, InvalidInputError
 from engine.evaluation.metrics import RetrievalScores, evaluate
+from engine.evaluation.paired import (
+    BOOTSTRAP_RESAMPLES,
+    bootstrap_interval,
+    holm_adjusted,
+)
 from engine.evaluation.protocols import Split, leave_one_out
 
 logger = logging.getLogger(__name__)
 
 SCORES_FILE = "scores.json"
+PER_QUERY_FOLDER = "per-query"
 ONLINE_TIMING_QUERIES = 20
 SCORE_SAMPLE = 500
 """Queries a gallery too large for whole leave-one-out runs is scored on (a fixed random
 sample; each a query against the rest): the mAP's 95 % interval is then about +-0.02."""
-BOOTSTRAP_RESAMPLES = 2000
-INTERVAL_LEVEL = 0.95
 UNKNOWN = "unknown"
 """What the table shows for a timing whose conditions were not recorded (scores cached before
 they were)."""
@@ -73,27 +77,6 @@ def sample_rows(size: int, count: int, seed_text: str) -> np.ndarray:
     seed = int(fingerprint([seed_text, "score sample"])[:12], 16)
     return np.sort(np.random.default_rng(seed).choice(size, count, replace=False)).astype(
         np.int64)
-
-
-def bootstrap_interval(values: np.ndarray, resamples: int = BOOTSTRAP_RESAMPLES,
-                       level: float = INTERVAL_LEVEL, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of `values` (NaN entries, queries without
-    positives, left out): `resamples` resamples with replacement, seeded. (NaN, NaN) without
-    values; a single value gives (value, value)."""
-    kept = np.asarray(values, np.float64)
-    kept = kept[np.isfinite(kept)]
-    if kept.size == 0:
-        return float("nan"), float("nan")
-    generator = np.random.default_rng(seed)
-    means = np.empty(resamples)
-    chunk = max(1, (1 << 22) // kept.size)  # about 32 MiB of indices at a time
-    for start in range(0, resamples, chunk):
-        stop = min(resamples, start + chunk)
-        picks = generator.integers(0, kept.size, (stop - start, kept.size))
-        means[start:stop] = kept[picks].mean(axis=1)
-    tail = (1.0 - level) / 2.0
-    low, high = np.quantile(means, [tail, 1.0 - tail])
-    return float(low), float(high)
 
 
 def score_split(indices: np.ndarray, split: Split, labels: np.ndarray,
@@ -201,6 +184,11 @@ class MethodScores:
     map_high: float | None = None
     sampled_from: int | None = None
     resamples: int = 0
+    delta: float | None = None
+    delta_low: float | None = None
+    delta_high: float | None = None
+    p_value: float | None = None
+    permutations: int = 0
 
     @property
     def queries_text(self) -> str:
@@ -219,6 +207,23 @@ class MethodScores:
     @property
     def online(self) -> OnlineTiming:
         return OnlineTiming(self.online_ms, self.measured_at, self.load, self.cpus)
+
+    @property
+    def delta_interval_text(self) -> str:
+        """The difference's interval, like "+0.012 to +0.031" ("-" when unknown)."""
+        if self.delta_low is None or self.delta_high is None:
+            return "-"
+        return f"{self.delta_low:+.4f} to {self.delta_high:+.4f}"
+
+
+@dataclass(frozen=True)
+class QueryAPs:
+    """Each scored query's average precision: the pairs that paired statistics, the per-query
+    plot and the failure browser read. rows: (n,) the queries' gallery rows; ap: (n,) float64,
+    NaN for a query without positives."""
+
+    rows: np.ndarray
+    ap: np.ndarray
 
 
 def without_self(distances: np.ndarray, indices: np.ndarray, depth: int
@@ -280,7 +285,17 @@ def score_rankings(method: str, params: Mapping[str, Any], rankings: LeaveOneOut
     sample (`sample_rows`) of the `gallery_size` items; None when every gallery item is (row i
     is item i).
     """
+    return scored_rankings(method, params, rankings, labels, online, query_rows,
+                           gallery_size)[0]
+
+
+def scored_rankings(method: str, params: Mapping[str, Any], rankings: LeaveOneOutRankings,
+                    labels: np.ndarray | None, online: OnlineTiming,
+                    query_rows: np.ndarray | None = None, gallery_size: int | None = None
+                    ) -> tuple[MethodScores, QueryAPs | None]:
+    """`score_rankings`, and each query's AP (None without labels)."""
     n_queries = len(rankings.indices)
+    aps = None
     map_ = p1 = p5 = float("nan")
     low = high = None
     if labels is not None and not (labels < 0).all():
@@ -291,6 +306,7 @@ def score_rankings(method: str, params: Mapping[str, Any], rankings: LeaveOneOut
                           n_positives=split.n_positives[rows])
         map_, p1, p5 = scores.map, scores.precision_at[1], scores.precision_at[min(5, depth)]
         n_queries -= scores.n_excluded
+        aps = QueryAPs(rows.astype(np.int64), np.asarray(scores.per_query_ap, np.float64))
         if np.isfinite(scores.map):
             low, high = bootstrap_interval(scores.per_query_ap)
     sampled = query_rows is not None
@@ -298,17 +314,19 @@ def score_rankings(method: str, params: Mapping[str, Any], rankings: LeaveOneOut
                         float("nan") if sampled else rankings.seconds, n_queries,
                         online.measured_at, online.load, online.cpus, low, high,
                         gallery_size if sampled else None,
-                        0 if low is None else BOOTSTRAP_RESAMPLES)
+                        0 if low is None else BOOTSTRAP_RESAMPLES), aps
 
 
 class ScoreCache:
-    """Scores by (gallery fingerprint, method, parameters) in `folder/scores.json`.
+    """Scores by (gallery fingerprint, method, parameters) in `folder/scores.json`, and each
+    entry's per-query APs in `folder/per-query/<key>.npz`.
 
     A damaged file is treated as empty (and replaced on the next write); writes are atomic.
     """
 
     def __init__(self, folder: Path, gallery_fingerprint: str) -> None:
         self.path = Path(folder) / SCORES_FILE
+        self.per_query_folder = Path(folder) / PER_QUERY_FOLDER
         self.gallery_fingerprint = gallery_fingerprint
 
     def key(self, method: str, params: Mapping[str, Any]) -> str:
@@ -331,26 +349,59 @@ class ScoreCache:
         except TypeError:  # written by another version
             return None
 
-    def put(self, scores: MethodScores) -> None:
+    def aps(self, method: str, params: Mapping[str, Any]) -> QueryAPs | None:
+        """The per-query APs stored with an entry; None when there are none or the file is
+        damaged (logged)."""
+        path = self.per_query_folder / f"{self.key(method, params)}.npz"
+        if not path.is_file():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as stored:
+                rows, ap = stored["rows"].astype(np.int64), stored["ap"].astype(np.float64)
+        except (OSError, ValueError, KeyError) as error:
+            logger.warning("ignoring the per-query APs %s (%s)", path, error)
+            return None
+        if rows.ndim != 1 or rows.shape != ap.shape:
+            logger.warning("ignoring the per-query APs %s (shapes %s, %s)", path, rows.shape,
+                           ap.shape)
+            return None
+        return QueryAPs(rows, ap)
+
+    def put(self, scores: MethodScores, aps: QueryAPs | None = None) -> None:
+        """Store `scores` (and its per-query APs, written first: an entry never points at
+        APs from another run)."""
+        key = self.key(scores.method, scores.params)
+        if aps is not None:
+            atomic_save_npz(self.per_query_folder / f"{key}.npz", rows=aps.rows, ap=aps.ap)
         stored = self._read()
-        stored[self.key(scores.method, scores.params)] = asdict(scores)
+        stored[key] = asdict(scores)
         atomic_write_json(self.path, stored)
 
 
 def scores_table(rows: Sequence[MethodScores], titles: Mapping[str, str]) -> list[list[Any]]:
-    """Rows for a table: method title, mAP, its 95 % interval, the queries scored, P@1, P@5,
-    online ms/query, when and under what load that was measured ("unknown" for scores cached
-    before it was recorded), batch s (blank for sampled scores: no whole run), parameters."""
-    def rounded(value: float, digits: int) -> float | None:
-        return None if not np.isfinite(value) else round(float(value), digits)
+    """Rows for a table: method title, mAP, its 95 % interval, the queries scored, the mAP
+    difference from the baseline with its 95 % paired interval and Holm-adjusted p-value,
+    P@1, P@5, online ms/query, when and under what load that was measured ("unknown" for
+    scores cached before it was recorded), batch s (blank for sampled scores: no whole run),
+    parameters.
 
+    The p-values are adjusted over the rows that have one (Holm): the family is every method
+    the table compares with the baseline."""
+    def rounded(value: float | None, digits: int) -> float | None:
+        return None if value is None or not np.isfinite(value) else round(float(value), digits)
+
+    tested = [index for index, row in enumerate(rows) if row.p_value is not None]
+    adjusted = dict(zip(tested, holm_adjusted([rows[index].p_value for index in tested]),
+                        strict=True)) if tested else {}
     return [[titles.get(row.method, row.method), rounded(row.map, 4), row.interval_text,
-             row.queries_text, rounded(row.p1, 4), rounded(row.p5, 4), round(row.online_ms, 2),
-             row.online.describe(), rounded(row.batch_seconds, 3),
+             row.queries_text, rounded(row.delta, 4), row.delta_interval_text,
+             rounded(adjusted.get(index), 4), rounded(row.p1, 4), rounded(row.p5, 4),
+             round(row.online_ms, 2), row.online.describe(), rounded(row.batch_seconds, 3),
              ", ".join(f"{name}={value}" for name, value in row.params.items()) or "-"]
-            for row in rows]
+            for index, row in enumerate(rows)]
 
 
-SCORES_TABLE_COLUMNS = ("method", "mAP", "mAP 95 % interval", "queries", "P@1", "P@5",
+SCORES_TABLE_COLUMNS = ("method", "mAP", "mAP 95 % interval", "queries",
+                        "mAP - baseline", "difference 95 % interval", "p (Holm)", "P@1", "P@5",
                         "online ms/query", "measured", "batch s", "parameters")
 """Headers of `scores_table`'s columns, in order."""

@@ -8,6 +8,7 @@ from engine.explorer.results import (
     DEFAULT_TOP_N,
     Explanation,
     Familiarity,
+    QueryChanges,
     QueryResult,
     Ranking,
     distance_note,
@@ -17,5 +18,5 @@ from engine.explorer.session import FULL_RANKING_LIMIT, GallerySession
 from engine.rerank.setting import CUSTOM
 
 __all__ = ["BASELINE", "CUSTOM", "DEFAULT_TOP_N", "FULL_RANKING_LIMIT", "QUERY_MODELS",
-           "Explanation", "Explorer", "Familiarity",
-           "GallerySession", "QueryResult", "Ranking", "distance_note", "method_title"]
+           "Explanation", "Explorer", "Familiarity", "GallerySession", "QueryChanges",
+           "QueryResult", "Ranking", "distance_note", "method_title"]

@@ -71,6 +71,32 @@ class Ranking:
         return self.details.get(key)
 
 
+@dataclass(frozen=True)
+class QueryChanges:
+    """How a method changed each scored query's AP against the baseline (leave-one-out, the
+    Compare table's queries), largest loss first: what the failure browser and the per-query
+    plot show. rows: (n,) the queries' gallery rows; before, after: (n,) their APs under the
+    baseline and under `method`."""
+
+    method: str
+    rows: np.ndarray
+    before: np.ndarray
+    after: np.ndarray
+
+    @property
+    def change(self) -> np.ndarray:
+        """AP after minus AP before, per query."""
+        return self.after - self.before
+
+    def losses(self, count: int) -> np.ndarray:
+        """Positions of the `count` largest losses (most negative change first; only losses)."""
+        return np.flatnonzero(self.change < 0)[:count]
+
+    def gains(self, count: int) -> np.ndarray:
+        """Positions of the `count` largest gains (largest first; only gains)."""
+        return np.flatnonzero(self.change > 0)[::-1][:count]
+
+
 def unit_query(feature: np.ndarray) -> np.ndarray:
     """The query's (d,) feature divided by its norm (float64): gallery features are unit rows,
     and a query model's output need not be exactly one. A zero or non-finite feature raises

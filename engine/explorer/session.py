@@ -22,6 +22,7 @@ from engine.core.storage import fingerprint
 from engine.core.threads import background_threads
 from engine.errors import EngineError, InvalidInputError, JobCancelled
 from engine.evaluation.metrics import average_precision
+from engine.evaluation.paired import PairedComparison, paired_comparison
 from engine.evaluation.revisited import (
     REVISITED_TABLE_COLUMNS,
     RevisitedCache,
@@ -34,10 +35,11 @@ from engine.evaluation.scores import (
     SCORE_SAMPLE,
     LeaveOneOutRankings,
     MethodScores,
+    QueryAPs,
     ScoreCache,
     median_ms,
     sample_rows,
-    score_rankings,
+    scored_rankings,
     time_online,
     timing_queries,
     without_self,
@@ -50,6 +52,7 @@ from engine.explorer.results import (
     DEFAULT_TOP_N,
     Explanation,
     Familiarity,
+    QueryChanges,
     QueryResult,
     Ranking,
     method_title,
@@ -139,7 +142,10 @@ class GallerySession:
         self.base_key = base_key or key
         self.query_model = query_model
         self.query_encoder: Any = None
-        """The SSP query model of an asymmetric session."""
+        """The query model of an asymmetric session (SSP's, or a closed-form map)."""
+        self.query_model_rows: Callable[..., list[MethodScores]] | None = None
+        """An asymmetric session's extra Compare rows, one per query model's search:
+        `(compute, progress)` -> scores (set by the explorer, which holds the query models)."""
         self.gallery = gallery
         self.device = device
         self.presets = load_presets(gallery.root, gallery.state_dir)
@@ -503,27 +509,119 @@ class GallerySession:
                ) -> MethodScores | None:
         """Leave-one-out mAP (with its 95 % bootstrap interval), P@1, P@5 and online ms/query
         of a method (disk-cached): over every gallery item up to `FULL_RANKING_LIMIT`, above
-        over `score_sample`'s fixed sample, each ranked online against the rest.
+        over `score_sample`'s fixed sample, each ranked online against the rest; for a method,
+        also its difference from the baseline on the same queries (paired interval and
+        randomisation p-value, `engine.evaluation.paired`). Each query's AP is kept beside
+        (`query_aps`).
 
-        With `cached_only`, returns None instead of computing missing scores.
+        With `cached_only`, returns None instead of computing missing scores (and cached
+        scores from before the per-query APs were kept, without their difference); computing
+        replaces those.
         """
         setting = self.setting(method, params)
         validated = dict(setting.params)
         stored = self._scores.get(method, validated)
-        if stored is not None or cached_only:
+        if stored is not None and (cached_only or self._scores_complete(stored)):
             return stored
+        if cached_only:
+            return None
         online = time_online(self._rank_one(method, setting),
                              timing_queries(self.gallery.features))
         if self.full_rankings:
             rankings = self.leave_one_out(method, setting)
-            scores = score_rankings(method, validated, rankings, self.gallery.labels, online)
+            scores, aps = scored_rankings(method, validated, rankings, self.gallery.labels,
+                                          online)
         else:
             rows = self.score_sample
             rankings = self._sampled_rankings(method, setting, rows, progress)
-            scores = score_rankings(method, validated, rankings, self.gallery.labels, online,
-                                    query_rows=rows, gallery_size=self.gallery.size)
-        self._scores.put(scores)
+            scores, aps = scored_rankings(method, validated, rankings, self.gallery.labels,
+                                          online, query_rows=rows,
+                                          gallery_size=self.gallery.size)
+        if aps is not None and method != BASELINE:
+            baseline = self.query_aps(BASELINE)
+            if baseline is not None and np.array_equal(baseline.rows, aps.rows):
+                compared = paired_comparison(aps.ap, baseline.ap)
+                scores = dataclasses.replace(
+                    scores, delta=compared.difference, delta_low=compared.low,
+                    delta_high=compared.high, p_value=compared.p_value,
+                    permutations=compared.permutations)
+        self._scores.put(scores, aps)
         return scores
+
+    def _scores_complete(self, stored: MethodScores) -> bool:
+        """Whether cached scores have what this version adds: per-query APs and, for a
+        method, its difference from the baseline (scores without labels have neither)."""
+        if not np.isfinite(stored.map):
+            return True
+        if self._scores.aps(stored.method, stored.params) is None:
+            return False
+        return stored.method == BASELINE or stored.p_value is not None
+
+    def query_aps(self, method: str, params: ParamsOrSetting = None,
+                  cached_only: bool = False) -> QueryAPs | None:
+        """Each scored query's AP for `method` (the queries of its Compare row: every gallery
+        item or the fixed sample), scoring it first unless `cached_only`; None without labels
+        (or, with `cached_only`, before it is scored)."""
+        setting = self.setting(method, params)
+        if self.scores(method, setting, cached_only=cached_only) is None:
+            return None
+        return self._scores.aps(method, dict(setting.params))
+
+    def paired(self, first: str, second: str = BASELINE,
+               params: Mapping[str, ParamsOrSetting] | None = None) -> PairedComparison:
+        """Method `first` against `second` on the Compare table's queries (paired bootstrap
+        interval of the mAP difference and randomisation p-value, unadjusted), from their
+        cached per-query APs. Raises InvalidInputError until both are scored."""
+        aps = []
+        for method in (first, second):
+            chosen = None if params is None or method == BASELINE else params.get(method)
+            found = self.query_aps(method, chosen, cached_only=True)
+            if found is None:
+                raise InvalidInputError(
+                    f"{method_title(method)} has no per-query scores on this gallery yet: "
+                    "compute the Compare table first")
+            aps.append(found)
+        if not np.array_equal(aps[0].rows, aps[1].rows):
+            raise InvalidInputError("the two methods were scored on different queries")
+        return paired_comparison(aps[0].ap, aps[1].ap)
+
+    def query_changes(self, method: str, params: ParamsOrSetting = None,
+                      class_name: str | None = None) -> QueryChanges:
+        """Each scored query's AP under the baseline and under `method` (leave-one-out, the
+        Compare table's queries), largest loss first; only the class `class_name`'s queries
+        when given. Queries without positives are left out. Raises InvalidInputError until
+        both are scored (cached)."""
+        before = self.query_aps(BASELINE, cached_only=True)
+        after = self.query_aps(method, params, cached_only=True)
+        if before is None or after is None:
+            missing = method_title(BASELINE if before is None else method)
+            raise InvalidInputError(f"{missing} has no per-query scores on this gallery yet: "
+                                    "they come with its Compare row")
+        if not np.array_equal(before.rows, after.rows):
+            raise InvalidInputError("the baseline and the method were scored on different "
+                                    "queries")
+        keep = np.isfinite(before.ap) & np.isfinite(after.ap)
+        if class_name is not None:
+            label = self.label_of_class(class_name)
+            keep &= self.gallery.labels[before.rows] == label
+        rows, ap_before, ap_after = before.rows[keep], before.ap[keep], after.ap[keep]
+        order = np.lexsort((rows, ap_after - ap_before))
+        return QueryChanges(method, rows[order], ap_before[order], ap_after[order])
+
+    def class_changes(self, method: str, params: ParamsOrSetting = None
+                      ) -> list[tuple[str, int, float, float]]:
+        """Per class: (class name, queries, mAP under the baseline, mAP under `method`) over the
+        Compare table's queries, the class the method hurts most first."""
+        changes = self.query_changes(method, params)
+        labels = self.gallery.labels[changes.rows]
+        names = self.gallery.class_names
+        found = []
+        for label in np.unique(labels):
+            members = labels == label
+            name = names[label] if 0 <= label < len(names) else str(label)
+            found.append((name, int(members.sum()), float(changes.before[members].mean()),
+                          float(changes.after[members].mean())))
+        return sorted(found, key=lambda entry: (entry[3] - entry[2], entry[0]))
 
     @functools.cached_property
     def score_sample(self) -> np.ndarray:
@@ -886,8 +984,12 @@ class GallerySession:
                     ) -> list[MethodScores]:
         """The Compare table's scores, one per method with scores (the baseline and every
         available method; `params` per method, default their setting): cached ones, or all
-        of them, computed now, with `compute`."""
-        return self._per_method(self.scores, "scoring", params, compute, progress)
+        of them, computed now, with `compute`. Under an asymmetric query model, then a row per
+        query model's search (`query_model_rows`)."""
+        rows = self._per_method(self.scores, "scoring", params, compute, progress)
+        if self.query_model_rows is not None:
+            rows += self.query_model_rows(compute, progress)
+        return rows
 
     def _per_method(self, run: Callable[..., Any], doing: str,
                     params: Mapping[str, ParamsOrSetting] | None, compute: bool,

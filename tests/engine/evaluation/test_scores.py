@@ -20,7 +20,6 @@ from engine.evaluation.scores import (
     MethodScores,
     OnlineTiming,
     ScoreCache,
-    bootstrap_interval,
     median_ms,
     sample_rows,
     score_rankings,
@@ -178,7 +177,7 @@ def test_scores_cached_before_timings_had_conditions_still_load(tmp_path) -> Non
     assert (loaded.map, loaded.online_ms) == (0.5, 3.25)
     assert (loaded.measured_at, loaded.load, loaded.cpus) == (None, None, None)
     assert loaded.online.describe() == "unknown"
-    assert scores_table([loaded], {})[0][7] == "unknown"
+    assert scores_table([loaded], {})[0][SCORES_TABLE_COLUMNS.index("measured")] == "unknown"
 
 
 def test_score_cache_ignores_entries_of_another_version(tmp_path) -> None:
@@ -270,41 +269,22 @@ def test_scores_table_rows() -> None:
         [MethodScores("baseline", {}, 0.123456, 0.5, 0.4, 0.04449, 0.0004, 24,
                       "2026-12-07T14:02:31+01:00", 1.26, 2, 0.1, 0.15, None, 2000),
          MethodScores("k_reciprocal", {"k1": 20, "k2": 6}, float("nan"), float("nan"),
-                      float("nan"), 6.789, float("nan"), 500, sampled_from=100000)],
+                      float("nan"), 6.789, float("nan"), 500, sampled_from=100000),
+         MethodScores("gnn", {}, 0.2, 0.5, 0.4, 1.0, 0.1, 24, delta=0.076544,
+                      delta_low=0.01, delta_high=0.15, p_value=0.02, permutations=10000),
+         MethodScores("icfrr", {}, 0.1, 0.5, 0.4, 1.0, 0.1, 24, delta=-0.02,
+                      delta_low=-0.05, delta_high=0.001, p_value=0.03, permutations=10000)],
         {"baseline": "Baseline (faiss, cosine)"})
-    assert rows == [
-        ["Baseline (faiss, cosine)", 0.1235, "0.1000 to 0.1500", "all 24", 0.5, 0.4, 0.04,
-         "2026-12-07 14:02, load 1.3 on 2 CPUs", 0.0, "-"],
-        ["k_reciprocal", None, "-", "500 sampled of 100000", None, None, 6.79, "unknown", None,
-         "k1=20, k2=6"],
+    assert rows[:2] == [
+        ["Baseline (faiss, cosine)", 0.1235, "0.1000 to 0.1500", "all 24", None, "-", None,
+         0.5, 0.4, 0.04, "2026-12-07 14:02, load 1.3 on 2 CPUs", 0.0, "-"],
+        ["k_reciprocal", None, "-", "500 sampled of 100000", None, "-", None, None, None, 6.79,
+         "unknown", None, "k1=20, k2=6"],
     ]
+    # Holm over the two rows with a p-value: 0.02 * 2 = 0.04, then max(0.03 * 1, 0.04)
+    assert [row[4:7] for row in rows[2:]] == [[0.0765, "+0.0100 to +0.1500", 0.04],
+                                              [-0.02, "-0.0500 to +0.0010", 0.04]]
     assert all(len(row) == len(SCORES_TABLE_COLUMNS) for row in rows)
-
-
-def test_bootstrap_interval_hand_cases() -> None:
-    assert bootstrap_interval(np.full(40, 0.25)) == (0.25, 0.25)  # no spread, no width
-    assert bootstrap_interval(np.array([0.7])) == (0.7, 0.7)
-    assert all(math.isnan(bound) for bound in bootstrap_interval(np.array([np.nan, np.nan])))
-    values = np.array([0.0, 1.0] * 50)
-    with_nan = np.concatenate([values, [np.nan] * 7])  # queries without positives: left out
-    assert bootstrap_interval(with_nan) == bootstrap_interval(values)
-    low, high = bootstrap_interval(values)
-    # The mean of 100 fair coin flips: sd 0.05, so a 95 % interval of about 0.40 to 0.60.
-    assert 0.38 < low < 0.42 and 0.58 < high < 0.62
-    assert bootstrap_interval(values, seed=3) == bootstrap_interval(values, seed=3)
-
-
-def test_bootstrap_interval_agrees_with_scipy() -> None:
-    """scipy's percentile bootstrap of the mean as the oracle: the bounds agree within the
-    resampling noise of 2000 resamples (a small fraction of the interval's width)."""
-    stats = pytest.importorskip("scipy.stats")
-    values = np.random.default_rng(5).beta(2, 3, 300)
-    low, high = bootstrap_interval(values)
-    oracle = stats.bootstrap((values,), np.mean, n_resamples=20000, method="percentile",
-                             confidence_level=0.95, random_state=1).confidence_interval
-    width = oracle.high - oracle.low
-    assert width > 0.03
-    assert abs(low - oracle.low) < 0.08 * width and abs(high - oracle.high) < 0.08 * width
 
 
 def test_sample_rows_are_fixed_per_seed_and_sorted() -> None:

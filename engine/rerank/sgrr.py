@@ -26,7 +26,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 import torch
@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from engine.core.knn import knn_graph, torch_topk_largest
 from engine.core.state import MissingStateError, load_state, save_state
 from engine.core.storage import fingerprint
-from engine.core.types import GalleryContext, KnnGraph
+from engine.core.types import Evidence, EvidenceGroup, GalleryContext, KnnGraph
 from engine.errors import CacheError, InvalidInputError
 from engine.rerank import register
 from engine.rerank._hypergraph import default_clusters, lhrr_from_features, reciprocal_edges, sgcc
@@ -70,6 +70,9 @@ TRIPLET_ELEMENTS = 1 << 25
 log-probabilities. Every ordered pair of each cluster makes n^2 P^2 / c triplets (27,000 on
 the 1,360 demo items; 11 million on 100,000 items in 224 clusters, 10 GiB a gather): above
 the bound a seeded sample of them is kept (150,000 at 224 clusters)."""
+EXPLAIN_NEIGHBOURS = 10
+"""Nearest neighbours of the result, in the GCN space and in the original space, that its
+evidence sets against the query's."""
 BYTES_PER_PAIR = 40
 """Memory of a batch's ranking per (query, gallery item): float32 embedding distances and
 original cosines (their float64 block), two int64 sort orders and the gathered values."""
@@ -330,6 +333,23 @@ def rank_top(distances: np.ndarray, gallery: np.ndarray, query: np.ndarray, k: i
     return distances[candidates[order]], candidates[order].astype(np.int64)
 
 
+def _others(rows: np.ndarray, item: int, n: int) -> np.ndarray:
+    """The first n of `rows` other than `item`, int64."""
+    return np.asarray(rows, np.int64)[np.asarray(rows) != item][:n]
+
+
+class QueryLinks(NamedTuple):
+    """Queries' rows of the normalised adjacency as they join the fitted graph (Q queries):
+    neighbours (Q, K + 1) int64 their nearest gallery items (cosine), linked (Q, K + 1) bool
+    the reciprocal ones the query is joined to, own (Q, 1) float64 A[q, q] and cross
+    (Q, K + 1) float64 A[q, v] (0 where unlinked)."""
+
+    neighbours: torch.Tensor
+    linked: torch.Tensor
+    own: torch.Tensor
+    cross: torch.Tensor
+
+
 @register
 class SGRR(Reranker):
     """Self-supervised hypergraph + GCN re-ranking; see the module docstring."""
@@ -565,9 +585,8 @@ class SGRR(Reranker):
         return torch_canonical_block(queries, self._features)
 
     @torch.no_grad()
-    def _embed_queries(self, queries: torch.Tensor) -> torch.Tensor:
-        """`query_embeddings` on the device: (Q, d) float32 queries -> (Q, c) unit rows. The
-        propagation is accumulated in float64."""
+    def _query_links(self, queries: torch.Tensor) -> QueryLinks:
+        """Each query's row of the normalised adjacency, as it joins the fitted graph."""
         similarity, neighbours = self._query_neighbours(queries)
         # Reciprocal, as the gallery's edges are: v is a neighbour when the query would also
         # enter v's own top K + 1 (at least the nearest item, so the query is connected).
@@ -576,6 +595,15 @@ class SGRR(Reranker):
         degree = linked.sum(dim=1, keepdim=True).double() + 1.0    # self loop included
         own = 1.0 / degree                                          # A[q, q]
         cross = linked / torch.sqrt(degree * self._degree[neighbours])  # A[q, v], 0 unlinked
+        return QueryLinks(neighbours, linked, own, cross)
+
+    @torch.no_grad()
+    def _embed_queries(self, queries: torch.Tensor, links: QueryLinks | None = None
+                       ) -> torch.Tensor:
+        """`query_embeddings` on the device: (Q, d) float32 queries -> (Q, c) unit rows, with
+        their `_query_links` when already computed. The propagation is accumulated in
+        float64."""
+        neighbours, _, own, cross = links if links is not None else self._query_links(queries)
 
         def step(rows: torch.Tensor, gallery_rows: torch.Tensor) -> torch.Tensor:
             """One propagation of the query row: A[q, q] rows + sum over v of A[q, v] g[v]."""
@@ -632,6 +660,79 @@ class SGRR(Reranker):
         distances = (1.0 - embedding @ self._unit_embeddings.T)[0].numpy()
         values, indices = rank_top(distances, self.gallery.features, query_feature, k)
         return values, indices, details
+
+    def _explain(self, query_feature: np.ndarray, item: int) -> Evidence:
+        """The online path for this query (`_query_links`, `_embed_queries`, the embedding
+        distance to every item) and what it rests on: the graph links the query's embedding
+        was propagated from, the query's and the item's clusters (the largest of the c
+        logits, the classes the GCN learnt from SGCC's pseudo-labels) and the item's pseudo-
+        label, and the item's nearest neighbours in the GCN space and in the original space,
+        set against the query's (`EXPLAIN_NEIGHBOURS` of each; ties as the ranking breaks
+        them)."""
+        gallery = self.gallery.features
+        query = self._on_device(query_feature[None, :])
+        links = self._query_links(query)
+        embedding = self._embed_queries(query, links)
+        similarity = (embedding @ self._unit_embeddings.T)[0]
+        distances = (1.0 - similarity).cpu().numpy()   # the bits `_rerank_online` ranks
+        n = min(EXPLAIN_NEIGHBOURS, self.gallery.size - 1)
+        item_similarity = (self._unit_embeddings[item:item + 1] @ self._unit_embeddings.T)[0]
+        item_distances = (1.0 - item_similarity).cpu().numpy()
+        gcn_item = _others(rank_top(item_distances, gallery, gallery[item], n + 1)[1], item, n)
+        gcn_query = _others(rank_top(distances, gallery, query_feature, n + 1)[1], item, n)
+        original_item = self._original_neighbours(item, n)
+        original_query = _others(query_top(gallery, query_feature, n + 1)[1], item, n)
+        shared_gcn = np.intersect1d(gcn_item, gcn_query)
+        shared_original = np.intersect1d(original_item, original_query)
+        query_cluster = int(torch.argmax(embedding[0]))
+        item_cluster = int(torch.argmax(self._unit_embeddings[item]))
+        pseudo_label = int(self.pseudo_labels[item])
+        linked = links.linked[0].cpu().numpy()
+        if pseudo_label == query_cluster:
+            clusters = f"it carries the query's cluster {query_cluster} as its pseudo-label"
+        elif item_cluster == query_cluster:
+            clusters = f"the GCN puts it in the query's cluster {query_cluster}" + (
+                " (it had no pseudo-label)" if pseudo_label < 0
+                else f" (its pseudo-label is {pseudo_label})")
+        else:
+            clusters = f"the GCN puts it in cluster {item_cluster}, the query in {query_cluster}"
+        gcn_values = 1.0 - item_distances.astype(np.float64)
+        return Evidence(
+            self.name, item,
+            f"{clusters}, and {len(shared_gcn)} of its {n} GCN-space neighbours are among the "
+            f"query's {n} ({len(shared_original)} of {n} in the original space)",
+            {"original cosine similarity": float(canonical_rows(gallery, np.array([item]),
+                                                                 query_feature)[0]),
+             "query's graph links": float(linked.sum()),
+             "query's cluster": float(query_cluster),
+             "result's cluster": float(item_cluster),
+             "result's pseudo-label (-1: none)": float(pseudo_label),
+             "GCN-space neighbours shared with the query": float(len(shared_gcn)),
+             "original-space neighbours shared with the query": float(len(shared_original)),
+             "GCN-space similarity": float(similarity[item]),
+             "final distance": float(distances[item])},
+            (EvidenceGroup("query's graph links", links.neighbours[0].cpu().numpy()[linked],
+                           links.cross[0].cpu().numpy()[linked],
+                           "propagation weight A[q, v] of the query's embedding"),
+             EvidenceGroup("nearest in the GCN space", gcn_item, gcn_values[gcn_item],
+                           "GCN-space cosine to the result"),
+             EvidenceGroup("shared with the query's GCN-space neighbours", shared_gcn,
+                           gcn_values[shared_gcn], "GCN-space cosine to the result",
+                           highlight=False),
+             EvidenceGroup("nearest in the original space", original_item,
+                           canonical_rows(gallery, original_item, gallery[item]),
+                           "cosine to the result", highlight=False)))
+
+    def _original_neighbours(self, item: int, n: int) -> np.ndarray:
+        """The item's n nearest other gallery items by cosine: from the gallery's kNN graph
+        when it is that deep (approximate at scale), else an exact search of its own (its
+        product not kept, so the query's stays kept)."""
+        knn = self.gallery.knn
+        if knn is not None and knn.depth >= n + 1:
+            return _others(knn.indices[item], item, n)
+        gallery = self.gallery.features
+        scores = np.asarray(gallery, np.float32) @ gallery[item]
+        return _others(query_top(gallery, gallery[item], n + 1, scores=scores)[1], item, n)
 
     def batch_refusal(self, gallery_size: int, n_queries: int) -> str | None:
         """A batch ranks every query against the whole gallery at once ((Q, G) embedding

@@ -45,10 +45,17 @@ from engine.core.knn import (
 )
 from engine.core.state import MissingStateError, StaleStateError, load_state, save_state
 from engine.core.storage import fingerprint
-from engine.core.types import GalleryContext, KnnGraph, TrainingSet, check_features
+from engine.core.types import (
+    Evidence,
+    EvidenceGroup,
+    GalleryContext,
+    KnnGraph,
+    TrainingSet,
+    check_features,
+)
 from engine.errors import CacheError, InvalidInputError
 from engine.rerank import register
-from engine.rerank._scale import canonical_block, gib, memory_budget, query_top
+from engine.rerank._scale import canonical_block, canonical_rows, gib, memory_budget, query_top
 from engine.rerank.base import Reranker, RerankParams, param
 
 logger = logging.getLogger(__name__)
@@ -82,6 +89,12 @@ training loss is flat for ~200 episodes, falls from 2.5 to 0.6 between 200 and 5
 ~0 from 600 on, the gallery's pseudo-labels learnt by heart. The floor puts small galleries
 into that descent without reaching the memorising end; two episodes per item keep larger ones
 there too. Galleries of 1,500 items or more train with the authors' 3,000."""
+QUADRATURE_NODES = 16
+"""Gauss-Legendre nodes of the integrated gradient of a cosine along a straight line
+(`cosine_path_gradient`): the cosine is analytic along it, and 16 nodes leave an error far
+below float32 rounding for moves of the size the module makes."""
+STRONGEST_REFERENCES = 5
+"""References whose shares the evidence highlights on the kNN plot (the largest in size)."""
 ESTIMATE_WARM_UP = 2
 ESTIMATE_STEPS = 5
 """Training steps timed, after ESTIMATE_WARM_UP untimed ones (the first steps are slower), to
@@ -227,6 +240,21 @@ def subgraph_views(nodes: torch.Tensor, order: torch.Tensor | None = None) -> to
     return torch.cat([similarity[:, :, :1], own, from_query], dim=2)
 
 
+@dataclass(frozen=True)
+class RefinementStep:
+    """One feature update of `SubgraphRefiner.refine`, as it ran: which nodes moved ("query"
+    or "database"), the (B, d) query and (B, k, d) database it read, the views' order and the
+    synthetic gradients (B, k + 1, 2k + 1) its network gave each view (row r: reference r's,
+    row 0 the query's own). The update is moved - lr_dni * sum over r of J_r^T synthetic[r],
+    J_r the Jacobian of view r: a sum of one term per reference."""
+
+    moved: str
+    query: torch.Tensor
+    database: torch.Tensor
+    order: torch.Tensor
+    synthetic: torch.Tensor
+
+
 class SubgraphRefiner(torch.nn.Module):
     """The SSR module: refines (B, d) queries and their (B, k, d) top-k, returns (B, k) cosine
     similarities of the refined features."""
@@ -239,10 +267,12 @@ class SubgraphRefiner(torch.nn.Module):
         self.database_gradient = SyntheticGradient(size, hidden)
         self.scale = torch.nn.Parameter(torch.tensor(INITIAL_SCALE))
 
-    def refine(self, query: torch.Tensor, database: torch.Tensor
+    def refine(self, query: torch.Tensor, database: torch.Tensor,
+               trace: list[RefinementStep] | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """`q_steps` updates: the query by the query network's gradients, then the database
-        by the database network's (views rebuilt in between)."""
+        by the database network's (views rebuilt in between). `trace`, a list, receives each
+        update's inputs (`RefinementStep`), what `explain_refinement` reads."""
         training = torch.is_grad_enabled() and self.training
         with torch.enable_grad():
             if not query.requires_grad:
@@ -253,26 +283,153 @@ class SubgraphRefiner(torch.nn.Module):
                 database64 = database.detach().double()
                 order = subgraph_order(query, database64)
                 query = self._step(query, database, query, self.query_gradient, training,
-                                   order)
+                                   order, trace)
                 # only the query has moved: the database rows keep their order
                 order = subgraph_order(query, database64, order[:, 1:])
                 database = self._step(query, database, database, self.database_gradient,
-                                      training, order)
+                                      training, order, trace)
         return query, database
 
     def _step(self, query: torch.Tensor, database: torch.Tensor, moved: torch.Tensor,
-              network: SyntheticGradient, training: bool, order: torch.Tensor
-              ) -> torch.Tensor:
+              network: SyntheticGradient, training: bool, order: torch.Tensor,
+              trace: list[RefinementStep] | None = None) -> torch.Tensor:
         views = subgraph_views(torch.cat([query[:, None, :], database], dim=1), order)
-        gradient = torch.autograd.grad(views, moved, grad_outputs=network(views),
+        synthetic = network(views)
+        gradient = torch.autograd.grad(views, moved, grad_outputs=synthetic,
                                        create_graph=training)[0]
+        if trace is not None:
+            trace.append(RefinementStep("query" if moved is query else "database",
+                                        query.detach(), database.detach(), order,
+                                        synthetic.detach()))
         updated = moved - self.lr_dni * gradient
         return updated if training else updated.detach().requires_grad_(True)
 
-    def forward(self, query: torch.Tensor, database: torch.Tensor) -> torch.Tensor:
-        query, database = self.refine(query, database)
+    @staticmethod
+    def similarities(query: torch.Tensor, database: torch.Tensor) -> torch.Tensor:
+        """(B, k) cosines of refined (B, d) queries and their (B, k, d) database rows."""
         return torch.einsum("bd,bkd->bk", F.normalize(query, dim=-1),
                             F.normalize(database, dim=-1))
+
+    def forward(self, query: torch.Tensor, database: torch.Tensor) -> torch.Tensor:
+        return self.similarities(*self.refine(query, database))
+
+
+def views_tangent(query: torch.Tensor, database: torch.Tensor, order: torch.Tensor,
+                  query_direction: torch.Tensor, database_direction: torch.Tensor
+                  ) -> torch.Tensor:
+    """The derivative of `subgraph_views` (order fixed) at (query, database) along
+    (query_direction, database_direction): J u, (B, k + 1, 2k + 1). Read as the gradient of
+    <J^T w, u> with respect to w (two reverse passes; torch's forward mode compiles a
+    decomposition of `normalize` on its first call, about a second)."""
+    with torch.enable_grad():
+        query = query.detach().requires_grad_(True)
+        database = database.detach().requires_grad_(True)
+        views = subgraph_views(torch.cat([query[:, None, :], database], dim=1), order)
+        weights = torch.zeros_like(views, requires_grad=True)
+        back = torch.autograd.grad(views, (query, database), grad_outputs=weights,
+                                   create_graph=True)
+        along = (back[0] * query_direction).sum() + (back[1] * database_direction).sum()
+        return torch.autograd.grad(along, weights)[0]
+
+
+@dataclass(frozen=True)
+class RefinementSplit:
+    """One item's refined similarity split over the module's per-reference terms
+    (`explain_refinement`): refined[position] = cosine + own_view + references.sum(), up to
+    the float32 rounding of the module's own run and a quadrature error far below it.
+
+    refined: (k,) float32 the module's output for the whole top-k, the bits online mode ranks.
+    cosine: the item's cosine to the query before refinement (float64).
+    own_view: the share of the query's own view (reference 0).
+    references: (k,) float64 the share of each database reference's view, top-k order.
+    """
+
+    refined: np.ndarray
+    cosine: float
+    own_view: float
+    references: np.ndarray
+
+
+def cosine_path_gradient(query: torch.Tensor, item: torch.Tensor, moved_query: torch.Tensor,
+                         moved_item: torch.Tensor, nodes: int = QUADRATURE_NODES
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradient of cos(q, d) integrated along the straight line from (query, item) to
+    (moved_query, moved_item), by `nodes`-point Gauss-Legendre quadrature in float64: (d,)
+    for q and (d,) for d. Its inner product with the whole move is the change of the cosine
+    (the fundamental theorem of calculus), and with any part of the move, that part's share
+    (integrated gradients)."""
+    points, weights = np.polynomial.legendre.leggauss(nodes)
+    times = torch.from_numpy((points + 1.0) / 2.0).to(query.device)[:, None]
+    weights = torch.from_numpy(weights / 2.0).to(query.device)[:, None]
+    q = query.double() + times * (moved_query.double() - query.double())
+    d = item.double() + times * (moved_item.double() - item.double())
+    q_norm = torch.linalg.vector_norm(q, dim=1, keepdim=True)
+    d_norm = torch.linalg.vector_norm(d, dim=1, keepdim=True)
+    cosine = (q * d).sum(dim=1, keepdim=True) / (q_norm * d_norm)
+    along_q = d / (q_norm * d_norm) - cosine * q / q_norm ** 2
+    along_d = q / (q_norm * d_norm) - cosine * d / d_norm ** 2
+    return (weights * along_q).sum(dim=0), (weights * along_d).sum(dim=0)
+
+
+def explain_refinement(model: SubgraphRefiner, query: torch.Tensor, database: torch.Tensor,
+                       position: int) -> RefinementSplit:
+    """Why the module moved database item `position` of one query's top-k: its refined
+    similarity, split over the references whose views' synthetic gradients moved the features.
+
+    Every update is a sum of one term per view (`RefinementStep`: -lr_dni J_r^T g_r, g_r the
+    synthetic gradient of reference r's view, J_r that view's Jacobian), so the query ends at
+    q' = q + sum_r A_r and the item at d' = d + sum_r B_r (A_r, B_r: reference r's terms,
+    summed over the steps). Reference r's share is the integrated gradient of the cosine along
+    the straight line from (q, d) to (q', d') (`cosine_path_gradient`, (G_q, G_d)) times its
+    terms: <G_q, A_r> + <G_d, B_r>. The shares add up to cos(q', d') - cos(q, d) exactly
+    (completeness); a reference whose push lengthens the features without turning them
+    towards each other gets the lowering this causes. On the inner product alone this is the
+    symmetric split <A_r, d + B/2> + <q + A/2, B_r>. Each <A_r, u> is read as
+    -lr_dni <g_r, J_r u>, one directional derivative of the views per step for all
+    references at once (`views_tangent`, float64): the split costs about one more run of the
+    module.
+
+    Args:
+        query: (1, d) float32; database: (1, k, d) float32 on the model's device.
+        position: the item's row in `database`.
+    """
+    trace: list[RefinementStep] = []
+    with torch.no_grad():  # as online mode runs the module (`SSR._refine`)
+        moved_query, moved_database = model.refine(query, database, trace)
+        refined = model.similarities(moved_query, moved_database)[0].cpu().numpy()
+    q0, d0 = query[0].detach().double(), database[0, position].detach().double()
+    along_query, along_item = cosine_path_gradient(
+        q0, d0, moved_query.detach()[0], moved_database.detach()[0, position])
+    shares = torch.zeros(database.shape[1] + 1, dtype=torch.float64, device=query.device)
+    for step in trace:
+        nodes_query, nodes_database = step.query.double(), step.database.double()
+        query_direction = torch.zeros_like(nodes_query)
+        database_direction = torch.zeros_like(nodes_database)
+        if step.moved == "query":
+            query_direction[0] = along_query
+        else:
+            database_direction[0, position] = along_item
+        tangent = views_tangent(nodes_query, nodes_database, step.order, query_direction,
+                                database_direction)
+        shares -= model.lr_dni * (step.synthetic.double() * tangent).sum(dim=-1)[0]
+    cosine = float(q0 @ d0) / float(torch.linalg.vector_norm(q0) * torch.linalg.vector_norm(d0))
+    shares = shares.cpu().numpy()
+    return RefinementSplit(refined=refined, cosine=cosine, own_view=float(shares[0]),
+                           references=shares[1:])
+
+
+def decimals_apart(before: float, after: float, least: int = 3, most: int = 6) -> int:
+    """Decimals (`least` to `most`) at which two numbers print differently, so that a small
+    refinement does not read "from 0.803 to 0.803"."""
+    digits = least
+    while digits < most and f"{before:.{digits}f}" == f"{after:.{digits}f}":
+        digits += 1
+    return digits
+
+
+def signed(value: float) -> str:
+    """A share with its sign: three decimals, or two significant digits below 0.001."""
+    return f"{value:+.3f}" if abs(value) >= 1e-3 or value == 0 else f"{value:+.1e}"
 
 
 def info_nce(similarity: torch.Tensor, relevant: torch.Tensor, known: torch.Tensor,
@@ -699,6 +856,81 @@ class SSR(Reranker):
                        ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
         distances, indices, details = self._refine(query_feature[None, :], k, "online")
         return distances[0], indices[0], details
+
+    def _explain(self, query_feature: np.ndarray, item: int) -> Evidence:
+        """The online path for this query: the initial ranking's top-k, the module run on it
+        once, and the item's refined similarity split over the references
+        (`explain_refinement`). An item past the top-k keeps its initial place."""
+        top = self.k_used
+        initial = "k-reciprocal" if self._k_reciprocal is not None else "cosine"
+        distances, indices = self._initial(query_feature[None, :], top, "online")
+        head = indices[0, :top]
+        where = np.flatnonzero(head == item)
+        if not where.size:
+            return self._explain_tail(query_feature, item, initial,
+                                      self._head_distances(query_feature, head).max())
+        position = int(where[0])
+        split = explain_refinement(self.model, *self._subgraph(query_feature, head), position)
+        distance = (1.0 - split.refined)[position]  # as `_refine`: float32, ascending already
+        similarity = float(split.refined[position])
+        change = similarity - split.cosine
+        sign = 1.0 if change >= 0 else -1.0
+        strongest = int(np.argmax(sign * split.references))
+        if sign * split.own_view > sign * split.references[strongest]:
+            who, share = "the query's own view", split.own_view
+        elif strongest == position:
+            who, share = "its own view", split.references[strongest]
+        else:
+            who, share = f"reference #{strongest + 1} of the top {top}", \
+                split.references[strongest]
+        order = np.argsort(-np.abs(split.references), kind="stable")[:STRONGEST_REFERENCES]
+        value_name = "share of the refined similarity"
+        digits = decimals_apart(split.cosine, similarity)
+        return Evidence(
+            self.name, item,
+            f"refinement {'raised' if change >= 0 else 'lowered'} its similarity from "
+            f"{split.cosine:.{digits}f} to {similarity:.{digits}f}; {who} moved it most "
+            f"({signed(share)} of {signed(change)})",
+            {f"initial distance ({initial})": float(distances[0, position]),
+             "cosine similarity": split.cosine,
+             "query's own view": split.own_view,
+             "references' views": float(split.references.sum()),
+             "refined similarity": similarity,
+             "final distance": float(distance)},
+            (EvidenceGroup("strongest references", head[order], split.references[order],
+                           value_name),
+             EvidenceGroup(f"references (initial top {top})", head, split.references,
+                           value_name, highlight=False)))
+
+    def _subgraph(self, query_feature: np.ndarray, head: np.ndarray
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The module's (1, d) query and (1, k, d) database, built as `_refine` builds them."""
+        query = torch.from_numpy(np.ascontiguousarray(query_feature[None, :])).to(self.device)
+        return query, self._gallery_tensor[torch.from_numpy(head[None, :]).to(self.device)]
+
+    def _head_distances(self, query_feature: np.ndarray, head: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            refined = self.model(*self._subgraph(query_feature, head))[0].cpu().numpy()
+        return 1.0 - refined
+
+    def _explain_tail(self, query_feature: np.ndarray, item: int, initial: str,
+                      head_largest: np.floating) -> Evidence:
+        """An item past the refined top-k: its initial distance, raised to the top-k's largest
+        refined distance where that is larger (as `_refine` keeps the ranking ascending)."""
+        if self._k_reciprocal is None and self.device.type == "cpu":
+            similarity = canonical_rows(self.gallery.features, np.array([item]), query_feature)
+            distance = (1.0 - similarity)[0]
+        else:
+            distances, indices = self._initial(query_feature[None, :], self.gallery.size,
+                                               "online")
+            distance = distances[0][indices[0] == item][0]
+        final = np.maximum(distance, head_largest)
+        return Evidence(
+            self.name, item,
+            f"it is past the top {self.k_used} that SSR refines, so it keeps its place in the "
+            f"{initial} ranking (distance {float(distance):.3f})",
+            {f"initial distance ({initial})": float(distance),
+             "largest refined distance": float(head_largest), "final distance": float(final)})
 
 
 # -- state on disk ---------------------------------------------------------------------------

@@ -10,6 +10,9 @@ the graph with the query in.
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
 import numpy as np
 import scipy.sparse as sp
 
@@ -98,6 +101,24 @@ def check_propagation_memory(weight: sp.csr_matrix, b1: sp.csr_matrix) -> None:
             "gallery or smaller k1 and k2")
 
 
+@dataclass(frozen=True)
+class _Arrival:
+    """A query's arrival in `GalleryPropagation`'s graph: its `graph_scores` arguments (rows,
+    lists, similarities; new_heads: node id -> its row there), the rows C of A1 that change
+    (changed) and their change (delta, A1' - A1), D = B1' - B1 (change1) and the rows whose
+    weights change (rewired, 0 first) propagated afresh (fresh: A2' of those rows)."""
+
+    rows: np.ndarray
+    lists: np.ndarray
+    similarities: np.ndarray
+    new_heads: dict[int, int]
+    changed: np.ndarray
+    rewired: np.ndarray
+    delta: sp.csr_matrix
+    change1: sp.csr_matrix
+    fresh: sp.csr_matrix
+
+
 class GalleryPropagation:
     """The gallery-only graph propagated once, so that an online query's scores come from the
     few rows its arrival changes (exactly; CPU, scipy).
@@ -153,6 +174,12 @@ class GalleryPropagation:
         Returns:
             the (n,) float32 scores and how many rows were propagated afresh.
         """
+        return self.scores(self.arrive(rows, lists, similarities))
+
+    def arrive(self, rows: np.ndarray, lists: np.ndarray, similarities: np.ndarray
+               ) -> _Arrival:
+        """What the query's arrival changes (`graph_scores`' arguments): the layers' changes
+        and the rows propagated afresh, the query's A2'[0] first."""
         n, k1, k2 = self.n, self.k1, self.k2
         took = rows[1:]
         dropped = self.lists[took, k1 - 1]
@@ -170,6 +197,16 @@ class GalleryPropagation:
         # the rows whose weights change (the query's among them), propagated afresh
         heads, weights = self._heads(rewired, rows, lists, similarities, new_heads)
         fresh = self._layer(heads, weights, self.b1, change1)
+        return _Arrival(rows, lists, similarities, new_heads, changed, rewired, delta, change1,
+                        fresh)
+
+    def scores(self, arrival: _Arrival) -> tuple[np.ndarray, int]:
+        """`graph_scores` of an arrival: the rewired rows' from their fresh rows, every other
+        row's through the correction of its kept unnormalised row (see the class)."""
+        n = self.n
+        changed, rewired, delta, change1 = (arrival.changed, arrival.rewired, arrival.delta,
+                                            arrival.change1)
+        fresh = arrival.fresh
         query = fresh[0]                                                 # a = A2'[0]
         # numerators W[j] (B1' a) and squared norms |P[j] + E[j]|^2 of every other row
         through = np.zeros(n)
@@ -181,6 +218,19 @@ class GalleryPropagation:
         scores = numerator / np.where(norms > 0, norms, 1.0)
         scores[rewired] = (fresh @ query.T).toarray().ravel()
         return scores.astype(np.float32), len(rewired) + len(changed)
+
+    def rows(self, arrival: _Arrival, nodes: np.ndarray) -> sp.csr_matrix:
+        """A2'[nodes], the last layer's rows with the query in, normalise(W'[j] B1'): how the
+        rewired rows are propagated (`scores` corrects the others' kept rows instead; the
+        same numbers up to float rounding)."""
+        heads, weights = self._heads(np.asarray(nodes), arrival.rows, arrival.lists,
+                                     arrival.similarities, arrival.new_heads)
+        return self._layer(heads, weights, self.b1, arrival.change1)
+
+    def node_list(self, arrival: _Arrival, node: int) -> np.ndarray:
+        """A node's k1 neighbours (node ids) with the query in."""
+        slot = arrival.new_heads.get(int(node))
+        return self.lists[node] if slot is None else arrival.lists[slot]
 
     def _correction(self, changed: np.ndarray, delta: sp.csr_matrix, change: sp.csr_matrix
                     ) -> np.ndarray:
@@ -239,6 +289,25 @@ def _segments(starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.n
 
 def _csr_rows_of_entries(matrix: sp.csr_matrix) -> np.ndarray:
     return np.repeat(np.arange(matrix.shape[0]), np.diff(matrix.indptr))
+
+
+@dataclass(frozen=True)
+class _SmallArrival:
+    """A query's arrival in `SmallGraphPropagation`'s graph: the (n, k1) lists and
+    similarities with the query in, the rows C of A1 that change (changed) with their scale
+    change s (n,) (alpha - 1, zero outside C) and sparse part S (change_rows, its transpose
+    change_t), A1[C] dense (a1_changed), and the rows whose weights change (rewired, 0
+    first) propagated afresh (fresh: A2' of those rows)."""
+
+    lists: np.ndarray
+    similarities: np.ndarray
+    changed: np.ndarray
+    rewired: np.ndarray
+    s: np.ndarray
+    change_rows: sp.csr_matrix
+    change_t: sp.csr_matrix
+    a1_changed: np.ndarray
+    fresh: sp.csr_matrix | None
 
 
 class SmallGraphPropagation:
@@ -302,6 +371,11 @@ class SmallGraphPropagation:
 
         Returns the (n,) scores and how many rows were propagated afresh.
         """
+        return self.scores(self.arrive(lists, similarities))
+
+    def arrive(self, lists: np.ndarray, similarities: np.ndarray) -> _SmallArrival:
+        """What the query's arrival changes (`graph_scores`' arguments): the first layer's
+        scales and sparse change on the rows C, and the rows propagated afresh."""
         n, k1, k2, old = self.n, self.k1, self.k2, self.lists
         took = np.flatnonzero((lists[1:] == 0).any(axis=1)) + 1
         dropped = old[took, k1 - 1]
@@ -333,15 +407,35 @@ class SmallGraphPropagation:
         change_rows = sp.csr_matrix((x_values / n1_new[x.row], (changed[x.row], x.col)),
                                     shape=(n, n))                        # S
         change_t = change_rows.T.tocsr()
+        arrival = _SmallArrival(lists, similarities, changed, rewired, s, change_rows,
+                                change_t, a1_changed, None)
         # rows propagated afresh: W'[r] B1' for the rewired rows (the query's among them)
-        needed = np.unique(lists[rewired, :k2])
-        alpha = 1.0 + s
+        return dataclasses.replace(arrival, fresh=self.rows(arrival, rewired))
+
+    def rows(self, arrival: _SmallArrival, nodes: np.ndarray) -> sp.csr_matrix:
+        """A2'[nodes] = normalise(W'[j] B1'), B1' = diag(alpha) A1 + A1^T diag(alpha) + S +
+        S^T on the rows of j's first k2 neighbours: how the rewired rows are propagated
+        (`scores` corrects the others' kept rows instead; the same numbers up to float
+        rounding)."""
+        lists, k2 = arrival.lists, self.k2
+        needed = np.unique(lists[nodes, :k2])
+        alpha = 1.0 + arrival.s
         columns_scaled = self.a1_t[needed]
         columns_scaled.data = columns_scaled.data * alpha[columns_scaled.indices]
         b1_needed = (sp.diags(alpha[needed]) @ self.a1[needed] + columns_scaled
-                     + change_rows[needed] + change_t[needed])
-        fresh = _normalise_rows(_weight_rows(lists[rewired], similarities[rewired], k2,
-                                             columns=needed) @ b1_needed)
+                     + arrival.change_rows[needed] + arrival.change_t[needed])
+        return _normalise_rows(_weight_rows(lists[nodes], arrival.similarities[nodes], k2,
+                                            columns=needed) @ b1_needed)
+
+    def scores(self, arrival: _SmallArrival) -> tuple[np.ndarray, int]:
+        """`graph_scores` of an arrival: the rewired rows' from their fresh rows, every other
+        row's from its kept unnormalised row and the change (see the class)."""
+        n, k2, old = self.n, self.k2, self.lists
+        changed, rewired, s = arrival.changed, arrival.rewired, arrival.s
+        change_rows, change_t, a1_changed = (arrival.change_rows, arrival.change_t,
+                                             arrival.a1_changed)
+        s_changed = s[changed]
+        fresh = arrival.fresh
         query = fresh[0].toarray().ravel().astype(np.float32)           # a = A2'[0]
         # numerator <a, P'[j]> = P a + W (D a)
         a1_rows = self.a1[changed]

@@ -25,7 +25,7 @@ from engine.core.knn import (
     torch_topk_largest,
     torch_topk_similar,
 )
-from engine.core.types import GalleryContext
+from engine.core.types import Evidence, EvidenceGroup, GalleryContext
 from engine.rerank import register
 from engine.rerank._gnn import (
     lists_with_queries,
@@ -40,6 +40,10 @@ from engine.rerank.base import Reranker, RerankParams, param
 
 SCORE_CHUNK = 1024
 DENSE_NODE_LIMIT = 4096
+STRONGEST_NEIGHBOURS = 10
+"""Shared neighbours an explanation names first (the rest follow in a second group)."""
+NEGLIGIBLE = 2.0 ** -20
+"""Entries of a propagated row below this share of its largest are rounding residues."""
 BATCH_BYTES_PER_EDGE = 80
 """Peak bytes per non-zero of the propagated graph in a batch run: COO entries (two int64
 indices, a float32 value) alive in about four copies at once (A + A^T, the product, its
@@ -97,19 +101,22 @@ def propagate(neighbours: torch.Tensor, similarities: torch.Tensor, k2: int,
 
 def gnn_scores(features: torch.Tensor, n_queries: int, k1: int, k2: int, lambda_value: float,
                k: int, exclude_self: bool, neighbours: torch.Tensor | None = None,
-               similarities: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               similarities: torch.Tensor | None = None,
+               adjacency: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k re-ranked gallery items for the first `n_queries` nodes.
 
     Args:
         features: (n, d) unit rows; rows [0, n_queries) are queries, the gallery is rows
             [n_queries, n) or, with `exclude_self`, all rows (leave-one-out, n_queries = n).
         neighbours, similarities: the (n, k1) kNN graph when already known.
+        adjacency: its `propagate`d adjacency when already known.
     Returns:
         scores (n_queries, k) descending and gallery indices (n_queries, k).
     """
-    if neighbours is None:
-        similarities, neighbours = torch_topk_similar(features, k1)
-    adjacency = propagate(neighbours, similarities, k2)
+    if adjacency is None:
+        if neighbours is None:
+            similarities, neighbours = torch_topk_similar(features, k1)
+        adjacency = propagate(neighbours, similarities, k2)
     offset = 0 if exclude_self else n_queries
     gallery_features = features[offset:]
     if adjacency.is_sparse:
@@ -291,46 +298,191 @@ class GNNReranker(Reranker):
         graph is patched (`_gnn_online`): only the rows the query changes are propagated
         again; on a GPU (or a graph too small to patch) the graph is propagated as in batch.
         """
-        gallery = self._gallery
-        size = gallery.shape[0]
+        size = self._gallery.shape[0]
         k1, k2, details = self._effective(size + 1)
         with torch.inference_mode():
-            query = torch.from_numpy(query_feature).to(self.device)
-            if self.device.type == "cpu":
-                # the product the baseline and the other methods ranking this query read too
-                cosine = torch.from_numpy(float32_scores(self._features, query_feature).copy())
-                floors = (self._floors if self._lists.shape[1] >= k1 else
-                          np.full(size, -np.inf, np.float32))  # every list has a free slot
-                to_query = torch.from_numpy(query_similarities(
-                    cosine.numpy(), self._features, query_feature, floors, min(k1 - 1, size)))
-            else:
-                cosine = (query[None, :] @ gallery.t())[0]
-                to_query = torch_canonical_similarity(gallery, query[None, :])[:, 0]
-            if isinstance(self._propagation, GalleryPropagation):
-                rows, lists, similarities = query_lists(
-                    self._list_similarities, self._lists, self._floors, to_query.numpy(), k1)
-                graph, recomputed = self._propagation.graph_scores(rows, lists, similarities)
-                return self._online_result(graph, cosine, k, {**details,
-                                                              "rows_recomputed": recomputed})
-            all_similarities, all_neighbours = lists_with_query(
-                self._gallery_similarities, self._gallery_neighbours, to_query, k1)
-            if self._propagation is not None:
-                graph, recomputed = self._propagation.graph_scores(all_neighbours.numpy(),
-                                                                   all_similarities.numpy())
-                return self._online_result(graph, cosine, k, {**details,
-                                                              "rows_recomputed": recomputed})
-            features = torch.cat([query[None, :], gallery])
+            arrival = self._arrival(query_feature)
+            if arrival.patched is not None:
+                graph, recomputed = self._propagation.scores(arrival.patched)
+                return self._online_result(graph, arrival.cosine, k,
+                                           {**details, "rows_recomputed": recomputed})
+            features = torch.cat([arrival.query[None, :], self._gallery])
             scores, indices = gnn_scores(features, 1, k1, k2, self.params.lambda_value, k,
-                                         exclude_self=False, neighbours=all_neighbours,
-                                         similarities=all_similarities)
+                                         exclude_self=False, neighbours=arrival.neighbours,
+                                         similarities=arrival.similarities)
         return (1.0 - scores[0]).cpu().numpy(), indices[0].cpu().numpy(), details
 
-    def _online_result(self, graph: np.ndarray, cosine: torch.Tensor, k: int,
-                       details: dict[str, Any]):
-        """Distances and indices of the top k from the graph scores of all nodes (the query's
-        own, node 0, dropped) and the query's cosine to every gallery item."""
+    def _arrival(self, query_feature: np.ndarray) -> _OnlineArrival:
+        """One online query's cosine to the gallery, its kNN lists with the query in and, on
+        the CPU paths, its arrival in the patched propagated graph (`_rerank_online`)."""
+        gallery = self._gallery
+        size = gallery.shape[0]
+        k1, _, _ = self._effective(size + 1)
+        query = torch.from_numpy(query_feature).to(self.device)
+        if self.device.type == "cpu":
+            # the product the baseline and the other methods ranking this query read too
+            cosine = torch.from_numpy(float32_scores(self._features, query_feature).copy())
+            floors = (self._floors if self._lists.shape[1] >= k1 else
+                      np.full(size, -np.inf, np.float32))  # every list has a free slot
+            to_query = torch.from_numpy(query_similarities(
+                cosine.numpy(), self._features, query_feature, floors, min(k1 - 1, size)))
+        else:
+            cosine = (query[None, :] @ gallery.t())[0]
+            to_query = torch_canonical_similarity(gallery, query[None, :])[:, 0]
+        if isinstance(self._propagation, GalleryPropagation):
+            rows, lists, similarities = query_lists(
+                self._list_similarities, self._lists, self._floors, to_query.numpy(), k1)
+            return _OnlineArrival(query, cosine, None, None,
+                                  self._propagation.arrive(rows, lists, similarities))
+        all_similarities, all_neighbours = lists_with_query(
+            self._gallery_similarities, self._gallery_neighbours, to_query, k1)
+        patched = None
+        if self._propagation is not None:
+            patched = self._propagation.arrive(all_neighbours.numpy(), all_similarities.numpy())
+        return _OnlineArrival(query, cosine, all_neighbours, all_similarities, patched)
+
+    def _final_scores(self, graph: np.ndarray, cosine: torch.Tensor) -> torch.Tensor:
+        """(G,) final similarities from the graph scores of all nodes (the query's own, node
+        0, dropped) and the query's cosine to every gallery item."""
         score = (1.0 - self.params.lambda_value) * torch.from_numpy(graph[1:])
         if self.params.lambda_value:
             score = score + self.params.lambda_value * cosine
-        values, order = torch_topk_largest(score[None, :], k)
+        return score
+
+    def _online_result(self, graph: np.ndarray, cosine: torch.Tensor, k: int,
+                       details: dict[str, Any]):
+        """Distances and indices of the top k from the graph scores of all nodes and the
+        query's cosine to every gallery item (`_final_scores`)."""
+        values, order = torch_topk_largest(self._final_scores(graph, cosine)[None, :], k)
         return (1.0 - values[0]).numpy(), order[0].numpy(), details
+
+    def _explain(self, query_feature: np.ndarray, item: int) -> Evidence:
+        """The shared nodes of the query's and the item's propagated rows, each with its
+        contribution (1 - lambda) A2'[q, m] A2'[item, m] to the final similarity, the
+        cosine's lambda part, and whether the kNN edge query <-> item is mutual, from the
+        online computation itself (`_arrival`): the final distance is the one online mode
+        returns for the item (every item has one: k = the gallery). The rows come from the
+        same propagation; the patched paths score most rows through a correction instead, so
+        the contributions sum to the graph score up to float rounding."""
+        size = self._gallery.shape[0]
+        k1, k2, _ = self._effective(size + 1)
+        node, lam = item + 1, self.params.lambda_value
+        with torch.inference_mode():
+            arrival = self._arrival(query_feature)
+            if arrival.patched is not None:
+                graph, _ = self._propagation.scores(arrival.patched)
+                final = float(self._final_scores(graph, arrival.cosine)[item])
+                graph_score = float(graph[node])
+                rows = self._propagation.rows(arrival.patched, np.array([node]))
+                query_row = arrival.patched.fresh[0]
+                if isinstance(self._propagation, GalleryPropagation):
+                    query_list = self._propagation.node_list(arrival.patched, 0)
+                    item_list = self._propagation.node_list(arrival.patched, node)
+                else:
+                    query_list, item_list = arrival.patched.lists[[0, node]]
+                query_entries, item_entries = _sparse_entries(query_row), _sparse_entries(rows)
+            else:
+                adjacency = propagate(arrival.neighbours, arrival.similarities, k2)
+                features = torch.cat([arrival.query[None, :], self._gallery])
+                scores, indices = gnn_scores(features, 1, k1, k2, lam, size, exclude_self=False,
+                                             neighbours=arrival.neighbours,
+                                             similarities=arrival.similarities,
+                                             adjacency=adjacency)
+                final = float(scores[0][indices[0] == item][0])
+                query_entries, item_entries = (_adjacency_row(adjacency, 0),
+                                               _adjacency_row(adjacency, node))
+                graph_score = None  # the shared entries' sum below
+                query_list, item_list = arrival.neighbours[[0, node]].cpu().numpy()
+            cosine = float(arrival.cosine[item])
+        shared, query_values, item_values = _shared_entries(_significant(query_entries),
+                                                            _significant(item_entries))
+        if graph_score is None:
+            graph_score = float(np.dot(query_values, item_values))
+        contributions = (1.0 - lam) * query_values * item_values
+        order = np.argsort(-contributions, kind="stable")
+        shared, contributions = shared[order], contributions[order]
+        at_query = float(contributions[shared == 0].sum())
+        gallery = shared > 0
+        shared, contributions = shared[gallery] - 1, contributions[gallery]
+        strongest = min(STRONGEST_NEIGHBOURS, shared.size)
+        lists_item, listed_by_item = bool(np.isin(node, query_list)), bool(np.isin(0, item_list))
+        edge = ("a mutual kNN edge with the query" if lists_item and listed_by_item else
+                "in the query's kNN list only" if lists_item else
+                "the query is in its kNN list only" if listed_by_item else
+                "no kNN edge with the query")
+        graph_part = (1.0 - lam) * graph_score
+        top = float(contributions[:strongest].sum())
+        share = top / graph_part if graph_part > 0 else 0.0
+        summary = (f"{strongest} shared neighbours give {share:.0%} of its graph score; {edge}"
+                   if strongest else f"no shared propagated neighbours; {edge}")
+        numbers = {
+            "graph score": graph_score,
+            "contribution of the query node": at_query,
+            "cosine similarity": cosine,
+            "lambda": float(lam),
+            "cosine contribution": lam * cosine,
+            "final similarity": final,
+            "final distance": float(np.float32(1.0) - np.float32(final)),
+            "query lists it": float(lists_item),
+            "it lists the query": float(listed_by_item),
+        }
+        value_name = ("contribution (1 - lambda) A2'[query, m] A2'[item, m] to the final "
+                      "similarity")
+        groups = (EvidenceGroup("strongest neighbours", shared[:strongest],
+                                contributions[:strongest], value_name),
+                  EvidenceGroup("other shared neighbours", shared[strongest:],
+                                contributions[strongest:], value_name, highlight=False))
+        return Evidence(self.name, item, summary, numbers, groups)
+
+
+@dataclass(frozen=True)
+class _OnlineArrival:
+    """One online query in the graph (`GNNReranker._arrival`): its feature (a tensor on the
+    device), cosine (G,) to the gallery, and either the patched arrival of the CPU
+    propagation (`_gnn_online`) or, for a graph propagated whole, the (G + 1, k1) lists and
+    similarities with the query in (node 0)."""
+
+    query: torch.Tensor
+    cosine: torch.Tensor
+    neighbours: torch.Tensor | None
+    similarities: torch.Tensor | None
+    patched: Any
+
+
+def _sparse_entries(row: Any) -> tuple[np.ndarray, np.ndarray]:
+    """A one-row scipy matrix's columns (ascending) and float64 values."""
+    row = row.tocsr()
+    order = np.argsort(row.indices)
+    return row.indices[order].astype(np.int64), row.data[order].astype(np.float64)
+
+
+def _adjacency_row(adjacency: torch.Tensor, node: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row `node` of a `propagate`d adjacency (dense or sparse COO) as its non-zero columns
+    (ascending) and float64 values."""
+    if adjacency.is_sparse:
+        indices, values = adjacency.indices(), adjacency.values()
+        keep = indices[0] == node
+        columns, row = indices[1, keep].cpu().numpy(), values[keep].cpu().numpy()
+    else:
+        dense = adjacency[node].cpu().numpy()
+        columns = np.flatnonzero(dense)
+        row = dense[columns]
+    order = np.argsort(columns)
+    return columns[order].astype(np.int64), row[order].astype(np.float64)
+
+
+def _significant(entries: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """A row's entries without those at the float32 rounding of its largest (below
+    `NEGLIGIBLE` of it): a patched row's change that cancels an entry leaves about 1e-9 of
+    the row's largest there, where real entries are above 1e-4 of it."""
+    columns, values = entries
+    keep = values > NEGLIGIBLE * values.max(initial=0.0)
+    return columns[keep], values[keep]
+
+
+def _shared_entries(left: tuple[np.ndarray, np.ndarray], right: tuple[np.ndarray, np.ndarray]
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The columns two sparse rows share, with each row's values there."""
+    shared, at_left, at_right = np.intersect1d(left[0], right[0], assume_unique=True,
+                                               return_indices=True)
+    return shared, left[1][at_left], right[1][at_right]

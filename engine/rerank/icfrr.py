@@ -29,7 +29,7 @@ import scipy.sparse as sp
 import torch
 
 from engine.core.knn import float32_scores, knn_graph
-from engine.core.types import GalleryContext, RerankResult
+from engine.core.types import Evidence, EvidenceGroup, GalleryContext, RerankResult
 from engine.errors import InvalidInputError
 from engine.rerank import register
 from engine.rerank._scale import (
@@ -92,6 +92,33 @@ class ICFRROutput:
     order: np.ndarray
     score: np.ndarray
     history: np.ndarray
+    trace: ItemTrace | None = None
+
+
+@dataclass(frozen=True)
+class ItemTrace:
+    """One gallery item followed through an online run (`online_head`'s `follow`): what its
+    score was made of at every iteration, as the run computed it.
+
+    item: the gallery id. original_place: its 0-based position in the original order,
+    original_score: minus its distance there.
+    voters: per iteration, the (KQ,) ids that voted (the first KQ of the order it scored).
+    places: (n_times,) its 0-based position in that order (per-position: the prior it took).
+    priors: (n_times,) float32 what the vote was added to: the original score at that
+    position (the authors' code), or its own accumulated score (`paper_literal`).
+    votes: (n_times,) float32 delta, its mean vote. scores: (n_times,) float32 its score
+    after each iteration, prior + beta * vote. final_score: its score in the returned ranking.
+    """
+
+    item: int
+    original_place: int
+    original_score: np.float32
+    voters: tuple[np.ndarray, ...]
+    places: np.ndarray
+    priors: np.ndarray
+    votes: np.ndarray
+    scores: np.ndarray
+    final_score: np.float32
 
 
 def euclidean_from_similarity(similarity: np.ndarray) -> np.ndarray:
@@ -392,7 +419,8 @@ def sparse_consensus(lists: np.ndarray, voters: np.ndarray, weights: np.ndarray,
 
 def online_head(distances: np.ndarray, ids: np.ndarray, size: int, lists: np.ndarray,
                 params: ICFRRParams, kg: int, kq: int, needed: int,
-                history_depth: int = HISTORY_DEPTH) -> ICFRROutput | None:
+                history_depth: int = HISTORY_DEPTH, follow: int | None = None
+                ) -> ICFRROutput | None:
     """ICFRR for one query from its nearest gallery items only, or None when they cannot
     prove the result of the run over the whole gallery (the caller then gives more).
 
@@ -409,8 +437,12 @@ def online_head(distances: np.ndarray, ids: np.ndarray, size: int, lists: np.nda
             smaller id), the last one only bounding the tail; or all `size` items (the full
             run, always exact).
         lists: (size, >= kg + 1) the gallery lists; kg, kq: as clamped for `size` items.
+        follow: a gallery id whose score to trace (`ItemTrace`); the head then also has to
+            prove that id's positions (per-position: within the exact positions of every
+            order it is scored at), else None.
     Returns:
-        ICFRROutput of one query: order and score (1, needed), history (1, n_times + 1, h).
+        ICFRROutput of one query: order and score (1, needed), history (1, n_times + 1, h),
+        and the trace of `follow`.
     """
     complete = len(ids) >= size
     head = size if complete else len(ids) - 1
@@ -425,10 +457,23 @@ def online_head(distances: np.ndarray, ids: np.ndarray, size: int, lists: np.nda
     weights = vote_weights(size, kg, lists.shape[1])
     beta = np.float32(params.beta)
     history = [order[:width]]
+    trace: dict[str, list] = {name: [] for name in ("voters", "places", "priors", "votes",
+                                                    "scores")}
+    if follow is not None and not (order == follow).any():
+        return None
     for _ in range(params.n_times):
         if kq > exact:
             return None
-        gain = beta * sparse_consensus(lists, order[:kq], weights, size)
+        votes = sparse_consensus(lists, order[:kq], weights, size)
+        gain = beta * votes
+        if follow is not None:
+            place = int(np.flatnonzero(order == follow)[0])
+            if place >= exact and not params.paper_literal:
+                return None  # its prior's position is not proven
+            trace["voters"].append(order[:kq].copy())
+            trace["places"].append(place)
+            trace["priors"].append(score[place] if params.paper_literal else base[place])
+            trace["votes"].append(votes[follow])
         bound = None
         if params.paper_literal:
             score = score + gain[order]
@@ -442,6 +487,8 @@ def online_head(distances: np.ndarray, ids: np.ndarray, size: int, lists: np.nda
                 outside[order[:exact]] = 0
                 bound = np.float32(base[exact] + outside.max())
             score = base[:head] + gain[order]
+        if follow is not None:
+            trace["scores"].append(score[trace["places"][-1]])
         permutation = np.argsort(-score, kind="stable")
         order, score = order[permutation], score[permutation]
         if bound is not None:
@@ -451,7 +498,17 @@ def online_head(distances: np.ndarray, ids: np.ndarray, size: int, lists: np.nda
         history.append(order[:width])
     if needed > exact:
         return None
-    return ICFRROutput(order[None, :needed], score[None, :needed], np.stack(history)[None])
+    item_trace = None
+    if follow is not None:
+        original_place = int(np.flatnonzero(np.asarray(ids[:head]) == follow)[0])
+        item_trace = ItemTrace(
+            follow, original_place, base[original_place], tuple(trace["voters"]),
+            np.array(trace["places"], np.int64),
+            np.array(trace["priors"], np.float32), np.array(trace["votes"], np.float32),
+            np.array(trace["scores"], np.float32),
+            np.float32(trace["scores"][-1] if trace["scores"] else base[original_place]))
+    return ICFRROutput(order[None, :needed], score[None, :needed], np.stack(history)[None],
+                       item_trace)
 
 
 @register
@@ -565,11 +622,25 @@ class ICFRR(Reranker):
         head short of the gallery proves it (items that climb by a few votes past
         near-equidistant ones, iteration after iteration), the whole gallery's distances are
         computed and sorted, as in a batch of one."""
+        _, _, note = clamped(self.params, self.gallery.size)
+        output = self._online_output(query_feature, k)
+        details = {"clamped": note} if note else {}
+        return -output.score[0], output.order[0], {
+            **details, "history": output.history[0], "distance": "minus the final ICFRR score"}
+
+    def _online_output(self, query_feature: np.ndarray, needed: int,
+                       follow: int | None = None) -> ICFRROutput:
+        """`online_head` on heads growing until one proves the first `needed` items (and the
+        positions of `follow`, traced: a head then starts past that item's float32 rank)."""
         gallery = self.gallery.features
         size = len(gallery)
-        kg, kq, note = clamped(self.params, size)
-        head = max(k, kq, min(HISTORY_DEPTH, size)) + HEAD_MARGIN
+        kg, kq, _ = clamped(self.params, size)
+        head = max(needed, kq, min(HISTORY_DEPTH, size)) + HEAD_MARGIN
         scores = float32_scores(gallery, query_feature)
+        if follow is not None:
+            head = max(head, 2 * int(np.count_nonzero(scores > scores[follow])) + HEAD_MARGIN)
+            if head > HEAD_LIMIT * size:
+                head = size
         while True:
             if head + 1 < size:
                 distances, ids = query_top(gallery, query_feature, head + 1, scores=scores,
@@ -579,12 +650,55 @@ class ICFRR(Reranker):
                     canonical_block(query_feature[None, :], gallery))[0]
                 ids = np.argsort(distances, kind="stable")
                 distances = distances[ids]
-            output = online_head(distances, ids, size, self._lists, self.params, kg, kq, k)
+            output = online_head(distances, ids, size, self._lists, self.params, kg, kq,
+                                 needed, follow=follow)
             if output is not None:
-                break
+                return output
             head *= HEAD_GROWTH
             if head > HEAD_LIMIT * size:
                 head = size
-        details = {"clamped": note} if note else {}
-        return -output.score[0], output.order[0], {
-            **details, "history": output.history[0], "distance": "minus the final ICFRR score"}
+
+    def _explain(self, query_feature: np.ndarray, item: int) -> Evidence:
+        """The voters of every iteration (the query's KQ first) with the place each gives the
+        item in its own ranking, the item's mean vote, the prior it was added to and its
+        final score, traced in the online run itself (`online_head`'s `follow`): the final
+        distance is the one online mode returns for the item (every item has one: k = the
+        gallery)."""
+        size = self.gallery.size
+        kg, kq, _ = clamped(self.params, size)
+        output = self._online_output(query_feature, 1, follow=item)
+        trace = output.trace
+        beta = self.params.beta
+        columns = np.arange(self._lists.shape[1])
+        voting = (columns >= 1) & (columns <= kg)
+        value_name = (f"the item's place in this voter's own ranking (1 = its nearest; none: "
+                      f"not in its first {kg}, no vote); its vote is 1 - (place - 1) / "
+                      f"{max(size - 1, 1)}")
+        numbers: dict[str, float] = {
+            "original distance": -float(trace.original_score),
+            "original place": float(trace.original_place + 1)}
+        groups = []
+        for t, voters in enumerate(trace.voters, start=1):
+            hits = (self._lists[voters] == item) & voting
+            places = np.where(hits.any(axis=1), hits.argmax(axis=1), np.nan)
+            numbers[f"vote, iteration {t}"] = float(trace.votes[t - 1])
+            groups.append(EvidenceGroup(f"voters, iteration {t}", voters, places, value_name,
+                                        highlight=False))
+        numbers["beta"] = float(beta)
+        if trace.voters:
+            last = groups[-1]
+            listing = np.isfinite(last.values)
+            weights = 1.0 - (last.values[listing] - 1.0) / max(size - 1, 1)
+            groups.append(EvidenceGroup("voters that rank it", last.rows[listing], weights,
+                                        "the vote it gives the item in the last iteration"))
+            if not self.params.paper_literal:
+                numbers["place it was scored at"] = float(trace.places[-1] + 1)
+            numbers["prior"] = float(trace.priors[-1])
+            summary = (f"{int(listing.sum())} of the query's {kq} nearest rank it in their own "
+                       f"first {kg} (a vote of {trace.votes[-1]:.2f})")
+        else:
+            summary = "no iterations: its original distance"
+        numbers["final score"] = float(trace.final_score)
+        numbers["final distance"] = float(-trace.final_score)
+        return Evidence(self.name, item, summary, numbers, tuple(groups))
+

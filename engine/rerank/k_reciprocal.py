@@ -13,6 +13,7 @@ docs/methods/k_reciprocal.md.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -34,7 +35,7 @@ from engine.core.knn import (
     torch_neighbour_lists,
     torch_topk_largest,
 )
-from engine.core.types import GalleryContext
+from engine.core.types import Evidence, EvidenceGroup, GalleryContext
 from engine.rerank import register
 from engine.rerank._k_reciprocal import (
     canonical_pair_similarity,
@@ -88,13 +89,14 @@ class KReciprocalParams(RerankParams):
 
 
 def _encode(features: np.ndarray, lists: NeighbourLists, k1: int, k2: int,
-            rows_needed: np.ndarray) -> tuple[Any, Any]:
-    """V_qe rows for `rows_needed` (CSR) given neighbour lists over all nodes of `features`."""
+            rows_needed: np.ndarray) -> tuple[sp.csr_matrix, sp.csr_matrix]:
+    """V of every node and V_qe rows for `rows_needed` (CSR) given neighbour lists over all
+    nodes of `features`."""
     n = features.shape[0]
     row_ids, member_ids = k_reciprocal_expansion(lists.indices, k1)
     squared = pair_squared_distances(features, row_ids, member_ids, lists)
     encoding = k_reciprocal_encoding(row_ids, member_ids, squared, lists.row_max, n, n)
-    return local_query_expansion(encoding, lists.indices, k2, rows_needed)
+    return encoding, local_query_expansion(encoding, lists.indices, k2, rows_needed)
 
 
 def _encode_torch(features: torch.Tensor, lists: NeighbourLists, k1: int, k2: int
@@ -242,7 +244,7 @@ class KReciprocalReranker(Reranker):
         depth = max(k1 + 1, k2)  # the encoding's lists: the same pairs' distances as ever
         encoding_lists = NeighbourLists(lists.indices[:, :depth], lists.similarities[:, :depth],
                                         lists.farthest)
-        expanded = _encode(features, encoding_lists, k1, k2, np.arange(n_nodes))
+        _, expanded = _encode(features, encoding_lists, k1, k2, np.arange(n_nodes))
         query_qe = expanded[:n_queries]
         gallery_qe = expanded[offset:].tocsc()
         indices = np.empty((n_queries, k), np.int64)
@@ -420,26 +422,100 @@ class KReciprocalReranker(Reranker):
         (`_QuerySimilarities`). Always on the CPU (numpy/scipy), also for a reranker on CUDA:
         patching a few sparse rows gains nothing from a GPU.
         """
+        _, _, details = self._effective(self.gallery.size + 1)
+        state = self._online_encoding(query_feature)
+        distances, indices = self._online_top_k(state.overlap[1:], state.similarities,
+                                                state.row_max, k)
+        details = {**details, "rows_reencoded": int(state.dirty.size)}
+        return distances, indices, details
+
+    def _online_encoding(self, query_feature: np.ndarray) -> _OnlineEncoding:
+        """One online query's Jaccard overlaps with every node and the encodings they come
+        from (`_rerank_online` ranks from them, `_explain` shows them): the fitted rows
+        patched where the query changes them, or on a graph smaller than the neighbourhoods
+        every row encoded afresh."""
         gallery = self.gallery.features
         size = gallery.shape[0]
-        k1, k2, details = self._effective(size + 1)
+        k1, k2, _ = self._effective(size + 1)
         depth = max(k1 + 1, k2)
         similarities = _QuerySimilarities(gallery, query_feature)
         if self._patchable:
             graph = self._graph_with_query(similarities, depth)
-            dirty_rows, overlap = self._patched_overlap(graph, similarities, k1, k2)
-            query_row_max = graph.query_row_max
-        else:
-            lists = self._lists_with_query(similarities.exact(np.arange(size)), depth)
-            features = np.vstack([query_feature[None, :], gallery])
-            expanded = _encode(features, lists, k1, k2, np.arange(size + 1))
-            overlap = jaccard_overlap(expanded[:1], expanded.tocsc())[0]
-            dirty_rows = np.arange(size + 1)
-            query_row_max = lists.row_max[0]
-        distances, indices = self._online_top_k(overlap[1:], similarities, query_row_max,
-                                                k)
-        details = {**details, "rows_reencoded": int(dirty_rows.size)}
-        return distances, indices, details
+            dirty, overlap, fresh = self._patched_overlap(graph, similarities, k1, k2)
+            return _OnlineEncoding(
+                similarities, overlap, graph.query_row_max, dirty,
+                encoding_rows=lambda nodes: self._encoding_rows(nodes, dirty, fresh),
+                expanded_rows=lambda nodes: self._expanded_rows(graph.heads(nodes, k2), dirty,
+                                                                fresh))
+        lists = self._lists_with_query(similarities.exact(np.arange(size)), depth)
+        features = np.vstack([query_feature[None, :], gallery])
+        encoding, expanded = _encode(features, lists, k1, k2, np.arange(size + 1))
+        overlap = jaccard_overlap(expanded[:1], expanded.tocsc())[0]
+        return _OnlineEncoding(similarities, overlap, lists.row_max[0], np.arange(size + 1),
+                               encoding_rows=lambda nodes: encoding[nodes],
+                               expanded_rows=lambda nodes: expanded[nodes])
+
+    def _encoding_rows(self, nodes: np.ndarray, dirty: np.ndarray, fresh: sp.csr_matrix
+                       ) -> sp.csr_matrix:
+        """V rows of `nodes` with the query in: `fresh` for the re-encoded (`dirty`) rows,
+        the fitted encoding for the others."""
+        slot, is_dirty = _lookup(dirty, nodes)
+        return sp.vstack([fresh[slot[i]] if is_dirty[i] else self._encoding[node]
+                          for i, node in enumerate(nodes)], format="csr")
+
+    def _explain(self, query_feature: np.ndarray, item: int) -> Evidence:
+        """The query's and the item's expanded k-reciprocal sets R* (their V weights), the
+        neighbours their expanded encodings V_qe share (the minima, which sum to the overlap
+        m of d_J = 1 - m / (2 - m)), and the numbers of d* = (1 - lambda) d_J + lambda d',
+        from the online computation itself (`_online_encoding`): the final distance is the
+        one online mode returns for the item (every item has one: k = the gallery)."""
+        state = self._online_encoding(query_feature)
+        node = item + 1
+        overlap = state.overlap[node:node + 1]
+        squared = squared_from_similarity(state.similarities.exact(np.array([item])))
+        row_max = state.row_max
+        final = self._final(overlap, squared, row_max)[0]
+        original = (squared / np.where(row_max > 0, row_max, np.float32(1.0)))[0]
+        nodes = np.array([0, node])
+        encoding, expanded = state.encoding_rows(nodes), state.expanded_rows(nodes)
+        query_set, query_weights = _row_entries(encoding, 0)
+        item_set, item_weights = _row_entries(encoding, 1)
+        query_qe, query_qe_weights = _row_entries(expanded, 0)
+        item_qe, item_qe_weights = _row_entries(expanded, 1)
+        shared, at_query, at_item = np.intersect1d(query_qe, item_qe, assume_unique=True,
+                                                   return_indices=True)
+        minima = np.minimum(query_qe_weights[at_query], item_qe_weights[at_item])
+        on_query = float(minima[shared == 0].sum())
+        neighbours = item_set[item_set != node]
+        common = int(np.isin(neighbours, query_set).sum())
+        summary = (f"{common} of its {neighbours.size} k-reciprocal neighbours are also the "
+                   "query's" if neighbours.size else
+                   "it has no k-reciprocal neighbours but itself")
+        numbers = {
+            "shared weight": float(overlap[0]),
+            "shared weight at the query": on_query,
+            "Jaccard distance": float(jaccard_distance(overlap)[0]),
+            "squared distance": float(squared[0]),
+            "largest squared distance": float(row_max),
+            "original distance": float(original),
+            "lambda": float(self.params.lambda_value),
+            "final distance": float(final),
+        }
+        gallery = shared > 0
+        groups = (
+            EvidenceGroup("shared neighbours", shared[gallery] - 1, minima[gallery],
+                          "the smaller of the two expanded encodings' (V_qe) weights: with "
+                          "the shared weight at the query they sum to the shared weight m"),
+            EvidenceGroup("query's k-reciprocal set", query_set[query_set > 0] - 1,
+                          query_weights[query_set > 0],
+                          "weight in the query's encoding V (exp(-d') over the set's sum)",
+                          highlight=False),
+            EvidenceGroup("its k-reciprocal set", item_set[item_set > 0] - 1,
+                          item_weights[item_set > 0],
+                          "weight in the item's encoding V (exp(-d') over the set's sum)",
+                          highlight=False),
+        )
+        return Evidence(self.name, item, summary, numbers, groups)
 
     def _graph_with_query(self, similarities: _QuerySimilarities, depth: int) -> _QueryGraph:
         """The lists of (query + gallery) as `knn.lists_with_query` builds them, as patches:
@@ -478,15 +554,16 @@ class KReciprocalReranker(Reranker):
             query_row_max=squared_from_similarity(np.float32(query_farthest)))
 
     def _patched_overlap(self, graph: _QueryGraph, similarities: _QuerySimilarities,
-                         k1: int, k2: int) -> tuple[np.ndarray, np.ndarray]:
+                         k1: int, k2: int
+                         ) -> tuple[np.ndarray, np.ndarray, sp.csr_matrix]:
         """Jaccard overlap of the query (node 0) with every node, re-encoding only the rows the
         query changes: those whose reciprocal set, a candidate's half-set or row maximum moved.
 
         A row's reciprocal mask over its first w entries can change only if its own first w
         entries or those of one of them changed, i.e. if the query is among them: only those
         rows' masks are recomputed (found through the inverted lists of `fit`), the others are
-        the ones stored at fit. Returns the re-encoded rows (node ids) and the (G + 1,)
-        overlaps.
+        the ones stored at fit. Returns the re-encoded rows (node ids), the (G + 1,)
+        overlaps and the re-encoded rows' V (one row each, in their order).
         """
         size = self.gallery.size
         width, half = k1 + 1, half_neighbourhood(k1) + 1
@@ -524,7 +601,7 @@ class KReciprocalReranker(Reranker):
         query_row = expanded[:1]  # node 0 is the first changed row
         overlap = jaccard_overlap(query_row, self._expanded_columns)[0]
         overlap[changed_rows] = jaccard_overlap(query_row, expanded.tocsc())[0]
-        return dirty, overlap
+        return dirty, overlap, fresh
 
     def _expanded_rows(self, sources: np.ndarray, dirty: np.ndarray, fresh: sp.csr_matrix
                        ) -> sp.csr_matrix:
@@ -672,6 +749,33 @@ class _QuerySimilarities:
             self._values[todo] = canonical_rows(self._gallery, todo, self._query)
             self._known[todo] = True
         return self._values[items]
+
+
+@dataclass(frozen=True)
+class _OnlineEncoding:
+    """One online query's encoding (`KReciprocalReranker._online_encoding`), nodes numbered
+    as there (the query node 0, gallery item j node j + 1).
+
+    overlap: (G + 1,) float32 Jaccard overlap m of the query's V_qe row with every node's.
+    row_max: the query's largest squared distance (d' divides by it). dirty: the nodes whose
+    V was encoded afresh. encoding_rows / expanded_rows: the V / V_qe rows (CSR, one per node
+    asked, in that order) with the query in.
+    """
+
+    similarities: _QuerySimilarities
+    overlap: np.ndarray
+    row_max: np.floating
+    dirty: np.ndarray
+    encoding_rows: Callable[[np.ndarray], sp.csr_matrix]
+    expanded_rows: Callable[[np.ndarray], sp.csr_matrix]
+
+
+def _row_entries(matrix: sp.csr_matrix, row: int) -> tuple[np.ndarray, np.ndarray]:
+    """A CSR row's columns (ascending, int64) and their values (float64)."""
+    start, stop = matrix.indptr[row], matrix.indptr[row + 1]
+    columns = matrix.indices[start:stop].astype(np.int64)
+    order = np.argsort(columns)
+    return columns[order], matrix.data[start:stop][order].astype(np.float64)
 
 
 @dataclass(frozen=True)

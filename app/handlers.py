@@ -9,8 +9,8 @@ in its own thread, a build the user asks for (another query model, a gallery) in
 explorer's request queue, which the handlers only follow and cancel.
 
 `PageHandlers` holds the query, browsing, Compare and tuning events; the events of long work
-(`app.builds.BuildEvents`) and of links (`app.links.LinkEvents`) are mixed into it from their
-own modules.
+(`app.builds.BuildEvents`), of links (`app.links.LinkEvents`) and of a result's evidence
+(`app.evidence.EvidenceEvents`) are mixed into it from their own modules.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import gradio as gr
 
 from app import plots
 from app.builds import BuildEvents
+from app.evidence import EvidenceEvents
 from app.feedback import engine_errors_as_gradio, gradio_progress
 from app.links import LinkEvents
 from app.plot_events import clicked_file, selected_files
@@ -84,7 +85,7 @@ QUERY_SET_PICK = "query-set:"
 apart from a gallery item of the same name."""
 
 
-class PageHandlers(BuildEvents, LinkEvents):
+class PageHandlers(BuildEvents, LinkEvents, EvidenceEvents):
     """The page's event functions, bound to one explorer (plain methods, testable without a UI).
 
     `build_app` sets `ui` (the page's components); handlers return dicts keyed by them.
@@ -361,6 +362,7 @@ class PageHandlers(BuildEvents, LinkEvents):
         updates[self.ui.state] = new_view
         updates[self.ui.timings] = timings_table(result)
         updates[self.ui.json] = result.as_dict(session.gallery)
+        updates.update(self.hide_evidence([tab]))
         return {**shown, **updates}
 
     def replot(self, view: QueryView | None, key: str, plot_method: str, space: str
@@ -389,6 +391,7 @@ class PageHandlers(BuildEvents, LinkEvents):
         updates.update(compare_updates(self.ui.compare_rows, self.thumbnails, session, result))
         updates.update(plot_updates(self.ui, session, view, plot_method, space,
                                     self.thumbnails))
+        updates.update(self.hide_evidence())
         return updates
 
     # -- gallery browsing ------------------------------------------------------------------------
@@ -457,6 +460,7 @@ class PageHandlers(BuildEvents, LinkEvents):
         updates[ui.background] = background_text(session)
         for gallery_widget in ui.compare_rows.values():
             updates[gallery_widget] = gr.Gallery(value=[])
+        updates.update(self.hide_evidence())
         return updates
 
     # -- compare ---------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import gradio as gr
 
 from app.controls import clamped
+from app.evidence import EvidencePanel, evidence_panel
 from app.plot_events import CLICK_ELEM_ID, SELECTION_ELEM_ID, event_box
 from app.render import examples_shown, map_figure
 from app.text import (
@@ -81,6 +82,8 @@ class MethodWidgets:
     tune_best: gr.State
     use_best: gr.Button
     save_best: gr.Button
+    evidence: EvidencePanel | None = None
+    """Opened by clicking a result of the method's ranking (`app.evidence`)."""
 
 
 @dataclass
@@ -392,6 +395,7 @@ def _method_tab(name: str, session: GallerySession) -> MethodWidgets:
             reranked = gr.Gallery(label=method_title(name), columns=5, height=330,
                                   object_fit="cover", interactive=False, allow_preview=False,
                                   elem_classes=["ranking"], elem_id=f"reranked-{name}")
+        evidence = evidence_panel(name)
         with gr.Accordion("Parameters", open=True), gr.Row():
             controls = [_control(spec, params[spec["name"]]) for spec in specs]
             reset = gr.Button("Reset to preset / defaults", scale=0)
@@ -420,7 +424,7 @@ def _method_tab(name: str, session: GallerySession) -> MethodWidgets:
         metrics=metrics, reset=reset, tune_first=first, tune_first_values=first_values,
         tune_second=second, tune_second_values=second_values, tune_run=run,
         tune_cancel=cancel, tune_plot=tune_plot, tune_summary=tune_summary,
-        tune_best=tune_best, use_best=use_best, save_best=save_best)
+        tune_best=tune_best, use_best=use_best, save_best=save_best, evidence=evidence)
 
 
 def _control(spec: dict[str, Any], value: Any) -> gr.components.Component:

@@ -35,6 +35,12 @@ PALETTE_LIGHTNESS = (0.40, 0.75)
 PALETTE_CHROMA = 0.10
 """Least OKLab chroma of a class colour: far from the grey of unlabelled images."""
 LARGEST_NODE, SMALLEST_NODE = 28.0, 12.0
+EVIDENCE_NODE = 10.0
+"""Size of an evidence node of the kNN graph that is not among the results (unnumbered)."""
+EVIDENCE_COLOUR = "#111111"
+EVIDENCE_RING_GAP, EVIDENCE_RING_WIDTH = 9.0, 2.5
+"""An evidence node's ring: this much wider than the node, this thick (the nodes' own
+outline is thin and white, so the dark ring stands out on any class colour)."""
 AXIS_MARGIN = 0.15
 """Room around the layout's bounding box (fraction of its wider side) for markers and labels."""
 PLOT_HEIGHT = 460
@@ -139,7 +145,8 @@ def knn_figure(graph: NeighbourhoodGraph, ranking_rows: Sequence[int],
                ranking_distances: Sequence[float], *, files: Sequence[str],
                labels: np.ndarray | None, class_names: Sequence[str],
                query_label: int | None = None, title: str = "",
-               thumbnail_urls: Sequence[str] | None = None) -> go.Figure:
+               thumbnail_urls: Sequence[str] | None = None,
+               evidence_rows: Sequence[int] = ()) -> go.Figure:
     """The query and one method's results as a graph, laid out by `graph.positions`.
 
     Only the edges between shown nodes are drawn: mutual ones (each among the other's nearest)
@@ -156,16 +163,25 @@ def knn_figure(graph: NeighbourhoodGraph, ranking_rows: Sequence[int],
         class_names: name of each label; query_label: the query's class, if known.
         thumbnail_urls: URL of every gallery row's thumbnail ("" for none; see `file_url`),
             carried in each node's customdata for the hover image; None: no images.
+        evidence_rows: gallery rows a method's evidence rests on (all in graph.rows; see
+            `app.evidence`): each gets a dark ring, under one legend entry "evidence"; those
+            that are not among the results are drawn too, as small unnumbered nodes.
     Returns:
         Traces in a fixed order: one-way edges, mutual edges, one node trace per class shown
-        (ascending label, unlabelled last), the query.
+        (ascending label, unlabelled last), with evidence: the evidence beyond the results
+        and the rings; the query.
     """
     rows, distances = _ranking(ranking_rows, ranking_distances)
     _check_urls(thumbnail_urls, files)
     nodes = graph.nodes_of(rows)
+    evidence = np.asarray(evidence_rows, dtype=np.int64).reshape(-1)
+    evidence = evidence[np.sort(np.unique(evidence, return_index=True)[1])]
+    beyond = evidence[~np.isin(evidence, rows)]
+    beyond_nodes = graph.nodes_of(beyond)
     shown = np.zeros(len(graph.positions), bool)
     shown[0] = True
     shown[nodes] = True
+    shown[beyond_nodes] = True
     drawn = shown[graph.edges].all(axis=1)
     positions = graph.positions
     figure = go.Figure()
@@ -193,6 +209,9 @@ def knn_figure(graph: NeighbourhoodGraph, ranking_rows: Sequence[int],
                        f"<br>distance: {distances[i]:.4f}" for i in members],
             customdata=_point_data(rows[members], files, thumbnail_urls),
             hovertemplate="%{hovertext}<extra></extra>"))
+    if evidence.size:
+        _evidence_traces(figure, positions, evidence, rows, nodes, sizes, beyond,
+                         beyond_nodes, files, labels, class_names, thumbnail_urls)
     query_class = ("" if query_label is None
                    else f"<br>class: {class_name(query_label, class_names)}")
     figure.add_trace(go.Scatter(
@@ -213,6 +232,36 @@ def knn_figure(graph: NeighbourhoodGraph, ranking_rows: Sequence[int],
         yaxis={"range": y_range, "visible": False, "constrain": "domain",
                "scaleanchor": "x", "scaleratio": 1})
     return figure
+
+
+def _evidence_traces(figure: go.Figure, positions: np.ndarray, evidence: np.ndarray,
+                     rows: np.ndarray, nodes: np.ndarray, sizes: np.ndarray,
+                     beyond: np.ndarray, beyond_nodes: np.ndarray, files: Sequence[str],
+                     labels: np.ndarray | None, class_names: Sequence[str],
+                     thumbnail_urls: Sequence[str] | None) -> None:
+    """The kNN figure's evidence: the evidence rows beyond the results as small class-coloured
+    nodes (they hover and click as any node), then a ring around every evidence node (it
+    neither hovers nor clicks: the node under it does)."""
+    beyond_labels = _labels_of(beyond, labels)
+    figure.add_trace(go.Scatter(
+        x=positions[beyond_nodes, 0], y=positions[beyond_nodes, 1], mode="markers",
+        name="evidence beyond the results", showlegend=False,
+        marker={"color": [class_colour(label) for label in beyond_labels],
+                "size": EVIDENCE_NODE, "line": {"color": "white", "width": 1}},
+        hovertext=[f"{files[row]}<br>class: {class_name(label, class_names)}<br>evidence, "
+                   "not among these results"
+                   for row, label in zip(beyond, beyond_labels, strict=True)],
+        customdata=_point_data(beyond, files, thumbnail_urls),
+        hovertemplate="%{hovertext}<extra></extra>"))
+    ranked = np.flatnonzero(np.isin(rows, evidence))
+    ring_nodes = np.concatenate([nodes[ranked], beyond_nodes])
+    ring_sizes = np.concatenate([sizes[ranked], np.full(len(beyond), EVIDENCE_NODE)])
+    figure.add_trace(go.Scatter(
+        x=positions[ring_nodes, 0], y=positions[ring_nodes, 1], mode="markers",
+        name="evidence", hoverinfo="skip",
+        marker={"symbol": "circle-open", "size": ring_sizes + EVIDENCE_RING_GAP,
+                "color": EVIDENCE_COLOUR, "line": {"color": EVIDENCE_COLOUR,
+                                                   "width": EVIDENCE_RING_WIDTH}}))
 
 
 def map_sample(size: int, limit: int = MAP_POINT_LIMIT) -> np.ndarray | None:

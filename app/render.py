@@ -129,7 +129,8 @@ def method_updates(tab: MethodWidgets, thumbnails: ThumbnailCache, session: Gall
     return {
         tab.baseline: baseline_items,
         tab.reranked: gr.Gallery(value=ranked_items(thumbnails, session, result, method, True),
-                                 label=f"{ranking.title} · top {result.top_n}"),
+                                 label=f"{ranking.title} · top {result.top_n} · click a "
+                                 "result for its evidence"),
         tab.metrics: metrics_text(result, baseline, ranking)
         + f"  \n<small>Captions: cos = cosine similarity to the query in the gallery's "
           f"feature space (the same for every method); d = the method's own distance: "

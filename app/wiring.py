@@ -43,6 +43,7 @@ def wire(handlers: PageHandlers, demo: gr.Blocks) -> None:
     _wire_galleries(handlers, ui)
     for name in handlers.method_names:
         _wire_method(handlers, ui, name)
+        _wire_evidence(handlers, ui, name)
     _wire_share(handlers, ui, demo)
     if handlers.public is not None:
         demo.unload(handlers.end_session)
@@ -71,7 +72,13 @@ def _result_outputs(ui: PageComponents) -> list[Any]:
                *ui.compare_rows.values()]
     for tab in ui.tabs.values():
         outputs += [tab.baseline, tab.reranked, tab.metrics, tab.source]
-    return outputs
+    return outputs + _evidence_hidden(ui)
+
+
+def _evidence_hidden(ui: PageComponents) -> list[Any]:
+    """What closing every tab's evidence panel updates (a new query or gallery does)."""
+    return [component for tab in ui.tabs.values() if tab.evidence is not None
+            for component in (tab.evidence.panel, tab.evidence.item)]
 
 
 def _pick_outputs(ui: PageComponents) -> list[Any]:
@@ -90,7 +97,7 @@ def _gallery_outputs(ui: PageComponents) -> list[Any]:
     for tab in ui.tabs.values():
         outputs += [tab.source, tab.state, tab.train, *tab.controls, tab.baseline,
                     tab.reranked, tab.metrics]
-    return outputs
+    return outputs + _evidence_hidden(ui)
 
 
 def _unique(components: Sequence[Any]) -> list[Any]:
@@ -127,7 +134,9 @@ def _wire_query(handlers: PageHandlers, ui: PageComponents) -> None:
     on(ui, ui.plot_click.input, handlers.pick_plotted, [ui.plot_click, ui.gallery,
                                                         *after_pick], pick_outputs, **query)
     result_galleries = [(BASELINE, tab.baseline) for tab in ui.tabs.values()]
-    result_galleries += [(tab.name, tab.reranked) for tab in ui.tabs.values()]
+    # a method's own strip opens the result's evidence instead (`_wire_evidence`)
+    result_galleries += [(tab.name, tab.reranked) for tab in ui.tabs.values()
+                         if tab.evidence is None]
     result_galleries += list(ui.compare_rows.items())
     for method, gallery in result_galleries:
         on(ui, gallery.select, _picker(handlers, method), [ui.state, *after_pick],
@@ -189,6 +198,8 @@ def _wire_method(handlers: PageHandlers, ui: PageComponents, name: str) -> None:
     method_outputs = [ui.state, ui.timings, ui.json, ui.knn_plot, ui.map_plot,
                       *ui.compare_rows.values(), tab.baseline, tab.reranked, tab.metrics,
                       tab.source, *tab.controls]
+    if tab.evidence is not None:  # its evidence is stale once the method re-ranks
+        method_outputs += [tab.evidence.panel, tab.evidence.item]
     triggers = [control.release if isinstance(control, gr.Slider)
                 else control.input if isinstance(control, gr.Checkbox) else control.submit
                 for control in tab.controls]
@@ -222,6 +233,29 @@ def _wire_method(handlers: PageHandlers, ui: PageComponents, name: str) -> None:
        [tab.source, *tab.controls], api_visibility="private").then(
         shown_in(ui.message, rerank, method_outputs), rerank_inputs,
         [*method_outputs, ui.message], **progress)
+
+
+def _wire_evidence(handlers: PageHandlers, ui: PageComponents, name: str) -> None:
+    """One method's tab: clicking a result of its ranking opens the result's evidence (and
+    rings it on the kNN graph); "Query with this image" then queries with it."""
+    panel = ui.tabs[name].evidence
+    if panel is None:
+        return
+    on(ui, ui.tabs[name].reranked.select, _evidence_opener(handlers, name), ui.state,
+       [*panel.outputs(), ui.knn_plot],
+       **{**_PRIVATE_QUERY, "show_progress_on": ui.tabs[name].reranked})
+    on(ui, panel.requery.click, handlers.query_evidence_item,
+       [ui.gallery, panel.item, ui.leave_out, ui.top_n, ui.plot_method, ui.space,
+        *ui.all_controls()], _pick_outputs(ui),
+       **{**_PRIVATE_QUERY, "show_progress_on": ui.query_image})
+
+
+def _evidence_opener(handlers: PageHandlers, method: str) -> Callable[..., Any]:
+    """`PageHandlers.show_evidence` for one method's results (a closure, as `_picker`)."""
+    def show_evidence(event: gr.SelectData, view: Any) -> dict[Any, Any]:
+        return handlers.show_evidence(method, event, view)
+    show_evidence.__name__ = f"show_evidence_{method}"
+    return show_evidence
 
 
 def _wire_share(handlers: PageHandlers, ui: PageComponents, demo: gr.Blocks) -> None:

@@ -26,6 +26,7 @@ import gradio as gr
 from app import plots
 from app.builds import BuildEvents
 from app.evidence import EvidenceEvents
+from app.exports import ExportEvents
 from app.feedback import engine_errors_as_gradio, gradio_progress
 from app.links import LinkEvents
 from app.plot_events import clicked_file, selected_files
@@ -85,7 +86,7 @@ QUERY_SET_PICK = "query-set:"
 apart from a gallery item of the same name."""
 
 
-class PageHandlers(BuildEvents, LinkEvents, EvidenceEvents):
+class PageHandlers(ExportEvents, BuildEvents, LinkEvents, EvidenceEvents):
     """The page's event functions, bound to one explorer (plain methods, testable without a UI).
 
     `build_app` sets `ui` (the page's components); handlers return dicts keyed by them.

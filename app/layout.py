@@ -20,6 +20,7 @@ import gradio as gr
 
 from app.controls import clamped
 from app.evidence import EvidencePanel, evidence_panel
+from app.exports import ExportButtons, rankings_buttons, table_buttons
 from app.plot_events import CLICK_ELEM_ID, SELECTION_ELEM_ID, event_box
 from app.render import examples_shown, map_figure
 from app.text import (
@@ -180,6 +181,8 @@ class PageComponents:
     """The view as a URL query string (hidden); the page's script puts it in the address bar."""
     json: gr.JSON
     api: QueryApi
+    exports: ExportButtons | None = None
+    """The download buttons of the query's rankings and of the Compare table (`app.exports`)."""
 
     def all_controls(self) -> list[gr.components.Component]:
         """Every tab's parameter controls, in tab order (how handlers receive their values)."""
@@ -278,6 +281,7 @@ def build_layout(explorer: Explorer, handlers: PageHandlers) -> PageComponents:
                 object_fit="cover", interactive=False, elem_id="examples")
             with gr.Accordion("Timings", open=False):
                 timings = gr.Markdown(elem_id="timings")
+            downloads = rankings_buttons()
         with gr.Column(scale=4, min_width=480), gr.Tabs(
                 selected=handlers.method_names[0] if handlers.method_names else "compare",
                 elem_id="method-tabs") as method_tabs:
@@ -307,6 +311,7 @@ def build_layout(explorer: Explorer, handlers: PageHandlers) -> PageComponents:
                         headers=list(SCORES_TABLE_COLUMNS), interactive=False, wrap=True,
                         elem_id="compare-table")
                     compare_button = gr.Button("Compute for the current parameters")
+                    downloads += table_buttons()
     with gr.Accordion("Browse the gallery", open=False, elem_id="browse"):
         with gr.Row():
             class_filter = gr.Dropdown(choices=[ALL_CLASSES, *gallery.class_names],
@@ -365,7 +370,7 @@ def build_layout(explorer: Explorer, handlers: PageHandlers) -> PageComponents:
         plot_method=plot_method,
         space=space, knn_plot=knn_plot, map_plot=map_plot, plot_click=plot_click,
         plot_selection=plot_selection, selection=selection, selection_file=selection_file,
-        share=share, json=result_json, api=api)
+        share=share, json=result_json, api=api, exports=ExportButtons(*downloads))
 
 
 def short_title(name: str) -> str:

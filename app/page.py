@@ -18,7 +18,7 @@ from app.layout import build_layout
 from app.plot_events import plot_events_js
 from app.public import PublicUploads, UploadLimits
 from app.wiring import wire
-from engine import MAX_FILE_BYTES, Explorer
+from engine import MAX_FILE_BYTES, Explorer, exports_folder
 
 __all__ = ["DEFAULT_CONCURRENCY", "PUBLIC_CACHE_SECONDS", "QUEUE_SIZE", "PageHandlers",
            "build_app", "launch_options"]
@@ -80,7 +80,8 @@ def launch_options(explorer: Explorer, public: bool = False,
     explorer.thumbnail_root.mkdir(parents=True, exist_ok=True)
     options = {"theme": gr.themes.Soft(), "css": CSS, "head": ENTER_APPLIES_SCRIPT,
                "js": plot_events_js(),
-               "allowed_paths": [str(explorer.thumbnail_root)]}
+               "allowed_paths": [str(explorer.thumbnail_root),
+                                 str(exports_folder(explorer.cache_root))]}
     if public:
         limits = upload_limits or UploadLimits()
         return {**options, "max_file_size": limits.archive_bytes, "show_error": False}

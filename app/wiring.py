@@ -45,6 +45,7 @@ def wire(handlers: PageHandlers, demo: gr.Blocks) -> None:
         _wire_method(handlers, ui, name)
         _wire_evidence(handlers, ui, name)
     _wire_share(handlers, ui, demo)
+    _wire_exports(handlers, ui, demo)
     if handlers.public is not None:
         demo.unload(handlers.end_session)
 
@@ -256,6 +257,26 @@ def _evidence_opener(handlers: PageHandlers, method: str) -> Callable[..., Any]:
         return handlers.show_evidence(method, event, view)
     show_evidence.__name__ = f"show_evidence_{method}"
     return show_evidence
+
+
+def _wire_exports(handlers: PageHandlers, ui: PageComponents, demo: gr.Blocks) -> None:
+    """The download buttons: their files follow the query and the Compare table (written
+    when those change, and the table's when the page loads); a click with nothing to download
+    says why."""
+    exports = ui.exports
+    if exports is None:
+        return
+    quiet = {"api_visibility": "private", "show_progress": "hidden",
+             "trigger_mode": "always_last", "concurrency_id": "exports"}
+    gr.on([ui.state.change], handlers.rankings_files, ui.state, exports.rankings, **quiet)
+    gr.on([demo.load, ui.compare_table.change], handlers.table_files,
+          [ui.gallery, ui.compare_table, *ui.all_controls()], exports.table, **quiet)
+    for button in exports.rankings:
+        on(ui, button.click, handlers.check_rankings_download, ui.state, [],
+           api_visibility="private", show_progress="hidden")
+    for button in exports.table:
+        on(ui, button.click, handlers.check_table_download, ui.compare_table, [],
+           api_visibility="private", show_progress="hidden")
 
 
 def _wire_share(handlers: PageHandlers, ui: PageComponents, demo: gr.Blocks) -> None:

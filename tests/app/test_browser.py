@@ -8,6 +8,7 @@ reported, not asserted). Skips, with the reason, where chromium or Playwright is
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,7 +17,8 @@ from typing import Any
 import pytest
 
 from app.text import BASELINE_LABEL
-from engine.explorer import DEFAULT_TOP_N, method_title
+from engine import read_csv_export
+from engine.explorer import BASELINE, DEFAULT_TOP_N, method_title
 from engine.explorer.results import BASELINE_TITLE
 from engine.rerank import list_rerankers
 from tests.app.browser import Browser, needs_browser, open_browser, signature, thumbnails
@@ -131,6 +133,20 @@ def explore(page: Any, server: str, timings: dict[str, float], shot: str) -> Non
     top = thumbnails(page, galleries[0]).first.inner_text()
     assert CLASSES[0] in top, f"top baseline result {top!r} for a {CLASSES[0]} example {shot}"
 
+    # The rankings download: the example's rankings of every method (a gallery pick: the
+    # uploads before it have no file), with their run card.
+    def picked(text: str) -> bool:
+        return read_csv_export(text)[0].extra["query"]["file"] is not None
+
+    card, headers, rows = read_csv_export(download(page, "download-rankings-csv", timings,
+                                                   picked))
+    assert card.kind == "query rankings" and headers[:3] == ["method", "rank", "file"], shot
+    assert {row[0] for row in rows} == {BASELINE, *methods}, f"rankings download {shot}"
+    assert {row[3] for row in rows if row[1] == "1"} <= set(CLASSES.values()), shot
+    data = json.loads(download(page, "download-rankings-json", timings))
+    assert data["run_card"]["kind"] == "query rankings", f"rankings JSON {shot}"
+    assert set(data["methods"]) == {BASELINE, *methods}, f"rankings JSON {shot}"
+
     # Compare: one row per method and the baseline (a virtual table: rows are [role=row]).
     rows = page.locator("#compare-table [role=row]")
     timed(timings, "tab switch (Compare)", lambda: (
@@ -140,3 +156,37 @@ def explore(page: Any, server: str, timings: dict[str, float], shot: str) -> Non
              for i in range(rows.count())]
     expected = ["method", BASELINE_TITLE, *(method_title(name) for name in methods)]
     assert cells == expected, f"Compare table rows {cells} {shot}"
+
+    # The table downloads: CSV, JSON and Markdown of the rows shown, each with its run card.
+    card, headers, rows = read_csv_export(download(page, "download-table-csv", timings))
+    assert card.kind == "compare table" and [row[0] for row in rows] == expected[1:], shot
+    data = json.loads(download(page, "download-table-json", timings))
+    assert data["headers"] == headers and len(data["rows"]) == len(rows), shot
+    markdown = download(page, "download-table-md", timings).splitlines()
+    assert "| " + " | ".join(headers) + " |" in markdown, f"Markdown download {shot}"
+    assert len([line for line in markdown if line.startswith("| ")]) == len(rows) + 1, shot
+
+
+def download(page: Any, elem_id: str, timings: dict[str, float],
+             accept: Callable[[str], bool] = lambda text: True) -> str:
+    """Click a download button and return the text of the file the browser saved. Its file is
+    written when the query or table changes, a moment after they are shown: until then a click
+    downloads nothing (or the previous file), so the click is repeated until `accept` takes
+    the text (for up to STEP_MS)."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    started = time.perf_counter()
+    while True:
+        try:
+            with page.expect_download(timeout=3000) as info:
+                page.locator(f"#{elem_id}").click()
+            text = Path(info.value.path()).read_text(encoding="utf-8")
+            if accept(text):
+                break
+        except PlaywrightTimeout:
+            pass
+        if time.perf_counter() - started > STEP_MS / 1000:
+            raise AssertionError(f"#{elem_id} downloaded no accepted file in {STEP_MS} ms")
+        time.sleep(0.5)
+    timings[f"download {elem_id}"] = time.perf_counter() - started
+    return text

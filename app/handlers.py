@@ -9,8 +9,9 @@ in its own thread, a build the user asks for (another query model, a gallery) in
 explorer's request queue, which the handlers only follow and cancel.
 
 `PageHandlers` holds the query, browsing, Compare and tuning events; the events of long work
-(`app.builds.BuildEvents`), of links (`app.links.LinkEvents`) and of a result's evidence
-(`app.evidence.EvidenceEvents`) are mixed into it from their own modules.
+(`app.builds.BuildEvents`), of links (`app.links.LinkEvents`), of a result's evidence
+(`app.evidence.EvidenceEvents`) and of the failure browser (`app.failures.FailureEvents`) are
+mixed into it from their own modules.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from app import plots
 from app.builds import BuildEvents
 from app.evidence import EvidenceEvents
 from app.exports import ExportEvents
+from app.failures import FailureEvents
 from app.feedback import engine_errors_as_gradio, gradio_progress
 from app.links import LinkEvents
 from app.plot_events import clicked_file, selected_files
@@ -86,7 +88,7 @@ QUERY_SET_PICK = "query-set:"
 apart from a gallery item of the same name."""
 
 
-class PageHandlers(ExportEvents, BuildEvents, LinkEvents, EvidenceEvents):
+class PageHandlers(ExportEvents, BuildEvents, LinkEvents, EvidenceEvents, FailureEvents):
     """The page's event functions, bound to one explorer (plain methods, testable without a UI).
 
     `build_app` sets `ui` (the page's components); handlers return dicts keyed by them.
@@ -462,6 +464,8 @@ class PageHandlers(ExportEvents, BuildEvents, LinkEvents, EvidenceEvents):
         for gallery_widget in ui.compare_rows.values():
             updates[gallery_widget] = gr.Gallery(value=[])
         updates.update(self.hide_evidence())
+        if ui.failures is not None:
+            updates.update(self.failure_reset(session))
         return updates
 
     # -- compare ---------------------------------------------------------------------------------

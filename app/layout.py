@@ -21,6 +21,7 @@ import gradio as gr
 from app.controls import clamped
 from app.evidence import EvidencePanel, evidence_panel
 from app.exports import ExportButtons, rankings_buttons, table_buttons
+from app.failures import FailureWidgets, PairWidgets, build_failures_tab, build_pair
 from app.plot_events import CLICK_ELEM_ID, SELECTION_ELEM_ID, event_box
 from app.render import examples_shown, map_figure
 from app.text import (
@@ -183,6 +184,10 @@ class PageComponents:
     api: QueryApi
     exports: ExportButtons | None = None
     """The download buttons of the query's rankings and of the Compare table (`app.exports`)."""
+    pair: PairWidgets | None = None
+    """The Compare tab's chosen pair of methods (`app.failures`)."""
+    failures: FailureWidgets | None = None
+    """The "Where it hurts" tab: the failure browser (`app.failures`)."""
 
     def all_controls(self) -> list[gr.components.Component]:
         """Every tab's parameter controls, in tab order (how handlers receive their values)."""
@@ -305,13 +310,24 @@ def build_layout(explorer: Explorer, handlers: PageHandlers) -> PageComponents:
                                 "ground truth shows the revisited protocol instead: its "
                                 "queries ranked against the whole gallery (batch), per "
                                 "method mAP and mP@1/5/10 in percent in the Easy (E), "
-                                "Medium (M) and Hard (H) settings, junk removed per setting.")
+                                "Medium (M) and Hard (H) settings, junk removed per setting. "
+                                "**mAP - baseline** is each method's paired difference on the "
+                                "same queries, with its 95 % paired bootstrap interval; **p "
+                                "(Holm)** is a paired randomisation test (each query's two APs "
+                                "swapped at random, seeded) adjusted by Holm's method over "
+                                "every method in the table, so that the chance of any false "
+                                "claim among them stays at most the level. Below the table: "
+                                "any two methods compared the same way (unadjusted); the "
+                                "*Where it hurts* tab lists the queries behind a difference.")
                     compare_table = gr.Dataframe(
                         value=handlers.compare_rows(session),
                         headers=list(SCORES_TABLE_COLUMNS), interactive=False, wrap=True,
                         elem_id="compare-table")
                     compare_button = gr.Button("Compute for the current parameters")
                     downloads += table_buttons()
+                    pair = build_pair(handlers.method_names)
+                with gr.Tab("Where it hurts", id="failures", elem_id="tab-failures"):
+                    failures = build_failures_tab(handlers.method_names, session)
     with gr.Accordion("Browse the gallery", open=False, elem_id="browse"):
         with gr.Row():
             class_filter = gr.Dropdown(choices=[ALL_CLASSES, *gallery.class_names],
@@ -370,7 +386,8 @@ def build_layout(explorer: Explorer, handlers: PageHandlers) -> PageComponents:
         plot_method=plot_method,
         space=space, knn_plot=knn_plot, map_plot=map_plot, plot_click=plot_click,
         plot_selection=plot_selection, selection=selection, selection_file=selection_file,
-        share=share, json=result_json, api=api, exports=ExportButtons(*downloads))
+        share=share, json=result_json, api=api, exports=ExportButtons(*downloads), pair=pair,
+        failures=failures)
 
 
 def short_title(name: str) -> str:

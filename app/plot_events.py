@@ -1,10 +1,11 @@
 """The page's script for its plots (`plot_events.js`) and the hidden Textboxes it writes into.
 
-Hovering a gallery point shows its thumbnail next to the cursor; clicking a point of the map
-or the kNN graph writes `"<file>|<nonce>"` into the Textbox CLICK_ELEM_ID (the nonce makes a
-second click on the same point a new value, so `.input` fires again); a box or lasso selection
-on the map writes a JSON list of the selected files into SELECTION_ELEM_ID (`"[]"` when the
-selection is cleared). `clicked_file` and `selected_files` read those values back.
+Hovering a gallery point shows its thumbnail next to the cursor; clicking a point of the map,
+the kNN graph or the failure browser's per-query AP plot writes `"<file>|<nonce>"` into the
+Textbox CLICK_ELEM_ID (the nonce makes a second click on the same point a new value, so
+`.input` fires again); a box or lasso selection on the map writes a JSON list of the selected
+files into SELECTION_ELEM_ID (`"[]"` when the selection is cleared). `clicked_file` and
+`selected_files` read those values back.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import gradio as gr
 
 MAP_ELEM_ID = "embedding-map"
 KNN_ELEM_ID = "knn-plot"
+QUERY_AP_ELEM_ID = "query-ap-plot"
 CLICK_ELEM_ID = "plot-click"
 SELECTION_ELEM_ID = "plot-selection"
 TOOLTIP_ID = "plot-hover-image"
@@ -24,6 +26,7 @@ PLOT_EVENTS = {
     MAP_ELEM_ID: ["plotly_hover", "plotly_unhover", "plotly_click", "plotly_selected",
                   "plotly_deselect"],
     KNN_ELEM_ID: ["plotly_hover", "plotly_unhover", "plotly_click"],
+    QUERY_AP_ELEM_ID: ["plotly_hover", "plotly_unhover", "plotly_click"],
 }
 """The plotly events the script handles on each gr.Plot (by elem_id)."""
 

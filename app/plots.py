@@ -52,6 +52,8 @@ this many (its query and results always), so one update stays a few MB."""
 MAX_CLASS_TRACES = 40
 """Above this many classes on the map, one trace coloured per point (no legend) replaces one
 trace per class: plotly slows down with thousands of traces."""
+WEBGL_POINTS = 2000
+"""Above this many points a scatter is drawn with WebGL (SVG slows down past a few thousand)."""
 """The embedding map's initial view spans the quartiles -/+ this many interquartile ranges
 (Tukey's fences) on each axis, clipped to the data: a few far clusters fall outside instead of
 squeezing the bulk of the gallery into a corner (zooming out shows them)."""
@@ -536,3 +538,40 @@ def _fixed_ranges(positions: np.ndarray) -> tuple[list[float], list[float]]:
 def _number(value: Any) -> str:
     """A parameter value for a label: 0.30000000000000004 -> 0.3."""
     return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def query_ap_figure(changes: Any, files: Sequence[str], labels: np.ndarray | None,
+                    class_names: Sequence[str], thumbnail_urls: Sequence[str] | None,
+                    method_title: str) -> go.Figure:
+    """Each scored query's AP under the baseline (x) against the method (y), coloured by class,
+    with the diagonal: points above it gained, below it lost. `changes` is the engine's
+    `QueryChanges`; points carry [file, thumbnail URL] (click one to query with it)."""
+    rows = np.asarray(changes.rows, np.int64)
+    _check_urls(thumbnail_urls, files)
+    figure = go.Figure()
+    figure.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="no change",
+                                line={"color": "#9ca3af", "dash": "dash", "width": 1},
+                                hoverinfo="skip"))
+    row_labels = _labels_of(rows, labels)
+    order = _label_order(row_labels)
+    many = len(order) > MAX_CLASS_TRACES
+    trace = go.Scattergl if len(rows) > WEBGL_POINTS else go.Scatter
+    for label in [None] if many else order:
+        members = np.arange(len(rows)) if label is None else np.flatnonzero(row_labels == label)
+        name = "queries" if label is None else class_name(label, class_names)
+        hover = [f"{Path(files[rows[i]]).name} · {class_name(row_labels[i], class_names)}"
+                 f"<br>AP {changes.before[i]:.3f} → {changes.after[i]:.3f} "
+                 f"({changes.after[i] - changes.before[i]:+.3f})" for i in members]
+        figure.add_trace(trace(
+            x=changes.before[members], y=changes.after[members], mode="markers", name=name,
+            marker={"size": 7, "color": PALETTE[0] if label is None else class_colour(label),
+                    "line": {"width": 0.5, "color": "white"}},
+            hovertext=hover, hoverinfo="text",
+            customdata=_point_data(rows[members], files, thumbnail_urls)))
+    figure.update_layout(
+        title=f"AP per query: baseline → {method_title}", height=420,
+        xaxis={"title": "AP, baseline", "range": [-0.03, 1.03]},
+        yaxis={"title": f"AP, {method_title}", "range": [-0.03, 1.03],
+               "scaleanchor": "x"},
+        margin={"l": 50, "r": 10, "t": 40, "b": 40}, legend={"itemsizing": "constant"})
+    return figure

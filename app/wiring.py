@@ -46,6 +46,7 @@ def wire(handlers: PageHandlers, demo: gr.Blocks) -> None:
         _wire_evidence(handlers, ui, name)
     _wire_share(handlers, ui, demo)
     _wire_exports(handlers, ui, demo)
+    _wire_failures(handlers, ui)
     if handlers.public is not None:
         demo.unload(handlers.end_session)
 
@@ -98,7 +99,14 @@ def _gallery_outputs(ui: PageComponents) -> list[Any]:
     for tab in ui.tabs.values():
         outputs += [tab.source, tab.state, tab.train, *tab.controls, tab.baseline,
                     tab.reranked, tab.metrics]
-    return outputs + _evidence_hidden(ui)
+    return outputs + _evidence_hidden(ui) + _failures_reset(ui)
+
+
+def _failures_reset(ui: PageComponents) -> list[Any]:
+    """What switching the gallery resets in the failure browser."""
+    if ui.failures is None:
+        return []
+    return [*ui.failures.outputs(), ui.failures.class_filter]
 
 
 def _unique(components: Sequence[Any]) -> list[Any]:
@@ -277,6 +285,27 @@ def _wire_exports(handlers: PageHandlers, ui: PageComponents, demo: gr.Blocks) -
     for button in exports.table:
         on(ui, button.click, handlers.check_table_download, ui.compare_table, [],
            api_visibility="private", show_progress="hidden")
+
+
+def _wire_failures(handlers: PageHandlers, ui: PageComponents) -> None:
+    """The failure browser (its choices list the queries; a slot's button queries with one;
+    its plot's points query through the plots' click box) and the Compare tab's pair."""
+    failures, pair = ui.failures, ui.pair
+    if failures is None or pair is None:
+        return
+    controls = ui.all_controls()
+    on(ui, [failures.show.click, failures.method.input, failures.class_filter.input,
+            failures.order.input], handlers.show_failures,
+       [ui.gallery, failures.method, failures.class_filter, failures.order, *controls],
+       failures.outputs(), **{**_PRIVATE_QUERY, "show_progress_on": failures.summary})
+    after_pick = [ui.leave_out, ui.top_n, ui.plot_method, ui.space, *controls]
+    for index, slot in enumerate(failures.slots):
+        on(ui, slot.query.click, _bind(handlers.query_failure, index),
+           [ui.gallery, failures.listed, *after_pick], _pick_outputs(ui),
+           **{**_PRIVATE_QUERY, "show_progress_on": ui.query_image})
+    on(ui, pair.run.click, handlers.compare_pair,
+       [ui.gallery, pair.first, pair.second, *controls], pair.result,
+       **{**_PRIVATE_INDEX, "show_progress_on": pair.result})
 
 
 def _wire_share(handlers: PageHandlers, ui: PageComponents, demo: gr.Blocks) -> None:

@@ -24,6 +24,7 @@ from app.plot_events import (
     KNN_ELEM_ID,
     MAP_ELEM_ID,
     PLOT_EVENTS,
+    QUERY_AP_ELEM_ID,
     SCRIPT,
     SELECTION_ELEM_ID,
     TOOLTIP_ID,
@@ -62,7 +63,8 @@ def test_the_script_is_called_with_the_page_ids():
     config = json.loads(script.rsplit(")(", 1)[1][:-1])
     assert config == {"plots": PLOT_EVENTS, "click": CLICK_ELEM_ID,
                       "selection": SELECTION_ELEM_ID, "tooltip": TOOLTIP_ID}
-    assert set(PLOT_EVENTS) == {MAP_ELEM_ID, KNN_ELEM_ID}
+    assert set(PLOT_EVENTS) == {MAP_ELEM_ID, KNN_ELEM_ID, QUERY_AP_ELEM_ID}
+    assert "plotly_click" in PLOT_EVENTS[QUERY_AP_ELEM_ID]
     assert "plotly_selected" in PLOT_EVENTS[MAP_ELEM_ID]
     assert "plotly_selected" not in PLOT_EVENTS[KNN_ELEM_ID]
     handled = set(re.findall(r"^    (plotly_\w+):", SCRIPT.read_text(), flags=re.M))

@@ -28,7 +28,10 @@ hard-coded apart from the PQ's, centroids that are never assigned, and fp16 logi
 
 `QueryModel` and `fit_or_load` (`model`) train, embed and reuse the model; its state
 (`persistence`) is saved and loaded instead of retraining, and any mismatch retrains.
-`query_models` is the page's table of query models. Names load on first use, so importing the
+`maps` holds SSP's closed-form baselines as query models of their own (`MappedQueryModel`,
+`fit_or_load_map`): lite0's features mapped by the Procrustes rotation or the ridge map of
+`heads`, fitted on the same training images, saved beside SSP's state. `query_models` is the
+page's table of query models. Names load on first use, so importing the
 package (or its query-model table) does not import torch.
 """
 
@@ -45,6 +48,8 @@ _PUBLIC: dict[str, str] = {
     "apply_ridge": "engine.asymmetric.heads",
     "fit_procrustes": "engine.asymmetric.heads",
     "fit_ridge": "engine.asymmetric.heads",
+    "MappedQueryModel": "engine.asymmetric.maps",
+    "fit_or_load_map": "engine.asymmetric.maps",
     "DEFAULT_QUERY_MODEL": "engine.asymmetric.query_models",
     "QUERY_MODELS": "engine.asymmetric.query_models",
     "QueryModelChoice": "engine.asymmetric.query_models",

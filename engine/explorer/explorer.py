@@ -14,6 +14,7 @@ job's one-line state and may cancel it (`JobQueue.cancel`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import shutil
@@ -36,7 +37,13 @@ from engine.evaluation.revisited import (
     ground_truth_for,
     load_revisitop_gnd,
 )
-from engine.explorer.results import BASELINE, DEFAULT_TOP_N, QueryResult, Ranking
+from engine.explorer.results import (
+    BASELINE,
+    BASELINE_TITLE,
+    DEFAULT_TOP_N,
+    QueryResult,
+    Ranking,
+)
 from engine.explorer.session import GallerySession, QuerySet
 from engine.features.backbone import FeatureExtractor, get_extractor
 from engine.rerank import list_rerankers, shared_graph_depth
@@ -160,9 +167,12 @@ class Explorer:
         "lite0" is the gallery as opened. "lite2" indexes the same folder with lite2 (once,
         cached like any gallery) and embeds queries with lite2. "ssp" searches that lite2 index
         with queries embedded by the SSP query model, trained on the gallery's images (labels
-        unused) on first use and saved beside the lite2 gallery cache. Re-rankers are fitted
-        here too, so the page's progress bar covers all the waiting. The new session joins the
-        gallery choices.
+        unused) on first use and saved beside the lite2 gallery cache. "procrustes" and "ridge"
+        search it with lite0's features mapped by a closed-form map fitted in seconds on the
+        same images (`engine.asymmetric.maps`; saved there too). Re-rankers are fitted here
+        too, so the page's progress bar covers all the waiting. The new session joins the
+        gallery choices; an asymmetric one's Compare table gets a row per query model
+        (`query_model_rows`).
         """
         spec = _query_model(query_model)
         base = self.session(self.session(key).base_key)
@@ -182,23 +192,123 @@ class Explorer:
             session = GallerySession(variant_key, gallery, self.device, self.method_names,
                                      query_model=query_model, base_key=base.key,
                                      jobs=self.jobs, name=base.name)
-            if spec.asymmetric:
+            if spec.closed_form is not None:
+                from engine.asymmetric import fit_or_load_map
+
+                extractor = self._map_extractor()
+                session.query_encoder = fit_or_load_map(
+                    spec.closed_form, self._query_side_features(base, gallery, extractor,
+                                                                progress),
+                    gallery.features, gallery.state_dir, query_meta=extractor.meta,
+                    gallery_meta=gallery.meta, extractor=extractor, progress=progress)
+            elif spec.asymmetric:
                 from engine.asymmetric import fit_or_load
 
                 session.query_encoder = fit_or_load(
                     [gallery.path_of(row) for row in range(gallery.size)], gallery.state_dir,
                     gallery_features=gallery.features, gallery_meta=gallery.meta,
                     config=self.ssp_config, device=self.device, progress=progress)
+            if spec.asymmetric:
+                session.query_model_rows = functools.partial(self.query_model_rows, session)
             self._prepare(session, progress)
             with self._lock:
                 self.galleries[variant_key] = session
+            if spec.asymmetric and self.jobs is not None and gallery.labels is not None:
+                self.jobs.submit((session.key, "scores", "query models"),
+                                 "Query-model scores",
+                                 lambda job: self.query_model_rows(session, True, job))
             return session
+
+    def _map_extractor(self) -> FeatureExtractor:
+        """The query backbone of the closed-form query maps: SSP's (same trunk and weights)."""
+        from engine.asymmetric import SSPConfig
+
+        config = self.ssp_config or SSPConfig()
+        return get_extractor(config.query_backbone, config.query_weights, device=self.device)
+
+    def _query_side_features(self, base: GallerySession, gallery: Gallery,
+                             extractor: FeatureExtractor,
+                             progress: ProgressCallback | None = None) -> np.ndarray:
+        """`extractor`'s features of `gallery`'s images, in its row order: the opened gallery's
+        when that backbone embedded it (lite0, the usual case), else the folder indexed with it
+        (cached like any gallery)."""
+        source = base.gallery
+        if source.meta.fingerprint != extractor.meta.fingerprint:
+            source = Gallery.open(source.root, extractor=extractor, cache_root=self.cache_root,
+                                  progress=progress, device=self.device,
+                                  knn_depth=self.knn_depth)
+        positions = {name: row for row, name in enumerate(source.files)}
+        missing = [name for name in gallery.files if name not in positions]
+        if missing:
+            raise InvalidInputError(f"{len(missing)} images of {gallery.root.name} were not "
+                                    f"embedded by {extractor.meta.backbone} (e.g. {missing[0]});"
+                                    " open the gallery again")
+        return np.asarray(source.features[[positions[name] for name in gallery.files]],
+                          np.float32)
+
+    def query_model_rows(self, session: GallerySession, compute: bool = False,
+                         progress: ProgressCallback | None = None) -> list[Any]:
+        """The Compare table's rows of every query model's search (the baseline, no
+        re-ranking) on the gallery of `session` (a lite2 gallery): symmetric lite0 (the opened
+        gallery's own baseline), symmetric lite2, and each asymmetric query model built here,
+        its queries the gallery's images embedded by it, each against the others
+        (`engine.asymmetric.compare`). Cached ones, or all of them computed now with
+        `compute`; each titled "Baseline, queries by <query model>"."""
+        from engine.asymmetric import MappedQueryModel
+        from engine.asymmetric.compare import query_model_scores
+
+        base = self.session(session.base_key)
+        found = []
+        for number, (name, spec) in enumerate(QUERY_MODELS.items()):
+            label = f"{BASELINE_TITLE}, queries by {spec.title}"
+            if progress is not None and compute:
+                progress(number / len(QUERY_MODELS), f"scoring {label}")
+            if not spec.asymmetric:
+                owner = (base if spec.gallery_backbone is None
+                         else session if spec.gallery_backbone == session.gallery.meta.backbone
+                         else self.galleries.get(f"{base.key}@{name}"))
+                scores = None if owner is None else owner.scores(BASELINE,
+                                                                 cached_only=not compute)
+            else:
+                variant = self.galleries.get(f"{base.key}@{name}")
+                encoder = None if variant is None else variant.query_encoder
+                if encoder is None or variant.gallery.fingerprint != session.gallery.fingerprint:
+                    continue
+                shown = encoder.shown_params if isinstance(encoder, MappedQueryModel) else {}
+                scores = query_model_scores(
+                    session.gallery, label, {"state": encoder.fingerprint, **shown},
+                    functools.partial(self._gallery_queries, base, variant),
+                    depth=session.depth(leave_one_out=True),
+                    rows=None if session.full_rankings else session.score_sample,
+                    timing_depth=DEFAULT_TOP_N, cached_only=not compute)
+            if scores is not None:
+                found.append(dataclasses.replace(scores, method=label))
+        return found
+
+    def _gallery_queries(self, base: GallerySession, variant: GallerySession,
+                         rows: np.ndarray) -> np.ndarray:
+        """The gallery images of `rows` embedded by the variant's asymmetric query model: SSP
+        embeds the images; a closed-form map maps their lite0 features."""
+        from engine.asymmetric import MappedQueryModel
+
+        encoder = variant.query_encoder
+        gallery = variant.gallery
+        if isinstance(encoder, MappedQueryModel):
+            return encoder.map(self._query_side_features(base, gallery, encoder.extractor)[rows])
+        return encoder.embed([gallery.path_of(int(row)) for row in rows])
 
     def embed_query(self, session: GallerySession, image: Any
                     ) -> tuple[np.ndarray, list[tuple[str, float]]]:
         """The query's feature in the session's gallery space, and ImageNet top-3 of the
-        backbone that embedded it (none for the SSP query model, which has no classifier)."""
-        if session.query_encoder is not None:
+        backbone that embedded it (none for the SSP query model, which has no classifier; a
+        closed-form map's are its lite0's)."""
+        from engine.asymmetric import MappedQueryModel
+
+        encoder = session.query_encoder
+        if isinstance(encoder, MappedQueryModel):
+            feature, imagenet = encoder.extractor.embed_and_classify(image)
+            return encoder.map(feature)[0], imagenet
+        if encoder is not None:
             return session.query_encoder.embed([image])[0], []
         backbone = QUERY_MODELS[session.query_model].gallery_backbone
         extractor = (self.extractor if backbone is None
@@ -329,9 +439,39 @@ class Explorer:
         root = base.gallery.root
         scan = scan_gallery(root, extractor.meta, self.cache_root)
         plan = Plan.of(self._indexing_step(scan, extractor, self._gallery_name(root)))
-        if spec.asymmetric:
+        if spec.closed_form is not None:
+            plan = plan.then(Plan.of(*self._map_steps(spec.closed_form, base, scan, extractor)))
+        elif spec.asymmetric:
             plan = plan.then(Plan.of(self._ssp_step(scan, extractor)))
         return plan
+
+    def _map_steps(self, kind: str, base: GallerySession, scan: GalleryScan,
+                   gallery_extractor: FeatureExtractor) -> list[PlanStep | None]:
+        """Fitting a closed-form query map (seconds), unless it is saved; indexing the folder
+        with the query backbone first when the opened gallery was not."""
+        from engine.asymmetric.maps import MAP_KINDS, estimate_fit_seconds, saved_map_path
+
+        extractor = self._map_extractor()
+        meta = gallery_extractor.meta
+        steps: list[PlanStep | None] = []
+        query_features = base.gallery.features
+        if base.gallery.meta.fingerprint != extractor.meta.fingerprint:
+            query_scan = scan_gallery(scan.root, extractor.meta, self.cache_root)
+            steps.append(self._indexing_step(query_scan, extractor,
+                                             self._gallery_name(scan.root)))
+            query_features = query_scan.features
+        if (scan.features is not None and query_features is not None
+                and len(scan.features) == len(query_features) > 0):
+            state_dir = gallery_cache_dir(scan.root, meta, self.cache_root) / "state"
+            saved = saved_map_path(kind, query_features, scan.features, state_dir,
+                                   extractor.meta, meta)
+            if saved.with_suffix(".json").is_file():
+                return steps
+        n_images = scan.files if scan.features is None else len(scan.features)
+        steps.append(PlanStep(f"fits the {MAP_KINDS[kind]} query map",
+                              estimate_fit_seconds(kind, n_images, int(extractor.meta.dim),
+                                                   int(meta.dim))))
+        return steps
 
     def _gallery_name(self, root: Path) -> str:
         if root == DEMO_GALLERY.resolve():

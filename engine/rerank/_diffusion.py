@@ -247,7 +247,7 @@ def rank_scores(f: np.ndarray, similarity: Callable[[np.ndarray], np.ndarray], k
     Returns:
         distances (B, k) float32, indices (B, k) int64, reached (B,) int64 items with f != 0.
     """
-    width = f.shape[1]
+    size, width = f.shape
     scores = np.ascontiguousarray(f.T)                          # (B, G)
     reached = scores != 0
     if exclude is not None:
@@ -259,14 +259,19 @@ def rank_scores(f: np.ndarray, similarity: Callable[[np.ndarray], np.ndarray], k
     short = np.flatnonzero(counts < k)
     if short.size:
         similar = np.asarray(similarity(short), np.float32)     # (c, G)
-        tail_key = np.where(reached[short], np.inf, -similar.astype(np.float64))
+        # one sort of the short rows: reached first (by -f), then the rest (by -s), then the
+        # excluded item; ties by the smaller row
+        group = np.where(reached[short], 0, 1)
         if exclude is not None:
-            tail_key[np.arange(short.size), exclude[short]] = np.inf
-        for row, column in enumerate(short):
-            count = int(counts[column])
-            ahead = distances[column, :count]
-            base = np.float32(max(float(ahead.max(initial=0.0)), 0.0))
-            _, tail = top_k_smallest(tail_key[row:row + 1], k - count)
-            indices[column, count:] = tail[0]
-            distances[column, count:] = base + (np.float32(1.0) - similar[row, tail[0]])
+            group[np.arange(short.size), exclude[short]] = 2
+        value = np.where(reached[short], key[short], -similar.astype(np.float64))
+        rows = np.broadcast_to(np.arange(size), value.shape)
+        order = np.lexsort((rows, value, group), axis=-1)[:, :k]
+        picked = np.take_along_axis(reached[short], order, 1)
+        ahead = np.where(reached[short], key[short], -np.inf).max(axis=1).astype(np.float32)
+        base = np.maximum(ahead, np.float32(0.0))[:, None]
+        tail = base + (np.float32(1.0) - np.take_along_axis(similar, order, 1))
+        indices[short] = order
+        listed = np.take_along_axis(key[short], order, 1).astype(np.float32)
+        distances[short] = np.where(picked, listed, tail)
     return distances, indices, counts.astype(np.int64)

@@ -8,8 +8,10 @@ Rows (queries -> gallery):
   symmetric lite2            lite2 queries, lite2 gallery (the ceiling)
   lite0 -> lite2, untrained  lite0 queries, lite2 gallery (incompatible spaces: the floor)
   lite0 -> lite2, ridge map  lite0 queries mapped by a closed-form ridge regression fitted on
-                             the training images' lite0 and lite2 features (alpha by 5-fold CV)
-  lite0 -> lite2, Procrustes lite0 queries rotated by the orthogonal map fitted on the same pairs
+                             the training images' lite0 and lite2 features (alpha by 5-fold CV):
+                             the page's "ridge" query model (`engine.asymmetric.maps`)
+  lite0 -> lite2, Procrustes lite0 queries rotated by the orthogonal map fitted on the same pairs:
+                             the page's "procrustes" query model
   SSP                        the SSP query model (lite0 + head, `engine.asymmetric`) from the query
                              images, lite2 gallery
 
@@ -103,14 +105,7 @@ def asymmetric_rows(folder: str | Path, protocol: str, *, config: Any = None,
         timing_images: query images timed one at a time (0: no timing).
         retrain: train SSP even when a saved state matches.
     """
-    from engine.asymmetric import (
-        GALLERY_BACKBONE,
-        SSPConfig,
-        apply_ridge,
-        fit_or_load,
-        fit_procrustes,
-        fit_ridge,
-    )
+    from engine.asymmetric import GALLERY_BACKBONE, MappedQueryModel, SSPConfig, fit_or_load
     from engine.evaluation.metrics import evaluate
     from engine.features.backbone import get_extractor
     from engine.search.gallery import Gallery
@@ -163,31 +158,16 @@ def asymmetric_rows(folder: str | Path, protocol: str, *, config: Any = None,
                gallery_name, train_seconds=None, query_ms=small_ms,
                query_parameters=small_params),
     ]
-    started = time.perf_counter()
-    weights, bias, alpha = fit_ridge(small[training], large[training])
-    ridge_seconds = time.perf_counter() - started
-
-    def ridge_embed(images: Sequence[Any]) -> np.ndarray:
-        return apply_ridge(query_extractor.embed(images), weights, bias)
-
-    rows.append(scored(
-        "lite0 -> lite2, ridge map", apply_ridge(small[split.query_rows], weights, bias), large,
-        f"{query_name} + ridge", gallery_name, train_seconds=ridge_seconds,
-        query_ms=_median_ms(ridge_embed, timed) if timed else None,
-        query_parameters=small_params + weights.size + bias.size, note=f"alpha {alpha:g}"))
-    started = time.perf_counter()
-    rotation = fit_procrustes(small[training], large[training])
-    zero = np.zeros(rotation.shape[1], np.float32)
-    rotation_seconds = time.perf_counter() - started
-
-    def rotation_embed(images: Sequence[Any]) -> np.ndarray:
-        return apply_ridge(query_extractor.embed(images), rotation, zero)
-
-    rows.append(scored(
-        "lite0 -> lite2, Procrustes", apply_ridge(small[split.query_rows], rotation, zero),
-        large, f"{query_name} + rotation", gallery_name, train_seconds=rotation_seconds,
-        query_ms=_median_ms(rotation_embed, timed) if timed else None,
-        query_parameters=small_params + rotation.size))
+    for kind, method, query_model in (("ridge", "lite0 -> lite2, ridge map", "ridge"),
+                                      ("procrustes", "lite0 -> lite2, Procrustes", "rotation")):
+        mapped = MappedQueryModel.fit(kind, small[training], large[training],
+                                      query_extractor.meta, gallery_side.meta, query_extractor)
+        rows.append(scored(
+            method, mapped.map(small[split.query_rows]), large,
+            f"{query_name} + {query_model}", gallery_name, train_seconds=mapped.fit_seconds,
+            query_ms=_median_ms(mapped.embed, timed) if timed else None,
+            query_parameters=small_params + mapped.parameter_count,
+            note="" if mapped.alpha is None else f"alpha {mapped.alpha:g}"))
     model = fit_or_load(training_paths, state_dir or gallery_side.state_dir,
                         gallery_features=large[training], gallery_meta=gallery_side.meta,
                         config=config, device=device, progress=report, retrain=retrain)

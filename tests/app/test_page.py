@@ -521,8 +521,10 @@ def test_save_best_writes_the_gallery_preset(handlers: PageHandlers, explorer: E
 # -- the served page ---------------------------------------------------------------------------
 def test_launch_options_serve_only_the_thumbnails(explorer: Explorer,
                                                   session: GallerySession) -> None:
+    """The thumbnails and the downloads (`app.exports`), nothing else."""
     options = launch_options(explorer)
-    assert options["allowed_paths"] == [str(explorer.thumbnail_root)]
+    assert options["allowed_paths"] == [str(explorer.thumbnail_root),
+                                        str(explorer.cache_root / "exports")]
     assert str(session.gallery.root) not in options["allowed_paths"]
 
 

@@ -12,7 +12,7 @@ Where the card goes: JSON under a "run_card" key; CSV in leading comment lines s
 "# " (the card as one line of JSON after "# run_card: "; `read_csv_export` reads it back, and
 `csv` readers skip nothing else); Markdown in a `<details>` block below the table. Files are
 written atomically under `exports_folder(cache_root)`, named with the gallery, the query (for
-rankings) and a UTC timestamp.
+rankings), a UTC timestamp and a random token.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import csv
 import io
 import json
 import re
+import secrets
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -289,13 +290,15 @@ def session_card(session: GallerySession, kind: str, protocol: str,
 
 
 def export_stem(session: GallerySession, what: str, query: str | None = None) -> str:
-    """A file name stem: gallery, what, query (its file stem) and a UTC timestamp with
-    milliseconds, with every character outside [A-Za-z0-9._-] replaced."""
+    """A file name stem: gallery, what, query (its file stem), a UTC timestamp with
+    milliseconds and a random token (the page serves the exports folder: a name must not be
+    guessable), with every character outside [A-Za-z0-9._-] replaced."""
     gallery = session.name or session.gallery.root.name
     parts = [gallery, what]
     if query:
         parts.append(Path(query).stem)
     parts.append(datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")[:-3] + "Z")
+    parts.append(secrets.token_hex(4))
     return re.sub(r"[^A-Za-z0-9._-]+", "_", "-".join(parts))[:180]
 
 

@@ -29,6 +29,7 @@ from engine.core.knn import float32_scores, knn_graph, top_k_smallest
 from engine.core.types import Evidence, EvidenceGroup, GalleryContext
 from engine.rerank import register
 from engine.rerank._diffusion import (
+    SparseProduct,
     conjugate_gradient,
     inverse_sqrt_degree,
     left_out_operator,
@@ -46,9 +47,10 @@ from engine.rerank.base import Reranker, RerankParams, param
 BLOCK_BYTES = 1 << 27
 """Largest (G, B) float64 block of right-hand sides a batch solves at once (128 MiB: B = 838
 at G = 20,000); CG keeps about `BLOCKS_IN_FLIGHT` of them."""
-BLOCKS_IN_FLIGHT = 8
-"""(G, B) float64 arrays alive during a block's solve: y, f, r, p, A p and its temporary, the
-left-out scaling and the (B, G) ranking keys."""
+BLOCKS_IN_FLIGHT = 10
+"""(G, B) float64 arrays alive during a block's solve, with room: y, f, r, p, A p, the
+temporaries of the CG updates and of the sparse product, the left-out scaling, and the (B, G)
+ranking keys after it."""
 GRAPH_BYTES_PER_EDGE = 48
 """Memory of one listed pair while the mutual graph is built (COO triplets, the pattern, its
 transpose and the symmetric sum, float64 values and int32/int64 indices), with room."""
@@ -120,10 +122,11 @@ class Diffusion(Reranker):
         return int(min(columns, max(1, n_queries)))
 
     def _graph_bytes(self, size: int) -> int:
-        """The fitted graph: W and S in CSR (12 bytes an entry each) plus degrees, at most
-        k - 1 entries a row."""
+        """The fitted graph: W and S in scipy CSR (12 bytes an entry each) and their torch
+        copies (16 bytes an entry each: int64 columns), plus degrees; at most k - 1 entries a
+        row."""
         k = min(self.params.k, size)
-        return 24 * size * max(k - 1, 0) + 16 * size
+        return 56 * size * max(k - 1, 0) + 40 * size
 
     def batch_refusal(self, gallery_size: int, n_queries: int) -> str | None:
         """A batch solves blocks of right-hand sides of (G, B) float64 each beside the graph;
@@ -149,6 +152,8 @@ class Diffusion(Reranker):
                                          self.params.gamma)
         self._degree, self._inverse = inverse_sqrt_degree(self._affinity)
         self._transition = normalised(self._affinity, self._inverse)
+        self._affinity_product = SparseProduct(self._affinity)
+        self._transition_product = SparseProduct(self._transition)
 
     # -- the walk -------------------------------------------------------------------------------
     def _solve(self, seeds: np.ndarray, left_out: np.ndarray | None = None):
@@ -156,9 +161,9 @@ class Diffusion(Reranker):
         b on the graph without item left_out[b]."""
         alpha = self.params.alpha
         if left_out is None:
-            apply = shared_operator(self._transition, alpha)
+            apply = shared_operator(self._transition_product, alpha)
         else:
-            apply = left_out_operator(self._affinity, left_out_scaling(
+            apply = left_out_operator(self._affinity_product, left_out_scaling(
                 self._affinity, self._degree, self._inverse, left_out), alpha)
         return conjugate_gradient(apply, seeds, self.params.tolerance, self.params.iterations)
 
@@ -250,7 +255,7 @@ class Diffusion(Reranker):
                              self.params.gamma)[:, 0]
         units = np.zeros((len(gallery), len(ids)), np.float64)
         units[ids, np.arange(len(ids))] = 1.0
-        green = replay(shared_operator(self._transition, self.params.alpha), units,
+        green = replay(shared_operator(self._transition_product, self.params.alpha), units,
                        solution.steps[:, 0], solution.directions[:, 0])
         contributions = seeds[ids] * green[item]
         start, stop = self._transition.indptr[item], self._transition.indptr[item + 1]

@@ -9,6 +9,7 @@ reported, not asserted). Skips, with the reason, where chromium or Playwright is
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,6 +28,8 @@ from tests.galleries import CLASSES, PER_CLASS, demo_file
 FIRST_QUERY_MS = 240_000
 """The first query embeds with the backbone and compiles numba for the map transform."""
 STEP_MS = 60_000
+EVIDENCE_SENTENCE = re.compile(r"(moved from \S+( the top \d+)? to|stayed at) #3: ")
+"""The evidence panel's sentence for the third result of a method's strip."""
 
 
 pytestmark = [
@@ -132,6 +135,12 @@ def explore(page: Any, server: str, timings: dict[str, float], shot: str) -> Non
         f"the query image stayed {query_before!r} after clicking an example {shot}")
     top = thumbnails(page, galleries[0]).first.inner_text()
     assert CLASSES[0] in top, f"top baseline result {top!r} for a {CLASSES[0]} example {shot}"
+
+    # A re-ranked result's evidence: clicking it opens the sentence below the strips.
+    sentence = page.locator(f"#evidence-sentence-{first}")
+    timed(timings, "result -> evidence", lambda: (
+        thumbnails(page, galleries[1]).nth(2).click(),
+        sentence.get_by_text(EVIDENCE_SENTENCE).wait_for()))
 
     # The rankings download: the example's rankings of every method (a gallery pick: the
     # uploads before it have no file), with their run card.

@@ -26,6 +26,7 @@ from app.page import build_app, launch_options
 from app.render import QueryView
 from app.text import ALL_CLASSES, BASELINE_LABEL, NO_CLASS, NO_PARAMETER, rank_change
 from app.thumbnails import FRAME_COLOURS
+from engine import SCORES_TABLE_COLUMNS
 from engine.errors import InvalidInputError
 from engine.evaluation import tuning
 from engine.evaluation.tuning import PRESETS_FILE, best_trial, sweep
@@ -432,13 +433,21 @@ def test_compare_rows_have_one_row_per_method(handlers: PageHandlers,
                                               session: GallerySession) -> None:
     rows = handlers.compare_rows(session)
     assert [row[0] for row in rows] == [title for _, title in session.methods()]
+    column = {name: index for index, name in enumerate(SCORES_TABLE_COLUMNS)}
     for row, (method, _) in zip(rows, session.methods(), strict=True):
-        assert 0 <= row[1] <= 1 and 0 <= row[4] <= 1 and 0 <= row[5] <= 1
+        assert 0 <= row[1] <= 1 and 0 <= row[column["P@1"]] <= 1 and 0 <= row[column["P@5"]] <= 1
         scores = session.scores(method)
         assert row[1] == round(scores.map, 4)
         assert row[2] == f"{scores.map_low:.4f} to {scores.map_high:.4f}"
         assert scores.map_low <= scores.map <= scores.map_high
         assert row[3] == f"all {session.gallery.size}"
+        difference = row[column["mAP - baseline"]]
+        if method == BASELINE:
+            assert difference is None and row[column["p (Holm)"]] is None
+        else:
+            baseline = session.scores(BASELINE)
+            assert difference == pytest.approx(scores.map - baseline.map, abs=1e-4)
+            assert 0 < row[column["p (Holm)"]] <= 1
 
 
 # -- tuning ------------------------------------------------------------------------------------

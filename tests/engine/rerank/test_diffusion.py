@@ -340,3 +340,36 @@ def test_replay_is_linear_in_the_seeds():
     units[ids[0], np.arange(3)] = 1
     walks = replay(apply, units, solution.steps[:, 0], solution.directions[:, 0])
     np.testing.assert_allclose(walks @ y[ids[0], 0], solution.f[:, 0], atol=1e-12)
+
+
+def test_blocks_of_right_hand_sides_change_nothing(gallery, monkeypatch):
+    """A batch cut into blocks of 7 columns (a small memory budget) ranks as one block."""
+    from engine.rerank import diffusion
+
+    queries, features = gallery
+    reranker = create_reranker("diffusion", device="cpu").fit(features)
+    whole_loo, whole = reranker.rerank(None, 30), reranker.rerank(queries, 30)
+    monkeypatch.setattr(diffusion, "BLOCK_BYTES", 7 * 8 * len(features))
+    assert reranker._block_columns(len(features), len(features)) == 7
+    for blocked, one in ((reranker.rerank(None, 30), whole_loo),
+                         (reranker.rerank(queries, 30), whole)):
+        np.testing.assert_array_equal(blocked.indices, one.indices)
+        np.testing.assert_allclose(blocked.distances, one.distances, rtol=1e-6)
+
+
+def test_batch_refusal_names_the_memory(monkeypatch):
+    from engine.errors import TooLargeError
+    from engine.rerank import diffusion
+
+    monkeypatch.setattr(diffusion, "memory_budget", lambda: 10 * 2**20)
+    reranker = create_reranker("diffusion", device="cpu")
+    message = reranker.batch_refusal(1_000_000, 1_000_000)
+    assert message is not None and "GiB" in message and "1000000" in message
+    assert reranker.batch_refusal(100, 100) is None
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(60, 8)).astype(np.float32)
+    features /= np.linalg.norm(features, axis=1, keepdims=True)
+    reranker.fit(features)
+    monkeypatch.setattr(diffusion, "memory_budget", lambda: 1000)
+    with pytest.raises(TooLargeError, match="GiB"):
+        reranker.rerank(None, 5)

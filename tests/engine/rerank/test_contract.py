@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
 from typing import ClassVar
 
 import numpy as np
@@ -14,6 +15,8 @@ from tie_aware import U32, assert_order_matches
 import engine.rerank as rerank_package
 from engine.errors import InvalidInputError, NotFittedError, UnknownNameError
 from engine.rerank import (
+    Evidence,
+    EvidenceGroup,
     GalleryContext,
     Reranker,
     RerankParams,
@@ -332,6 +335,45 @@ def test_online_equals_batch_with_that_query(fitted, features):
         assert_same_ranking(online, batch, fitted)
         # and the top-k cut agrees with the full ranking
         assert_same_ranking(fitted.rerank_online(query, 7), online, fitted)
+
+
+# -- evidence ------------------------------------------------------------------------------------
+def test_explain_gives_evidence_for_the_top_and_a_far_item(fitted, features):
+    """`explain` answers in the one schema for the online ranking's first item and its last."""
+    query = features[0][0]
+    ranking = fitted.rerank_online(query)
+    for item in (int(ranking.indices[0, 0]), int(ranking.indices[0, -1])):
+        evidence = fitted.explain(query, item)
+        assert isinstance(evidence, Evidence)
+        assert evidence.method == fitted.name and evidence.item == item
+        assert isinstance(evidence.summary, str) and evidence.summary
+        assert all(np.isfinite(float(value)) for value in evidence.numbers.values())
+        for group in evidence.groups:
+            assert isinstance(group, EvidenceGroup)
+            assert group.rows.shape == group.values.shape
+            assert ((group.rows >= 0) & (group.rows < N_GALLERY)).all()
+        as_dict = json.loads(json.dumps(evidence.as_dict()))
+        assert as_dict["method"] == fitted.name and as_dict["item"] == item
+    assert fitted.explain(query[None, :], item).item == item  # a (1, d) query is one query
+
+
+def test_explain_refuses_bad_items_and_queries(fitted, features):
+    query = features[0][0]
+    for item in (-1, N_GALLERY, 2.0, True, "3", None):
+        with pytest.raises(InvalidInputError, match="item"):
+            fitted.explain(query, item)
+    with pytest.raises(InvalidInputError, match="one query"):
+        fitted.explain(features[0][:2], 0)
+    broken = query.copy()
+    broken[3] = np.nan
+    with pytest.raises(InvalidInputError, match="NaN"):
+        fitted.explain(broken, 0)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_explain_before_fit(name, features):
+    with pytest.raises(NotFittedError, match="fit"):
+        make(name).explain(features[0][0], 0)
 
 
 def test_reranking_keeps_near_duplicates_first(fitted, features):

@@ -175,6 +175,25 @@ def explore(page: Any, server: str, timings: dict[str, float], shot: str) -> Non
     assert "| " + " | ".join(headers) + " |" in markdown, f"Markdown download {shot}"
     assert len([line for line in markdown if line.startswith("| ")]) == len(rows) + 1, shot
 
+    # Where it hurts: the first method's queries by AP change, one point each in the per-query
+    # plot; clicking a point makes its image the query.
+    summary = page.locator("#failures-summary")
+    timed(timings, "failure browser", lambda: (
+        page.get_by_role("tab", name="Where it hurts").click(),
+        page.locator("#failures-show").click(),
+        summary.get_by_text(re.compile(r"[\d,]+ queries; ")).wait_for()))
+    queries = int(re.search(r"([\d,]+) queries; ", summary.inner_text()).group(1)
+                  .replace(",", ""))
+    points = page.locator("#query-ap-plot .scatterlayer .point")
+    assert points.count() == queries, f"the per-query plot draws {points.count()} {shot}"
+    query_before = page.locator("#query-image img").get_attribute("src")
+    box = points.nth(queries // 2).bounding_box()
+    timed(timings, "per-query point -> query", lambda: (
+        page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2),
+        page.wait_for_function(
+            "before => document.querySelector('#query-image img')?.src !== before",
+            arg=query_before, polling=100, timeout=STEP_MS)))
+
 
 def download(page: Any, elem_id: str, timings: dict[str, float],
              accept: Callable[[str], bool] = lambda text: True) -> str:

@@ -570,8 +570,8 @@ def query_ap_figure(changes: Any, files: Sequence[str], labels: np.ndarray | Non
             customdata=_point_data(rows[members], files, thumbnail_urls)))
     figure.update_layout(
         title=f"AP per query: baseline → {method_title}", height=420,
-        xaxis={"title": "AP, baseline", "range": [-0.03, 1.03]},
+        xaxis={"title": "AP, baseline", "range": [-0.03, 1.03], "constrain": "domain"},
         yaxis={"title": f"AP, {method_title}", "range": [-0.03, 1.03],
-               "scaleanchor": "x"},
+               "scaleanchor": "x", "constrain": "domain"},
         margin={"l": 50, "r": 10, "t": 40, "b": 40}, legend={"itemsizing": "constant"})
     return figure

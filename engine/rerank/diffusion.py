@@ -25,7 +25,12 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from engine.core.knn import float32_scores, knn_graph, top_k_smallest
+from engine.core.knn import (
+    float32_scores,
+    read_only_tensor,
+    top_k_smallest,
+    torch_topk_similar,
+)
 from engine.core.types import Evidence, EvidenceGroup, GalleryContext
 from engine.rerank import register
 from engine.rerank._diffusion import (
@@ -143,10 +148,14 @@ class Diffusion(Reranker):
         size = context.size
         depth = min(self.graph_depth(), size)
         knn = context.knn
-        if knn is None or knn.depth < depth:
-            knn = knn_graph(context.features, depth, self.device)
-        self._lists = np.ascontiguousarray(knn.indices[:, :depth], np.int64)
-        self._list_similarities = np.ascontiguousarray(knn.similarities[:, :depth], np.float32)
+        if knn is not None and knn.depth >= depth:  # the gallery's graph, exact or approximate
+            indices, similarities = knn.indices[:, :depth], knn.similarities[:, :depth]
+        else:  # the exact lists `knn_graph` gives, without its farthest-item pass
+            tensor = read_only_tensor(np.ascontiguousarray(context.features, np.float32))
+            similarities, indices = torch_topk_similar(tensor.to(self.device), depth)
+            similarities, indices = similarities.cpu().numpy(), indices.cpu().numpy()
+        self._lists = np.ascontiguousarray(indices, np.int64)
+        self._list_similarities = np.ascontiguousarray(similarities, np.float32)
         k = min(self.params.k, size)
         self._affinity = mutual_affinity(self._lists[:, :k], self._list_similarities[:, :k],
                                          self.params.gamma)

@@ -81,6 +81,8 @@ PARTIAL_DEPTH = 1000
 """Ranking depth for larger galleries (AP is then AP@1000)."""
 FITTED_CACHE_SIZE = 16
 LEAVE_ONE_OUT_CACHE_SIZE = 8
+"""Fewest leave-one-out runs a session keeps (LRU); a session keeps at least one per method
+plus the baseline's, so that every gallery pick reads a prepared run."""
 MEASURE_NOW_QUERIES = 5
 """Queries `measure_online` times: a median in well under a second for every method."""
 
@@ -152,7 +154,10 @@ class GallerySession:
         self.method_names = list(list_rerankers() if methods is None else methods)
         self.unavailable: dict[str, str] = {}
         self._fitted = _LruCache(FITTED_CACHE_SIZE)
-        self._leave_one_out = _LruCache(LEAVE_ONE_OUT_CACHE_SIZE)
+        # at least the baseline's and every method's run at one setting, which the background
+        # preparation makes for gallery picks (ten with the query-expansion baselines)
+        self._leave_one_out = _LruCache(max(LEAVE_ONE_OUT_CACHE_SIZE,
+                                            1 + len(self.method_names)))
         self._scores = ScoreCache(gallery.cache_dir, gallery.fingerprint)
         self._maps: dict[str, EmbeddingMap] = {}
         self._map_lock = threading.Lock()

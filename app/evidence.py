@@ -38,9 +38,9 @@ from engine import (
 if TYPE_CHECKING:
     from app.layout import MethodWidgets, PageComponents
 
-MAX_GROUPS = 4
-"""Thumbnail strips a panel holds (a method's evidence has a few groups; more are named, not
-shown)."""
+MAX_GROUPS = 6
+"""Thumbnail strips a panel holds (a method's evidence has a few groups, ICFRR's six: its
+voters per iteration; more are named, not shown)."""
 GROUP_SHOWN = 30
 """Thumbnails shown per group (the strip's label gives the group's full size)."""
 EVIDENCE_NODES = 40
@@ -72,7 +72,7 @@ def evidence_panel(name: str) -> EvidencePanel:
                    elem_classes=["evidence"]) as panel:
         sentence = gr.Markdown("", elem_id=f"evidence-sentence-{name}")
         numbers = gr.Markdown("", elem_id=f"evidence-numbers-{name}")
-        groups = [gr.Gallery(value=[], visible=False, columns=10, rows=1, height=150,
+        groups = [gr.Gallery(value=[], visible=False, columns=10, height=210,
                              object_fit="cover", interactive=False, allow_preview=False,
                              elem_id=f"evidence-group-{name}-{number}")
                   for number in range(MAX_GROUPS)]
@@ -144,10 +144,11 @@ def group_updates(panel: EvidencePanel, thumbnails: ThumbnailCache, session: Gal
                 name = f"the query · {name}"
             items.append((str(thumbnails.get(gallery.path_of(row), _mark(result, session,
                                                                           row))),
-                          f"{name} · {group.value_name} {value_text(value)}"))
+                          f"{value_text(value)} · {name}"))
         label = f"{group.name} · {len(group.rows)} images"
         if len(group.rows) > GROUP_SHOWN:
             label += f" (the first {GROUP_SHOWN})"
+        label += f", captioned with their {group.value_name}"
         if group.highlight:
             label += " · ringed on the kNN graph"
         if number == len(panel.groups) - 1 and len(groups) > len(panel.groups):
@@ -191,13 +192,12 @@ def evidence_figure(session: GallerySession, view: QueryView, method: str,
     gallery = session.gallery
     count = (f"{len(every)}" if len(every) == len(evidence)
              else f"the first {len(evidence)} of {len(every)}")
-    item = gallery.files[explanation.evidence.item]
     return plots.knn_figure(
         graph, indices.tolist(), distances.tolist(), files=gallery.files,
         labels=gallery.labels, class_names=gallery.class_names,
         query_label=result.query_label,
-        title=f"kNN graph: {method_title(method)} top {result.top_n}; evidence for {item} "
-              f"({count} images ringed)",
+        title=f"Evidence of {method_title(method)} "
+              f"{place_text(explanation.method_rank, explanation.depth)}: {count} ringed",
         thumbnail_urls=hover_urls(thumbnails, session), evidence_rows=evidence.tolist())
 
 

@@ -14,7 +14,7 @@ import pytest
 
 import app.evidence
 from app import plots
-from app.evidence import moved_text, place_text
+from app.evidence import moved_text, place_text, value_text
 from app.handlers import PageHandlers
 from app.page import build_app
 from engine import Evidence, EvidenceGroup, Explanation
@@ -105,8 +105,11 @@ def check_panel(handlers: PageHandlers, session: GallerySession, updates: dict[A
             continue
         group = evidence.groups[number]
         assert shown.visible is True and group.name in shown.label
+        assert f"captioned with their {group.value_name}" in shown.label
         assert len(shown.value) == min(len(group.rows), app.evidence.GROUP_SHOWN)
-        assert all(f"· {group.value_name} " in item["caption"] for item in shown.value)
+        values = group.values[:len(shown.value)].tolist()
+        assert [item["caption"].split(" · ")[0] for item in shown.value] == [
+            value_text(value) for value in values]
     figure = updates[handlers.ui.knn_plot]
     ringed = ringed_rows(evidence)[:app.evidence.EVIDENCE_NODES]
     if not ringed:
@@ -135,7 +138,7 @@ def test_a_clicked_result_opens_its_evidence(handlers: PageHandlers, session: Ga
 
 
 def fake_evidence(result: QueryResult, method: str, item: int) -> Evidence:
-    """Five groups (one more than the panel shows), one not highlighted, one of every row
+    """One group more than the panel shows, one not highlighted, one of every row
     beyond the method's results, the query's own row and a NaN value among them."""
     size = len(result.rankings[BASELINE].indices) + 1
     beyond = np.setdiff1d(np.arange(size), [*result.top(method)[1].tolist(), PICK])
@@ -146,8 +149,8 @@ def fake_evidence(result: QueryResult, method: str, item: int) -> Evidence:
                      EvidenceGroup("far", beyond, np.linspace(0, 1, len(beyond)), "vote"),
                      EvidenceGroup("quiet", np.array([1, 2]), np.zeros(2), "weight",
                                    highlight=False),
-                     EvidenceGroup("fourth", np.array([5]), np.ones(1), "weight"),
-                     EvidenceGroup("fifth", np.array([6]), np.ones(1), "weight")))
+                     *(EvidenceGroup(f"more {number}", np.array([number]), np.ones(1), "weight")
+                       for number in range(4, 4 + app.evidence.MAX_GROUPS - 2))))
 
 
 def test_any_evidence_renders(handlers: PageHandlers, session: GallerySession,
@@ -165,17 +168,18 @@ def test_any_evidence_renders(handlers: PageHandlers, session: GallerySession,
     explanation = session.explain(view.result, method, int(view.result.top(method)[1][0]))
     check_panel(handlers, session, updates, method, explanation)
     panel = handlers.ui.tabs[method].evidence
-    assert "not shown: fifth" in updates[panel.groups[-1]].label
+    assert f"not shown: more {app.evidence.MAX_GROUPS + 1}" in updates[panel.groups[-1]].label
     assert "| second | -0.25 |" in updates[panel.numbers]
     captions = [item["caption"] for item in updates[panel.groups[0]].value]
-    assert captions[0].startswith("this result · ") and captions[1].startswith("the query · ")
-    assert captions[2].endswith("weight –")  # NaN: no value
+    assert captions[0].startswith("1 · this result · ")
+    assert captions[1].startswith("2 · the query · ")
+    assert captions[2].startswith("– · ")  # NaN: no value
     assert "ringed" not in updates[panel.groups[2]].label  # not highlighted
     far = explanation.evidence.group("far")
     assert updates[panel.groups[1]].label.startswith(f"far · {len(far.rows)} images (the "
                                                      "first 4)")
     title = updates[handlers.ui.knn_plot].layout.title.text
-    assert f"the first 6 of {len(ringed_rows(explanation.evidence))} images ringed" in title
+    assert title.endswith(f" #1: the first 6 of {len(ringed_rows(explanation.evidence))} ringed")
 
 
 def test_a_method_without_evidence_of_its_own_renders_too(

@@ -415,6 +415,8 @@ class GNNReranker(Reranker):
         share = top / graph_part if graph_part > 0 else 0.0
         summary = (f"{strongest} shared neighbours give {share:.0%} of its graph score; {edge}"
                    if strongest else f"no shared propagated neighbours; {edge}")
+        if lam == 1.0:
+            summary = f"lambda = 1 ranks by the cosine alone ({cosine:.3f}); {edge}"
         numbers = {
             "graph score": graph_score,
             "contribution of the query node": at_query,

@@ -501,19 +501,16 @@ class KReciprocalReranker(Reranker):
             "lambda": float(self.params.lambda_value),
             "final distance": float(final),
         }
-        gallery = shared > 0
         groups = (
-            EvidenceGroup("shared neighbours", shared[gallery] - 1, minima[gallery],
-                          "the smaller of the two expanded encodings' (V_qe) weights: with "
-                          "the shared weight at the query they sum to the shared weight m"),
-            EvidenceGroup("query's k-reciprocal set", query_set[query_set > 0] - 1,
-                          query_weights[query_set > 0],
-                          "weight in the query's encoding V (exp(-d') over the set's sum)",
-                          highlight=False),
-            EvidenceGroup("its k-reciprocal set", item_set[item_set > 0] - 1,
-                          item_weights[item_set > 0],
-                          "weight in the item's encoding V (exp(-d') over the set's sum)",
-                          highlight=False),
+            _heaviest_first("shared neighbours", shared, minima,
+                            "the smaller of the two expanded encodings' (V_qe) weights: with "
+                            "the shared weight at the query they sum to the shared weight m"),
+            _heaviest_first("query's k-reciprocal set", query_set, query_weights,
+                            "weight in the query's encoding V (exp(-d') over the set's sum)",
+                            highlight=False),
+            _heaviest_first("its k-reciprocal set", item_set, item_weights,
+                            "weight in the item's encoding V (exp(-d') over the set's sum)",
+                            highlight=False),
         )
         return Evidence(self.name, item, summary, numbers, groups)
 
@@ -768,6 +765,16 @@ class _OnlineEncoding:
     dirty: np.ndarray
     encoding_rows: Callable[[np.ndarray], sp.csr_matrix]
     expanded_rows: Callable[[np.ndarray], sp.csr_matrix]
+
+
+def _heaviest_first(name: str, nodes: np.ndarray, weights: np.ndarray, value_name: str,
+                    highlight: bool = True) -> EvidenceGroup:
+    """An evidence group of the gallery nodes among `nodes` (the query, node 0, is no gallery
+    row), heaviest weight first (ties: smaller row)."""
+    gallery = nodes > 0
+    order = np.argsort(-weights[gallery], kind="stable")
+    return EvidenceGroup(name, nodes[gallery][order] - 1, weights[gallery][order], value_name,
+                         highlight)
 
 
 def _row_entries(matrix: sp.csr_matrix, row: int) -> tuple[np.ndarray, np.ndarray]:

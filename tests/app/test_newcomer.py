@@ -397,9 +397,11 @@ def test_a_click_on_a_result_and_on_a_map_point_makes_it_the_query(
     rows = expected.top(FIRST)[1]
     third = explorer.session(None).gallery.files[int(rows[2])]
 
-    # (a) the 3rd result of the first method's ranking
+    # (a) the 3rd result of the first method's ranking: a click opens its evidence, whose
+    # "Query with this image" makes it the query
     before = results_of(page, RESULTS)
     thumbnails(page, RESULTS[1]).nth(2).click()
+    page.locator(f"#evidence-query-{FIRST}").click()
     wait_for_query(page, third, f"a click on the 3rd result of {FIRST}", shot)
     wait_for_new_results(page, before, f"a click on the 3rd result of {FIRST}", shot)
     page.wait_for_function("file => location.search.includes(`file=${file}`)", arg=third,

@@ -209,7 +209,9 @@ def test_the_public_page_hides_no_exception_text(explorer: Explorer) -> None:
     options = launch_options(explorer, public=True, upload_limits=LIMITS)
     assert options["show_error"] is False
     assert options["max_file_size"] == LIMITS.archive_bytes
-    assert options["allowed_paths"] == [str(explorer.thumbnail_root)]
+    # the thumbnails and the downloads (files named with a random token), nothing else
+    assert options["allowed_paths"] == [str(explorer.thumbnail_root),
+                                        str(explorer.cache_root / "exports")]
     assert launch_options(explorer)["show_error"] is True
 
 

@@ -235,10 +235,11 @@ def fit_or_load_map(kind: str, query_features: np.ndarray, gallery_features: np.
         extractor: the query backbone (`embed` needs it; mapping features does not).
         refit: ignore a saved state.
     """
-    path = saved_map_path(kind, query_features, gallery_features, state_dir, query_meta,
-                          gallery_meta)
-    training = pairs_fingerprint(np.asarray(query_features, np.float32),
-                                 np.asarray(gallery_features, np.float32))
+    _check_kind(kind)
+    queries, targets = _check_pairs(query_features, gallery_features, query_meta, gallery_meta)
+    training = pairs_fingerprint(queries, targets)
+    path = (Path(state_dir) / STATE_FOLDER
+            / f"{kind}-{map_state_key(kind, query_meta, gallery_meta, training)}")
     if not refit:
         try:
             model = MappedQueryModel.load(path, kind=kind, query_meta=query_meta,
@@ -251,10 +252,8 @@ def fit_or_load_map(kind: str, query_features: np.ndarray, gallery_features: np.
         except CacheError as error:
             logger.warning("refitting: %s", error)
     if progress is not None:
-        progress(0.0, f"fitting the {MAP_KINDS[kind]} query map on "
-                      f"{len(query_features):,} images")
-    model = MappedQueryModel.fit(kind, query_features, gallery_features, query_meta,
-                                 gallery_meta, extractor)
+        progress(0.0, f"fitting the {MAP_KINDS[kind]} query map on {len(queries):,} images")
+    model = MappedQueryModel.fit(kind, queries, targets, query_meta, gallery_meta, extractor)
     model.save(path)
     if progress is not None:
         progress(1.0, f"fitted the {MAP_KINDS[kind]} query map in {model.fit_seconds:.1f} s")

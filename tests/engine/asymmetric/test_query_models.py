@@ -126,3 +126,22 @@ def test_an_asymmetric_compare_table_has_a_row_per_query_model(built: Explorer):
     assert {title: rows[title].map for title in titles.values()}.items() <= cached.items()
     # a symmetric session's table has no such rows
     assert not any(row.method in titles.values() for row in base.scores_rows())
+
+
+def test_building_a_map_with_a_job_queue_scores_the_query_models_in_the_background(
+        built: Explorer, folder: Path):
+    """The page's explorer: the rows are a background job of the new session, cached for its
+    Compare table (the map itself is loaded: `built` saved it)."""
+    jobs = JobQueue(budget=contextlib.nullcontext)
+    explorer = Explorer(built.extractor, device="cpu", cache_root=built.cache_root,
+                        allowed_roots=built.allowed_roots, methods=[], jobs=jobs)
+    explorer.open_folder(folder)
+    session = explorer.with_query_model(None, "ridge")
+    assert session.query_encoder.loaded
+    job = jobs.get((session.key, "scores", "query models"))
+    assert job is not None and job.title == "Query-model scores"
+    jobs.run_pending()
+    assert job.state == DONE, job.error
+    shown = [row.method for row in session.scores_rows()]
+    assert f"{BASELINE_TITLE}, queries by {QUERY_MODELS['ridge'].title}" in shown
+    assert f"{BASELINE_TITLE}, queries by {QUERY_MODELS['ssp'].title}" not in shown  # not built

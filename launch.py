@@ -74,8 +74,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              "the app's own messages")
     parser.add_argument("--query-models", metavar="NAMES", type=_query_models, default=[],
                         help="comma-separated query models to build at start as well as the "
-                             "default lite0 (lite2, ssp: their gallery index, the SSP model, "
-                             "map and scores); others are built on first use")
+                             "default lite0 (lite2, ssp, procrustes, ridge: their gallery "
+                             "index, the SSP model or closed-form map, map and scores); "
+                             "others are built on first use")
     parser.add_argument("--verbose", action="store_true", help="debug logging")
     parser.add_argument("--prepare-only", action="store_true",
                         help="build the gallery cache, embedding map and Compare scores and "

@@ -34,6 +34,7 @@ from engine.core.knn import (
 from engine.core.types import Evidence, EvidenceGroup, GalleryContext
 from engine.rerank import register
 from engine.rerank._diffusion import (
+    Solution,
     SparseProduct,
     conjugate_gradient,
     inverse_sqrt_degree,
@@ -165,7 +166,7 @@ class Diffusion(Reranker):
         self._transition_product = SparseProduct(self._transition)
 
     # -- the walk -------------------------------------------------------------------------------
-    def _solve(self, seeds: np.ndarray, left_out: np.ndarray | None = None):
+    def _solve(self, seeds: np.ndarray, left_out: np.ndarray | None = None) -> Solution:
         """CG on (I - alpha S) f = y for the columns of `seeds` (G, B); with `left_out`, column
         b on the graph without item left_out[b]."""
         alpha = self.params.alpha
@@ -224,7 +225,8 @@ class Diffusion(Reranker):
                                     "cg_iterations": iterations, "cg_residual": residual,
                                     "reached": reached}
 
-    def _online_walk(self, query_feature: np.ndarray):
+    def _online_walk(self, query_feature: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray, Solution, dict[str, Any]]:
         """One new query's seeds (ids, canonical similarities) and CG solution, as the batch
         computes them with that single query."""
         gallery = self.gallery.features

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from engine.explorer import Explorer
+from engine.explorer import Explorer, GallerySession
 
 
 def free_port() -> int:
@@ -30,3 +30,20 @@ def server(explorer: Explorer) -> Iterator[str]:
         yield f"http://127.0.0.1:{port}/"
     finally:
         demo.close()
+
+
+@pytest.fixture(scope="module")
+def handlers(explorer: Explorer):  # -> app.handlers.PageHandlers
+    """The handlers of a built (not served) page: `build_app` fills their components."""
+    from app.handlers import PageHandlers
+    from app.page import build_app
+
+    handlers = PageHandlers(explorer)
+    build_app(explorer, handlers=handlers)
+    return handlers
+
+
+@pytest.fixture(scope="module")
+def session(explorer: Explorer) -> GallerySession:
+    """The shared explorer's first gallery (the tiny one)."""
+    return explorer.session(None)

@@ -28,18 +28,6 @@ PICK = 3  # a daffodil, as the other page tests pick
 pytestmark = pytest.mark.filterwarnings("ignore:.*(no_silent_downcasting|copy keyword):Warning")
 
 
-@pytest.fixture(scope="module")
-def handlers(explorer: Explorer) -> PageHandlers:
-    handlers = PageHandlers(explorer)
-    build_app(explorer, handlers=handlers)
-    return handlers
-
-
-@pytest.fixture(scope="module")
-def session(explorer: Explorer) -> GallerySession:
-    return explorer.session(None)
-
-
 def controls(handlers: PageHandlers, session: GallerySession) -> list[Any]:
     return [session.params_for(method)[0][name] for method in handlers.method_names
             for name in handlers.ui.tabs[method].param_names]

@@ -13,24 +13,12 @@ import pytest
 
 from app.exports import KEEP_EXPORTS, NO_QUERY, NO_TABLE, table_values
 from app.handlers import PageHandlers
-from app.page import build_app, launch_options
+from app.page import launch_options
 from engine import SCORES_TABLE_COLUMNS, exports_folder, read_csv_export
 from engine.explorer import BASELINE, CUSTOM, Explorer, GallerySession
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*(no_silent_downcasting|copy keyword):Warning")
 TOP = 10
-
-
-@pytest.fixture(scope="module")
-def handlers(explorer: Explorer) -> PageHandlers:
-    handlers = PageHandlers(explorer)
-    build_app(explorer, handlers=handlers)
-    return handlers
-
-
-@pytest.fixture(scope="module")
-def session(explorer: Explorer) -> GallerySession:
-    return explorer.session(None)
 
 
 def controls(handlers: PageHandlers, session: GallerySession,

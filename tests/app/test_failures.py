@@ -9,20 +9,12 @@ import pytest
 
 from app.failures import FAILURE_SLOTS, GAINS, LOSSES, STRIP_LENGTH, p_text
 from app.handlers import PageHandlers
-from app.page import build_app
 from app.text import ALL_CLASSES
 from engine.explorer import BASELINE, Explorer, GallerySession
 
 METHOD = "k_reciprocal"
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*(no_silent_downcasting|copy keyword):Warning")
-
-
-@pytest.fixture(scope="module")
-def handlers(explorer: Explorer) -> PageHandlers:
-    handlers = PageHandlers(explorer)
-    build_app(explorer, handlers=handlers)
-    return handlers
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from PIL import Image
 
 import app.handlers
 from app.handlers import TUNE_PROTOCOL, PageHandlers
-from app.page import build_app, launch_options
+from app.page import launch_options
 from app.render import QueryView
 from app.text import ALL_CLASSES, BASELINE_LABEL, NO_CLASS, NO_PARAMETER, rank_change
 from app.thumbnails import FRAME_COLOURS
@@ -43,20 +43,6 @@ RANK_CHANGE = re.compile(r" · (▲\d+|▼\d+|=|new( \(was #\d+\))?)( [✓✗])?
 
 # gradio's queue uses pandas options that pandas 3 deprecates; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:.*(no_silent_downcasting|copy keyword):Warning")
-
-
-@pytest.fixture(scope="module")
-def handlers(explorer: Explorer) -> PageHandlers:
-    """The handlers of a built (not served) page: `build_app` fills their components."""
-    handlers = PageHandlers(explorer)
-    demo = build_app(explorer, handlers=handlers)
-    assert isinstance(demo, gr.Blocks)
-    return handlers
-
-
-@pytest.fixture(scope="module")
-def session(explorer: Explorer) -> GallerySession:
-    return explorer.session(None)
 
 
 @pytest.fixture(scope="module")

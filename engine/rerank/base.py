@@ -170,8 +170,10 @@ class Reranker(ABC):
     the fitted gallery instead."""
     exact_neighbours: ClassVar[bool] = True
     """A near-duplicate of a gallery item is ranked that item first. False for a method that
-    ranks in a learned low-dimensional space, where a whole class collapses to nearly one
-    point."""
+    may rank another item before it: one ranking in a learned low-dimensional space, where a
+    whole class collapses to nearly one point (SGRR), or one that moves the query towards its
+    neighbours (query expansion) or spreads its score along the graph (diffusion), where a
+    better-connected neighbour can overtake the duplicate."""
 
     def __init__(self, params: RerankParams | None = None, *, device: str = "auto",
                  **overrides: Any) -> None:

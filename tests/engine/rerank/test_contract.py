@@ -379,7 +379,8 @@ def test_explain_before_fit(name, features):
 def test_reranking_keeps_near_duplicates_first(fitted, features):
     """A query that is a gallery item (tiny noise) ranks that item first, in every mode."""
     if not fitted.exact_neighbours:
-        pytest.skip(f"{fitted.name} ranks in a learned space (exact_neighbours)")
+        pytest.skip(f"{fitted.name} declares exact_neighbours = False: it may rank another item "
+                    "before a near-duplicate (see its docstring)")
     gallery = fitted.gallery.features
     rng = np.random.default_rng(3)
     rows = np.array([4, 50, 99])

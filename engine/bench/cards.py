@@ -65,9 +65,16 @@ def method_entries_of(specs: Sequence[str], parse: Any) -> list[MethodEntry]:
 def full_spec(entry: MethodEntry) -> str:
     """A method spec naming every parameter ("gnn:k1=26,k2=7,lambda_value=0.3"), so that a
     re-run uses the card's values even where the defaults have changed since."""
-    values = ",".join(f"{key}={str(value).lower() if isinstance(value, bool) else value!r}"
-                      for key, value in entry.params.items())
+    values = ",".join(f"{key}={spec_value(value)}" for key, value in entry.params.items())
     return f"{entry.method}:{values}" if values else entry.method
+
+
+def spec_value(value: Any) -> str:
+    """A parameter value as `parse_method` reads it back: true/false, or the number (a float's
+    repr keeps every digit)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return repr(value)
 
 
 def recorded_argv(args: argparse.Namespace, methods: Sequence[str]) -> list[str]:

@@ -7,9 +7,11 @@ import re
 
 import pytest
 
-from engine.bench.rerankers import main
+from engine.bench.cards import full_spec, method_entries_of
+from engine.bench.rerankers import main, parse_method
 from engine.errors import InvalidInputError
 from engine.evaluation.runcard import RunCard, figures_of, run_card
+from engine.rerank import list_rerankers
 from engine.rerank.setting import CUSTOM
 
 
@@ -55,3 +57,12 @@ def test_a_card_the_benchmark_did_not_write_is_refused(tmp_path):
     (tmp_path / "broken.json").write_text("{")
     with pytest.raises(InvalidInputError, match="not JSON"):
         main(["--card", str(tmp_path / "broken.json")])
+
+
+@pytest.mark.parametrize("method", list_rerankers())
+def test_every_methods_complete_spec_parses_back_to_its_parameters(method):
+    """What a card records for a re-run (every parameter, booleans included) is read back by
+    `--methods` as the same parameters."""
+    entry = method_entries_of([method], parse_method)[1]
+    name, params = parse_method(full_spec(entry))
+    assert name == method and params == entry.params

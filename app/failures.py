@@ -265,7 +265,8 @@ def failures_summary(changes: QueryChanges, class_name: str | None, order: str,
     worse, better = int((change < 0).sum()), int((change > 0).sum())
     scope = f"class {class_name}" if class_name else "every class"
     which = "losses" if order == LOSSES else "gains"
+    below = (f"Below: the {shown} largest {which}." if shown
+             else f"No query {'lost' if order == LOSSES else 'gained'} AP.")
     return (f"**{method_title(changes.method)}**, {scope}: {len(change):,} queries; "
             f"{worse:,} lose AP, {better:,} gain, {len(change) - worse - better:,} unchanged; "
-            f"mean change {change.mean():+.4f}. Below: the {shown} largest {which}"
-            + ("" if shown else " (none)") + ".")
+            f"mean change {change.mean():+.4f}. {below}")

@@ -7,9 +7,17 @@ import gradio as gr
 import numpy as np
 import pytest
 
-from app.failures import FAILURE_SLOTS, GAINS, LOSSES, STRIP_LENGTH, p_text
+from app.failures import (
+    FAILURE_SLOTS,
+    GAINS,
+    LOSSES,
+    STRIP_LENGTH,
+    failures_summary,
+    p_text,
+)
 from app.handlers import PageHandlers
 from app.text import ALL_CLASSES
+from engine import QueryChanges
 from engine.explorer import BASELINE, Explorer, GallerySession
 
 METHOD = "k_reciprocal"
@@ -144,3 +152,14 @@ def test_switching_the_gallery_empties_the_browser(handlers: PageHandlers,
     updates = handlers.switch_gallery(session.key)
     assert updates[widgets.listed] == [] and updates[widgets.summary] == ""
     assert all(updates[slot.heading] == "" for slot in widgets.slots)
+
+
+def test_the_summary_counts_and_says_when_nothing_moved() -> None:
+    changes = QueryChanges(METHOD, np.arange(4), np.array([0.5, 0.5, 0.2, 0.9]),
+                           np.array([0.3, 0.5, 0.6, 0.9]))
+    text = failures_summary(changes, None, LOSSES, 1)
+    assert "4 queries; 1 lose AP, 1 gain, 2 unchanged; mean change +0.0500" in text
+    assert text.endswith("the 1 largest losses.")
+    same = QueryChanges(METHOD, np.arange(2), np.array([0.5, 0.4]), np.array([0.5, 0.4]))
+    assert failures_summary(same, "daisy", GAINS, 0).endswith("No query gained AP.")
+    assert "class daisy" in failures_summary(same, "daisy", GAINS, 0)

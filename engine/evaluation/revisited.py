@@ -25,6 +25,7 @@ from engine.evaluation.metrics import (
     _mean_kept,
     relevance_from_lists,
 )
+from engine.evaluation.paired import holm_adjusted, paired_comparison
 
 REVISITED_PROTOCOLS: tuple[str, ...] = ("easy", "medium", "hard")
 """The three settings of the revisited Oxford/Paris protocol, in the order the paper reports
@@ -407,29 +408,49 @@ class RevisitedCache:
 
 
 REVISITED_TABLE_KAPPAS = (1, 5, 10)
+REVISITED_PAIRED = ("medium", "hard")
+"""The settings whose mAP difference from the baseline the table tests (the revisited papers
+report Medium and Hard)."""
 REVISITED_TABLE_COLUMNS: tuple[str, ...] = (
     "method",
     *(f"{protocol[0].upper()} {what}" for protocol in REVISITED_PROTOCOLS
       for what in ("mAP", *(f"mP@{kappa}" for kappa in REVISITED_TABLE_KAPPAS))),
+    *(f"{protocol[0].upper()} {what}" for protocol in REVISITED_PAIRED
+      for what in ("mAP - baseline", "difference 95 % interval", "p (Holm)")),
     "queries", "batch s", "parameters")
-"""Headers of `revisited_table`'s columns: per setting (E, M, H) mAP and mP@1/5/10."""
+"""Headers of `revisited_table`'s columns: per setting (E, M, H) mAP and mP@1/5/10, then per
+tested setting (M, H) the paired difference from the baseline."""
 
 
-def revisited_table(runs: Sequence[RevisitedRun], titles: Mapping[str, str]) -> list[list[Any]]:
+def revisited_table(runs: Sequence[RevisitedRun], titles: Mapping[str, str],
+                    baseline: str | None = None) -> list[list[Any]]:
     """Rows for a table (`REVISITED_TABLE_COLUMNS`): the method's title, per setting mAP and
-    mP@1/5/10 in percent (2 decimals; blank where no query has positives), the queries scored
-    (those without positives in a setting named), batch seconds and the parameters."""
-    def rounded(value: float) -> float | None:
-        return None if not np.isfinite(value) else round(float(value), 2)
+    mP@1/5/10 in percent (2 decimals; blank where no query has positives), per tested setting
+    the mAP difference from the run named `baseline` on the same queries (percent points),
+    its 95 % paired bootstrap interval and randomisation p-value, Holm-adjusted over the
+    methods in the table (blank for the baseline, or without one), the queries scored (those
+    without positives in a setting named), batch seconds and the parameters."""
+    def rounded(value: float | None) -> float | None:
+        return None if value is None or not np.isfinite(value) else round(float(value), 2)
 
+    paired = _paired_with(runs, baseline)
     rows = []
-    for run in runs:
+    for index, run in enumerate(runs):
         scores = run.scores
         row: list[Any] = [titles.get(run.method, run.method)]
         for protocol in REVISITED_PROTOCOLS:
             row += [rounded(scores.map[protocol]),
                     *(rounded(scores.mp_at[protocol].get(kappa, float("nan")))
                       for kappa in REVISITED_TABLE_KAPPAS)]
+        for protocol in REVISITED_PAIRED:
+            found = paired[protocol].get(index)
+            if found is None:
+                row += [None, "-", None]
+            else:
+                compared, adjusted = found
+                row += [rounded(compared.difference),
+                        f"{compared.low:+.2f} to {compared.high:+.2f}",
+                        round(float(adjusted), 4)]
         left_out = [f"{count} without positives in {protocol}"
                     for protocol, count in scores.n_excluded.items() if count]
         row += [f"{scores.n_queries}" + (f" ({'; '.join(left_out)})" if left_out else ""),
@@ -437,3 +458,28 @@ def revisited_table(runs: Sequence[RevisitedRun], titles: Mapping[str, str]) -> 
                 ", ".join(f"{name}={value}" for name, value in run.params.items()) or "-"]
         rows.append(row)
     return rows
+
+
+def _paired_with(runs: Sequence[RevisitedRun], baseline: str | None
+                 ) -> dict[str, dict[int, tuple[Any, float]]]:
+    """Per tested setting, each non-baseline run's `PairedComparison` against the baseline run
+    (its per-query APs, percent) with its Holm-adjusted p-value, by run index."""
+    found: dict[str, dict[int, tuple[Any, float]]] = {protocol: {} for protocol in
+                                                      REVISITED_PAIRED}
+    reference = next((run for run in runs if run.method == baseline), None)
+    if reference is None:
+        return found
+    for protocol in REVISITED_PAIRED:
+        compared = {}
+        for index, run in enumerate(runs):
+            if run is reference:
+                continue
+            ap, base = run.scores.per_query_ap[protocol], reference.scores.per_query_ap[protocol]
+            if ap.shape == base.shape and (np.isfinite(ap) & np.isfinite(base)).any():
+                compared[index] = paired_comparison(ap, base)
+        if compared:
+            adjusted = holm_adjusted([result.p_value for result in compared.values()])
+            found[protocol] = {index: (result, p_value) for (index, result), p_value
+                               in zip(compared.items(), adjusted, strict=True)}
+    return found
+

@@ -982,7 +982,8 @@ class GallerySession:
         (cached ones; all of them, computed now, with `compute`)."""
         runs = self._per_method(self.revisited, "revisited scores of", params, compute,
                                 progress)
-        return list(REVISITED_TABLE_COLUMNS), revisited_table(runs, dict(self.methods()))
+        return list(REVISITED_TABLE_COLUMNS), revisited_table(runs, dict(self.methods()),
+                                                              baseline=BASELINE)
 
     def scores_rows(self, params: Mapping[str, ParamsOrSetting] | None = None,
                     compute: bool = False, progress: ProgressCallback | None = None

@@ -164,6 +164,14 @@ def test_the_compare_rows_are_the_revisited_protocol_of_the_bench(explorer: Expl
     assert baseline["H mAP"] == pytest.approx(62.5)
     assert baseline["M mP@5"] == pytest.approx(round((200 / 3 + 100) / 2, 2))
     assert baseline["H mP@1"] == pytest.approx(50.0)
+    # each method's paired difference from the baseline (two queries: every flip enumerated)
+    assert baseline["M mAP - baseline"] is None and baseline["H p (Holm)"] is None
+    for row in rows[1:]:
+        named = dict(zip(headers, row, strict=True))
+        for setting in ("M", "H"):
+            assert named[f"{setting} mAP - baseline"] == pytest.approx(
+                named[f"{setting} mAP"] - baseline[f"{setting} mAP"], abs=0.011)
+            assert 0 < named[f"{setting} p (Holm)"] <= 1
     # the very numbers `python -m engine.bench --queries --gnd` prints
     params = session.params_for("k_reciprocal")[0]
     spec = "k_reciprocal:" + ",".join(f"{name}={value}" for name, value in params.items())

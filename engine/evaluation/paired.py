@@ -14,7 +14,7 @@ Queries without an AP (NaN: no positives) are left out of a pair, for both metho
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -138,3 +138,10 @@ def holm_adjusted(p_values: Sequence[float] | np.ndarray) -> np.ndarray:
     adjusted = np.empty_like(values)
     adjusted[order] = np.minimum(np.maximum.accumulate(scaled), 1.0)
     return adjusted
+
+
+def holm_adjusted_by_key(p_values: Mapping[Hashable, float]) -> dict[Hashable, float]:
+    """`holm_adjusted` of named p-values (a table's rows, say), by the same names."""
+    adjusted = holm_adjusted(list(p_values.values()))
+    return {name: float(value) for name, value in zip(p_values, adjusted, strict=True)}
+

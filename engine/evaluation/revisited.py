@@ -25,7 +25,7 @@ from engine.evaluation.metrics import (
     _mean_kept,
     relevance_from_lists,
 )
-from engine.evaluation.paired import holm_adjusted, paired_comparison
+from engine.evaluation.paired import holm_adjusted_by_key, paired_comparison
 
 REVISITED_PROTOCOLS: tuple[str, ...] = ("easy", "medium", "hard")
 """The three settings of the revisited Oxford/Paris protocol, in the order the paper reports
@@ -477,9 +477,9 @@ def _paired_with(runs: Sequence[RevisitedRun], baseline: str | None
             ap, base = run.scores.per_query_ap[protocol], reference.scores.per_query_ap[protocol]
             if ap.shape == base.shape and (np.isfinite(ap) & np.isfinite(base)).any():
                 compared[index] = paired_comparison(ap, base)
-        if compared:
-            adjusted = holm_adjusted([result.p_value for result in compared.values()])
-            found[protocol] = {index: (result, p_value) for (index, result), p_value
-                               in zip(compared.items(), adjusted, strict=True)}
+        adjusted = holm_adjusted_by_key({index: result.p_value
+                                         for index, result in compared.items()})
+        found[protocol] = {index: (result, adjusted[index])
+                           for index, result in compared.items()}
     return found
 

@@ -30,7 +30,7 @@ from engine.evaluation.metrics import RetrievalScores, evaluate
 from engine.evaluation.paired import (
     BOOTSTRAP_RESAMPLES,
     bootstrap_interval,
-    holm_adjusted,
+    holm_adjusted_by_key,
 )
 from engine.evaluation.protocols import Split, leave_one_out
 
@@ -390,9 +390,8 @@ def scores_table(rows: Sequence[MethodScores], titles: Mapping[str, str]) -> lis
     def rounded(value: float | None, digits: int) -> float | None:
         return None if value is None or not np.isfinite(value) else round(float(value), digits)
 
-    tested = [index for index, row in enumerate(rows) if row.p_value is not None]
-    adjusted = dict(zip(tested, holm_adjusted([rows[index].p_value for index in tested]),
-                        strict=True)) if tested else {}
+    adjusted = holm_adjusted_by_key({index: row.p_value for index, row in enumerate(rows)
+                                     if row.p_value is not None})
     return [[titles.get(row.method, row.method), rounded(row.map, 4), row.interval_text,
              row.queries_text, rounded(row.delta, 4), row.delta_interval_text,
              rounded(adjusted.get(index), 4), rounded(row.p1, 4), rounded(row.p5, 4),

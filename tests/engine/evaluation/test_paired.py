@@ -10,6 +10,7 @@ from engine.errors import InvalidInputError
 from engine.evaluation.paired import (
     bootstrap_interval,
     holm_adjusted,
+    holm_adjusted_by_key,
     paired_comparison,
     sign_flip_p_value,
 )
@@ -138,3 +139,11 @@ def test_many_queries_are_drawn_not_enumerated():
     p_value, used, exact = sign_flip_p_value(differences, permutations=200)
     assert (used, exact) == (200, False)
     assert p_value == pytest.approx(1 / 201)  # no flip reaches an all-positive sum
+
+
+def test_holm_by_key_keeps_the_names():
+    assert holm_adjusted_by_key({}) == {}
+    # 0.01 * 3, then max(0.04 * 2, 0.03), then max(0.05 * 1, 0.08)
+    assert holm_adjusted_by_key({"gnn": 0.04, "icfrr": 0.05, "k": 0.01}) == pytest.approx(
+        {"gnn": 0.08, "icfrr": 0.08, "k": 0.03})
+

@@ -28,15 +28,10 @@ PICK = 3  # a daffodil, as the other page tests pick
 pytestmark = pytest.mark.filterwarnings("ignore:.*(no_silent_downcasting|copy keyword):Warning")
 
 
-def controls(handlers: PageHandlers, session: GallerySession) -> list[Any]:
-    return [session.params_for(method)[0][name] for method in handlers.method_names
-            for name in handlers.ui.tabs[method].param_names]
-
-
 @pytest.fixture(scope="module")
 def picked(handlers: PageHandlers, session: GallerySession) -> dict[Any, Any]:
     return handlers.pick(session.key, session.gallery.files[PICK], True, TOP, BASELINE,
-                         "backbone", *controls(handlers, session))
+                         "backbone", *handlers.default_controls(session))
 
 
 def click(index: int) -> gr.SelectData:
@@ -195,7 +190,7 @@ def test_query_with_this_image_queries_and_closes_the_panels(
     ui = handlers.ui
     file = session.gallery.files[int(picked[ui.state].result.top("k_reciprocal")[1][2])]
     updates = handlers.query_evidence_item(session.key, file, True, TOP, BASELINE, "backbone",
-                                           *controls(handlers, session))
+                                           *handlers.default_controls(session))
     assert updates[ui.picked] == file and updates[ui.state].result.source_file == file
     assert all(updates[tab.evidence.panel].visible is False for tab in ui.tabs.values())
     assert handlers.query_evidence_item(session.key, None, True, TOP, BASELINE,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import gradio as gr
 import pandas as pd
@@ -19,15 +18,6 @@ from engine.explorer import BASELINE, CUSTOM, Explorer, GallerySession
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*(no_silent_downcasting|copy keyword):Warning")
 TOP = 10
-
-
-def controls(handlers: PageHandlers, session: GallerySession,
-             **changed: dict[str, Any]) -> list[Any]:
-    values = []
-    for method in handlers.method_names:
-        params = {**session.params_for(method)[0], **changed.get(method, {})}
-        values += [params[name] for name in handlers.ui.tabs[method].param_names]
-    return values
 
 
 def read(path: str) -> str:
@@ -73,7 +63,7 @@ def test_a_download_before_a_query_says_so(handlers: PageHandlers) -> None:
 def test_a_picks_rankings_download_as_csv_and_json(handlers: PageHandlers,
                                                    session: GallerySession) -> None:
     updates = handlers.pick(session.key, session.gallery.files[3], True, TOP, "k_reciprocal",
-                            "backbone", *controls(handlers, session))
+                            "backbone", *handlers.default_controls(session))
     view = updates[handlers.ui.state]
     assert handlers.check_rankings_download(view) == {}
     csv_button, json_button = handlers.ui.exports.rankings
@@ -96,7 +86,7 @@ def test_the_compare_table_downloads_as_csv_json_and_markdown(handlers: PageHand
     table = shown_table(handlers, session)
     assert handlers.check_table_download(table) == {}
     csv_button, json_button, md_button = handlers.ui.exports.table
-    files = handlers.table_files(session.key, table, *controls(handlers, session))
+    files = handlers.table_files(session.key, table, *handlers.default_controls(session))
     headers, rows = table_values(table)
     card, read_headers, read_rows = read_csv_export(read(files[csv_button]))
     assert read_headers == headers and len(read_rows) == len(rows)
@@ -112,7 +102,9 @@ def test_the_compare_table_downloads_as_csv_json_and_markdown(handlers: PageHand
     assert len([line for line in markdown if line.startswith("| ")]) == len(rows) + 1
     assert "<details><summary>Run card</summary>" in markdown
     # tabs changed since the table was computed: the card names the setting the table shows
-    changed = controls(handlers, session, k_reciprocal={"k1": 4})
+    tabs = handlers.all_params(handlers.default_controls(session))
+    tabs["k_reciprocal"]["k1"] = 4
+    changed = handlers.flat_controls(tabs)
     card = read_csv_export(read(handlers.table_files(session.key, table, *changed)[csv_button]))[0]
     shown = {entry.method: entry for entry in card.methods}["k_reciprocal"]
     assert shown.params == params and shown.source != CUSTOM

@@ -1,8 +1,9 @@
 """Diffusion's math (Iscen et al., CVPR 2017): the mutual kNN affinity, its symmetric
 normalisation, the query's seed vector, conjugate gradient over a block of right-hand sides,
-and the ranking of the solved scores. Pure functions on numpy and scipy.sparse (the products
-with a block through torch's CSR product, `SparseProduct`); the class in
-`engine.rerank.diffusion` holds the parameters and the fitted graph.
+and the ranking of the solved scores. Pure functions: the graph is built with numpy and
+scipy.sparse, and solved with torch on the fitted graph's device (CPU or GPU: a sparse CSR
+tensor, `sparse_tensor`, times dense blocks); the class in `engine.rerank.diffusion` holds the
+parameters and the fitted graph.
 
 Every gallery-by-gallery matrix here is scipy.sparse CSR with at most k - 1 entries a row; the
 dense blocks are (G, B) for B right-hand sides at a time, never (G, G).
@@ -16,8 +17,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
+import torch
 
-from engine.core.knn import top_k_smallest
+from engine.core.knn import top_k_smallest, torch_topk_largest
 
 DEGREE_CANCELLATION = 1e-12
 """Leave-one-out: a neighbour of the left-out item whose degree, less its edge to that item,
@@ -115,39 +117,28 @@ def seed_vectors(ids: np.ndarray, similarities: np.ndarray, size: int, gamma: fl
     return seeds
 
 
-Operator = Callable[[np.ndarray, np.ndarray | None], np.ndarray]
+Operator = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 """A x for the (G, c) columns x of the right-hand sides `columns` ((c,) ints, None: all)."""
 
 
-class SparseProduct:
-    """A fixed (G, G) CSR matrix times dense (G, c) float64 blocks, through torch's CSR
-    product on the CPU (on the 20k-item synthetic gallery, 840k entries by 838 columns: 1.4 s
-    against scipy's 2.6 s, under load; it also uses the thread budget's torch threads). The
-    sums of a row run over its entries in order, so one column gives what it gives in a
-    block."""
-
-    def __init__(self, matrix: sp.csr_matrix) -> None:
-        import torch
-
-        self.matrix = matrix
-        with warnings.catch_warnings():  # "sparse CSR support is in beta": products only
-            warnings.filterwarnings("ignore", message="Sparse CSR tensor support")
-            self._tensor = torch.sparse_csr_tensor(
-                torch.from_numpy(matrix.indptr.astype(np.int64)),
-                torch.from_numpy(matrix.indices.astype(np.int64)),
-                torch.from_numpy(np.ascontiguousarray(matrix.data, np.float64)),
-                size=matrix.shape, check_invariants=False)
-
-    def __matmul__(self, block: np.ndarray) -> np.ndarray:
-        import torch
-
-        dense = torch.from_numpy(np.ascontiguousarray(block, np.float64))
-        return (self._tensor @ dense).numpy()
+def sparse_tensor(matrix: sp.csr_matrix, device: torch.device) -> torch.Tensor:
+    """A (G, G) scipy CSR matrix as a float64 torch CSR tensor on `device`, for its products
+    with dense (G, c) blocks there (on the CPU, on the 20k-item synthetic gallery, 840k
+    entries by 838 columns: 1.4 s against scipy's 2.6 s, under load; it also uses the thread
+    budget's torch threads). The sums of a row run over its entries in order, so one column
+    gives what it gives in a block."""
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": products only
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support")
+        return torch.sparse_csr_tensor(
+            torch.from_numpy(matrix.indptr.astype(np.int64)),
+            torch.from_numpy(matrix.indices.astype(np.int64)),
+            torch.from_numpy(np.ascontiguousarray(matrix.data, np.float64)),
+            size=matrix.shape, check_invariants=False).to(device)
 
 
-def shared_operator(transition: SparseProduct | sp.csr_matrix, alpha: float) -> Operator:
-    """A = I - alpha S, the same for every column."""
-    def apply(block: np.ndarray, columns: np.ndarray | None) -> np.ndarray:
+def shared_operator(transition: torch.Tensor, alpha: float) -> Operator:
+    """A = I - alpha S, the same for every column (S a `sparse_tensor`)."""
+    def apply(block: torch.Tensor, columns: torch.Tensor | None) -> torch.Tensor:
         product = transition @ block
         product *= -alpha
         product += block
@@ -155,11 +146,11 @@ def shared_operator(transition: SparseProduct | sp.csr_matrix, alpha: float) -> 
     return apply
 
 
-def left_out_operator(affinity: SparseProduct | sp.csr_matrix, scaling: np.ndarray,
-                      alpha: float) -> Operator:
-    """A_b = I - alpha D_b^-1/2 W D_b^-1/2 for column b (`left_out_scaling`). The rows and
-    columns of W at the left-out item need no removing: its scale is 0 on both sides."""
-    def apply(block: np.ndarray, columns: np.ndarray | None) -> np.ndarray:
+def left_out_operator(affinity: torch.Tensor, scaling: torch.Tensor, alpha: float) -> Operator:
+    """A_b = I - alpha D_b^-1/2 W D_b^-1/2 for column b (`left_out_scaling`, on the device of
+    W, a `sparse_tensor`). The rows and columns of W at the left-out item need no removing:
+    its scale is 0 on both sides."""
+    def apply(block: torch.Tensor, columns: torch.Tensor | None) -> torch.Tensor:
         scale = scaling if columns is None else scaling[:, columns]
         product = affinity @ (scale * block)
         product *= scale
@@ -173,28 +164,29 @@ def left_out_operator(affinity: SparseProduct | sp.csr_matrix, scaling: np.ndarr
 class Solution:
     """Conjugate gradient's answer for B right-hand sides.
 
-    f: (G, B) float64 iterates. iterations: (B,) steps taken. residual: (B,) final relative
-    residual |y - A f| / |y| (from CG's recurrence; 0 for y = 0). steps, directions: (n, B)
-    the step lengths and direction updates of each column's iterations (0 after it stopped):
-    replaying them (`replay`) applies the very same polynomial in A to other vectors.
+    f: (G, B) float64 iterates, a tensor on the right-hand sides' device. iterations: (B,)
+    steps taken. residual: (B,) final relative residual |y - A f| / |y| (from CG's
+    recurrence; 0 for y = 0). steps, directions: (n, B) the step lengths and direction
+    updates of each column's iterations (0 after it stopped): replaying them (`replay`)
+    applies the very same polynomial in A to other vectors. All but f are numpy arrays.
     """
 
-    f: np.ndarray
+    f: torch.Tensor
     iterations: np.ndarray
     residual: np.ndarray
     steps: np.ndarray
     directions: np.ndarray
 
 
-def _column_dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.einsum("ij,ij->j", a, b)
+def _column_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.einsum("ij,ij->j", a, b)
 
 
-def conjugate_gradient(apply: Operator, right: np.ndarray, tolerance: float, iterations: int
+def conjugate_gradient(apply: Operator, right: torch.Tensor, tolerance: float, iterations: int
                        ) -> Solution:
     """Solve A f = y for every column of y by conjugate gradient from f = 0, each column on its
     own: it stops when |r| <= tolerance |y| (MATLAB pcg's test, the authors' solver) or after
-    `iterations` steps, returning its last iterate.
+    `iterations` steps, returning its last iterate. Every step runs on y's device.
 
     Args:
         apply: the operator (`shared_operator`, `left_out_operator`), symmetric positive
@@ -202,26 +194,28 @@ def conjugate_gradient(apply: Operator, right: np.ndarray, tolerance: float, ite
         right: (G, B) float64 right-hand sides.
     """
     width = right.shape[1]
-    f = np.zeros_like(right)
-    residual_vectors = right.copy()
-    direction = right.copy()
+    device = right.device
+    f = torch.zeros_like(right)
+    residual_vectors = right.clone()
+    direction = right.clone()
     squared = _column_dot(right, right)
-    norm = np.sqrt(squared)
+    norm = squared.sqrt()
     active = norm > 0
-    taken = np.zeros(width, np.int64)
-    relative = np.zeros(width, np.float64)
-    steps = np.zeros((iterations, width), np.float64)
-    updates = np.zeros((iterations, width), np.float64)
+    taken = torch.zeros(width, dtype=torch.int64, device=device)
+    relative = torch.zeros(width, dtype=torch.float64, device=device)
+    steps = torch.zeros((iterations, width), dtype=torch.float64, device=device)
+    updates = torch.zeros((iterations, width), dtype=torch.float64, device=device)
     for step in range(iterations):
-        columns = np.flatnonzero(active)
-        if columns.size == 0:
+        columns = torch.nonzero(active).flatten()
+        if columns.numel() == 0:
             break
-        every = columns.size == width
+        every = columns.numel() == width
         p = direction if every else direction[:, columns]
         product = apply(p, None if every else columns)
         curvature = _column_dot(p, product)
-        length = np.where(curvature > 0, squared[columns] / np.where(curvature > 0, curvature, 1),
-                          0.0)
+        positive = curvature > 0
+        length = torch.where(positive, squared[columns] / torch.where(positive, curvature, 1.0),
+                             0.0)
         if every:
             f += length * p
             residual_vectors -= length * product
@@ -232,11 +226,11 @@ def conjugate_gradient(apply: Operator, right: np.ndarray, tolerance: float, ite
             r = residual_vectors[:, columns]
         new_squared = _column_dot(r, r)
         taken[columns] = step + 1
-        relative[columns] = np.sqrt(new_squared) / norm[columns]
+        relative[columns] = new_squared.sqrt() / norm[columns]
         steps[step, columns] = length
-        done = (relative[columns] <= tolerance) | (curvature <= 0)
-        update = np.where(done, 0.0, new_squared / np.where(squared[columns] > 0,
-                                                            squared[columns], 1))
+        done = (relative[columns] <= tolerance) | ~positive
+        previous = squared[columns]
+        update = torch.where(done, 0.0, new_squared / torch.where(previous > 0, previous, 1.0))
         updates[step, columns] = update
         if every:
             direction *= update
@@ -245,20 +239,21 @@ def conjugate_gradient(apply: Operator, right: np.ndarray, tolerance: float, ite
             direction[:, columns] = r + update * p
         squared[columns] = new_squared
         active[columns[done]] = False
-    used = int(taken.max(initial=0))
-    return Solution(f, taken, relative, steps[:used], updates[:used])
+    used = int(taken.max()) if width else 0
+    return Solution(f, taken.cpu().numpy(), relative.cpu().numpy(),
+                    steps[:used].cpu().numpy(), updates[:used].cpu().numpy())
 
 
-def replay(apply: Operator, seeds: np.ndarray, steps: np.ndarray, directions: np.ndarray
-           ) -> np.ndarray:
+def replay(apply: Operator, seeds: torch.Tensor, steps: np.ndarray, directions: np.ndarray
+           ) -> torch.Tensor:
     """CG's recurrence on other right-hand sides with one column's step lengths and direction
     updates ((n,) each): x_n = p(A) e for the same polynomial p CG built for y, so that for
     y = sum_j y_j e_j the iterate is f = sum_j y_j x_n(e_j) (to rounding), whether CG
     converged or stopped after its last step. Returns (G, m) for seeds (G, m)."""
-    x = np.zeros_like(seeds)
-    r = seeds.copy()
-    p = seeds.copy()
-    for length, update in zip(steps, directions, strict=True):
+    x = torch.zeros_like(seeds)
+    r = seeds.clone()
+    p = seeds.clone()
+    for length, update in zip(steps.tolist(), directions.tolist(), strict=True):
         product = apply(p, None)
         x += length * p
         r -= length * product
@@ -311,3 +306,28 @@ def rank_scores(f: np.ndarray, similarity: Callable[[np.ndarray], np.ndarray], k
         listed = np.take_along_axis(key[short], order, 1).astype(np.float32)
         distances[short] = np.where(picked, listed, tail)
     return distances, indices, counts.astype(np.int64)
+
+
+def torch_rank_scores(f: torch.Tensor, similarity: Callable[[np.ndarray], np.ndarray], k: int,
+                      exclude: np.ndarray | None = None
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`rank_scores` with the top k taken on f's device (a GPU's batch: only (B, k) comes
+    back); the columns that reach fewer than k items, whose unreached items need their
+    original similarities, go through `rank_scores` on the CPU."""
+    width = f.shape[1]
+    scores = f.T
+    reached = scores != 0
+    if exclude is not None:
+        reached[torch.arange(width, device=f.device),
+                torch.from_numpy(np.asarray(exclude, np.int64)).to(f.device)] = False
+    values, order = torch_topk_largest(torch.where(reached, scores, -torch.inf), k)
+    distances = (-values).float().cpu().numpy()
+    indices = order.cpu().numpy().astype(np.int64)
+    counts = reached.sum(dim=1).cpu().numpy().astype(np.int64)
+    short = np.flatnonzero(counts < k)
+    if short.size:
+        distances[short], indices[short], _ = rank_scores(
+            f[:, torch.from_numpy(short).to(f.device)].cpu().numpy(),
+            lambda columns: similarity(short[columns]), k,
+            None if exclude is None else np.asarray(exclude)[short])
+    return distances, indices, counts

@@ -7,6 +7,10 @@ again. Database-side augmentation (Arandjelovic & Zisserman 2012; Radenovic et a
 the same to every gallery item once, at fit, over the item's own neighbours (itself first, at
 similarity 1, so weight 1), and searches the augmented gallery.
 
+Batch mode and DBA's augmentation run on `self.device` with the torch twins of the numpy
+functions here (`torch_*`: the same float64 sums and float32 products, ties to the smaller
+index); the online mode, one query, runs on the CPU with numpy whatever the device.
+
 A similarity below 0 weighs 0 for alpha > 0 (s^alpha of a negative s is undefined for most
 alpha); alpha = 0 weighs every neighbour 1, whatever its similarity, as AQE's mean does.
 Neighbours are chosen by canonical similarities (`engine.core.knn.canonical_similarity`), ties
@@ -23,10 +27,11 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
+import torch
 
-from engine.core.knn import float32_scores, top_k_smallest
+from engine.core.knn import float32_scores, top_k_smallest, torch_topk_largest
 from engine.core.types import Evidence, EvidenceGroup, GalleryContext
-from engine.rerank._scale import canonical_block, query_top
+from engine.rerank._scale import canonical_block, query_top, torch_canonical_block
 from engine.rerank.base import Reranker
 
 GATHER_ELEMENTS = 1 << 22
@@ -84,6 +89,40 @@ def unit_rows(vectors: np.ndarray, fallback: np.ndarray) -> tuple[np.ndarray, np
     return units, norms
 
 
+def torch_expansion_weights(similarities: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Torch twin of `expansion_weights`."""
+    return similarities.double().clamp(min=0.0).pow(float(alpha))
+
+
+def torch_weighted_sums(gallery: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                        base: torch.Tensor | None = None) -> torch.Tensor:
+    """Torch twin of `weighted_sums`, on the gallery's device."""
+    rows, width = ids.shape
+    dim = gallery.shape[1]
+    out = (torch.zeros((rows, dim), dtype=torch.float64, device=gallery.device)
+           if base is None else base.double().clone())
+    if width == 0:
+        return out
+    step = max(1, GATHER_ELEMENTS // (width * dim))
+    for start in range(0, rows, step):
+        stop = min(start + step, rows)
+        gathered = gallery[ids[start:stop]].double()                          # (b, n, d)
+        out[start:stop] += torch.bmm(weights[start:stop].double()[:, None, :], gathered)[:, 0]
+    return out
+
+
+def torch_unit_rows(vectors: torch.Tensor, fallback: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch twin of `unit_rows`."""
+    norms = torch.linalg.vector_norm(vectors, dim=1)
+    empty = norms < 1e-12
+    units = (vectors / torch.where(empty, 1.0, norms)[:, None]).float()
+    if bool(empty.any()):
+        units[empty] = fallback[empty].float()
+        norms = torch.where(empty, 0.0, norms)
+    return units, norms
+
+
 def ranking(scores: np.ndarray, k: int, exclude: np.ndarray | None = None
             ) -> tuple[np.ndarray, np.ndarray]:
     """Top-k by descending similarity, ties to the smaller index, as (distances 1 - s float32,
@@ -93,6 +132,16 @@ def ranking(scores: np.ndarray, k: int, exclude: np.ndarray | None = None
     if exclude is not None:
         distances[np.arange(len(exclude)), exclude] = np.inf
     return top_k_smallest(distances, k)
+
+
+def torch_ranking(scores: torch.Tensor, k: int, exclude: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch twin of `ranking`, on the scores' device."""
+    distances = 1.0 - scores.float()
+    if exclude is not None:
+        distances[torch.arange(len(exclude), device=distances.device), exclude] = torch.inf
+    negative, indices = torch_topk_largest(-distances, k)
+    return -negative, indices
 
 
 def top_neighbours(queries: np.ndarray, searched: np.ndarray, n: int,
@@ -105,6 +154,16 @@ def top_neighbours(queries: np.ndarray, searched: np.ndarray, n: int,
         similarities[np.arange(len(exclude)), exclude] = -np.inf
     values, ids = top_k_smallest(-similarities, n)
     return -values, ids
+
+
+def torch_top_neighbours(queries: torch.Tensor, searched: torch.Tensor, n: int,
+                         exclude: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch twin of `top_neighbours`, on the searched rows' device."""
+    similarities = torch_canonical_block(queries, searched)
+    if exclude is not None:
+        similarities[torch.arange(len(exclude), device=searched.device), exclude] = -torch.inf
+    return torch_topk_largest(similarities, n)
 
 
 def graph_neighbours(indices: np.ndarray, similarities: np.ndarray, rows: np.ndarray, n: int
@@ -166,6 +225,8 @@ class ExpandedSearch(Reranker):
                    "(online: (n,))",
         "clamped": "the expansion size lowered to fit the gallery, with the value used",
     }
+    runs_on_gpu: ClassVar[bool] = True
+    """Batch mode (and DBA's augmentation at fit) run on `self.device`; online on the CPU."""
     exact_neighbours: ClassVar[bool] = False
     """An expanded query drifts towards its neighbours: a near-duplicate of a gallery item may
     rank a central neighbour of that item first (measured on the demo features, n = 10 and 50
@@ -239,6 +300,8 @@ class ExpandedSearch(Reranker):
                       ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
         """Each query on its own (expansion is per query, not transductive), in blocks of
         rows: neighbours, expanded queries, their float32 product with the searched rows."""
+        if self.device.type != "cpu":
+            return self._rerank_batch_torch(query_features, k, self.device)
         searched = self._searched
         leave_one_out = query_features is None
         source = self.gallery.features if leave_one_out else query_features
@@ -264,6 +327,47 @@ class ExpandedSearch(Reranker):
             distances[start:stop], indices[start:stop] = ranking(expanded @ searched.T, k,
                                                                  exclude)
         return distances, indices, {**details, "expansion": expansion, "weights": weights}
+
+    def _rerank_batch_torch(self, query_features: np.ndarray | None, k: int,
+                            device: torch.device
+                            ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+        """`_rerank_batch` with the torch twins of its functions, every step on `device`
+        (leave-one-out's neighbours read from the gallery graph on the CPU, as there)."""
+        searched = torch.from_numpy(np.ascontiguousarray(self._searched, np.float32)).to(device)
+        leave_one_out = query_features is None
+        source = self.gallery.features if leave_one_out else query_features
+        n, details = self._clamped(len(searched) - 1 if leave_one_out else len(searched))
+        _, alpha = self._expansion()
+        n_queries = len(source)
+        distances, indices, expansion, weights = [], [], [], []
+        rows = block_rows(len(searched), n_queries)
+        for start in range(0, n_queries, rows):
+            stop = min(start + rows, n_queries)
+            block = torch.from_numpy(np.ascontiguousarray(source[start:stop], np.float32)
+                                     ).to(device)
+            exclude = torch.arange(start, stop, device=device) if leave_one_out else None
+            expanded = block
+            ids = torch.empty((stop - start, 0), dtype=torch.int64, device=device)
+            weight = torch.empty((stop - start, 0), dtype=torch.float64, device=device)
+            if n:
+                if leave_one_out and self._lists is not None and self._lists[0].shape[1] > n:
+                    similarities, ids = (torch.from_numpy(np.ascontiguousarray(part)).to(device)
+                                         for part in graph_neighbours(
+                                             *self._lists, np.arange(start, stop), n))
+                else:
+                    similarities, ids = torch_top_neighbours(block, searched, n, exclude)
+                weight = torch_expansion_weights(similarities, alpha)
+                expanded, _ = torch_unit_rows(
+                    torch_weighted_sums(searched, ids, weight, base=block), block)
+            ranked = torch_ranking(expanded @ searched.T, k, exclude)
+            for out, part in zip((distances, indices, expansion, weights),
+                                 (*ranked, ids, weight), strict=True):
+                out.append(part.cpu().numpy())
+        distances, indices, expansion, weights = (np.concatenate(parts) for parts in (
+            distances, indices, expansion, weights))
+        return (distances.astype(np.float32), indices.astype(np.int64),
+                {**details, "expansion": expansion.astype(np.int64),
+                 "weights": weights.astype(np.float64)})
 
     # -- evidence -----------------------------------------------------------------------------
     def _explain(self, query_feature: np.ndarray, item: int) -> Evidence:

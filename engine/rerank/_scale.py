@@ -55,6 +55,11 @@ def memory_budget() -> int | None:
     return int(available * MEMORY_FRACTION)
 
 
+def cuda_memory_budget(device: torch.device) -> int:
+    """Bytes a batch on a CUDA device may plan to use: `MEMORY_FRACTION` of its free memory."""
+    return int(torch.cuda.mem_get_info(device)[0] * MEMORY_FRACTION)
+
+
 def gib(size: float) -> str:
     """Bytes as GiB for a message."""
     return f"{size / 2**30:.1f} GiB"

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
+import torch
 
 from engine.core.knn import knn_graph
 from engine.core.types import Evidence, EvidenceGroup, GalleryContext
@@ -24,6 +25,8 @@ from engine.rerank import register
 from engine.rerank._expansion import (
     ExpandedSearch,
     expansion_weights,
+    torch_unit_rows,
+    torch_weighted_sums,
     unit_rows,
     weighted_sums,
 )
@@ -32,6 +35,36 @@ from engine.rerank.base import RerankParams, param
 
 AUGMENT_ROWS = 4096
 """Gallery rows augmented at a time (their float64 sums: 40 MiB at d = 1280)."""
+
+
+def augment(features: np.ndarray, ids: np.ndarray, weights: np.ndarray
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """Every gallery row replaced by the unit vector of sum_j weights[i, j] features[ids[i, j]]:
+    ((G, d) float32, their norms (G,) float64), `AUGMENT_ROWS` rows at a time."""
+    size, dim = features.shape
+    augmented = np.empty((size, dim), np.float32)
+    norms = np.empty(size, np.float64)
+    for start in range(0, size, AUGMENT_ROWS):
+        stop = min(start + AUGMENT_ROWS, size)
+        augmented[start:stop], norms[start:stop] = unit_rows(
+            weighted_sums(features, ids[start:stop], weights[start:stop]), features[start:stop])
+    return augmented, norms
+
+
+def torch_augment(features: np.ndarray, ids: np.ndarray, weights: np.ndarray,
+                  device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """`augment` with the torch twins on `device`; the results come back to the CPU."""
+    rows = torch.from_numpy(np.ascontiguousarray(features, np.float32)).to(device)
+    augmented, norms = [], []
+    for start in range(0, len(rows), AUGMENT_ROWS):
+        stop = min(start + AUGMENT_ROWS, len(rows))
+        part_ids, part_weights = (torch.from_numpy(np.ascontiguousarray(part[start:stop])
+                                                   ).to(device) for part in (ids, weights))
+        units, lengths = torch_unit_rows(
+            torch_weighted_sums(rows, part_ids, part_weights), rows[start:stop])
+        augmented.append(units.cpu().numpy())
+        norms.append(lengths.cpu().numpy())
+    return np.concatenate(augmented).astype(np.float32), np.concatenate(norms).astype(np.float64)
 
 
 @dataclass(frozen=True)
@@ -103,13 +136,10 @@ class DBA(ExpandedSearch):
                 ids, similarities = graph.indices, graph.similarities
         ids = np.ascontiguousarray(ids, np.int64)
         weights = expansion_weights(similarities, self.params.alpha)
-        augmented = np.empty((size, dim), np.float32)
-        norms = np.empty(size, np.float64)
-        for start in range(0, size, AUGMENT_ROWS):
-            stop = min(start + AUGMENT_ROWS, size)
-            augmented[start:stop], norms[start:stop] = unit_rows(
-                weighted_sums(features, ids[start:stop], weights[start:stop]),
-                features[start:stop])
+        if self.device.type == "cpu":
+            augmented, norms = augment(features, ids, weights)
+        else:
+            augmented, norms = torch_augment(features, ids, weights, self.device)
         self._augmenting = (ids, weights, norms)
         self._n_used = n
         self._searched = augmented

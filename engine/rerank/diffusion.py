@@ -14,7 +14,9 @@ descriptors.
 The graph is fitted once from the gallery's shared kNN graph (scipy.sparse, k - 1 entries a
 row at most); a query costs its kq seeds and `iterations` sparse products. Leave-one-out runs
 each item against the graph without it (its edges removed, its neighbours' degrees lowered;
-their lists are not refilled). The paper, the authors' code and the choices made here:
+their lists are not refilled). The walk (CG's products and updates) runs with torch on
+`self.device`, the graph a sparse CSR tensor there; on a GPU a batch's seeds and top k are
+found there too, and only (B, k) comes back. The paper, the authors' code and the choices made here:
 docs/methods/diffusion.md.
 """
 
@@ -24,18 +26,19 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
+import torch
 
 from engine.core.knn import (
     float32_scores,
     read_only_tensor,
     top_k_smallest,
+    torch_topk_largest,
     torch_topk_similar,
 )
 from engine.core.types import Evidence, EvidenceGroup, GalleryContext
 from engine.rerank import register
 from engine.rerank._diffusion import (
     Solution,
-    SparseProduct,
     conjugate_gradient,
     inverse_sqrt_degree,
     left_out_operator,
@@ -46,8 +49,18 @@ from engine.rerank._diffusion import (
     replay,
     seed_vectors,
     shared_operator,
+    sparse_tensor,
+    torch_rank_scores,
 )
-from engine.rerank._scale import canonical_block, canonical_rows, gib, memory_budget, query_top
+from engine.rerank._scale import (
+    canonical_block,
+    canonical_rows,
+    cuda_memory_budget,
+    gib,
+    memory_budget,
+    query_top,
+    torch_canonical_block,
+)
 from engine.rerank.base import Reranker, RerankParams, param
 
 BLOCK_BYTES = 1 << 27
@@ -90,7 +103,7 @@ class Diffusion(Reranker):
     title: ClassVar[str] = "Diffusion (Iscen et al. 2017)"
     distance_note: ClassVar[str] = DISTANCE_NOTE
     Params: ClassVar[type[RerankParams]] = DiffusionParams
-    runs_on_gpu: ClassVar[bool] = False
+    runs_on_gpu: ClassVar[bool] = True
     exact_neighbours: ClassVar[bool] = False
     """With alpha near 1, f leans towards the seeds' well-connected items (as alpha -> 1 it
     tends to the component's sqrt-degree profile), so a near-duplicate of a gallery item can
@@ -121,11 +134,16 @@ class Diffusion(Reranker):
     def _block_columns(self, size: int, n_queries: int) -> int:
         """Right-hand sides per CG block: `BLOCK_BYTES`, less where the memory budget is."""
         columns = max(1, BLOCK_BYTES // (8 * size))
-        budget = memory_budget()
+        budget = self._budget()
         if budget is not None:
             room = (budget - self._graph_bytes(size)) // (BLOCKS_IN_FLIGHT * 8 * size)
             columns = min(columns, max(1, room))
         return int(min(columns, max(1, n_queries)))
+
+    def _budget(self) -> int | None:
+        """Bytes a batch may plan to use where it computes (the CPU's or the GPU's memory)."""
+        return (cuda_memory_budget(self.device) if self.device.type == "cuda"
+                else memory_budget())
 
     def _graph_bytes(self, size: int) -> int:
         """The fitted graph: W and S in scipy CSR (12 bytes an entry each) and their torch
@@ -137,7 +155,7 @@ class Diffusion(Reranker):
     def batch_refusal(self, gallery_size: int, n_queries: int) -> str | None:
         """A batch solves blocks of right-hand sides of (G, B) float64 each beside the graph;
         refused when one column does not fit the memory budget."""
-        budget = memory_budget()
+        budget = self._budget()
         need = self._graph_bytes(gallery_size) + BLOCKS_IN_FLIGHT * 8 * gallery_size
         if budget is not None and need > budget:
             return (f"{gib(need)} for the graph and one query's (G = {gallery_size}) CG vectors, "
@@ -162,20 +180,24 @@ class Diffusion(Reranker):
                                          self.params.gamma)
         self._degree, self._inverse = inverse_sqrt_degree(self._affinity)
         self._transition = normalised(self._affinity, self._inverse)
-        self._affinity_product = SparseProduct(self._affinity)
-        self._transition_product = SparseProduct(self._transition)
+        self._affinity_product = sparse_tensor(self._affinity, self.device)
+        self._transition_product = sparse_tensor(self._transition, self.device)
 
     # -- the walk -------------------------------------------------------------------------------
     def _solve(self, seeds: np.ndarray, left_out: np.ndarray | None = None) -> Solution:
-        """CG on (I - alpha S) f = y for the columns of `seeds` (G, B); with `left_out`, column
-        b on the graph without item left_out[b]."""
+        """CG on (I - alpha S) f = y for the columns of `seeds` (G, B), on `self.device`; with
+        `left_out`, column b on the graph without item left_out[b]."""
         alpha = self.params.alpha
         if left_out is None:
             apply = shared_operator(self._transition_product, alpha)
         else:
-            apply = left_out_operator(self._affinity_product, left_out_scaling(
-                self._affinity, self._degree, self._inverse, left_out), alpha)
-        return conjugate_gradient(apply, seeds, self.params.tolerance, self.params.iterations)
+            apply = left_out_operator(self._affinity_product, self._on_device(left_out_scaling(
+                self._affinity, self._degree, self._inverse, left_out)), alpha)
+        return conjugate_gradient(apply, self._on_device(seeds), self.params.tolerance,
+                                  self.params.iterations)
+
+    def _on_device(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
 
     def _rerank_batch(self, query_features: np.ndarray | None, k: int
                       ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
@@ -183,8 +205,20 @@ class Diffusion(Reranker):
         own CG. New queries: canonical similarities to the whole gallery give the seeds and
         the unreached items' order. Leave-one-out: the seeds are each item's kq nearest but
         itself from the fitted lists, no search; the item's own node is taken out of its
-        graph (`left_out_scaling`), so it neither seeds, carries nor receives the walk."""
+        graph (`left_out_scaling`), so it neither seeds, carries nor receives the walk.
+        On a GPU the new queries' similarities and every top k are taken there
+        (`torch_twins`)."""
+        return self._walk_batch(query_features, k, torch_twins=self.device.type != "cpu")
+
+    def _walk_batch(self, query_features: np.ndarray | None, k: int, torch_twins: bool
+                    ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+        """`_rerank_batch`; `torch_twins`: the new queries' seeds and the rankings with torch
+        on `self.device` (`torch_canonical_block`, `torch_rank_scores`) instead of numpy."""
         gallery = self.gallery.features
+        on_device = (torch.from_numpy(np.ascontiguousarray(gallery)).to(self.device)
+                     if torch_twins and query_features is not None else None)
+        rank = torch_rank_scores if torch_twins else (
+            lambda f, *rest: rank_scores(f.cpu().numpy(), *rest))
         size = len(gallery)
         leave_one_out = query_features is None
         _, kq, details = self._clamped(size, leave_one_out)
@@ -209,6 +243,17 @@ class Diffusion(Reranker):
                     return canonical_block(gallery[rows[columns]], gallery)
 
                 exclude = rows
+            elif on_device is not None:
+                similarities = torch_canonical_block(self._on_device(query_features[rows]),
+                                                     on_device)
+                top, chosen = (part.cpu().numpy() for part in torch_topk_largest(
+                    similarities, kq))
+                solution = self._solve(seed_vectors(chosen, top, size, self.params.gamma))
+
+                def similarity(columns: np.ndarray, block=similarities) -> np.ndarray:
+                    return block[torch.from_numpy(columns).to(block.device)].cpu().numpy()
+
+                exclude = None
             else:
                 block = canonical_block(query_features[rows], gallery)
                 negative, ids = top_k_smallest(-block, kq)
@@ -218,7 +263,7 @@ class Diffusion(Reranker):
                     return block[columns]
 
                 exclude = None
-            distances[rows], indices[rows], reached[rows] = rank_scores(
+            distances[rows], indices[rows], reached[rows] = rank(
                 solution.f, similarity, k, exclude)
             iterations[rows], residual[rows] = solution.iterations, solution.residual
         return distances, indices, {**details, "distance": DISTANCE_NOTE,
@@ -248,7 +293,7 @@ class Diffusion(Reranker):
         def similarity(columns: np.ndarray) -> np.ndarray:
             return canonical_rows(gallery, np.arange(len(gallery)), query_feature)[None, :]
 
-        distances, indices, reached = rank_scores(solution.f, similarity, k)
+        distances, indices, reached = rank_scores(solution.f.cpu().numpy(), similarity, k)
         return distances[0], indices[0], {
             **details, "distance": DISTANCE_NOTE, "cg_iterations": int(solution.iterations[0]),
             "cg_residual": float(solution.residual[0]), "reached": int(reached[0])}
@@ -261,13 +306,14 @@ class Diffusion(Reranker):
         of f = y + alpha S f (exact at convergence)."""
         gallery = self.gallery.features
         ids, similar, solution, _ = self._online_walk(query_feature)
-        f = solution.f[:, 0]
+        f = solution.f[:, 0].cpu().numpy()
         seeds = seed_vectors(ids[None, :], similar[None, :], len(gallery),
                              self.params.gamma)[:, 0]
         units = np.zeros((len(gallery), len(ids)), np.float64)
         units[ids, np.arange(len(ids))] = 1.0
-        green = replay(shared_operator(self._transition_product, self.params.alpha), units,
-                       solution.steps[:, 0], solution.directions[:, 0])
+        green = replay(shared_operator(self._transition_product, self.params.alpha),
+                       self._on_device(units), solution.steps[:, 0],
+                       solution.directions[:, 0]).cpu().numpy()
         contributions = seeds[ids] * green[item]
         start, stop = self._transition.indptr[item], self._transition.indptr[item + 1]
         neighbours = self._transition.indices[start:stop]

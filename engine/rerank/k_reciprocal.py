@@ -58,6 +58,7 @@ from engine.rerank._k_reciprocal import (
 from engine.rerank._scale import (
     MEMORY_FRACTION,
     canonical_rows,
+    cuda_memory_budget,
     gib,
     memory_budget,
 )
@@ -903,7 +904,7 @@ def _batch_budget(device: torch.device) -> int | None:
     """Bytes a batch may plan to use: `_scale.memory_budget`, or on a CUDA device the same
     share of its free memory; None where unknown."""
     if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0] * MEMORY_FRACTION)
+        return cuda_memory_budget(device)
     return memory_budget()
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.sparse as sp
+import torch
 from tie_aware import U32, assert_order_matches
 
 from engine.core.knn import canonical_similarity, knn_graph
@@ -22,8 +23,11 @@ from engine.rerank._diffusion import (
     replay,
     seed_vectors,
     shared_operator,
+    sparse_tensor,
+    torch_rank_scores,
 )
 
+CPU = torch.device("cpu")
 CONVERGED = {"iterations": 1000, "tolerance": 1e-11}
 """CG run to a relative residual of 1e-11 (well inside 1000 steps here), to compare with the
 dense solve."""
@@ -130,22 +134,25 @@ def test_hand_worked_graph_transition_and_scores():
                                             [0, 0, 0, 1, 0]], atol=1e-15)
     seeds = np.zeros((5, 1))
     seeds[0] = 1.0
-    solution = conjugate_gradient(shared_operator(normalised(affinity, inverse), 0.5), seeds,
-                                  1e-12, 50)
-    np.testing.assert_allclose(solution.f[:, 0], [7 / 6, np.sqrt(2) / 3, 1 / 6, 0, 0],
-                               atol=1e-12)
-    assert (solution.f[3:] == 0).all()  # never touched, exactly 0
+    solution = conjugate_gradient(
+        shared_operator(sparse_tensor(normalised(affinity, inverse), CPU), 0.5),
+        torch.from_numpy(seeds), 1e-12, 50)
+    f = solution.f.numpy()
+    np.testing.assert_allclose(f[:, 0], [7 / 6, np.sqrt(2) / 3, 1 / 6, 0, 0], atol=1e-12)
+    assert (f[3:] == 0).all()  # never touched, exactly 0
     # the ranking: reached 0, 1, 2 by f; then 4, 3 by their similarity to the query
     similarity = np.array([[0.9, 0.7, 0.5, 0.1, 0.3]], np.float32)
-    distances, indices, reached = rank_scores(solution.f, lambda rows: similarity[rows], 5)
+    distances, indices, reached = rank_scores(f, lambda rows: similarity[rows], 5)
     assert indices[0].tolist() == [0, 1, 2, 4, 3] and reached.tolist() == [3]
     np.testing.assert_allclose(distances[0], [-7 / 6, -np.sqrt(2) / 3, -1 / 6, 0.7, 0.9],
                                atol=1e-6)
     # leaving item 1 out cuts 0 from 2: its scale is 0 and so are 0's and 2's (no other edge)
     scaling = left_out_scaling(affinity, degree, inverse, np.array([1]))
     assert scaling[:3, 0].tolist() == [0.0, 0.0, 0.0]
-    left = conjugate_gradient(left_out_operator(affinity, scaling, 0.5), seeds, 1e-12, 50)
-    np.testing.assert_allclose(left.f[:, 0], [1, 0, 0, 0, 0], atol=1e-15)
+    left = conjugate_gradient(left_out_operator(sparse_tensor(affinity, CPU),
+                                                torch.from_numpy(scaling), 0.5),
+                              torch.from_numpy(seeds), 1e-12, 50)
+    np.testing.assert_allclose(left.f[:, 0].numpy(), [1, 0, 0, 0, 0], atol=1e-15)
 
 
 def test_mutual_graph_equals_the_plain_loop_and_is_symmetric(gallery):
@@ -276,6 +283,48 @@ def test_online_equals_batch_and_a_shared_graph_changes_nothing(gallery):
     np.testing.assert_array_equal(shared.rerank(queries, 40).indices, batch.indices)
 
 
+# -- the torch twins (what a batch runs on a GPU), on torch's CPU device -------------------------
+def test_torch_rank_scores_equals_rank_scores():
+    """Reached items by f (exact ties to the smaller row), the excluded item never, columns
+    reaching fewer than k items completed by similarity: the same arrays as numpy's."""
+    rng = np.random.default_rng(3)
+    size, width = 60, 9
+    f = rng.random((size, width))
+    f[rng.random((size, width)) < 0.5] = 0.0           # unreached items
+    f[:, 2] = 0.0                                       # a column that reaches nothing
+    f[[4, 9, 30], 3] = f[1, 3]                          # exact ties in f
+    f[:55, 5] = 0.0                                     # a column reaching 5 items or fewer
+    similarity = rng.random((width, size)).astype(np.float32)
+    similarity[6, [7, 8]] = similarity[6, 3]            # tied similarities of unreached items
+    exclude = rng.integers(0, size, width)
+    for k, left_out in ((5, None), (20, None), (size - 1, exclude), (12, exclude)):
+        expected = rank_scores(f, lambda rows: similarity[rows], k, left_out)
+        got = torch_rank_scores(torch.from_numpy(f), lambda rows: similarity[rows], k,
+                                left_out)
+        for a, b in zip(got, expected, strict=True):
+            assert a.dtype == b.dtype
+            np.testing.assert_array_equal(a, b)
+    assert (got[2] < 12).any() and (got[2] >= 12).any()   # both branches ran
+
+
+@pytest.mark.parametrize("params", [{}, {"k": 5, "kq": 2, "alpha": 0.9}])
+def test_torch_twins_rank_as_numpy(gallery, params):
+    """Batch mode with the torch twins (its GPU path: seeds and top k with torch) gives the
+    numpy path's rankings: the same seeds (canonical similarities) and the same CG, new queries
+    and leave-one-out, top 40 and whole rankings (where unreached items are completed)."""
+    queries, features = gallery
+    reranker = create_reranker("diffusion", device="cpu", **params).fit(features)
+    for query_features, k in ((queries, 40), (queries, len(features)), (None, 40),
+                              (None, len(features) - 1)):
+        expected = reranker._walk_batch(query_features, k, torch_twins=False)
+        got = reranker._walk_batch(query_features, k, torch_twins=True)
+        np.testing.assert_array_equal(got[0], expected[0])
+        np.testing.assert_array_equal(got[1], expected[1])
+        for key in ("cg_iterations", "reached"):
+            np.testing.assert_array_equal(got[2][key], expected[2][key])
+    assert (expected[2]["reached"] < len(features) - 1).any()   # unreached items completed
+
+
 def test_an_approximate_graph_is_read_and_kept_symmetric(gallery):
     """A non-canonical graph whose two directions of a pair differ in the last bit still gives
     a symmetric W (their mean), and fit reads it instead of searching."""
@@ -332,14 +381,15 @@ def test_replay_is_linear_in_the_seeds():
     affinity = np.triu(affinity, 1) + np.triu(affinity, 1).T
     w = sp.csr_matrix(affinity)
     _, inverse = inverse_sqrt_degree(w)
-    apply = shared_operator(normalised(w, inverse), 0.9)
+    apply = shared_operator(sparse_tensor(normalised(w, inverse), CPU), 0.9)
     ids = np.array([[2, 5, 11]])
     y = seed_vectors(ids, np.array([[0.9, 0.5, 0.7]]), 30, 3.0)
-    solution = conjugate_gradient(apply, y, 0.0, 4)  # stopped early: not the solution
+    solution = conjugate_gradient(apply, torch.from_numpy(y), 0.0, 4)  # stopped early
     units = np.zeros((30, 3))
     units[ids[0], np.arange(3)] = 1
-    walks = replay(apply, units, solution.steps[:, 0], solution.directions[:, 0])
-    np.testing.assert_allclose(walks @ y[ids[0], 0], solution.f[:, 0], atol=1e-12)
+    walks = replay(apply, torch.from_numpy(units), solution.steps[:, 0],
+                   solution.directions[:, 0]).numpy()
+    np.testing.assert_allclose(walks @ y[ids[0], 0], solution.f[:, 0].numpy(), atol=1e-12)
 
 
 def test_blocks_of_right_hand_sides_change_nothing(gallery, monkeypatch):

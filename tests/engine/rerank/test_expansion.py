@@ -10,12 +10,15 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from tie_aware import U32, assert_order_matches, perturb_ulps
 
 from engine.core.knn import canonical_similarity, knn_graph
 from engine.core.types import GalleryContext, KnnGraph
 from engine.errors import TooLargeError
 from engine.rerank import create_reranker
+from engine.rerank._expansion import expansion_weights
+from engine.rerank.dba import augment, torch_augment
 
 QE_METHODS = ("aqe", "alpha_qe")
 
@@ -239,6 +242,64 @@ def test_dba_matches_the_loop(params, real):
         reference[i, i] = np.inf
     assert_order_matches(loo.indices, reference, atol=atol, values=loo.distances,
                          min_pinned=len(gallery) * 5, label="dba leave-one-out")
+
+
+# -- the torch twins (the GPU's batch path), run on torch's CPU device ------------------------
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize(("name", "params"), [*QE_SETTINGS, ("dba", DBA_SETTINGS[2]),
+                                              ("dba", DBA_SETTINGS[3])])
+def test_torch_batch_matches_the_loop(name, params, real):
+    """`_rerank_batch_torch` (what batch mode runs on a GPU) against the same oracles as the
+    numpy path, new queries and leave-one-out, with and without the gallery graph; the
+    expansion neighbours are the numpy path's up to ties of their canonical similarities."""
+    queries, gallery = real
+    reranker = make(name, **params).fit(gallery)
+    if name == "dba":
+        searched = augmented_reference(gallery, params["n"], params["alpha"])
+        n, alpha = params["qe_n"], params["qe_alpha"]
+    else:
+        searched, n, alpha = gallery, params["n"], params.get("alpha", 0.0)
+    atol = atol_for(gallery.shape[1])
+    distances, indices, details = reranker._rerank_batch_torch(queries, 40, CPU)
+    assert distances.dtype == np.float32 and indices.dtype == np.int64
+    assert_order_matches(indices, qe_reference(queries, gallery, n, alpha, searched), atol=atol,
+                         values=distances, min_pinned=len(queries) * 20, label=name)
+    numpy_details = reranker.rerank(queries, 40).details
+    assert details["expansion"].shape == numpy_details["expansion"].shape
+    np.testing.assert_allclose(np.sort(details["weights"], axis=1),
+                               np.sort(numpy_details["weights"], axis=1), rtol=1e-6)
+    contexts = [gallery] if name == "dba" else [gallery, GalleryContext(
+        gallery, knn=knn_graph(gallery, n + 1))]
+    for context in contexts:
+        reranker = make(name, **params).fit(context)
+        distances, indices, _ = reranker._rerank_batch_torch(None, 25, CPU)
+        reference = np.empty((len(gallery), len(searched)))
+        for i, query in enumerate(gallery):
+            expanded = expanded_query(query, searched, n, alpha, skip=i)
+            reference[i] = 1.0 - searched.astype(np.float64) @ expanded
+            reference[i, i] = np.inf
+        assert_order_matches(indices, reference, atol=atol, values=distances,
+                             min_pinned=len(gallery) * 5, label=f"{name} leave-one-out")
+
+
+def test_torch_augmentation_matches_numpy(split_features):
+    """DBA's augmentation with the torch twins (its fit on a GPU) gives the numpy rows: the
+    same float64 sums, each rounded once to float32."""
+    _, gallery = split_features
+    graph = knn_graph(gallery, 9)
+    weights = expansion_weights(graph.similarities, 3.0)
+    expected, expected_norms = augment(gallery, graph.indices, weights)
+    augmented, norms = torch_augment(gallery, graph.indices, weights, CPU)
+    assert augmented.dtype == np.float32 and augmented.shape == gallery.shape
+    np.testing.assert_allclose(augmented, expected, atol=2 * U32)
+    np.testing.assert_allclose(norms, expected_norms, rtol=1e-12)
+    # a sum that cancels keeps the item's own row and reports norm 0, as in numpy
+    opposite = np.stack([gallery[0], -gallery[0]])
+    units, lengths = torch_augment(opposite, np.array([[0, 1], [1, 0]]), np.ones((2, 2)), CPU)
+    np.testing.assert_array_equal(units, opposite)
+    np.testing.assert_array_equal(lengths, [0.0, 0.0])
 
 
 # -- reductions ----------------------------------------------------------------------------------

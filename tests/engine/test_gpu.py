@@ -369,3 +369,64 @@ def test_k_reciprocal_cuda_online_still_works(split_features):
             assert batch.details["device"].startswith("cuda")
             assert_k_reciprocal_agrees(batch, cpu.rerank_online(query), len(gallery) + 1, 6,
                                        0.3)
+
+
+# -- query expansion, augmentation and diffusion ------------------------------------------------
+def full_reference(result, size: int) -> np.ndarray:
+    """A (Q, G) reference from a full ranking (G, or G - 1 for leave-one-out: the item itself
+    at +inf, never returned)."""
+    reference = np.full((len(result.indices), size), np.inf)
+    np.put_along_axis(reference, result.indices, result.distances.astype(np.float64), axis=1)
+    return reference
+
+
+@pytest.mark.parametrize(("name", "params"), [("aqe", {"n": 10}), ("alpha_qe", {}),
+                                              ("dba", {}), ("dba", {"qe_n": 5})])
+def test_expansion_cuda_matches_cpu(name, params, split_features):
+    """Batch mode on CUDA (neighbours, float64 sums and the final product on the device) ranks
+    as the CPU does, new queries and leave-one-out, up to float ties: each run is within one
+    float32 rounding of the expanded query and one float32 product of the exact distances
+    ((2 d + 8) U32, test_expansion.py), so two runs within twice that; DBA's augmented rows
+    are the CPU's to two roundings."""
+    queries, gallery = split_features
+    size, dim = gallery.shape
+    cpu = create_reranker(name, device="cpu", **params).fit(gallery)
+    gpu = create_reranker(name, device="cuda", **params).fit(gallery)
+    if name == "dba":
+        np.testing.assert_allclose(gpu.augmented_features(), cpu.augmented_features(),
+                                   atol=4 * U32)
+    atol = 2 * (2 * dim + 8) * U32
+    for query_features, k in ((queries, 40), (None, 40), (queries, size), (None, size - 1)):
+        reference = full_reference(cpu.rerank(query_features), size)
+        on_gpu = gpu.rerank(query_features, k)
+        assert_order_matches(on_gpu.indices, reference, atol=atol, values=on_gpu.distances,
+                             min_pinned=len(on_gpu.indices) * 5, label=f"{name} k={k}")
+        assert on_gpu.details["expansion"].shape[0] == len(on_gpu.indices)
+
+
+@pytest.mark.parametrize("params", [{}, {"k": 5, "kq": 2, "alpha": 0.9}])
+def test_diffusion_cuda_matches_cpu(params, split_features):
+    """The walk on CUDA (cuSPARSE products, CG, seeds and top k on the device): the CPU's
+    rankings up to float ties (the same CG on sums taken in another order: f agrees to about
+    1e-12 of its size, the float32 distances to two roundings), new queries, leave-one-out
+    and online, with the same CG steps; whole rankings complete the unreached items alike."""
+    queries, gallery = split_features
+    size = len(gallery)
+    cpu = create_reranker("diffusion", device="cpu", **params).fit(gallery)
+    gpu = create_reranker("diffusion", device="cuda", **params).fit(gallery)
+    assert gpu._transition_product.is_cuda
+    for query_features, k, mode in ((queries, 40, "batch"), (None, 40, "batch"),
+                                    (queries, size, "batch"), (None, size - 1, "batch"),
+                                    (queries[:4], size, "online")):
+        expected = cpu.rerank(query_features, None if mode == "batch" else size, mode=mode)
+        scale = float(np.abs(expected.distances).max()) + 1.0
+        on_gpu = gpu.rerank(query_features, k, mode=mode)
+        assert_order_matches(on_gpu.indices, full_reference(expected, size),
+                             atol=4 * U32 * scale, values=on_gpu.distances,
+                             min_pinned=len(on_gpu.indices) * 5, label=f"diffusion {mode} k={k}")
+        if mode == "batch":
+            np.testing.assert_array_equal(on_gpu.details["reached"], expected.details["reached"])
+    query = queries[0]
+    evidence = gpu.explain(query, int(gpu.rerank_online(query, 1).indices[0, 0]))
+    f = evidence.numbers["diffusion score f"]
+    assert abs(evidence.numbers["sum of the seeds' contributions"] - f) <= 1e-9 * max(abs(f), 1)

@@ -179,7 +179,12 @@ class Solution:
 
 
 def _column_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return torch.einsum("ij,ij->j", a, b)
+    """(B,) the dot products of the columns of two (G, B) float64 tensors. On the CPU numpy's
+    einsum: 2.5 times torch's fastest column reduction and 30 times torch's einsum (8000 x
+    2000 blocks), the largest cost of a CG step with the latter."""
+    if a.device.type == "cpu":
+        return torch.from_numpy(np.einsum("ij,ij->j", a.numpy(), b.numpy()))
+    return torch.linalg.vecdot(a, b, dim=0)
 
 
 def conjugate_gradient(apply: Operator, right: torch.Tensor, tolerance: float, iterations: int

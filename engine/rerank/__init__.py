@@ -49,9 +49,10 @@ def _discover() -> None:
 
 
 def list_rerankers() -> list[str]:
-    """Names of every registered method, in registration order."""
+    """Names of every registered method: the re-rankers, then the baselines they are compared
+    with (`Reranker.baseline`), each in registration order (the page's tabs and tables)."""
     _discover()
-    return list(_REGISTRY)
+    return sorted(_REGISTRY, key=lambda name: _REGISTRY[name].baseline)
 
 
 def get_reranker_class(name: str) -> type[Reranker]:

@@ -225,6 +225,7 @@ class ExpandedSearch(Reranker):
                    "(online: (n,))",
         "clamped": "the expansion size lowered to fit the gallery, with the value used",
     }
+    baseline: ClassVar[bool] = True
     runs_on_gpu: ClassVar[bool] = True
     """Batch mode (and DBA's augmentation at fit) run on `self.device`; online on the CPU."""
     exact_neighbours: ClassVar[bool] = False

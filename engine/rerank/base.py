@@ -152,6 +152,9 @@ class Reranker(ABC):
     its own scale; the explorer compares methods by cosine similarity instead)."""
     Params: ClassVar[type[RerankParams]] = RerankParams
     learns: ClassVar[bool] = False
+    baseline: ClassVar[bool] = False
+    """A practitioners' baseline the re-rankers are compared with (query expansion,
+    augmentation, diffusion), listed after the re-rankers (`list_rerankers`)."""
     runs_on_gpu: ClassVar[bool] = False
     """The method computes on a CUDA device when one is asked for (`device="cuda"` or "auto");
     False keeps it on the CPU whatever is asked. The GPU tests run every method that sets it."""

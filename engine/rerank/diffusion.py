@@ -103,6 +103,7 @@ class Diffusion(Reranker):
     title: ClassVar[str] = "Diffusion (Iscen et al. 2017)"
     distance_note: ClassVar[str] = DISTANCE_NOTE
     Params: ClassVar[type[RerankParams]] = DiffusionParams
+    baseline: ClassVar[bool] = True
     runs_on_gpu: ClassVar[bool] = True
     exact_neighbours: ClassVar[bool] = False
     """With alpha near 1, f leans towards the seeds' well-connected items (as alpha -> 1 it

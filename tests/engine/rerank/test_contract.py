@@ -109,6 +109,14 @@ def test_registry_lists_the_known_methods():
         assert cls.title
 
 
+def test_baselines_are_listed_after_the_re_rankers():
+    """The page's tabs open on a re-ranker: the practitioners' baselines follow them."""
+    flags = [get_reranker_class(name).baseline for name in METHODS]
+    assert flags == sorted(flags) and any(flags) and not all(flags)
+    assert {name for name in METHODS if get_reranker_class(name).baseline} == {
+        "aqe", "alpha_qe", "dba", "diffusion"}
+
+
 def test_unknown_name():
     with pytest.raises(UnknownNameError, match="no re-ranker named 'nope'"):
         create_reranker("nope")

@@ -117,6 +117,13 @@ def read_only_tensor(array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array)
 
 
+def device_tensor(array: np.ndarray, device: torch.device, dtype: np.typing.DTypeLike = None
+                  ) -> torch.Tensor:
+    """`array` (contiguous, of `dtype` when given) as a tensor on `device`: a copy there, or
+    on the CPU the array's own memory (`read_only_tensor`: a memory-mapped gallery too)."""
+    return read_only_tensor(np.ascontiguousarray(array, dtype)).to(device)
+
+
 def knn_graph(features: np.ndarray, depth: int, device: str | torch.device = "cpu"
               ) -> KnnGraph:
     """The exact kNN graph of `features` with canonical similarities (see `torch_topk_similar`).

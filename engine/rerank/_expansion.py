@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from engine.core.knn import float32_scores, top_k_smallest, torch_topk_largest
+from engine.core.knn import device_tensor, float32_scores, top_k_smallest, torch_topk_largest
 from engine.core.types import Evidence, EvidenceGroup, GalleryContext
 from engine.rerank._scale import canonical_block, query_top, torch_canonical_block
 from engine.rerank.base import Reranker
@@ -289,11 +289,15 @@ class ExpandedSearch(Reranker):
                                           "weights": expansion.weights}
 
     # -- batch --------------------------------------------------------------------------------
+    def _reads_graph(self, n: int) -> bool:
+        """Leave-one-out reads n neighbours besides the item from the gallery graph's lists."""
+        return self._lists is not None and self._lists[0].shape[1] > n
+
     def _batch_neighbours(self, block: np.ndarray, n: int, exclude: np.ndarray | None
                           ) -> tuple[np.ndarray, np.ndarray]:
         """The block's expansion neighbours: from the gallery graph for leave-one-out rows
         when it lists n others, else by canonical similarity to every searched row."""
-        if exclude is not None and self._lists is not None and self._lists[0].shape[1] > n:
+        if exclude is not None and self._reads_graph(n):
             return graph_neighbours(*self._lists, exclude, n)
         return top_neighbours(block, self._searched, n, exclude)
 
@@ -334,7 +338,7 @@ class ExpandedSearch(Reranker):
                             ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
         """`_rerank_batch` with the torch twins of its functions, every step on `device`
         (leave-one-out's neighbours read from the gallery graph on the CPU, as there)."""
-        searched = torch.from_numpy(np.ascontiguousarray(self._searched, np.float32)).to(device)
+        searched = device_tensor(self._searched, device, np.float32)
         leave_one_out = query_features is None
         source = self.gallery.features if leave_one_out else query_features
         n, details = self._clamped(len(searched) - 1 if leave_one_out else len(searched))
@@ -344,17 +348,15 @@ class ExpandedSearch(Reranker):
         rows = block_rows(len(searched), n_queries)
         for start in range(0, n_queries, rows):
             stop = min(start + rows, n_queries)
-            block = torch.from_numpy(np.ascontiguousarray(source[start:stop], np.float32)
-                                     ).to(device)
+            block = device_tensor(source[start:stop], device, np.float32)
             exclude = torch.arange(start, stop, device=device) if leave_one_out else None
             expanded = block
             ids = torch.empty((stop - start, 0), dtype=torch.int64, device=device)
             weight = torch.empty((stop - start, 0), dtype=torch.float64, device=device)
             if n:
-                if leave_one_out and self._lists is not None and self._lists[0].shape[1] > n:
-                    similarities, ids = (torch.from_numpy(np.ascontiguousarray(part)).to(device)
-                                         for part in graph_neighbours(
-                                             *self._lists, np.arange(start, stop), n))
+                if leave_one_out and self._reads_graph(n):
+                    similarities, ids = (device_tensor(part, device) for part in graph_neighbours(
+                        *self._lists, np.arange(start, stop), n))
                 else:
                     similarities, ids = torch_top_neighbours(block, searched, n, exclude)
                 weight = torch_expansion_weights(similarities, alpha)

@@ -55,9 +55,12 @@ def memory_budget() -> int | None:
     return int(available * MEMORY_FRACTION)
 
 
-def cuda_memory_budget(device: torch.device) -> int:
-    """Bytes a batch on a CUDA device may plan to use: `MEMORY_FRACTION` of its free memory."""
-    return int(torch.cuda.mem_get_info(device)[0] * MEMORY_FRACTION)
+def device_memory_budget(device: torch.device) -> int | None:
+    """Bytes a batch computing on `device` may plan to use: `memory_budget`, or on a CUDA
+    device `MEMORY_FRACTION` of its free memory."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0] * MEMORY_FRACTION)
+    return memory_budget()
 
 
 def gib(size: float) -> str:

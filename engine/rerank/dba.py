@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from engine.core.knn import knn_graph
+from engine.core.knn import device_tensor, knn_graph
 from engine.core.types import Evidence, EvidenceGroup, GalleryContext
 from engine.errors import TooLargeError
 from engine.rerank import register
@@ -54,12 +54,12 @@ def augment(features: np.ndarray, ids: np.ndarray, weights: np.ndarray
 def torch_augment(features: np.ndarray, ids: np.ndarray, weights: np.ndarray,
                   device: torch.device) -> tuple[np.ndarray, np.ndarray]:
     """`augment` with the torch twins on `device`; the results come back to the CPU."""
-    rows = torch.from_numpy(np.ascontiguousarray(features, np.float32)).to(device)
+    rows = device_tensor(features, device, np.float32)
     augmented, norms = [], []
     for start in range(0, len(rows), AUGMENT_ROWS):
         stop = min(start + AUGMENT_ROWS, len(rows))
-        part_ids, part_weights = (torch.from_numpy(np.ascontiguousarray(part[start:stop])
-                                                   ).to(device) for part in (ids, weights))
+        part_ids, part_weights = (device_tensor(part[start:stop], device)
+                                  for part in (ids, weights))
         units, lengths = torch_unit_rows(
             torch_weighted_sums(rows, part_ids, part_weights), rows[start:stop])
         augmented.append(units.cpu().numpy())

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from engine.core.knn import (
+    device_tensor,
     float32_scores,
     read_only_tensor,
     top_k_smallest,
@@ -55,9 +56,8 @@ from engine.rerank._diffusion import (
 from engine.rerank._scale import (
     canonical_block,
     canonical_rows,
-    cuda_memory_budget,
+    device_memory_budget,
     gib,
-    memory_budget,
     query_top,
     torch_canonical_block,
 )
@@ -135,16 +135,11 @@ class Diffusion(Reranker):
     def _block_columns(self, size: int, n_queries: int) -> int:
         """Right-hand sides per CG block: `BLOCK_BYTES`, less where the memory budget is."""
         columns = max(1, BLOCK_BYTES // (8 * size))
-        budget = self._budget()
+        budget = device_memory_budget(self.device)
         if budget is not None:
             room = (budget - self._graph_bytes(size)) // (BLOCKS_IN_FLIGHT * 8 * size)
             columns = min(columns, max(1, room))
         return int(min(columns, max(1, n_queries)))
-
-    def _budget(self) -> int | None:
-        """Bytes a batch may plan to use where it computes (the CPU's or the GPU's memory)."""
-        return (cuda_memory_budget(self.device) if self.device.type == "cuda"
-                else memory_budget())
 
     def _graph_bytes(self, size: int) -> int:
         """The fitted graph: W and S in scipy CSR (12 bytes an entry each) and their torch
@@ -156,7 +151,7 @@ class Diffusion(Reranker):
     def batch_refusal(self, gallery_size: int, n_queries: int) -> str | None:
         """A batch solves blocks of right-hand sides of (G, B) float64 each beside the graph;
         refused when one column does not fit the memory budget."""
-        budget = self._budget()
+        budget = device_memory_budget(self.device)
         need = self._graph_bytes(gallery_size) + BLOCKS_IN_FLIGHT * 8 * gallery_size
         if budget is not None and need > budget:
             return (f"{gib(need)} for the graph and one query's (G = {gallery_size}) CG vectors, "
@@ -198,7 +193,7 @@ class Diffusion(Reranker):
                                   self.params.iterations)
 
     def _on_device(self, array: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
+        return device_tensor(array, self.device)
 
     def _rerank_batch(self, query_features: np.ndarray | None, k: int
                       ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
@@ -216,8 +211,8 @@ class Diffusion(Reranker):
         """`_rerank_batch`; `torch_twins`: the new queries' seeds and the rankings with torch
         on `self.device` (`torch_canonical_block`, `torch_rank_scores`) instead of numpy."""
         gallery = self.gallery.features
-        on_device = (torch.from_numpy(np.ascontiguousarray(gallery)).to(self.device)
-                     if torch_twins and query_features is not None else None)
+        on_device = (self._on_device(gallery) if torch_twins and query_features is not None
+                     else None)
         rank = torch_rank_scores if torch_twins else (
             lambda f, *rest: rank_scores(f.cpu().numpy(), *rest))
         size = len(gallery)

@@ -58,9 +58,8 @@ from engine.rerank._k_reciprocal import (
 from engine.rerank._scale import (
     MEMORY_FRACTION,
     canonical_rows,
-    cuda_memory_budget,
+    device_memory_budget,
     gib,
-    memory_budget,
 )
 from engine.rerank.base import Reranker, RerankParams, param
 
@@ -690,7 +689,7 @@ class KReciprocalReranker(Reranker):
         memory available now that a batch may plan to use (`_scale.memory_budget`; for a CUDA
         batch the same share of the GPU's free memory)."""
         need = self._batch_bytes(gallery_size, n_queries)
-        budget = _batch_budget(self.device)
+        budget = device_memory_budget(self.device)
         if budget is None or need <= budget:
             return None
         where = " on the GPU" if self.device.type == "cuda" else ""
@@ -898,14 +897,6 @@ def _inverted_heads(node_lists: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     starts = np.zeros(node_lists.shape[0] + 2, np.int64)
     starts[1:] = np.cumsum(np.bincount(flat, minlength=node_lists.shape[0] + 1))
     return starts, (order // node_lists.shape[1] + 1).astype(np.int32)
-
-
-def _batch_budget(device: torch.device) -> int | None:
-    """Bytes a batch may plan to use: `_scale.memory_budget`, or on a CUDA device the same
-    share of its free memory; None where unknown."""
-    if device.type == "cuda":
-        return cuda_memory_budget(device)
-    return memory_budget()
 
 
 def _sort_keys(distances: np.ndarray, columns: np.ndarray) -> np.ndarray:

@@ -63,3 +63,25 @@ def test_one_query_baseline_search_reads_the_kept_product(gallery):
     assert (np.abs(gaps) > 1e-5).all()  # no near-ties among these random rows: one order
     np.testing.assert_array_equal(faiss_indices[0], indices[0])
     np.testing.assert_allclose(faiss_values[0], similarities[0], atol=1e-5)
+
+
+def test_device_tensor_reads_a_memory_mapped_gallery_in_place(tmp_path):
+    """A read-only (memory-mapped) float32 gallery becomes a CPU tensor on its own memory,
+    without torch's not-writable warning; another dtype is a converted copy."""
+    import warnings
+
+    import torch
+
+    from engine.core.knn import device_tensor
+
+    path = tmp_path / "gallery.npy"
+    np.save(path, np.arange(12, dtype=np.float32).reshape(3, 4))
+    mapped = np.load(path, mmap_mode="r")
+    assert not mapped.flags.writeable
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tensor = device_tensor(mapped, torch.device("cpu"))
+    assert tensor.dtype == torch.float32 and tensor.data_ptr() == mapped.ctypes.data
+    converted = device_tensor(mapped, torch.device("cpu"), np.float64)
+    assert converted.dtype == torch.float64
+    np.testing.assert_array_equal(converted.numpy(), mapped)

@@ -409,9 +409,9 @@ def test_blocks_of_right_hand_sides_change_nothing(gallery, monkeypatch):
 
 def test_batch_refusal_names_the_memory(monkeypatch):
     from engine.errors import TooLargeError
-    from engine.rerank import diffusion
+    from engine.rerank import _scale
 
-    monkeypatch.setattr(diffusion, "memory_budget", lambda: 10 * 2**20)
+    monkeypatch.setattr(_scale, "memory_budget", lambda: 10 * 2**20)
     reranker = create_reranker("diffusion", device="cpu")
     message = reranker.batch_refusal(1_000_000, 1_000_000)
     assert message is not None and "GiB" in message and "1000000" in message
@@ -420,6 +420,6 @@ def test_batch_refusal_names_the_memory(monkeypatch):
     features = rng.normal(size=(60, 8)).astype(np.float32)
     features /= np.linalg.norm(features, axis=1, keepdims=True)
     reranker.fit(features)
-    monkeypatch.setattr(diffusion, "memory_budget", lambda: 1000)
+    monkeypatch.setattr(_scale, "memory_budget", lambda: 1000)
     with pytest.raises(TooLargeError, match="GiB"):
         reranker.rerank(None, 5)

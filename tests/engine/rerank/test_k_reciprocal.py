@@ -790,7 +790,7 @@ def test_float32_similarities_decide_only_far_from_a_boundary():
 # -- batch_refusal ---------------------------------------------------------------------------------
 def test_batch_refusal_states_the_memory_it_would_need(monkeypatch):
     from engine.errors import TooLargeError
-    from engine.rerank import k_reciprocal
+    from engine.rerank import _scale
 
     gallery = online_items()
     size = len(gallery)
@@ -799,10 +799,10 @@ def test_batch_refusal_states_the_memory_it_would_need(monkeypatch):
     assert small < reranker._batch_bytes(10 * size, 5)
     assert small < reranker._batch_bytes(size, 5000)
     assert reranker._batch_bytes(size, size) < reranker._batch_bytes(size, size + 1)  # no search
-    monkeypatch.setattr(k_reciprocal, "memory_budget", lambda: 2 * small)
+    monkeypatch.setattr(_scale, "memory_budget", lambda: 2 * small)
     assert reranker.batch_refusal(size, 5) is None
     assert reranker.rerank(gallery[:5], 10).indices.shape == (5, 10)
-    monkeypatch.setattr(k_reciprocal, "memory_budget", lambda: small // 2)
+    monkeypatch.setattr(_scale, "memory_budget", lambda: small // 2)
     reason = reranker.batch_refusal(size, 5)
     assert reason is not None and f"{small / 2**30:.1f} GiB" in reason
     with pytest.raises(TooLargeError, match="GiB"):
@@ -810,18 +810,18 @@ def test_batch_refusal_states_the_memory_it_would_need(monkeypatch):
     with pytest.raises(TooLargeError):
         reranker.rerank(None, 10)
     assert reranker.rerank(gallery[:2], 10, mode="online").indices.shape == (2, 10)
-    monkeypatch.setattr(k_reciprocal, "memory_budget", lambda: None)
+    monkeypatch.setattr(_scale, "memory_budget", lambda: None)
     assert reranker.batch_refusal(size, 5) is None  # unknown: let it run
 
 
 def test_batch_refusal_at_a_million_items_on_this_machine():
     """A million items of d = 1,280 need more than half of any machine this runs on (the
     whole gallery in float64 alone is 10 GB); a few thousand fit."""
-    from engine.rerank import k_reciprocal
+    from engine.rerank import _scale
 
     reranker = create_reranker("k_reciprocal", device="cpu").fit(
         unit(np.random.default_rng(0).standard_normal((50, 1280))))
-    budget = k_reciprocal.memory_budget()
+    budget = _scale.memory_budget()
     assert reranker._batch_bytes(1_000_000, 1) > 16 * 2**30
     if budget is not None and budget < 16 * 2**30:
         assert "GiB" in reranker.batch_refusal(1_000_000, 1)
